@@ -1,0 +1,32 @@
+# make demo   sets up on first use, then runs the default federated retraining simulation
+# make test   sets up on first use, then runs the whole test suite (slow and e2e included)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedretrain-installed
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: where there is no GPU this takes the local CPU wheel, so
+	# nothing later pulls several GB of CUDA packages; with a GPU, PyPI's CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/fedretrain simulate experiment=demo $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache runs

@@ -1,0 +1,92 @@
+"""The ClientApp: unpack the message, call the site's core, pack the reply.
+
+A site's failure (bad data, budget spent, a malformed job) becomes an error reply with
+its reason; the coordinator logs it and the round goes on without this site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import evaluate_round, train_round
+from fedretrain import errors
+from fedretrain.config import Job, SiteConfig, site_config_from_node_config
+from fedretrain.records import from_array_record, to_array_record
+
+log = logging.getLogger("fedretrain.client")
+
+# Error codes in error replies; the coordinator logs code and reason.
+ERROR_CODES: dict[type[Exception], int] = {
+    errors.DataValidationError: 4101,
+    errors.PrivacyBudgetExceeded: 4102,
+    errors.LedgerError: 4103,
+    errors.ModelLoadError: 4104,
+    errors.AdapterMismatchError: 4105,
+    errors.ConfigError: 4106,
+    errors.TrainingError: 4107,
+}
+UNEXPECTED_ERROR = 4199
+
+SiteResolver = Callable[[Context], SiteConfig]
+
+
+def site_from_node_config(context: Context) -> SiteConfig:
+    """Deployment: the site's settings are its SuperNode's ``--node-config``."""
+    return site_config_from_node_config(context.node_config)
+
+
+def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """A ClientApp whose site settings come from ``resolve_site`` (node_config by default)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        def work() -> RecordDict:
+            site, job, server_round = _unpack(msg, context, resolve_site)
+            outcome = train_round(site, job, from_array_record(msg.content["arrays"]), server_round)
+            return _reply(site, to_array_record(outcome.adapter), outcome.metrics)
+        return _guarded(msg, work)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        def work() -> RecordDict:
+            site, job, _ = _unpack(msg, context, resolve_site)
+            outcome = evaluate_round(site, job, from_array_record(msg.content["arrays"]))
+            return _reply(site, None, outcome.metrics)
+        return _guarded(msg, work)
+
+    return app
+
+
+def _unpack(msg: Message, context: Context, resolve_site: SiteResolver) -> tuple[SiteConfig, Job, int]:
+    site = resolve_site(context)
+    config = dict(msg.content["config"])
+    server_round = int(config.pop("server-round", 0))  # added by Flower's FedAvg
+    return site, Job.from_flat(config), server_round
+
+
+def _reply(site: SiteConfig, arrays: ArrayRecord | None, metrics: dict[str, float | int]) -> RecordDict:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return content
+
+
+def _guarded(msg: Message, work: Callable[[], RecordDict]) -> Message:
+    try:
+        return Message(work(), reply_to=msg)
+    except errors.FedretrainError as err:
+        code = next((c for t, c in ERROR_CODES.items() if isinstance(err, t)), UNEXPECTED_ERROR)
+        log.warning("%s refused: %s", msg.metadata.message_type, err)
+        return Message(Error(code=code, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+    except Exception as err:  # noqa: BLE001 - the site must answer, not vanish, on a bug
+        log.exception("%s failed", msg.metadata.message_type)
+        return Message(Error(code=UNEXPECTED_ERROR, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+
+
+# `client.app:app` in pyproject.toml: the deployed ClientApp reads its site from node_config.
+app = make_client_app()

@@ -1,0 +1,90 @@
+"""Hydra composition: the single source of truth for run-wide settings.
+
+``compose_config(overrides)`` composes ``conf/config.yaml`` with command-line style
+overrides and parses the result once into a frozen ``Config``. Flower's run_config is
+a thin front over the same thing (``overrides_from_run_config``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedretrain.config.parse import build
+from fedretrain.config.schema import Config
+from fedretrain.errors import ConfigError
+
+CONF_DIR_ENV = "FEDRETRAIN_CONF"
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` directory: ``$FEDRETRAIN_CONF`` or the one beside this package."""
+    env = os.environ.get(CONF_DIR_ENV)
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"{CONF_DIR_ENV}: no config.yaml in {path}")
+    return path
+
+
+def compose_raw(overrides: Sequence[str] = (), directory: Path | None = None) -> dict[str, Any]:
+    """Compose the Hydra config and return it as plain containers (interpolations resolved)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    directory = directory or conf_dir()
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(_hydra_message(err)) from None
+    assert isinstance(raw, dict)  # a config.yaml mapping always composes to a dict
+    return raw
+
+
+def compose_config(overrides: Sequence[str] = (), directory: Path | None = None) -> Config:
+    """Compose and parse: the one call the edges make."""
+    return build(Config, compose_raw(overrides, directory))
+
+
+def to_yaml(raw: Mapping[str, Any]) -> str:
+    """The composed config as YAML, as written to a run's ``config.yaml``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(dict(raw)))
+
+
+def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
+    """Map Flower's run_config (``experiment``, ``overrides``) onto Hydra overrides."""
+    unknown = sorted(set(run_config) - {"experiment", "overrides"})
+    if unknown:
+        raise ConfigError(f"run_config: unknown key(s) {', '.join(unknown)}; use 'experiment' and 'overrides'")
+    out = []
+    experiment = str(run_config.get("experiment", "") or "").strip()
+    if experiment:
+        out.append(f"experiment={experiment}")
+    out.extend(shlex.split(str(run_config.get("overrides", "") or "")))
+    return out
+
+
+def _hydra_message(err: Exception) -> str:
+    text = str(err).strip()
+    full_key = getattr(err, "full_key", None)
+    if full_key and "Missing mandatory value" in text:
+        return f"{full_key}: missing required value (set it on the command line)"
+    # Hydra says "Could not override 'privacy.foo'. ... Key 'foo' is not in struct";
+    # lead with the dotted key so it reads like every other config error.
+    match = re.search(r"override '([^']+)'", text)
+    if match:
+        first = text.splitlines()[0]
+        return f"{match.group(1)}: unknown key or bad override ({first})"
+    missing = re.search(r"Missing mandatory value: (\S+)", text)
+    if missing:
+        return f"{missing.group(1)}: missing required value (set it on the command line)"
+    return f"config: {text.splitlines()[0] if text else type(err).__name__}"

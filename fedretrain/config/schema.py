@@ -1,0 +1,186 @@
+"""The typed config: frozen dataclasses, one per Hydra group, validated on construction.
+
+A failed check raises ``ConfigError`` naming the field; ``parse.build`` prefixes the
+group so the user reads the dotted key (``privacy.target_epsilon: ...``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fedretrain.errors import ConfigError
+
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")
+OPTIMIZERS = ("adamw", "sgd")
+ACCOUNTANTS = ("rdp", "prv")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _positive(key: str, value: float) -> None:
+    # `nan <= 0` is False, so NaN has to be refused explicitly (FLIP#833).
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}: must be a finite number > 0, got {value!r}")
+
+
+def _fraction(key: str, value: float, *, open_low: bool = True) -> None:
+    ok = math.isfinite(value) and (0 < value <= 1 if open_low else 0 <= value < 1)
+    if not ok:
+        bounds = "in (0, 1]" if open_low else "in [0, 1)"
+        raise ConfigError(f"{key}: must be {bounds}, got {value!r}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "embedded"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path.strip():
+            raise ConfigError("name_or_path: must name a local directory, a hub id or 'embedded'")
+        _one_of("device", self.device, DEVICES)
+        _one_of("dtype", self.dtype, DTYPES)
+        if self.max_length < 8:
+            raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"r: the LoRA rank must be >= 1, got {self.r}")
+        if self.alpha < 1:
+            raise ConfigError(f"alpha: must be >= 1, got {self.alpha}")
+        _fraction("dropout", self.dropout, open_low=False)
+        if not self.target_modules:
+            raise ConfigError("target_modules: name at least one module (e.g. [q_proj, v_proj])")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 30
+    batch_size: int = 16
+    lr: float = 0.01
+    optimizer: str = "adamw"
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        for key in ("local_steps", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        _positive("lr", self.lr)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 4.0
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    grad_sample_mode: str = "hooks"
+
+    def __post_init__(self) -> None:
+        _positive("target_epsilon", self.target_epsilon)
+        if self.noise_multiplier is not None:
+            if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
+                raise ConfigError(f"noise_multiplier: must be >= 0 or null, got {self.noise_multiplier!r}")
+        _positive("max_grad_norm", self.max_grad_norm)
+        _one_of("grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    records_per_site: int = 400
+    heldout_fraction: float = 0.2
+    validation_records: int = 300
+    dirichlet_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.records_per_site < 10:
+            raise ConfigError(f"records_per_site: must be >= 10, got {self.records_per_site}")
+        _fraction("heldout_fraction", self.heldout_fraction, open_low=False)
+        if self.heldout_fraction == 0:
+            raise ConfigError("heldout_fraction: must be > 0 (sites evaluate on held-out data)")
+        if self.validation_records < 1:
+            raise ConfigError(f"validation_records: must be >= 1, got {self.validation_records}")
+        _positive("dirichlet_alpha", self.dirichlet_alpha)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    max_examples_per_site: int | None = None
+
+    def __post_init__(self) -> None:
+        _fraction("fraction_train", self.fraction_train)
+        _fraction("fraction_evaluate", self.fraction_evaluate)
+        if self.min_sites < 1:
+            raise ConfigError(f"min_sites: must be >= 1, got {self.min_sites}")
+        if self.max_examples_per_site is not None and self.max_examples_per_site < 1:
+            raise ConfigError(f"max_examples_per_site: must be >= 1 or null, got {self.max_examples_per_site}")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    num_sites: int = 3
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    site_epsilon_ceiling: float = 8.0
+    site_delta: float = 1e-5
+    site_accountant: str = "rdp"
+    federation_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_sites < 1:
+            raise ConfigError(f"num_sites: must be >= 1, got {self.num_sites}")
+        _positive("client_cpus", self.client_cpus)
+        if not math.isfinite(self.client_gpus) or self.client_gpus < 0:
+            raise ConfigError(f"client_gpus: must be >= 0, got {self.client_gpus!r}")
+        _positive("site_epsilon_ceiling", self.site_epsilon_ceiling)
+        _fraction("site_delta", self.site_delta, open_low=False)
+        if self.site_delta == 0:
+            raise ConfigError("site_delta: must be > 0")
+        _one_of("site_accountant", self.site_accountant, ACCOUNTANTS)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole composed config of one run."""
+
+    name: str = "default"
+    seed: int = 0
+    rounds: int = 3
+    output_dir: str = "runs"
+    validation_path: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds: must be >= 1, got {self.rounds}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")

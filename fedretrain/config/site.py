@@ -1,0 +1,83 @@
+"""A site's own settings, read from its node_config and nowhere else.
+
+Data location, site id, the lifetime epsilon ceiling and delta belong to the site
+(the hospital's operator), never to the coordinator: a coordinator that could raise
+a site's ceiling would own the site's privacy budget.
+
+Deployment: ``flower-supernode --node-config "site-id='h1' data-dir='/srv/fedretrain'
+epsilon-ceiling=8.0 delta=1e-5"``. Simulation writes each virtual site's node_config
+to ``site.json`` in its directory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedretrain.config.parse import build
+from fedretrain.config.schema import ACCOUNTANTS, DEVICES, _one_of, _positive
+from fedretrain.errors import ConfigError
+
+# Keys Flower itself puts into node_config (simulation); they are not the site's settings.
+_FLOWER_KEYS = {"partition-id", "num-partitions"}
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_id: str
+    data_dir: str
+    epsilon_ceiling: float
+    delta: float
+    accountant: str = "rdp"
+    state_dir: str | None = None  # privacy ledger and model store; default: <data_dir>/.fedretrain
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.site_id or any(c in self.site_id for c in "/\\ "):
+            raise ConfigError(f"site-id: must be a non-empty name without '/', '\\' or spaces, got {self.site_id!r}")
+        _positive("epsilon-ceiling", self.epsilon_ceiling)
+        if not math.isfinite(self.delta) or not 0 < self.delta < 1:
+            raise ConfigError(f"delta: must be in (0, 1), got {self.delta!r}")
+        _one_of("accountant", self.accountant, ACCOUNTANTS)
+        _one_of("device", self.device, DEVICES)
+
+    @property
+    def train_path(self) -> Path:
+        return _data_file(Path(self.data_dir), "train")
+
+    @property
+    def heldout_path(self) -> Path:
+        return _data_file(Path(self.data_dir), "heldout")
+
+    @property
+    def ledger_path(self) -> Path:
+        base = Path(self.state_dir) if self.state_dir else Path(self.data_dir) / ".fedretrain"
+        return base / "privacy_ledger.json"
+
+    def to_node_config(self) -> dict[str, Any]:
+        out = {k.replace("_", "-"): v for k, v in self.__dict__.items() if v is not None}
+        return out
+
+
+def site_config_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
+    """Parse a SuperNode's node_config (kebab-case keys) into a ``SiteConfig``."""
+    values = {k.replace("-", "_"): v for k, v in node_config.items() if k not in _FLOWER_KEYS}
+    bad = sorted(k for k in node_config if k not in _FLOWER_KEYS and "_" in k)
+    if bad:
+        raise ConfigError(f"node_config: use kebab-case keys (site-id, data-dir, ...), got {', '.join(bad)}")
+    try:
+        return build(SiteConfig, values, "node_config")
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("_", "-")) from None
+
+
+def _data_file(directory: Path, stem: str) -> Path:
+    # JSONL is the native format; CSV (a `text` column) is accepted too.
+    for suffix in (".jsonl", ".csv"):
+        candidate = directory / f"{stem}{suffix}"
+        if candidate.exists():
+            return candidate
+    return directory / f"{stem}.jsonl"

@@ -1,0 +1,59 @@
+"""Named failures. Every runtime check raises one of these, never a bare assert.
+
+At the network edge (client/, strategies/) a failure becomes an error reply or a
+logged rejection with its reason; the round goes on without it.
+"""
+
+from __future__ import annotations
+
+
+class FedretrainError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(FedretrainError, ValueError):
+    """A config key is unknown, has the wrong type or an invalid value.
+
+    The message always names the dotted key (``privacy.target_epsilon``).
+    """
+
+
+class DataValidationError(FedretrainError, ValueError):
+    """A site's data file breaks the schema.
+
+    Attributes name where: ``path``, ``line`` (1-based, or None for the whole
+    file) and ``field`` (or None).
+    """
+
+    def __init__(self, path: str, line: int | None, field: str | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        self.reason = reason
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f" field '{field}'" if field else ""
+        super().__init__(f"{where}:{what} {reason}".replace(":  ", ": "))
+
+
+class ModelLoadError(FedretrainError, RuntimeError):
+    """A base model could not be loaded from a directory or hub id."""
+
+
+class AdapterMismatchError(FedretrainError, ValueError):
+    """Adapter tensors do not match the expected keys, shapes, dtypes or are not finite."""
+
+
+class PrivacyBudgetExceeded(FedretrainError, RuntimeError):
+    """Training would take a site past its lifetime epsilon ceiling."""
+
+
+class LedgerError(FedretrainError, RuntimeError):
+    """A site's privacy ledger is unreadable or belongs to another accountant/delta."""
+
+
+class TrainingError(FedretrainError, RuntimeError):
+    """Local training failed a guard (e.g. LoRA weights never changed: opacus#820)."""
+
+
+class ReplyRejected(FedretrainError, ValueError):
+    """A client reply failed validation and is left out of aggregation."""

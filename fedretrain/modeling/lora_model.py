@@ -1,0 +1,71 @@
+"""Base model + LoRA adapter, assembled the same way at the coordinator and at every site.
+
+Both sides build the adapter from the same seed, so their initial adapters are
+bit-identical, and both load and read adapter tensors through these two functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedretrain.config.schema import LoraSettings, ModelConfig
+from fedretrain.modeling.loading import (
+    attach_lora,
+    load_base_model,
+    load_tokenizer,
+    model_nbytes,
+    select_device,
+    select_dtype,
+)
+from fedretrain.records import AdapterSpec, check_adapter, to_torch_state_dict
+
+
+@dataclass
+class LoraModel:
+    tokenizer: object
+    model: torch.nn.Module  # a peft.PeftModel on `device`
+    device: torch.device
+    spec: AdapterSpec       # keys, shapes and dtypes every adapter update must match
+    base_nbytes: int        # bytes of the full base model's parameters
+
+
+def load_lora_model(
+    model_cfg: ModelConfig,
+    lora: LoraSettings,
+    *,
+    seed: int,
+    device: str = "auto",
+    cache_dir: Path | None = None,
+) -> LoraModel:
+    """Load the base model on its device, then attach LoRA (in that order: opacus#820)."""
+    dev = select_device(device)
+    dtype = select_dtype(dev, model_cfg.dtype)
+    tokenizer = load_tokenizer(model_cfg.name_or_path, cache_dir=cache_dir)
+    base = load_base_model(model_cfg.name_or_path, dev, dtype, cache_dir=cache_dir)
+    base_nbytes = model_nbytes(base)
+    model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), seed=seed)
+    spec = AdapterSpec.from_state_dict(adapter_arrays(model))
+    return LoraModel(tokenizer=tokenizer, model=model, device=dev, spec=spec, base_nbytes=base_nbytes)
+
+
+def adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The adapter's tensors as float32 numpy arrays (what goes on the wire)."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+
+
+def load_adapter_arrays(lm: LoraModel, arrays: dict[str, np.ndarray]) -> None:
+    """Check ``arrays`` against the model's adapter spec, then load them into the model."""
+    check_adapter(arrays, lm.spec)
+    state = {k: v.to(lm.device) for k, v in to_torch_state_dict(arrays).items()}
+    result = set_peft_model_state_dict(lm.model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        # check_adapter already matched the keys; this would be a peft naming change.
+        raise RuntimeError(f"peft did not accept adapter keys: {unexpected[:3]}")

@@ -1,0 +1,141 @@
+"""Privacy accounting: pure functions over a DP-SGD history, opacus underneath.
+
+A history is what opacus keeps in ``accountant.history``: a list of
+``(noise_multiplier, sample_rate, steps)`` entries, each one a run of ``steps``
+Poisson-subsampled Gaussian steps. The functions here never keep state; the
+site's ledger (``fedretrain.privacy.ledger``) owns the lifetime history and asks
+this module for the epsilon of all of it at once.
+
+Only accountants that give an upper bound are offered: RDP and PRV. Opacus' GDP
+accountant is a CLT approximation and is not a guarantee, so a publish or spend
+gate must never use it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+# One entry of a history: (noise_multiplier, sample_rate, steps), as in opacus.
+HistoryEntry = tuple[float, float, int]
+
+ACCOUNTANTS: Mapping[str, type[IAccountant]] = {
+    "rdp": RDPAccountant,
+    "prv": PRVAccountant,
+}
+
+
+def accountant_class(name: str) -> type[IAccountant]:
+    """Return the opacus accountant class registered under ``name``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered; the message lists the valid names.
+    """
+    try:
+        return ACCOUNTANTS[name]
+    except KeyError:
+        valid = ", ".join(sorted(ACCOUNTANTS))
+        raise ValueError(f"unknown accountant {name!r}; valid accountants: {valid}") from None
+
+
+def epsilon_for_history(
+    history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon of the whole composed ``history`` at ``delta``.
+
+    Parameters
+    ----------
+    history
+        ``(noise_multiplier, sample_rate, steps)`` entries, exactly as opacus'
+        ``accountant.history``. Order does not matter (composition commutes).
+    delta
+        Target delta, in (0, 1).
+    accountant
+        A name from :data:`ACCOUNTANTS`.
+
+    Returns
+    -------
+    float
+        Epsilon of the composition; 0.0 for an empty history, ``inf`` when an
+        entry has ``noise_multiplier == 0`` with steps > 0 (no noise, no bound).
+    """
+    cls = accountant_class(accountant)
+    _check_delta(delta)
+    merged = _merge_history(history)
+    if not merged:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in merged):
+        # Steps without noise have no finite bound (PRV would crash on them).
+        return math.inf
+    acc = cls()
+    acc.history = merged
+    return float(acc.get_epsilon(delta=delta))
+
+
+def noise_multiplier_for_target(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+) -> float:
+    """Smallest noise multiplier (to opacus' search tolerance) that keeps ``steps``
+    steps at ``sample_rate`` within ``target_epsilon`` at ``delta``.
+
+    Uses :func:`opacus.accountants.utils.get_noise_multiplier`, whose binary
+    search returns a sigma whose epsilon is at most ``target_epsilon`` and within
+    0.01 of it.
+
+    Raises
+    ------
+    ValueError
+        On an unknown accountant, a non-positive target, a delta outside (0, 1),
+        a sample rate outside (0, 1], non-positive steps, or a target so small
+        that opacus gives up (sigma > 1e6).
+    """
+    accountant_class(accountant)
+    _check_delta(delta)
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    with warnings.catch_warnings():
+        # The binary search probes very large sigmas, where RDP's optimal order is the
+        # largest alpha and opacus warns; those probes never decide the returned sigma.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    return float(sigma)
+
+
+def _merge_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+    # Entries with the same (sigma, q) compose into one entry with summed steps,
+    # as opacus' own accountant.step() does. The epsilon is the same; PRV's cost
+    # grows with the number of distinct entries, and a ledger has one per round.
+    steps_by_mechanism: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        if steps < 0:
+            raise ValueError(f"history entry {(sigma, q, steps)} has negative steps")
+        if steps == 0:
+            continue
+        key = (float(sigma), float(q))
+        steps_by_mechanism[key] = steps_by_mechanism.get(key, 0) + int(steps)
+    return [(sigma, q, steps) for (sigma, q), steps in steps_by_mechanism.items()]
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")

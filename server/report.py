@@ -1,0 +1,110 @@
+"""The run directory: config.yaml, metrics.jsonl, summary.json, loss.png, and the summary table.
+
+Every file is rewritten atomically, so a run killed mid-way leaves complete files
+describing the rounds that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedretrain.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+class RunRecorder:
+    """Writes one run's directory as the run goes."""
+
+    def __init__(self, run_dir: Path, config_yaml: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+        atomic_write_text(self.run_dir / "config.yaml", config_yaml)
+
+    def record_round(self, entry: dict[str, Any]) -> None:
+        """Append one round's line to metrics.jsonl (rewriting the small file atomically)."""
+        self.rounds.append(entry)
+        lines = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
+        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.run_dir / "summary.json"
+        atomic_write_json(path, summary)
+        return path
+
+    def plot(self) -> Path:
+        """loss.png: validation loss per round (candidate vs baseline) and each site's held-out loss."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = self.run_dir / "loss.png"
+        fig, (ax_val, ax_sites) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+        rounds = [r["round"] for r in self.rounds]
+        ax_val.plot(rounds, [r["validation"]["candidate_loss"] for r in self.rounds], "o-", label="candidate")
+        ax_val.plot(rounds, [r["validation"]["baseline_loss"] for r in self.rounds], "k--", label="baseline")
+        ax_val.set(title="Coordinator validation set", xlabel="round", ylabel="mean token cross-entropy")
+        ax_val.legend()
+        for site in sorted({s for r in self.rounds for s in r.get("evaluation", {})}):
+            pts = [(r["round"], r["evaluation"][site]) for r in self.rounds if site in r.get("evaluation", {})]
+            line, = ax_sites.plot([p[0] for p in pts], [p[1]["candidate_loss"] for p in pts], "o-", label=site)
+            ax_sites.plot([p[0] for p in pts], [p[1]["baseline_loss"] for p in pts], "--", color=line.get_color())
+        ax_sites.set(title="Sites' held-out data (dashed: baseline)", xlabel="round", ylabel="loss")
+        if ax_sites.lines:
+            ax_sites.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = path.with_suffix(".png.tmp")
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        atomic_write_bytes(path, tmp.read_bytes())
+        tmp.unlink()
+        return path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The table printed at the end of a run."""
+    val_b, val_c = summary["baseline_loss"], summary["candidate_loss"]
+    lines = [
+        f"fedretrain run '{summary['name']}': {summary['rounds']} rounds, {len(summary['sites'])} sites, "
+        f"{summary['wall_time_s']:.1f} s",
+        "",
+        f"{'':28s}{'baseline':>10s}{'candidate':>11s}{'change':>9s}",
+        f"{'validation loss':28s}{val_b:10.4f}{val_c:11.4f}{val_c - val_b:+9.4f}",
+        f"{'validation perplexity':28s}{math.exp(val_b):10.2f}{math.exp(val_c):11.2f}",
+        "",
+        f"{'site':12s}{'held-out base':>14s}{'held-out cand':>14s}{'ppl cand':>10s}{'epsilon/ceiling':>17s}"
+        f"{'delta':>9s}{'records':>9s}",
+    ]
+    for site_id, s in sorted(summary["sites"].items()):
+        hb, hc = s.get("heldout_baseline_loss"), s.get("heldout_candidate_loss")
+        eps = "off" if s["epsilon"] is None else f"{s['epsilon']:.2f}/{s['epsilon_ceiling']:.2f}"
+        lines.append(
+            f"{site_id:12s}{_num(hb):>14s}{_num(hc):>14s}{_num(math.exp(hc) if hc is not None else None, 2):>10s}"
+            f"{eps:>17s}{s['delta']:9.0e}{s['num_examples']:9d}"
+        )
+    for refusal in summary.get("refusals", []):
+        lines.append(f"  round {refusal['round']}: node {refusal['node_id']} left out: {refusal['reason']}")
+    comm = summary["communication"]
+    lines += [
+        "",
+        f"bytes per round: {_size(comm['bytes_down_per_round'])} down, {_size(comm['bytes_up_per_round'])} up; "
+        f"per client per round {_size(comm['bytes_per_client_per_round'])} "
+        f"({comm['adapter_to_model_ratio']:.2%} of the full model's {_size(comm['full_model_bytes'])})",
+        f"run directory: {summary['run_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover

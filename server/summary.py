@@ -1,0 +1,104 @@
+"""Plain-data views of a run: one metrics.jsonl entry per round and the final summary.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from fedretrain.config import Config
+from fedretrain.modeling.lora_model import LoraModel
+from fedretrain.training.evaluate import LossStats
+
+NOT_PRIVATE = -1.0  # what a site reports as epsilon when it trains without DP
+
+
+def _epsilon(value: float | None) -> float | None:
+    return None if value is None or value == NOT_PRIVATE else float(value)
+
+
+def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, round_log: Any,
+                *, round_s: float, elapsed_s: float) -> dict[str, Any]:
+    """One line of metrics.jsonl. Round 0 is the starting point (before any training)."""
+    entry: dict[str, Any] = {
+        "round": server_round,
+        "validation": {
+            "candidate_loss": candidate.loss, "baseline_loss": baseline.loss,
+            "candidate_perplexity": _ppl(candidate.loss), "baseline_perplexity": _ppl(baseline.loss),
+        },
+        "sites_sampled": 0, "sites_accepted": 0, "train_loss": None,
+        "sites": {}, "evaluation": {}, "rejected": [],
+        "bytes_down": 0, "bytes_up": 0,
+        "round_s": round(round_s, 3), "elapsed_s": round(elapsed_s, 3),
+    }
+    if round_log is None:
+        return entry
+    sites = {
+        site: {"num_examples": int(m["num-examples"]), "data_size": int(m["data-size"]),
+               "examples_processed": int(m.get("examples-processed", m["num-examples"])),
+               "train_loss": float(m["train-loss"]), "epsilon": _epsilon(m["epsilon"]),
+               "epsilon_ceiling": float(m["epsilon-ceiling"]), "delta": float(m["delta"]),
+               "noise_multiplier": float(m["noise-multiplier"]), "steps": int(m["steps"])}
+        for site, m in round_log.accepted.items()
+    }
+    examples = sum(s["num_examples"] for s in sites.values())
+    entry.update(
+        sites_sampled=round_log.sampled, sites_accepted=len(sites), sites=sites,
+        train_loss=(sum(s["train_loss"] * s["num_examples"] for s in sites.values()) / examples) if examples else None,
+        evaluation={site: {"candidate_loss": float(m["candidate-loss"]), "baseline_loss": float(m["baseline-loss"]),
+                           "num_examples": int(m["num-examples"])}
+                    for site, m in round_log.evaluation.items()},
+        rejected=[dataclasses.asdict(r) for r in round_log.rejected],
+        bytes_down=int(round_log.bytes_down), bytes_up=int(round_log.bytes_up),
+    )
+    return entry
+
+
+def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str, Any]], round_logs: dict[int, Any],
+                  baseline: LossStats, candidate: LossStats, lm: LoraModel, *, wall_time_s: float) -> dict[str, Any]:
+    """summary.json: the figures a coordinator or researcher reads first."""
+    sites: dict[str, dict[str, Any]] = {}
+    for entry in rounds:  # later rounds overwrite earlier ones: the last word per site wins
+        for site, s in entry["sites"].items():
+            prev = sites.get(site, {})
+            sites[site] = {
+                "epsilon": s["epsilon"], "epsilon_ceiling": s["epsilon_ceiling"], "delta": s["delta"],
+                "num_examples": s["data_size"],
+                "examples_processed": prev.get("examples_processed", 0) + s["examples_processed"],
+                "rounds_participated": prev.get("rounds_participated", 0) + 1,
+                "heldout_baseline_loss": prev.get("heldout_baseline_loss"),
+                "heldout_candidate_loss": prev.get("heldout_candidate_loss"),
+            }
+        for site, e in entry["evaluation"].items():
+            if site in sites:
+                sites[site].update(heldout_baseline_loss=e["baseline_loss"], heldout_candidate_loss=e["candidate_loss"])
+    trained = [r for r in rounds if r["round"] > 0]
+    down = [r["bytes_down"] for r in trained]
+    up = [r["bytes_up"] for r in trained]
+    sampled = sum(r["sites_sampled"] for r in trained) or 1
+    return {
+        "name": cfg.name, "run_id": run_id, "run_dir": str(run_dir),
+        "rounds": cfg.rounds,
+        "baseline_loss": baseline.loss, "candidate_loss": candidate.loss,
+        "baseline_perplexity": _ppl(baseline.loss), "candidate_perplexity": _ppl(candidate.loss),
+        "improved": candidate.loss < baseline.loss,
+        "validation_examples": baseline.examples,
+        "sites": sites,
+        "refusals": [dict(r, round=e["round"]) for e in trained for r in e["rejected"]],
+        "privacy": {"enabled": cfg.privacy.enabled, "target_epsilon": cfg.privacy.target_epsilon,
+                    "max_grad_norm": cfg.privacy.max_grad_norm},
+        "communication": {
+            "adapter_bytes": lm.spec.nbytes, "full_model_bytes": lm.base_nbytes,
+            "adapter_to_model_ratio": lm.spec.nbytes / lm.base_nbytes if lm.base_nbytes else 0.0,
+            "bytes_down_per_round": sum(down) / len(down) if down else 0.0,
+            "bytes_up_per_round": sum(up) / len(up) if up else 0.0,
+            "bytes_per_client_per_round": (sum(down) + sum(up)) / sampled,
+            "bytes_total": sum(down) + sum(up),
+        },
+        "wall_time_s": round(wall_time_s, 3),
+    }
+
+
+def _ppl(loss: float) -> float | None:
+    return math.exp(loss) if loss < 50 else None  # JSON has no infinity

@@ -1,0 +1,101 @@
+"""A simulated federation on disk: one directory per virtual hospital plus the coordinator's
+validation set, generated deterministically from the config's seed.
+
+    <root>/federation.json            what was generated, from which settings
+    <root>/coordinator/validation.jsonl
+    <root>/site-00/train.jsonl        the site's data ...
+    <root>/site-00/heldout.jsonl      ... and its held-out split
+    <root>/site-00/site.json          the site's own settings (its node_config)
+    <root>/site-00/.fedretrain/       the site's privacy ledger (written by the client)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedretrain.atomic import atomic_write_json, atomic_write_text
+from fedretrain.config import Config, SiteConfig, site_config_from_node_config
+from simulation.notes import site_notes, site_style, specialty_mix_for_site, validation_notes
+
+
+@dataclass(frozen=True)
+class Federation:
+    root: Path
+    sites: tuple[SiteConfig, ...]
+    validation_path: Path
+    mixes: dict[str, dict[str, float]]
+
+
+def site_id(index: int) -> str:
+    return f"site-{index:02d}"
+
+
+def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation:
+    """Write (or reuse, when the same settings made it) the federation below ``root``."""
+    root = Path(root)
+    recipe = _recipe(cfg)
+    manifest = root / "federation.json"
+    if manifest.exists():
+        existing = json.loads(manifest.read_text())
+        if existing.get("recipe") != recipe:
+            raise FileExistsError(
+                f"{manifest}: this federation was generated with other settings; "
+                "choose another simulation.federation_dir or delete it"
+            )
+        return _load(root, existing)
+    sim, data = cfg.simulation, cfg.data
+    validation_path = root / "coordinator" / "validation.jsonl"
+    _write_jsonl(validation_path, validation_notes(data.validation_records, seed=cfg.seed, num_sites=sim.num_sites))
+    sites, mixes = [], {}
+    for index in range(sim.num_sites):
+        sid = site_id(index)
+        mix = specialty_mix_for_site(index, dirichlet_alpha=data.dirichlet_alpha, seed=cfg.seed)
+        records = site_notes(index, data.records_per_site, mix, cfg.seed, site_style(index, cfg.seed))
+        n_heldout = max(1, round(len(records) * data.heldout_fraction))
+        site_dir = root / sid
+        _write_jsonl(site_dir / "train.jsonl", records[:-n_heldout])
+        _write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
+        node_config = {"site-id": sid, "data-dir": str(site_dir.resolve()), "device": device,
+                       "epsilon-ceiling": sim.site_epsilon_ceiling, "delta": sim.site_delta,
+                       "accountant": sim.site_accountant}
+        atomic_write_json(site_dir / "site.json", node_config)
+        sites.append(site_config_from_node_config(node_config))
+        mixes[sid] = {k: round(v, 4) for k, v in mix.items()}
+    atomic_write_json(manifest, {"recipe": recipe, "sites": [s.site_id for s in sites], "mixes": mixes})
+    return Federation(root=root, sites=tuple(sites), validation_path=validation_path, mixes=mixes)
+
+
+class FederationSites:
+    """Simulation's site resolver: partition-id -> that virtual site's own ``site.json``.
+
+    A plain class (not a closure) so Ray can pickle it into the client actors.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def __call__(self, context: Any) -> SiteConfig:
+        index = int(context.node_config["partition-id"])
+        node_config = json.loads((self.root / site_id(index) / "site.json").read_text())
+        return site_config_from_node_config(node_config)
+
+
+def _recipe(cfg: Config) -> dict[str, Any]:
+    d, s = cfg.data, cfg.simulation
+    return {"seed": cfg.seed, "num_sites": s.num_sites, "records_per_site": d.records_per_site,
+            "heldout_fraction": d.heldout_fraction, "validation_records": d.validation_records,
+            "dirichlet_alpha": d.dirichlet_alpha}
+
+
+def _load(root: Path, manifest: dict[str, Any]) -> Federation:
+    sites = tuple(site_config_from_node_config(json.loads((root / sid / "site.json").read_text()))
+                  for sid in manifest["sites"])
+    return Federation(root=root, sites=sites, validation_path=root / "coordinator" / "validation.jsonl",
+                      mixes=manifest["mixes"])
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -1,0 +1,114 @@
+"""``fedretrain simulate``: the whole federation on Flower's simulation engine (Ray backend).
+
+The ServerApp and the ClientApp are the real ones (server/, client/); only the sites
+are virtual: each is a directory written by ``simulation.federation``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from client.app import make_client_app
+from fedretrain.config import Config, compose_raw, to_yaml
+from fedretrain.config.parse import build
+from fedretrain.modeling.loading import resolve_model_path
+from server.app import make_server_app
+from server.rundir import new_run_dir
+from simulation.federation import Federation, FederationSites, build_federation
+
+log = logging.getLogger("fedretrain.simulation")
+
+
+def simulate(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
+    """Compose the config, generate the federation, run it; return the run directory."""
+    raw = compose_raw(overrides)
+    cfg = build(Config, raw)
+    run_dir = new_run_dir(Path(cfg.output_dir), cfg.name)
+    fed_root = Path(cfg.simulation.federation_dir) if cfg.simulation.federation_dir else run_dir / "sites"
+    client_gpus = _client_gpus(cfg)
+    fed = build_federation(cfg, fed_root, device="cuda" if client_gpus > 0 else "cpu")
+    log.info("run directory %s; %d sites in %s", run_dir, len(fed.sites), fed.root)
+    # Build (or find) the base model once here, before Ray's client actors all ask for it.
+    resolve_model_path(cfg.model.name_or_path)
+
+    server_app = make_server_app(cfg, run_dir, to_yaml(raw), str(fed.validation_path))
+    client_app = make_client_app(FederationSites(fed.root))
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": client_gpus},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                      "logging_level": logging.ERROR},
+    }
+    from flwr.simulation import run_simulation
+
+    with _private_runtime_dirs(), _flower_logging(verbose):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.simulation.num_sites,
+                       backend_config=backend_config)
+    _collect_ledgers(fed, run_dir)
+    if not (run_dir / "summary.json").exists():
+        raise RuntimeError(f"the simulation ended without a summary; see the log above (run directory {run_dir})")
+    return run_dir
+
+
+def _client_gpus(cfg: Config) -> float:
+    import torch
+
+    return cfg.simulation.client_gpus if torch.cuda.is_available() else 0.0
+
+
+def _collect_ledgers(fed: Federation, run_dir: Path) -> None:
+    # The run directory keeps a copy of each site's lifetime ledger as it stood at the end.
+    for site in fed.sites:
+        if site.ledger_path.exists():
+            target = run_dir / "ledgers" / f"{site.site_id}.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(site.ledger_path, target)
+
+
+class _WarningsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextmanager
+def _flower_logging(verbose: bool) -> Iterator[None]:
+    # Flower prints through its own console handler: stop its records from reaching the
+    # root logger too (each line twice), and unless asked keep only its warnings, since
+    # the per-round progress comes from fedretrain. A filter, because run_simulation
+    # resets the logger's level.
+    logger = logging.getLogger("flwr")
+    quiet = _WarningsOnly()
+    saved = logger.propagate
+    logger.propagate = False
+    if not verbose:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+        logger.propagate = saved
+
+
+@contextmanager
+def _private_runtime_dirs() -> Iterator[None]:
+    # Ray's socket paths must stay short (AF_UNIX ~107 bytes), and a private FLWR_HOME keeps
+    # this run clear of any other Flower or Ray instance on the machine.
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "FLWR_HOME", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")}
+    with tempfile.TemporaryDirectory(prefix="fr-", dir="/tmp") as tmp:
+        os.environ["RAY_TMPDIR"] = tmp
+        os.environ["FLWR_HOME"] = os.path.join(tmp, "flwr")
+        # Keep Ray's future behaviour (and silence its warning): no GPU env rewrite at num_gpus=0.
+        os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -1,0 +1,294 @@
+"""FedAvg over LoRA adapters that checks every reply and keeps a per-round log.
+
+``FedAvgLoRA`` is Flower's ``FedAvg`` with one thing changed: what reaches the
+average. Flower's FedAvg trusts ``num-examples`` and passes NaN through, and one
+malformed reply raises ``InconsistentMessageReplies`` for the whole round
+(research/reliability.md §3). Here each reply is validated on its own
+(``strategies.validation``); a bad one is logged with its node id and left out,
+and the round goes on with the rest. Sampling, messaging and the round loop are
+Flower's.
+
+Known limitation: ``min_train_nodes`` only affects sampling. Flower aggregates
+whatever replies arrive, and ``sample_nodes`` waits without a timeout for nodes
+to connect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedretrain.errors import ReplyRejected
+from fedretrain.records import AdapterSpec, to_array_record
+from strategies.aggregation import weighted_average
+from strategies.validation import (
+    AcceptedEvaluation,
+    AcceptedReply,
+    Metrics,
+    site_id_of,
+    validate_evaluate_reply,
+    validate_train_reply,
+)
+
+# FedAvg options that this strategy fixes itself: it always weights by the
+# validated num-examples and computes its own metrics, so they would be ignored.
+_FIXED_OPTIONS = ("weighted_by_key", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
+
+
+@dataclass
+class RejectedReply:
+    """A reply left out of a round, and why."""
+
+    node_id: int
+    site_id: str | None
+    reason: str
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round, as plain data for the run directory.
+
+    Attributes
+    ----------
+    sampled : int
+        Train messages sent.
+    bytes_down, bytes_up : int
+        Record bytes of the train messages sent, and of the arrays in the train
+        replies received (accepted or not).
+    accepted : dict[str, dict]
+        site-id -> train metrics of the reply, plus ``"node-id"``.
+    rejected : list[RejectedReply]
+        Train replies left out.
+    evaluation : dict[str, dict]
+        site-id -> evaluate metrics of the reply, plus ``"node-id"``.
+    evaluation_rejected : list[RejectedReply]
+        Evaluate replies left out.
+    """
+
+    sampled: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    accepted: dict[str, Metrics] = field(default_factory=dict)
+    rejected: list[RejectedReply] = field(default_factory=list)
+    evaluation: dict[str, Metrics] = field(default_factory=dict)
+    evaluation_rejected: list[RejectedReply] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
+        return dataclasses.asdict(self)
+
+
+def _content_bytes(msg: Message) -> int:
+    return sum(record.count_bytes() for record in msg.content.values())
+
+
+def _array_bytes(msg: Message) -> int:
+    if not msg.has_content():
+        return 0
+    return sum(record.count_bytes() for record in msg.content.array_records.values())
+
+
+def _weighted_mean(values: Iterable[tuple[float, float]]) -> float:
+    """sum(w * v) / sum(w) over (weight, value) pairs."""
+    pairs = list(values)
+    return math.fsum(w * v for w, v in pairs) / math.fsum(w for w, _ in pairs)
+
+
+class FedAvgLoRA(FedAvg):
+    """Federated averaging of LoRA adapters, weighted by validated example counts.
+
+    Parameters
+    ----------
+    spec : AdapterSpec
+        Keys, shapes and dtypes every reply's adapter must match exactly.
+    max_examples_per_site : int | None (default: None)
+        Replies claiming more examples than this are rejected; None: no cap
+        (``num-examples <= data-size`` is always checked).
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
+    min_available_nodes
+        As in Flower's ``FedAvg``.
+    **kwargs
+        Passed to ``FedAvg`` (e.g. ``arrayrecord_key``). The weighting and metric
+        aggregation options are fixed here and refused.
+    """
+
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        *,
+        spec: AdapterSpec,
+        max_examples_per_site: int | None = None,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        fixed = sorted(set(_FIXED_OPTIONS) & kwargs.keys())
+        if fixed:
+            raise ValueError(f"FedAvgLoRA sets {fixed} itself; do not pass them")
+        if max_examples_per_site is not None and max_examples_per_site <= 0:
+            raise ValueError(
+                f"max_examples_per_site must be positive, got {max_examples_per_site}"
+            )
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            **kwargs,
+        )
+        self.spec = spec
+        self.max_examples_per_site = max_examples_per_site
+        self.round_log: dict[int, RoundLog] = {}
+
+    def summary(self) -> None:
+        """Log FedAvg's summary and the adapter contract."""
+        super().summary()
+        log(INFO, "\t└──> Adapter: %d tensors, %.2f MB", len(self.spec.entries),
+            self.spec.nbytes / 1024**2)
+        log(INFO, "\t\t└── Max examples per site: %s", self.max_examples_per_site)
+
+    def _round(self, server_round: int) -> RoundLog:
+        return self.round_log.setdefault(server_round, RoundLog())
+
+    def _reject(self, server_round: int, msg: Message, reason: str,
+                into: list[RejectedReply], what: str) -> None:
+        """Log a left-out reply (``what``: "reply" or "evaluate reply") and record it."""
+        node_id = msg.metadata.src_node_id
+        log(WARNING, "round %d: %s from node %d left out: %s", server_round, what, node_id, reason)
+        into.append(RejectedReply(node_id=node_id, site_id=site_id_of(msg), reason=reason))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's train messages; records how many were sent and their bytes."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        entry = self._round(server_round)
+        entry.sampled = len(messages)
+        entry.bytes_down = sum(_content_bytes(msg) for msg in messages)
+        return messages
+
+    def _accept_train(self, server_round: int, replies: list[Message]) -> list[AcceptedReply]:
+        """Validate each reply; log and record the rejected ones."""
+        entry = self._round(server_round)
+        accepted: list[AcceptedReply] = []
+        for msg in replies:
+            try:
+                reply = validate_train_reply(
+                    msg, self.spec, max_examples=self.max_examples_per_site
+                )
+                # One vote per site: a second reply would double its weight.
+                if reply.site_id in entry.accepted:
+                    raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
+            except ReplyRejected as err:
+                self._reject(server_round, msg, str(err), entry.rejected, "reply")
+                continue
+            accepted.append(reply)
+            entry.accepted[reply.site_id] = {"node-id": reply.node_id, **reply.metrics}
+        return accepted
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the adapters of the valid replies, weighted by num-examples.
+
+        Returns
+        -------
+        tuple[ArrayRecord | None, MetricRecord | None]
+            The averaged adapter (float32) and ``train-loss`` (num-examples
+            weighted), ``num-examples`` (total), ``accepted-replies`` and
+            ``rejected-replies``; ``(None, None)`` if no reply was valid, so
+            Flower keeps the current global adapter.
+        """
+        replies = list(replies)
+        entry = self._round(server_round)
+        entry.bytes_up += sum(_array_bytes(msg) for msg in replies)
+        accepted = self._accept_train(server_round, replies)
+        log(INFO, "round %d: %d train replies accepted, %d left out",
+            server_round, len(accepted), len(entry.rejected))
+        if not accepted:
+            log(WARNING, "round %d: no valid train reply; the global adapter is unchanged",
+                server_round)
+            return None, None
+        average = weighted_average(
+            [reply.arrays for reply in accepted], [reply.num_examples for reply in accepted]
+        )
+        metrics = MetricRecord({
+            "train-loss": _weighted_mean(
+                (r.num_examples, r.metrics["train-loss"]) for r in accepted
+            ),
+            "num-examples": sum(reply.num_examples for reply in accepted),
+            "accepted-replies": len(accepted),
+            "rejected-replies": len(entry.rejected),
+        })
+        return to_array_record(average), metrics
+
+    def _accept_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> list[AcceptedEvaluation]:
+        entry = self._round(server_round)
+        accepted: list[AcceptedEvaluation] = []
+        for msg in replies:
+            try:
+                result = validate_evaluate_reply(msg)
+                if result.site_id in entry.evaluation:
+                    raise ReplyRejected(f"site-id {result.site_id!r} already replied this round")
+            except ReplyRejected as err:
+                self._reject(
+                    server_round, msg, str(err), entry.evaluation_rejected, "evaluate reply"
+                )
+                continue
+            accepted.append(result)
+            entry.evaluation[result.site_id] = {"node-id": result.node_id, **result.metrics}
+        return accepted
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> MetricRecord | None:
+        """Token-weighted means of the candidate and baseline losses of valid replies.
+
+        Unlike Flower's default, a reply's weight is its ``candidate-tokens`` (the
+        losses are per token) and malformed or non-finite replies are left out.
+
+        Returns
+        -------
+        MetricRecord | None
+            ``candidate-loss``, ``baseline-loss``, ``candidate-tokens`` (total),
+            ``num-examples`` (total), ``accepted-replies``, ``rejected-replies``;
+            None if no reply was valid.
+        """
+        accepted = self._accept_evaluate(server_round, replies)
+        rejected = len(self._round(server_round).evaluation_rejected)
+        if not accepted:
+            log(WARNING, "round %d: no valid evaluate reply (%d left out)",
+                server_round, rejected)
+            return None
+        # Losses are means per token, so a site weighs by its tokens, not examples.
+        tokens = [r.tokens for r in accepted]
+        return MetricRecord({
+            "candidate-loss": _weighted_mean(
+                zip(tokens, [r.metrics["candidate-loss"] for r in accepted], strict=True)
+            ),
+            "baseline-loss": _weighted_mean(
+                zip(tokens, [r.metrics["baseline-loss"] for r in accepted], strict=True)
+            ),
+            "candidate-tokens": sum(tokens),
+            "num-examples": sum(int(r.metrics["num-examples"]) for r in accepted),
+            "accepted-replies": len(accepted),
+            "rejected-replies": rejected,
+        })

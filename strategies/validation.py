@@ -1,0 +1,228 @@
+"""Every train reply is checked before it can reach the average.
+
+Flower's aggregators trust what a client says: ``num-examples=1e9`` takes over
+FedAvg, NaN passes straight through, a missing key crashes the round
+(research/reliability.md §3-4). This module turns one reply Message into either
+an :class:`AcceptedReply` of plain data or a :class:`ReplyRejected` with a reason
+an operator can act on.
+
+Train reply contract (what ``client/`` sends):
+
+- ``"arrays"``: ArrayRecord of the LoRA tensors described by the AdapterSpec;
+- ``"metrics"``: MetricRecord with the :data:`TRAIN_METRICS` keys, where
+  ``num-examples`` (records used this round) and ``data-size`` (records in the
+  site's training set) are ints and ``epsilon`` is -1.0 for non-private training;
+- ``"site"``: ConfigRecord with ``"site-id"`` (str, pseudonymous).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from fedretrain.errors import AdapterMismatchError, ReplyRejected
+from fedretrain.records import AdapterSpec, check_adapter, from_array_record
+
+TRAIN_METRICS = (
+    "num-examples",
+    "data-size",
+    "train-loss",
+    "epsilon",
+    "epsilon-ceiling",
+    "delta",
+    "noise-multiplier",
+    "steps",
+)
+
+EVALUATE_METRICS = ("num-examples", "candidate-loss", "baseline-loss", "candidate-tokens")
+
+Metrics = dict[str, int | float]
+RecordT = TypeVar("RecordT", ArrayRecord, MetricRecord, ConfigRecord)
+
+
+@dataclass(frozen=True)
+class AcceptedReply:
+    """A train reply that passed every check.
+
+    Attributes
+    ----------
+    node_id : int
+        Flower node that sent it.
+    site_id : str
+        The site's pseudonymous id.
+    arrays : dict[str, np.ndarray]
+        Adapter tensors, read-only views into the message.
+    num_examples : int
+        Records used this round: the aggregation weight.
+    metrics : dict[str, int | float]
+        All scalar metrics of the reply.
+    """
+
+    node_id: int
+    site_id: str
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: Metrics
+
+
+def site_id_of(msg: Message) -> str | None:
+    """The reply's site id if it carries a string one, else None (for logs)."""
+    if not msg.has_content():
+        return None
+    site = msg.content.config_records.get("site")
+    value = site.get("site-id") if site is not None else None
+    return value if isinstance(value, str) and value else None
+
+
+# A client's error reason may be a whole traceback; logs keep the start of it.
+_MAX_REASON_CHARS = 300
+
+
+def error_reason(msg: Message) -> str:
+    """Describe an error reply (code and the client's reason, quoted and shortened)."""
+    reason = msg.error.reason or ""
+    if len(reason) > _MAX_REASON_CHARS:
+        reason = reason[:_MAX_REASON_CHARS] + "..."
+    return f"error reply (code {msg.error.code}): {reason!r}"
+
+
+def record_of(msg: Message, key: str, kind: type[RecordT]) -> RecordT:
+    """``msg.content[key]`` if it is a ``kind`` record, else ReplyRejected."""
+    if msg.has_error():
+        raise ReplyRejected(error_reason(msg))
+    if not msg.has_content():
+        raise ReplyRejected("reply has neither content nor error")
+    record = msg.content.get(key)
+    if not isinstance(record, kind):
+        raise ReplyRejected(f"missing {kind.__name__} '{key}'")
+    return record
+
+
+def scalar_metrics(record: MetricRecord, required: tuple[str, ...]) -> Metrics:
+    """Required keys present; every value a finite scalar (lists are refused)."""
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise ReplyRejected(f"metrics missing {missing}")
+    metrics: Metrics = {}
+    for key, value in record.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ReplyRejected(f"metric '{key}' is not a scalar: {value!r}")
+        if not math.isfinite(value):
+            raise ReplyRejected(f"metric '{key}' is not finite: {value!r}")
+        metrics[key] = value
+    return metrics
+
+
+def _checked_site_id(msg: Message) -> str:
+    site_id = record_of(msg, "site", ConfigRecord).get("site-id")
+    if not isinstance(site_id, str) or not site_id:
+        raise ReplyRejected(f"site-id must be a non-empty string, got {site_id!r}")
+    return site_id
+
+
+def _positive_int(metrics: Metrics, key: str) -> int:
+    value = metrics[key]
+    if not isinstance(value, int) or value <= 0:
+        raise ReplyRejected(f"{key} must be a positive int, got {value!r}")
+    return value
+
+
+def _checked_count(metrics: Metrics, max_examples: int | None) -> int:
+    """num-examples: positive int, at most data-size (positive int) and max_examples."""
+    num, size = _positive_int(metrics, "num-examples"), _positive_int(metrics, "data-size")
+    if num > size:
+        raise ReplyRejected(f"num-examples {num} exceeds data-size {size}")
+    if max_examples is not None and num > max_examples:
+        raise ReplyRejected(f"num-examples {num} exceeds the cap of {max_examples} per site")
+    return num
+
+
+def validate_train_reply(
+    msg: Message, spec: AdapterSpec, *, max_examples: int | None
+) -> AcceptedReply:
+    """Check one train reply against the contract and the adapter spec.
+
+    Cheap metadata checks run first, so a bad reply costs no array parsing.
+
+    Parameters
+    ----------
+    msg : Message
+        A reply returned by ``grid.send_and_receive``.
+    spec : AdapterSpec
+        The adapter every site must send back.
+    max_examples : int | None
+        Upper bound on ``num-examples`` per site, or None for no cap.
+
+    Returns
+    -------
+    AcceptedReply
+
+    Raises
+    ------
+    ReplyRejected
+        With the reason: an error reply, a missing record, a bad site id, a bad
+        metric or example count, or an adapter that does not match ``spec``.
+    """
+    metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), TRAIN_METRICS)
+    site_id = _checked_site_id(msg)
+    num_examples = _checked_count(metrics, max_examples)
+    record = record_of(msg, "arrays", ArrayRecord)
+    try:
+        arrays = from_array_record(record)
+        check_adapter(arrays, spec)
+    except AdapterMismatchError as err:
+        raise ReplyRejected(str(err)) from err
+    return AcceptedReply(
+        node_id=msg.metadata.src_node_id,
+        site_id=site_id,
+        arrays=arrays,
+        num_examples=num_examples,
+        metrics=metrics,
+    )
+
+
+@dataclass(frozen=True)
+class AcceptedEvaluation:
+    """An evaluate reply that passed every check.
+
+    Attributes
+    ----------
+    node_id : int
+        Flower node that sent it.
+    site_id : str
+        The site's pseudonymous id.
+    tokens : int
+        ``candidate-tokens``: the weight of this site's losses.
+    metrics : dict[str, int | float]
+        All scalar metrics of the reply.
+    """
+
+    node_id: int
+    site_id: str
+    tokens: int
+    metrics: Metrics
+
+
+def validate_evaluate_reply(msg: Message) -> AcceptedEvaluation:
+    """Check one evaluate reply: a ``"metrics"`` MetricRecord with the
+    :data:`EVALUATE_METRICS` keys (finite; ``num-examples`` and ``candidate-tokens``
+    positive ints) and a ``"site"`` ConfigRecord with ``"site-id"``.
+
+    Raises
+    ------
+    ReplyRejected
+        With the reason.
+    """
+    metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), EVALUATE_METRICS)
+    site_id = _checked_site_id(msg)
+    _positive_int(metrics, "num-examples")
+    return AcceptedEvaluation(
+        node_id=msg.metadata.src_node_id,
+        site_id=site_id,
+        tokens=_positive_int(metrics, "candidate-tokens"),
+        metrics=metrics,
+    )
