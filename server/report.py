@@ -40,6 +40,7 @@ class RunRecorder:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         path = self.run_dir / "loss.png"
         fig, (ax_val, ax_sites) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
@@ -55,6 +56,8 @@ class RunRecorder:
         ax_sites.set(title="Sites' held-out data (dashed: baseline)", xlabel="round", ylabel="loss")
         if ax_sites.lines:
             ax_sites.legend(fontsize=8)
+        for ax in (ax_val, ax_sites):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         tmp = path.with_suffix(".png.tmp")
         fig.savefig(tmp, format="png")

@@ -18,6 +18,7 @@ bundled ``fedretrain/assets/general_corpus.txt``.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -33,6 +34,7 @@ __all__ = [
     "SPECIALTIES",
     "SiteStyle",
     "general_corpus",
+    "render_general_corpus",
     "site_notes",
     "site_style",
     "specialty_mix_for_site",
@@ -90,11 +92,12 @@ def specialty_mix_for_site(
     dict[str, float]
         Specialty name to probability, in ``SPECIALTIES`` order, summing to 1.
     """
-    if dirichlet_alpha <= 0:
-        raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
-    names = SPECIALTIES if num_specialties is None else SPECIALTIES[:num_specialties]
-    if not names or (num_specialties is not None and not 1 <= num_specialties <= len(SPECIALTIES)):
+    if not (math.isfinite(dirichlet_alpha) and dirichlet_alpha > 0):
+        raise ValueError(f"dirichlet_alpha must be a finite number > 0, got {dirichlet_alpha}")
+    count = len(SPECIALTIES) if num_specialties is None else num_specialties
+    if not 1 <= count <= len(SPECIALTIES):
         raise ValueError(f"num_specialties must be between 1 and {len(SPECIALTIES)}, got {num_specialties}")
+    names = SPECIALTIES[:count]
     rng = seeded_rng("mix", seed, site_index)
     # A Dirichlet sample is a vector of independent Gamma(alpha, 1) draws, normalised.
     draws = [rng.gammavariate(dirichlet_alpha, 1.0) for _ in names]
@@ -239,11 +242,11 @@ def validation_notes(num_records: int, seed: int, num_sites: int = NUM_STYLES) -
     styles = [site_style(i, seed) for i in range(num_sites)]
     rng = seeded_rng("validation", seed)
     stamps = _timestamps(rng, num_records)
-    return [
-        {"id": f"val-{n}", "text": _note_text(rng, VOCABULARY[rng.choice(SPECIALTIES)], rng.choice(styles)),
-         "timestamp": stamp}
-        for n, stamp in enumerate(stamps)
-    ]
+    records = []
+    for n, stamp in enumerate(stamps):
+        vocab, style = VOCABULARY[rng.choice(SPECIALTIES)], rng.choice(styles)
+        records.append({"id": f"val-{n}", "text": _note_text(rng, vocab, style), "timestamp": stamp})
+    return records
 
 
 def render_general_corpus(seed: int = 0) -> str:

@@ -17,6 +17,7 @@ updates (opacus#820).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -199,7 +200,10 @@ def attach_lora(
                         target_modules=list(target_modules), bias="none")
     # peft initialises the adapter on the CPU RNG before moving it to the base layer's device,
     # so the same seed gives the same adapter on CPU and GPU.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 calls a transformers 5 method that warns of its own deprecation in every
+        # worker; nothing an operator can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         try:
             peft_model = get_peft_model(model, config)

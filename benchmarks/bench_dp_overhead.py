@@ -1,0 +1,214 @@
+"""DP-SGD step time over non-private step time, on the default model and LoRA config.
+
+One process, one model (``compose_config([])``: the embedded tiny Llama, LoRA r=8 on
+q_proj/v_proj), one set of fixed batches of synthetic hospital notes, one loss
+(``RecordLoss``: mean over records of each record's mean next-token CE) and the
+default optimizer (AdamW). Each variant trains its own deep copy of the peft model:
+
+- ``plain``: no opacus, the step ``train_lora`` takes with DP off;
+- ``hooks`` (what the client uses), ``ew``, ``functorch``, ``ghost``: opacus
+  ``make_private`` as in ``fedretrain.training.dp._make_private``, but with
+  ``poisson_sampling=False`` so every variant sees the same batch, sigma=1, C=1.
+
+A step is ``zero_grad, forward, loss, backward, optimizer.step, loss.item()``. After
+warm-up the variants take turns on the same batch (the starting variant rotates each
+step, so no variant always runs first), and each reports its median step time.
+The issue's target is hooks at most 1.15x plain at B=64.
+
+Run from the repository root::
+
+    python benchmarks/bench_dp_overhead.py [--quick] [--threads N] [--json PATH]
+
+(not ``python -m benchmarks...``: opacus 1.6 installs a top-level ``benchmarks``
+package that shadows this folder.) The embedded base model is built on first use
+into ``$FEDRETRAIN_CACHE`` (about 25 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Run as a file, so make the repository root importable.
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedretrain.config import compose_config
+from fedretrain.config.schema import Config
+from fedretrain.data.encoding import encode_texts
+from fedretrain.modeling.lora_model import LoraModel, load_lora_model
+from fedretrain.training.evaluate import RecordLoss
+from fedretrain.training.params import OPTIMIZERS
+from simulation.notes import site_notes, site_style, specialty_mix_for_site
+
+MODES = ("hooks", "ew", "functorch", "ghost")
+TARGET_RATIO = 1.15  # the issue: hooks at B=64 at most 1.15x a non-private step
+NOISE, CLIP = 1.0, 1.0
+POOL = 8  # distinct batches per batch size, cycled
+
+
+@dataclass
+class Variant:
+    """One way of taking a training step, on its own copy of the model."""
+
+    name: str
+    module: nn.Module  # what to call: the peft model, or opacus' wrapper around it
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    lora: list[nn.Parameter]
+    start: list[torch.Tensor]
+    times: list[float] = field(default_factory=list)  # seconds per timed step
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+        """One training step on the batch; returns its wall time in seconds."""
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        # input_ids positional: opacus' "ew" wrapper takes the batch as first argument.
+        logits = self.module(input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+        loss = self.criterion(logits, input_ids, attention_mask)
+        loss.backward()
+        self.optimizer.step()
+        loss.item()  # a DPTensorFastGradientClipping (ghost) has no float()
+        return time.perf_counter() - start
+
+    def max_abs_delta(self) -> float:
+        with torch.no_grad():
+            return max(float((p - s).abs().max()) for p, s in zip(self.lora, self.start, strict=True))
+
+
+def _trainable_copy(model: nn.Module, cfg: Config) -> tuple[nn.Module, list[nn.Parameter], torch.optim.Optimizer]:
+    clone = copy.deepcopy(model)
+    lora = [p for _, p in clone.named_parameters() if p.requires_grad]
+    return clone, lora, OPTIMIZERS[cfg.train.optimizer](lora, cfg.train.lr)
+
+
+def make_variant(model: nn.Module, cfg: Config, mode: str, pool: TensorDataset, batch_size: int) -> Variant:
+    """``mode`` is ``"plain"`` or an opacus grad_sample_mode."""
+    clone, lora, optimizer = _trainable_copy(model, cfg)
+    start = [p.detach().clone() for p in lora]
+    if mode == "plain":
+        return Variant(mode, clone, optimizer, RecordLoss(), lora, start)
+    # The loader only tells opacus the batch size (the mean reduction divides by it);
+    # batches are fed by hand so that all variants see the same ones.
+    loader = DataLoader(pool, batch_size=batch_size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # timing only
+        engine = PrivacyEngine(accountant="rdp")
+    wrapped = engine.make_private(
+        module=clone, optimizer=optimizer, criterion=RecordLoss(), data_loader=loader,
+        noise_multiplier=NOISE, max_grad_norm=CLIP, poisson_sampling=False,
+        grad_sample_mode=mode, noise_generator=torch.Generator().manual_seed(0),
+    )
+    if mode == "ghost":  # ghost clipping's criterion runs both backward passes
+        module, dp_optimizer, criterion, _ = wrapped
+    else:
+        (module, dp_optimizer, _), criterion = wrapped, RecordLoss()
+    return Variant(mode, module, dp_optimizer, criterion, lora, start)
+
+
+def note_batches(lm: LoraModel, cfg: Config, batch_size: int, count: int) -> TensorDataset:
+    """``count * batch_size`` encoded notes of site 0, as the simulation makes them."""
+    mix = specialty_mix_for_site(0, dirichlet_alpha=cfg.data.dirichlet_alpha, seed=cfg.seed)
+    notes = site_notes(0, batch_size * count, mix, cfg.seed, site_style(0, cfg.seed))
+    return encode_texts(lm.tokenizer, [n["text"] for n in notes], cfg.model.max_length)
+
+
+def measure(variants: list[Variant], pool: TensorDataset, batch_size: int, warmup: int, steps: int) -> None:
+    """Warm up every variant, then time ``steps`` steps each, taking turns per batch."""
+    ids, mask = pool.tensors
+    batches = [(ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, len(pool), batch_size)]
+    with warnings.catch_warnings():
+        # Hooks on the first LoRA layer see inputs from frozen layers; opacus handles it.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for i in range(warmup + steps):
+            batch = batches[i % len(batches)]
+            k = i % len(variants)
+            for variant in variants[k:] + variants[:k]:
+                elapsed = variant.step(*batch)
+                if i >= warmup:
+                    variant.times.append(elapsed)
+
+
+def run_batch_size(lm: LoraModel, cfg: Config, modes: list[str], batch_size: int,
+                   warmup: int, steps: int) -> list[dict[str, object]]:
+    """Measure plain and every DP mode at one batch size; print; return JSON rows."""
+    pool = note_batches(lm, cfg, batch_size, POOL)
+    variants = [make_variant(lm.model, cfg, m, pool, batch_size) for m in ["plain", *modes]]
+    measure(variants, pool, batch_size, warmup, steps)
+    tokens = float(pool.tensors[1].sum()) / POOL  # real tokens per batch, the pool's mean
+    n_lora = sum(p.numel() for p in variants[0].lora)
+    plain_ms = 1e3 * statistics.median(variants[0].times)
+    print(f"\nB={batch_size}  T={pool.tensors[0].shape[1]}  {tokens:.0f} real tokens/batch  "
+          f"{steps} timed steps (median)  LoRA params {n_lora:,}")
+    print(f"  {'variant':<10}{'ms/step':>9}{'min ms':>9}{'ratio':>8}{'tokens/s':>10}{'max|dLoRA|':>12}")
+    rows: list[dict[str, object]] = []
+    for v in variants:
+        ms, delta = 1e3 * statistics.median(v.times), v.max_abs_delta()
+        ratio = ms / plain_ms
+        print(f"  {v.name:<10}{ms:9.1f}{1e3 * min(v.times):9.1f}{ratio:8.2f}x"
+              f"{tokens / ms * 1e3:10.0f}{delta:12.2e}")
+        if delta == 0.0:
+            raise SystemExit(f"{v.name}: LoRA weights did not change (opacus#820?)")
+        if v.name != "plain":
+            rows.append({"name": f"dp_step_ms_{v.name}_b{batch_size}", "value": ms,
+                         "limit_or_peer": plain_ms, "ratio": ratio})
+            rows.append({"name": f"dp_tokens_per_s_{v.name}_b{batch_size}", "value": tokens / ms * 1e3,
+                         "limit_or_peer": tokens / plain_ms * 1e3, "ratio": plain_ms / ms})
+    floor = n_lora * batch_size * 4  # per-sample float32 gradients of every LoRA weight
+    print(f"  per-sample gradient floor {floor / 1024:.0f} KiB "
+          f"(frozen base model {lm.base_nbytes / 2**20:.1f} MiB)")
+    rows.append({"name": f"grad_sample_floor_bytes_b{batch_size}", "value": float(floor),
+                 "limit_or_peer": float(lm.base_nbytes), "ratio": floor / lm.base_nbytes})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run the benchmark, optionally write JSON rows."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B=16, hooks only, few steps")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (default 25; 6 quick)")
+    parser.add_argument("--json", type=Path, help="write result rows here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = compose_config([])
+    lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device="cpu")
+    print(f"default model, {args.threads} threads, sigma={NOISE}, C={CLIP}, {cfg.train.optimizer} "
+          f"lr={cfg.train.lr}, fixed batches; client mode: {cfg.privacy.grad_sample_mode}")
+    if args.quick:
+        plan, modes, warmup, steps = [cfg.train.batch_size], ["hooks"], 2, args.steps or 6
+    else:
+        plan, modes, warmup, steps = [cfg.train.batch_size, 64], list(MODES), 4, args.steps or 25
+    rows = []
+    for batch_size in plan:
+        rows += run_batch_size(lm, cfg, modes, batch_size, warmup, steps)
+    target = next((r for r in rows if r["name"] == "dp_step_ms_hooks_b64"), None)
+    if target is not None:
+        ratio = float(target["ratio"])  # type: ignore[arg-type]
+        verdict = "meets" if ratio <= TARGET_RATIO else "misses"
+        print(f"\nhooks at B=64: {ratio:.2f}x plain, {verdict} the {TARGET_RATIO}x target")
+        rows.append({"name": "dp_overhead_hooks_b64_vs_target", "value": ratio,
+                     "limit_or_peer": TARGET_RATIO, "ratio": ratio / TARGET_RATIO})
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"peak RSS {rss:.0f} MiB (whole process, all variants)")
+    rows.append({"name": "peak_rss_mib", "value": rss, "limit_or_peer": None, "ratio": None})
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

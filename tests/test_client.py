@@ -1,0 +1,135 @@
+"""A site's round: data checked first, budget checked before training, spend recorded after,
+and every refusal answered as an error reply with its reason (never a crash, never an update).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import ERROR_CODES, make_client_app
+from client.site import evaluate_round, train_round
+from fedretrain.config import Job, SiteConfig, compose_config
+from fedretrain.errors import DataValidationError, PrivacyBudgetExceeded
+from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
+from fedretrain.privacy.ledger import PrivacyLedger
+from fedretrain.records import AdapterSpec, from_array_record, to_array_record
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "site-a"
+
+
+@pytest.fixture(scope="module")
+def job() -> Job:
+    cfg = compose_config(["experiment=smoke", "train.local_steps=3", "train.batch_size=8", "rounds=2"])
+    return Job.from_config(cfg, run_id="test-run")
+
+
+@pytest.fixture(scope="module")
+def initial_adapter(job):
+    return adapter_arrays(load_lora_model(job.model, job.lora, seed=job.seed, device="cpu").model)
+
+
+def make_site(tmp_path: Path, ceiling: float = 8.0) -> SiteConfig:
+    data = tmp_path / "site"
+    shutil.copytree(EXAMPLE, data)
+    return SiteConfig(site_id="site-a", data_dir=str(data), epsilon_ceiling=ceiling, delta=1e-5)
+
+
+def test_a_round_trains_the_adapter_and_records_the_spend(tmp_path, job, initial_adapter):
+    site = make_site(tmp_path)
+    outcome = train_round(site, job, initial_adapter, server_round=1)
+    # Only LoRA tensors of the agreed shapes leave, and they changed.
+    assert AdapterSpec.from_state_dict(outcome.adapter) == AdapterSpec.from_state_dict(initial_adapter)
+    assert any((outcome.adapter[k] != initial_adapter[k]).any() for k in initial_adapter)
+    # The spend is in the site's ledger, and the reported epsilon is the ledger's.
+    ledger = PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5)
+    assert [(e.run_id, e.round, e.steps) for e in ledger.entries] == [("test-run", 1, 3)]
+    assert outcome.metrics["epsilon"] == pytest.approx(ledger.epsilon())
+    assert 0 < outcome.metrics["epsilon"] <= site.epsilon_ceiling
+    assert outcome.metrics["num-examples"] == outcome.metrics["data-size"] == 48
+
+
+def test_the_site_refuses_before_crossing_its_ceiling_and_keeps_refusing_after_restart(tmp_path, job,
+                                                                                        initial_adapter):
+    site = make_site(tmp_path)
+    first = train_round(site, job, initial_adapter, server_round=1)
+    # A ceiling just above what one round spent: the next round would cross it.
+    tight = SiteConfig(site_id="site-a", data_dir=site.data_dir, epsilon_ceiling=first.metrics["epsilon"] * 1.01,
+                       delta=1e-5)
+    with pytest.raises(PrivacyBudgetExceeded, match="ceiling"):
+        train_round(tight, job, initial_adapter, server_round=2)
+    # Nothing was recorded for the refused round; the ledger file is the site's memory.
+    ledger = PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5)
+    assert len(ledger.entries) == 1
+
+
+def test_bad_data_stops_the_round_before_any_spend(tmp_path, job, initial_adapter):
+    site = make_site(tmp_path)
+    Path(site.data_dir, "train.jsonl").write_text('{"text": "ok"}\n{"text": ""}\n')
+    with pytest.raises(DataValidationError, match=r"train.jsonl:2: field 'text' is empty"):
+        train_round(site, job, initial_adapter, server_round=1)
+    assert not site.ledger_path.exists()
+
+
+def test_evaluation_scores_candidate_and_baseline_on_heldout_data(tmp_path, job, initial_adapter):
+    site = make_site(tmp_path)
+    trained = train_round(site, job, initial_adapter, server_round=1).adapter
+    untouched = evaluate_round(site, job, initial_adapter).metrics
+    scored = evaluate_round(site, job, trained).metrics
+    # LoRA starts with B = 0: the initial adapter is the base model exactly.
+    assert untouched["candidate-loss"] == pytest.approx(untouched["baseline-loss"], abs=1e-6)
+    assert scored["baseline-loss"] == pytest.approx(untouched["baseline-loss"], abs=1e-6)
+    assert scored["num-examples"] == 12 and scored["candidate-tokens"] > 0
+
+
+@pytest.fixture
+def instruction_identity(monkeypatch):
+    # Flower builds an instruction Message from the ServerApp runtime's TaskIdentity.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _call(app, site: SiteConfig, job: Job, adapter, message_type=MessageType.TRAIN) -> Message:
+    config = ConfigRecord({**job.to_flat(), "server-round": 1})
+    msg = Message(RecordDict({"arrays": to_array_record(adapter), "config": config}), dst_node_id=7,
+                  message_type=message_type)
+    context = Context(run_id=1, node_id=7, node_config=site.to_node_config(), state=RecordDict(), run_config={})
+    return app(msg, context)
+
+
+def test_client_app_replies_with_adapter_metrics_and_site_id(tmp_path, job, initial_adapter, instruction_identity):
+    site = make_site(tmp_path)
+    reply = _call(make_client_app(), site, job, initial_adapter)
+    assert not reply.has_error()
+    assert set(from_array_record(reply.content["arrays"])) == set(initial_adapter)
+    assert reply.content["site"]["site-id"] == "site-a"
+    assert reply.content["metrics"]["epsilon"] > 0
+
+
+def test_client_app_turns_a_refusal_into_an_error_reply(tmp_path, job, initial_adapter, instruction_identity):
+    site = make_site(tmp_path, ceiling=1e-3)
+    reply = _call(make_client_app(), site, job, initial_adapter)
+    assert reply.has_error()
+    assert reply.error.code == ERROR_CODES[PrivacyBudgetExceeded]
+    assert "PrivacyBudgetExceeded" in reply.error.reason and "ceiling" in reply.error.reason
+    assert not reply.has_content()
+
+
+def test_client_app_refuses_a_job_with_unknown_keys(tmp_path, job, initial_adapter, instruction_identity):
+    site = make_site(tmp_path)
+    bad_job = json.loads(json.dumps(job.to_flat()))
+    bad_job["privacy.epsilon_ceiling"] = 1000.0  # a coordinator may not set a site's ceiling
+    msg = Message(RecordDict({"arrays": to_array_record(initial_adapter), "config": ConfigRecord(bad_job)}),
+                  dst_node_id=7, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config=site.to_node_config(), state=RecordDict(), run_config={})
+    reply = make_client_app()(msg, context)
+    assert reply.has_error() and "privacy.epsilon_ceiling" in reply.error.reason
+    assert not site.ledger_path.exists()
