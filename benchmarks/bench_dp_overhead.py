@@ -12,7 +12,9 @@ default optimizer (AdamW). Each variant trains its own deep copy of the peft mod
 
 A step is ``zero_grad, forward, loss, backward, optimizer.step, loss.item()``. After
 warm-up the variants take turns on the same batch (the starting variant rotates each
-step, so no variant always runs first), and each reports its median step time.
+step, so no variant always runs first). Reported: median step time, the median of
+per-turn ratios (a slow spell on the shared CPU hits both steps of a turn), and the
+best step (the uncontended cost).
 The issue's target is hooks at most 1.15x plain at B=64.
 
 Run from the repository root::
@@ -142,6 +144,40 @@ def measure(variants: list[Variant], pool: TensorDataset, batch_size: int, warmu
                     variant.times.append(elapsed)
 
 
+def _rows(v: Variant, plain: Variant, batch_size: int, tokens: float) -> list[dict[str, object]]:
+    """JSON rows of one DP variant against the plain one (median and best step)."""
+    ms, plain_ms = 1e3 * statistics.median(v.times), 1e3 * statistics.median(plain.times)
+    best, plain_best = 1e3 * min(v.times), 1e3 * min(plain.times)
+    tag = f"{v.name}_b{batch_size}"
+    return [
+        {"name": f"dp_step_ms_{tag}", "value": ms, "limit_or_peer": plain_ms, "ratio": ms / plain_ms},
+        {"name": f"dp_step_min_ms_{tag}", "value": best, "limit_or_peer": plain_best,
+         "ratio": best / plain_best},
+        {"name": f"dp_tokens_per_s_{tag}", "value": tokens / ms * 1e3,
+         "limit_or_peer": tokens / plain_ms * 1e3, "ratio": plain_ms / ms},
+    ]
+
+
+def report(variants: list[Variant], batch_size: int, tokens: float) -> None:
+    """Print one batch size's table; stop if a variant left the LoRA weights unchanged."""
+    plain = variants[0]
+    plain_ms, plain_min = statistics.median(plain.times), min(plain.times)
+    print(f"  {'variant':<10}{'ms/step':>9}{'ratio':>8}{'paired':>8}{'min ms':>9}{'ratio':>8}"
+          f"{'tokens/s':>10}{'max|dLoRA|':>12}")
+    for v in variants:
+        ms, best, delta = statistics.median(v.times), min(v.times), v.max_abs_delta()
+        # Per-turn ratio: both steps ran back to back, so a slow spell hits both.
+        paired = statistics.median(t / p for t, p in zip(v.times, plain.times, strict=True))
+        print(f"  {v.name:<10}{1e3 * ms:9.1f}{ms / plain_ms:7.2f}x{paired:7.2f}x{1e3 * best:9.1f}"
+              f"{best / plain_min:7.2f}x{tokens / ms:10.0f}{delta:12.2e}")
+        if delta == 0.0:
+            raise SystemExit(f"{v.name}: LoRA weights did not change (opacus#820?)")
+    spread = sorted(plain.times)[int(0.9 * (len(plain.times) - 1))] / plain_min
+    if spread > 1.5:
+        print(f"  NOISY: plain p90/min = {spread:.1f}; the CPU is shared. Trust 'min' more, "
+              "or rerun on an idle machine or with --threads 1")
+
+
 def run_batch_size(lm: LoraModel, cfg: Config, modes: list[str], batch_size: int,
                    warmup: int, steps: int) -> list[dict[str, object]]:
     """Measure plain and every DP mode at one batch size; print; return JSON rows."""
@@ -150,23 +186,10 @@ def run_batch_size(lm: LoraModel, cfg: Config, modes: list[str], batch_size: int
     measure(variants, pool, batch_size, warmup, steps)
     tokens = float(pool.tensors[1].sum()) / POOL  # real tokens per batch, the pool's mean
     n_lora = sum(p.numel() for p in variants[0].lora)
-    plain_ms = 1e3 * statistics.median(variants[0].times)
     print(f"\nB={batch_size}  T={pool.tensors[0].shape[1]}  {tokens:.0f} real tokens/batch  "
-          f"{steps} timed steps (median)  LoRA params {n_lora:,}")
-    print(f"  {'variant':<10}{'ms/step':>9}{'min ms':>9}{'ratio':>8}{'tokens/s':>10}{'max|dLoRA|':>12}")
-    rows: list[dict[str, object]] = []
-    for v in variants:
-        ms, delta = 1e3 * statistics.median(v.times), v.max_abs_delta()
-        ratio = ms / plain_ms
-        print(f"  {v.name:<10}{ms:9.1f}{1e3 * min(v.times):9.1f}{ratio:8.2f}x"
-              f"{tokens / ms * 1e3:10.0f}{delta:12.2e}")
-        if delta == 0.0:
-            raise SystemExit(f"{v.name}: LoRA weights did not change (opacus#820?)")
-        if v.name != "plain":
-            rows.append({"name": f"dp_step_ms_{v.name}_b{batch_size}", "value": ms,
-                         "limit_or_peer": plain_ms, "ratio": ratio})
-            rows.append({"name": f"dp_tokens_per_s_{v.name}_b{batch_size}", "value": tokens / ms * 1e3,
-                         "limit_or_peer": tokens / plain_ms * 1e3, "ratio": plain_ms / ms})
+          f"{steps} timed steps each  LoRA params {n_lora:,}")
+    report(variants, batch_size, tokens)
+    rows = [row for v in variants[1:] for row in _rows(v, variants[0], batch_size, tokens)]
     floor = n_lora * batch_size * 4  # per-sample float32 gradients of every LoRA weight
     print(f"  per-sample gradient floor {floor / 1024:.0f} KiB "
           f"(frozen base model {lm.base_nbytes / 2**20:.1f} MiB)")
@@ -196,11 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for batch_size in plan:
         rows += run_batch_size(lm, cfg, modes, batch_size, warmup, steps)
-    target = next((r for r in rows if r["name"] == "dp_step_ms_hooks_b64"), None)
-    if target is not None:
-        ratio = float(target["ratio"])  # type: ignore[arg-type]
+    ratios = {r["name"]: float(r["ratio"]) for r in rows if r["ratio"] is not None}  # type: ignore[arg-type]
+    if "dp_step_ms_hooks_b64" in ratios:
+        ratio, best = ratios["dp_step_ms_hooks_b64"], ratios["dp_step_min_ms_hooks_b64"]
         verdict = "meets" if ratio <= TARGET_RATIO else "misses"
-        print(f"\nhooks at B=64: {ratio:.2f}x plain, {verdict} the {TARGET_RATIO}x target")
+        print(f"\nhooks at B=64: {ratio:.2f}x plain (medians; {best:.2f}x best steps), "
+              f"{verdict} the {TARGET_RATIO}x target")
         rows.append({"name": "dp_overhead_hooks_b64_vs_target", "value": ratio,
                      "limit_or_peer": TARGET_RATIO, "ratio": ratio / TARGET_RATIO})
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -20,13 +20,13 @@ from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import read_records
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.privacy.accounting import noise_multiplier_for_target
+from fedretrain.records import NOT_PRIVATE_EPSILON
 from fedretrain.privacy.ledger import PrivacyLedger
 from fedretrain.training.dp import DPParams, TrainParams, poisson_sample_rate, train_lora
 from fedretrain.training.evaluate import evaluate_loss
 
 log = logging.getLogger("fedretrain.client")
 
-NOT_PRIVATE = -1.0  # reported as epsilon when the site trains without DP (research mode)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     if job.privacy.enabled:
         ledger.record(job.run_id, server_round, sigma, result.sample_rate, result.steps)
         ledger.save(site.ledger_path)
-    epsilon = ledger.epsilon() if job.privacy.enabled else NOT_PRIVATE
+    epsilon = ledger.epsilon() if job.privacy.enabled else NOT_PRIVATE_EPSILON
     metrics: dict[str, float | int] = {
         # FedAvg weights each site by its training set size; what this round actually
         # processed (Poisson batches over several passes) is reported beside it.

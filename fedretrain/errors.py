@@ -57,3 +57,7 @@ class TrainingError(FedretrainError, RuntimeError):
 
 class ReplyRejected(FedretrainError, ValueError):
     """A client reply failed validation and is left out of aggregation."""
+
+
+class SimulationFailed(FedretrainError, RuntimeError):
+    """A simulated run ended without writing its summary (the log says why)."""

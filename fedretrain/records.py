@@ -32,6 +32,10 @@ NUMPY_STYPE = "numpy.ndarray"
 TensorLike = torch.Tensor | np.ndarray
 
 
+# The epsilon a site reports in its train reply when it trains without DP (research mode):
+# no finite bound exists, and a MetricRecord cannot carry infinity through every check.
+NOT_PRIVATE_EPSILON = -1.0
+
 def _to_numpy(key: str, value: TensorLike) -> np.ndarray:
     """Return ``value`` as a C-contiguous CPU ndarray in its wire dtype.
 

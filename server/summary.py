@@ -9,13 +9,13 @@ from typing import Any
 
 from fedretrain.config import Config
 from fedretrain.modeling.lora_model import LoraModel
+from fedretrain.records import NOT_PRIVATE_EPSILON
 from fedretrain.training.evaluate import LossStats
 
-NOT_PRIVATE = -1.0  # what a site reports as epsilon when it trains without DP
 
 
 def _epsilon(value: float | None) -> float | None:
-    return None if value is None or value == NOT_PRIVATE else float(value)
+    return None if value is None or value == NOT_PRIVATE_EPSILON else float(value)
 
 
 def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, round_log: Any,

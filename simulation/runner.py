@@ -17,6 +17,7 @@ from pathlib import Path
 from client.app import make_client_app
 from fedretrain.config import Config, compose_raw, to_yaml
 from fedretrain.config.parse import build
+from fedretrain.errors import SimulationFailed
 from fedretrain.modeling.loading import resolve_model_path
 from server.app import make_server_app
 from server.rundir import new_run_dir
@@ -51,14 +52,19 @@ def simulate(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
                        backend_config=backend_config)
     _collect_ledgers(fed, run_dir)
     if not (run_dir / "summary.json").exists():
-        raise RuntimeError(f"the simulation ended without a summary; see the log above (run directory {run_dir})")
+        raise SimulationFailed(f"the simulation ended without a summary; see the log above (run directory {run_dir})")
     return run_dir
+
+
+AUTO_GPU_SHARE = 0.25  # LoRA on a small model leaves most of a GPU idle: four sites share one
 
 
 def _client_gpus(cfg: Config) -> float:
     import torch
 
-    return cfg.simulation.client_gpus if torch.cuda.is_available() else 0.0
+    if not torch.cuda.is_available():
+        return 0.0
+    return AUTO_GPU_SHARE if cfg.simulation.client_gpus is None else cfg.simulation.client_gpus
 
 
 def _collect_ledgers(fed: Federation, run_dir: Path) -> None:

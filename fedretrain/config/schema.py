@@ -141,7 +141,7 @@ class StrategyConfig:
 class SimulationConfig:
     num_sites: int = 3
     client_cpus: float = 1.0
-    client_gpus: float = 0.0
+    client_gpus: float | None = None  # None: auto (a quarter of a GPU per site when CUDA is present)
     site_epsilon_ceiling: float = 8.0
     site_delta: float = 1e-5
     site_accountant: str = "rdp"
@@ -151,7 +151,7 @@ class SimulationConfig:
         if self.num_sites < 1:
             raise ConfigError(f"num_sites: must be >= 1, got {self.num_sites}")
         _positive("client_cpus", self.client_cpus)
-        if not math.isfinite(self.client_gpus) or self.client_gpus < 0:
+        if self.client_gpus is not None and (not math.isfinite(self.client_gpus) or self.client_gpus < 0):
             raise ConfigError(f"client_gpus: must be >= 0, got {self.client_gpus!r}")
         _positive("site_epsilon_ceiling", self.site_epsilon_ceiling)
         _fraction("site_delta", self.site_delta, open_low=False)
