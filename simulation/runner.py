@@ -76,9 +76,24 @@ def _collect_ledgers(fed: Federation, run_dir: Path) -> None:
             shutil.copyfile(site.ledger_path, target)
 
 
-class _WarningsOnly(logging.Filter):
+class _FlowerFilter(logging.Filter):
+    """Keep Flower's warnings (unless verbose, drop its INFO chatter), minus one known notice.
+
+    Flower 1.41 marks ``run_simulation`` deprecated in favour of ``flwr run``, which needs a
+    SuperLink and hands the ServerApp its config through run_config. ``fedretrain simulate``
+    keeps the in-process entry to the same simulation engine on purpose (the ServerApp gets
+    the already-parsed config object); the deployment path is ``flwr run`` with
+    ``server.app:app``. The notice would read like an error to every researcher, so it goes.
+    """
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
+        if "`run_simulation` function is deprecated" in record.getMessage():
+            return False
+        return self.verbose or record.levelno >= logging.WARNING
 
 
 @contextmanager
@@ -88,11 +103,10 @@ def _flower_logging(verbose: bool) -> Iterator[None]:
     # the per-round progress comes from fedretrain. A filter, because run_simulation
     # resets the logger's level.
     logger = logging.getLogger("flwr")
-    quiet = _WarningsOnly()
+    quiet = _FlowerFilter(verbose)
     saved = logger.propagate
     logger.propagate = False
-    if not verbose:
-        logger.addFilter(quiet)
+    logger.addFilter(quiet)
     try:
         yield
     finally:
