@@ -18,10 +18,11 @@ import numpy as np
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import read_records
+from fedretrain.errors import PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.privacy.accounting import noise_multiplier_for_target
 from fedretrain.records import NOT_PRIVATE_EPSILON
-from fedretrain.privacy.ledger import PrivacyLedger
+from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
 from fedretrain.training.dp import DPParams, TrainParams, poisson_sample_rate, train_lora
 from fedretrain.training.evaluate import evaluate_loss
 
@@ -44,6 +45,20 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     """One round of local DP training. Raises a ``FedretrainError`` instead of sending anything bad."""
     # 1. Data first: a bad file must stop the round before any compute or spend.
     texts = [r.text for r in read_records(site.train_path)]
+    if not job.privacy.enabled and not site.allow_non_private:
+        # Without DP a round has no finite epsilon: only the site itself may allow that.
+        raise PrivacyBudgetExceeded(
+            f"site {site.site_id!r} refuses non-private training (job privacy.enabled=false has no "
+            "finite epsilon); a site opts in with allow-non-private=true in its own node_config")
+    # One round at a time per site: budget check, training, record and save run under one
+    # lock, so two rounds at once (two runs on one site) cannot both pass the check or lose
+    # each other's ledger entry.
+    with ledger_lock(site.ledger_path):
+        return _train_and_record(site, job, global_adapter, server_round, texts)
+
+
+def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int,
+                      texts: list[str]) -> TrainOutcome:
     ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta)
     lm = _model(job, site.device)
     load_adapter_arrays(lm, global_adapter)

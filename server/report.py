@@ -26,12 +26,12 @@ class RunRecorder:
     def record_round(self, entry: dict[str, Any]) -> None:
         """Append one round's line to metrics.jsonl (rewriting the small file atomically)."""
         self.rounds.append(entry)
-        lines = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
+        lines = "".join(json.dumps(finite_or_null(r), sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
         atomic_write_text(self.run_dir / "metrics.jsonl", lines)
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.run_dir / "summary.json"
-        atomic_write_json(path, summary)
+        atomic_write_json(path, finite_or_null(summary))
         return path
 
     def plot(self) -> Path:
@@ -67,6 +67,17 @@ class RunRecorder:
         return path
 
 
+def finite_or_null(obj: Any) -> Any:
+    """Replace NaN and infinities with None (JSON null): a broken figure is still recorded."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The table printed at the end of a run."""
     val_b, val_c = summary["baseline_loss"], summary["candidate_loss"]
@@ -76,7 +87,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         "",
         f"{'':28s}{'baseline':>10s}{'candidate':>11s}{'change':>9s}",
         f"{'validation loss':28s}{val_b:10.4f}{val_c:11.4f}{val_c - val_b:+9.4f}",
-        f"{'validation perplexity':28s}{math.exp(val_b):10.2f}{math.exp(val_c):11.2f}",
+        f"{'validation perplexity':28s}{_num(_exp(val_b), 2):>10s}{_num(_exp(val_c), 2):>11s}",
         "",
         f"{'site':12s}{'held-out base':>14s}{'held-out cand':>14s}{'ppl cand':>10s}{'epsilon/ceiling':>17s}"
         f"{'delta':>9s}{'records':>9s}",
@@ -85,7 +96,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         hb, hc = s.get("heldout_baseline_loss"), s.get("heldout_candidate_loss")
         eps = "off" if s["epsilon"] is None else f"{s['epsilon']:.2f}/{s['epsilon_ceiling']:.2f}"
         lines.append(
-            f"{site_id:12s}{_num(hb):>14s}{_num(hc):>14s}{_num(math.exp(hc) if hc is not None else None, 2):>10s}"
+            f"{site_id:12s}{_num(hb):>14s}{_num(hc):>14s}{_num(_exp(hc), 2):>10s}"
             f"{eps:>17s}{s['delta']:9.0e}{s['num_examples']:9d}"
         )
     for refusal in summary.get("refusals", []):
@@ -99,6 +110,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"run directory: {summary['run_dir']}",
     ]
     return "\n".join(lines)
+
+
+def _exp(loss: float | None) -> float | None:
+    return math.exp(loss) if loss is not None and loss < 50 else None
 
 
 def _num(value: float | None, digits: int = 4) -> str:

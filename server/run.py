@@ -54,6 +54,7 @@ def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
 
     strategy = build_strategy(
         cfg.strategy.name, spec=lm.spec, max_examples_per_site=cfg.strategy.max_examples_per_site,
+        max_abs_value=cfg.strategy.max_abs_value,
         fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
         min_train_nodes=cfg.strategy.min_sites, min_evaluate_nodes=cfg.strategy.min_sites,
         min_available_nodes=cfg.strategy.min_sites,

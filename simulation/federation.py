@@ -60,7 +60,9 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
         _write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
         node_config = {"site-id": sid, "data-dir": str(site_dir.resolve()), "device": device,
                        "epsilon-ceiling": sim.site_epsilon_ceiling, "delta": sim.site_delta,
-                       "accountant": sim.site_accountant}
+                       "accountant": sim.site_accountant,
+                       # A virtual site allows non-private rounds only for a run that asks for them.
+                       "allow-non-private": not cfg.privacy.enabled}
         atomic_write_json(site_dir / "site.json", node_config)
         sites.append(site_config_from_node_config(node_config))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}

@@ -113,6 +113,8 @@ class FedAvgLoRA(FedAvg):
     max_examples_per_site : int | None (default: None)
         Replies claiming more examples than this are rejected; None: no cap
         (``num-examples <= data-size`` is always checked).
+    max_abs_value : float | None (default: None)
+        Replies holding any adapter value larger than this in magnitude are rejected.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
     min_available_nodes
         As in Flower's ``FedAvg``.
@@ -126,6 +128,7 @@ class FedAvgLoRA(FedAvg):
         *,
         spec: AdapterSpec,
         max_examples_per_site: int | None = None,
+        max_abs_value: float | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -150,6 +153,7 @@ class FedAvgLoRA(FedAvg):
         )
         self.spec = spec
         self.max_examples_per_site = max_examples_per_site
+        self.max_abs_value = max_abs_value
         self.round_log: dict[int, RoundLog] = {}
 
     def summary(self) -> None:
@@ -186,7 +190,8 @@ class FedAvgLoRA(FedAvg):
         for msg in replies:
             try:
                 reply = validate_train_reply(
-                    msg, self.spec, max_examples=self.max_examples_per_site
+                    msg, self.spec, max_examples=self.max_examples_per_site,
+                    max_abs_value=self.max_abs_value,
                 )
                 # One vote per site: a second reply would double its weight.
                 if reply.site_id in entry.accepted:

@@ -18,6 +18,7 @@ Train reply contract (what ``client/`` sends):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -142,7 +143,7 @@ def _checked_count(metrics: Metrics, max_examples: int | None) -> int:
 
 
 def validate_train_reply(
-    msg: Message, spec: AdapterSpec, *, max_examples: int | None
+    msg: Message, spec: AdapterSpec, *, max_examples: int | None, max_abs_value: float | None = None
 ) -> AcceptedReply:
     """Check one train reply against the contract and the adapter spec.
 
@@ -156,6 +157,10 @@ def validate_train_reply(
         The adapter every site must send back.
     max_examples : int | None
         Upper bound on ``num-examples`` per site, or None for no cap.
+    max_abs_value : float | None
+        Largest magnitude any adapter value may have, or None for no bound. Finite but
+        absurd values (a scaled or broken update) would otherwise pass and turn the
+        global model's loss into NaN.
 
     Returns
     -------
@@ -176,6 +181,8 @@ def validate_train_reply(
         check_adapter(arrays, spec)
     except AdapterMismatchError as err:
         raise ReplyRejected(str(err)) from err
+    if max_abs_value is not None:
+        _check_magnitude(arrays, max_abs_value)
     return AcceptedReply(
         node_id=msg.metadata.src_node_id,
         site_id=site_id,
@@ -183,6 +190,12 @@ def validate_train_reply(
         num_examples=num_examples,
         metrics=metrics,
     )
+
+
+def _check_magnitude(arrays: Mapping[str, np.ndarray], max_abs_value: float) -> None:
+    for key, array in arrays.items():
+        if array.size and float(np.abs(array).max()) > max_abs_value:
+            raise ReplyRejected(f"{key}: values exceed the bound of {max_abs_value:g} in magnitude")
 
 
 @dataclass(frozen=True)

@@ -334,3 +334,18 @@ def test_build_strategy_builds_fedavg_and_lists_names_for_unknown():
 def test_fedavg_lora_refuses_options_it_fixes_itself():
     with pytest.raises(ValueError, match="weighted_by_key"):
         FedAvgLoRA(spec=SPEC, weighted_by_key="steps")
+
+
+def test_aggregate_train_leaves_out_an_update_past_the_magnitude_bound(caplog):
+    # Prepare: finite but absurd values (a scaled update) from one site; the bound is 100.
+    strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0)
+    scaled = make_reply(3, adapter([1e30, 0], [0, 1]), train_metrics(10), "site-c")
+
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, honest_replies() + [scaled])
+
+    # Assert: the honest average is the one of test_..._averages_the_rest: weights 10 and 20.
+    out = from_array_record(arrays)
+    np.testing.assert_allclose(out["lora_A"], [[(1 * 10 + 4 * 20) / 30, (2 * 10 + 8 * 20) / 30]], rtol=1e-6)
+    assert metrics["rejected-replies"] == 1
+    assert "lora_A: values exceed the bound of 100" in strategy.round_log[1].rejected[0].reason

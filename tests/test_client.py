@@ -4,7 +4,10 @@ and every refusal answered as an error reply with its reason (never a crash, nev
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,13 +16,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+import client.site
 from client.app import ERROR_CODES, make_client_app
 from client.site import evaluate_round, train_round
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.errors import DataValidationError, PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
 from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.records import AdapterSpec, from_array_record, to_array_record
+from fedretrain.records import NOT_PRIVATE_EPSILON, AdapterSpec, from_array_record, to_array_record
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "site-a"
@@ -68,6 +72,41 @@ def test_the_site_refuses_before_crossing_its_ceiling_and_keeps_refusing_after_r
     # Nothing was recorded for the refused round; the ledger file is the site's memory.
     ledger = PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5)
     assert len(ledger.entries) == 1
+
+
+def test_a_coordinator_cannot_switch_dp_off_unless_the_site_allows_it(tmp_path, job, initial_adapter):
+    site = make_site(tmp_path)
+    plain_job = dataclasses.replace(job, privacy=dataclasses.replace(job.privacy, enabled=False))
+    # The coordinator's job says privacy.enabled=false; the site's own config has not opted in.
+    with pytest.raises(PrivacyBudgetExceeded, match="allow-non-private"):
+        train_round(site, plain_job, initial_adapter, server_round=1)
+    # A research site that opted in trains without DP: no ledger entry, no epsilon claimed.
+    sandbox = dataclasses.replace(site, allow_non_private=True)
+    outcome = train_round(sandbox, plain_job, initial_adapter, server_round=1)
+    assert outcome.metrics["epsilon"] == NOT_PRIVATE_EPSILON
+    assert not site.ledger_path.exists()
+
+
+def test_the_ledger_stays_locked_from_budget_check_to_record(tmp_path, job, initial_adapter, monkeypatch):
+    site = make_site(tmp_path)
+    lock_free_while_training = []
+    real_train = client.site.train_lora
+
+    def train_and_probe(*args, **kwargs):
+        # What a second round at this site (another run) would try while this one trains.
+        fd = os.open(f"{site.ledger_path}.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_free_while_training.append(True)
+        except BlockingIOError:
+            lock_free_while_training.append(False)
+        finally:
+            os.close(fd)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(client.site, "train_lora", train_and_probe)
+    train_round(site, job, initial_adapter, server_round=1)
+    assert lock_free_while_training == [False]
 
 
 def test_bad_data_stops_the_round_before_any_spend(tmp_path, job, initial_adapter):
@@ -133,3 +172,4 @@ def test_client_app_refuses_a_job_with_unknown_keys(tmp_path, job, initial_adapt
     reply = make_client_app()(msg, context)
     assert reply.has_error() and "privacy.epsilon_ceiling" in reply.error.reason
     assert not site.ledger_path.exists()
+

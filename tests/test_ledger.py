@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedretrain.errors import LedgerError, PrivacyBudgetExceeded
-from fedretrain.privacy.ledger import PrivacyLedger
+from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
 
 SITE = "site-a"
 DELTA = 1e-5
@@ -238,3 +239,25 @@ def test_non_private_rounds_are_not_recorded() -> None:
 def test_unknown_accountant_is_refused() -> None:
     with pytest.raises(ValueError, match="valid accountants"):
         PrivacyLedger(site_id=SITE, accountant="gdp", delta=DELTA)
+
+
+def test_ledger_lock_is_exclusive_until_released(tmp_path: Path) -> None:
+    # Prepare: the lock file of a ledger in a state dir that does not exist yet.
+    path = tmp_path / "state" / "ledger.json"
+    lock = tmp_path / "state" / "ledger.json.lock"
+
+    def try_lock() -> bool:
+        # A second open file description, as another process would have.
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    # Execute / Assert: held inside the block, free after it.
+    with ledger_lock(path):
+        assert not try_lock()
+    assert try_lock()

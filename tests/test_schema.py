@@ -28,6 +28,18 @@ def test_good_csv_reads_the_text_column(tmp_path):
     assert [r.text for r in read_records(path)] == ["Chief complaint: cough, fever", "Plan: rest"]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    # JSON allows U+2028, U+2029 and U+0085 raw inside a string; only "\n" ends a record.
+    texts = ["Hx:\u2028cough", "Plan\u2029rest", "BP\x85120/80"]
+    content = "".join('{"text": "%s"}\r\n' % t for t in texts)
+    path = _write(tmp_path, "seps.jsonl", content + '{"text": 1}\n')
+    with pytest.raises(DataValidationError) as err:
+        read_records(path)
+    assert (err.value.line, err.value.field) == (4, "text")  # physical line numbers still hold
+    path.write_text(content, encoding="utf-8", newline="")
+    assert [r.text for r in read_records(path)] == texts
+
+
 @pytest.mark.parametrize(
     ("content", "line", "field", "words"),
     [
@@ -48,6 +60,20 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path, content, line, field, wor
         read_records(path)
     assert (err.value.line, err.value.field) == (line, field)
     assert str(path) in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"text": "a", "id": "MRN-4711"}\n{"text": "b", "id": "MRN-4711"}\n',
+     '{"text": "a", "timestamp": "MRN-4711 on 3rd May"}\n'],
+    ids=["duplicate id", "bad timestamp"],
+)
+def test_errors_do_not_quote_record_values(tmp_path, content):
+    # The message becomes the error reply a coordinator sees: no patient identifiers in it.
+    path = _write(tmp_path, "ids.jsonl", content)
+    with pytest.raises(DataValidationError) as err:
+        read_records(path)
+    assert "MRN-4711" not in str(err.value)
 
 
 def test_empty_file_is_refused(tmp_path):

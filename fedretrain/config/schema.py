@@ -127,8 +127,11 @@ class StrategyConfig:
     fraction_evaluate: float = 1.0
     min_sites: int = 2
     max_examples_per_site: int | None = None
+    max_abs_value: float | None = 100.0
 
     def __post_init__(self) -> None:
+        if self.max_abs_value is not None:
+            _positive("max_abs_value", self.max_abs_value)
         _fraction("fraction_train", self.fraction_train)
         _fraction("fraction_evaluate", self.fraction_evaluate)
         if self.min_sites < 1:

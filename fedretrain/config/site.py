@@ -34,6 +34,9 @@ class SiteConfig:
     accountant: str = "rdp"
     state_dir: str | None = None  # privacy ledger and model store; default: <data_dir>/.fedretrain
     device: str = "auto"
+    # Non-private rounds have no finite epsilon, so the site, not the coordinator, decides
+    # whether a job with privacy.enabled=false may train on its data (research sandboxes).
+    allow_non_private: bool = False
 
     def __post_init__(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ "):
@@ -71,7 +74,9 @@ def site_config_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
     try:
         return build(SiteConfig, values, "node_config")
     except ConfigError as err:
-        raise ConfigError(str(err).replace("_", "-")) from None
+        # Name the key as the operator wrote it (kebab-case); leave the rest of the message as is.
+        key, sep, rest = str(err).partition(":")
+        raise ConfigError(key.replace("_", "-") + sep + rest) from None
 
 
 def _data_file(directory: Path, stem: str) -> Path:

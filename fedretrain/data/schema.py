@@ -2,6 +2,8 @@
 
 Every file is checked whole before any training starts: the first problem raises
 ``DataValidationError`` naming the file, the line and the field, and nothing is sent.
+Messages never quote a record's values (ids, dates): a site's refusal reaches the
+coordinator as an error reply.
 JSONL is the native format; CSV with a header that has a ``text`` column is accepted too.
 """
 
@@ -50,7 +52,9 @@ def read_records(path: str | Path) -> list[Record]:
 def _read_jsonl(path: Path, content: str) -> list[Record]:
     records: list[Record] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(content.splitlines(), start=1):
+    # Split on "\n" only (JSON Lines): str.splitlines() also breaks at U+2028, U+2029 and
+    # U+0085, which JSON allows raw inside strings, and would refuse a valid file.
+    for number, line in enumerate(content.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -95,12 +99,14 @@ def _record(path: Path, line: int, obj: dict[str, Any], seen: dict[str, int]) ->
             raise DataValidationError(*where, "id", f"must be a string or an integer, got {_kind(record_id)}")
         record_id = str(record_id)
         if record_id in seen:
-            raise DataValidationError(*where, "id", f"duplicates the id on line {seen[record_id]} ({record_id!r})")
+            raise DataValidationError(*where, "id", f"duplicates the id on line {seen[record_id]}")
         seen[record_id] = line
     timestamp = obj.get("timestamp")
     if timestamp is not None:
         if not isinstance(timestamp, str) or not _is_iso8601(timestamp):
-            raise DataValidationError(*where, "timestamp", f"must be an ISO 8601 string, got {timestamp!r}")
+            # The value is not echoed: this message travels to the coordinator in the error reply.
+            got = "a string that is not a date" if isinstance(timestamp, str) else _kind(timestamp)
+            raise DataValidationError(*where, "timestamp", f"must be an ISO 8601 string, got {got}")
     return Record(text=text, id=record_id, timestamp=timestamp)
 
 

@@ -12,9 +12,12 @@ recomputed from the entries on load. Non-private rounds are not recorded.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -196,6 +199,26 @@ class PrivacyLedger:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the ledger to ``path`` atomically: readers see the old or the new file."""
         atomic_write_json(path, self.to_dict())
+
+
+@contextmanager
+def ledger_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on the ledger at ``path`` (blocking until it is free).
+
+    Atomic writes keep the file whole, but load-check-train-record-save is a
+    read-modify-write: two rounds at once would both pass the ceiling check and the
+    later save would drop the earlier entry. Holding this lock from load to save
+    makes a site's rounds run one at a time. The lock is ``<path>.lock`` (flock),
+    released when the block ends or the process dies.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _parse_entry(path: Path, index: int, raw: Any) -> LedgerEntry:
