@@ -21,13 +21,12 @@ from fedretrain.data.schema import read_records
 from fedretrain.errors import PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.privacy.accounting import noise_multiplier_for_target
-from fedretrain.records import NOT_PRIVATE_EPSILON
 from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
+from fedretrain.records import NOT_PRIVATE_EPSILON
 from fedretrain.training.dp import DPParams, TrainParams, poisson_sample_rate, train_lora
 from fedretrain.training.evaluate import evaluate_loss
 
 log = logging.getLogger("fedretrain.client")
-
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ from fedretrain.config import Config
 from fedretrain.modeling.lora_model import LoraModel
 from fedretrain.records import NOT_PRIVATE_EPSILON
 from fedretrain.training.evaluate import LossStats
-
 
 
 def _epsilon(value: float | None) -> float | None:
@@ -25,7 +23,7 @@ def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, ro
         "round": server_round,
         "validation": {
             "candidate_loss": candidate.loss, "baseline_loss": baseline.loss,
-            "candidate_perplexity": _ppl(candidate.loss), "baseline_perplexity": _ppl(baseline.loss),
+            "candidate_perplexity": candidate.perplexity, "baseline_perplexity": baseline.perplexity,
         },
         "sites_sampled": 0, "sites_accepted": 0, "train_loss": None,
         "sites": {}, "evaluation": {}, "rejected": [],
@@ -81,7 +79,7 @@ def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str
         "name": cfg.name, "run_id": run_id, "run_dir": str(run_dir),
         "rounds": cfg.rounds,
         "baseline_loss": baseline.loss, "candidate_loss": candidate.loss,
-        "baseline_perplexity": _ppl(baseline.loss), "candidate_perplexity": _ppl(candidate.loss),
+        "baseline_perplexity": baseline.perplexity, "candidate_perplexity": candidate.perplexity,
         "improved": candidate.loss < baseline.loss,
         "validation_examples": baseline.examples,
         "sites": sites,
@@ -99,6 +97,3 @@ def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str
         "wall_time_s": round(wall_time_s, 3),
     }
 
-
-def _ppl(loss: float) -> float | None:
-    return math.exp(loss) if loss < 50 else None  # JSON has no infinity

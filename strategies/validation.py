@@ -18,7 +18,6 @@ Train reply contract (what ``client/`` sends):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -158,9 +157,8 @@ def validate_train_reply(
     max_examples : int | None
         Upper bound on ``num-examples`` per site, or None for no cap.
     max_abs_value : float | None
-        Largest magnitude any adapter value may have, or None for no bound. Finite but
-        absurd values (a scaled or broken update) would otherwise pass and turn the
-        global model's loss into NaN.
+        Largest magnitude any adapter value may have (``check_adapter``'s ``max_abs``),
+        or None for no bound.
 
     Returns
     -------
@@ -178,11 +176,9 @@ def validate_train_reply(
     record = record_of(msg, "arrays", ArrayRecord)
     try:
         arrays = from_array_record(record)
-        check_adapter(arrays, spec)
+        check_adapter(arrays, spec, max_abs=max_abs_value)
     except AdapterMismatchError as err:
         raise ReplyRejected(str(err)) from err
-    if max_abs_value is not None:
-        _check_magnitude(arrays, max_abs_value)
     return AcceptedReply(
         node_id=msg.metadata.src_node_id,
         site_id=site_id,
@@ -190,12 +186,6 @@ def validate_train_reply(
         num_examples=num_examples,
         metrics=metrics,
     )
-
-
-def _check_magnitude(arrays: Mapping[str, np.ndarray], max_abs_value: float) -> None:
-    for key, array in arrays.items():
-        if array.size and float(np.abs(array).max()) > max_abs_value:
-            raise ReplyRejected(f"{key}: values exceed the bound of {max_abs_value:g} in magnitude")
 
 
 @dataclass(frozen=True)
