@@ -12,10 +12,12 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.install import receive_version
 from client.site import evaluate_round, train_round
 from fedretrain import errors
 from fedretrain.config import Job, SiteConfig, site_config_from_node_config
 from fedretrain.records import from_array_record, to_array_record
+from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 
 log = logging.getLogger("fedretrain.client")
 
@@ -28,6 +30,7 @@ ERROR_CODES: dict[type[Exception], int] = {
     errors.AdapterMismatchError: 4105,
     errors.ConfigError: 4106,
     errors.TrainingError: 4107,
+    errors.VerificationError: 4108,
 }
 UNEXPECTED_ERROR = 4199
 
@@ -55,7 +58,20 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
     def evaluate(msg: Message, context: Context) -> Message:
         def work() -> RecordDict:
             site, job, _ = _unpack(msg, context, resolve_site)
-            outcome = evaluate_round(site, job, from_array_record(msg.content["arrays"]))
+            baseline = msg.content.array_records.get("baseline")
+            outcome = evaluate_round(site, job, from_array_record(msg.content["arrays"]),
+                                     None if baseline is None else from_array_record(baseline))
+            return _reply(site, None, outcome.metrics)
+        return _guarded(msg, work)
+
+    @app.query("publish")
+    def publish(msg: Message, context: Context) -> Message:
+        # A signed version (and, for a rollback, the signed record) as bytes in "version".
+        def work() -> RecordDict:
+            site, job, _ = _unpack(msg, context, resolve_site)
+            payload = dict(msg.content["version"])
+            outcome = receive_version(site, job, VersionBundle.from_mapping(payload),
+                                      RollbackRecord.from_mapping(payload))
             return _reply(site, None, outcome.metrics)
         return _guarded(msg, work)
 

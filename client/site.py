@@ -59,7 +59,7 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
 def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int,
                       texts: list[str]) -> TrainOutcome:
     ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta)
-    lm = _model(job, site.device)
+    lm = site_model(job, site.device)
     load_adapter_arrays(lm, global_adapter)
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
 
@@ -98,14 +98,23 @@ def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.n
     return TrainOutcome(adapter=adapter_arrays(lm.model), metrics=metrics)
 
 
-def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray]) -> EvaluateOutcome:
-    """Score the candidate adapter and the baseline (the bare base model) on held-out data."""
+def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
+                   baseline: dict[str, np.ndarray] | None = None) -> EvaluateOutcome:
+    """Score the candidate adapter and the baseline on the same held-out records.
+
+    The baseline is the adapter published now, or the bare base model when ``baseline``
+    is None (nothing published yet).
+    """
     texts = [r.text for r in read_records(site.heldout_path)]
-    lm = _model(job, site.device)
-    load_adapter_arrays(lm, candidate)
+    lm = site_model(job, site.device)
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
+    if baseline is None:
+        base = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False)
+    else:
+        load_adapter_arrays(lm, baseline)
+        base = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size)
+    load_adapter_arrays(lm, candidate)
     cand = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=True)
-    base = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False)
     # Paired per-record differences as sums only (no per-record values leave the site).
     diffs = np.asarray(cand.example_losses) - np.asarray(base.example_losses)
     metrics: dict[str, float | int] = {
@@ -136,7 +145,8 @@ def _round_seed(seed: int, site_id: str, server_round: int) -> int:
     return zlib.crc32(f"{seed}:{site_id}:{server_round}".encode())
 
 
-def _model(job: Job, device: str) -> LoraModel:
+def site_model(job: Job, device: str) -> LoraModel:
+    """The job's base model with LoRA attached, built once per process and reused."""
     return _cached_model(job.model, job.lora, job.seed, device)
 
 

@@ -6,9 +6,12 @@ crash mid-write leaves the old file in place.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int | None = None) -> None:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", mode=mode)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock guarding ``path`` (blocking until it is free).
+
+    Atomic writes keep a file whole, but a read-modify-write needs a lock too. The
+    lock is ``<path>.lock`` (flock), released when the block ends or the process dies.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _fsync_dir(directory: Path) -> None:

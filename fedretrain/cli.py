@@ -41,6 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+", help="JSONL or CSV files")
     validate.set_defaults(func=_data_validate)
 
+    site = sub.add_parser("site", help="tools for a site (hospital)").add_subparsers(dest="site_command",
+                                                                                    required=True)
+    generate = site.add_parser("generate", help="generate text with the site's installed version",
+                               description="Loads the base model plus the site's current adapter (verified "
+                                           "again against the pinned coordinator key) and continues a prompt.")
+    where = generate.add_mutually_exclusive_group(required=True)
+    where.add_argument("--site-config", help="the site's node_config as JSON (simulation: <site>/site.json)")
+    where.add_argument("--store", help="the site's model store directory (<state-dir>/models)")
+    generate.add_argument("--coordinator-key", help="with --store: the pinned coordinator public key (PEM)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=_site_generate)
+
+    from fedretrain.registry.commands import add_keys_commands, add_registry_commands
+
+    add_keys_commands(sub)
+    add_registry_commands(sub)
+
     config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command",
                                                                                   required=True)
     show = config.add_parser("show", help="print the composed, validated config")
@@ -54,6 +74,29 @@ def _simulate(args: argparse.Namespace) -> int:
 
     run_dir = simulate(args.overrides, verbose=args.verbose)
     print(f"fedretrain: run written to {run_dir}")
+    return 0
+
+
+def _site_generate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from client.generate import generate
+    from fedretrain.config import site_config_from_node_config
+
+    if args.site_config:
+        try:
+            site = site_config_from_node_config(json.loads(Path(args.site_config).read_text()))
+        except (OSError, ValueError) as err:
+            raise FedretrainError(f"{args.site_config}: cannot read the site's config: {err}") from None
+        store, key, device = site.model_store_path, site.coordinator_key, site.device
+    else:
+        store, key, device = Path(args.store), args.coordinator_key, "auto"
+    result = generate(store, args.prompt, coordinator_key=Path(key) if key else None,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                      device=device)
+    print(f"[version {result.version}, {result.new_tokens} new tokens]")
+    print(result.text)
     return 0
 
 

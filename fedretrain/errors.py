@@ -61,3 +61,25 @@ class ReplyRejected(FedretrainError, ValueError):
 
 class SimulationFailed(FedretrainError, RuntimeError):
     """A simulated run ended without writing its summary (the log says why)."""
+
+
+class RegistryError(FedretrainError, RuntimeError):
+    """The coordinator's model registry is missing, inconsistent, or refuses an operation."""
+
+
+class KeyFileError(FedretrainError, RuntimeError):
+    """A key file is missing, unreadable, of the wrong type, or would be overwritten."""
+
+
+class VerificationError(FedretrainError, ValueError):
+    """A published version (or rollback record) failed a check; nothing is installed.
+
+    ``check`` names the failed check (``signature``, ``hashes``, ``version``,
+    ``expiry``, ``safetensors``, ``shapes``, ``finite``, ``base_model``,
+    ``manifest``, ``rollback``, ``smoke_eval``); the message says why.
+    """
+
+    def __init__(self, check: str, reason: str):
+        self.check = check
+        self.reason = reason
+        super().__init__(f"{check}: {reason}")

@@ -101,6 +101,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     for refusal in summary.get("refusals", []):
         lines.append(f"  round {refusal['round']}: node {refusal['node_id']} left out: {refusal['reason']}")
+    if summary.get("gate"):
+        lines += ["", *format_gate(summary)]
     comm = summary["communication"]
     lines += [
         "",
@@ -110,6 +112,38 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"run directory: {summary['run_dir']}",
     ]
     return "\n".join(lines)
+
+
+def format_gate(summary: dict[str, Any]) -> list[str]:
+    """The gate's decision and figures, and what the sites did with the version."""
+    gate = summary["gate"]
+    baseline = summary.get("baseline_version")
+    against = f"version {baseline}" if baseline else "the base model"
+    if summary.get("published_version"):
+        head = f"gate: PUBLISH -> version {summary['published_version']} (baseline: {against})"
+    elif summary.get("pending_version"):
+        head = f"gate: PASSED -> version {summary['pending_version']} awaits approval (baseline: {against})"
+    else:
+        head = f"gate: REFUSE, nothing published (baseline: {against})"
+    lines = [head, f"  validation improvement {_num(gate['improvement'])} nats "
+                   f"({gate['confidence']:.0%} bootstrap interval [{_num(gate['ci_low'])}, {_num(gate['ci_high'])}]), "
+                   f"margin {gate['margin']:.4f}"]
+    fed = gate.get("federated")
+    if fed:
+        lines.append(f"  at the sites: improvement {_num(fed['improvement'])} over {fed['examples']} records "
+                     f"(interval [{_num(fed['ci_low'])}, {_num(fed['ci_high'])}])")
+    if gate.get("worst_site"):
+        lines.append(f"  worst site {gate['worst_site']}: held-out loss change {gate['worst_site_change']:+.4f} "
+                     f"(tolerance {gate['site_tolerance']:.4f})")
+    if gate["decision"] == "refuse":
+        lines += [f"  refused: {reason}" for reason in gate["reasons"]]
+    for name, delivery in (("sync", summary.get("sync")), ("publication", summary.get("publication"))):
+        if delivery:
+            sent = len(delivery["installed"]) + len(delivery["refused"]) + len(delivery["no_reply"])
+            lines.append(f"  {name} of version {delivery['version']}: installed at {len(delivery['installed'])}/{sent} "
+                         f"sites" + "".join(f"; node {r['node_id']} refused: {r['reason']}" for r in delivery["refused"]))
+    lines.append(f"  registry: {summary['registry']}")
+    return lines
 
 
 def _exp(loss: float | None) -> float | None:

@@ -1,8 +1,10 @@
 """One retraining cycle at the coordinator: rounds of FedAvg over LoRA adapters, evaluation
-of the candidate against the baseline, and the run directory.
+of the candidate against the baseline, the publish gate, and the run directory.
 
-The baseline is the model sites use now: the bare base model until something is
-published. The candidate is the aggregated adapter after each round.
+The baseline is the model sites use now: the registry's champion version, or the bare
+base model until something is published. A cycle starts training from it. The
+candidate is the aggregated adapter after each round; after the last round the gate
+decides whether it becomes a new signed version, delivered to every site.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from fedretrain.errors import ConfigError
 from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.records import from_array_record, to_array_record
 from fedretrain.training.evaluate import LossStats, evaluate_loss
-from server.report import RunRecorder, format_summary
+from server.gate import PENDING, PUBLISH, SiteEvaluation, decide
+from server.publish import RegistryHandle, champion_adapter, deliver, open_registry, publish_candidate
+from server.report import RunRecorder, finite_or_null, format_summary
 from server.summary import build_summary, round_entry
 from strategies import build_strategy
 
@@ -39,26 +43,63 @@ class _Progress:
 
 def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
                    validation_path: str | None = None, run_id: str | None = None) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds on ``grid``; write and return the run's summary."""
+    """Run one cycle on ``grid``: ``cfg.rounds`` rounds, the gate, and publication when it passes.
+
+    Returns the run's summary (also written to ``summary.json``).
+    """
     started = time.perf_counter()
     run_id = run_id or uuid.uuid4().hex[:12]
     validation_path = validation_path or cfg.validation_path
     if not validation_path:
         raise ConfigError("validation_path: the coordinator needs a validation set to compare candidate and baseline")
+    registry = open_registry(cfg)
     recorder = RunRecorder(run_dir, config_yaml)
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device=cfg.model.device)
     validation = encode_texts(lm.tokenizer, [r.text for r in read_records(validation_path)], cfg.model.max_length)
-    baseline = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size, use_adapter=False)
-    log.info("run %s: baseline validation loss %.4f (perplexity %.2f) on %d records",
-             run_id, baseline.loss, baseline.perplexity, baseline.examples)
+    job = Job.from_config(cfg, run_id)
+
+    # The baseline is the version sites use now; a cycle also starts training from it.
+    champion = champion_adapter(registry)
+    if champion is not None:
+        load_adapter_arrays(lm, champion.arrays)
+    baseline = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
+                             use_adapter=champion is not None)
+    log.info("run %s: baseline %s, validation loss %.4f (perplexity %.2f) on %d records", run_id,
+             f"version {champion.version}" if champion else "the base model", baseline.loss,
+             baseline.perplexity, baseline.examples)
+    # Sites that missed the champion (new, offline, or before a rollback or approval) catch up first.
+    sync = (deliver(grid, champion.bundle, champion.rollback, job, cfg.registry.publish_timeout_s)
+            if champion is not None else None)
 
     strategy = build_strategy(
         cfg.strategy.name, spec=lm.spec, max_examples_per_site=cfg.strategy.max_examples_per_site,
-        max_abs_value=cfg.strategy.max_abs_value,
+        max_abs_value=cfg.strategy.max_abs_value, max_tokens_per_example=cfg.model.max_length,
+        baseline=to_array_record(champion.arrays) if champion is not None else None,
         fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
         min_train_nodes=cfg.strategy.min_sites, min_evaluate_nodes=cfg.strategy.min_sites,
         min_available_nodes=cfg.strategy.min_sites,
     )
+    candidate = _train(grid, cfg, strategy, lm, validation, baseline, recorder, job, started)
+
+    # evaluate_fn ran last on the final global adapter, so lm holds it now.
+    adapter_dir = Path(run_dir) / "candidate_adapter"
+    lm.model.save_pretrained(str(adapter_dir))
+    summary = build_summary(cfg, run_id, Path(run_dir), recorder.rounds, strategy.round_log, baseline,
+                            candidate, lm, wall_time_s=0.0)
+    summary["baseline_version"] = champion.version if champion is not None else None
+    summary["sync"] = sync
+    summary.update(_gate_and_publish(grid, cfg, registry, strategy, summary, baseline, candidate, adapter_dir, job,
+                                     champion))
+    summary["wall_time_s"] = round(time.perf_counter() - started, 3)
+    recorder.write_summary(summary)
+    recorder.plot()
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, baseline: LossStats,
+           recorder: RunRecorder, job: Job, started: float) -> LossStats:
+    """Flower's round loop; after each round the candidate is scored on the validation set."""
     progress = _Progress(started=started, last=started)
     final: dict[str, LossStats] = {}
 
@@ -74,18 +115,39 @@ def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
         _log_progress(entry, cfg.rounds)
         return MetricRecord({"candidate-loss": candidate.loss, "baseline-loss": baseline.loss})
 
-    job = ConfigRecord(Job.from_config(cfg, run_id).to_flat())
+    flat = ConfigRecord(job.to_flat())
     strategy.start(grid=grid, initial_arrays=to_array_record(adapter_arrays(lm.model)), num_rounds=cfg.rounds,
-                   train_config=job, evaluate_config=job, evaluate_fn=evaluate_fn)
+                   train_config=flat, evaluate_config=flat, evaluate_fn=evaluate_fn)
+    return final["candidate"]
 
-    # evaluate_fn ran last on the final global adapter, so lm holds it now.
-    lm.model.save_pretrained(str(Path(run_dir) / "candidate_adapter"))
-    summary = build_summary(cfg, run_id, Path(run_dir), recorder.rounds, strategy.round_log, baseline,
-                            final["candidate"], lm, wall_time_s=time.perf_counter() - started)
-    recorder.write_summary(summary)
-    recorder.plot()
-    print(format_summary(summary), flush=True)
-    return summary
+
+def _gate_and_publish(grid: Grid, cfg: Config, registry: RegistryHandle, strategy: Any, summary: dict[str, Any],
+                      baseline: LossStats, candidate: LossStats, adapter_dir: Path, job: Job,
+                      champion: Any) -> dict[str, Any]:
+    """Score the final candidate with the gate; publish and deliver it when it passes."""
+    last = strategy.round_log.get(cfg.rounds)
+    sites = [SiteEvaluation(site, int(m["num-examples"]), float(m["candidate-loss"]), float(m["baseline-loss"]),
+                            float(m["diff-sum"]), float(m["diff-sumsq"]))
+             for site, m in sorted((last.evaluation if last else {}).items())]
+    result = decide(cfg.gate, baseline, candidate, sites, seed=cfg.seed)
+    version = None
+    if result.passed:
+        run = {"run_id": summary["run_id"], "name": cfg.name, "rounds": cfg.rounds, "seed": cfg.seed,
+               "baseline_version": summary["baseline_version"]}
+        site_figures = {s: {"epsilon": v["epsilon"], "epsilon_ceiling": v["epsilon_ceiling"], "delta": v["delta"],
+                            "rounds": v["rounds_participated"]} for s, v in summary["sites"].items()}
+        version = publish_candidate(registry, cfg, adapter_dir, result, run, site_figures)
+    registry.registry.record_decision(finite_or_null({
+        "run_id": summary["run_id"], "name": cfg.name, "version": version,
+        "baseline_version": summary["baseline_version"], **result.to_dict()}))
+    log.info("gate: %s%s. %s", result.decision, f" (version {version})" if version else "", " ".join(result.reasons))
+    published = version if result.decision == PUBLISH else None
+    delivery = None
+    if published is not None:
+        delivery = deliver(grid, registry.registry.bundle(published), None, job, cfg.registry.publish_timeout_s)
+    return {"gate": result.to_dict(), "published_version": published,
+            "pending_version": version if result.decision == PENDING else None,
+            "registry": str(registry.registry.root), "publication": delivery}
 
 
 def _log_progress(entry: dict[str, Any], rounds: int) -> None:

@@ -3,21 +3,26 @@ validation set, generated deterministically from the config's seed.
 
     <root>/federation.json            what was generated, from which settings
     <root>/coordinator/validation.jsonl
+    <root>/coordinator/keys/          the coordinator's Ed25519 key pair (sites pin the .pub)
+    <root>/coordinator/registry/      the signed registry of published versions
     <root>/site-00/train.jsonl        the site's data ...
     <root>/site-00/heldout.jsonl      ... and its held-out split
     <root>/site-00/site.json          the site's own settings (its node_config)
-    <root>/site-00/.fedretrain/       the site's privacy ledger (written by the client)
+    <root>/site-00/.fedretrain/       the site's privacy ledger and model store (written by the client)
 """
 
 from __future__ import annotations
 
 import json
+import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedretrain.atomic import atomic_write_json, atomic_write_text
 from fedretrain.config import Config, SiteConfig, site_config_from_node_config
+from fedretrain.registry.signing import generate_keypair
 from simulation.notes import site_notes, site_style, specialty_mix_for_site, validation_notes
 
 
@@ -27,6 +32,14 @@ class Federation:
     sites: tuple[SiteConfig, ...]
     validation_path: Path
     mixes: dict[str, dict[str, float]]
+
+    @property
+    def registry_root(self) -> Path:
+        return self.root / "coordinator" / "registry"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / "coordinator" / "keys" / "coordinator.key"
 
 
 def site_id(index: int) -> str:
@@ -48,6 +61,10 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
         return _load(root, existing)
     sim, data = cfg.simulation, cfg.data
     validation_path = root / "coordinator" / "validation.jsonl"
+    if cfg.registry.signing_key:  # the config names the coordinator's key: its .pub sits beside it
+        public_key = Path(cfg.registry.signing_key).with_suffix(".pub")
+    else:
+        public_key = generate_keypair(root / "coordinator" / "keys", "coordinator").public_path
     _write_jsonl(validation_path, validation_notes(data.validation_records, seed=cfg.seed, num_sites=sim.num_sites))
     sites, mixes = [], {}
     for index in range(sim.num_sites):
@@ -56,13 +73,19 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
         records = site_notes(index, data.records_per_site, mix, cfg.seed, site_style(index, cfg.seed))
         n_heldout = max(1, round(len(records) * data.heldout_fraction))
         site_dir = root / sid
-        _write_jsonl(site_dir / "train.jsonl", records[:-n_heldout])
+        train = records[:-n_heldout]
+        if data.train_corruption == "garble":
+            train = garble_records(train, seed=cfg.seed * 1000 + index)
+        _write_jsonl(site_dir / "train.jsonl", train)
         _write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
         node_config = {"site-id": sid, "data-dir": str(site_dir.resolve()), "device": device,
                        "epsilon-ceiling": sim.site_epsilon_ceiling, "delta": sim.site_delta,
                        "accountant": sim.site_accountant,
                        # A virtual site allows non-private rounds only for a run that asks for them.
-                       "allow-non-private": not cfg.privacy.enabled}
+                       "allow-non-private": not cfg.privacy.enabled,
+                       # Each hospital pins the coordinator's public key and installs nothing else.
+                       "coordinator-key": str(public_key.resolve()),
+                       "smoke-eval": sim.site_smoke_eval}
         atomic_write_json(site_dir / "site.json", node_config)
         sites.append(site_config_from_node_config(node_config))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}
@@ -89,7 +112,8 @@ def _recipe(cfg: Config) -> dict[str, Any]:
     d, s = cfg.data, cfg.simulation
     return {"seed": cfg.seed, "num_sites": s.num_sites, "records_per_site": d.records_per_site,
             "heldout_fraction": d.heldout_fraction, "validation_records": d.validation_records,
-            "dirichlet_alpha": d.dirichlet_alpha}
+            "dirichlet_alpha": d.dirichlet_alpha, "train_corruption": d.train_corruption,
+            "site_smoke_eval": s.site_smoke_eval}
 
 
 def _load(root: Path, manifest: dict[str, Any]) -> Federation:
@@ -97,6 +121,21 @@ def _load(root: Path, manifest: dict[str, Any]) -> Federation:
                   for sid in manifest["sites"])
     return Federation(root=root, sites=sites, validation_path=root / "coordinator" / "validation.jsonl",
                       mixes=manifest["mixes"])
+
+
+def garble_records(records: list[dict], seed: int) -> list[dict]:
+    """The same records with every word of their text replaced by random lowercase letters.
+
+    Word count and record metadata stay; the language is gone. Held-out data is never
+    garbled, so a model trained on this scores worse there than the base model.
+    """
+    rng = random.Random(seed)
+
+    def garble(text: str) -> str:
+        return " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
+                        for _ in text.split())
+
+    return [dict(r, text=garble(r["text"])) for r in records]
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -34,6 +34,11 @@ def simulate(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
     fed_root = Path(cfg.simulation.federation_dir) if cfg.simulation.federation_dir else run_dir / "sites"
     client_gpus = _client_gpus(cfg)
     fed = build_federation(cfg, fed_root, device="cuda" if client_gpus > 0 else "cpu")
+    # The coordinator of a simulated federation keeps its registry and key beside its sites,
+    # unless the config names its own.
+    raw["registry"]["root"] = raw["registry"]["root"] or str(fed.registry_root.resolve())
+    raw["registry"]["signing_key"] = raw["registry"]["signing_key"] or str(fed.signing_key.resolve())
+    cfg = build(Config, raw)
     log.info("run directory %s; %d sites in %s", run_dir, len(fed.sites), fed.root)
     # Build (or find) the base model once here, before Ray's client actors all ask for it.
     resolve_model_path(cfg.model.name_or_path)

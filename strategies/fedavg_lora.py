@@ -115,6 +115,13 @@ class FedAvgLoRA(FedAvg):
         (``num-examples <= data-size`` is always checked).
     max_abs_value : float | None (default: None)
         Replies holding any adapter value larger than this in magnitude are rejected.
+    baseline : ArrayRecord | None (default: None)
+        The adapter published now. Every evaluate message carries it as
+        ``"baseline"`` so each site scores candidate and baseline on the same
+        records in one message; None: the baseline is the bare base model.
+    max_tokens_per_example : int | None (default: None)
+        An evaluate reply's weight (``candidate-tokens``) may not exceed
+        ``num-examples`` times this (the model's ``max_length``); None: no cap.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
     min_available_nodes
         As in Flower's ``FedAvg``.
@@ -129,6 +136,8 @@ class FedAvgLoRA(FedAvg):
         spec: AdapterSpec,
         max_examples_per_site: int | None = None,
         max_abs_value: float | None = None,
+        baseline: ArrayRecord | None = None,
+        max_tokens_per_example: int | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -154,6 +163,8 @@ class FedAvgLoRA(FedAvg):
         self.spec = spec
         self.max_examples_per_site = max_examples_per_site
         self.max_abs_value = max_abs_value
+        self.baseline = baseline
+        self.max_tokens_per_example = max_tokens_per_example
         self.round_log: dict[int, RoundLog] = {}
 
     def summary(self) -> None:
@@ -181,6 +192,16 @@ class FedAvgLoRA(FedAvg):
         entry = self._round(server_round)
         entry.sampled = len(messages)
         entry.bytes_down = sum(_content_bytes(msg) for msg in messages)
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluate messages, each also carrying the baseline adapter when there is one."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        if self.baseline is not None:
+            for msg in messages:
+                msg.content["baseline"] = self.baseline
         return messages
 
     def _accept_train(self, server_round: int, replies: list[Message]) -> list[AcceptedReply]:
@@ -248,7 +269,7 @@ class FedAvgLoRA(FedAvg):
         accepted: list[AcceptedEvaluation] = []
         for msg in replies:
             try:
-                result = validate_evaluate_reply(msg)
+                result = validate_evaluate_reply(msg, self.max_tokens_per_example)
                 if result.site_id in entry.evaluation:
                     raise ReplyRejected(f"site-id {result.site_id!r} already replied this round")
             except ReplyRejected as err:

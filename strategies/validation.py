@@ -38,7 +38,8 @@ TRAIN_METRICS = (
     "steps",
 )
 
-EVALUATE_METRICS = ("num-examples", "candidate-loss", "baseline-loss", "candidate-tokens")
+EVALUATE_METRICS = ("num-examples", "candidate-loss", "baseline-loss", "candidate-tokens", "diff-sum",
+                    "diff-sumsq")
 
 Metrics = dict[str, int | float]
 RecordT = TypeVar("RecordT", ArrayRecord, MetricRecord, ConfigRecord)
@@ -210,10 +211,12 @@ class AcceptedEvaluation:
     metrics: Metrics
 
 
-def validate_evaluate_reply(msg: Message) -> AcceptedEvaluation:
+def validate_evaluate_reply(msg: Message, max_tokens_per_example: int | None = None) -> AcceptedEvaluation:
     """Check one evaluate reply: a ``"metrics"`` MetricRecord with the
     :data:`EVALUATE_METRICS` keys (finite; ``num-examples`` and ``candidate-tokens``
-    positive ints) and a ``"site"`` ConfigRecord with ``"site-id"``.
+    positive ints, tokens at most ``num-examples * max_tokens_per_example`` when
+    given; ``diff-sumsq`` consistent with ``diff-sum``) and a ``"site"`` ConfigRecord
+    with ``"site-id"``.
 
     Raises
     ------
@@ -222,10 +225,19 @@ def validate_evaluate_reply(msg: Message) -> AcceptedEvaluation:
     """
     metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), EVALUATE_METRICS)
     site_id = _checked_site_id(msg)
-    _positive_int(metrics, "num-examples")
+    examples = _positive_int(metrics, "num-examples")
+    tokens = _positive_int(metrics, "candidate-tokens")
+    if max_tokens_per_example is not None and tokens > examples * max_tokens_per_example:
+        raise ReplyRejected(f"candidate-tokens {tokens} exceeds num-examples x max_length "
+                            f"({examples} x {max_tokens_per_example}): the weight is not credible")
+    # Cauchy-Schwarz: n * sum(d^2) >= (sum d)^2 for any real per-record differences.
+    diff_sum, diff_sumsq = float(metrics["diff-sum"]), float(metrics["diff-sumsq"])
+    if diff_sumsq < 0 or examples * diff_sumsq < diff_sum * diff_sum * (1 - 1e-9):
+        raise ReplyRejected(f"diff-sum {diff_sum:.6g} and diff-sumsq {diff_sumsq:.6g} over {examples} records "
+                            "cannot come from real per-record differences")
     return AcceptedEvaluation(
         node_id=msg.metadata.src_node_id,
         site_id=site_id,
-        tokens=_positive_int(metrics, "candidate-tokens"),
+        tokens=tokens,
         metrics=metrics,
     )

@@ -287,9 +287,10 @@ def test_configure_train_records_sampled_sites_and_bytes_down():
 # --- FedAvgLoRA.aggregate_evaluate -------------------------------------------------
 
 
-def eval_reply(node_id: int, site_id: str, candidate: float, baseline: float, tokens: int):
+def eval_reply(node_id: int, site_id: str, candidate: float, baseline: float, tokens: int,
+               diff_sum: float = -0.4, diff_sumsq: float = 0.1):
     metrics = {"num-examples": 4, "candidate-loss": candidate, "baseline-loss": baseline,
-               "candidate-tokens": tokens}
+               "candidate-tokens": tokens, "diff-sum": diff_sum, "diff-sumsq": diff_sumsq}
     return make_reply(node_id, None, metrics, site_id, MessageType.EVALUATE)
 
 
@@ -315,6 +316,44 @@ def test_aggregate_evaluate_token_weighted_and_skips_bad_replies(caplog):
     assert sorted(strategy.round_log[1].evaluation) == ["site-a", "site-b"]
     assert "round 1: evaluate reply from node 3 left out: metric 'candidate-loss'" in caplog.text
     assert "evaluate reply from node 4 left out: error reply" in caplog.text
+
+
+def test_evaluate_reply_weight_is_capped_and_sums_must_be_consistent():
+    # Prepare: 4 records of at most 256 tokens allow 1024 tokens; site-c's sums are impossible
+    # (4 * 0.01 = 0.04 < 1.0^2 violates n * sum(d^2) >= (sum d)^2)
+    strategy = FedAvgLoRA(spec=SPEC, max_tokens_per_example=256)
+    replies = [
+        eval_reply(1, "site-a", 1.0, 2.0, 1024),
+        eval_reply(2, "site-b", 1.0, 2.0, 1025),
+        eval_reply(3, "site-c", 1.0, 2.0, 100, diff_sum=-1.0, diff_sumsq=0.01),
+    ]
+
+    # Execute
+    strategy.aggregate_evaluate(1, replies)
+
+    # Assert
+    assert sorted(strategy.round_log[1].evaluation) == ["site-a"]
+    reasons = [r.reason for r in strategy.round_log[1].evaluation_rejected]
+    assert "exceeds num-examples x max_length (4 x 256)" in reasons[0]
+    assert "cannot come from real per-record differences" in reasons[1]
+
+
+def test_configure_evaluate_sends_the_baseline_beside_the_candidate():
+    # Prepare
+    baseline = to_array_record({"w": np.ones(2, np.float32)})
+    strategy = FedAvgLoRA(spec=SPEC, baseline=baseline)
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [11, 12]
+
+    # Execute
+    messages = list(strategy.configure_evaluate(1, to_array_record({"w": np.zeros(2, np.float32)}),
+                                                ConfigRecord(), grid))
+
+    # Assert
+    assert len(messages) == 2
+    for msg in messages:
+        np.testing.assert_array_equal(from_array_record(msg.content["baseline"])["w"], [1.0, 1.0])
+        np.testing.assert_array_equal(from_array_record(msg.content["arrays"])["w"], [0.0, 0.0])
 
 
 def test_aggregate_evaluate_with_nothing_valid_returns_none():

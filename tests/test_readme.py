@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,18 +20,32 @@ FEDRETRAIN = [sys.executable, "-m", "fedretrain.cli"]
 SHRINK = ["rounds=1", "data.records_per_site=40", "data.validation_records=40", "train.local_steps=2"]
 
 
-def readme_commands() -> list[str]:
+# The publishing walkthrough trains for real (a shrunk run still has to beat the baseline).
+WALKTHROUGH_SHRINK = ["rounds=2", "data.records_per_site=160", "data.validation_records=120",
+                      "train.local_steps=12", "output_dir=runs"]
+
+
+def readme_blocks() -> list[list[str]]:
     blocks = re.findall(r"```sh\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
-    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if line]
+    return [[c for c in (line.split(" # ")[0].strip() for line in block.splitlines()) if c] for block in blocks]
 
 
-def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def walkthrough() -> list[str]:
+    """The block that starts with ``fedretrain keys``: commands that build on each other."""
+    (block,) = [b for b in readme_blocks() if b[0].startswith("fedretrain keys")]
+    return block
+
+
+def readme_commands() -> list[str]:
+    return [c for block in readme_blocks() if block != walkthrough() for c in block]
+
+
+def _run(args: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def test_readme_has_only_commands_this_file_runs():
-    for command in readme_commands():
+    for command in readme_commands() + walkthrough():
         assert command in ("make demo", "make test") or command.startswith("fedretrain "), command
 
 
@@ -53,6 +68,28 @@ def test_readme_simulation_command(command, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_readme_publishing_walkthrough(tmp_path):
+    # In a fresh directory, in order, as a coordinator would type them.
+    outputs = []
+    for command in walkthrough():
+        args = shlex.split(command)[1:]
+        if args[0] == "simulate":
+            args += WALKTHROUGH_SHRINK
+        proc = _run(FEDRETRAIN + args, cwd=tmp_path)
+        assert proc.returncode == 0, f"{command}\n" + (proc.stdout + proc.stderr)[-4000:]
+        outputs.append(proc.stdout)
+    registry = tmp_path / "fed" / "coordinator" / "registry"
+    champion = json.loads((registry / "champion.json").read_text())
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*/summary.json"))]
+    assert [s["gate"]["decision"] for s in summaries] == ["publish", "pending_approval"]
+    assert summaries[1]["pending_version"] == 2 and summaries[1]["baseline_version"] == 1
+    assert champion["version"] == 1 and champion["reason"] == "rollback"
+    assert any("[version 1," in out for out in outputs)
+    assert (tmp_path / "keys" / "coordinator.key").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_make_demo(tmp_path):
     # The default demo at full size: the figures the README reports come from this run.
     proc = _run(["make", "demo", f"ARGS=output_dir={tmp_path}"], timeout=600)
@@ -66,3 +103,5 @@ def test_make_demo(tmp_path):
         assert {"epsilon", "epsilon_ceiling", "delta", "num_examples"} <= set(site)
         assert site["epsilon"] <= site["epsilon_ceiling"]
     assert "round 3/3" in output and "validation perplexity" in output
+    assert summary["gate"]["decision"] == "publish" and summary["published_version"] == 1
+    assert sorted(summary["publication"]["installed"]) == sorted(summary["sites"])

@@ -1,10 +1,12 @@
 """End to end through Flower's real simulation engine (Ray backend) and the real CLI.
 
-One federation directory is reused across two runs, as a researcher would with
-``simulation.federation_dir``: the first run is the 2-round, 3-site smoke run; before
-the second, one site's data file is broken. The second run shows the bad site refusing
-with its file, line and field named while the others still aggregate, and the privacy
-ledgers carrying their history across runs.
+One federation directory is reused across three cycles, as a researcher would with
+``simulation.federation_dir``: the first is the 2-round, 3-site smoke run, which passes
+the gate and publishes version 1 to every site; the second does not beat version 1 and
+publishes nothing; before the third, one site's data file is broken. The third shows the
+bad site refusing with its file, line and field named while the others still aggregate,
+and the privacy ledgers carrying their history across runs. A separate federation trains
+on garbled notes and the gate refuses the worse candidate.
 """
 
 from __future__ import annotations
@@ -40,7 +42,18 @@ def federation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(federation, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return simulate("experiment=smoke", f"output_dir={out}", f"simulation.federation_dir={federation}")
+    # A ceiling of 16 leaves room for three cycles of the smoke run's epsilon 4.
+    return simulate("experiment=smoke", f"output_dir={out}", f"simulation.federation_dir={federation}",
+                    "simulation.site_epsilon_ceiling=16")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedretrain.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def site_state(federation: Path, site: str) -> dict:
+    return json.loads((federation / site / ".fedretrain" / "models" / "state.json").read_text())
 
 
 def test_smoke_run_beats_the_baseline_within_every_ceiling(first_run):
@@ -70,6 +83,61 @@ def test_run_directory_holds_every_promised_file(first_run):
         assert json.loads((run_dir / "ledgers" / f"{site}.json").read_text())["site_id"] == site
 
 
+def test_first_cycle_publishes_version_1_and_every_site_installs_it(first_run, federation):
+    run_dir, output = first_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    registry = federation / "coordinator" / "registry"
+
+    gate = summary["gate"]
+    assert gate["decision"] == "publish" and summary["published_version"] == 1
+    assert summary["baseline_version"] is None and summary["registry"] == str(registry.resolve())
+    assert gate["improvement"] == pytest.approx(summary["baseline_loss"] - summary["candidate_loss"])
+    assert 0 < gate["ci_low"] <= gate["improvement"] <= gate["ci_high"]
+    assert gate["federated"]["ci_low"] > 0 and gate["worst_site_change"] < 0
+    assert sorted(summary["publication"]["installed"]) == ["site-00", "site-01", "site-02"]
+    assert all(site_state(federation, s)["current"] == 1 for s in ("site-00", "site-01", "site-02"))
+    assert "gate: PUBLISH -> version 1" in output
+    # The operator's view of the same registry, and a site using what it installed.
+    listing, verify = cli("registry", "list", "--root", str(registry)), cli("registry", "verify", "--root", str(registry))
+    assert listing.returncode == 0 and "champion" in listing.stdout
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    generated = cli("site", "generate", "--site-config", str(federation / "site-00" / "site.json"),
+                    "--prompt", "Patient presents with", "--max-new-tokens", "12")
+    assert generated.returncode == 0, generated.stderr
+    assert "[version 1," in generated.stdout and "Patient presents with" in generated.stdout
+
+
+def test_a_cycle_that_does_not_beat_version_1_publishes_nothing(first_run, federation, tmp_path):
+    # A learning rate of 1e-6 leaves the adapter where version 1 put it: equal within the margin.
+    run_dir, output = simulate("experiment=smoke", f"output_dir={tmp_path}", f"simulation.federation_dir={federation}",
+                               "rounds=1", "train.lr=1e-6")
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    assert summary["baseline_version"] == 1 and summary["published_version"] is None
+    assert summary["gate"]["decision"] == "refuse"
+    assert abs(summary["gate"]["improvement"]) < summary["gate"]["margin"]
+    assert any("less than the margin" in reason for reason in summary["gate"]["reasons"])
+    assert sorted(summary["sync"]["installed"]) == ["site-00", "site-01", "site-02"]
+    registry = federation / "coordinator" / "registry"
+    assert sorted(p.name for p in (registry / "versions").iterdir()) == ["000001"]
+    assert [d["decision"] for d in map(json.loads, (registry / "decisions.jsonl").read_text().splitlines())] == \
+        ["publish", "refuse"]
+    assert all(site_state(federation, s)["current"] == 1 for s in ("site-00", "site-01", "site-02"))
+    assert "gate: REFUSE, nothing published (baseline: version 1)" in output
+
+
+def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
+    run_dir, output = simulate("experiment=garbled", f"output_dir={tmp_path}", "data.records_per_site=160",
+                               "data.validation_records=120", "train.local_steps=12")
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    assert summary["gate"]["decision"] == "refuse" and summary["published_version"] is None
+    assert summary["gate"]["improvement"] < 0 and summary["gate"]["ci_high"] < 0
+    assert summary["gate"]["worst_site_change"] > summary["gate"]["site_tolerance"]
+    assert not (Path(summary["registry"]) / "versions").exists() or not any(
+        (Path(summary["registry"]) / "versions").iterdir())
+
+
 def test_bad_data_is_refused_and_ledgers_persist_across_runs(first_run, federation, tmp_path):
     run_dir, _ = first_run
     before = json.loads((run_dir / "summary.json").read_text())["sites"]
@@ -91,7 +159,7 @@ def test_bad_data_is_refused_and_ledgers_persist_across_runs(first_run, federati
     for site in ("site-00", "site-02"):
         ledger = PrivacyLedger.load(federation / site / ".fedretrain" / "privacy_ledger.json",
                                     site_id=site, accountant="rdp", delta=1e-5)
-        assert len(ledger.entries) == 4  # 2 rounds x 2 runs
+        assert len(ledger.entries) == 5  # 2 rounds, then 1, then 2
         assert summary["sites"][site]["epsilon"] > before[site]["epsilon"]
         assert summary["sites"][site]["epsilon"] == pytest.approx(ledger.epsilon())
     assert "left out" in output

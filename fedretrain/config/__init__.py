@@ -6,9 +6,11 @@ from fedretrain.config.parse import build, flatten, unflatten
 from fedretrain.config.schema import (
     Config,
     DataConfig,
+    GateConfig,
     LoraSettings,
     ModelConfig,
     PrivacyConfig,
+    RegistryConfig,
     SimulationConfig,
     StrategyConfig,
     TrainConfig,
@@ -16,7 +18,7 @@ from fedretrain.config.schema import (
 from fedretrain.config.site import SiteConfig, site_config_from_node_config
 
 __all__ = [
-    "Config", "DataConfig", "Job", "LoraSettings", "ModelConfig", "PrivacyConfig", "SimulationConfig",
+    "Config", "DataConfig", "GateConfig", "Job", "LoraSettings", "ModelConfig", "PrivacyConfig", "RegistryConfig", "SimulationConfig",
     "SiteConfig", "StrategyConfig", "TrainConfig", "build", "compose_config", "compose_raw", "conf_dir",
     "flatten", "overrides_from_run_config", "site_config_from_node_config", "to_yaml", "unflatten",
 ]

@@ -16,6 +16,7 @@ OPTIMIZERS = ("adamw", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
+CORRUPTIONS = ("none", "garble")
 
 
 def _positive(key: str, value: float) -> None:
@@ -108,8 +109,12 @@ class DataConfig:
     heldout_fraction: float = 0.2
     validation_records: int = 300
     dirichlet_alpha: float = 0.5
+    # Simulation only: "garble" replaces every word of the sites' training notes with random
+    # letters (a broken export), so the candidate gets worse and the gate must refuse it.
+    train_corruption: str = "none"
 
     def __post_init__(self) -> None:
+        _one_of("train_corruption", self.train_corruption, CORRUPTIONS)
         if self.records_per_site < 10:
             raise ConfigError(f"records_per_site: must be >= 10, got {self.records_per_site}")
         _fraction("heldout_fraction", self.heldout_fraction, open_low=False)
@@ -141,6 +146,45 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """When a candidate adapter may be published (server/gate.py has the policy in full)."""
+
+    margin: float = 0.01
+    confidence: float = 0.95
+    bootstrap_samples: int = 2000
+    site_tolerance: float = 0.02
+    min_sites: int = 1
+    require_federated_confidence: bool = True
+    require_approval: bool = False
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.margin) or self.margin < 0:
+            raise ConfigError(f"margin: must be a finite number >= 0 (nats), got {self.margin!r}")
+        if not (math.isfinite(self.confidence) and 0.5 <= self.confidence < 1):
+            raise ConfigError(f"confidence: must be in [0.5, 1), got {self.confidence!r}")
+        if self.bootstrap_samples < 100:
+            raise ConfigError(f"bootstrap_samples: must be >= 100, got {self.bootstrap_samples}")
+        if not math.isfinite(self.site_tolerance) or self.site_tolerance < 0:
+            raise ConfigError(f"site_tolerance: must be a finite number >= 0 (nats), got {self.site_tolerance!r}")
+        if self.min_sites < 0:
+            raise ConfigError(f"min_sites: must be >= 0, got {self.min_sites}")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """The coordinator's signed registry of published versions (fedretrain/registry/)."""
+
+    root: str | None = None         # simulation: <federation>/coordinator/registry; deployment must set it
+    signing_key: str | None = None  # Ed25519 private key (fedretrain keys coordinator); <key>.pub beside it
+    expiry_days: float = 90.0
+    publish_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _positive("expiry_days", self.expiry_days)
+        _positive("publish_timeout_s", self.publish_timeout_s)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     num_sites: int = 3
     client_cpus: float = 1.0
@@ -148,6 +192,7 @@ class SimulationConfig:
     site_epsilon_ceiling: float = 8.0
     site_delta: float = 1e-5
     site_accountant: str = "rdp"
+    site_smoke_eval: bool = True
     federation_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -178,6 +223,8 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:

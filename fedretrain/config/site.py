@@ -5,7 +5,7 @@ Data location, site id, the lifetime epsilon ceiling and delta belong to the sit
 a site's ceiling would own the site's privacy budget.
 
 Deployment: ``flower-supernode --node-config "site-id='h1' data-dir='/srv/fedretrain'
-epsilon-ceiling=8.0 delta=1e-5"``. Simulation writes each virtual site's node_config
+epsilon-ceiling=8.0 delta=1e-5 coordinator-key='/etc/fedretrain/coordinator.pub'"``. Simulation writes each virtual site's node_config
 to ``site.json`` in its directory.
 """
 
@@ -37,6 +37,12 @@ class SiteConfig:
     # Non-private rounds have no finite epsilon, so the site, not the coordinator, decides
     # whether a job with privacy.enabled=false may train on its data (research sandboxes).
     allow_non_private: bool = False
+    # The coordinator's Ed25519 public key (PEM), pinned by the site: a published version
+    # is installed only if its manifest is signed by this key. None: nothing is installed.
+    coordinator_key: str | None = None
+    # Before installing a version, score it on the held-out data against the current one
+    # and refuse it if it is worse there.
+    smoke_eval: bool = False
 
     def __post_init__(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ "):
@@ -56,9 +62,17 @@ class SiteConfig:
         return _data_file(Path(self.data_dir), "heldout")
 
     @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else Path(self.data_dir) / ".fedretrain"
+
+    @property
     def ledger_path(self) -> Path:
-        base = Path(self.state_dir) if self.state_dir else Path(self.data_dir) / ".fedretrain"
-        return base / "privacy_ledger.json"
+        return self.state_path / "privacy_ledger.json"
+
+    @property
+    def model_store_path(self) -> Path:
+        """Where installed versions live: ``current`` and every earlier one."""
+        return self.state_path / "models"
 
     def to_node_config(self) -> dict[str, Any]:
         out = {k.replace("_", "-"): v for k, v in self.__dict__.items() if v is not None}

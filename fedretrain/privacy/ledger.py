@@ -12,18 +12,16 @@ recomputed from the entries on load. Non-private rounds are not recorded.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedretrain.atomic import atomic_write_json
+from fedretrain.atomic import atomic_write_json, file_lock
 from fedretrain.errors import LedgerError, PrivacyBudgetExceeded
 from fedretrain.privacy.accounting import HistoryEntry, accountant_class, epsilon_for_history
 
@@ -201,8 +199,7 @@ class PrivacyLedger:
         atomic_write_json(path, self.to_dict())
 
 
-@contextmanager
-def ledger_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+def ledger_lock(path: str | os.PathLike[str]) -> AbstractContextManager[None]:
     """Hold an exclusive lock on the ledger at ``path`` (blocking until it is free).
 
     Atomic writes keep the file whole, but load-check-train-record-save is a
@@ -211,14 +208,7 @@ def ledger_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     makes a site's rounds run one at a time. The lock is ``<path>.lock`` (flock),
     released when the block ends or the process dies.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+    return file_lock(path)
 
 
 def _parse_entry(path: Path, index: int, raw: Any) -> LedgerEntry:

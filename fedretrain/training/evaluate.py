@@ -34,12 +34,16 @@ class LossStats:
     example_losses
         Mean cross-entropy of each record, in dataset order (0.0 for a record
         with no counted prediction), for paired statistics.
+    example_tokens
+        Counted predictions of each record, in dataset order: with
+        ``example_losses`` they rebuild ``loss`` for any resample of records.
     """
 
     loss: float
     tokens: int
     examples: int
     example_losses: tuple[float, ...]
+    example_tokens: tuple[int, ...] = ()
 
     @property
     def perplexity(self) -> float:
@@ -146,7 +150,7 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     adapter_off = model.disable_adapter() if not use_adapter else nullcontext()
-    total_ce, total_tokens, per_record = 0.0, 0, []
+    total_ce, total_tokens, per_record, per_record_tokens = 0.0, 0, [], []
     try:
         with adapter_off, torch.inference_mode():
             for input_ids, attention_mask in DataLoader(dataset, batch_size=batch_size):
@@ -156,6 +160,7 @@ def evaluate_loss(
                 total_ce += float(ce.sum(dtype=torch.float64))
                 total_tokens += int(counted.sum())
                 per_record += _per_record_mean(ce, counted).tolist()
+                per_record_tokens += counted.sum(dim=1).tolist()
     finally:
         model.train(was_training)
     return LossStats(
@@ -163,4 +168,5 @@ def evaluate_loss(
         tokens=total_tokens,
         examples=len(per_record),
         example_losses=tuple(per_record),
+        example_tokens=tuple(int(t) for t in per_record_tokens),
     )

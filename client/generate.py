@@ -1,0 +1,69 @@
+"""Use what the site received: the base model plus the site's current adapter, generating text.
+
+The adapter is loaded with peft's own ``PeftModel.from_pretrained`` from the installed
+version's directory (``adapter_model.safetensors`` + ``adapter_config.json``). Before
+that, the stored version is verified again (signature against the pinned key, file
+hashes, the base model's hash): files at rest can change too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from client.store import ModelStore
+from fedretrain.errors import VerificationError
+from fedretrain.modeling.loading import load_base_model, load_tokenizer, resolve_model_path, select_device, select_dtype
+from fedretrain.registry.base_model import base_model_identity
+from fedretrain.registry.bundle import VersionBundle, verify_bundle
+from fedretrain.registry.signing import load_public_key
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str          # the prompt followed by the generated continuation
+    version: int       # the installed version that produced it
+    new_tokens: int
+
+
+def generate(store_dir: Path, prompt: str, *, coordinator_key: Path | None = None, max_new_tokens: int = 40,
+             temperature: float = 0.0, seed: int = 0, device: str = "auto") -> Generation:
+    """Generate a continuation of ``prompt`` with the site's current version.
+
+    ``temperature`` 0 is greedy decoding; above 0, sampling seeded by ``seed``.
+
+    Raises
+    ------
+    VerificationError
+        Nothing is installed, or the stored version fails its checks.
+    """
+    store = ModelStore(store_dir)
+    version = store.state().current
+    if version is None:
+        raise VerificationError("store", f"{store_dir}: no version is installed at this site yet")
+    version_dir = store.version_dir(version)
+    bundle = VersionBundle.from_dir(version_dir)
+    name = bundle.manifest["base_model"]["name"]
+    model_dir = Path(resolve_model_path(name))
+    if coordinator_key is not None:
+        # Expiry guards installation (a frozen coordinator cannot keep a site on an old
+        # version); a version installed while valid stays usable until the next one.
+        verify_bundle(bundle, load_public_key(coordinator_key), now=datetime.now(UTC), check_expiry=False,
+                      base_model_sha256=base_model_identity(name, model_dir)["sha256"])
+    dev = select_device(device)
+    tokenizer = load_tokenizer(name)
+    base = load_base_model(name, dev, select_dtype(dev, "auto"))
+    model = PeftModel.from_pretrained(base, str(version_dir), is_trainable=False).eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(dev)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    text = prompt + tokenizer.decode(new, skip_special_tokens=True)
+    return Generation(text=text, version=version, new_tokens=int(new.numel()))

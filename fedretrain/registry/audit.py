@@ -1,0 +1,128 @@
+"""Audit a registry: does every version still verify, and does everything point somewhere real?
+
+Used by ``fedretrain registry verify`` and before ``approve`` / ``rollback`` (a
+version that no longer verifies is never made champion again). Problems make an
+audit fail; notes are for the operator (an expired version, a staging directory
+left by an interrupted publish: harmless, since readers ignore it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedretrain.errors import FedretrainError, RegistryError, VerificationError
+from fedretrain.registry.bundle import verify_bundle, verify_rollback
+from fedretrain.registry.manifest import parse_signed_json, parse_time, utc_now
+from fedretrain.registry.signing import verify_signature
+
+if TYPE_CHECKING:
+    from fedretrain.registry.store import Registry
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What an audit found: ``problems`` make it fail, ``notes`` are for the operator."""
+
+    problems: tuple[str, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no problem (notes do not count)."""
+        return not self.problems
+
+
+def inspect_version(registry: Registry, version: int, public_key: Ed25519PublicKey) -> CheckReport:
+    """Verify one version with every check but freshness; an expired version is a note."""
+    where = f"version {version}"
+    try:
+        bundle = registry.bundle(version)
+        verify_bundle(bundle, public_key, now=utc_now(), check_expiry=False)
+    except FedretrainError as err:
+        return CheckReport((f"{where}: {err}",), ())
+    manifest = bundle.manifest
+    problems, notes = [], []
+    if manifest["version"] != version:
+        problems.append(f"{where}: its manifest says version {manifest['version']}")
+    if manifest["parent"] is not None and manifest["parent"] not in registry.versions():
+        problems.append(f"{where}: parent version {manifest['parent']} does not exist")
+    if parse_time(manifest["expires_at"]) <= utc_now():
+        notes.append(f"{where}: expired at {manifest['expires_at']}; sites refuse it")
+    problems.extend(_approval_problems(registry.version_dir(version), version, public_key))
+    return CheckReport(tuple(problems), tuple(notes))
+
+
+def check_registry(registry: Registry, public_key: Ed25519PublicKey | None = None) -> CheckReport:
+    """Audit every version, ``champion.json`` and every rollback record of ``registry``."""
+    notes = [f"{path} was left by an interrupted publish; readers ignore it, it can be removed"
+             for path in sorted((registry.root / "versions").glob(".staging-*"))]
+    if not registry.root.is_dir():
+        return CheckReport((f"no registry at {registry.root}",), ())
+    versions = registry.versions()
+    try:
+        key = public_key or registry.public_key()
+    except RegistryError as err:
+        return CheckReport((str(err),) if versions else (), tuple(notes))
+    problems: list[str] = []
+    for version in versions:
+        report = inspect_version(registry, version, key)
+        problems.extend(report.problems)
+        notes.extend(report.notes)
+    problems.extend(_champion_problems(registry, versions))
+    problems.extend(_rollback_problems(registry, key, versions))
+    return CheckReport(tuple(problems), tuple(notes))
+
+
+def _approval_problems(folder: Path, version: int, public_key: Ed25519PublicKey) -> list[str]:
+    if not (folder / "approval.json").is_file():
+        return []
+    payload = (folder / "approval.json").read_bytes()
+    signature = (folder / "approval.sig").read_bytes() if (folder / "approval.sig").is_file() else b""
+    try:
+        verify_signature(public_key, payload, signature)
+        body = parse_signed_json(payload, "manifest")
+    except VerificationError as err:
+        return [f"version {version}: approval: {err}"]
+    if body.get("kind") != "approval" or body.get("version") != version:
+        return [f"version {version}: approval.json approves {body.get('kind')} {body.get('version')}"]
+    return []
+
+
+def _champion_problems(registry: Registry, versions: list[int]) -> list[str]:
+    try:
+        record = registry.champion_record()
+    except RegistryError as err:
+        return [str(err)]
+    if record is None:
+        return []
+    champion, sequence = record["version"], record.get("rollback_sequence")
+    if champion not in versions:
+        return [f"champion.json points at version {champion}, which does not exist"]
+    if not registry.was_admitted(champion):
+        return [f"champion {champion} waits for approval but was never approved"]
+    if record.get("reason") == "rollback" and sequence not in dict(registry.rollbacks()):
+        return [f"champion.json names rollback record {sequence}, which does not exist"]
+    return []
+
+
+def _rollback_problems(registry: Registry, public_key: Ed25519PublicKey, versions: list[int]) -> list[str]:
+    problems, last = [], None
+    for sequence, record in registry.rollbacks():
+        where = f"rollback record {sequence}"
+        try:
+            body = verify_rollback(record, public_key, last_sequence=last)
+        except VerificationError as err:
+            problems.append(f"{where}: {err}")
+            continue
+        finally:
+            last = sequence
+        if body["sequence"] != sequence:
+            problems.append(f"{where}: its file name says {sequence}, its body says {body['sequence']}")
+        for field in ("target_version", "from_version"):
+            if body[field] not in versions:
+                problems.append(f"{where}: {field} {body[field]} does not exist")
+    return problems

@@ -1,0 +1,145 @@
+"""``fedretrain keys ...`` and ``fedretrain registry ...``: parse, call the registry, print.
+
+The registry modules are imported inside the handlers, so that commands that do
+not need torch (``fedretrain data validate``) do not load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ROOT = Path("registry")
+_ROW = "{mark} {version:>7}  {status:<11}  {created:<20}  {expires:<20}  {parent:>6}  {run:<20}  {gate}"
+
+
+def add_keys_commands(subparsers: Any) -> None:
+    """Add ``keys coordinator [--out DIR] [--force]`` to the top-level subparsers."""
+    keys = subparsers.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    coordinator = keys.add_parser("coordinator", help="create the coordinator's Ed25519 signing key pair")
+    coordinator.add_argument("--out", type=Path, default=Path("keys"), help="directory for the key files")
+    coordinator.add_argument("--force", action="store_true",
+                             help="replace an existing pair (sites that pinned the old public key "
+                                  "then refuse new versions)")
+    coordinator.set_defaults(func=_keys_coordinator)
+
+
+def add_registry_commands(subparsers: Any) -> None:
+    """Add ``registry list|show|verify|rollback|approve`` to the top-level subparsers."""
+    registry = subparsers.add_parser("registry", help="the coordinator's signed model registry")
+    commands = registry.add_subparsers(dest="registry_command", required=True)
+
+    def command(name: str, help_text: str, handler: Any) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help_text)
+        parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="registry directory")
+        parser.set_defaults(func=handler)
+        return parser
+
+    command("list", "list versions, their status, and the champion (*)", _list)
+    command("show", "print a version's manifest and status", _show).add_argument("version", type=int)
+    command("verify", "verify one version, or the whole registry (exit 1 on a problem)",
+            _verify).add_argument("version", type=int, nargs="?")
+    rollback = command("rollback", "make an older version champion again, with a signed record", _rollback)
+    rollback.add_argument("version", type=int)
+    rollback.add_argument("--key", type=Path, required=True, help="the coordinator's private key (PEM)")
+    rollback.add_argument("--reason", default="rolled back by an operator", help="why (kept in the signed record)")
+    approve = command("approve", "approve a pending version and make it champion", _approve)
+    approve.add_argument("version", type=int)
+    approve.add_argument("--key", type=Path, required=True, help="the coordinator's private key (PEM)")
+    approve.add_argument("--approver", default=None, help="who approves (default: the login name)")
+
+
+def _keys_coordinator(args: argparse.Namespace) -> int:
+    from fedretrain.registry.signing import generate_keypair
+
+    pair = generate_keypair(args.out, force=args.force)
+    print(f"private key: {pair.private_path}  (keep it on the coordinator)")
+    print(f"public key:  {pair.public_path}  (give it to every site)")
+    print(f"key id:      {pair.key_id}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from fedretrain.registry.store import Registry
+
+    registry = Registry(args.root)
+    versions = registry.versions()
+    if not versions:
+        print(f"no versions in {args.root}")
+        return 0
+    champion = registry.champion()
+    print(_ROW.format(mark=" ", version="VERSION", status="STATUS", created="CREATED", expires="EXPIRES",
+                      parent="PARENT", run="RUN", gate="GATE"))
+    for version in versions:
+        print(_ROW.format(mark="*" if version == champion else " ", version=version,
+                          status=registry.status(version), **_manifest_columns(registry, version)))
+    return 0
+
+
+def _manifest_columns(registry: Any, version: int) -> dict[str, Any]:
+    try:
+        manifest = registry.manifest(version)
+        run, gate = dict(manifest.get("run") or {}), dict(manifest.get("gate") or {})
+        parent = manifest.get("parent")
+        return {"created": manifest.get("created_at", "?"), "expires": manifest.get("expires_at", "?"),
+                "parent": "-" if parent is None else parent,
+                "run": str(run.get("name") or run.get("run_id") or "-")[:20], "gate": gate.get("decision", "-")}
+    except (ValueError, TypeError, RuntimeError) as err:  # an unreadable manifest; `verify` says more
+        return {"created": "?", "expires": "?", "parent": "?", "run": "?", "gate": f"unreadable: {err}"}
+
+
+def _show(args: argparse.Namespace) -> int:
+    from fedretrain.registry.store import Registry
+
+    registry = Registry(args.root)
+    print(json.dumps(registry.manifest(args.version), indent=2, sort_keys=True))
+    print(f"status: {registry.status(args.version)}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from fedretrain.registry.store import Registry
+
+    registry = Registry(args.root)
+    report = registry.check() if args.version is None else registry.inspect(args.version)
+    for problem in report.problems:
+        print(f"PROBLEM {problem}")
+    for note in report.notes:
+        print(f"note: {note}")
+    what = "registry" if args.version is None else f"version {args.version}"
+    if report.problems:
+        print(f"{what} in {args.root}: {len(report.problems)} problem(s)")
+        return 1
+    print(f"OK {what} in {args.root} verifies")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from fedretrain.registry.signing import load_private_key
+    from fedretrain.registry.store import Registry
+
+    record = Registry(args.root).rollback(args.version, signing_key=load_private_key(args.key), reason=args.reason)
+    body = record.record
+    print(f"champion is now version {body['target_version']} (was {body['from_version']}; "
+          f"signed rollback record {body['sequence']})")
+    return 0
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from fedretrain.registry.signing import load_private_key
+    from fedretrain.registry.store import Registry
+
+    approver = args.approver or _login_name()
+    Registry(args.root).approve(args.version, signing_key=load_private_key(args.key), approver=approver)
+    print(f"version {args.version} approved by {approver}; it is now champion")
+    return 0
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except OSError:  # no login name in some containers
+        return "unknown"

@@ -1,0 +1,131 @@
+"""The coordinator's side of publishing: the registry, the champion, and delivery to sites.
+
+``open_registry`` checks the registry and the signing key before a cycle starts;
+``champion_adapter`` is the baseline (and starting point) of a cycle;
+``publish_candidate`` writes a passing candidate as a new signed version; and
+``deliver`` sends a version to every connected site in a ``query.publish`` message
+and collects what each site did with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedretrain.config import Config, Job
+from fedretrain.errors import ConfigError, RegistryError
+from fedretrain.modeling.loading import resolve_model_path
+from fedretrain.registry.base_model import base_model_identity
+from fedretrain.registry.bundle import RollbackRecord, VersionBundle
+from fedretrain.registry.signing import load_private_key
+from fedretrain.registry.store import Registry
+from server.gate import GateResult, PENDING
+from server.report import finite_or_null
+
+log = logging.getLogger("fedretrain.server")
+
+PUBLISH_MESSAGE = "query.publish"
+
+
+@dataclass
+class RegistryHandle:
+    registry: Registry
+    signing_key: Any  # Ed25519PrivateKey
+    expiry_days: float
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: int
+    arrays: dict[str, np.ndarray]
+    bundle: VersionBundle
+    rollback: RollbackRecord | None  # the record that made it champion again, if any
+
+
+def open_registry(cfg: Config) -> RegistryHandle:
+    """The registry at ``registry.root``, signed with ``registry.signing_key``."""
+    if not cfg.registry.root:
+        raise ConfigError("registry.root: the coordinator needs a registry directory to publish into")
+    if not cfg.registry.signing_key:
+        raise ConfigError("registry.signing_key: set the coordinator's private key (fedretrain keys coordinator)")
+    key = load_private_key(Path(cfg.registry.signing_key))
+    return RegistryHandle(Registry(Path(cfg.registry.root)), key, cfg.registry.expiry_days)
+
+
+def champion_adapter(handle: RegistryHandle) -> Champion | None:
+    """The version published now, verified again before it is trusted as the baseline."""
+    registry = handle.registry
+    version = registry.champion()
+    if version is None:
+        return None
+    problems = registry.verify(version, handle.signing_key.public_key())
+    if problems:
+        raise RegistryError(f"{registry.root}: the champion version {version} fails verification: "
+                            + "; ".join(problems))
+    bundle = registry.bundle(version)
+    tensors = safetensors.torch.load(bundle.files["adapter_model.safetensors"])
+    arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in tensors.items()}
+    rollback = registry.latest_rollback()
+    if rollback is not None and rollback.record["target_version"] != version:
+        rollback = None
+    return Champion(version=version, arrays=arrays, bundle=bundle, rollback=rollback)
+
+
+def publish_candidate(handle: RegistryHandle, cfg: Config, adapter_dir: Path, result: GateResult,
+                      run: dict[str, Any], sites: dict[str, dict[str, Any]]) -> int:
+    """Write the candidate as a new signed version; it becomes champion unless approval is required."""
+    registry = handle.registry
+    model_dir = Path(resolve_model_path(cfg.model.name_or_path))
+    gate = finite_or_null(result.to_dict())
+    # Every site receives the manifest: it names sites by pseudonym only.
+    gate["sites"] = {registry.pseudonym(s): v for s, v in gate.get("sites", {}).items()}
+    if gate.get("worst_site"):
+        gate["worst_site"] = registry.pseudonym(gate["worst_site"])
+    return registry.publish(
+        adapter_dir, signing_key=handle.signing_key,
+        base_model=base_model_identity(cfg.model.name_or_path, model_dir),
+        lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+              "target_modules": list(cfg.lora.target_modules)},
+        run=finite_or_null(run),
+        sites={registry.pseudonym(s): finite_or_null(v) for s, v in sites.items()},
+        gate=gate, expiry_days=handle.expiry_days, require_approval=result.decision == PENDING,
+    )
+
+
+def deliver(grid: Grid, bundle: VersionBundle, rollback: RollbackRecord | None, job: Job,
+            timeout_s: float) -> dict[str, Any]:
+    """Send ``bundle`` to every connected site; return who installed it and who refused, and why."""
+    payload = dict(bundle.to_mapping())
+    if rollback is not None:
+        payload.update(rollback.to_mapping())
+    content = RecordDict({"version": ConfigRecord(payload), "config": ConfigRecord(job.to_flat())})
+    node_ids = sorted(grid.get_node_ids())
+    messages = [Message(content=content, dst_node_id=node, message_type=PUBLISH_MESSAGE) for node in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    outcome: dict[str, Any] = {"version": bundle.version, "rollback": rollback is not None,
+                               "installed": {}, "refused": [], "no_reply": []}
+    answered = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            reason = f"code {reply.error.code}: {reply.error.reason}"
+            log.warning("version %d: node %d refused it: %s", bundle.version, node, reason)
+            outcome["refused"].append({"node_id": node, "reason": reason})
+            continue
+        site = str(reply.content["site"]["site-id"])
+        metrics = dict(reply.content["metrics"])
+        outcome["installed"][site] = {"node_id": node, **metrics}
+    outcome["no_reply"] = [n for n in node_ids if n not in answered]
+    for node in outcome["no_reply"]:
+        log.warning("version %d: node %d did not answer within %.0f s", bundle.version, node, timeout_s)
+    log.info("version %d: installed at %d of %d sites", bundle.version, len(outcome["installed"]), len(node_ids))
+    return outcome
