@@ -4,14 +4,16 @@ The checks run in this order and fail closed (the first failure ends it, the
 current version stays in force and the reason goes back to the coordinator):
 
 1. a coordinator key is pinned in the site's own node_config (``coordinator-key``);
-2. with a rollback record: its signature, and a sequence number newer than any
-   rollback seen (the one way back to an older version);
+2. with a rollback record: its signature, a sequence number newer than any
+   rollback seen, and issued from a version no older than the newest this site
+   accepted (the one way back to an older version);
 3. the manifest's signature against that pinned key, the files' sha256, the
    version newer than the last accepted and not expired, the base model's hash
    equal to this site's base model, safetensors loads, keys and shapes equal to
    this site's adapter, every value finite (``fedretrain.registry.bundle.verify_bundle``);
 4. if the site's policy asks (``smoke-eval=true``), the new version scores no
-   worse than the current one on the site's held-out data;
+   worse than the current one on the site's held-out data (not for a signed
+   rollback: that is the operator's decision);
 5. atomic install into the site's model store.
 """
 
@@ -36,7 +38,7 @@ from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle, verify_bundle, verify_rollback
-from fedretrain.registry.signing import load_public_key
+from fedretrain.registry.signing import load_public_key, verify_signature
 from fedretrain.training.evaluate import evaluate_loss
 
 log = logging.getLogger("fedretrain.client")
@@ -67,7 +69,13 @@ def receive_version(site: SiteConfig, job: Job, bundle: VersionBundle, rollback:
         if record["target_version"] != bundle.version:
             raise VerificationError("rollback", f"the rollback record points at version {record['target_version']}, "
                                                 f"the bundle is version {bundle.version}")
+        if record["from_version"] < state.highest_accepted:
+            # Issued before this site accepted a newer version: replaying it would downgrade the site.
+            raise VerificationError("rollback", f"the rollback from version {record['from_version']} predates "
+                                                f"version {state.highest_accepted}, accepted here since")
         allow_version, sequence = bundle.version, int(record["sequence"])
+    # The signature before anything costly: unsigned junk must not make the site load or hash a model.
+    verify_signature(key, bundle.manifest_bytes, bundle.signature)
 
     lm = site_model(job, site.device)
     identity = base_model_identity(job.model.name_or_path, Path(resolve_model_path(job.model.name_or_path)))
@@ -77,7 +85,7 @@ def receive_version(site: SiteConfig, job: Job, bundle: VersionBundle, rollback:
         expected_shapes={name: shape for name, shape, _ in lm.spec.entries},
     )
     metrics: dict[str, float | int] = {}
-    if site.smoke_eval:
+    if site.smoke_eval and rollback is None:  # a signed rollback is an operator's decision: no veto
         metrics.update(_smoke_eval(site, job, lm, store, tensors, bundle.version))
     store.install(bundle, via="rollback" if rollback is not None else "publish", rollback_sequence=sequence)
     log.info("site %s installed version %d (previous %s)", site.site_id, bundle.version, previous)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedretrain.atomic import atomic_write_json
+from fedretrain.atomic import atomic_write_json, fsync_dir
 from fedretrain.errors import VerificationError
 from fedretrain.registry.bundle import VersionBundle
 
@@ -77,6 +77,9 @@ class ModelStore:
             if stored.manifest_bytes != bundle.manifest_bytes:
                 raise VerificationError("version", f"version {bundle.version} is already stored with a different "
                                                    "manifest; two different versions under one number are refused")
+            if dict(stored.files) != dict(bundle.files) or stored.signature != bundle.signature:
+                # The copy at rest changed since it was installed: replace it with the verified bundle.
+                self._write_version(bundle, target, replace=True)
         else:
             self._write_version(bundle, target)
         state = self.state()
@@ -90,12 +93,20 @@ class ModelStore:
         atomic_write_json(self.state_path, asdict(state))
         return state
 
-    def _write_version(self, bundle: VersionBundle, target: Path) -> None:
+    def _write_version(self, bundle: VersionBundle, target: Path, *, replace: bool = False) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
             bundle.write_to(staging)
-            staging.rename(target)
+            if replace:  # move the old copy aside first: a directory cannot be renamed over
+                retired = Path(tempfile.mkdtemp(prefix=".retired-", dir=target.parent))
+                target.rename(retired / target.name)
+                staging.rename(target)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                staging.rename(target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        # The directory entry must be on disk before state.json (fsynced) points at it.
+        fsync_dir(target.parent)

@@ -84,7 +84,7 @@ def decide(policy: GateConfig, baseline: LossStats, candidate: LossStats, sites:
 
     checks = {
         "margin": improvement >= policy.margin,
-        "confidence": low > 0,
+        "confidence": low > 0,  # False for NaN (fewer than two records)
         "federated": (not policy.require_federated_confidence) or (federated is not None and federated["ci_low"] > 0),
         "sites": all(change <= policy.site_tolerance for change in changes.values()),
         "coverage": len(sites) >= policy.min_sites,
@@ -123,13 +123,16 @@ def paired_bootstrap(baseline: LossStats, candidate: LossStats, confidence: floa
     b = np.asarray(baseline.example_losses, dtype=np.float64)
     c = np.asarray(candidate.example_losses, dtype=np.float64)
     w = np.asarray(baseline.example_tokens or [1] * len(b), dtype=np.float64)
-    if len(b) == 0:
+    if len(b) < 2:  # one record resamples to itself: no interval, so no confidence
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     gain = w * (b - c)
-    # [samples, n] indices; 2000 x 300 is 5 MB of int64, done in one vectorised pass.
-    idx = rng.integers(0, len(b), size=(samples, len(b)))
-    stats = gain[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
+    # [rows, n] indices per chunk, at most ~4M of them (32 MB) whatever the validation size.
+    rows = max(1, 4_000_000 // len(b))
+    stats = np.empty(samples)
+    for start in range(0, samples, rows):
+        idx = rng.integers(0, len(b), size=(min(rows, samples - start), len(b)))
+        stats[start:start + len(idx)] = gain[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
     alpha = 1 - confidence
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)

@@ -57,7 +57,9 @@ def open_registry(cfg: Config) -> RegistryHandle:
     if not cfg.registry.signing_key:
         raise ConfigError("registry.signing_key: set the coordinator's private key (fedretrain keys coordinator)")
     key = load_private_key(Path(cfg.registry.signing_key))
-    return RegistryHandle(Registry(Path(cfg.registry.root)), key, cfg.registry.expiry_days)
+    registry = Registry(Path(cfg.registry.root))
+    registry.check_signing_key(key.public_key())  # before training, not at publish time
+    return RegistryHandle(registry, key, cfg.registry.expiry_days)
 
 
 def champion_adapter(handle: RegistryHandle) -> Champion | None:
@@ -116,13 +118,16 @@ def deliver(grid: Grid, bundle: VersionBundle, rollback: RollbackRecord | None, 
     for reply in replies:
         node = reply.metadata.src_node_id
         answered.add(node)
-        if reply.has_error():
-            reason = f"code {reply.error.code}: {reply.error.reason}"
+        try:
+            if reply.has_error():
+                raise ValueError(f"code {reply.error.code}: {reply.error.reason}")
+            site = str(reply.content["site"]["site-id"])
+            metrics = dict(reply.content["metrics"])
+        except (KeyError, TypeError, ValueError) as err:  # a malformed reply is a refusal, not a crash
+            reason = str(err) if reply.has_error() else f"malformed reply ({type(err).__name__}: {err})"
             log.warning("version %d: node %d refused it: %s", bundle.version, node, reason)
             outcome["refused"].append({"node_id": node, "reason": reason})
             continue
-        site = str(reply.content["site"]["site-id"])
-        metrics = dict(reply.content["metrics"])
         outcome["installed"][site] = {"node_id": node, **metrics}
     outcome["no_reply"] = [n for n in node_ids if n not in answered]
     for node in outcome["no_reply"]:

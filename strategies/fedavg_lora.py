@@ -111,8 +111,8 @@ class FedAvgLoRA(FedAvg):
     spec : AdapterSpec
         Keys, shapes and dtypes every reply's adapter must match exactly.
     max_examples_per_site : int | None (default: None)
-        Replies claiming more examples than this are rejected; None: no cap
-        (``num-examples <= data-size`` is always checked).
+        Train and evaluate replies claiming more examples than this are rejected;
+        None: no cap (``num-examples <= data-size`` is always checked for training).
     max_abs_value : float | None (default: None)
         Replies holding any adapter value larger than this in magnitude are rejected.
     baseline : ArrayRecord | None (default: None)
@@ -269,7 +269,7 @@ class FedAvgLoRA(FedAvg):
         accepted: list[AcceptedEvaluation] = []
         for msg in replies:
             try:
-                result = validate_evaluate_reply(msg, self.max_tokens_per_example)
+                result = validate_evaluate_reply(msg, self.max_tokens_per_example, self.max_examples_per_site)
                 if result.site_id in entry.evaluation:
                     raise ReplyRejected(f"site-id {result.site_id!r} already replied this round")
             except ReplyRejected as err:

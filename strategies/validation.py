@@ -211,12 +211,14 @@ class AcceptedEvaluation:
     metrics: Metrics
 
 
-def validate_evaluate_reply(msg: Message, max_tokens_per_example: int | None = None) -> AcceptedEvaluation:
+def validate_evaluate_reply(msg: Message, max_tokens_per_example: int | None = None,
+                            max_examples: int | None = None) -> AcceptedEvaluation:
     """Check one evaluate reply: a ``"metrics"`` MetricRecord with the
     :data:`EVALUATE_METRICS` keys (finite; ``num-examples`` and ``candidate-tokens``
     positive ints, tokens at most ``num-examples * max_tokens_per_example`` when
-    given; ``diff-sumsq`` consistent with ``diff-sum``) and a ``"site"`` ConfigRecord
-    with ``"site-id"``.
+    given; ``num-examples`` at most ``max_examples`` when given, so one site cannot
+    outweigh the others in the gate's pooled interval; ``diff-sumsq`` consistent with
+    ``diff-sum``) and a ``"site"`` ConfigRecord with ``"site-id"``.
 
     Raises
     ------
@@ -226,6 +228,8 @@ def validate_evaluate_reply(msg: Message, max_tokens_per_example: int | None = N
     metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), EVALUATE_METRICS)
     site_id = _checked_site_id(msg)
     examples = _positive_int(metrics, "num-examples")
+    if max_examples is not None and examples > max_examples:
+        raise ReplyRejected(f"num-examples {examples} exceeds the cap of {max_examples}")
     tokens = _positive_int(metrics, "candidate-tokens")
     if max_tokens_per_example is not None and tokens > examples * max_tokens_per_example:
         raise ReplyRejected(f"candidate-tokens {tokens} exceeds num-examples x max_length "

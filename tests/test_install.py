@@ -23,7 +23,7 @@ from client.install import receive_version
 from client.site import site_model
 from client.store import ModelStore
 from fedretrain.config import Job, SiteConfig, compose_config
-from fedretrain.errors import VerificationError
+from fedretrain.errors import RegistryError, VerificationError
 from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import load_adapter_arrays
 from fedretrain.registry.base_model import base_model_identity
@@ -240,3 +240,63 @@ def test_the_client_app_answers_a_publish_message(tmp_path, job, coordinator, in
     assert "signature" in refused.error.reason
     assert installed.content["metrics"]["installed-version"] == 2
     assert installed.content["site"]["site-id"] == "site-a"
+
+
+def test_an_old_rollback_cannot_downgrade_a_site_that_accepted_a_newer_version(tmp_path, job, coordinator):
+    # The operator rolled back 2 -> 1 while this site was away; since then it accepted version 3.
+    registry, key, public = coordinator
+    copy = Registry(tmp_path / "registry")
+    shutil.copytree(registry.root, copy.root)
+    old_rollback = copy.rollback(1, signing_key=key, reason="while the site was away")
+    publish(copy, key, job, tmp_path / "adapter-3", 0.03)
+    site = make_site(tmp_path, public)
+    receive_version(site, job, copy.bundle(3))
+
+    with pytest.raises(VerificationError, match="predates version 3") as refused:
+        receive_version(site, job, copy.bundle(1), old_rollback)
+
+    assert refused.value.check == "rollback"
+    assert ModelStore(site.model_store_path).state().current == 3
+
+
+def test_a_rollback_is_followed_even_where_smoke_evaluation_would_veto_it(tmp_path, job, coordinator):
+    registry, key, public = coordinator
+    site = make_site(tmp_path, public, smoke_eval=True)
+    store = ModelStore(site.model_store_path)
+    store.install(registry.bundle(1), via="publish")
+    store.install(registry.bundle(2), via="publish")  # as if installed earlier, without a smoke test
+
+    outcome = receive_version(site, job, registry.bundle(1), rollback_record(registry, key, target=1))
+
+    assert outcome.metrics["installed-version"] == 1 and "smoke-new-loss" not in outcome.metrics
+
+
+def test_a_stored_copy_changed_at_rest_is_replaced_by_the_verified_bundle(tmp_path, job, coordinator):
+    registry, key, public = coordinator
+    site = make_site(tmp_path, public)
+    receive_version(site, job, registry.bundle(1))
+    receive_version(site, job, registry.bundle(2))
+    stored = ModelStore(site.model_store_path).version_dir(1) / "adapter_model.safetensors"
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\0")
+
+    receive_version(site, job, registry.bundle(1), rollback_record(registry, key, target=1))
+
+    assert stored.read_bytes() == registry.bundle(1).files["adapter_model.safetensors"]
+
+
+def test_the_registry_refuses_to_roll_back_to_an_expired_version(tmp_path, job, coordinator):
+    _, key, _ = coordinator
+    registry = Registry(tmp_path / "registry")
+    lm = site_model(job, "cpu")
+    lm.model.save_pretrained(str(tmp_path / "adapter"))
+    identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
+    fields = {"base_model": identity, "lora": {"r": job.lora.r, "alpha": job.lora.alpha, "dropout": job.lora.dropout,
+                                               "target_modules": list(job.lora.target_modules)},
+              "run": {"name": "t"}, "sites": {}, "gate": {"decision": "publish"}}
+    registry.publish(tmp_path / "adapter", signing_key=key, expiry_days=1,
+                     now=datetime.now(UTC) - timedelta(days=2), **fields)
+    registry.publish(tmp_path / "adapter", signing_key=key, expiry_days=30, **fields)
+
+    with pytest.raises(RegistryError, match="expired"):
+        registry.rollback(1, signing_key=key, reason="too late")
+    assert registry.champion() == 2

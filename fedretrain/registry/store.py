@@ -41,7 +41,7 @@ from fedretrain.errors import RegistryError
 from fedretrain.registry.audit import CheckReport, check_registry, inspect_version
 from fedretrain.registry.bundle import ADAPTER_FILES, RollbackRecord, VersionBundle, verify_bundle
 from fedretrain.registry.lifecycle import rollback_spans, version_status
-from fedretrain.registry.manifest import build_manifest, format_time, utc_now
+from fedretrain.registry.manifest import build_manifest, format_time, parse_time, utc_now
 from fedretrain.registry.sidecar import append_decision, pseudonym, read_decisions, read_pin, write_pin
 from fedretrain.registry.signing import canonical_json, key_id, sign
 
@@ -200,6 +200,10 @@ class Registry:
             if not self.was_admitted(version):
                 raise RegistryError(f"version {version} was never champion nor approved")
             self._require_valid(version)
+            if parse_time(self.manifest(version)["expires_at"]) <= now:
+                # Every site would refuse it, and the coordinator would keep re-sending it.
+                raise RegistryError(f"version {version} expired at {self.manifest(version)['expires_at']}; "
+                                    "roll back to a version that has not expired")
             sequence = max((seq for seq, _ in self.rollbacks()), default=0) + 1
             body = {"kind": "rollback", "sequence": sequence, "target_version": version,
                     "from_version": champion, "created_at": format_time(now), "reason": reason,
@@ -239,6 +243,12 @@ class Registry:
 
     def _dir(self, version: int) -> Path:
         return self.root / "versions" / f"{version:06d}"
+
+    def check_signing_key(self, public_key: Ed25519PublicKey) -> None:
+        """Raise RegistryError unless ``public_key`` is the one this registry is pinned to
+        (an empty registry accepts any key; its first publish pins it)."""
+        if (self.root / "registry.json").is_file() or self.versions():
+            self._pin(public_key, create=False)
 
     def _require_valid(self, version: int) -> None:
         problems = self.verify(version)
