@@ -52,7 +52,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
             site, job, server_round = _unpack(msg, context, resolve_site)
             outcome = train_round(site, job, from_array_record(msg.content["arrays"]), server_round)
             return _reply(site, to_array_record(outcome.adapter), outcome.metrics)
-        return _guarded(msg, work)
+        return _guarded(msg, work, _site_label(context, resolve_site))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -62,7 +62,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
             outcome = evaluate_round(site, job, from_array_record(msg.content["arrays"]),
                                      None if baseline is None else from_array_record(baseline))
             return _reply(site, None, outcome.metrics)
-        return _guarded(msg, work)
+        return _guarded(msg, work, _site_label(context, resolve_site))
 
     @app.query("publish")
     def publish(msg: Message, context: Context) -> Message:
@@ -73,7 +73,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
             outcome = receive_version(site, job, VersionBundle.from_mapping(payload),
                                       RollbackRecord.from_mapping(payload))
             return _reply(site, None, outcome.metrics)
-        return _guarded(msg, work)
+        return _guarded(msg, work, _site_label(context, resolve_site))
 
     return app
 
@@ -92,16 +92,24 @@ def _reply(site: SiteConfig, arrays: ArrayRecord | None, metrics: dict[str, floa
     return content
 
 
-def _guarded(msg: Message, work: Callable[[], RecordDict]) -> Message:
+def _site_label(context: Context, resolve_site: SiteResolver) -> str:
+    # Error replies carry no records, so the reason names the site for the coordinator's log.
+    try:
+        return f"site {resolve_site(context).site_id}: "
+    except Exception:  # noqa: BLE001 - a site whose config is broken still answers, unnamed
+        return ""
+
+
+def _guarded(msg: Message, work: Callable[[], RecordDict], label: str = "") -> Message:
     try:
         return Message(work(), reply_to=msg)
     except errors.FedretrainError as err:
         code = next((c for t, c in ERROR_CODES.items() if isinstance(err, t)), UNEXPECTED_ERROR)
         log.warning("%s refused: %s", msg.metadata.message_type, err)
-        return Message(Error(code=code, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+        return Message(Error(code=code, reason=f"{label}{type(err).__name__}: {err}"), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - the site must answer, not vanish, on a bug
         log.exception("%s failed", msg.metadata.message_type)
-        return Message(Error(code=UNEXPECTED_ERROR, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+        return Message(Error(code=UNEXPECTED_ERROR, reason=f"{label}{type(err).__name__}: {err}"), reply_to=msg)
 
 
 # `client.app:app` in pyproject.toml: the deployed ClientApp reads its site from node_config.
