@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 # Run as a file, so make the repository root importable.
@@ -36,21 +34,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from timing import best_of
 from fedretrain.records import from_array_record
 from strategies.aggregation import weighted_average
 
 NUM_TENSORS = 64  # a LoRA adapter is many small A/B matrices, not one vector
-
-
-def best_of(fn: Callable[[], object], reps: int) -> float:
-    """Best wall time of ``reps`` calls after one warm-up call, in seconds."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def make_replies(x: np.ndarray) -> list[RecordDict]:

@@ -22,8 +22,6 @@ import hashlib
 import json
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,6 +30,7 @@ if __package__ in (None, ""):
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from timing import best_of
 from fedretrain.config.schema import LoraSettings, ModelConfig
 from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import load_lora_model
@@ -39,16 +38,6 @@ from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import verify_bundle
 from fedretrain.registry.signing import canonical_json, sign
 from fedretrain.registry.store import Registry
-
-
-def best_of(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(reps: int) -> list[dict]:

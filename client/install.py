@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
 
@@ -36,6 +35,7 @@ from fedretrain.data.schema import read_records
 from fedretrain.errors import KeyFileError, VerificationError
 from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
+from fedretrain.records import from_torch_state_dict
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle, verify_bundle, verify_rollback
 from fedretrain.registry.signing import load_public_key, verify_signature
@@ -118,15 +118,11 @@ def _smoke_eval(site: SiteConfig, job: Job, lm: LoraModel, store: ModelStore, te
         current_loss = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False).loss
     else:
         stored = VersionBundle.from_dir(current).files["adapter_model.safetensors"]
-        load_adapter_arrays(lm, _arrays(safetensors.torch.load(stored)))
+        load_adapter_arrays(lm, from_torch_state_dict(safetensors.torch.load(stored)))
         current_loss = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size).loss
-    load_adapter_arrays(lm, _arrays(tensors))
+    load_adapter_arrays(lm, from_torch_state_dict(tensors))
     new_loss = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size).loss
     if not new_loss <= current_loss:
         raise VerificationError("smoke_eval", f"version {version} scores {new_loss:.4f} on this site's held-out "
                                               f"data, worse than the current {current_loss:.4f}")
     return {"smoke-new-loss": new_loss, "smoke-current-loss": current_loss}
-
-
-def _arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in tensors.items()}

@@ -244,3 +244,9 @@ def to_torch_state_dict(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Ten
     with it, so the model owns its weights.
     """
     return {key: torch.from_numpy(np.array(value, copy=True)) for key, value in arrays.items()}
+
+
+def from_torch_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """float32 CPU numpy copies of adapter tensors (bf16 widened exactly): the inverse of
+    :func:`to_torch_state_dict`, for a peft state dict or a loaded safetensors file."""
+    return {key: value.detach().to("cpu", torch.float32).numpy().copy() for key, value in tensors.items()}

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import safetensors.torch
-import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedretrain.config import Config, Job
 from fedretrain.errors import ConfigError, RegistryError
 from fedretrain.modeling.loading import resolve_model_path
+from fedretrain.records import from_torch_state_dict
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 from fedretrain.registry.signing import load_private_key
@@ -73,8 +73,7 @@ def champion_adapter(handle: RegistryHandle) -> Champion | None:
         raise RegistryError(f"{registry.root}: the champion version {version} fails verification: "
                             + "; ".join(problems))
     bundle = registry.bundle(version)
-    tensors = safetensors.torch.load(bundle.files["adapter_model.safetensors"])
-    arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in tensors.items()}
+    arrays = from_torch_state_dict(safetensors.torch.load(bundle.files["adapter_model.safetensors"]))
     rollback = registry.latest_rollback()
     if rollback is not None and rollback.record["target_version"] != version:
         rollback = None

@@ -27,19 +27,9 @@ SHAPES = {f"{PREFIX}.{m}.lora_{ab}.weight": ((2, 16) if ab == "A" else (16, 2))
 
 
 @pytest.fixture(scope="module")
-def adapter_files(tmp_path_factory) -> dict[str, bytes]:
+def adapter_files(tiny_adapter_dir) -> dict[str, bytes]:
     """The two files peft's save_pretrained writes for a LoRA on a tiny Llama."""
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
-    model = get_peft_model(transformers.LlamaForCausalLM(config),
-                           LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    return {name: (out / name).read_bytes() for name in ADAPTER_FILES}
+    return {name: (tiny_adapter_dir / name).read_bytes() for name in ADAPTER_FILES}
 
 
 @pytest.fixture(scope="module")

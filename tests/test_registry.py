@@ -30,20 +30,8 @@ LORA = {"r": 2, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory) -> Path:
-    """A LoRA adapter on a tiny Llama, as peft's save_pretrained writes it."""
-    import torch
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
-    model = get_peft_model(transformers.LlamaForCausalLM(config),
-                           LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    return out
+def adapter_dir(tiny_adapter_dir) -> Path:
+    return tiny_adapter_dir
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from fedretrain.modeling.loading import (
     select_device,
     select_dtype,
 )
-from fedretrain.records import AdapterSpec, check_adapter, to_torch_state_dict
+from fedretrain.records import AdapterSpec, check_adapter, from_torch_state_dict, to_torch_state_dict
 
 
 @dataclass
@@ -56,8 +56,7 @@ def load_lora_model(
 
 def adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The adapter's tensors as float32 numpy arrays (what goes on the wire)."""
-    state = get_peft_model_state_dict(model)
-    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+    return from_torch_state_dict(get_peft_model_state_dict(model))
 
 
 def load_adapter_arrays(lm: LoraModel, arrays: dict[str, np.ndarray]) -> None:
