@@ -66,7 +66,7 @@ def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.n
     # 2. Privacy: derive sigma for the planned run, then refuse if this round would cross the ceiling.
     # Opacus samples at 1/ceil(N/B), not B/N: budget check, sigma and ledger use that rate.
     sample_rate = poisson_sample_rate(len(texts), job.train.batch_size)
-    sigma = _noise_multiplier(job, site, sample_rate)
+    sigma = noise_multiplier(job, site, sample_rate)
     if job.privacy.enabled:
         projected = ledger.check_can_spend(sigma, sample_rate, job.train.local_steps, site.epsilon_ceiling)
         log.info("site %s round %d: sigma=%.3f, epsilon %.3f -> %.3f of %.3f",
@@ -128,7 +128,8 @@ def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
     return EvaluateOutcome(metrics=metrics)
 
 
-def _noise_multiplier(job: Job, site: SiteConfig, sample_rate: float) -> float:
+def noise_multiplier(job: Job, site: SiteConfig, sample_rate: float) -> float:
+    """Sigma for this job at this site: fixed by the job, or derived from its target epsilon."""
     if not job.privacy.enabled:
         return 0.0
     if job.privacy.noise_multiplier is not None:

@@ -9,16 +9,20 @@ from fedretrain.config.schema import (
     GateConfig,
     LoraSettings,
     ModelConfig,
+    MonitorConfig,
     PrivacyConfig,
     RegistryConfig,
+    ScenarioConfig,
     SimulationConfig,
     StrategyConfig,
     TrainConfig,
+    TriggerConfig,
 )
 from fedretrain.config.site import SiteConfig, site_config_from_node_config
 
 __all__ = [
-    "Config", "DataConfig", "GateConfig", "Job", "LoraSettings", "ModelConfig", "PrivacyConfig", "RegistryConfig", "SimulationConfig",
-    "SiteConfig", "StrategyConfig", "TrainConfig", "build", "compose_config", "compose_raw", "conf_dir",
+    "Config", "DataConfig", "GateConfig", "Job", "LoraSettings", "ModelConfig", "MonitorConfig", "PrivacyConfig",
+    "RegistryConfig", "ScenarioConfig", "SimulationConfig", "SiteConfig", "StrategyConfig", "TrainConfig",
+    "TriggerConfig", "build", "compose_config", "compose_raw", "conf_dir",
     "flatten", "overrides_from_run_config", "site_config_from_node_config", "to_yaml", "unflatten",
 ]

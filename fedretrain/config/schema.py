@@ -77,11 +77,16 @@ class TrainConfig:
     lr: float = 0.01
     optimizer: str = "adamw"
     eval_batch_size: int = 64
+    # Train on each site's newest `window` training records only (null: all of them). After
+    # drift, a cycle then learns today's data instead of averaging it away with years of old notes.
+    window: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("local_steps", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"window: must be >= 1 or null, got {self.window}")
         _positive("lr", self.lr)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
 
@@ -185,6 +190,81 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """What each site measures when the coordinator asks for its status (client/monitor.py)."""
+
+    sample_records: int = 200     # records drawn from each window (reference, new) for the scores
+    min_new_records: int = 20     # fewer new records than this: no drift or loss scores, only counts
+    status_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.sample_records < 2:
+            raise ConfigError(f"sample_records: must be >= 2, got {self.sample_records}")
+        if self.min_new_records < 1:
+            raise ConfigError(f"min_new_records: must be >= 1, got {self.min_new_records}")
+        _positive("status_timeout_s", self.status_timeout_s)
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """When the coordinator starts a retraining cycle (server/triggers.py). null turns a trigger off."""
+
+    new_records: int | None = None          # new records summed over the sites
+    drift_js: float | None = 0.05           # token Jensen-Shannon divergence (bits, 0..1) at a site ...
+    drift_hidden: float | None = None       # ... or shift of the base model's mean hidden state ...
+    drift_min_sites: int = 1                # ... at this many sites or more
+    performance_margin: float | None = 0.1  # published model's loss on new data above its loss on reference (nats)
+    schedule_s: float | None = None         # a cycle every this many seconds
+    min_interval_s: float = 0.0             # rate limit: at least this long between cycle starts
+    poll_interval_s: float = 60.0           # `fedretrain coordinator watch`: seconds between polls
+    max_polls: int | None = None            # `fedretrain coordinator watch`: stop after this many polls
+
+    def __post_init__(self) -> None:
+        if self.new_records is not None and self.new_records < 1:
+            raise ConfigError(f"new_records: must be >= 1 or null, got {self.new_records}")
+        for key in ("drift_js", "drift_hidden", "performance_margin", "schedule_s"):
+            value = getattr(self, key)
+            if value is not None:
+                _positive(key, value)
+        if self.drift_min_sites < 1:
+            raise ConfigError(f"drift_min_sites: must be >= 1, got {self.drift_min_sites}")
+        if not math.isfinite(self.min_interval_s) or self.min_interval_s < 0:
+            raise ConfigError(f"min_interval_s: must be a finite number >= 0, got {self.min_interval_s!r}")
+        _positive("poll_interval_s", self.poll_interval_s)
+        if self.max_polls is not None and self.max_polls < 1:
+            raise ConfigError(f"max_polls: must be >= 1 or null, got {self.max_polls}")
+
+
+SCENARIOS = ("none", "drift")
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """Simulated time (simulation/scenario.py): records arrive at every step; at one step the data drifts."""
+
+    name: str = "none"
+    steps: int = 8                 # time steps after step 0 (step 0: the first cycle publishes version 1)
+    drift_step: int = 3            # from this step on, new records are drifted
+    arrivals_per_step: int = 40    # new records per site per step
+    drifted_sites: int | None = None  # how many sites drift (the first ones); null: all
+    probe_records: int = 120       # fresh records per step scored for the plot (the researcher's view)
+    step_s: float = 86400.0        # simulated seconds per step (the triggers' clock)
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, SCENARIOS)
+        if self.steps < 1:
+            raise ConfigError(f"steps: must be >= 1, got {self.steps}")
+        if not 1 <= self.drift_step <= self.steps:
+            raise ConfigError(f"drift_step: must be between 1 and steps ({self.steps}), got {self.drift_step}")
+        for key in ("arrivals_per_step", "probe_records"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.drifted_sites is not None and self.drifted_sites < 1:
+            raise ConfigError(f"drifted_sites: must be >= 1 or null, got {self.drifted_sites}")
+        _positive("step_s", self.step_s)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     num_sites: int = 3
     client_cpus: float = 1.0
@@ -225,6 +305,9 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ to ``site.json`` in its directory.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,18 @@ class SiteConfig:
     # Before installing a version, score it on the held-out data against the current one
     # and refuse it if it is worse there.
     smoke_eval: bool = False
+    # Ingestion (`fedretrain site ingest`): share of new records kept as held-out data
+    # (chosen by a hash of the record, so a record always lands on the same side).
+    heldout_fraction: float = 0.2
+    # Mask e-mail addresses, phone numbers and record numbers before anything is stored.
+    redact: bool = False
+    # A regular expression for this site's record numbers (e.g. 'MRN-?[0-9]{6}'), masked when redact=true.
+    record_number_pattern: str | None = None
+    # Laplace noise scale for the count of new records in status replies (0: exact count).
+    # With sensitivity 1 each status reply then spends epsilon = 1/count-noise on the count.
+    count_noise: float = 0.0
+    # A directory the site drops new data files into; `fedretrain site ingest --inbox` takes them.
+    inbox_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ "):
@@ -52,6 +65,15 @@ class SiteConfig:
             raise ConfigError(f"delta: must be in (0, 1), got {self.delta!r}")
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         _one_of("device", self.device, DEVICES)
+        if not math.isfinite(self.heldout_fraction) or not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"heldout-fraction: must be in [0, 1), got {self.heldout_fraction!r}")
+        if not math.isfinite(self.count_noise) or self.count_noise < 0:
+            raise ConfigError(f"count-noise: must be a finite number >= 0, got {self.count_noise!r}")
+        if self.record_number_pattern is not None:
+            try:
+                re.compile(self.record_number_pattern)
+            except re.error as err:
+                raise ConfigError(f"record-number-pattern: not a valid regular expression ({err})") from None
 
     @property
     def train_path(self) -> Path:
@@ -68,6 +90,16 @@ class SiteConfig:
     @property
     def ledger_path(self) -> Path:
         return self.state_path / "privacy_ledger.json"
+
+    @property
+    def quarantine_path(self) -> Path:
+        """Records refused at ingestion, one JSON line each with the reason."""
+        return self.state_path / "quarantine.jsonl"
+
+    @property
+    def reference_path(self) -> Path:
+        """Which records the site trained on in its last cycle (client/reference.py)."""
+        return self.state_path / "reference.json"
 
     @property
     def model_store_path(self) -> Path:
