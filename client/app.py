@@ -13,9 +13,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.install import receive_version
+from client.monitor import site_status
 from client.site import evaluate_round, train_round
 from fedretrain import errors
-from fedretrain.config import Job, SiteConfig, site_config_from_node_config
+from fedretrain.config import Job, MonitorConfig, SiteConfig, build, site_config_from_node_config
 from fedretrain.records import from_array_record, to_array_record
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 
@@ -73,6 +74,18 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
             outcome = receive_version(site, job, VersionBundle.from_mapping(payload),
                                       RollbackRecord.from_mapping(payload))
             return _reply(site, None, outcome.metrics)
+        return _guarded(msg, work, _site_label(context, resolve_site))
+
+    @app.query("status")
+    def status(msg: Message, context: Context) -> Message:
+        # Scalars and counts only (drift scores, losses, record counts, privacy totals): no
+        # record, token or identifier of a patient leaves the site in a status reply.
+        def work() -> RecordDict:
+            site, job, _ = _unpack(msg, context, resolve_site)
+            monitor = build(MonitorConfig, dict(msg.content["monitor"]), "monitor")
+            # Noise on the count must be fresh at every poll (a repeated draw cancels out between
+            # two replies); without noise a fixed seed keeps the sampled records reproducible.
+            return _reply(site, None, site_status(site, job, monitor, seed=None if site.count_noise > 0 else 0))
         return _guarded(msg, work, _site_label(context, resolve_site))
 
     return app

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from client.ingest import recover_store
+from client.reference import save_reference
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import read_records
@@ -42,8 +44,14 @@ class EvaluateOutcome:
 
 def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int) -> TrainOutcome:
     """One round of local DP training. Raises a ``FedretrainError`` instead of sending anything bad."""
-    # 1. Data first: a bad file must stop the round before any compute or spend.
+    # 1. Data first: a bad file must stop the round before any compute or spend. An ingest
+    # interrupted by a crash is completed (or undone) before the store is read.
+    recover_store(site)
     texts = [r.text for r in read_records(site.train_path)]
+    # The store is append-only, so the newest records are the last ones.
+    start = 0 if job.train.window is None else max(0, len(texts) - job.train.window)
+    window = (start, len(texts))
+    texts = texts[start:]
     if not job.privacy.enabled and not site.allow_non_private:
         # Without DP a round has no finite epsilon: only the site itself may allow that.
         raise PrivacyBudgetExceeded(
@@ -53,7 +61,11 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     # lock, so two rounds at once (two runs on one site) cannot both pass the check or lose
     # each other's ledger entry.
     with ledger_lock(site.ledger_path):
-        return _train_and_record(site, job, global_adapter, server_round, texts)
+        outcome = _train_and_record(site, job, global_adapter, server_round, texts)
+    # What this cycle trained on is the reference its drift is measured against (client/monitor.py).
+    heldout = len(read_records(site.heldout_path)) if site.heldout_path.exists() else 0
+    save_reference(site, job.run_id, *window, heldout)
+    return outcome
 
 
 def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int,

@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from fedretrain.errors import FedretrainError
 
@@ -56,10 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_site_generate)
 
+    from client.commands import add_site_commands
+
+    add_site_commands(site)
+
     from fedretrain.registry.commands import add_keys_commands, add_registry_commands
 
     add_keys_commands(sub)
     add_registry_commands(sub)
+    _add_coordinator_commands(sub)
 
     config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command",
                                                                                   required=True)
@@ -67,6 +74,42 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=_config_show)
     return parser
+
+
+def _add_coordinator_commands(subparsers: Any) -> None:
+    coordinator = subparsers.add_parser("coordinator", help="the coordinator's watch over its sites")
+    commands = coordinator.add_subparsers(dest="coordinator_command", required=True)
+    watch = commands.add_parser(
+        "watch", help="poll the sites, check the triggers, run a cycle when one fires",
+        description="Watches the simulated federation in simulation.federation_dir until stopped or "
+                    "trigger.max_polls polls, e.g.: fedretrain coordinator watch experiment=smoke "
+                    "simulation.federation_dir=fed trigger.poll_interval_s=600")
+    watch.add_argument("overrides", nargs="*", help="Hydra overrides (key=value, group=option)")
+    watch.set_defaults(func=_coordinator_watch)
+    retrain = commands.add_parser("retrain", help="ask the watch for a retraining cycle at its next poll")
+    retrain.add_argument("--root", type=Path, required=True, help="the coordinator's registry directory")
+    retrain.add_argument("--reason", default="operator request", help="why (kept in the watch's logs)")
+    retrain.set_defaults(func=_coordinator_retrain)
+
+
+def _coordinator_watch(args: argparse.Namespace) -> int:
+    import json
+
+    from simulation.runner import watch
+
+    run_dir = watch(args.overrides, verbose=args.verbose)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"fedretrain: {len(summary['polls'])} polls, {summary['cycles']} cycles, versions published: "
+          f"{summary['published_versions'] or 'none'}; written to {run_dir}")
+    return 0
+
+
+def _coordinator_retrain(args: argparse.Namespace) -> int:
+    from server.watch import request_retrain
+
+    path = request_retrain(args.root, args.reason)
+    print(f"retraining requested ({path.name}); the watch starts a cycle at its next poll")
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -79,7 +122,6 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _site_generate(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from client.generate import generate
     from fedretrain.config import site_config_from_node_config

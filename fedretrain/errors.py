@@ -67,6 +67,10 @@ class RegistryError(FedretrainError, RuntimeError):
     """The coordinator's model registry is missing, inconsistent, or refuses an operation."""
 
 
+class CycleBusy(FedretrainError, RuntimeError):
+    """Another retraining cycle holds the registry's cycle lock; two never run at once."""
+
+
 class KeyFileError(FedretrainError, RuntimeError):
     """A key file is missing, unreadable, of the wrong type, or would be overwritten."""
 

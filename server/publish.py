@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import safetensors.torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedretrain.config import Config, Job
@@ -27,6 +27,7 @@ from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
+from server.broadcast import broadcast
 from server.gate import GateResult, PENDING
 from server.report import finite_or_null
 
@@ -108,28 +109,10 @@ def deliver(grid: Grid, bundle: VersionBundle, rollback: RollbackRecord | None, 
     if rollback is not None:
         payload.update(rollback.to_mapping())
     content = RecordDict({"version": ConfigRecord(payload), "config": ConfigRecord(job.to_flat())})
-    node_ids = sorted(grid.get_node_ids())
-    messages = [Message(content=content, dst_node_id=node, message_type=PUBLISH_MESSAGE) for node in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
-    outcome: dict[str, Any] = {"version": bundle.version, "rollback": rollback is not None,
-                               "installed": {}, "refused": [], "no_reply": []}
-    answered = set()
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        answered.add(node)
-        try:
-            if reply.has_error():
-                raise ValueError(f"code {reply.error.code}: {reply.error.reason}")
-            site = str(reply.content["site"]["site-id"])
-            metrics = dict(reply.content["metrics"])
-        except (KeyError, TypeError, ValueError) as err:  # a malformed reply is a refusal, not a crash
-            reason = str(err) if reply.has_error() else f"malformed reply ({type(err).__name__}: {err})"
-            log.warning("version %d: node %d refused it: %s", bundle.version, node, reason)
-            outcome["refused"].append({"node_id": node, "reason": reason})
-            continue
-        outcome["installed"][site] = {"node_id": node, **metrics}
-    outcome["no_reply"] = [n for n in node_ids if n not in answered]
-    for node in outcome["no_reply"]:
-        log.warning("version %d: node %d did not answer within %.0f s", bundle.version, node, timeout_s)
-    log.info("version %d: installed at %d of %d sites", bundle.version, len(outcome["installed"]), len(node_ids))
-    return outcome
+    sent = broadcast(grid, content, PUBLISH_MESSAGE, timeout_s, lambda _s, _n, reply: dict(reply["metrics"]),
+                     what=f"version {bundle.version}")
+    installed = {site: {"node_id": node, **metrics} for site, (node, metrics) in sent.answered.items()}
+    total = len(installed) + len(sent.refused) + len(sent.no_reply)
+    log.info("version %d: installed at %d of %d sites", bundle.version, len(installed), total)
+    return {"version": bundle.version, "rollback": rollback is not None, "installed": installed,
+            "refused": sent.refused, "no_reply": sent.no_reply}

@@ -59,12 +59,19 @@ class RunRecorder:
         for ax in (ax_val, ax_sites):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
-        tmp = path.with_suffix(".png.tmp")
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        atomic_write_bytes(path, tmp.read_bytes())
-        tmp.unlink()
-        return path
+        return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+    return path
 
 
 def finite_or_null(obj: Any) -> Any:

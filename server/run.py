@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ from flwr.serverapp import Grid
 from fedretrain.config import Config, Job
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import read_records
-from fedretrain.errors import ConfigError
+from fedretrain.atomic import try_file_lock
+from fedretrain.errors import ConfigError, CycleBusy
 from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.records import from_array_record, to_array_record
 from fedretrain.training.evaluate import LossStats, evaluate_loss
 from server.gate import PENDING, PUBLISH, SiteEvaluation, decide
 from server.publish import RegistryHandle, champion_adapter, deliver, open_registry, publish_candidate
+from server.grid import SiteSubset
 from server.report import RunRecorder, finite_or_null, format_summary
 from server.summary import build_summary, round_entry
 from strategies import build_strategy
@@ -42,17 +45,35 @@ class _Progress:
 
 
 def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
-                   validation_path: str | None = None, run_id: str | None = None) -> dict[str, Any]:
+                   validation_path: str | None = None, run_id: str | None = None,
+                   train_nodes: Collection[int] | None = None) -> dict[str, Any]:
     """Run one cycle on ``grid``: ``cfg.rounds`` rounds, the gate, and publication when it passes.
 
-    Returns the run's summary (also written to ``summary.json``).
+    ``train_nodes`` limits training and evaluation to those nodes (the watcher leaves out
+    sites that cannot pay for another cycle); a published version still goes to every site.
+    Only one cycle runs on a registry at a time. Returns the run's summary (also written
+    to ``summary.json``).
     """
+    registry = open_registry(cfg)
+    with try_file_lock(cycle_lock_path(registry.registry.root)) as locked:
+        if not locked:
+            raise CycleBusy(f"{registry.registry.root}: another retraining cycle is running on this registry")
+        return _run_cycle(grid, cfg, run_dir, registry, config_yaml=config_yaml, validation_path=validation_path,
+                          run_id=run_id, train_nodes=train_nodes)
+
+
+def cycle_lock_path(registry_root: Path) -> Path:
+    """The lock a cycle holds on its registry (``<root>/watch/cycle.lock``)."""
+    return Path(registry_root) / "watch" / "cycle"
+
+
+def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle, *, config_yaml: str,
+               validation_path: str | None, run_id: str | None, train_nodes: Collection[int] | None) -> dict[str, Any]:
     started = time.perf_counter()
     run_id = run_id or uuid.uuid4().hex[:12]
     validation_path = validation_path or cfg.validation_path
     if not validation_path:
         raise ConfigError("validation_path: the coordinator needs a validation set to compare candidate and baseline")
-    registry = open_registry(cfg)
     recorder = RunRecorder(run_dir, config_yaml)
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device=cfg.model.device)
     validation = encode_texts(lm.tokenizer, [r.text for r in read_records(validation_path)], cfg.model.max_length)
@@ -79,7 +100,8 @@ def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
         min_train_nodes=cfg.strategy.min_sites, min_evaluate_nodes=cfg.strategy.min_sites,
         min_available_nodes=cfg.strategy.min_sites,
     )
-    candidate = _train(grid, cfg, strategy, lm, validation, baseline, recorder, job, started)
+    train_grid = grid if train_nodes is None else SiteSubset(grid, train_nodes)
+    candidate = _train(train_grid, cfg, strategy, lm, validation, baseline, recorder, job, started)
 
     # evaluate_fn ran last on the final global adapter, so lm holds it now.
     adapter_dir = Path(run_dir) / "candidate_adapter"

@@ -65,7 +65,7 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
         public_key = Path(cfg.registry.signing_key).with_suffix(".pub")
     else:
         public_key = generate_keypair(root / "coordinator" / "keys", "coordinator").public_path
-    _write_jsonl(validation_path, validation_notes(data.validation_records, seed=cfg.seed, num_sites=sim.num_sites))
+    write_jsonl(validation_path, validation_notes(data.validation_records, seed=cfg.seed, num_sites=sim.num_sites))
     sites, mixes = [], {}
     for index in range(sim.num_sites):
         sid = site_id(index)
@@ -76,8 +76,8 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
         train = records[:-n_heldout]
         if data.train_corruption == "garble":
             train = garble_records(train, seed=cfg.seed * 1000 + index)
-        _write_jsonl(site_dir / "train.jsonl", train)
-        _write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
+        write_jsonl(site_dir / "train.jsonl", train)
+        write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
         node_config = {"site-id": sid, "data-dir": str(site_dir.resolve()), "device": device,
                        "epsilon-ceiling": sim.site_epsilon_ceiling, "delta": sim.site_delta,
                        "accountant": sim.site_accountant,
@@ -138,5 +138,5 @@ def garble_records(records: list[dict], seed: int) -> list[dict]:
     return [dict(r, text=garble(r["text"])) for r in records]
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
+def write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -12,28 +12,81 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 
 from client.app import make_client_app
 from fedretrain.config import Config, compose_raw, to_yaml
 from fedretrain.config.parse import build
-from fedretrain.errors import SimulationFailed
+from fedretrain.errors import ConfigError, SimulationFailed
 from fedretrain.modeling.loading import resolve_model_path
 from server.app import make_server_app
 from server.rundir import new_run_dir
+from server.watch import Watcher, write_watch_summary
 from simulation.federation import Federation, FederationSites, build_federation
 
 log = logging.getLogger("fedretrain.simulation")
 
 
 def simulate(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
-    """Compose the config, generate the federation, run it; return the run directory."""
+    """Compose the config, generate the federation, run it; return the run directory.
+
+    One retraining cycle, or with ``scenario=drift`` simulated time with drift
+    (simulation/scenario.py).
+    """
+    run = _prepare(overrides)
+    if run.cfg.scenario.name == "drift":
+        from simulation.scenario import run_drift_scenario
+
+        server_app = ServerApp()
+
+        @server_app.main()
+        def main(grid: Grid, context: Context) -> None:
+            run_drift_scenario(grid, run.cfg, run.run_dir, run.config_yaml, run.fed)
+    else:
+        server_app = make_server_app(run.cfg, run.run_dir, run.config_yaml, str(run.fed.validation_path))
+    return _run(run, server_app, verbose)
+
+
+def watch(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
+    """``fedretrain coordinator watch`` over a simulated federation: poll, trigger, retrain.
+
+    The sites are the virtual ones in ``simulation.federation_dir`` (their data changes
+    when their operators run ``fedretrain site ingest``); the watch stops after
+    ``trigger.max_polls`` polls, or when interrupted.
+    """
+    if not build(Config, compose_raw(overrides)).simulation.federation_dir:
+        raise ConfigError("simulation.federation_dir: the watch needs standing sites whose data grows between "
+                          "polls; name their directory (it is generated on first use)")
+    run = _prepare(overrides, name_suffix="watch")
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        watcher = Watcher(grid, run.cfg, run.run_dir / "cycles", run.config_yaml, str(run.fed.validation_path))
+        events = watcher.run(max_polls=run.cfg.trigger.max_polls)
+        write_watch_summary(run.run_dir, events)
+
+    return _run(run, server_app, verbose)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    cfg: Config
+    run_dir: Path
+    fed: Federation
+    config_yaml: str
+
+
+def _prepare(overrides: Sequence[str], name_suffix: str = "") -> _Prepared:
     raw = compose_raw(overrides)
     cfg = build(Config, raw)
-    run_dir = new_run_dir(Path(cfg.output_dir), cfg.name)
+    run_dir = new_run_dir(Path(cfg.output_dir), f"{cfg.name}-{name_suffix}" if name_suffix else cfg.name)
     fed_root = Path(cfg.simulation.federation_dir) if cfg.simulation.federation_dir else run_dir / "sites"
-    client_gpus = _client_gpus(cfg)
-    fed = build_federation(cfg, fed_root, device="cuda" if client_gpus > 0 else "cpu")
+    fed = build_federation(cfg, fed_root, device="cuda" if _client_gpus(cfg) > 0 else "cpu")
     # The coordinator of a simulated federation keeps its registry and key beside its sites,
     # unless the config names its own.
     raw["registry"]["root"] = raw["registry"]["root"] or str(fed.registry_root.resolve())
@@ -42,23 +95,26 @@ def simulate(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
     log.info("run directory %s; %d sites in %s", run_dir, len(fed.sites), fed.root)
     # Build (or find) the base model once here, before Ray's client actors all ask for it.
     resolve_model_path(cfg.model.name_or_path)
+    return _Prepared(cfg=cfg, run_dir=run_dir, fed=fed, config_yaml=to_yaml(raw))
 
-    server_app = make_server_app(cfg, run_dir, to_yaml(raw), str(fed.validation_path))
-    client_app = make_client_app(FederationSites(fed.root))
+
+def _run(run: _Prepared, server_app: ServerApp, verbose: bool) -> Path:
+    client_app = make_client_app(FederationSites(run.fed.root))
     backend_config = {
-        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": client_gpus},
+        "client_resources": {"num_cpus": run.cfg.simulation.client_cpus, "num_gpus": _client_gpus(run.cfg)},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": logging.ERROR},
     }
     from flwr.simulation import run_simulation
 
     with _private_runtime_dirs(), _flower_logging(verbose):
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.simulation.num_sites,
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=run.cfg.simulation.num_sites,
                        backend_config=backend_config)
-    _collect_ledgers(fed, run_dir)
-    if not (run_dir / "summary.json").exists():
-        raise SimulationFailed(f"the simulation ended without a summary; see the log above (run directory {run_dir})")
-    return run_dir
+    _collect_ledgers(run.fed, run.run_dir)
+    if not (run.run_dir / "summary.json").exists():
+        raise SimulationFailed(f"the simulation ended without a summary; see the log above (run directory "
+                               f"{run.run_dir})")
+    return run.run_dir
 
 
 AUTO_GPU_SHARE = 0.25  # LoRA on a small model leaves most of a GPU idle: four sites share one

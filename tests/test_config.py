@@ -18,7 +18,8 @@ from fedretrain.config import (
 )
 from fedretrain.errors import ConfigError
 
-GROUPS = ["model", "lora", "train", "privacy", "data", "strategy", "simulation"]
+GROUPS = ["model", "lora", "train", "privacy", "data", "strategy", "gate", "registry", "monitor", "trigger",
+          "scenario", "simulation"]
 
 
 def _options(group: str) -> list[str]:

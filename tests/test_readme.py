@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +31,20 @@ def readme_blocks() -> list[list[str]]:
     return [[c for c in (line.split(" # ")[0].strip() for line in block.splitlines()) if c] for block in blocks]
 
 
-def walkthrough() -> list[str]:
-    """The block that starts with ``fedretrain keys``: commands that build on each other."""
-    (block,) = [b for b in readme_blocks() if b[0].startswith("fedretrain keys")]
+def walkthrough(first: str = "fedretrain keys") -> list[str]:
+    """A block of commands that build on each other, found by its first command."""
+    (block,) = [b for b in readme_blocks() if b[0].startswith(first)]
     return block
 
 
+WATCH_WALKTHROUGH = "fedretrain coordinator watch"
+# Run by tests/test_scenario_e2e.py, shrunk in time.
+SCENARIO_COMMAND = "fedretrain simulate experiment=drift"
+
+
 def readme_commands() -> list[str]:
-    return [c for block in readme_blocks() if block != walkthrough() for c in block]
+    walkthroughs = (walkthrough(), walkthrough(WATCH_WALKTHROUGH))
+    return [c for block in readme_blocks() if block not in walkthroughs for c in block]
 
 
 def _run(args: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -45,7 +52,7 @@ def _run(args: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.Co
 
 
 def test_readme_has_only_commands_this_file_runs():
-    for command in readme_commands() + walkthrough():
+    for command in readme_commands() + walkthrough() + walkthrough(WATCH_WALKTHROUGH):
         assert command in ("make demo", "make test") or command.startswith("fedretrain "), command
 
 
@@ -57,7 +64,8 @@ def test_quick_readme_command(command):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith("fedretrain simulate")])
+@pytest.mark.parametrize("command", [c for c in readme_commands()
+                                     if c.startswith("fedretrain simulate") and c != SCENARIO_COMMAND])
 def test_readme_simulation_command(command, tmp_path):
     proc = _run(FEDRETRAIN + command.split()[1:] + SHRINK + [f"output_dir={tmp_path}"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -86,6 +94,30 @@ def test_readme_publishing_walkthrough(tmp_path):
     assert champion["version"] == 1 and champion["reason"] == "rollback"
     assert any("[version 1," in out for out in outputs)
     assert (tmp_path / "keys" / "coordinator.key").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_readme_watch_walkthrough(tmp_path):
+    # The continuous-retraining session, in order, in a fresh directory with the examples.
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    outputs = []
+    for command in walkthrough(WATCH_WALKTHROUGH):
+        proc = _run(FEDRETRAIN + shlex.split(command)[1:] + (["output_dir=runs"] if " watch " in command else []),
+                    cwd=tmp_path)
+        assert proc.returncode == 0, f"{command}\n" + (proc.stdout + proc.stderr)[-4000:]
+        outputs.append(proc.stdout)
+    watch = tmp_path / "fed" / "coordinator" / "registry" / "watch"
+    cycles = [json.loads(line) for line in (watch / "cycles.jsonl").read_text().splitlines()]
+    # The first watch publishes version 1 (nothing was published); the operator's request starts the second cycle.
+    assert [c["triggers"] for c in cycles] == [["initial"], ["operator"]]
+    assert cycles[0]["published_version"] == 1
+    assert all(v["spent"] > 0 for v in cycles[1]["epsilon"].values())
+    assert not list((watch / "requests").glob("*.json")) and len(list((watch / "requests" / "done").iterdir())) == 1
+    ingest_out = next(o for o, c in zip(outputs, walkthrough(WATCH_WALKTHROUGH)) if " ingest " in c)
+    assert "24 stored" in ingest_out and "2 duplicates dropped, 1 quarantined" in ingest_out and "redacted" not in ingest_out
+    status_out = next(o for o, c in zip(outputs, walkthrough(WATCH_WALKTHROUGH)) if " status " in c)
+    assert "new records: " in status_out and "epsilon: spent" in status_out
 
 
 @pytest.mark.e2e

@@ -1,0 +1,114 @@
+"""``fedretrain site ingest``: parse, call ``client.ingest``, print one line per file.
+
+The core is imported inside the handler, like every command's, so that the CLI
+starts fast; ingestion needs neither torch nor Flower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedretrain.errors import FedretrainError
+
+if TYPE_CHECKING:
+    from client.ingest import IngestReport
+    from fedretrain.config import SiteConfig
+
+
+def add_site_commands(site_subparsers: Any) -> None:
+    """Add ``ingest [PATH ...] --site-config SITE.json [--inbox [DIR]] [--watch S] [--max-polls N]``."""
+    ingest = site_subparsers.add_parser(
+        "ingest", help="add new records to the site's store (checked, masked, deduplicated, split)",
+        description="Appends new records to the site's train.jsonl and heldout.jsonl. Bad lines go to the "
+                    "quarantine file, duplicates are dropped, and with redact=true e-mail addresses, phone "
+                    "numbers and record numbers are masked first. Exit 0 when it ran, 2 on an error.")
+    ingest.add_argument("paths", nargs="*", metavar="PATH", help="JSONL or CSV files to ingest")
+    ingest.add_argument("--site-config", required=True,
+                        help="the site's node_config as JSON (simulation: <site>/site.json)")
+    ingest.add_argument("--inbox", nargs="?", const="", default=None, metavar="DIR",
+                        help="ingest every file in DIR (default: the site's inbox-dir), moving each to "
+                             "DIR/done/ (or DIR/failed/ when it cannot be read)")
+    ingest.add_argument("--watch", type=float, metavar="SECONDS",
+                        help="with --inbox: poll the inbox every SECONDS until interrupted")
+    ingest.add_argument("--max-polls", type=int, metavar="N", help="with --watch: stop after N polls")
+    ingest.set_defaults(func=_site_ingest)
+
+    status = site_subparsers.add_parser(
+        "status", help="what the coordinator would learn from this site now: new records, drift, epsilon",
+        description="Computes the site's status reply on its own data (counts, drift scores, the published "
+                    "model's loss on new records, privacy totals) and prints it; nothing is sent.")
+    status.add_argument("--site-config", required=True,
+                        help="the site's node_config as JSON (simulation: <site>/site.json)")
+    status.add_argument("overrides", nargs="*", help="Hydra overrides for the job (model, train, privacy, monitor)")
+    status.set_defaults(func=_site_status)
+
+
+def _site_ingest(args: argparse.Namespace) -> int:
+    from client.ingest import ingest_file
+
+    _check_arguments(args)
+    site = _read_site(args.site_config)
+    reports: list[IngestReport] = []
+    for path in args.paths:
+        reports.append(ingest_file(site, path))
+        print(reports[-1].summary(), flush=True)
+    if args.inbox is not None:
+        try:
+            reports += _poll_inbox(site, args.inbox or None, args.watch, args.max_polls)
+        except KeyboardInterrupt:  # the way out of --watch; an interrupted ingest is recovered next time
+            pass
+    if any(report.quarantined for report in reports):
+        print(f"quarantined records (reasons included) are in {site.quarantine_path}")
+    return 2 if any(report.error for report in reports) else 0
+
+
+def _site_status(args: argparse.Namespace) -> int:
+    from client.monitor import format_status, site_status
+    from fedretrain.config import Job, compose_config
+
+    site = _read_site(args.site_config)
+    cfg = compose_config(args.overrides)
+    print(format_status(site.site_id, site_status(site, Job.from_config(cfg, run_id="status"), cfg.monitor)))
+    return 0
+
+
+def _poll_inbox(site: SiteConfig, inbox: str | None, watch: float | None,
+                max_polls: int | None) -> list[IngestReport]:
+    from client.ingest import ingest_inbox
+
+    reports: list[IngestReport] = []
+    polls = 0
+    while True:
+        for report in ingest_inbox(site, inbox):
+            print(report.summary(), file=sys.stderr if report.error else sys.stdout, flush=True)
+            reports.append(report)
+        polls += 1
+        if watch is None or (max_polls is not None and polls >= max_polls):
+            return reports
+        time.sleep(watch)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if not args.paths and args.inbox is None:
+        raise FedretrainError("site ingest: name files to ingest, or --inbox")
+    if args.watch is not None and (args.inbox is None or not args.watch > 0):
+        raise FedretrainError("--watch: needs --inbox and a number of seconds > 0")
+    if args.max_polls is not None and (args.watch is None or args.max_polls < 1):
+        raise FedretrainError("--max-polls: needs --watch and a count >= 1")
+
+
+def _read_site(path: str) -> SiteConfig:
+    from fedretrain.config import site_config_from_node_config
+
+    try:
+        node_config = json.loads(Path(path).read_text())
+        if not isinstance(node_config, dict):
+            raise ValueError(f"expected a JSON object, got {type(node_config).__name__}")
+        return site_config_from_node_config(node_config)
+    except (OSError, ValueError) as err:
+        raise FedretrainError(f"{path}: cannot read the site's config: {err}") from None

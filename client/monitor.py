@@ -1,0 +1,202 @@
+"""A site's status: what arrived since it last trained, how different it looks, what it can still spend.
+
+The coordinator polls every site (``query.status``) and decides from the replies
+whether to start a retraining cycle (server/triggers.py). Everything in a reply is
+a count or a score computed here, on the site's premises: no record, token or
+identifier leaves. Keys of the reply:
+
+    new-records          records after the reference window (Laplace-noised when count-noise > 0)
+    reference-records    size of the reference window (trained-on records + held-out records then)
+    has-reference        1 when the site has trained before, else 0
+    train-records        size of the training window the site would use now
+    drift-js             token Jensen-Shannon divergence, bits        } only with a reference
+    drift-hidden         base model's mean hidden-state shift         } and at least
+    loss-new             published model's loss on the new records    } monitor.min_new_records
+    loss-reference       ... and on the reference held-out records    } new records (and a
+                                                                      } reference of 2 or more)
+    model-version        installed version (0: the bare base model)
+    epsilon-spent, epsilon-ceiling, delta, epsilon-projected, can-afford
+
+Whether the scores are present depends on the exact count of new records: a reply
+reveals that the count is at least ``min_new_records`` even when the count itself
+is noised.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+
+from client.reference import Reference, load_reference
+from client.site import noise_multiplier, site_model
+from client.store import ModelStore
+from fedretrain.config import Job, MonitorConfig, SiteConfig
+from fedretrain.data.encoding import encode_texts
+from fedretrain.data.schema import read_records
+from fedretrain.errors import DataValidationError, VerificationError
+from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
+from fedretrain.monitoring.drift import hidden_state_shift, mean_hidden_states, token_js_divergence
+from fedretrain.privacy.ledger import PrivacyLedger
+from fedretrain.records import from_torch_state_dict
+from fedretrain.registry.bundle import VersionBundle
+from fedretrain.training.dp import poisson_sample_rate
+from fedretrain.training.evaluate import evaluate_loss
+
+SCORE_KEYS = ("drift-js", "drift-hidden", "loss-new", "loss-reference")
+
+
+def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, seed: int | None = 0) -> dict[str, float | int]:
+    """Everything the coordinator may learn about this site now: scalars and counts only.
+
+    Parameters
+    ----------
+    site, job, monitor
+        The site's own settings, the job a retraining cycle would run, what to measure.
+    seed : int | None
+        Seeds ``np.random.default_rng`` for the record samples and the count noise, so
+        a reply is reproducible. ``None`` draws a fresh seed from the OS (CSPRNG): use
+        it in deployment when ``count-noise > 0``, or every poll repeats the same noise
+        draw and the difference of two polls' counts is exact.
+
+    Returns
+    -------
+    dict[str, float | int]
+        The keys listed in the module docstring; every value a finite int or float.
+
+    Raises
+    ------
+    DataValidationError
+        If the data files are invalid, or the reference points past their end.
+    """
+    train = [r.text for r in read_records(site.train_path)]
+    heldout = _optional_records(site.heldout_path)
+    ref = load_reference(site)
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    status: dict[str, float | int] = {"has-reference": int(ref is not None)}
+    new_texts: list[str] = []
+    if ref is not None:
+        _check_reference(site, ref, len(train), len(heldout))
+        new_texts = train[ref.train_end:] + heldout[ref.heldout_end:]
+        status["reference-records"] = ref.train_end - ref.train_start + ref.heldout_end
+    else:
+        status["reference-records"] = 0
+    status["new-records"] = _noised_count(len(new_texts), site.count_noise, rng)
+    window = job.train.window
+    status["train-records"] = min(window, len(train)) if window else len(train)
+    reference = [] if ref is None else train[ref.train_start:ref.train_end] + heldout[:ref.heldout_end]
+    if ref is not None and len(new_texts) >= monitor.min_new_records and len(reference) >= 2:
+        # Held-out records the published model never trained on; the window when there are none.
+        unseen = heldout[:ref.heldout_end] or train[ref.train_start:ref.train_end]
+        status.update(_scores(site, job, monitor, reference, unseen, new_texts, rng))
+    status["model-version"] = _installed_version(site)
+    status.update(_privacy(site, job, int(status["train-records"])))
+    return status
+
+
+def _optional_records(path: Path) -> list[str]:
+    # No held-out file (or an empty one) is zero held-out records, not an error.
+    if not path.is_file() or not path.read_bytes().strip():
+        return []
+    return [r.text for r in read_records(path)]
+
+
+def _check_reference(site: SiteConfig, ref: Reference, num_train: int, num_heldout: int) -> None:
+    if ref.train_end > num_train or ref.heldout_end > num_heldout:
+        raise DataValidationError(str(site.reference_path), None, None,
+                                  f"points past the end of the data ({num_train} training, {num_heldout} held-out "
+                                  "records); the store is append-only, so the data was replaced or truncated")
+
+
+def _noised_count(count: int, scale: float, rng: np.random.Generator) -> int:
+    # Laplace(scale) on a count of sensitivity 1 is (1/scale)-DP; rounding and clipping
+    # at 0 are post-processing.
+    if scale <= 0:
+        return count
+    return max(0, int(round(count + rng.laplace(0.0, scale))))
+
+
+def _sample(texts: Sequence[str], size: int, rng: np.random.Generator) -> list[str]:
+    if len(texts) <= size:
+        return list(texts)
+    return [texts[i] for i in sorted(rng.choice(len(texts), size=size, replace=False))]
+
+
+def _scores(site: SiteConfig, job: Job, monitor: MonitorConfig, reference: Sequence[str], unseen: Sequence[str],
+            new: Sequence[str], rng: np.random.Generator) -> dict[str, float]:
+    """Drift of the new records from the reference, and the published model's loss on both."""
+    lm = site_model(job, site.device)
+    size, batch = monitor.sample_records, job.train.eval_batch_size
+    ref_data = encode_texts(lm.tokenizer, _sample(reference, size, rng), job.model.max_length)
+    new_data = encode_texts(lm.tokenizer, _sample(new, size, rng), job.model.max_length)
+    unseen_data = encode_texts(lm.tokenizer, _sample(unseen, size, rng), job.model.max_length)
+    js = token_js_divergence(_token_ids(ref_data.tensors), _token_ids(new_data.tensors), len(lm.tokenizer))
+    shift = hidden_state_shift(mean_hidden_states(lm.model, ref_data, batch),
+                               mean_hidden_states(lm.model, new_data, batch))
+    use_adapter = _load_published(lm, site)
+    loss_new = evaluate_loss(lm.model, new_data, batch_size=batch, use_adapter=use_adapter).loss
+    loss_ref = evaluate_loss(lm.model, unseen_data, batch_size=batch, use_adapter=use_adapter).loss
+    return {"drift-js": js, "drift-hidden": shift, "loss-new": float(loss_new), "loss-reference": float(loss_ref)}
+
+
+def _token_ids(tensors: Sequence) -> list[list[int]]:
+    input_ids, attention_mask = tensors[0], tensors[1]  # [N, T] each
+    return [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
+
+
+def _load_published(lm: LoraModel, site: SiteConfig) -> bool:
+    """Load the installed version's adapter into ``lm``; False when none is installed (bare base model)."""
+    current = ModelStore(site.model_store_path).current_dir()
+    if current is None:
+        return False
+    stored = VersionBundle.from_dir(current).files.get("adapter_model.safetensors")
+    if stored is None:
+        raise VerificationError("store", f"{current}: the installed version has no adapter_model.safetensors")
+    load_adapter_arrays(lm, from_torch_state_dict(safetensors.torch.load(stored)))
+    return True
+
+
+def _installed_version(site: SiteConfig) -> int:
+    return int(ModelStore(site.model_store_path).state().current or 0)
+
+
+def _privacy(site: SiteConfig, job: Job, train_records: int) -> dict[str, float | int]:
+    """Epsilon spent, and after one more cycle of ``job`` (``rounds`` rounds of ``local_steps``)."""
+    ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
+                                delta=site.delta)
+    spent = ledger.epsilon()
+    projected = spent
+    if job.privacy.enabled and train_records > 0:
+        q = poisson_sample_rate(train_records, job.train.batch_size)
+        sigma = noise_multiplier(job, site, q)
+        projected = ledger.epsilon_after(sigma, q, job.train.local_steps * job.rounds)
+    return {"epsilon-spent": float(spent), "epsilon-ceiling": float(site.epsilon_ceiling),
+            "delta": float(site.delta), "epsilon-projected": float(projected),
+            "can-afford": int(projected <= site.epsilon_ceiling)}
+
+
+def format_status(site_id: str, status: Mapping[str, float | int]) -> str:
+    """A few human-readable lines for ``fedretrain site status``."""
+    lines = [f"site {site_id}"]
+    if not status.get("has-reference"):
+        lines.append("  never trained: no reference window yet")
+    else:
+        lines.append(f"  new records: {int(status['new-records'])} since the reference window of "
+                     f"{int(status['reference-records'])} records")
+    lines.append(f"  training window now: {int(status['train-records'])} records")
+    if all(key in status for key in SCORE_KEYS):
+        lines.append(f"  drift: tokens {status['drift-js']:.4f} bits JS, hidden states {status['drift-hidden']:.3f} "
+                     "reference spreads")
+        lines.append(f"  published model's loss: {status['loss-new']:.4f} on new records, "
+                     f"{status['loss-reference']:.4f} on reference held-out records")
+    elif status.get("has-reference"):
+        lines.append("  drift and loss: not enough new data")
+    lines.append(f"  model version: {int(status['model-version'])}" + (" (base model)" if not status["model-version"]
+                                                                        else ""))
+    lines.append(f"  epsilon: spent {status['epsilon-spent']:.3f} of {status['epsilon-ceiling']:.3f} "
+                 f"(delta {status['delta']:.0e}); after one more cycle {status['epsilon-projected']:.3f} ("
+                 + ("affordable" if status["can-afford"] else "over the ceiling") + ")")
+    return "\n".join(lines)

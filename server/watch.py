@@ -1,0 +1,210 @@
+"""The coordinator's watch: poll the sites, check the triggers, run a cycle when one fires.
+
+Every poll sends each site a ``query.status`` message (scalars back, server/monitor.py),
+checks the triggers (server/triggers.py) and, when one fires, runs one retraining cycle
+(server/run.py) with the sites whose privacy budget can pay for it; the cycle ends with a
+published version or with the gate's reason for publishing nothing. Everything the watch
+decides is written below the registry, so an operator can read it and a restarted watch
+goes on where it stopped:
+
+    <registry>/watch/state.json        when the last cycle started, how many polls and cycles
+    <registry>/watch/alerts.jsonl      every alert with its figures, and whether it started a cycle
+    <registry>/watch/cycles.jsonl      every cycle: why, who took part, who was left out, the outcome
+    <registry>/watch/requests/         operator requests (`fedretrain coordinator retrain`), then done/
+    <registry>/watch/cycle.lock        held while a cycle runs: never two at once
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp import Grid
+
+from fedretrain.atomic import atomic_write_json, try_file_lock
+from fedretrain.config import Config, Job
+from fedretrain.errors import ConfigError, FedretrainError
+from fedretrain.registry.store import Registry
+from server.report import finite_or_null
+from server.monitor import StatusPoll, poll_status
+from server.rundir import new_run_dir
+from server.run import cycle_lock_path, run_retraining
+from server.triggers import TriggerDecision, evaluate_triggers, format_decision
+
+log = logging.getLogger("fedretrain.server")
+
+
+def watch_dir(registry_root: str | Path) -> Path:
+    return Path(registry_root) / "watch"
+
+
+def request_retrain(registry_root: str | Path, reason: str, *, now: datetime | None = None) -> Path:
+    """Queue an operator's request for a cycle; the watch starts it at its next poll."""
+    if not Path(registry_root).is_dir():
+        raise ConfigError(f"registry.root: {registry_root} is not a registry directory")
+    moment = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    path = watch_dir(registry_root) / "requests" / f"{moment:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}.json"
+    atomic_write_json(path, {"reason": reason or "operator request", "requested_at": moment.isoformat()})
+    return path
+
+
+@dataclass
+class WatchState:
+    last_cycle_at: float | None = None
+    polls: int = 0
+    cycles: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> WatchState:
+        if not path.exists():
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+            return cls(last_cycle_at=raw["last_cycle_at"], polls=int(raw["polls"]), cycles=int(raw["cycles"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path}: not a valid watch state ({err}); move it aside to start afresh") from None
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One poll: what the sites said, what the triggers decided, and the cycle it started (its summary)."""
+
+    at: float
+    poll: StatusPoll
+    decision: TriggerDecision
+    cycle: dict[str, Any] | None = None
+    failure: str | None = None
+
+
+@dataclass
+class Watcher:
+    """Polls the sites on ``grid`` and runs the cycles ``cfg.trigger`` calls for."""
+
+    grid: Grid
+    cfg: Config
+    runs_dir: Path
+    config_yaml: str
+    validation_path: str | None = None
+    events: list[WatchEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.cfg.registry.root:
+            raise ConfigError("registry.root: the watch keeps its state in the coordinator's registry; set it")
+        self.dir = watch_dir(self.cfg.registry.root)
+        self.state = WatchState.load(self.dir / "state.json")
+
+    def poll_once(self, now: float, *, validation_path: str | None = None) -> WatchEvent:
+        """StatusPoll, decide, and run a cycle if the triggers call for one. ``now`` is the triggers' clock (s)."""
+        job = Job.from_config(self.cfg, run_id=f"status-{self.state.polls + 1}")
+        poll = poll_status(self.grid, job, self.cfg.monitor)
+        requests = sorted((self.dir / "requests").glob("*.json"))
+        with try_file_lock(cycle_lock_path(Path(self.cfg.registry.root))) as free:
+            running = not free
+        decision = evaluate_triggers(
+            self.cfg.trigger, poll.statuses, now=now, last_cycle_at=self.state.last_cycle_at,
+            champion_version=Registry(Path(self.cfg.registry.root)).champion(),
+            operator_requests=[_reason(p) for p in requests], cycle_running=running,
+            min_sites=self.cfg.strategy.min_sites)
+        self.state.polls += 1
+        log.info("%s", format_decision(decision))
+        self._log_alerts(now, decision)
+        event = WatchEvent(at=now, poll=poll, decision=decision)
+        if decision.start:
+            event = self._cycle(now, poll, decision, requests, validation_path or self.validation_path)
+        atomic_write_json(self.dir / "state.json", self.state.__dict__)
+        self.events.append(event)
+        return event
+
+    def run(self, *, max_polls: int | None = None, clock: Callable[[], float] = time.time,
+            sleep: Callable[[float], None] = time.sleep) -> list[WatchEvent]:
+        """StatusPoll every ``trigger.poll_interval_s`` until stopped (or ``max_polls``)."""
+        polls = 0
+        while max_polls is None or polls < max_polls:
+            if polls:
+                sleep(self.cfg.trigger.poll_interval_s)
+            self.poll_once(clock())
+            polls += 1
+        return self.events
+
+    def _cycle(self, now: float, poll: StatusPoll, decision: TriggerDecision, requests: list[Path],
+               validation_path: str | None) -> WatchEvent:
+        self.state.last_cycle_at = now
+        self.state.cycles += 1
+        nodes = [s.node_id for s in poll.statuses if s.site_id in decision.eligible]
+        before = {s.site_id: s.epsilon_spent for s in poll.statuses}
+        run_dir = new_run_dir(self.runs_dir, f"{self.cfg.name}-cycle{self.state.cycles}")
+        log.info("cycle %d: %s; %d sites take part, %d left out", self.state.cycles,
+                 ", ".join(sorted({a.trigger for a in decision.alerts})), len(nodes), len(decision.excluded))
+        summary, failure = None, None
+        try:
+            summary = run_retraining(self.grid, self.cfg, run_dir, config_yaml=self.config_yaml,
+                                     validation_path=validation_path, train_nodes=nodes)
+        except FedretrainError as err:  # a failed cycle is recorded; the watch goes on
+            failure = f"{type(err).__name__}: {err}"
+            log.warning("cycle %d failed: %s", self.state.cycles, failure)
+        for request in requests:  # the cycle they asked for has run
+            done = request.parent / "done" / request.name
+            done.parent.mkdir(parents=True, exist_ok=True)
+            request.replace(done)
+        self._append("cycles.jsonl", _cycle_record(self.state.cycles, now, decision, run_dir, summary, failure,
+                                                   before))
+        return WatchEvent(at=now, poll=poll, decision=decision, cycle=summary, failure=failure)
+
+    def _log_alerts(self, now: float, decision: TriggerDecision) -> None:
+        for alert in decision.alerts:
+            self._append("alerts.jsonl", {"at": now, "trigger": alert.trigger, "message": alert.message,
+                                          "figures": alert.figures, "started": decision.start,
+                                          "held": decision.held})
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        # Appends of one line each: a crash loses at most the line being written.
+        path = self.dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+def write_watch_summary(run_dir: Path, events: list[WatchEvent]) -> Path:
+    """``summary.json`` of a watch: every poll, its alerts, and the cycles it ran."""
+    polls = [{"at": e.at, "sites": len(e.poll.statuses), "refused": len(e.poll.refused),
+              "no_reply": len(e.poll.no_reply), **e.decision.to_dict(),
+              "cycle": None if e.cycle is None else {"run_id": e.cycle["run_id"],
+                                                     "decision": e.cycle["gate"]["decision"],
+                                                     "published_version": e.cycle["published_version"]},
+              "failure": e.failure} for e in events]
+    summary = {"polls": polls, "cycles": sum(1 for e in events if e.decision.start),
+               "published_versions": [e.cycle["published_version"] for e in events
+                                      if e.cycle is not None and e.cycle["published_version"] is not None]}
+    path = Path(run_dir) / "summary.json"
+    atomic_write_json(path, finite_or_null(summary))
+    return path
+
+
+def _reason(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text()).get("reason") or "operator request")
+    except (OSError, ValueError):
+        return "operator request"
+
+
+def _cycle_record(number: int, now: float, decision: TriggerDecision, run_dir: Path,
+                  summary: dict[str, Any] | None, failure: str | None, before: dict[str, float]) -> dict[str, Any]:
+    record: dict[str, Any] = {"cycle": number, "at": now, "triggers": sorted({a.trigger for a in decision.alerts}),
+                              "eligible": list(decision.eligible), "excluded": decision.excluded,
+                              "run_dir": str(run_dir), "failure": failure}
+    if summary is not None:
+        sites = summary.get("sites", {})
+        record.update(
+            run_id=summary["run_id"], decision=summary["gate"]["decision"], reasons=summary["gate"]["reasons"],
+            published_version=summary["published_version"], pending_version=summary["pending_version"],
+            epsilon={s: {"before": before.get(s), "after": v.get("epsilon"),
+                         "spent": None if v.get("epsilon") is None or before.get(s) is None
+                         else round(v["epsilon"] - before[s], 6)} for s, v in sites.items()})
+    return record

@@ -1,0 +1,159 @@
+"""A site's status reply (client/monitor.py): counts, scores only with enough new data,
+drift that shows, privacy totals, and nothing but finite scalars under the promised keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+
+from client.monitor import format_status, site_status
+from client.reference import save_reference
+from client.site import site_model
+from client.store import ModelStore
+from fedretrain.config import Job, MonitorConfig, SiteConfig, compose_config
+from fedretrain.modeling.lora_model import adapter_arrays
+from fedretrain.records import to_torch_state_dict
+from fedretrain.registry.bundle import VersionBundle
+from simulation.drift import step_arrivals
+from simulation.notes import site_notes, specialty_mix_for_site, site_style
+
+BASE_KEYS = {"new-records", "reference-records", "has-reference", "train-records", "model-version",
+             "epsilon-spent", "epsilon-ceiling", "delta", "epsilon-projected", "can-afford"}
+SCORE_KEYS = {"drift-js", "drift-hidden", "loss-new", "loss-reference"}
+MIX = specialty_mix_for_site(0, dirichlet_alpha=0.5, seed=0)
+MONITOR = MonitorConfig(sample_records=40, min_new_records=10)
+
+
+@pytest.fixture(scope="module")
+def job() -> Job:
+    return Job.from_config(compose_config(["experiment=smoke"]), run_id="t")
+
+
+@pytest.fixture(scope="module")
+def fixed_sigma(job) -> Job:
+    """The smoke job with a fixed sigma: no search for the sigma of a target epsilon (~1 s a call)."""
+    return dataclasses.replace(job, privacy=dataclasses.replace(job.privacy, noise_multiplier=1.0))
+
+
+def make_site(tmp_path: Path, **settings) -> SiteConfig:
+    """A site with 48 training and 12 held-out notes (site 0's style and mix)."""
+    data = tmp_path / "site"
+    data.mkdir(parents=True)
+    notes = site_notes(0, 60, MIX, 0, site_style(0, 0))
+    _append(data / "train.jsonl", notes[:48])
+    _append(data / "heldout.jsonl", notes[48:])
+    return SiteConfig(site_id="site-a", data_dir=str(data), epsilon_ceiling=settings.pop("ceiling", 8.0),
+                      delta=1e-5, **settings)
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with path.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def arrive(site: SiteConfig, count: int, *, drifted: bool, step: int = 1) -> None:
+    """``count`` new records, four in five to the training file, as ingestion appends them."""
+    records = step_arrivals(0, step, count, seed=0, drifted=drifted, mix=MIX)
+    cut = count * 4 // 5
+    _append(site.train_path, records[:cut])
+    _append(site.heldout_path, records[cut:])
+
+
+def assert_scalars(status: dict) -> None:
+    for key, value in status.items():
+        assert type(value) in (int, float), f"{key}: {value!r}"
+        assert math.isfinite(value), key
+
+
+def test_a_site_that_never_trained_reports_counts_and_privacy_only(tmp_path, job):
+    site = make_site(tmp_path)
+    status = site_status(site, job, MONITOR)
+    assert set(status) == BASE_KEYS
+    assert_scalars(status)
+    assert (status["has-reference"], status["new-records"], status["reference-records"]) == (0, 0, 0)
+    assert (status["train-records"], status["model-version"], status["epsilon-spent"]) == (48, 0, 0.0)
+    # The smoke job derives sigma to spend target_epsilon=4 over its rounds: a fresh site projects ~4.
+    assert status["epsilon-projected"] == pytest.approx(4.0, rel=0.05)
+    assert status["can-afford"] == 1 and status["epsilon-ceiling"] == 8.0 and status["delta"] == 1e-5
+    assert "never trained" in format_status("site-a", status)
+
+
+def test_scores_appear_only_with_enough_new_records(tmp_path, fixed_sigma):
+    job = fixed_sigma
+    site = make_site(tmp_path)
+    save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
+    arrive(site, 5, drifted=False)  # 4 training + 1 held-out record
+    few = site_status(site, job, MONITOR)
+    assert set(few) == BASE_KEYS
+    assert (few["has-reference"], few["new-records"], few["reference-records"], few["train-records"]) == (1, 5, 60, 52)
+    assert "not enough new data" in format_status("site-a", few)
+
+    arrive(site, 25, drifted=False, step=2)
+    enough = site_status(site, job, MONITOR)
+    assert set(enough) == BASE_KEYS | SCORE_KEYS
+    assert_scalars(enough)
+    assert (enough["new-records"], enough["train-records"]) == (30, 72)
+    assert "drift: tokens" in format_status("site-a", enough)
+    windowed = dataclasses.replace(job, train=dataclasses.replace(job.train, window=50))
+    assert site_status(site, windowed, MONITOR)["train-records"] == 50
+
+
+def test_drifted_arrivals_score_higher_than_undrifted_ones(tmp_path, fixed_sigma):
+    job = fixed_sigma
+    statuses = {}
+    for drifted in (False, True):
+        site = make_site(tmp_path / str(drifted))
+        save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
+        arrive(site, 40, drifted=drifted)
+        statuses[drifted] = site_status(site, job, MONITOR)
+    same, shifted = statuses[False], statuses[True]
+    print({k: (round(same[k], 4), round(shifted[k], 4)) for k in sorted(SCORE_KEYS)})
+    assert same["drift-js"] < 0.03 < 0.15 < shifted["drift-js"]
+    assert same["drift-hidden"] < 0.5 < 1.0 < shifted["drift-hidden"]
+    gap = {d: s["loss-new"] - s["loss-reference"] for d, s in statuses.items()}
+    assert gap[True] > gap[False] + 0.3
+
+
+def test_the_installed_version_is_the_one_scored(tmp_path, fixed_sigma):
+    job = fixed_sigma
+    site = make_site(tmp_path)
+    save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
+    arrive(site, 20, drifted=False)
+    base = site_status(site, job, MONITOR)
+    # Install version 3 by hand (the store does not verify; client/install.py does).
+    adapter = {k: np.full_like(v, 0.02) for k, v in adapter_arrays(site_model(job, "cpu").model).items()}
+    files = {"adapter_model.safetensors": safetensors.torch.save(to_torch_state_dict(adapter))}
+    ModelStore(site.model_store_path).install(VersionBundle(b'{"version": 3}', b"sig", files), via="publish")
+    installed = site_status(site, job, MONITOR)
+    assert (base["model-version"], installed["model-version"]) == (0, 3)
+    assert installed["loss-new"] != pytest.approx(base["loss-new"], abs=1e-4)
+    assert installed["drift-js"] == base["drift-js"] and installed["drift-hidden"] == base["drift-hidden"]
+
+
+def test_can_afford_flips_when_the_ceiling_is_below_the_projection(tmp_path, job):
+    site = make_site(tmp_path)
+    projected = site_status(site, job, MONITOR)["epsilon-projected"]
+    tight = dataclasses.replace(site, epsilon_ceiling=projected * 0.9)
+    assert site_status(tight, job, MONITOR)["can-afford"] == 0
+    plain = dataclasses.replace(job, privacy=dataclasses.replace(job.privacy, enabled=False))
+    status = site_status(tight, plain, MONITOR)
+    assert status["epsilon-projected"] == status["epsilon-spent"] == 0.0 and status["can-afford"] == 1
+
+
+def test_count_noise_changes_the_count_reproducibly(tmp_path, fixed_sigma):
+    job = fixed_sigma
+    site = make_site(tmp_path, count_noise=3.0)
+    save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
+    arrive(site, 5, drifted=False)
+    counts = [site_status(site, job, MONITOR, seed=s)["new-records"] for s in range(8)]
+    assert all(type(c) is int and c >= 0 for c in counts)
+    assert any(c != 5 for c in counts)
+    assert site_status(site, job, MONITOR, seed=3)["new-records"] == counts[3]
+    assert type(site_status(site, job, MONITOR, seed=None)["new-records"]) is int

@@ -1,0 +1,56 @@
+"""The drift scenario end to end on Flower's simulation engine, as the README runs it, shrunk in time:
+the undrifted step raises no alert, the drifted step does, one cycle publishes a version every
+site installs, and on fresh data it beats the version that was never retrained."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_readme import SCENARIO_COMMAND, readme_blocks
+
+REPO = Path(__file__).resolve().parents[1]
+# Step 0 publishes version 1, step 1 is quiet, the data drifts at step 2. No rate limit, so the
+# drifted step can start its cycle two simulated days after the first one.
+SHRINK = ["scenario.steps=2", "scenario.drift_step=2", "trigger.min_interval_s=0"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_drift_is_detected_retrained_published_and_recovers(tmp_path):
+    # Prepare: the README's command
+    assert SCENARIO_COMMAND in [c for block in readme_blocks() for c in block]
+
+    # Execute
+    proc = subprocess.run([sys.executable, "-m", "fedretrain.cli", *shlex.split(SCENARIO_COMMAND)[1:], *SHRINK,
+                           f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+
+    # Assert
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (run_dir,) = tmp_path.glob("*-drift")
+    result = json.loads((run_dir / "scenario.json").read_text())
+    step0, quiet, drifted = result["timeline"]
+    assert [a["trigger"] for a in step0["alerts"]] == ["initial"] and step0["published_in_step"] == 1
+    # Undrifted new records: counted, scored, and below every threshold.
+    assert quiet["alerts"] == [] and not quiet["cycle_started"]
+    assert all(s["new_records"] > 0 and s["drift_js"] < 0.05 for s in quiet["sites"].values())
+    # Drifted records: the drift trigger fires at every site's figures, one cycle runs and publishes.
+    assert "drift" in [a["trigger"] for a in drifted["alerts"]]
+    assert all(s["drift_js"] > 0.05 for s in drifted["sites"].values())
+    assert drifted["cycle_started"] and drifted["published_in_step"] == 2
+    assert drifted["installed_at"] == sorted(drifted["sites"])
+    # Recovery: on the drifted step's fresh data the new version beats version 1.
+    assert drifted["loss_published"] < drifted["loss_never_retrained"]
+    assert result["recovered_step"] == 2 and result["cycles"] == 2
+    # Privacy across cycles: each cycle spent from the sites' lifetime ledgers.
+    cycles = [json.loads(line) for line in
+              (run_dir / "sites" / "coordinator" / "registry" / "watch" / "cycles.jsonl").read_text().splitlines()]
+    for site, eps in cycles[1]["epsilon"].items():
+        assert eps["spent"] > 0 and eps["after"] <= 8.0, site
+    assert (run_dir / "drift.png").stat().st_size > 10_000
+    assert "fresh-data loss from then on" in proc.stdout

@@ -1,0 +1,223 @@
+"""The coordinator's watch: it polls, logs every alert with its figures, runs one cycle when a
+trigger fires (with the sites that can pay, the others listed), never two at once, and keeps
+its state below the registry. The cycle itself is the real one elsewhere (e2e); here it is
+recorded, not run, so the watch's own decisions can be checked in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest.mock import Mock
+
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+import server.watch
+from fedretrain.config import compose_config
+from fedretrain.errors import CycleBusy
+from server.broadcast import broadcast
+from server.grid import SiteSubset
+from server.monitor import STATUS_MESSAGE
+from server.run import cycle_lock_path
+from server.watch import Watcher, request_retrain
+
+
+@pytest.fixture(autouse=True)
+def instruction_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def status(new=0, js=None, can_afford=1, spent=2.0) -> dict:
+    metrics = {"new-records": new, "reference-records": 100, "has-reference": 1, "train-records": 100,
+               "model-version": 1, "epsilon-spent": spent, "epsilon-ceiling": 8.0, "delta": 1e-5,
+               "epsilon-projected": spent + 2.0, "can-afford": can_afford}
+    if js is not None:
+        metrics.update({"drift-js": js, "drift-hidden": 0.1, "loss-new": 3.0, "loss-reference": 3.0})
+    return metrics
+
+
+def status_grid(replies: dict[int, tuple[str, dict] | Error]) -> Mock:
+    """A Grid whose nodes answer the status query with the given metrics (or an error)."""
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = sorted(replies)
+
+    def send_and_receive(messages, timeout):
+        out = []
+        for msg in messages:
+            assert msg.metadata.message_type == STATUS_MESSAGE
+            answer = replies[msg.metadata.dst_node_id]
+            if isinstance(answer, Error):
+                out.append(Message(answer, reply_to=msg))
+            else:
+                site, metrics = answer
+                out.append(Message(RecordDict({"metrics": MetricRecord(metrics),
+                                               "site": ConfigRecord({"site-id": site})}), reply_to=msg))
+        return out
+
+    grid.send_and_receive.side_effect = send_and_receive
+    return grid
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    (tmp_path / "registry").mkdir()
+    return compose_config(["experiment=smoke", f"registry.root={tmp_path / 'registry'}",
+                           "registry.signing_key=/unused.key", "trigger.drift_js=0.1",
+                           "trigger.min_interval_s=3600", "strategy.min_sites=2"])
+
+
+@pytest.fixture
+def cycles(monkeypatch):
+    """Record the cycles the watch starts instead of training."""
+    calls = []
+
+    def fake_run(grid, cfg, run_dir, *, config_yaml, validation_path, train_nodes):
+        calls.append({"train_nodes": sorted(train_nodes), "validation_path": validation_path})
+        return {"run_id": f"r{len(calls)}", "gate": {"decision": "publish", "reasons": ["better"]},
+                "published_version": len(calls), "pending_version": None,
+                "sites": {"site-a": {"epsilon": 4.0}, "site-b": {"epsilon": 4.5}}}
+
+    monkeypatch.setattr(server.watch, "run_retraining", fake_run)
+    return calls
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_quiet_sites_start_nothing_but_drift_at_one_site_starts_one_cycle(tmp_path, cfg, cycles):
+    # Prepare: three sites; a published champion exists (no "initial" trigger)
+    watch_dir = Path(cfg.registry.root) / "watch"
+    (Path(cfg.registry.root) / "champion.json").write_text('{"version": 1}')
+    quiet = status_grid({1: ("site-a", status(30, js=0.02)), 2: ("site-b", status(30, js=0.03)),
+                         3: ("site-c", status(30, js=0.01))})
+    watcher = Watcher(quiet, cfg, tmp_path / "runs", "yaml", "val.jsonl")
+    watcher.state.last_cycle_at = 0.0
+
+    # Execute: a quiet poll, then one where site-b drifted
+    first = watcher.poll_once(10_000.0)
+    cycles_after_first = list(cycles)
+    watcher.grid = status_grid({1: ("site-a", status(30, js=0.02)), 2: ("site-b", status(30, js=0.25)),
+                                3: ("site-c", status(30, js=0.01))})
+    second = watcher.poll_once(20_000.0)
+
+    # Assert: no alert, no cycle; then one drift alert with its figures and one cycle on all three
+    assert not first.decision.alerts and not first.decision.start and cycles_after_first == []
+    assert [a.trigger for a in second.decision.alerts] == ["drift"] and second.decision.start
+    assert cycles == [{"train_nodes": [1, 2, 3], "validation_path": "val.jsonl"}]
+    alerts = lines(watch_dir / "alerts.jsonl")
+    assert [a["trigger"] for a in alerts] == ["drift"] and alerts[0]["started"] is True
+    assert "site-b" in json.dumps(alerts[0]["figures"])
+    record, = lines(watch_dir / "cycles.jsonl")
+    assert record["triggers"] == ["drift"] and record["published_version"] == 1
+    assert record["epsilon"]["site-a"] == {"before": 2.0, "after": 4.0, "spent": 2.0}
+    assert json.loads((watch_dir / "state.json").read_text()) == {"last_cycle_at": 20_000.0, "polls": 2,
+                                                                  "cycles": 1}
+
+
+def test_a_site_out_of_budget_is_left_out_and_listed(tmp_path, cfg, cycles):
+    grid = status_grid({1: ("site-a", status(50)), 2: ("site-b", status(50, can_afford=0, spent=7.5)),
+                        3: ("site-c", status(50))})
+    watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
+
+    event = watcher.poll_once(0.0)  # nothing published, never trained: the initial cycle
+
+    assert [a.trigger for a in event.decision.alerts] == ["initial"]
+    assert cycles[0]["train_nodes"] == [1, 3]
+    assert list(event.decision.excluded) == ["site-b"] and "7.50" in event.decision.excluded["site-b"]
+    record, = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
+    assert record["eligible"] == ["site-a", "site-c"] and list(record["excluded"]) == ["site-b"]
+
+
+def test_an_operator_request_starts_a_cycle_through_the_rate_limit_and_is_used_up(tmp_path, cfg, cycles):
+    (Path(cfg.registry.root) / "champion.json").write_text('{"version": 1}')
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))})
+    watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
+    watcher.state.last_cycle_at = 1000.0
+    request = request_retrain(cfg.registry.root, "new guideline published")
+
+    started = watcher.poll_once(1060.0)  # 60 s after the last cycle; the rate limit is 3600 s
+    again = watcher.poll_once(1120.0)
+
+    assert [(a.trigger, a.message) for a in started.decision.alerts][0][0] == "operator"
+    assert "new guideline published" in started.decision.alerts[0].message and len(cycles) == 1
+    assert not request.exists() and (request.parent / "done" / request.name).exists()
+    assert not again.decision.alerts  # the request was used up
+
+
+def test_a_cycle_holding_the_lock_in_another_process_holds_the_watch(tmp_path, cfg, cycles):
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))})
+    watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
+    lock = cycle_lock_path(Path(cfg.registry.root))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from fedretrain.atomic import file_lock\n"
+        f"with file_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(30)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        event = watcher.poll_once(0.0)
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert event.decision.alerts and not event.decision.start
+    assert event.decision.held == "a cycle is already running" and cycles == []
+
+
+def test_a_failed_cycle_is_recorded_and_the_watch_goes_on(tmp_path, cfg, monkeypatch):
+    def busy(*args, **kwargs):
+        raise CycleBusy("another retraining cycle is running on this registry")
+
+    monkeypatch.setattr(server.watch, "run_retraining", busy)
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5)),
+                        3: Error(code=4101, reason="site site-c: DataValidationError: bad file")})
+    watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
+
+    event = watcher.poll_once(0.0)
+
+    assert event.failure.startswith("CycleBusy") and event.cycle is None
+    assert [r["node_id"] for r in event.poll.refused] == [3]
+    record, = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
+    assert record["failure"].startswith("CycleBusy")
+
+
+def test_retrain_needs_an_existing_registry(tmp_path):
+    from fedretrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="registry.root"):
+        request_retrain(tmp_path / "nowhere", "x")
+
+
+def test_the_subset_grid_offers_only_its_nodes_that_are_still_connected():
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [5, 3, 9]
+    subset = SiteSubset(grid, [3, 9, 11])
+    assert list(subset.get_node_ids()) == [3, 9]
+    subset.send_and_receive(["m"], timeout=4)
+    grid.send_and_receive.assert_called_once_with(["m"], timeout=4)
+
+
+def test_two_nodes_speaking_for_one_site_keep_the_first_answer():
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-a", status(900))})
+    out = broadcast(grid, RecordDict(), STATUS_MESSAGE, 5, lambda s, n, r: dict(r["metrics"]), what="status")
+    assert out.answered["site-a"][0] == 1 and out.answered["site-a"][1]["new-records"] == 5
+    assert out.refused[0]["node_id"] == 2 and "already answered" in out.refused[0]["reason"]
+
+
+def test_run_polls_on_its_interval(tmp_path, cfg, cycles):
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))})
+    watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
+    slept, clock = [], iter([0.0, 60.0, 120.0])
+
+    events = watcher.run(max_polls=3, clock=lambda: next(clock), sleep=slept.append)
+
+    assert [e.at for e in events] == [0.0, 60.0, 120.0] and slept == [60.0, 60.0]
+    assert len(cycles) == 1  # the initial cycle only: no other trigger fires on these sites
