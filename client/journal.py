@@ -5,7 +5,7 @@
 half stored. So the renames go through a journal:
 
 1. each new file is written in full to a temp file beside its target
-   (``.<name>.ingest-tmp``) and fsynced;
+   (``.<name>.ingest-tmp``) and fsynced, and so are their directories;
 2. the journal, naming the targets, is written atomically: **the commit point**;
 3. each temp file is renamed over its target, the directories are fsynced, and the
    journal is deleted.
@@ -41,6 +41,10 @@ def commit(journal: Path, contents: Mapping[Path, bytes]) -> None:
     """Replace every file in ``contents`` with its new bytes, all or none (see the module docstring)."""
     for target, data in contents.items():
         _write_synced(temp_path(target), data)
+    # The temp files' directory entries must be durable before the commit point: after a
+    # power loss, recovery reads a missing temp file as "already renamed".
+    for directory in sorted({t.parent for t in contents}):
+        fsync_dir(directory)
     write_journal(journal, list(contents))
     apply_journal(journal, list(contents))
 

@@ -24,6 +24,7 @@ is noised.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,13 +32,14 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 
+from client.ingest import recover_store
 from client.reference import Reference, load_reference
 from client.site import noise_multiplier, site_model
 from client.store import ModelStore
 from fedretrain.config import Job, MonitorConfig, SiteConfig
 from fedretrain.data.encoding import encode_texts
-from fedretrain.data.schema import read_records
-from fedretrain.errors import DataValidationError, VerificationError
+from fedretrain.data.schema import optional_texts, read_records
+from fedretrain.errors import VerificationError
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
 from fedretrain.monitoring.drift import hidden_state_shift, mean_hidden_states, token_js_divergence
 from fedretrain.privacy.ledger import PrivacyLedger
@@ -45,6 +47,8 @@ from fedretrain.records import from_torch_state_dict
 from fedretrain.registry.bundle import VersionBundle
 from fedretrain.training.dp import poisson_sample_rate
 from fedretrain.training.evaluate import evaluate_loss
+
+log = logging.getLogger("fedretrain.client")
 
 SCORE_KEYS = ("drift-js", "drift-hidden", "loss-new", "loss-reference")
 
@@ -70,45 +74,43 @@ def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, seed: int
     Raises
     ------
     DataValidationError
-        If the data files are invalid, or the reference points past their end.
+        If the data files are invalid. A reference that points past their end (a
+        replaced or truncated store) is dropped: the site answers as if it had none.
     """
+    recover_store(site)  # an ingest interrupted by a crash is completed (or undone) first
     train = [r.text for r in read_records(site.train_path)]
-    heldout = _optional_records(site.heldout_path)
-    ref = load_reference(site)
+    heldout = optional_texts(site.heldout_path)
+    ref = _usable_reference(site, len(train), len(heldout))
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
     status: dict[str, float | int] = {"has-reference": int(ref is not None)}
-    new_texts: list[str] = []
-    if ref is not None:
-        _check_reference(site, ref, len(train), len(heldout))
-        new_texts = train[ref.train_end:] + heldout[ref.heldout_end:]
-        status["reference-records"] = ref.train_end - ref.train_start + ref.heldout_end
-    else:
-        status["reference-records"] = 0
-    status["new-records"] = _noised_count(len(new_texts), site.count_noise, rng)
+    new_texts = [] if ref is None else train[ref.train_end:] + heldout[ref.heldout_end:]
     window = job.train.window
-    status["train-records"] = min(window, len(train)) if window else len(train)
+    # With count noise on, every count in the reply is noised: an exact training-set size
+    # next to a noised new-record count would give the new count away between two polls.
+    counts = {"new-records": len(new_texts),
+              "reference-records": 0 if ref is None else ref.train_end - ref.train_start + ref.heldout_end,
+              "train-records": min(window, len(train)) if window else len(train)}
+    status.update({key: _noised_count(value, site.count_noise, rng) for key, value in counts.items()})
     reference = [] if ref is None else train[ref.train_start:ref.train_end] + heldout[:ref.heldout_end]
-    if ref is not None and len(new_texts) >= monitor.min_new_records and len(reference) >= 2:
-        # Held-out records the published model never trained on; the window when there are none.
-        unseen = heldout[:ref.heldout_end] or train[ref.train_start:ref.train_end]
-        status.update(_scores(site, job, monitor, reference, unseen, new_texts, rng))
+    # The loss comparison needs held-out records of the reference (never trained on): the
+    # training window would make the reference loss look low and the gap look like drift.
+    if ref is not None and len(new_texts) >= monitor.min_new_records and len(reference) >= 2 and ref.heldout_end:
+        status.update(_scores(site, job, monitor, reference, heldout[:ref.heldout_end], new_texts, rng))
     status["model-version"] = _installed_version(site)
-    status.update(_privacy(site, job, int(status["train-records"])))
+    status.update(_privacy(site, job, counts["train-records"]))
     return status
 
 
-def _optional_records(path: Path) -> list[str]:
-    # No held-out file (or an empty one) is zero held-out records, not an error.
-    if not path.is_file() or not path.read_bytes().strip():
-        return []
-    return [r.text for r in read_records(path)]
-
-
-def _check_reference(site: SiteConfig, ref: Reference, num_train: int, num_heldout: int) -> None:
-    if ref.train_end > num_train or ref.heldout_end > num_heldout:
-        raise DataValidationError(str(site.reference_path), None, None,
-                                  f"points past the end of the data ({num_train} training, {num_heldout} held-out "
-                                  "records); the store is append-only, so the data was replaced or truncated")
+def _usable_reference(site: SiteConfig, num_train: int, num_heldout: int) -> Reference | None:
+    ref = load_reference(site)
+    if ref is not None and (ref.train_end > num_train or ref.heldout_end > num_heldout):
+        # The store is append-only; a shorter one was replaced or truncated by its operator.
+        # Answer as a site without a reference (counted again after its next training round)
+        # instead of refusing every poll and being left out for good.
+        log.warning("site %s: the reference window points past the end of the data; the store was replaced "
+                    "or truncated, so drift is measured again after the next training round", site.site_id)
+        return None
+    return ref
 
 
 def _noised_count(count: int, scale: float, rng: np.random.Generator) -> int:

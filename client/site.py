@@ -19,7 +19,7 @@ from client.ingest import recover_store
 from client.reference import save_reference
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
-from fedretrain.data.schema import read_records
+from fedretrain.data.schema import optional_texts, read_records
 from fedretrain.errors import PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.privacy.accounting import noise_multiplier_for_target
@@ -48,6 +48,7 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     # interrupted by a crash is completed (or undone) before the store is read.
     recover_store(site)
     texts = [r.text for r in read_records(site.train_path)]
+    heldout = len(optional_texts(site.heldout_path))  # counted now: records ingested during training are new
     # The store is append-only, so the newest records are the last ones.
     start = 0 if job.train.window is None else max(0, len(texts) - job.train.window)
     window = (start, len(texts))
@@ -63,7 +64,6 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     with ledger_lock(site.ledger_path):
         outcome = _train_and_record(site, job, global_adapter, server_round, texts)
     # What this cycle trained on is the reference its drift is measured against (client/monitor.py).
-    heldout = len(read_records(site.heldout_path)) if site.heldout_path.exists() else 0
     save_reference(site, job.run_id, *window, heldout)
     return outcome
 

@@ -43,6 +43,7 @@ def broadcast(grid: Grid, content: RecordDict, message_type: str, timeout_s: flo
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     outcome: Broadcast[T] = Broadcast()
     answered: set[int] = set()
+    claimed: dict[str, list[int]] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
         answered.add(node)
@@ -50,13 +51,19 @@ def broadcast(grid: Grid, content: RecordDict, message_type: str, timeout_s: flo
             if reply.has_error():
                 raise ValueError(f"code {reply.error.code}: {reply.error.reason}")
             site = str(reply.content["site"]["site-id"])
-            if site in outcome.answered:  # two nodes speaking for one site: keep the first, refuse this one
-                raise ValueError(f"site {site!r} already answered from node {outcome.answered[site][0]}")
+            claimed.setdefault(site, []).append(node)
             outcome.answered[site] = (node, parse(site, node, reply.content))
         except (KeyError, TypeError, ValueError) as err:
             reason = str(err) if reply.has_error() else f"malformed reply ({type(err).__name__}: {err})"
             log.warning("%s: node %d refused: %s", what, node, reason)
             outcome.refused.append({"node_id": node, "reason": reason})
+    for site, claimants in claimed.items():
+        if len(claimants) > 1:  # two nodes speaking for one site: neither is trusted
+            outcome.answered.pop(site, None)
+            for node in claimants:
+                reason = f"site {site!r} answered from {len(claimants)} nodes ({', '.join(map(str, claimants))})"
+                log.warning("%s: node %d refused: %s", what, node, reason)
+                outcome.refused.append({"node_id": node, "reason": reason})
     outcome.no_reply = [n for n in nodes if n not in answered]
     for node in outcome.no_reply:
         log.warning("%s: node %d did not answer within %.0f s", what, node, timeout_s)

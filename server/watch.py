@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 
 from fedretrain.atomic import atomic_write_json, try_file_lock
 from fedretrain.config import Config, Job
-from fedretrain.errors import ConfigError, FedretrainError
+from fedretrain.errors import ConfigError, CycleBusy
 from fedretrain.registry.store import Registry
 from server.report import finite_or_null
 from server.monitor import StatusPoll, poll_status
@@ -67,7 +67,9 @@ class WatchState:
             return cls()
         try:
             raw = json.loads(path.read_text())
-            return cls(last_cycle_at=raw["last_cycle_at"], polls=int(raw["polls"]), cycles=int(raw["cycles"]))
+            last = raw["last_cycle_at"]
+            return cls(last_cycle_at=None if last is None else float(last), polls=int(raw["polls"]),
+                       cycles=int(raw["cycles"]))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{path}: not a valid watch state ({err}); move it aside to start afresh") from None
 
@@ -102,6 +104,11 @@ class Watcher:
 
     def poll_once(self, now: float, *, validation_path: str | None = None) -> WatchEvent:
         """StatusPoll, decide, and run a cycle if the triggers call for one. ``now`` is the triggers' clock (s)."""
+        if self.state.last_cycle_at is not None and self.state.last_cycle_at > now:
+            # State written under another clock (a simulated scenario on the same registry).
+            log.warning("watch state: the last cycle is in the future (%.0f > %.0f); ignoring it",
+                        self.state.last_cycle_at, now)
+            self.state.last_cycle_at = None
         job = Job.from_config(self.cfg, run_id=f"status-{self.state.polls + 1}")
         poll = poll_status(self.grid, job, self.cfg.monitor)
         requests = sorted((self.dir / "requests").glob("*.json"))
@@ -135,26 +142,35 @@ class Watcher:
 
     def _cycle(self, now: float, poll: StatusPoll, decision: TriggerDecision, requests: list[Path],
                validation_path: str | None) -> WatchEvent:
-        self.state.last_cycle_at = now
-        self.state.cycles += 1
         nodes = [s.node_id for s in poll.statuses if s.site_id in decision.eligible]
         before = {s.site_id: s.epsilon_spent for s in poll.statuses}
-        run_dir = new_run_dir(self.runs_dir, f"{self.cfg.name}-cycle{self.state.cycles}")
-        log.info("cycle %d: %s; %d sites take part, %d left out", self.state.cycles,
+        number = self.state.cycles + 1
+        run_dir = new_run_dir(self.runs_dir, f"{self.cfg.name}-cycle{number}")
+        log.info("cycle %d: %s; %d sites take part, %d left out", number,
                  ", ".join(sorted({a.trigger for a in decision.alerts})), len(nodes), len(decision.excluded))
+        # The rate limit counts from this start, and is on disk before the cycle runs: a watch
+        # that crashes in a long cycle does not start another one at once when it comes back.
+        previous = self.state.last_cycle_at
+        self.state.last_cycle_at, self.state.cycles = now, number
+        atomic_write_json(self.dir / "state.json", self.state.__dict__)
         summary, failure = None, None
         try:
             summary = run_retraining(self.grid, self.cfg, run_dir, config_yaml=self.config_yaml,
                                      validation_path=validation_path, train_nodes=nodes)
-        except FedretrainError as err:  # a failed cycle is recorded; the watch goes on
+        except CycleBusy as err:  # another process started a cycle first: this one never ran
+            self.state.last_cycle_at, self.state.cycles = previous, number - 1
+            log.warning("cycle %d not started: %s", number, err)
+            held = TriggerDecision(start=False, alerts=decision.alerts, eligible=decision.eligible,
+                                   excluded=decision.excluded, held="a cycle is already running")
+            return WatchEvent(at=now, poll=poll, decision=held)
+        except Exception as err:  # noqa: BLE001 - a failed cycle is recorded; the watch goes on
             failure = f"{type(err).__name__}: {err}"
-            log.warning("cycle %d failed: %s", self.state.cycles, failure)
+            log.exception("cycle %d failed", number)
         for request in requests:  # the cycle they asked for has run
             done = request.parent / "done" / request.name
             done.parent.mkdir(parents=True, exist_ok=True)
             request.replace(done)
-        self._append("cycles.jsonl", _cycle_record(self.state.cycles, now, decision, run_dir, summary, failure,
-                                                   before))
+        self._append("cycles.jsonl", _cycle_record(number, now, decision, poll, run_dir, summary, failure, before))
         return WatchEvent(at=now, poll=poll, decision=decision, cycle=summary, failure=failure)
 
     def _log_alerts(self, now: float, decision: TriggerDecision) -> None:
@@ -194,10 +210,12 @@ def _reason(path: Path) -> str:
         return "operator request"
 
 
-def _cycle_record(number: int, now: float, decision: TriggerDecision, run_dir: Path,
+def _cycle_record(number: int, now: float, decision: TriggerDecision, poll: StatusPoll, run_dir: Path,
                   summary: dict[str, Any] | None, failure: str | None, before: dict[str, float]) -> dict[str, Any]:
     record: dict[str, Any] = {"cycle": number, "at": now, "triggers": sorted({a.trigger for a in decision.alerts}),
                               "eligible": list(decision.eligible), "excluded": decision.excluded,
+                              # Sites whose status was refused or never came are not in this cycle either.
+                              "status_refused": list(poll.refused), "status_no_reply": list(poll.no_reply),
                               "run_dir": str(run_dir), "failure": failure}
     if summary is not None:
         sites = summary.get("sites", {})

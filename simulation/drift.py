@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 from simulation.federation import site_id
-from simulation.notes import _note_text
+from simulation.notes import note_text
 from simulation.specialties import SPECIALTIES, VOCABULARY
 from simulation.styles import SiteStyle, seeded_rng, site_style
 
@@ -172,8 +172,8 @@ def _note(rng: random.Random, mix: Mapping[str, float], style: SiteStyle, drifte
     names = [name for name in SPECIALTIES if weights.get(name, 0.0) > 0.0]
     vocab = VOCABULARY[rng.choices(names, [weights[name] for name in names])[0]]
     if not drifted:
-        return _note_text(rng, vocab, style)
-    return rewrite_terminology(_note_text(rng, vocab, drifted_style(style)))
+        return note_text(rng, vocab, style)
+    return rewrite_terminology(note_text(rng, vocab, drifted_style(style)))
 
 
 def _step_timestamps(rng: random.Random, step: int, count: int, step_s: float) -> list[str]:

@@ -143,7 +143,8 @@ def _plan_text(items: list[str], style: SiteStyle) -> str:
     return " ".join(f"{item}." for item in items)
 
 
-def _note_text(rng: random.Random, vocab: Vocabulary, style: SiteStyle) -> str:
+def note_text(rng: random.Random, vocab: Vocabulary, style: SiteStyle) -> str:
+    """One note about ``vocab``'s specialty in ``style``, drawn from ``rng``."""
     age = rng.randint(2, 17) if vocab.pediatric else rng.randint(24, 89)
     female = rng.random() < 0.5
     intro = style.age_format.format(
@@ -220,7 +221,7 @@ def site_notes(
     records = []
     for n, stamp in enumerate(stamps):
         vocab = VOCABULARY[rng.choices(names, weights)[0]]
-        records.append({"id": f"site{site_index}-{n}", "text": _note_text(rng, vocab, style), "timestamp": stamp})
+        records.append({"id": f"site{site_index}-{n}", "text": note_text(rng, vocab, style), "timestamp": stamp})
     return records
 
 
@@ -245,7 +246,7 @@ def validation_notes(num_records: int, seed: int, num_sites: int = NUM_STYLES) -
     records = []
     for n, stamp in enumerate(stamps):
         vocab, style = VOCABULARY[rng.choice(SPECIALTIES)], rng.choice(styles)
-        records.append({"id": f"val-{n}", "text": _note_text(rng, vocab, style), "timestamp": stamp})
+        records.append({"id": f"val-{n}", "text": note_text(rng, vocab, style), "timestamp": stamp})
     return records
 
 

@@ -56,6 +56,7 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
     never_retrained: dict[str, Any] | None = None  # version 1's adapter: the federation that never retrains
     steps: list[dict[str, Any]] = []
     for step in range(sc.steps + 1):
+        step_started = time.perf_counter() - started
         arrived = _arrivals(cfg, fed, step, drifted) if step > 0 else 0
         validation = _write_fresh(cfg, fed, run_dir / "validation" / f"step-{step:02d}.jsonl", step, drifted,
                                   "validation", cfg.data.validation_records)
@@ -67,6 +68,7 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
                              sc.probe_records)
         record = _step_record(step, step >= sc.drift_step, arrived, event,
                               champion.version if champion else None, time.perf_counter() - started)
+        record["started_s"] = round(step_started, 3)
         record["loss_published"] = _probe_loss(cfg, lm, probe, champion.arrays if champion else None)
         record["loss_never_retrained"] = _probe_loss(cfg, lm, probe, never_retrained["arrays"]
                                                      if never_retrained else None)
@@ -133,9 +135,12 @@ def _step_record(step: int, drifted: bool, arrived: int, event: WatchEvent, vers
 
 def _result(cfg: Config, steps: list[dict[str, Any]], drifted: int, wall_s: float) -> dict[str, Any]:
     sc = cfg.scenario
-    detected = next((s["step"] for s in steps if s["step"] >= sc.drift_step and s["cycle_started"]), None)
-    recovered = next((s for s in steps if s["step"] >= sc.drift_step and s["published_in_step"] is not None), None)
+    # Recovery: the first version published after the drift that the sites installed.
+    recovered = next((s for s in steps if s["step"] >= sc.drift_step and s["published_in_step"] is not None
+                      and s["installed_at"]), None)
     after = [s for s in steps if recovered is not None and s["step"] >= recovered["step"]]
+    drift_cycle = next((s["step"] for s in steps if s["step"] >= sc.drift_step and s["cycle_started"]
+                        and any(a["trigger"] == "drift" for a in s["alerts"])), None)
 
     def mean(key: str) -> float | None:
         values = [s[key] for s in after if s[key] is not None]
@@ -146,11 +151,12 @@ def _result(cfg: Config, steps: list[dict[str, Any]], drifted: int, wall_s: floa
         "drifted_sites": drifted, "arrivals_per_step": sc.arrivals_per_step, "step_s": sc.step_s,
         "cycles": sum(1 for s in steps if s["cycle_started"]),
         "versions_published": [s["published_in_step"] for s in steps if s["published_in_step"] is not None],
-        "drift_cycle_step": detected,
+        "drift_cycle_step": drift_cycle,
         "recovered_step": None if recovered is None else recovered["step"],
         "steps_to_recovery": None if recovered is None else recovered["step"] - sc.drift_step,
+        # From the start of the drift step (its records arriving) to the end of the poll whose cycle installed it.
         "wall_s_drift_to_installed": None if recovered is None
-        else round(recovered["wall_s"] - steps[sc.drift_step - 1]["wall_s"], 3),
+        else round(recovered["wall_s"] - steps[sc.drift_step]["started_s"], 3),
         "mean_loss_after_recovery": {"published": mean("loss_published"),
                                      "never_retrained": mean("loss_never_retrained")},
         "wall_time_s": round(wall_s, 3), "timeline": steps,

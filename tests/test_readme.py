@@ -109,8 +109,10 @@ def test_readme_watch_walkthrough(tmp_path):
         outputs.append(proc.stdout)
     watch = tmp_path / "fed" / "coordinator" / "registry" / "watch"
     cycles = [json.loads(line) for line in (watch / "cycles.jsonl").read_text().splitlines()]
-    # The first watch publishes version 1 (nothing was published); the operator's request starts the second cycle.
-    assert [c["triggers"] for c in cycles] == [["initial"], ["operator"]]
+    # The first watch publishes version 1 (nothing was published). At the second, the operator's request and
+    # site-00's notes in a new template (drift) start one cycle together.
+    assert [c["triggers"] for c in cycles][0] == ["initial"] and len(cycles) == 2
+    assert {"operator", "drift"} <= set(cycles[1]["triggers"])
     assert cycles[0]["published_version"] == 1
     assert all(v["spent"] > 0 for v in cycles[1]["epsilon"].values())
     assert not list((watch / "requests").glob("*.json")) and len(list((watch / "requests" / "done").iterdir())) == 1

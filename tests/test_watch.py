@@ -173,20 +173,40 @@ def test_a_cycle_holding_the_lock_in_another_process_holds_the_watch(tmp_path, c
 
 
 def test_a_failed_cycle_is_recorded_and_the_watch_goes_on(tmp_path, cfg, monkeypatch):
-    def busy(*args, **kwargs):
-        raise CycleBusy("another retraining cycle is running on this registry")
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(server.watch, "run_retraining", busy)
+    monkeypatch.setattr(server.watch, "run_retraining", broken)
     grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5)),
                         3: Error(code=4101, reason="site site-c: DataValidationError: bad file")})
     watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
 
     event = watcher.poll_once(0.0)
+    later = watcher.poll_once(60.0)
 
-    assert event.failure.startswith("CycleBusy") and event.cycle is None
+    assert event.failure == "RuntimeError: CUDA out of memory" and event.cycle is None
     assert [r["node_id"] for r in event.poll.refused] == [3]
     record, = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
-    assert record["failure"].startswith("CycleBusy")
+    assert record["failure"].startswith("RuntimeError") and record["status_refused"][0]["node_id"] == 3
+    assert watcher.state.cycles == 1 and not later.decision.start  # it ran (and failed): no second initial
+
+
+def test_losing_the_race_for_the_cycle_lock_is_a_hold_not_a_cycle(tmp_path, cfg, monkeypatch):
+    def busy(*args, **kwargs):
+        raise CycleBusy("another retraining cycle is running on this registry")
+
+    monkeypatch.setattr(server.watch, "run_retraining", busy)
+    (Path(cfg.registry.root) / "champion.json").write_text('{"version": 1}')
+    watcher = Watcher(status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))}), cfg, tmp_path / "runs",
+                      "yaml")
+    request = request_retrain(cfg.registry.root, "please")
+
+    event = watcher.poll_once(100.0)
+
+    assert event.decision.held == "a cycle is already running" and not event.decision.start
+    assert request.exists()  # still queued for the next poll
+    assert watcher.state.cycles == 0 and watcher.state.last_cycle_at is None
+    assert not (Path(cfg.registry.root) / "watch" / "cycles.jsonl").exists()
 
 
 def test_retrain_needs_an_existing_registry(tmp_path):
@@ -205,11 +225,12 @@ def test_the_subset_grid_offers_only_its_nodes_that_are_still_connected():
     grid.send_and_receive.assert_called_once_with(["m"], timeout=4)
 
 
-def test_two_nodes_speaking_for_one_site_keep_the_first_answer():
-    grid = status_grid({1: ("site-a", status(5)), 2: ("site-a", status(900))})
+def test_two_nodes_speaking_for_one_site_are_both_refused():
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-a", status(900)), 3: ("site-b", status(7))})
     out = broadcast(grid, RecordDict(), STATUS_MESSAGE, 5, lambda s, n, r: dict(r["metrics"]), what="status")
-    assert out.answered["site-a"][0] == 1 and out.answered["site-a"][1]["new-records"] == 5
-    assert out.refused[0]["node_id"] == 2 and "already answered" in out.refused[0]["reason"]
+    assert list(out.answered) == ["site-b"]
+    assert sorted(r["node_id"] for r in out.refused) == [1, 2]
+    assert all("answered from 2 nodes" in r["reason"] for r in out.refused)
 
 
 def test_run_polls_on_its_interval(tmp_path, cfg, cycles):

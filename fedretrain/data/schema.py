@@ -54,6 +54,14 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
+def optional_texts(path: str | Path) -> list[str]:
+    """The texts of a data file that may be missing or empty (zero records, not an error)."""
+    path = Path(path)
+    if not path.is_file() or not path.read_bytes().strip():
+        return []
+    return [r.text for r in read_records(path)]
+
+
 def _read_jsonl(path: Path, content: str) -> list[Record]:
     records: list[Record] = []
     seen: dict[str, int] = {}
