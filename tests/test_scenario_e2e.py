@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_readme import SCENARIO_COMMAND, readme_blocks
+
+from fedretrain.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Step 0 publishes version 1, step 1 is quiet, the data drifts at step 2. No rate limit, so the
@@ -38,10 +39,11 @@ def test_drift_is_detected_retrained_published_and_recovers(tmp_path):
     assert [a["trigger"] for a in step0["alerts"]] == ["initial"] and step0["published_in_step"] == 1
     # Undrifted new records: counted, scored, and below every threshold.
     assert quiet["alerts"] == [] and not quiet["cycle_started"]
-    assert all(s["new_records"] > 0 and s["drift_js"] < 0.05 for s in quiet["sites"].values())
+    threshold = compose_config(["experiment=drift"]).trigger.drift_js
+    assert all(s["new_records"] > 0 and s["drift_js"] < threshold for s in quiet["sites"].values())
     # Drifted records: the drift trigger fires at every site's figures, one cycle runs and publishes.
     assert "drift" in [a["trigger"] for a in drifted["alerts"]]
-    assert all(s["drift_js"] > 0.05 for s in drifted["sites"].values())
+    assert all(s["drift_js"] > threshold for s in drifted["sites"].values())
     assert drifted["cycle_started"] and drifted["published_in_step"] == 2
     assert drifted["installed_at"] == sorted(drifted["sites"])
     # Recovery: on the drifted step's fresh data the new version beats version 1.
