@@ -157,3 +157,48 @@ def test_count_noise_changes_the_count_reproducibly(tmp_path, fixed_sigma):
     assert any(c != 5 for c in counts)
     assert site_status(site, job, MONITOR, seed=3)["new-records"] == counts[3]
     assert type(site_status(site, job, MONITOR, seed=None)["new-records"]) is int
+
+
+def test_the_status_reply_carries_scalars_and_the_site_id_only(tmp_path, fixed_sigma, monkeypatch):
+    # Prepare: a trained site with drifted new records, asked through the real ClientApp
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import make_client_app
+
+    for name, value in (("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    site = make_site(tmp_path)
+    save_reference(site, "cycle-1", 0, 48, 12)
+    arrive(site, 30, drifted=True)
+    texts = [json.loads(line)["text"] for path in (site.train_path, site.heldout_path)
+             for line in path.read_text().splitlines()]
+    msg = Message(RecordDict({"config": ConfigRecord(fixed_sigma.to_flat()),
+                              "monitor": ConfigRecord(dataclasses.asdict(MonitorConfig(sample_records=40)))}),
+                  dst_node_id=7, message_type="query.status")
+    context = Context(run_id=1, node_id=7, node_config=site.to_node_config(), state=RecordDict(), run_config={})
+
+    # Execute
+    reply = make_client_app()(msg, context)
+
+    # Assert: two records, scores included, every value a number; no text, token or record id anywhere
+    assert not reply.has_error()
+    assert set(reply.content) == {"metrics", "site"}
+    assert dict(reply.content["site"]) == {"site-id": site.site_id}
+    metrics = dict(reply.content["metrics"])
+    assert {"drift-js", "drift-hidden", "loss-new", "loss-reference"} <= set(metrics)
+    assert_scalars(metrics)
+    assert len(reply.content.array_records) == 0
+    dumped = json.dumps(metrics)
+    assert not any(word in dumped for text in texts[:20] for word in text.split()[:3] if len(word) > 4)
+
+
+def test_a_truncated_store_drops_the_reference_instead_of_refusing_every_poll(tmp_path, fixed_sigma):
+    site = make_site(tmp_path)
+    save_reference(site, "cycle-1", 0, 100, 12)  # the store held 100 training records then; 48 now
+
+    status = site_status(site, fixed_sigma, MONITOR)
+
+    assert (status["has-reference"], status["new-records"], status["reference-records"]) == (0, 0, 0)
+    assert not SCORE_KEYS & set(status)
