@@ -49,46 +49,60 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        def work() -> RecordDict:
-            site, job, server_round = _unpack(msg, context, resolve_site)
-            outcome = train_round(site, job, from_array_record(msg.content["arrays"]), server_round)
-            return _reply(site, to_array_record(outcome.adapter), outcome.metrics)
-        return _guarded(msg, work, _site_label(context, resolve_site))
+        return _handle(msg, context, resolve_site, _train)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        def work() -> RecordDict:
-            site, job, _ = _unpack(msg, context, resolve_site)
-            baseline = msg.content.array_records.get("baseline")
-            outcome = evaluate_round(site, job, from_array_record(msg.content["arrays"]),
-                                     None if baseline is None else from_array_record(baseline))
-            return _reply(site, None, outcome.metrics)
-        return _guarded(msg, work, _site_label(context, resolve_site))
+        return _handle(msg, context, resolve_site, _evaluate)
 
     @app.query("publish")
     def publish(msg: Message, context: Context) -> Message:
-        # A signed version (and, for a rollback, the signed record) as bytes in "version".
-        def work() -> RecordDict:
-            site, job, _ = _unpack(msg, context, resolve_site)
-            payload = dict(msg.content["version"])
-            outcome = receive_version(site, job, VersionBundle.from_mapping(payload),
-                                      RollbackRecord.from_mapping(payload))
-            return _reply(site, None, outcome.metrics)
-        return _guarded(msg, work, _site_label(context, resolve_site))
+        return _handle(msg, context, resolve_site, _publish)
 
     @app.query("status")
     def status(msg: Message, context: Context) -> Message:
-        # Scalars and counts only (drift scores, losses, record counts, privacy totals): no
-        # record, token or identifier of a patient leaves the site in a status reply.
-        def work() -> RecordDict:
-            site, job, _ = _unpack(msg, context, resolve_site)
-            monitor = build(MonitorConfig, dict(msg.content["monitor"]), "monitor")
-            # Noise on the count must be fresh at every poll (a repeated draw cancels out between
-            # two replies); without noise a fixed seed keeps the sampled records reproducible.
-            return _reply(site, None, site_status(site, job, monitor, seed=None if site.count_noise > 0 else 0))
-        return _guarded(msg, work, _site_label(context, resolve_site))
+        return _handle(msg, context, resolve_site, _status)
 
     return app
+
+
+Core = Callable[[SiteConfig, Job, int, RecordDict], RecordDict]
+
+
+def _handle(msg: Message, context: Context, resolve_site: SiteResolver, core: Core) -> Message:
+    """Unpack the site and the job, run ``core``, and answer with its reply or an error reply."""
+    def work() -> RecordDict:
+        site, job, server_round = _unpack(msg, context, resolve_site)
+        return core(site, job, server_round, msg.content)
+    return _guarded(msg, work, _site_label(context, resolve_site))
+
+
+def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    outcome = train_round(site, job, from_array_record(content["arrays"]), server_round)
+    return _reply(site, to_array_record(outcome.adapter), outcome.metrics)
+
+
+def _evaluate(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    baseline = content.array_records.get("baseline")
+    outcome = evaluate_round(site, job, from_array_record(content["arrays"]),
+                             None if baseline is None else from_array_record(baseline))
+    return _reply(site, None, outcome.metrics)
+
+
+def _publish(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # A signed version (and, for a rollback, the signed record) as bytes in "version".
+    payload = dict(content["version"])
+    outcome = receive_version(site, job, VersionBundle.from_mapping(payload), RollbackRecord.from_mapping(payload))
+    return _reply(site, None, outcome.metrics)
+
+
+def _status(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # Scalars and counts only (drift scores, losses, record counts, privacy totals): no
+    # record, token or identifier of a patient leaves the site in a status reply.
+    monitor = build(MonitorConfig, dict(content["monitor"]), "monitor")
+    # Noise on the counts must be fresh at every poll (a repeated draw cancels out between
+    # two replies); without noise a fixed seed keeps the sampled records reproducible.
+    return _reply(site, None, site_status(site, job, monitor, seed=None if site.count_noise > 0 else 0))
 
 
 def _unpack(msg: Message, context: Context, resolve_site: SiteResolver) -> tuple[SiteConfig, Job, int]:

@@ -61,7 +61,7 @@ def _site_ingest(args: argparse.Namespace) -> int:
         try:
             reports += _poll_inbox(site, args.inbox or None, args.watch, args.max_polls)
         except KeyboardInterrupt:  # the way out of --watch; an interrupted ingest is recovered next time
-            pass
+            print("stopped watching the inbox", flush=True)
     if any(report.quarantined for report in reports):
         print(f"quarantined records (reasons included) are in {site.quarantine_path}")
     return 2 if any(report.error for report in reports) else 0

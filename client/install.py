@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from client.site import site_model
@@ -113,12 +112,11 @@ def _smoke_eval(site: SiteConfig, job: Job, lm: LoraModel, store: ModelStore, te
     """Held-out loss of the new version against the current one; refuse if it is worse."""
     texts = [r.text for r in read_records(site.heldout_path)]
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
-    current = store.current_dir()
+    current = store.current_adapter()
     if current is None:
         current_loss = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False).loss
     else:
-        stored = VersionBundle.from_dir(current).files["adapter_model.safetensors"]
-        load_adapter_arrays(lm, from_torch_state_dict(safetensors.torch.load(stored)))
+        load_adapter_arrays(lm, current)
         current_loss = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size).loss
     load_adapter_arrays(lm, from_torch_state_dict(tensors))
     new_loss = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size).loss

@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 
 from client.ingest import recover_store
 from client.reference import Reference, load_reference
@@ -39,12 +38,9 @@ from client.store import ModelStore
 from fedretrain.config import Job, MonitorConfig, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import optional_texts, read_records
-from fedretrain.errors import VerificationError
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
 from fedretrain.monitoring.drift import hidden_state_shift, mean_hidden_states, token_js_divergence
 from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.records import from_torch_state_dict
-from fedretrain.registry.bundle import VersionBundle
 from fedretrain.training.dp import poisson_sample_rate
 from fedretrain.training.evaluate import evaluate_loss
 
@@ -151,14 +147,10 @@ def _token_ids(tensors: Sequence) -> list[list[int]]:
 
 def _load_published(lm: LoraModel, site: SiteConfig) -> bool:
     """Load the installed version's adapter into ``lm``; False when none is installed (bare base model)."""
-    current = ModelStore(site.model_store_path).current_dir()
-    if current is None:
-        return False
-    stored = VersionBundle.from_dir(current).files.get("adapter_model.safetensors")
-    if stored is None:
-        raise VerificationError("store", f"{current}: the installed version has no adapter_model.safetensors")
-    load_adapter_arrays(lm, from_torch_state_dict(safetensors.torch.load(stored)))
-    return True
+    adapter = ModelStore(site.model_store_path).current_adapter()
+    if adapter is not None:
+        load_adapter_arrays(lm, adapter)
+    return adapter is not None
 
 
 def _installed_version(site: SiteConfig) -> int:

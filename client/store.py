@@ -19,8 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import safetensors.torch
+
 from fedretrain.atomic import atomic_write_json, fsync_dir
 from fedretrain.errors import VerificationError
+from fedretrain.records import from_torch_state_dict
 from fedretrain.registry.bundle import VersionBundle
 
 
@@ -60,6 +64,16 @@ class ModelStore:
         """Directory of the current version, or None when nothing is installed."""
         current = self.state().current
         return None if current is None else self.version_dir(current)
+
+    def current_adapter(self) -> dict[str, np.ndarray] | None:
+        """The current version's adapter tensors, or None when nothing is installed."""
+        current = self.current_dir()
+        if current is None:
+            return None
+        stored = VersionBundle.from_dir(current).files.get("adapter_model.safetensors")
+        if stored is None:
+            raise VerificationError("store", f"{current}: the installed version has no adapter_model.safetensors")
+        return from_torch_state_dict(safetensors.torch.load(stored))
 
     def stored_bundle(self, version: int) -> VersionBundle | None:
         directory = self.version_dir(version)

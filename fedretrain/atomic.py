@@ -46,37 +46,26 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int | None =
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive lock guarding ``path`` (blocking until it is free).
+def file_lock(path: str | os.PathLike[str], *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock guarding ``path``; yields whether it is held.
 
     Atomic writes keep a file whole, but a read-modify-write needs a lock too. The
     lock is ``<path>.lock`` (flock), released when the block ends or the process dies.
+    With ``wait=False`` it does not block: the block runs with False when another
+    process holds the lock.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-@contextmanager
-def try_file_lock(path: str | os.PathLike[str]) -> Iterator[bool]:
-    """Like ``file_lock`` but without waiting: yields False when another process holds it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
         else:
             yield True
     finally:
-        os.close(fd)
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def fsync_dir(directory: Path) -> None:

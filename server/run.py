@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from fedretrain.config import Config, Job
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import read_records
-from fedretrain.atomic import try_file_lock
+from fedretrain.atomic import file_lock
 from fedretrain.errors import ConfigError, CycleBusy
 from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.records import from_array_record, to_array_record
@@ -55,7 +55,7 @@ def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
     to ``summary.json``).
     """
     registry = open_registry(cfg)
-    with try_file_lock(cycle_lock_path(registry.registry.root)) as locked:
+    with file_lock(cycle_lock_path(registry.registry.root), wait=False) as locked:
         if not locked:
             raise CycleBusy(f"{registry.registry.root}: another retraining cycle is running on this registry")
         return _run_cycle(grid, cfg, run_dir, registry, config_yaml=config_yaml, validation_path=validation_path,

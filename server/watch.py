@@ -28,7 +28,7 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
-from fedretrain.atomic import atomic_write_json, try_file_lock
+from fedretrain.atomic import atomic_write_json, file_lock
 from fedretrain.config import Config, Job
 from fedretrain.errors import ConfigError, CycleBusy
 from fedretrain.registry.store import Registry
@@ -112,7 +112,7 @@ class Watcher:
         job = Job.from_config(self.cfg, run_id=f"status-{self.state.polls + 1}")
         poll = poll_status(self.grid, job, self.cfg.monitor)
         requests = sorted((self.dir / "requests").glob("*.json"))
-        with try_file_lock(cycle_lock_path(Path(self.cfg.registry.root))) as free:
+        with file_lock(cycle_lock_path(Path(self.cfg.registry.root)), wait=False) as free:
             running = not free
         decision = evaluate_triggers(
             self.cfg.trigger, poll.statuses, now=now, last_cycle_at=self.state.last_cycle_at,

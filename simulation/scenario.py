@@ -58,8 +58,8 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
     for step in range(sc.steps + 1):
         step_started = time.perf_counter() - started
         arrived = _arrivals(cfg, fed, step, drifted) if step > 0 else 0
-        validation = _write_fresh(cfg, fed, run_dir / "validation" / f"step-{step:02d}.jsonl", step, drifted,
-                                  "validation", cfg.data.validation_records)
+        validation = run_dir / "validation" / f"step-{step:02d}.jsonl"
+        _write_fresh(cfg, fed, validation, step, drifted, "validation", cfg.data.validation_records)
         event = watcher.poll_once(step * sc.step_s, validation_path=str(validation))
         champion = champion_adapter(handle)
         if champion is not None and never_retrained is None:
@@ -95,20 +95,19 @@ def _arrivals(cfg: Config, fed: Federation, step: int, drifted: int) -> int:
 
 
 def _write_fresh(cfg: Config, fed: Federation, path: Path, step: int, drifted: int, stream: str,
-                 count: int) -> Path:
+                 count: int) -> list[str]:
+    """Write ``count`` fresh records of ``step`` to ``path`` (kept in the run directory); return their texts."""
     records = fresh_probe(step, count, cfg.seed, len(fed.sites), drifted, cfg.scenario.drift_step, fed.mixes,
                           stream=stream, step_s=cfg.scenario.step_s)
     write_jsonl(path, records)
-    return path
+    return [r["text"] for r in records]
 
 
-def _probe_loss(cfg: Config, lm: LoraModel, probe: Path, arrays: dict[str, Any] | None) -> float | None:
+def _probe_loss(cfg: Config, lm: LoraModel, probe: list[str], arrays: dict[str, Any] | None) -> float | None:
     if arrays is None:
         return None
-    from fedretrain.data.schema import read_records
-
     load_adapter_arrays(lm, arrays)
-    dataset = encode_texts(lm.tokenizer, [r.text for r in read_records(probe)], cfg.model.max_length)
+    dataset = encode_texts(lm.tokenizer, probe, cfg.model.max_length)
     return round(evaluate_loss(lm.model, dataset, batch_size=cfg.train.eval_batch_size).loss, 6)
 
 

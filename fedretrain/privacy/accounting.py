@@ -13,6 +13,7 @@ gate must never use it.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -78,6 +79,9 @@ def epsilon_for_history(
     return float(acc.get_epsilon(delta=delta))
 
 
+# A pure function of its arguments, and opacus' binary search takes about a second: a site
+# asks it again with the same inputs in every round of a run and in every status poll.
+@functools.lru_cache(maxsize=128)
 def noise_multiplier_for_target(
     target_epsilon: float,
     delta: float,

@@ -199,7 +199,7 @@ class PrivacyLedger:
         atomic_write_json(path, self.to_dict())
 
 
-def ledger_lock(path: str | os.PathLike[str]) -> AbstractContextManager[None]:
+def ledger_lock(path: str | os.PathLike[str]) -> AbstractContextManager[bool]:
     """Hold an exclusive lock on the ledger at ``path`` (blocking until it is free).
 
     Atomic writes keep the file whole, but load-check-train-record-save is a
