@@ -15,6 +15,8 @@ from typing import Any, Generic, TypeVar
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from server.grid import wait_for_nodes
+
 log = logging.getLogger("fedretrain.server")
 
 T = TypeVar("T")
@@ -31,14 +33,17 @@ class Broadcast(Generic[T]):
 
 def broadcast(grid: Grid, content: RecordDict, message_type: str, timeout_s: float,
               parse: Callable[[str, int, RecordDict], T], *, what: str,
-              node_ids: Iterable[int] | None = None) -> Broadcast[T]:
+              node_ids: Iterable[int] | None = None, min_nodes: int = 0) -> Broadcast[T]:
     """Send ``content`` to ``node_ids`` (default: every connected node) and parse each reply.
+
+    Without ``node_ids`` it first waits, up to ``timeout_s``, for ``min_nodes`` nodes to
+    connect (sites still starting up would otherwise miss the message).
 
     ``parse(site_id, node_id, content)`` turns a reply into a value; a ``KeyError``,
     ``TypeError`` or ``ValueError`` from it makes that reply a refusal. ``what`` names
     the exchange in log lines ("version 3", "status").
     """
-    nodes = sorted(grid.get_node_ids() if node_ids is None else node_ids)
+    nodes = wait_for_nodes(grid, min_nodes, timeout_s) if node_ids is None else sorted(node_ids)
     messages = [Message(content=content, dst_node_id=node, message_type=message_type) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     outcome: Broadcast[T] = Broadcast()

@@ -7,11 +7,31 @@ those sites are never sampled, rather than sampled and refused.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Collection, Iterable
 
 from flwr.app import Message
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+
+
+log = logging.getLogger("fedretrain.server")
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, *, poll_s: float = 0.5) -> list[int]:
+    """The connected node ids, once at least ``minimum`` are connected or ``timeout_s`` has passed.
+
+    Flower's own ``sample_nodes`` waits for nodes without a deadline; a poll or a delivery
+    must not hang on a site that never comes, nor run before the sites have connected.
+    """
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := sorted(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    if len(nodes) < minimum:
+        log.warning("%d of the %d expected sites connected within %.0f s; going on with them",
+                    len(nodes), minimum, timeout_s)
+    return nodes
 
 
 class SiteSubset(Grid):

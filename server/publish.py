@@ -103,14 +103,14 @@ def publish_candidate(handle: RegistryHandle, cfg: Config, adapter_dir: Path, re
 
 
 def deliver(grid: Grid, bundle: VersionBundle, rollback: RollbackRecord | None, job: Job,
-            timeout_s: float) -> dict[str, Any]:
+            timeout_s: float, min_nodes: int = 0) -> dict[str, Any]:
     """Send ``bundle`` to every connected site; return who installed it and who refused, and why."""
     payload = dict(bundle.to_mapping())
     if rollback is not None:
         payload.update(rollback.to_mapping())
     content = RecordDict({"version": ConfigRecord(payload), "config": ConfigRecord(job.to_flat())})
     sent = broadcast(grid, content, PUBLISH_MESSAGE, timeout_s, lambda _s, _n, reply: dict(reply["metrics"]),
-                     what=f"version {bundle.version}")
+                     what=f"version {bundle.version}", min_nodes=min_nodes)
     installed = {site: {"node_id": node, **metrics} for site, (node, metrics) in sent.answered.items()}
     total = len(installed) + len(sent.refused) + len(sent.no_reply)
     log.info("version %d: installed at %d of %d sites", bundle.version, len(installed), total)

@@ -89,8 +89,8 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
              f"version {champion.version}" if champion else "the base model", baseline.loss,
              baseline.perplexity, baseline.examples)
     # Sites that missed the champion (new, offline, or before a rollback or approval) catch up first.
-    sync = (deliver(grid, champion.bundle, champion.rollback, job, cfg.registry.publish_timeout_s)
-            if champion is not None else None)
+    sync = (deliver(grid, champion.bundle, champion.rollback, job, cfg.registry.publish_timeout_s,
+                    min_nodes=cfg.strategy.min_sites) if champion is not None else None)
 
     strategy = build_strategy(
         cfg.strategy.name, spec=lm.spec, max_examples_per_site=cfg.strategy.max_examples_per_site,

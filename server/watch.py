@@ -94,6 +94,7 @@ class Watcher:
     runs_dir: Path
     config_yaml: str
     validation_path: str | None = None
+    expected_sites: int | None = None  # sites a poll waits for (up to its timeout); None: strategy.min_sites
     events: list[WatchEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -110,7 +111,8 @@ class Watcher:
                         self.state.last_cycle_at, now)
             self.state.last_cycle_at = None
         job = Job.from_config(self.cfg, run_id=f"status-{self.state.polls + 1}")
-        poll = poll_status(self.grid, job, self.cfg.monitor)
+        poll = poll_status(self.grid, job, self.cfg.monitor,
+                           min_nodes=self.expected_sites or self.cfg.strategy.min_sites)
         requests = sorted((self.dir / "requests").glob("*.json"))
         with file_lock(cycle_lock_path(Path(self.cfg.registry.root)), wait=False) as free:
             running = not free

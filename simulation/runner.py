@@ -66,7 +66,8 @@ def watch(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        watcher = Watcher(grid, run.cfg, run.run_dir / "cycles", run.config_yaml, str(run.fed.validation_path))
+        watcher = Watcher(grid, run.cfg, run.run_dir / "cycles", run.config_yaml, str(run.fed.validation_path),
+                          expected_sites=len(run.fed.sites))
         events = watcher.run(max_polls=run.cfg.trigger.max_polls)
         write_watch_summary(run.run_dir, events)
 

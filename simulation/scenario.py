@@ -49,7 +49,7 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
     sc = cfg.scenario
     started = time.perf_counter()
     drifted = sc.drifted_sites if sc.drifted_sites is not None else len(fed.sites)
-    watcher = Watcher(grid, cfg, run_dir / "cycles", config_yaml)
+    watcher = Watcher(grid, cfg, run_dir / "cycles", config_yaml, expected_sites=len(fed.sites))
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device=cfg.model.device)
     handle = RegistryHandle(Registry(Path(cfg.registry.root)), load_private_key(Path(cfg.registry.signing_key)),
                             cfg.registry.expiry_days)

@@ -242,3 +242,15 @@ def test_run_polls_on_its_interval(tmp_path, cfg, cycles):
 
     assert [e.at for e in events] == [0.0, 60.0, 120.0] and slept == [60.0, 60.0]
     assert len(cycles) == 1  # the initial cycle only: no other trigger fires on these sites
+
+
+def test_a_poll_waits_for_sites_still_connecting_but_not_forever():
+    from server.grid import wait_for_nodes
+
+    starting = Mock(spec=Grid)
+    starting.get_node_ids.side_effect = [[], [4], [4, 2], [4, 2, 9]]
+    assert wait_for_nodes(starting, 2, timeout_s=5, poll_s=0.01) == [2, 4]
+
+    absent = Mock(spec=Grid)
+    absent.get_node_ids.return_value = [4]
+    assert wait_for_nodes(absent, 3, timeout_s=0.05, poll_s=0.01) == [4]
