@@ -1,12 +1,14 @@
 # make demo   sets up on first use, then runs the default federated retraining simulation
 # make test   sets up on first use, then runs the whole test suite (slow and e2e included)
+# make bench  sets up on first use, then runs every benchmark into one table and
+#             benchmarks/results/latest.json (about 10 min; QUICK=1: a smoke run, BENCH_OUT=path)
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedretrain-installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +29,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/bench_suite.py $(if $(QUICK),--quick) $(if $(BENCH_OUT),--out $(BENCH_OUT))
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache runs

@@ -16,7 +16,12 @@ Run from the repository root::
 (not ``python -m benchmarks...``: opacus 1.6 installs a top-level ``benchmarks``
 package that shadows this folder.)
 
-Peak memory is about 2 x K*P*4 bytes (3.4 GB for the default K=100, P=4M).
+Server memory: the strategy holds all K replies before it averages (Flower's
+``send_and_receive``), so its peak is at least K x update bytes; the average itself
+adds one accumulator per key. Measured from /proc/self/status: the peak RSS (VmHWM,
+reset through /proc/self/clear_refs) during (c) above the RSS with the replies held.
+
+The benchmark's own peak is about 2 x K*P*4 bytes (3.4 GB for the default K=100, P=4M).
 """
 
 from __future__ import annotations
@@ -59,6 +64,24 @@ def ours(replies: list[RecordDict]) -> dict[str, np.ndarray]:
     return weighted_average(updates, weights)
 
 
+def _status_bytes(field: str) -> int:
+    """A ``Vm*`` field of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def aggregation_extra_bytes(replies: list[RecordDict]) -> int:
+    """Peak RSS added by one run of (c) over the RSS with the replies held."""
+    held = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    result = ours(replies)
+    extra = _status_bytes("VmHWM") - held
+    del result
+    return extra
+
+
 def check_agreement(replies: list[RecordDict], got: dict[str, np.ndarray]) -> float:
     """Max abs difference between ours and Flower's result."""
     flower = aggregate_arrayrecords(replies, "num-examples")
@@ -77,6 +100,8 @@ def run(k: int, p: int, reps: int) -> list[dict[str, object]]:
     t_flower = best_of(lambda: aggregate_arrayrecords(replies, "num-examples"), max(reps // 2, 1))
     t_ours = best_of(lambda: ours(replies), reps)
     diff = check_agreement(replies, ours(replies))
+    extra = aggregation_extra_bytes(replies)
+    held = sum(r.array_records["arrays"].count_bytes() for r in replies)
 
     copy, flower, mine = gb / t_copy, gb / t_flower, gb / t_ours
     print(f"K={k} P={p:,} ({gb:.2f} GB of client bytes); NumPy and ours are single-threaded")
@@ -85,6 +110,8 @@ def run(k: int, p: int, reps: int) -> list[dict[str, object]]:
     print(f"  (c) ours                    {t_ours * 1e3:8.1f} ms  {mine:6.1f} GB/s")
     print(f"  ours/copy {mine / copy:.2f}   ours/flower {mine / flower:.1f}   "
           f"max |ours - flower| {diff:.2e}")
+    print(f"  server memory: replies {held / 1e9:.2f} GB + aggregation {extra / 1e6:.1f} MB "
+          f"(one update is {p * 4 / 1e6:.1f} MB)")
     if diff > 1e-5:
         raise SystemExit(f"results disagree: max abs diff {diff:.2e}")
     return [
@@ -94,6 +121,10 @@ def run(k: int, p: int, reps: int) -> list[dict[str, object]]:
          "ratio": mine / copy},
         {"name": "agg_ours_vs_flower_gbps", "value": mine, "limit_or_peer": flower,
          "ratio": mine / flower},
+        {"name": "agg_peak_server_bytes", "value": float(held + extra), "limit_or_peer": gb * 1e9,
+         "ratio": (held + extra) / (gb * 1e9)},
+        {"name": "agg_extra_bytes_vs_one_update", "value": float(extra), "limit_or_peer": p * 4.0,
+         "ratio": extra / (p * 4.0)},
         {"name": "agg_max_abs_diff_vs_flower", "value": diff, "limit_or_peer": 1e-5,
          "ratio": diff / 1e-5},
     ]

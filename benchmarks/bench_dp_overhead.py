@@ -73,6 +73,7 @@ class Variant:
     lora: list[nn.Parameter]
     start: list[torch.Tensor]
     times: list[float] = field(default_factory=list)  # seconds per timed step
+    grad_sample_bytes: int = 0  # most per-sample gradient bytes held at once (after backward)
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
         """One training step on the batch; returns its wall time in seconds."""
@@ -82,6 +83,10 @@ class Variant:
         logits = self.module(input_ids, attention_mask=attention_mask).logits  # [B, T, V]
         loss = self.criterion(logits, input_ids, attention_mask)
         loss.backward()
+        # Per-sample gradients exist between backward and step (None for plain and ghost).
+        held = sum(p.grad_sample.numel() * p.grad_sample.element_size() for p in self.lora
+                   if getattr(p, "grad_sample", None) is not None)
+        self.grad_sample_bytes = max(self.grad_sample_bytes, held)
         self.optimizer.step()
         loss.item()  # a DPTensorFastGradientClipping (ghost) has no float()
         return time.perf_counter() - start
@@ -149,12 +154,17 @@ def _rows(v: Variant, plain: Variant, batch_size: int, tokens: float) -> list[di
     ms, plain_ms = 1e3 * statistics.median(v.times), 1e3 * statistics.median(plain.times)
     best, plain_best = 1e3 * min(v.times), 1e3 * min(plain.times)
     tag = f"{v.name}_b{batch_size}"
+    floor = 4 * batch_size * sum(p.numel() for p in v.lora)
     return [
         {"name": f"dp_step_ms_{tag}", "value": ms, "limit_or_peer": plain_ms, "ratio": ms / plain_ms},
         {"name": f"dp_step_min_ms_{tag}", "value": best, "limit_or_peer": plain_best,
          "ratio": best / plain_best},
         {"name": f"dp_tokens_per_s_{tag}", "value": tokens / ms * 1e3,
          "limit_or_peer": tokens / plain_ms * 1e3, "ratio": plain_ms / ms},
+        # Extra memory against its floor B x LoRA params x 4 bytes (ghost: no per-sample
+        # gradients, only per-sample norms, so 0 here).
+        {"name": f"dp_grad_sample_bytes_{tag}", "value": float(v.grad_sample_bytes),
+         "limit_or_peer": float(floor), "ratio": v.grad_sample_bytes / floor},
     ]
 
 

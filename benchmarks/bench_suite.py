@@ -1,0 +1,121 @@
+"""``make bench``: every benchmark, one table, one JSON file; each figure a side-by-side ratio.
+
+Runs the benchmark scripts of this folder one after the other (never two at once: they
+time things), each in its own process, collects their rows, prints one table and
+writes it as JSON (``benchmarks/results/latest.json`` by default)::
+
+    {"date": ..., "machine": {...}, "quick": false, "wall_s": ..., "rows": [
+        {"section": "1 DP overhead", "name": ..., "value": ..., "limit_or_peer": ...,
+         "ratio": value / limit_or_peer, "unit": ..., "target": ..., "better": "lower",
+         "verdict": "meets" | "misses" | null, "note": ...}, ...]}
+
+Every ratio is measured in the same run against its peer (or a fixed limit), so it
+holds on a noisy machine; absolute values are this machine's. ``--quick`` is a smoke
+run (small sizes, few steps; the demo-based rows are listed with null values).
+
+Run from the repository root (not with ``-m``: opacus installs a ``benchmarks`` package)::
+
+    python benchmarks/bench_suite.py [--quick] [--out PATH]     # or: make bench [QUICK=1]
+
+``--out`` (or ``$BENCH_OUT``) writes elsewhere, e.g. so a test never overwrites the
+committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from suite_rows import DEMO_ROW_NAMES, finish_rows, machine, placeholder_rows
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_OUT = HERE / "results" / "latest.json"
+
+# (script, arguments in full mode, arguments in quick mode or None to skip it there)
+SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
+    ("bench_dp_overhead.py", ["--steps", "15"], ["--quick", "--steps", "3", "--threads", "1"]),
+    ("bench_comm.py", [], ["--steps", "1"]),
+    ("bench_aggregation.py", [], ["--quick", "--reps", "1"]),
+    ("bench_sim_overhead.py", [], ["--quick"]),
+    ("bench_demo.py", [], None),
+    ("bench_accounting.py", [], []),
+]
+
+
+def run_section(script: str, args: list[str], scratch: Path) -> list[dict]:
+    """Run one benchmark script to a JSON file; its rows. Its output goes to this console."""
+    out = scratch / (Path(script).stem + ".json")
+    env = dict(os.environ)
+    # The base model is built once into the repository's cache, as the tests do.
+    env.setdefault("FEDRETRAIN_CACHE", str(REPO / ".cache" / "fedretrain"))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(f"\n=== {script} {' '.join(args)}", flush=True)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(HERE / script), *args, "--json", str(out)], cwd=REPO, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{script} failed with exit status {done.returncode}")
+    print(f"=== {script}: {time.perf_counter() - started:.0f} s", flush=True)
+    return json.loads(out.read_text())
+
+
+def run_all(quick: bool) -> list[dict]:
+    """Every section's rows, in order (placeholders for the sections quick mode skips)."""
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="frbench-") as tmp:
+        for script, full_args, quick_args in SECTIONS:
+            if quick and quick_args is None:
+                rows += placeholder_rows(DEMO_ROW_NAMES, "skipped in quick mode (needs the ~70 s demo)")
+                continue
+            rows += run_section(script, quick_args if quick else full_args, Path(tmp))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """The table, one line per row."""
+    print(f"\n{'section':<22}{'name':<36}{'value':>14}{'limit/peer':>14}{'ratio':>9}{'target':>9}  verdict")
+    for row in rows:
+        cells = [_fmt(row[k]) for k in ("value", "limit_or_peer")]
+        target = "" if row["target"] is None else ("<=" if row["better"] == "lower" else ">=") + f"{row['target']:g}"
+        print(f"{row['section']:<22}{row['name']:<36}{cells[0]:>14}{cells[1]:>14}{_fmt(row['ratio']):>9}"
+              f"{target:>9}  {row['verdict'] or ''}")
+
+
+def _fmt(value: object) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def write_atomically(path: Path, document: dict) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run every section, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, no demo")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("BENCH_OUT") or DEFAULT_OUT),
+                        help=f"JSON output (default $BENCH_OUT or {DEFAULT_OUT.relative_to(REPO)})")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    rows = finish_rows(run_all(args.quick))
+    wall = time.perf_counter() - started
+    print_table(rows)
+    print(f"\n{len(rows)} rows in {wall:.0f} s; written to {args.out}")
+    write_atomically(args.out, {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "machine": machine(), "quick": args.quick, "wall_s": round(wall, 1),
+                                "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The benchmark suite: its quick run writes a valid table, and its row arithmetic by hand.
+
+Nothing here asserts a timing: the figures are whatever the shared CPU gave.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from demo_figures import first_beating_round, union_in  # noqa: E402
+from suite_rows import DEMO_ROW_NAMES, KEYS, finish_rows  # noqa: E402
+
+SECTIONS = {"1 DP overhead", "2 Client throughput", "3 Communication", "4 Aggregation", "5 Framework overhead",
+            "6 Start-up", "7 Time to value", "8 Privacy accounting"}
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) -> None:
+    # Prepare: the entry point `make bench QUICK=1` runs, writing to a temporary path.
+    out = tmp_path / "latest.json"
+    command = [sys.executable, str(repo / "benchmarks" / "bench_suite.py"), "--quick", "--out", str(out)]
+
+    # Execute
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+
+    # Assert: metadata, every section present, every row complete and self-consistent.
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    document = json.loads(out.read_text())
+    assert document["quick"] is True and document["machine"]["cores"] >= 1 and document["date"]
+    assert {"torch", "flwr", "cpu"} <= set(document["machine"])
+    rows = document["rows"]
+    assert {row["section"] for row in rows} == SECTIONS
+    for row in rows:
+        assert tuple(row) == KEYS, row["name"]
+        value, peer, ratio = row["value"], row["limit_or_peer"], row["ratio"]
+        if isinstance(value, float) and isinstance(peer, float) and peer != 0:
+            assert math.isfinite(ratio) and math.isclose(ratio, value / peer, rel_tol=1e-12), row["name"]
+        else:
+            assert ratio is None, row["name"]
+    names = {row["name"] for row in rows}
+    assert set(DEMO_ROW_NAMES) <= names  # listed, with null values, though quick mode skips the demo
+    assert {"dp_step_ms_hooks_b16", "agg_ours_vs_copy_gbps", "sim_round_s_n10", "eps_ours_rdp_vs_opacus_rdp",
+            "comm_bytes_per_client_round", "dp_tokens_per_s_hooks_b16"} <= names
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["eps_ours_rdp_vs_opacus_rdp"]["ratio"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_finish_rows_recomputes_ratios_and_judges_targets() -> None:
+    # Prepare: a hooks step of 230 ms vs 200 ms plain -> 1.15, exactly at the 1.15 target (meets);
+    # aggregation 4 GB/s vs a 10 GB/s copy -> 0.4, below the 0.5 target (misses, higher is better);
+    # a non-finite peer and a missing value give no ratio.
+    rows = [
+        {"name": "dp_step_ms_hooks_b64", "value": 230.0, "limit_or_peer": 200.0, "ratio": 99.0},
+        {"name": "agg_ours_vs_copy_gbps", "value": 4.0, "limit_or_peer": 10.0, "ratio": 0.4},
+        {"name": "eps_x", "value": 1.0, "limit_or_peer": float("inf"), "ratio": 0.0},
+        {"name": "ttv_y", "value": None, "limit_or_peer": 3.0, "ratio": None},
+    ]
+
+    # Execute
+    got = {row["name"]: row for row in finish_rows(rows)}
+
+    # Assert
+    hooks = got["dp_step_ms_hooks_b64"]
+    assert hooks["ratio"] == pytest.approx(1.15) and hooks["verdict"] == "meets" and hooks["target"] == 1.15
+    assert got["agg_ours_vs_copy_gbps"]["verdict"] == "misses"
+    assert got["eps_x"]["limit_or_peer"] is None and got["eps_x"]["ratio"] is None
+    assert got["ttv_y"]["ratio"] is None and got["ttv_y"]["verdict"] is None
+    assert [row["section"] for row in finish_rows(rows)] == sorted(row["section"] for row in got.values())
+
+
+def test_union_counts_overlapping_client_intervals_once() -> None:
+    # [0,4] and [2,6] overlap on [2,4]: union [0,6] is 6 s, clipped to the round [1,10] -> 5 s;
+    # [8,12] clipped to [8,10] -> 2 s; [20,30] lies outside. Total 7 s.
+    assert union_in([(0, 4), (2, 6), (8, 12), (20, 30)], 1, 10) == pytest.approx(7.0)
+    assert union_in([], 0, 5) == 0.0
+
+
+def test_first_beating_round_skips_the_starting_point() -> None:
+    def entry(r: int, cand: float) -> dict:
+        return {"round": r, "validation": {"candidate_loss": cand, "baseline_loss": 2.0}}
+
+    # Round 0 equals the baseline, round 1 is worse, round 2 is the first below 2.0.
+    assert first_beating_round([entry(0, 2.0), entry(1, 2.1), entry(2, 1.9), entry(3, 1.8)]) == 2
+    assert first_beating_round([entry(0, 2.0), entry(1, 2.5)]) is None
