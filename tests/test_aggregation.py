@@ -20,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedretrain.errors import ReplyRejected
 from fedretrain.records import AdapterSpec, from_array_record, to_array_record
 from strategies import FedAvgLoRA, build_strategy
+from strategies import aggregation
 from strategies.aggregation import weighted_average
 from strategies.validation import validate_train_reply
 
@@ -388,3 +389,24 @@ def test_aggregate_train_leaves_out_an_update_past_the_magnitude_bound(caplog):
     np.testing.assert_allclose(out["lora_A"], [[(1 * 10 + 4 * 20) / 30, (2 * 10 + 8 * 20) / 30]], rtol=1e-6)
     assert metrics["rejected-replies"] == 1
     assert "lora_A: values exceed the bound of 100" in strategy.round_log[1].rejected[0].reason
+
+
+def test_weighted_average_splits_keys_into_cache_sized_groups(monkeypatch):
+    # Prepare: a 16-byte budget groups a (2 floats, 8 B) with b (8 B, total 16 B); c (12 B) starts
+    # a group of its own. Weights 1 and 3 -> 0.25, 0.75.
+    monkeypatch.setattr(aggregation, "ACC_GROUP_BYTES", 16)
+    x0 = {"a": np.array([4.0, 0.0], np.float32), "b": np.array([0.0, 8.0], np.float32),
+          "c": np.array([1.0, 2.0, 3.0], np.float32)}
+    x1 = {"a": np.array([0.0, 4.0], np.float32), "b": np.array([8.0, 0.0], np.float32),
+          "c": np.array([5.0, 6.0, 7.0], np.float32)}
+
+    # Execute
+    groups = aggregation._key_groups(x0, list(x0))
+    out = weighted_average([x0, x1], [1, 3])
+
+    # Assert: a = (1, 3); b = (6, 2); c = 0.25 * (1, 2, 3) + 0.75 * (5, 6, 7) = (4, 5, 6); key order kept
+    assert groups == [["a", "b"], ["c"]]
+    assert list(out) == ["a", "b", "c"]
+    np.testing.assert_allclose(out["a"], [1.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(out["b"], [6.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(out["c"], [4.0, 5.0, 6.0], rtol=1e-6)
