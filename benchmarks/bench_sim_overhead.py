@@ -139,7 +139,7 @@ def measure(sizes: list[int], rounds: int) -> list[dict[str, object]]:
 def main(argv: list[str] | None = None) -> None:
     """Parent: run the grid and write rows. Child (``--child``): run one simulation."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N=10 and 100, 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="N=10 only, 2 rounds")
     parser.add_argument("--json", type=Path, help="write result rows here")
     parser.add_argument("--child", choices=["ours", "flower"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         result: object = child(args.child, args.n, args.rounds, args.t0 or T_IMPORT)
     else:
-        sizes = [10, 100] if args.quick else [10, 100, 1000]
-        result = measure(sizes, args.rounds or (3 if args.quick else 6))
+        sizes = [10] if args.quick else [10, 100, 1000]
+        result = measure(sizes, args.rounds or (2 if args.quick else 6))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

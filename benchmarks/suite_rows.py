@@ -47,6 +47,7 @@ ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
 ]
 
 DEMO_ROW_NAMES = ("startup_warm_s", "startup_cold_s", "demo_not_client_compute_s", "demo_framework_residual_s",
+                  "demo_not_client_compute_s_rounds2on", "demo_framework_residual_s_rounds2on",
                   "ttv_wall_s_to_published", "ttv_rounds_to_beat_baseline", "ttv_bytes_to_beat_baseline",
                   "demo_bytes_per_client_round")
 

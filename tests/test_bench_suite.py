@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from demo_figures import first_beating_round, union_in  # noqa: E402
+from demo_figures import demo_rows, first_beating_round, union_in  # noqa: E402
 from suite_rows import DEMO_ROW_NAMES, KEYS, finish_rows  # noqa: E402
 
 SECTIONS = {"1 DP overhead", "2 Client throughput", "3 Communication", "4 Aggregation", "5 Framework overhead",
@@ -90,3 +90,35 @@ def test_first_beating_round_skips_the_starting_point() -> None:
     # Round 0 equals the baseline, round 1 is worse, round 2 is the first below 2.0.
     assert first_beating_round([entry(0, 2.0), entry(1, 2.1), entry(2, 1.9), entry(3, 1.8)]) == 2
     assert first_beating_round([entry(0, 2.0), entry(1, 2.5)]) is None
+
+
+def test_demo_rows_split_round_time_by_hand() -> None:
+    # Prepare: rounds end at 10 (round 0), 50 and 70. Round 1 [10, 50]: the sites compute on
+    # [20, 40] and [38, 45] (union 25 s), the server scores on [46, 49] (3 s). Round 2 [50, 70]:
+    # sites [51, 65] (14 s), server [66, 69] (3 s); the publish query at 71 is after the rounds.
+    run = {"t0": 0.0, "end": 100.0, "rounds": {"0": 10.0, "1": 50.0, "2": 70.0},
+           "client": [{"what": "train.default", "start": 20, "end": 40},
+                      {"what": "evaluate.default", "start": 38, "end": 45},
+                      {"what": "train.default", "start": 51, "end": 65},
+                      {"what": "query.publish", "start": 71, "end": 80}],
+           "server_evals": [[5, 9], [46, 49], [66, 69]],
+           "summary": {"published_version": 1, "rounds": 2,
+                       "communication": {"full_model_bytes": 1000, "bytes_per_client_per_round": 40}},
+           "metrics": [{"round": r, "bytes_down": 30 * (r > 0), "bytes_up": 30 * (r > 0), "sites_sampled": 3 * (r > 0),
+                        "validation": {"candidate_loss": loss, "baseline_loss": 2.0}}
+                       for r, loss in ((0, 2.0), (1, 2.1), (2, 1.9))]}
+
+    # Execute: the cold run started 20 s earlier than the warm one
+    got = {row["name"]: row for row in demo_rows(run, dict(run, t0=-20.0))}
+
+    # Assert: not client compute (40 - 25) + (20 - 14) = 21 of 60 s; less server scoring 15 s;
+    # rounds 2.. only: 6 and 3 of 20 s. Start-up 10 s warm, 30 s cold. Round 2 beats the baseline
+    # after 120 bytes, against 2 rounds x 3 sites x 2 directions x 1000 bytes = 12000.
+    assert (got["demo_not_client_compute_s"]["value"], got["demo_not_client_compute_s"]["limit_or_peer"]) == (21, 60)
+    assert got["demo_framework_residual_s"]["value"] == 15
+    assert got["demo_not_client_compute_s_rounds2on"]["value"] == 6
+    assert got["demo_framework_residual_s_rounds2on"]["value"] == 3
+    assert (got["startup_warm_s"]["value"], got["startup_cold_s"]["value"]) == (10, 30)
+    assert got["ttv_rounds_to_beat_baseline"]["value"] == 2
+    assert (got["ttv_bytes_to_beat_baseline"]["value"], got["ttv_bytes_to_beat_baseline"]["limit_or_peer"]) == (120, 12000)
+    assert got["ttv_wall_s_to_published"]["limit_or_peer"] == 25 + 14  # the sites' compute in the rounds
