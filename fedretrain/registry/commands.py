@@ -17,14 +17,41 @@ _ROW = "{mark} {version:>7}  {status:<11}  {created:<20}  {expires:<20}  {parent
 
 
 def add_keys_commands(subparsers: Any) -> None:
-    """Add ``keys coordinator [--out DIR] [--force]`` to the top-level subparsers."""
-    keys = subparsers.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    """Add ``keys coordinator|ca|superlink|site`` to the top-level subparsers."""
+    keys = subparsers.add_parser("keys", help="signing, TLS and node keys").add_subparsers(dest="keys_command",
+                                                                                         required=True)
     coordinator = keys.add_parser("coordinator", help="create the coordinator's Ed25519 signing key pair")
     coordinator.add_argument("--out", type=Path, default=Path("keys"), help="directory for the key files")
     coordinator.add_argument("--force", action="store_true",
                              help="replace an existing pair (sites that pinned the old public key "
                                   "then refuse new versions)")
     coordinator.set_defaults(func=_keys_coordinator)
+    _add_deploy_keys_commands(keys)
+
+
+def _add_deploy_keys_commands(keys: Any) -> None:
+    # The identities of Flower's deployment engine: TLS for the SuperLink, node keys for sites.
+    ca = keys.add_parser("ca", help="create the federation's CA (signs the SuperLink's TLS certificate)")
+    ca.add_argument("--out", type=Path, default=Path("keys"), help="directory for ca.key and ca.pem")
+    ca.add_argument("--name", default="fedretrain federation CA", help="the CA's common name")
+    ca.add_argument("--days", type=int, default=1825, help="validity in days (default: 1825)")
+    ca.add_argument("--force", action="store_true",
+                    help="replace an existing CA (every site then needs the new ca.pem)")
+    ca.set_defaults(func=_keys_ca)
+    link = keys.add_parser("superlink", help="issue the SuperLink's TLS key and certificate from the CA")
+    link.add_argument("--host", action="append", required=True, metavar="NAME",
+                      help="a DNS name or IP address sites connect to (repeat for each)")
+    link.add_argument("--ca-dir", type=Path, default=Path("keys"), help="directory holding ca.pem and ca.key")
+    link.add_argument("--out", type=Path, default=Path("keys"), help="directory for superlink.key/.pem")
+    link.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    link.add_argument("--force", action="store_true", help="replace an existing key and certificate")
+    link.set_defaults(func=_keys_superlink)
+    site = keys.add_parser("site", help="create a site's SuperNode authentication key pair (EC P-384)")
+    site.add_argument("site_id", metavar="SITE_ID", help="the site's id (names SITE_ID.key and SITE_ID.pub)")
+    site.add_argument("--out", type=Path, default=Path("keys"), help="directory for the key files")
+    site.add_argument("--force", action="store_true",
+                      help="replace an existing pair (the coordinator must register the new public key)")
+    site.set_defaults(func=_keys_site)
 
 
 def add_registry_commands(subparsers: Any) -> None:
@@ -59,6 +86,44 @@ def _keys_coordinator(args: argparse.Namespace) -> int:
     print(f"private key: {pair.private_path}  (keep it on the coordinator)")
     print(f"public key:  {pair.public_path}  (give it to every site)")
     print(f"key id:      {pair.key_id}")
+    return 0
+
+
+def _keys_ca(args: argparse.Namespace) -> int:
+    from fedretrain.deploy.pki import create_ca
+
+    ca = create_ca(args.out, name=args.name, days=args.days, force=args.force)
+    print(f"CA key:         {ca.key_path}  (keep it on the coordinator, offline if you can)")
+    print(f"CA certificate: {ca.cert_path}  (give it to every site: flower-supernode --root-certificates)")
+    print(f"fingerprint:    SHA256 {ca.fingerprint}  (sites compare it before trusting the file)")
+    print(f"valid until:    {ca.not_after:%Y-%m-%d}")
+    return 0
+
+
+def _keys_superlink(args: argparse.Namespace) -> int:
+    from fedretrain.deploy.pki import issue_superlink_cert
+
+    files = issue_superlink_cert(args.ca_dir, args.out, args.host, days=args.days, force=args.force)
+    ca_pem = args.ca_dir / "ca.pem"
+    print(f"SuperLink key:         {files.key_path}  (stays on the SuperLink host)")
+    print(f"SuperLink certificate: {files.cert_path}  (for {', '.join(files.hosts)}; "
+          f"valid until {files.not_after:%Y-%m-%d})")
+    print(f"start the SuperLink:   flower-superlink --ssl-ca-certfile {ca_pem} --ssl-certfile {files.cert_path} "
+          f"--ssl-keyfile {files.key_path} --enable-supernode-auth --database state.db")
+    print(f"sites connect with:    --superlink {files.hosts[0]}:PORT --root-certificates ca.pem")
+    return 0
+
+
+def _keys_site(args: argparse.Namespace) -> int:
+    from fedretrain.deploy.pki import create_site_keypair
+
+    pair = create_site_keypair(args.out, args.site_id, force=args.force)
+    print(f"site key:    {pair.private_path}  (stays at the site: flower-supernode "
+          f"--auth-supernode-private-key {pair.private_path})")
+    print(f"public key:  {pair.public_path}  (register it at the coordinator: "
+          f"flwr supernode register {pair.public_path.name})")
+    print(f"fingerprint: {pair.fingerprint}  (the coordinator compares it: "
+          f"ssh-keygen -lf {pair.public_path.name})")
     return 0
 
 

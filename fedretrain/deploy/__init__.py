@@ -1,0 +1,1 @@
+"""Deploying fedretrain on Flower's deployment engine: identities, keys and process set-up."""
