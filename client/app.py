@@ -70,15 +70,23 @@ Core = Callable[[SiteConfig, Job, int, RecordDict], RecordDict]
 
 
 def _handle(msg: Message, context: Context, resolve_site: SiteResolver, core: Core) -> Message:
-    """Unpack the site and the job, run ``core``, and answer with its reply or an error reply."""
+    """Unpack the site and the job, run ``core``, and answer with its reply or an error reply.
+
+    The reply echoes the instruction's round and global adapter digest, so the
+    coordinator can tell a reply to this round from a stale or replayed one.
+    """
     def work() -> RecordDict:
-        site, job, server_round = _unpack(msg, context, resolve_site)
-        return core(site, job, server_round, msg.content)
+        site, job, echo = _unpack(msg, context, resolve_site)
+        reply = core(site, job, int(echo.get("server-round", 0)), msg.content)
+        reply["site"] = ConfigRecord({"site-id": site.site_id, **echo})
+        return reply
     return _guarded(msg, work, _site_label(context, resolve_site))
 
 
 def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
-    outcome = train_round(site, job, from_array_record(content["arrays"]), server_round)
+    global_hash = content["config"].get("global-hash")
+    outcome = train_round(site, job, from_array_record(content["arrays"]), server_round,
+                          global_hash=str(global_hash) if global_hash else None)
     return _reply(site, to_array_record(outcome.adapter), outcome.metrics)
 
 
@@ -105,11 +113,17 @@ def _status(site: SiteConfig, job: Job, server_round: int, content: RecordDict) 
     return _reply(site, None, site_status(site, job, monitor, seed=None if site.count_noise > 0 else 0))
 
 
-def _unpack(msg: Message, context: Context, resolve_site: SiteResolver) -> tuple[SiteConfig, Job, int]:
+# Keys of an instruction's config that are not part of the job: the round (added by
+# Flower's FedAvg) and the global adapter's digest (strategies/fedavg_lora.py); both
+# are echoed back in the reply.
+_ECHOED = ("server-round", "global-hash")
+
+
+def _unpack(msg: Message, context: Context, resolve_site: SiteResolver) -> tuple[SiteConfig, Job, dict]:
     site = resolve_site(context)
     config = dict(msg.content["config"])
-    server_round = int(config.pop("server-round", 0))  # added by Flower's FedAvg
-    return site, Job.from_flat(config), server_round
+    echo = {key: config.pop(key) for key in _ECHOED if key in config}
+    return site, Job.from_flat(config), echo
 
 
 def _reply(site: SiteConfig, arrays: ArrayRecord | None, metrics: dict[str, float | int]) -> RecordDict:

@@ -17,6 +17,7 @@ import numpy as np
 
 from client.ingest import recover_store
 from client.reference import save_reference
+from client.replies import ReplyKey, load_reply, save_reply
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import optional_texts, read_records
@@ -42,8 +43,20 @@ class EvaluateOutcome:
     metrics: dict[str, float | int]
 
 
-def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int) -> TrainOutcome:
-    """One round of local DP training. Raises a ``FedretrainError`` instead of sending anything bad."""
+def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int,
+                global_hash: str | None = None) -> TrainOutcome:
+    """One round of local DP training. Raises a ``FedretrainError`` instead of sending anything bad.
+
+    ``global_hash`` names the global adapter (the coordinator's digest). A request for
+    the same run, round and adapter as the last one trained (a resumed coordinator
+    asking again) gets the same update back without training or spending again.
+    """
+    key = ReplyKey(job.run_id, server_round, global_hash) if global_hash else None
+    kept = load_reply(site.state_path, key) if key is not None else None
+    if kept is not None:
+        log.info("site %s round %d of run %s: already trained; sending the same update again (no new spend)",
+                 site.site_id, server_round, job.run_id)
+        return TrainOutcome(adapter=kept[0], metrics=kept[1])
     # 1. Data first: a bad file must stop the round before any compute or spend. An ingest
     # interrupted by a crash is completed (or undone) before the store is read.
     recover_store(site)
@@ -63,6 +76,8 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     # each other's ledger entry.
     with ledger_lock(site.ledger_path):
         outcome = _train_and_record(site, job, global_adapter, server_round, texts)
+        if key is not None:  # after the ledger recorded the spend (client/replies.py)
+            save_reply(site.state_path, key, outcome.adapter, outcome.metrics)
     # What this cycle trained on is the reference its drift is measured against (client/monitor.py).
     save_reference(site, job.run_id, *window, heldout)
     return outcome

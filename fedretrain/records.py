@@ -14,6 +14,7 @@ Only the adapter travels (STYLE.md rule 8), and it is checked before it is used:
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 from collections.abc import Mapping
@@ -109,6 +110,25 @@ def to_array_record(sd: Mapping[str, TensorLike]) -> ArrayRecord:
     for key, value in sd.items():
         record[key] = Array(_to_numpy(key, value))
     return record
+
+
+def record_digest(record: ArrayRecord) -> str:
+    """SHA-256 (hex) of an ArrayRecord's keys and serialized arrays, in key order.
+
+    The coordinator names the global adapter of a round by this digest; a site echoes
+    it in its reply, so a reply to another round's model is recognised as stale.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(record.keys()):
+        data = record[key].data
+        digest.update(len(key).to_bytes(4, "big") + key.encode() + len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Serialized payload bytes of ``record`` (headers included), read without parsing it."""
+    return sum(len(array.data) for array in record.values())
 
 
 # Bytes that hold the header length after the 8-byte magic, per .npy version.

@@ -22,18 +22,20 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedretrain.errors import ReplyRejected
-from fedretrain.records import AdapterSpec, to_array_record
+from fedretrain.records import AdapterSpec, record_digest, to_array_record
 from strategies.aggregation import weighted_average
 from strategies.validation import (
     AcceptedEvaluation,
     AcceptedReply,
     Metrics,
+    RoundTag,
     site_id_of,
     validate_evaluate_reply,
     validate_train_reply,
@@ -85,6 +87,13 @@ class RoundLog:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundLog:
+        """Undo :meth:`to_dict` (a checkpoint's round log)."""
+        rejected = [RejectedReply(**r) for r in data.get("rejected", [])]
+        evaluation_rejected = [RejectedReply(**r) for r in data.get("evaluation_rejected", [])]
+        return cls(**{**data, "rejected": rejected, "evaluation_rejected": evaluation_rejected})
 
 
 def _content_bytes(msg: Message) -> int:
@@ -166,6 +175,20 @@ class FedAvgLoRA(FedAvg):
         self.baseline = baseline
         self.max_tokens_per_example = max_tokens_per_example
         self.round_log: dict[int, RoundLog] = {}
+        # (message type, round) -> what its replies must echo (configure_* sets it)
+        self._tags: dict[tuple[str, int], RoundTag] = {}
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What a checkpoint keeps of this strategy: JSON state and tensors.
+
+        FedAvg holds no server optimiser state, so there are no tensors; a subclass
+        with one (FedAdam's moments) returns them here and restores them below.
+        """
+        return {"round_log": {str(r): entry.to_dict() for r, entry in self.round_log.items()}}, {}
+
+    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` returned (a resumed cycle)."""
+        self.round_log = {int(r): RoundLog.from_dict(entry) for r, entry in state["round_log"].items()}
 
     def summary(self) -> None:
         """Log FedAvg's summary and the adapter contract."""
@@ -184,10 +207,19 @@ class FedAvgLoRA(FedAvg):
         log(WARNING, "round %d: %s from node %d left out: %s", server_round, what, node_id, reason)
         into.append(RejectedReply(node_id=node_id, site_id=site_id_of(msg), reason=reason))
 
+    def _tag(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ConfigRecord:
+        """A copy of ``config`` naming the global adapter; its replies must echo round and digest."""
+        tag = RoundTag(server_round, record_digest(arrays))
+        self._tags[(kind, server_round)] = tag
+        tagged = ConfigRecord(dict(config))
+        tagged["global-hash"] = tag.global_hash
+        return tagged
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's train messages; records how many were sent and their bytes."""
+        config = self._tag("train", server_round, arrays, config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         entry = self._round(server_round)
         entry.sampled = len(messages)
@@ -198,6 +230,7 @@ class FedAvgLoRA(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's evaluate messages, each also carrying the baseline adapter when there is one."""
+        config = self._tag("evaluate", server_round, arrays, config)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         if self.baseline is not None:
             for msg in messages:
@@ -208,13 +241,17 @@ class FedAvgLoRA(FedAvg):
         """Validate each reply; log and record the rejected ones."""
         entry = self._round(server_round)
         accepted: list[AcceptedReply] = []
+        nodes: set[int] = set()
         for msg in replies:
             try:
+                # One vote per node and per site: a second reply would double its weight.
+                if msg.metadata.src_node_id in nodes:
+                    raise ReplyRejected(f"node {msg.metadata.src_node_id} already replied this round")
+                nodes.add(msg.metadata.src_node_id)
                 reply = validate_train_reply(
                     msg, self.spec, max_examples=self.max_examples_per_site,
-                    max_abs_value=self.max_abs_value,
+                    max_abs_value=self.max_abs_value, expected=self._tags.get(("train", server_round)),
                 )
-                # One vote per site: a second reply would double its weight.
                 if reply.site_id in entry.accepted:
                     raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
             except ReplyRejected as err:
@@ -222,7 +259,9 @@ class FedAvgLoRA(FedAvg):
                 continue
             accepted.append(reply)
             entry.accepted[reply.site_id] = {"node-id": reply.node_id, **reply.metrics}
-        return accepted
+        # Replies arrive in network order; a fixed order makes the float sums, and so a
+        # resumed run's adapter, identical to an uninterrupted run's.
+        return sorted(accepted, key=lambda reply: reply.site_id)
 
     def aggregate_train(
         self,
@@ -269,7 +308,8 @@ class FedAvgLoRA(FedAvg):
         accepted: list[AcceptedEvaluation] = []
         for msg in replies:
             try:
-                result = validate_evaluate_reply(msg, self.max_tokens_per_example, self.max_examples_per_site)
+                result = validate_evaluate_reply(msg, self.max_tokens_per_example, self.max_examples_per_site,
+                                                 expected=self._tags.get(("evaluate", server_round)))
                 if result.site_id in entry.evaluation:
                     raise ReplyRejected(f"site-id {result.site_id!r} already replied this round")
             except ReplyRejected as err:

@@ -12,7 +12,13 @@ Train reply contract (what ``client/`` sends):
 - ``"metrics"``: MetricRecord with the :data:`TRAIN_METRICS` keys, where
   ``num-examples`` (records used this round) and ``data-size`` (records in the
   site's training set) are ints and ``epsilon`` is -1.0 for non-private training;
-- ``"site"``: ConfigRecord with ``"site-id"`` (str, pseudonymous).
+- ``"site"``: ConfigRecord with ``"site-id"`` (str, pseudonymous) and, echoed from
+  the instruction, ``"server-round"`` (int) and ``"global-hash"`` (str): the round and
+  the digest of the global adapter the site trained on. A reply that echoes another
+  round or another model is stale or replayed and is refused.
+
+The arrays are sized before they are parsed: a reply larger than the adapter plus
+:data:`REPLY_SIZE_MARGIN` is refused without being loaded.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedretrain.errors import AdapterMismatchError, ReplyRejected
-from fedretrain.records import AdapterSpec, check_adapter, from_array_record
+from fedretrain.records import AdapterSpec, check_adapter, from_array_record, record_nbytes
 
 TRAIN_METRICS = (
     "num-examples",
@@ -42,6 +48,45 @@ EVALUATE_METRICS = ("num-examples", "candidate-loss", "baseline-loss", "candidat
                     "diff-sumsq")
 
 Metrics = dict[str, int | float]
+
+# A reply may exceed the adapter's raw bytes by this share, plus a fixed allowance per
+# tensor for its .npy header (Flower's own is ~128 bytes): anything larger is not an
+# adapter of this spec and is refused before a byte of it is parsed.
+REPLY_SIZE_MARGIN = 0.10
+NPY_HEADER_ALLOWANCE = 256
+
+
+@dataclass(frozen=True)
+class RoundTag:
+    """What a reply must echo: the round it answers and the global adapter's digest."""
+
+    server_round: int
+    global_hash: str
+
+
+def max_reply_bytes(spec: AdapterSpec) -> int:
+    """The largest ArrayRecord payload accepted for ``spec``."""
+    return int(spec.nbytes * (1 + REPLY_SIZE_MARGIN)) + NPY_HEADER_ALLOWANCE * len(spec.entries)
+
+
+def check_reply_size(record: ArrayRecord, spec: AdapterSpec) -> None:
+    """ReplyRejected if ``record`` is larger than :func:`max_reply_bytes` (nothing is parsed)."""
+    size, limit = record_nbytes(record), max_reply_bytes(spec)
+    if size > limit:
+        raise ReplyRejected(f"reply arrays are {size} bytes, over the {limit} an adapter of "
+                            f"{spec.nbytes} bytes may take: refused before loading")
+
+
+def check_round_tag(msg: Message, expected: RoundTag | None) -> None:
+    """ReplyRejected unless the reply echoes ``expected`` (None: nothing to compare)."""
+    if expected is None:
+        return
+    site = record_of(msg, "site", ConfigRecord)
+    got_round, got_hash = site.get("server-round"), site.get("global-hash")
+    if got_round != expected.server_round or got_hash != expected.global_hash:
+        raise ReplyRejected(
+            f"stale or replayed reply: it answers round {got_round!r} (global {str(got_hash)[:12]}), "
+            f"this is round {expected.server_round} (global {expected.global_hash[:12]})")
 RecordT = TypeVar("RecordT", ArrayRecord, MetricRecord, ConfigRecord)
 
 
@@ -143,7 +188,8 @@ def _checked_count(metrics: Metrics, max_examples: int | None) -> int:
 
 
 def validate_train_reply(
-    msg: Message, spec: AdapterSpec, *, max_examples: int | None, max_abs_value: float | None = None
+    msg: Message, spec: AdapterSpec, *, max_examples: int | None, max_abs_value: float | None = None,
+    expected: RoundTag | None = None,
 ) -> AcceptedReply:
     """Check one train reply against the contract and the adapter spec.
 
@@ -160,6 +206,8 @@ def validate_train_reply(
     max_abs_value : float | None
         Largest magnitude any adapter value may have (``check_adapter``'s ``max_abs``),
         or None for no bound.
+    expected : RoundTag | None
+        The round and global digest the reply must echo; None: not checked.
 
     Returns
     -------
@@ -168,13 +216,16 @@ def validate_train_reply(
     Raises
     ------
     ReplyRejected
-        With the reason: an error reply, a missing record, a bad site id, a bad
-        metric or example count, or an adapter that does not match ``spec``.
+        With the reason: an error reply, an oversized one, a stale or replayed one,
+        a missing record, a bad site id, a bad metric or example count, or an
+        adapter that does not match ``spec``.
     """
+    record = record_of(msg, "arrays", ArrayRecord)
+    check_reply_size(record, spec)
+    check_round_tag(msg, expected)
     metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), TRAIN_METRICS)
     site_id = _checked_site_id(msg)
     num_examples = _checked_count(metrics, max_examples)
-    record = record_of(msg, "arrays", ArrayRecord)
     try:
         arrays = from_array_record(record)
         check_adapter(arrays, spec, max_abs=max_abs_value)
@@ -212,7 +263,8 @@ class AcceptedEvaluation:
 
 
 def validate_evaluate_reply(msg: Message, max_tokens_per_example: int | None = None,
-                            max_examples: int | None = None) -> AcceptedEvaluation:
+                            max_examples: int | None = None,
+                            expected: RoundTag | None = None) -> AcceptedEvaluation:
     """Check one evaluate reply: a ``"metrics"`` MetricRecord with the
     :data:`EVALUATE_METRICS` keys (finite; ``num-examples`` and ``candidate-tokens``
     positive ints, tokens at most ``num-examples * max_tokens_per_example`` when
@@ -226,6 +278,7 @@ def validate_evaluate_reply(msg: Message, max_tokens_per_example: int | None = N
         With the reason.
     """
     metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), EVALUATE_METRICS)
+    check_round_tag(msg, expected)
     site_id = _checked_site_id(msg)
     examples = _positive_int(metrics, "num-examples")
     if max_examples is not None and examples > max_examples:

@@ -279,10 +279,11 @@ def test_configure_train_records_sampled_sites_and_bytes_down():
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
 
     # Assert: per message, the .npy bytes (128 header + 8 data) + key "w" (1) + the
-    # config FedAvg adds, "server-round" (12) + an int (8) = 157; two messages = 314
+    # config FedAvg adds, "server-round" (12) + an int (8), + the global adapter's
+    # digest, "global-hash" (11) + 64 hex digits = 232; two messages = 464
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
     assert strategy.round_log[1].sampled == 2
-    assert strategy.round_log[1].bytes_down == 314
+    assert strategy.round_log[1].bytes_down == 464
 
 
 # --- FedAvgLoRA.aggregate_evaluate -------------------------------------------------
