@@ -1,7 +1,7 @@
 """FedAvg aggregation throughput: a memory copy vs Flower's path vs ours.
 
 K client updates of P float32 params, each an ArrayRecord of 64 LoRA-sized tensors.
-Three timings (best of N), each reported in GB/s of client bytes (K*P*4 / time):
+Three timings (best of N, taking turns), each reported in GB/s of client bytes (K*P*4 / time):
 
 (a) ``np.copyto`` of the same bytes: the memory-bandwidth yardstick. A copy reads
     and writes every byte, an average only reads it, so ours can beat it.
@@ -21,7 +21,8 @@ Server memory: the strategy holds all K replies before it averages (Flower's
 adds one accumulator per key. Measured from /proc/self/status: the peak RSS (VmHWM,
 reset through /proc/self/clear_refs) during (c) above the RSS with the replies held.
 
-The benchmark's own peak is about 2 x K*P*4 bytes (3.4 GB for the default K=100, P=4M).
+The benchmark's own peak is about 3 x K*P*4 bytes (5 GB for the default K=100, P=4M):
+the copy's source and target stay alive beside the replies so that all three take turns.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from timing import best_of
+from timing import interleaved_best
 from fedretrain.records import from_array_record
 from strategies.aggregation import weighted_average
 
@@ -93,12 +94,13 @@ def run(k: int, p: int, reps: int) -> list[dict[str, object]]:
     x = np.random.default_rng(0).standard_normal((k, p), dtype=np.float32)
     gb = x.nbytes / 1e9
     target = np.empty_like(x)
-    t_copy = best_of(lambda: np.copyto(target, x), reps)
-    del target
-    replies = make_replies(x)
-    del x  # the records hold their own copy of the bytes
-    t_flower = best_of(lambda: aggregate_arrayrecords(replies, "num-examples"), max(reps // 2, 1))
-    t_ours = best_of(lambda: ours(replies), reps)
+    replies = make_replies(x)  # the records hold their own copy of the bytes
+    # Side by side: the three take turns, so a busy spell on the shared CPU hits all alike.
+    best = interleaved_best({"copy": lambda: np.copyto(target, x),
+                             "flower": lambda: aggregate_arrayrecords(replies, "num-examples"),
+                             "ours": lambda: ours(replies)}, reps)
+    del x, target
+    t_copy, t_flower, t_ours = best["copy"], best["flower"], best["ours"]
     diff = check_agreement(replies, ours(replies))
     extra = aggregation_extra_bytes(replies)
     held = sum(r.array_records["arrays"].count_bytes() for r in replies)

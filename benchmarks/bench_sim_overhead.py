@@ -11,9 +11,12 @@ ClientApp serves both strategies, which differ only in what the ServerApp runs:
 
 Each (strategy, N) runs in its own process (one Ray instance each), the strategies
 alternating, so a busy spell on the shared CPU is unlikely to hit only one. A round
-is the time between successive ``evaluate_fn`` calls; the figure is the median over
-rounds 2..R (round 1 includes the actors' first imports). Start-up is process start
-to the round-0 ``evaluate_fn`` call (the ServerApp's loop about to send round 1).
+is the time between successive ``evaluate_fn`` calls; the figure is taken over
+rounds 2..R (round 1 includes the actors' first imports), as a mean: Flower's grid
+polls for replies every 0.1 s, so a round lasts a whole number of polls, and which
+poll catches the last reply is a matter of phase; the mean over many rounds averages
+the phase out (N=10 runs 30 rounds, ~0.1-0.2 s each). Start-up is process start to
+the round-0 ``evaluate_fn`` call (the ServerApp's loop about to send round 1).
 
 Run from the repository root (not with ``-m``: opacus installs a ``benchmarks`` package)::
 
@@ -104,7 +107,7 @@ def child(which: str, n: int, rounds: int, t0: float) -> dict[str, object]:
         raise SystemExit(f"{which} N={n}: {len(stamps)} evaluate_fn calls, expected {rounds + 1}")
     per_round = np.diff(stamps).tolist()
     return {"which": which, "n": n, "rounds": per_round, "startup_s": stamps[0] - t0,
-            "median_round_s": statistics.median(per_round[1:] or per_round)}
+            "mean_round_s": statistics.fmean(per_round[1:] or per_round)}
 
 
 def run_child(which: str, n: int, rounds: int) -> dict[str, object]:
@@ -118,18 +121,18 @@ def run_child(which: str, n: int, rounds: int) -> dict[str, object]:
         return json.loads(Path(out.name).read_text())
 
 
-def measure(sizes: list[int], rounds: int) -> list[dict[str, object]]:
-    """Alternate ours and Flower per N; the rows of the table."""
+def measure(sizes: dict[int, int]) -> list[dict[str, object]]:
+    """Alternate ours and Flower per N (``sizes``: N -> rounds); the rows of the table."""
     rows: list[dict[str, object]] = []
-    for i, n in enumerate(sizes):
+    for i, (n, rounds) in enumerate(sizes.items()):
         order = ["ours", "flower"] if i % 2 == 0 else ["flower", "ours"]
         got = {which: run_child(which, n, rounds) for which in order}
-        mine, peer = got["ours"]["median_round_s"], got["flower"]["median_round_s"]
+        mine, peer = got["ours"]["mean_round_s"], got["flower"]["mean_round_s"]
         print(f"N={n:5d}  ours {mine:7.3f} s/round  flower {peer:7.3f} s/round  ratio {mine / peer:.3f}  "
               f"start-up ours {got['ours']['startup_s']:.1f} s, flower {got['flower']['startup_s']:.1f} s")
         rows.append({"name": f"sim_round_s_n{n}", "value": mine, "limit_or_peer": peer, "ratio": mine / peer,
                      "unit": "s/round", "target": TARGET,
-                     "note": f"trivial clients, median of rounds 2..{rounds}, vs plain Flower FedAvg"})
+                     "note": f"trivial clients, mean of rounds 2..{rounds}, vs plain Flower FedAvg"})
         if i == 0:
             rows.append({"name": "sim_startup_s_flower", "value": got["flower"]["startup_s"], "limit_or_peer": None,
                          "ratio": None, "unit": "s", "note": f"plain Flower, N={n}: process start to round 0"})
@@ -139,18 +142,17 @@ def measure(sizes: list[int], rounds: int) -> list[dict[str, object]]:
 def main(argv: list[str] | None = None) -> None:
     """Parent: run the grid and write rows. Child (``--child``): run one simulation."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N=10 only, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="N=10 only, 4 rounds")
     parser.add_argument("--json", type=Path, help="write result rows here")
     parser.add_argument("--child", choices=["ours", "flower"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, help="rounds per simulation (default 6; 3 quick)")
+    parser.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         result: object = child(args.child, args.n, args.rounds, args.t0 or T_IMPORT)
     else:
-        sizes = [10] if args.quick else [10, 100, 1000]
-        result = measure(sizes, args.rounds or (2 if args.quick else 6))
+        result = measure({10: 4} if args.quick else {10: 30, 100: 10, 1000: 5})
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
