@@ -46,6 +46,60 @@ def add_site_commands(site_subparsers: Any) -> None:
                         help="the site's node_config as JSON (simulation: <site>/site.json)")
     status.add_argument("overrides", nargs="*", help="Hydra overrides for the job (model, train, privacy, monitor)")
     status.set_defaults(func=_site_status)
+    _add_join(site_subparsers)
+
+
+def _add_join(site_subparsers: Any) -> None:
+    join = site_subparsers.add_parser(
+        "join", help="join a federation: run this site's SuperNode (until stopped)",
+        description="Runs Flower's SuperNode with TLS to the coordinator's SuperLink (checked against the "
+                    "federation's CA) and the site's key for node authentication. The site's settings "
+                    "become its node config; the coordinator never sees or sets them.")
+    join.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
+    join.add_argument("--ca", type=Path, help="the federation's CA certificate (ca.pem)")
+    join.add_argument("--key", type=Path, help="this site's private key (fedretrain keys site SITE_ID)")
+    join.add_argument("--insecure", action="store_true",
+                      help="no TLS and no node key: a test bench on one machine only, never a hospital")
+    join.add_argument("--data", required=True, type=Path, help="holds train.jsonl and heldout.jsonl")
+    join.add_argument("--epsilon-ceiling", required=True, type=float, help="the site's lifetime epsilon budget")
+    join.add_argument("--site-id", help="the site's pseudonymous name (default: the key file's name)")
+    join.add_argument("--delta", type=float, default=1e-5)
+    join.add_argument("--coordinator-key", type=Path,
+                      help="the coordinator's public signing key (coordinator.pub); without it nothing is installed")
+    join.add_argument("--state-dir", type=Path, help="privacy ledger and model store (default: DATA/.fedretrain)")
+    join.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    join.add_argument("--accountant", default="rdp", choices=("rdp", "prv"))
+    join.add_argument("--smoke-eval", action="store_true",
+                      help="score a published version on held-out data before installing it; refuse a worse one")
+    join.add_argument("--port", type=int, default=9094,
+                      help="this SuperNode's local Runtime API port (one per SuperNode on a machine)")
+    join.add_argument("--model", default="embedded",
+                      help="base model to have ready before joining ('embedded' is built once on first use)")
+    join.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
+    join.set_defaults(func=_site_join)
+
+
+def _site_join(args: argparse.Namespace) -> int:
+    from client.join import JoinSettings, prepare_site, start_supernode
+    from fedretrain.deploy.flower import supervise
+    from fedretrain.modeling.loading import resolve_model_path
+
+    if args.insecure == bool(args.ca or args.key):
+        raise FedretrainError("give --ca and --key (TLS and node authentication), or --insecure for a test bench")
+    if not args.site_id and not args.key:
+        raise FedretrainError("--site-id: required without --key (the site id defaults to the key file's name)")
+    node_config = {"site-id": args.site_id or args.key.stem, "data-dir": str(args.data.resolve()),
+                   "epsilon-ceiling": args.epsilon_ceiling, "delta": args.delta, "device": args.device,
+                   "accountant": args.accountant, "smoke-eval": args.smoke_eval}
+    if args.coordinator_key:
+        node_config["coordinator-key"] = str(args.coordinator_key.resolve())
+    if args.state_dir:
+        node_config["state-dir"] = str(args.state_dir.resolve())
+    site = prepare_site(node_config)
+    resolve_model_path(args.model)
+    proc = start_supernode(site, JoinSettings(superlink=args.superlink, ca=args.ca, key=args.key, port=args.port,
+                                              max_retries=args.max_retries))
+    return supervise(proc)
 
 
 def _site_ingest(args: argparse.Namespace) -> int:

@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_coordinator_commands(subparsers: Any) -> None:
-    coordinator = subparsers.add_parser("coordinator", help="the coordinator's watch over its sites")
+    coordinator = subparsers.add_parser("coordinator", help="the coordinator: its SuperLink, runs and watch")
     commands = coordinator.add_subparsers(dest="coordinator_command", required=True)
     watch = commands.add_parser(
         "watch", help="poll the sites, check the triggers, run a cycle when one fires",
@@ -90,6 +90,10 @@ def _add_coordinator_commands(subparsers: Any) -> None:
     retrain.add_argument("--root", type=Path, required=True, help="the coordinator's registry directory")
     retrain.add_argument("--reason", default="operator request", help="why (kept in the watch's logs)")
     retrain.set_defaults(func=_coordinator_retrain)
+
+    from server.commands import add_deploy_commands
+
+    add_deploy_commands(commands)
 
 
 def _coordinator_watch(args: argparse.Namespace) -> int:

@@ -87,3 +87,15 @@ class VerificationError(FedretrainError, ValueError):
         self.check = check
         self.reason = reason
         super().__init__(f"{check}: {reason}")
+
+
+class QuorumLost(FedretrainError, RuntimeError):
+    """A round closed at its deadline with fewer sites than the quorum; the cycle publishes nothing."""
+
+
+class ResumeError(FedretrainError, RuntimeError):
+    """A cycle cannot be resumed: no complete checkpoint, or the registry moved since it was written."""
+
+
+class DeployError(FedretrainError, RuntimeError):
+    """A Flower deployment command (SuperLink, SuperNode, the flwr CLI) failed; the message says how."""

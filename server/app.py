@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedretrain.config import Config, compose_raw, overrides_from_run_config, to_yaml
 from fedretrain.config.parse import build
+from fedretrain.errors import ResumeError
 from server.rundir import new_run_dir
 from server.run import run_retraining
 
@@ -38,9 +39,32 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry (``server.app:app``): the config comes from run_config."""
-    raw = compose_raw(overrides_from_run_config(context.run_config))
+    """Deployment entry (``server.app:app``): the config comes from run_config.
+
+    ``run-dir`` names the run directory (``fedretrain coordinator run`` creates it);
+    with ``resume`` the cycle in it goes on from its last complete round, under the
+    config it was started with (its ``config.yaml``).
+    """
+    given = str(context.run_config.get("run-dir", "") or "").strip()
+    resume = bool(context.run_config.get("resume", False))
+    if resume and not given:
+        raise ResumeError("run_config: resume needs run-dir, the run directory to resume")
+    raw = load_run_config(Path(given)) if resume else compose_raw(overrides_from_run_config(context.run_config))
     cfg = build(Config, raw)
-    run_dir = new_run_dir(Path(cfg.output_dir), cfg.name)
+    run_dir = Path(given) if given else new_run_dir(Path(cfg.output_dir), cfg.name)
     log.info("run directory: %s", run_dir)
-    run_retraining(grid, cfg, run_dir, config_yaml=to_yaml(raw))
+    run_retraining(grid, cfg, run_dir, config_yaml=to_yaml(raw), resume=resume)
+
+
+def load_run_config(run_dir: Path) -> dict:
+    """The composed config a run was started with (``<run>/config.yaml``)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ResumeError(f"{path}: cannot read the run's config ({err})") from None
+    if not isinstance(raw, dict):
+        raise ResumeError(f"{path}: not a config mapping")
+    return raw

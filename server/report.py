@@ -17,10 +17,15 @@ from fedretrain.atomic import atomic_write_bytes, atomic_write_json, atomic_writ
 class RunRecorder:
     """Writes one run's directory as the run goes."""
 
-    def __init__(self, run_dir: Path, config_yaml: str) -> None:
+    def __init__(self, run_dir: Path, config_yaml: str, keep_rounds: int | None = None) -> None:
+        """``keep_rounds``: a resumed run keeps its metrics.jsonl lines up to this round."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        metrics = self.run_dir / "metrics.jsonl"
+        if keep_rounds is not None and metrics.exists():
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            self.rounds = [row for row in rows if row["round"] <= keep_rounds]
         atomic_write_text(self.run_dir / "config.yaml", config_yaml)
 
     def record_round(self, entry: dict[str, Any]) -> None:

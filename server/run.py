@@ -24,14 +24,17 @@ from fedretrain.config import Config, Job
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import read_records
 from fedretrain.atomic import file_lock
-from fedretrain.errors import ConfigError, CycleBusy
+from fedretrain.errors import ConfigError, CycleBusy, QuorumLost
 from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.records import from_array_record, to_array_record
 from fedretrain.training.evaluate import LossStats, evaluate_loss
+from server.checkpoint import Checkpoint
 from server.gate import PENDING, PUBLISH, SiteEvaluation, decide
 from server.publish import RegistryHandle, champion_adapter, deliver, open_registry, publish_candidate
 from server.grid import SiteSubset
 from server.report import RunRecorder, finite_or_null, format_summary
+from server.resume import CheckpointWriter, check_registry_pointer, resume_point
+from server.rounds import RoundPolicy, run_rounds
 from server.summary import build_summary, round_entry
 from strategies import build_strategy
 
@@ -46,20 +49,22 @@ class _Progress:
 
 def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
                    validation_path: str | None = None, run_id: str | None = None,
-                   train_nodes: Collection[int] | None = None) -> dict[str, Any]:
+                   train_nodes: Collection[int] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run one cycle on ``grid``: ``cfg.rounds`` rounds, the gate, and publication when it passes.
 
     ``train_nodes`` limits training and evaluation to those nodes (the watcher leaves out
     sites that cannot pay for another cycle); a published version still goes to every site.
-    Only one cycle runs on a registry at a time. Returns the run's summary (also written
-    to ``summary.json``).
+    After every round a checkpoint is written below ``run_dir``; ``resume=True`` goes on
+    from the last complete one (same run id, rounds, strategy and random state). A round
+    that loses its quorum ends the cycle with nothing published. Only one cycle runs on a
+    registry at a time. Returns the run's summary (also written to ``summary.json``).
     """
     registry = open_registry(cfg)
     with file_lock(cycle_lock_path(registry.registry.root), wait=False) as locked:
         if not locked:
             raise CycleBusy(f"{registry.registry.root}: another retraining cycle is running on this registry")
         return _run_cycle(grid, cfg, run_dir, registry, config_yaml=config_yaml, validation_path=validation_path,
-                          run_id=run_id, train_nodes=train_nodes)
+                          run_id=run_id, train_nodes=train_nodes, resume=resume)
 
 
 def cycle_lock_path(registry_root: Path) -> Path:
@@ -68,19 +73,23 @@ def cycle_lock_path(registry_root: Path) -> Path:
 
 
 def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle, *, config_yaml: str,
-               validation_path: str | None, run_id: str | None, train_nodes: Collection[int] | None) -> dict[str, Any]:
+               validation_path: str | None, run_id: str | None, train_nodes: Collection[int] | None,
+               resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    run_id = run_id or uuid.uuid4().hex[:12]
+    checkpoint = resume_point(run_dir) if resume else None
+    run_id = checkpoint.state["run_id"] if checkpoint else (run_id or uuid.uuid4().hex[:12])
     validation_path = validation_path or cfg.validation_path
     if not validation_path:
         raise ConfigError("validation_path: the coordinator needs a validation set to compare candidate and baseline")
-    recorder = RunRecorder(run_dir, config_yaml)
+    recorder = RunRecorder(run_dir, config_yaml, keep_rounds=checkpoint.server_round if checkpoint else None)
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device=cfg.model.device)
     validation = encode_texts(lm.tokenizer, [r.text for r in read_records(validation_path)], cfg.model.max_length)
     job = Job.from_config(cfg, run_id)
 
     # The baseline is the version sites use now; a cycle also starts training from it.
     champion = champion_adapter(registry)
+    if checkpoint is not None:
+        check_registry_pointer(checkpoint, registry.registry.root, champion.version if champion else None)
     if champion is not None:
         load_adapter_arrays(lm, champion.arrays)
     baseline = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
@@ -97,11 +106,19 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
         max_abs_value=cfg.strategy.max_abs_value, max_tokens_per_example=cfg.model.max_length,
         baseline=to_array_record(champion.arrays) if champion is not None else None,
         fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_train_nodes=cfg.strategy.min_sites, min_evaluate_nodes=cfg.strategy.min_sites,
-        min_available_nodes=cfg.strategy.min_sites,
+        # Rounds sample from the sites connected at their start (server/rounds.py waits
+        # for them up to the deadline), so sampling itself never waits: quorum suffices.
+        min_train_nodes=cfg.strategy.quorum, min_evaluate_nodes=cfg.strategy.quorum,
+        min_available_nodes=cfg.strategy.quorum,
     )
     train_grid = grid if train_nodes is None else SiteSubset(grid, train_nodes)
-    candidate = _train(train_grid, cfg, strategy, lm, validation, baseline, recorder, job, started)
+    writer = CheckpointWriter(Path(run_dir), strategy, job, cfg.rounds, registry.registry.root,
+                              champion.version if champion else None)
+    try:
+        candidate = _train(train_grid, cfg, strategy, lm, validation, baseline, recorder, writer, started,
+                           checkpoint)
+    except QuorumLost as err:
+        return _aborted(cfg, run_id, recorder, strategy, baseline, lm, started, err, champion, sync)
 
     # evaluate_fn ran last on the final global adapter, so lm holds it now.
     adapter_dir = Path(run_dir) / "candidate_adapter"
@@ -120,8 +137,10 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
 
 
 def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, baseline: LossStats,
-           recorder: RunRecorder, job: Job, started: float) -> LossStats:
-    """Flower's round loop; after each round the candidate is scored on the validation set."""
+           recorder: RunRecorder, writer: CheckpointWriter, started: float,
+           checkpoint: Checkpoint | None) -> LossStats:
+    """The round loop (server/rounds.py); after each round the candidate is scored on the
+    validation set and a checkpoint is written. A resumed cycle starts after its checkpoint."""
     progress = _Progress(started=started, last=started)
     final: dict[str, LossStats] = {}
 
@@ -137,10 +156,35 @@ def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, bas
         _log_progress(entry, cfg.rounds)
         return MetricRecord({"candidate-loss": candidate.loss, "baseline-loss": baseline.loss})
 
-    flat = ConfigRecord(job.to_flat())
-    strategy.start(grid=grid, initial_arrays=to_array_record(adapter_arrays(lm.model)), num_rounds=cfg.rounds,
-                   train_config=flat, evaluate_config=flat, evaluate_fn=evaluate_fn)
+    arrays = to_array_record(adapter_arrays(lm.model))
+    if checkpoint is not None:
+        arrays = writer.restore(checkpoint)
+        # The checkpoint's adapter is the candidate so far (all that remains if every round ran).
+        load_adapter_arrays(lm, from_array_record(arrays))
+        final["candidate"] = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
+                                           use_adapter=True)
+    flat = ConfigRecord(writer.job.to_flat())
+    policy = RoundPolicy(deadline_s=cfg.strategy.round_timeout_s, quorum=cfg.strategy.quorum,
+                         wait_for=cfg.strategy.min_sites)
+    run_rounds(grid, strategy, arrays, first_round=checkpoint.server_round + 1 if checkpoint else 1,
+               num_rounds=cfg.rounds, policy=policy, train_config=flat, evaluate_config=flat,
+               evaluate_fn=evaluate_fn, on_round_end=writer.write)
     return final["candidate"]
+
+
+def _aborted(cfg: Config, run_id: str, recorder: RunRecorder, strategy: Any, baseline: LossStats, lm: Any,
+             started: float, err: QuorumLost, champion: Any, sync: Any) -> dict[str, Any]:
+    """The summary of a cycle whose round lost its quorum: no gate, nothing published."""
+    log.warning("cycle %s aborted, nothing published: %s", run_id, err)
+    last = recorder.rounds[-1]["validation"]["candidate_loss"] if recorder.rounds else baseline.loss
+    candidate = LossStats(loss=last, tokens=0, examples=0, example_losses=())
+    summary = build_summary(cfg, run_id, recorder.run_dir, recorder.rounds, strategy.round_log, baseline,
+                            candidate, lm, wall_time_s=round(time.perf_counter() - started, 3))
+    summary.update({"baseline_version": champion.version if champion is not None else None, "sync": sync,
+                    "aborted": str(err), "gate": None, "published_version": None, "pending_version": None,
+                    "publication": None})
+    recorder.write_summary(summary)
+    return summary
 
 
 def _gate_and_publish(grid: Grid, cfg: Config, registry: RegistryHandle, strategy: Any, summary: dict[str, Any],

@@ -12,7 +12,7 @@ Everything here is a pure function of its arguments: randomness comes from
 ``hash``), and nothing iterates an unordered collection.
 
 Run ``python -m simulation.notes --write-general-corpus`` to regenerate the
-bundled ``fedretrain/assets/general_corpus.txt``.
+bundled ``fedretrain/assets/general_corpus.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ __all__ = [
     "validation_notes",
 ]
 
-GENERAL_CORPUS_PATH = Path(__file__).resolve().parent.parent / "fedretrain" / "assets" / "general_corpus.txt"
+GENERAL_CORPUS_PATH = Path(__file__).resolve().parent.parent / "fedretrain" / "assets" / "general_corpus.md"
 
 _EPOCH = datetime(2026, 1, 1, 8, 0, 0, tzinfo=timezone.utc)
 

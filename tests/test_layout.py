@@ -57,4 +57,7 @@ def test_flower_components_point_at_the_apps():
 
     app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-    assert set(app["config"]) == {"experiment", "overrides"}
+    from fedretrain.config.compose import RUN_CONFIG_KEYS
+
+    # The app's run_config is exactly what the ServerApp reads: nothing else reaches it.
+    assert set(app["config"]) == set(RUN_CONFIG_KEYS) == {"experiment", "overrides", "run-dir", "resume"}

@@ -172,7 +172,7 @@ def test_bundled_general_corpus_matches_a_fresh_regeneration():
 
 def test_cli_writes_the_corpus_atomically(tmp_path, monkeypatch):
     # Prepare
-    target = tmp_path / "assets" / "general_corpus.txt"
+    target = tmp_path / "assets" / "general_corpus.md"
     monkeypatch.setattr(notes, "GENERAL_CORPUS_PATH", target)
 
     # Execute
@@ -180,4 +180,4 @@ def test_cli_writes_the_corpus_atomically(tmp_path, monkeypatch):
 
     # Assert
     assert target.read_text(encoding="utf-8") == render_general_corpus()
-    assert [p.name for p in target.parent.iterdir()] == ["general_corpus.txt"]  # no temp file left behind
+    assert [p.name for p in target.parent.iterdir()] == ["general_corpus.md"]  # no temp file left behind

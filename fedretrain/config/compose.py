@@ -60,11 +60,17 @@ def to_yaml(raw: Mapping[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(dict(raw)))
 
 
+RUN_CONFIG_KEYS = ("experiment", "overrides", "run-dir", "resume")
+
+
 def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
-    """Map Flower's run_config (``experiment``, ``overrides``) onto Hydra overrides."""
-    unknown = sorted(set(run_config) - {"experiment", "overrides"})
+    """Map Flower's run_config (``experiment``, ``overrides``) onto Hydra overrides.
+
+    ``run-dir`` and ``resume`` are not overrides: the ServerApp reads them itself.
+    """
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:
-        raise ConfigError(f"run_config: unknown key(s) {', '.join(unknown)}; use 'experiment' and 'overrides'")
+        raise ConfigError(f"run_config: unknown key(s) {', '.join(unknown)}; use {', '.join(RUN_CONFIG_KEYS)}")
     out = []
     experiment = str(run_config.get("experiment", "") or "").strip()
     if experiment:

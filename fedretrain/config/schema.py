@@ -138,8 +138,15 @@ class StrategyConfig:
     min_sites: int = 2
     max_examples_per_site: int | None = None
     max_abs_value: float | None = 100.0
+    # A round waits at most this long for sites to connect, then for each stage's replies.
+    round_timeout_s: float = 3600.0
+    # Accepted train replies a round needs; fewer by the deadline aborts the cycle unpublished.
+    quorum: int = 2
 
     def __post_init__(self) -> None:
+        _positive("round_timeout_s", self.round_timeout_s)
+        if self.quorum < 1:
+            raise ConfigError(f"quorum: must be >= 1, got {self.quorum}")
         if self.max_abs_value is not None:
             _positive("max_abs_value", self.max_abs_value)
         _fraction("fraction_train", self.fraction_train)

@@ -1,7 +1,7 @@
 """The embedded default base model: a tiny Llama pretrained here, on first use.
 
 fedretrain must run with no hub access, so its default model is built from the
-bundled general corpus (``fedretrain/assets/general_corpus.txt``): a byte-level
+bundled general corpus (``fedretrain/assets/general_corpus.md``): a byte-level
 BPE tokenizer, then a small ``LlamaForCausalLM`` pretrained for a fixed number
 of steps on CPU. The build is deterministic (seeded init, fixed data order,
 deterministic kernels, fixed thread count) and takes well under a minute on
@@ -75,12 +75,18 @@ def default_cache_dir() -> Path:
 
 
 def corpus_text() -> str:
-    """The bundled general corpus (documents separated by blank lines)."""
+    """The bundled general corpus (documents separated by blank lines).
+
+    It is plain text kept as ``.md``: a Flower app bundle (FAB) carries only ``.py``,
+    ``.toml``, ``.md``, ``.yaml``, ``.json`` and ``.jsonl`` files, and a deployed
+    ServerApp or ClientApp runs from the bundle, so it needs the corpus to find (or
+    build) the same embedded model as every other process.
+    """
     try:
-        return resources.files("fedretrain").joinpath("assets/general_corpus.txt").read_text(encoding="utf-8")
+        return resources.files("fedretrain").joinpath("assets/general_corpus.md").read_text(encoding="utf-8")
     except OSError as err:
         raise ModelLoadError(
-            f"the bundled corpus fedretrain/assets/general_corpus.txt is missing ({err}); "
+            f"the bundled corpus fedretrain/assets/general_corpus.md is missing ({err}); "
             "reinstall fedretrain or run `python -m simulation.notes --write-general-corpus`"
         ) from err
 

@@ -1,0 +1,144 @@
+"""Running Flower's own deployment commands for both sides.
+
+fedretrain adds no protocol of its own: the coordinator runs ``flower-superlink`` and
+talks to it with the ``flwr`` CLI (``flwr run``, ``flwr ls``, ``flwr supernode
+register|ls``); a site runs ``flower-supernode``. This module finds those commands
+beside the running interpreter, gives each process a private ``FLWR_HOME`` (where
+Flower keeps its connection config and installed apps), writes the ``flwr`` CLI's
+connection config, and runs the CLI with ``--format json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedretrain.atomic import atomic_write_text
+from fedretrain.errors import DeployError
+
+CONNECTION = "fedretrain"  # the name of the SuperLink connection in the flwr CLI's config
+
+
+def flower_command(name: str) -> str:
+    """The path of Flower's ``name`` command installed beside this interpreter."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise DeployError(f"{name}: not found beside {sys.executable}; install fedretrain's dependencies "
+                          "(flwr) into this environment")
+    return str(path)
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Flower process: a private FLWR_HOME, and this environment's
+    commands first on PATH (the SuperLink and SuperNode start ``flower-superexec`` by name)."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(extra or {})
+    return env
+
+
+def write_connection(flwr_home: Path, address: str, root_certificates: Path | None) -> Path:
+    """Write the flwr CLI's config: one SuperLink connection, TLS with ``root_certificates``
+    (None: insecure, for a test bench only)."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(address)}"]
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
+    path = Path(flwr_home) / "config.toml"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def toml_assignments(values: Mapping[str, Any]) -> str:
+    """``key = value`` lines (TOML) for a flat mapping of str, bool, int and float values."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))  # a TOML basic string is a JSON string
+        out.append(f"{json.dumps(key)} = {text}")
+    return "\n".join(out) + "\n"
+
+
+def run_flwr(flwr_home: Path, args: Sequence[str], *, timeout_s: float = 120.0, cwd: Path | None = None) -> dict:
+    """Run ``flwr ARGS --format json`` with ``flwr_home``; return its JSON answer.
+
+    Raises
+    ------
+    DeployError
+        The command failed, timed out, or did not answer ``success: true``; the message
+        carries Flower's own words.
+    """
+    argv = [flower_command("flwr"), *args, "--format", "json"]
+    try:
+        proc = subprocess.run(argv, env=flower_env(flwr_home), cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"flwr {' '.join(args[:2])}: no answer within {timeout_s:.0f} s") from None
+    answer = _json_tail(proc.stdout)
+    if proc.returncode != 0 or not answer.get("success", False):
+        detail = answer.get("error-message") or (proc.stderr or proc.stdout).strip()[-800:]
+        raise DeployError(f"flwr {' '.join(args[:2])} failed: {detail}")
+    return answer
+
+
+def _json_tail(stdout: str) -> dict:
+    # flwr prints one JSON object, sometimes after notices of its own.
+    start = stdout.find("{")
+    if start < 0:
+        return {}
+    try:
+        answer = json.loads(stdout[start:])
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Return once ``host:port`` accepts TCP connections; DeployError after ``timeout_s`` or if
+    ``proc`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise DeployError(f"the process exited with code {proc.returncode} before {host}:{port} was up")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise DeployError(f"{host}:{port} did not accept connections within {timeout_s:.0f} s")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as (host, port); DeployError naming a bad one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DeployError(f"{address!r}: expected HOST:PORT, e.g. coordinator.example.org:9093")
+    return host.strip("[]"), int(port)
+
+
+def supervise(proc: subprocess.Popen) -> int:
+    """Wait for ``proc``; SIGINT and SIGTERM to this process stop it gracefully. Returns its code."""
+    def forward(signum: int, _frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,212 @@
+"""The coordinator on Flower's deployment engine: its SuperLink, its sites' keys, its runs.
+
+``fedretrain coordinator start`` runs ``flower-superlink`` with TLS, SuperNode
+authentication and a persistent database, then registers the sites' public keys;
+``coordinator run`` submits a retraining cycle with ``flwr run`` (the app is this
+project: ``server.app:app`` and ``client.app:app``); ``coordinator status`` lists the
+sites and runs. Everything lives in one coordinator directory:
+
+    <dir>/superlink.json   where the SuperLink listens and which CA signs it
+    <dir>/state.db         Flower's database: nodes, runs, messages (survives a restart)
+    <dir>/flwr/            FLWR_HOME of the SuperLink and of the flwr CLI (config.toml)
+    <dir>/sites.json       site id -> node id and public key, as registered
+    <dir>/runs/            run directories, unless output_dir says otherwise
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedretrain.atomic import atomic_write_json, atomic_write_text
+from fedretrain.config import compose_config
+from fedretrain.deploy.flower import (CONNECTION, flower_command, flower_env, run_flwr, split_address,
+                                      toml_assignments, wait_for_port, write_connection)
+from fedretrain.errors import DeployError
+from fedretrain.modeling.loading import resolve_model_path
+from server.rundir import new_run_dir
+
+log = logging.getLogger("fedretrain.server")
+
+# Overrides naming files on the coordinator: made absolute here, since the ServerApp
+# runs in a process Flower starts, in a directory of Flower's choosing.
+PATH_KEYS = ("registry.root", "registry.signing_key", "validation_path", "output_dir")
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """A coordinator directory (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def sites_file(self) -> Path:
+        return self.root / "sites.json"
+
+    def settings(self) -> dict[str, Any]:
+        path = self.root / "superlink.json"
+        if not path.exists():
+            raise DeployError(f"{path}: no SuperLink settings; start one with `fedretrain coordinator start "
+                              f"--dir {self.root}`")
+        return json.loads(path.read_text())
+
+    def sites(self) -> dict[str, dict[str, str]]:
+        return json.loads(self.sites_file.read_text()) if self.sites_file.exists() else {}
+
+
+def superlink_command(coord: Coordinator, address: str, keys: Path | None) -> list[str]:
+    """``flower-superlink`` with TLS from ``keys`` (ca.pem, superlink.pem, superlink.key), node
+    authentication and a database; ``keys=None`` runs it insecure (a test bench only)."""
+    host, port = split_address(address)
+    argv = [flower_command("flower-superlink"), "--host", host, "--port", str(port),
+            "--database", str(coord.database.resolve()),
+            # Apps run with what this environment has installed; nothing is fetched at run time.
+            "--disable-runtime-dependency-installation"]
+    if keys is None:
+        return [*argv, "--insecure"]
+    files = {name: (keys / name).resolve() for name in ("ca.pem", "superlink.pem", "superlink.key")}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise DeployError(f"missing {', '.join(missing)}: create them with `fedretrain keys ca --out {keys}` and "
+                          f"`fedretrain keys superlink --host NAME --ca-dir {keys} --out {keys}`")
+    return [*argv, "--ssl-ca-certfile", str(files["ca.pem"]), "--ssl-certfile", str(files["superlink.pem"]),
+            "--ssl-keyfile", str(files["superlink.key"]), "--enable-supernode-auth"]
+
+
+def start_superlink(coord: Coordinator, address: str, keys: Path | None, *, connect: str | None = None,
+                    timeout_s: float = 60.0) -> subprocess.Popen:
+    """Start the SuperLink, wait until it answers, write the flwr CLI's connection; return the process.
+
+    ``connect`` is the address the coordinator's own CLI uses (default: ``address``;
+    with a wildcard bind such as 0.0.0.0, a name the certificate carries, e.g. 127.0.0.1).
+    """
+    coord.root.mkdir(parents=True, exist_ok=True)
+    argv = superlink_command(coord, address, keys)
+    connect = connect or address
+    ca = (keys / "ca.pem").resolve() if keys is not None else None
+    write_connection(coord.flwr_home, connect, ca)
+    atomic_write_json(coord.root / "superlink.json", {"address": address, "connect": connect,
+                                                       "ca": str(ca) if ca else None, "insecure": keys is None})
+    proc = subprocess.Popen(argv, env=flower_env(coord.flwr_home), cwd=coord.root)
+    host, port = split_address(connect)
+    wait_for_port(host, port, timeout_s, proc)
+    # The port opens before the Control API answers; a listing is the real readiness check.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            run_flwr(coord.flwr_home, ["supernode", "ls", CONNECTION], timeout_s=30)
+            return proc
+        except DeployError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def register_site(coord: Coordinator, public_key: Path) -> str:
+    """Register a site's public key (``flwr supernode register``); returns its node id.
+
+    The site is named by the key file's stem (``keys site SITE_ID`` writes SITE_ID.pub).
+    A key registered before is left as it is.
+    """
+    site_id = Path(public_key).stem
+    sites = coord.sites()
+    if site_id in sites:
+        return sites[site_id]["node_id"]
+    answer = run_flwr(coord.flwr_home, ["supernode", "register", str(Path(public_key).resolve()), CONNECTION])
+    sites[site_id] = {"node_id": str(answer["node-id"]), "public_key": str(Path(public_key).resolve())}
+    atomic_write_json(coord.sites_file, sites)
+    log.info("registered site %s as node %s", site_id, answer["node-id"])
+    return str(answer["node-id"])
+
+
+def app_dir() -> Path:
+    """The Flower app to submit: this project (its pyproject.toml names the apps)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise DeployError(f"{root}: no pyproject.toml; `coordinator run` submits the fedretrain project "
+                          "directory as its Flower app, so run it from a source checkout (pip install -e .)")
+    return root
+
+
+def submit_run(coord: Coordinator, overrides: list[str], *, resume: Path | None = None,
+               cwd: Path | None = None) -> tuple[str, Path]:
+    """Submit a cycle with ``flwr run``; returns (Flower run id, run directory).
+
+    A fresh cycle's config is composed and checked here first (a bad key fails before
+    anything is sent) and its run directory is created here; ``resume`` names the run
+    directory of a cycle to continue from its last complete round, under its own config.
+    """
+    cwd = Path(cwd or Path.cwd())
+    if resume is not None:
+        if overrides:
+            raise DeployError("--resume continues a cycle under the config it started with; drop the overrides")
+        run_dir = Path(resume).resolve()
+        if not (run_dir / "config.yaml").exists():
+            raise DeployError(f"{run_dir}: not a run directory (no config.yaml)")
+        values = {"experiment": "", "overrides": "", "run-dir": str(run_dir), "resume": True}
+    else:
+        overrides = absolute_paths(overrides, cwd, default_output=coord.root / "runs")
+        cfg = compose_config(overrides)
+        resolve_model_path(cfg.model.name_or_path)  # the embedded model is built once, here, not in every app
+        run_dir = new_run_dir(Path(cfg.output_dir), cfg.name).resolve()
+        values = {"experiment": "", "overrides": shlex.join(overrides), "run-dir": str(run_dir), "resume": False}
+    run_config = coord.flwr_home / f"run-config-{run_dir.name}.toml"
+    atomic_write_text(run_config, toml_assignments(values))
+    answer = run_flwr(coord.flwr_home, ["run", str(app_dir()), CONNECTION, "--run-config", str(run_config)],
+                      timeout_s=300)
+    log.info("submitted Flower run %s; run directory %s", answer["run-id"], run_dir)
+    return str(answer["run-id"]), run_dir
+
+
+def absolute_paths(overrides: list[str], cwd: Path, default_output: Path) -> list[str]:
+    """``overrides`` with the coordinator's file paths made absolute, and an output_dir."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.lstrip("+") in PATH_KEYS and value and value != "null" and not Path(value).is_absolute():
+            item = f"{key}={(cwd / value).resolve()}"
+        out.append(item)
+    if not any(item.partition("=")[0].lstrip("+") == "output_dir" for item in out):
+        out.append(f"output_dir={default_output.resolve()}")
+    return out
+
+
+def run_status(coord: Coordinator, run_id: str) -> str:
+    """Flower's status of a run, e.g. ``running`` or ``finished:completed``."""
+    answer = run_flwr(coord.flwr_home, ["ls", CONNECTION, "--run-id", run_id])
+    return str(answer["runs"][0]["status"])
+
+
+def wait_for_run(coord: Coordinator, run_id: str, timeout_s: float, poll_s: float = 2.0) -> str:
+    """Poll until the run finishes; returns its final status (DeployError after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = run_status(coord, run_id)
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll_s)
+    raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f} s (`fedretrain coordinator status`)")
+
+
+def status(coord: Coordinator) -> dict[str, Any]:
+    """The registered sites with their connection state, and the runs with theirs."""
+    nodes = {n["node-id"]: n for n in run_flwr(coord.flwr_home, ["supernode", "ls", CONNECTION])["nodes"]}
+    sites = {site: {"node_id": info["node_id"], "status": nodes.get(info["node_id"], {}).get("status", "unknown")}
+             for site, info in sorted(coord.sites().items())}
+    runs = [{"run_id": r["run-id"], "status": r["status"], "elapsed": r["elapsed"]}
+            for r in run_flwr(coord.flwr_home, ["ls", CONNECTION])["runs"]]
+    return {"superlink": coord.settings()["address"], "sites": sites, "runs": runs}

@@ -1,0 +1,126 @@
+"""The round loop of a cycle: Flower's ``Strategy.start`` with a deadline, a quorum and resume.
+
+Flower's loop waits without limit for nodes to connect (``sample_nodes``), aggregates
+whatever replies arrive, and always starts at round 1. A coordinator of hospitals needs
+three things more, so this one piece is replaced; what happens inside a round
+(``configure_train``, ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``)
+is still the strategy's, and messages still travel through Flower's Grid:
+
+- **deadline**: before a round it waits at most ``deadline_s`` for the sites to
+  connect, and each stage (train, evaluate) closes at ``deadline_s`` with the replies
+  it has; a site that died mid-round costs the others one deadline, not forever;
+- **quorum**: a round whose accepted train replies (or connected sites) fall below
+  ``quorum`` raises :class:`QuorumLost`; the cycle stops and publishes nothing;
+- **resume**: it can start at any round with the global adapter of a checkpoint, and
+  calls ``on_round_end`` after every round so the caller can write one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedretrain.errors import QuorumLost
+from server.grid import SiteSubset, wait_for_nodes
+
+log = logging.getLogger("fedretrain.server")
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """When a round closes and when it counts.
+
+    Attributes
+    ----------
+    deadline_s : float
+        How long a round waits for sites to connect, and then for each stage's replies.
+    quorum : int
+        Accepted train replies (and connected sites) a round needs, or the cycle aborts.
+    wait_for : int
+        Sites to wait for before a round (up to ``deadline_s``); a round starts with
+        fewer if at least ``quorum`` are connected by then.
+    """
+
+    deadline_s: float
+    quorum: int
+    wait_for: int
+
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+RoundEnd = Callable[[int, ArrayRecord], None]
+
+
+def run_rounds(grid: Grid, strategy: Any, arrays: ArrayRecord, *, first_round: int, num_rounds: int,
+               policy: RoundPolicy, train_config: ConfigRecord, evaluate_config: ConfigRecord,
+               evaluate_fn: EvaluateFn, on_round_end: RoundEnd) -> ArrayRecord:
+    """Run rounds ``first_round..num_rounds`` from ``arrays``; return the final global adapter.
+
+    ``evaluate_fn(0, arrays)`` scores the starting point when ``first_round`` is 1.
+
+    Raises
+    ------
+    QuorumLost
+        Fewer than ``policy.quorum`` sites connected by the deadline, or fewer
+        accepted train replies than that: nothing of the round is used.
+    """
+    if first_round == 1:
+        evaluate_fn(0, arrays)
+    for server_round in range(first_round, num_rounds + 1):
+        nodes = wait_for_nodes(grid, max(policy.wait_for, policy.quorum), policy.deadline_s)
+        if len(nodes) < policy.quorum:
+            raise QuorumLost(f"round {server_round}: {len(nodes)} site(s) connected after {policy.deadline_s:.0f} s, "
+                             f"the quorum is {policy.quorum}")
+        # The strategy samples from this round's snapshot, so its sampling never waits.
+        round_grid = SiteSubset(grid, nodes)
+        replies = _exchange(grid, strategy.configure_train(server_round, arrays, train_config, round_grid), policy)
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+        accepted = int(metrics["accepted-replies"]) if metrics is not None else 0
+        if new_arrays is None or accepted < policy.quorum:
+            raise QuorumLost(f"round {server_round}: {accepted} accepted train repl{'y' if accepted == 1 else 'ies'} "
+                             f"by the {policy.deadline_s:.0f} s deadline, the quorum is {policy.quorum}")
+        arrays = new_arrays
+        replies = _exchange(grid, strategy.configure_evaluate(server_round, arrays, evaluate_config, round_grid),
+                            policy)
+        strategy.aggregate_evaluate(server_round, replies)
+        evaluate_fn(server_round, arrays)
+        on_round_end(server_round, arrays)
+    return arrays
+
+
+def _exchange(grid: Grid, messages: Iterable[Message], policy: RoundPolicy) -> list[Message]:
+    """Send ``messages`` and return the replies that arrived by the deadline."""
+    messages = list(messages)
+    if not messages:
+        return []
+    replies = list(grid.send_and_receive(messages, timeout=policy.deadline_s))
+    missing = len(messages) - len(replies)
+    if missing:
+        log.warning("%d of %d sites did not reply by the %.0f s deadline; the round goes on without them",
+                    missing, len(messages), policy.deadline_s)
+    return replies
+
+
+def random_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The coordinator process's random state: JSON parts, and torch's as a tensor."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
+    return state, {"torch": torch.get_rng_state().numpy()}
+
+
+def restore_random_state(state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Undo :func:`random_state`: sampling after a resume draws what it would have drawn."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.from_numpy(np.array(tensors["torch"], dtype=np.uint8)))
