@@ -84,7 +84,8 @@ def _site_join(args: argparse.Namespace) -> int:
     from fedretrain.deploy.flower import supervise
     from fedretrain.modeling.loading import resolve_model_path
 
-    if args.insecure == bool(args.ca or args.key):
+    secure = bool(args.ca and args.key)
+    if args.insecure == secure or (args.insecure and (args.ca or args.key)):
         raise FedretrainError("give --ca and --key (TLS and node authentication), or --insecure for a test bench")
     if not args.site_id and not args.key:
         raise FedretrainError("--site-id: required without --key (the site id defaults to the key file's name)")

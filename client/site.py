@@ -52,11 +52,6 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     asking again) gets the same update back without training or spending again.
     """
     key = ReplyKey(job.run_id, server_round, global_hash) if global_hash else None
-    kept = load_reply(site.state_path, key) if key is not None else None
-    if kept is not None:
-        log.info("site %s round %d of run %s: already trained; sending the same update again (no new spend)",
-                 site.site_id, server_round, job.run_id)
-        return TrainOutcome(adapter=kept[0], metrics=kept[1])
     # 1. Data first: a bad file must stop the round before any compute or spend. An ingest
     # interrupted by a crash is completed (or undone) before the store is read.
     recover_store(site)
@@ -75,6 +70,13 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     # lock, so two rounds at once (two runs on one site) cannot both pass the check or lose
     # each other's ledger entry.
     with ledger_lock(site.ledger_path):
+        # Checked under the lock: a request repeated while the first is still training
+        # waits for it, then finds its reply instead of training (and spending) again.
+        kept = load_reply(site.state_path, key) if key is not None else None
+        if kept is not None:
+            log.info("site %s round %d of run %s: already trained; sending the same update again (no new spend)",
+                     site.site_id, server_round, job.run_id)
+            return TrainOutcome(adapter=kept[0], metrics=kept[1])
         outcome = _train_and_record(site, job, global_adapter, server_round, texts)
         if key is not None:  # after the ledger recorded the spend (client/replies.py)
             save_reply(site.state_path, key, outcome.adapter, outcome.metrics)

@@ -29,7 +29,6 @@ from fedretrain.config import compose_config
 from fedretrain.deploy.flower import (CONNECTION, flower_command, flower_env, run_flwr, split_address,
                                       toml_assignments, wait_for_port, write_connection)
 from fedretrain.errors import DeployError
-from fedretrain.modeling.loading import resolve_model_path
 from server.rundir import new_run_dir
 
 log = logging.getLogger("fedretrain.server")
@@ -159,6 +158,8 @@ def submit_run(coord: Coordinator, overrides: list[str], *, resume: Path | None 
             raise DeployError(f"{run_dir}: not a run directory (no config.yaml)")
         values = {"experiment": "", "overrides": "", "run-dir": str(run_dir), "resume": True}
     else:
+        from fedretrain.modeling.loading import resolve_model_path  # torch: only for a run
+
         overrides = absolute_paths(overrides, cwd, default_output=coord.root / "runs")
         cfg = compose_config(overrides)
         resolve_model_path(cfg.model.name_or_path)  # the embedded model is built once, here, not in every app

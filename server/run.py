@@ -127,6 +127,7 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
                             candidate, lm, wall_time_s=0.0)
     summary["baseline_version"] = champion.version if champion is not None else None
     summary["sync"] = sync
+    summary["resumed_after_round"] = checkpoint.server_round if checkpoint is not None else None
     summary.update(_gate_and_publish(grid, cfg, registry, strategy, summary, baseline, candidate, adapter_dir, job,
                                      champion))
     summary["wall_time_s"] = round(time.perf_counter() - started, 3)

@@ -38,12 +38,14 @@ def walkthrough(first: str = "fedretrain keys") -> list[str]:
 
 
 WATCH_WALKTHROUGH = "fedretrain coordinator watch"
+# Run by tests/test_deploy_e2e.py against real SuperLink and SuperNode processes.
+DEPLOY_WALKTHROUGH = "fedretrain data synthesize"
 # Run by tests/test_scenario_e2e.py, shrunk in time.
 SCENARIO_COMMAND = "fedretrain simulate experiment=drift"
 
 
 def readme_commands() -> list[str]:
-    walkthroughs = (walkthrough(), walkthrough(WATCH_WALKTHROUGH))
+    walkthroughs = (walkthrough(), walkthrough(WATCH_WALKTHROUGH), walkthrough(DEPLOY_WALKTHROUGH))
     return [c for block in readme_blocks() if block not in walkthroughs for c in block]
 
 
@@ -52,7 +54,8 @@ def _run(args: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.Co
 
 
 def test_readme_has_only_commands_this_file_runs():
-    for command in readme_commands() + walkthrough() + walkthrough(WATCH_WALKTHROUGH):
+    for command in (readme_commands() + walkthrough() + walkthrough(WATCH_WALKTHROUGH)
+                    + walkthrough(DEPLOY_WALKTHROUGH)):
         assert command in ("make demo", "make test") or command.startswith("fedretrain "), command
 
 

@@ -68,7 +68,9 @@ def toml_assignments(values: Mapping[str, Any]) -> str:
         elif isinstance(value, (int, float)):
             text = repr(value)
         else:
-            text = json.dumps(str(value))  # a TOML basic string is a JSON string
+            # A TOML basic string is a JSON string, as long as characters beyond the basic
+            # plane stay themselves (JSON's surrogate-pair escapes are not valid TOML).
+            text = json.dumps(str(value), ensure_ascii=False)
         out.append(f"{json.dumps(key)} = {text}")
     return "\n".join(out) + "\n"
 
