@@ -1,0 +1,309 @@
+"""The README's Deploy session on real processes: a SuperLink with TLS and node
+authentication, three SuperNodes, runs submitted with ``flwr run``, all on 127.0.0.1.
+
+The module runs the README's commands in order, in a fresh directory (ports moved to
+free ones, the run shrunk in time like every README test), then drives the failures a
+deployment meets: nodes without a valid identity, a site killed mid-round, a lost
+quorum, and a ServerApp killed after round 1 and resumed. Every process is started in
+its own session by this module and stopped by it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from fedretrain.deploy.flower import flower_env
+from fedretrain.privacy.ledger import PrivacyLedger
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+FEDRETRAIN = [sys.executable, "-m", "fedretrain.cli"]
+FIRST = "fedretrain data synthesize"
+# The README's run, shrunk in time (its rounds and sites stay): fewer steps, smaller splits.
+SHRINK = ["train.local_steps=4", "train.batch_size=8", "train.eval_batch_size=32", "model.max_length=64"]
+SITES = ("site-00", "site-01", "site-02")
+
+
+def deploy_block() -> list[str]:
+    blocks = re.findall(r"```sh\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    lines = [[c for c in (line.split(" # ")[0].strip() for line in b.splitlines()) if c] for b in blocks]
+    (block,) = [b for b in lines if b[0].startswith(FIRST)]
+    return block
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Bench:
+    """The processes of one deployment on this machine, and where their logs go."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ports = {port: free_port() for port in ("9093", "9101", "9102", "9103")}
+        self.commands: dict[str, list[str]] = {}
+
+    def argv(self, command: str) -> list[str]:
+        for old, new in self.ports.items():
+            command = re.sub(rf"(?<=[: ]){old}\b", str(new), command)
+        return FEDRETRAIN + shlex.split(command)[1:]
+
+    def run(self, command: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(command), cwd=self.root, capture_output=True, text=True, timeout=timeout)
+
+    def start(self, name: str, command: str) -> subprocess.Popen:
+        self.commands[name] = self.argv(command)
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(self.commands[name], cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def restart(self, name: str) -> None:
+        command = " ".join(shlex.quote(a) for a in ["fedretrain", *self.commands[name][len(FEDRETRAIN):]])
+        self.start(name, command)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def status(self) -> dict:
+        proc = self.run("fedretrain coordinator status --dir coord --json", timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def wait_sites(self, online: set[str], timeout: float = 180) -> float:
+        """Seconds until exactly ``online`` sites are online."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            sites = self.status()["sites"]
+            if {s for s, v in sites.items() if v["status"] == "online"} == online:
+                return time.monotonic() - start
+            time.sleep(1)
+        raise AssertionError(f"sites online never became {sorted(online)}: {self.status()['sites']}")
+
+    def submit(self, *overrides: str) -> tuple[subprocess.Popen, Path]:
+        """`coordinator run --wait` in the background; returns it and its run directory."""
+        name = f"run-{len(self.procs)}"
+        command = "fedretrain coordinator run --dir coord --wait " + " ".join(overrides)
+        proc = self.start(name, command)
+        deadline = time.monotonic() + 180
+        while "run directory " not in self.log(name):
+            assert proc.poll() is None and time.monotonic() < deadline, self.log(name)[-3000:]
+            time.sleep(0.5)
+        run_dir = Path(self.log(name).split("run directory ")[1].split()[0])
+        return proc, run_dir
+
+
+def run_overrides(registry: str, *extra: str) -> list[str]:
+    return ["experiment=smoke", "strategy.min_sites=3", f"registry.root={registry}",
+            "registry.signing_key=keys/coordinator.key", "validation_path=data/coordinator/validation.jsonl",
+            *SHRINK, *extra]
+
+
+def finished(proc: subprocess.Popen, timeout: float = 900) -> None:
+    proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    bench = Bench(tmp_path_factory.mktemp("deploy"))
+    outcome: dict[str, str] = {}
+    try:
+        for command in deploy_block():
+            if command.endswith("&"):
+                name = "coordinator" if " coordinator start " in command else command.split("--key keys/")[1][:7]
+                bench.start(name, command.rstrip("& "))
+                if name == "coordinator":
+                    deadline = time.monotonic() + 180
+                    while "SuperLink listening on" not in bench.log(name):
+                        assert bench.procs[name].poll() is None and time.monotonic() < deadline, bench.log(name)
+                        time.sleep(0.5)
+                continue
+            if command.startswith("fedretrain coordinator status") and "first-status" not in outcome:
+                bench.wait_sites(set(SITES))
+                outcome["first-status"] = "ok"
+            if command.startswith("fedretrain coordinator run"):
+                command += " " + " ".join(SHRINK)
+            proc = bench.run(command, timeout=900)
+            assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"[-5000:]
+            outcome[command.split(" --")[0]] = proc.stdout
+        bench.outcome = outcome
+        yield bench
+    finally:
+        bench.stop_all()
+
+
+def store_version(bench: Bench, site: str) -> int | None:
+    return json.loads((bench.root / "data" / site / ".fedretrain" / "models" / "state.json").read_text())["current"]
+
+
+def test_the_readme_session_publishes_a_version_every_site_installs(bench):
+    ran = bench.outcome["fedretrain coordinator run"]
+    assert "finished:completed; published version 1" in ran
+    run_dir = Path(ran.split("run directory ")[1].split()[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(summary["publication"]["installed"]) == list(SITES)
+    assert all(store_version(bench, site) == 1 for site in SITES)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
+    assert all(row["sites_accepted"] == 3 for row in map(json.loads, (run_dir / "metrics.jsonl").open()) if row["round"])
+    status = bench.outcome["fedretrain coordinator status"]
+    assert all(re.search(rf"site {site}\s+node \d+\s+online", status) for site in SITES), status
+
+
+def test_a_node_without_a_valid_identity_gets_no_work(bench):
+    # Prepare: an unregistered key, a key with another CA's certificate, and no key at all.
+    assert bench.run("fedretrain keys site rogue --out rogue").returncode == 0
+    assert bench.run("fedretrain keys ca --out other-ca").returncode == 0
+    link = f"127.0.0.1:{bench.ports['9093']}"
+    common = "--data data/site-00 --epsilon-ceiling 1 --max-retries 2"
+    cases = {
+        "unregistered": f"fedretrain site join --superlink {link} --ca keys/ca.pem --key rogue/rogue.key {common}",
+        "other-ca": f"fedretrain site join --superlink {link} --ca other-ca/ca.pem --key keys/site-00.key {common}",
+    }
+    for name, command in cases.items():
+        bench.start(name, command.replace(f"{link} ", f"{link} --port {free_port()} "))
+    supernode = str(Path(sys.executable).parent / "flower-supernode")
+    no_key = subprocess.Popen([supernode, "--superlink", link, "--root-certificates", "keys/ca.pem", "--port",
+                               str(free_port()), "--max-retries", "2"], cwd=bench.root,
+                              env=flower_env(bench.root / "no-key-home"),
+                              stdout=open(bench.root / "no-key.log", "wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    bench.procs["no-key"] = no_key
+
+    # Execute: each gives up (or is stopped after a minute and a half).
+    deadline = time.monotonic() + 90
+    for name in ("unregistered", "other-ca", "no-key"):
+        try:
+            bench.procs[name].wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            bench.kill(name)
+
+    # Assert: refused for the right reason, never sent a message, and only the three sites are known.
+    assert "2004" in bench.log("unregistered") or "No SuperNode found" in bench.log("unregistered")
+    assert "CERTIFICATE_VERIFY_FAILED" in bench.log("other-ca") or "certificate verify failed" in bench.log("other-ca")
+    assert "Exit Code" in bench.log("no-key"), bench.log("no-key")[-2000:]
+    for name in ("unregistered", "other-ca", "no-key"):
+        assert "SuperNode ID:" not in bench.log(name) and "Receiving:" not in bench.log(name), name
+    sites = bench.status()["sites"]
+    assert sorted(sites) == list(SITES) and all(v["status"] == "online" for v in sites.values())
+
+
+def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
+    # Prepare: a one-round cycle with a 60 s deadline and a quorum of 2.
+    proc, run_dir = bench.submit(*run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=60",
+                                                "strategy.quorum=2"))
+    deadline = time.monotonic() + 300
+    while "Receiving: train message" not in bench.log("site-02"):
+        assert time.monotonic() < deadline and proc.poll() is None, bench.log("site-02")[-2000:]
+        time.sleep(0.5)
+
+    # Execute: site-02 dies in the middle of the round.
+    killed_at = time.monotonic()
+    bench.kill("site-02")
+    detected_s = bench.wait_sites({"site-00", "site-01"}, timeout=240)
+    finished(proc)
+
+    # Assert: the round closed with the two others and the cycle went on to the gate.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    round1 = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["round"] == 1][0]
+    assert (round1["sites_sampled"], round1["sites_accepted"]) == (3, 2)
+    assert "site-02" not in round1["sites"] and not summary.get("aborted")
+    print(f"site-02 reported offline {detected_s:.1f} s after SIGKILL "
+          f"(run finished {time.monotonic() - killed_at:.1f} s after it)")
+
+    # Execute: the same with a quorum of 3 while site-02 is away.
+    versions_before = sorted(p.name for p in (bench.root / "reg-kill").glob("versions/*"))
+    proc, run_dir = bench.submit(*run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=20",
+                                                "strategy.quorum=3"))
+    finished(proc)
+
+    # Assert: aborted at the deadline, nothing published, the reason in the summary and the output.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "the quorum is 3" in summary["aborted"]
+    assert summary["published_version"] is None and summary["gate"] is None
+    assert "aborted, nothing published" in bench.log(f"run-{len(bench.procs) - 1}")
+    assert sorted(p.name for p in (bench.root / "reg-kill").glob("versions/*")) == versions_before
+
+    # The site joins again (same key, same node) and is online for the next cycle.
+    bench.restart("site-02")
+    bench.wait_sites(set(SITES))
+
+
+def test_a_serverapp_killed_after_round_1_resumes_to_the_adapter_of_an_uninterrupted_run(bench):
+    import psutil
+
+    # Prepare: the README's run is the uninterrupted one; this cycle is the same (same
+    # seed, data and settings; a fresh registry, approval required so nothing installs).
+    reference = Path(bench.outcome["fedretrain coordinator run"].split("run directory ")[1].split()[0])
+    proc, run_dir = bench.submit(*run_overrides("reg-resume", "gate.require_approval=true",
+                                                "strategy.round_timeout_s=600"))
+
+    # Execute: its ServerApp is SIGKILLed once round 1 is checkpointed, then resumed.
+    deadline = time.monotonic() + 600
+    while not (run_dir / "checkpoints" / "round-0001" / "SHA256SUMS").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, bench.log("coordinator")[-3000:]
+        time.sleep(0.2)
+    serverapps = [p for p in psutil.Process(bench.procs["coordinator"].pid).children(recursive=True)
+                  if "flwr-serverapp" in " ".join(p.cmdline())]
+    assert serverapps, "no ServerApp process under the SuperLink"
+    for p in serverapps:
+        p.kill()
+    finished(proc)
+    assert proc.returncode == 1  # the Flower run ended failed, with round 1 on disk
+    assert not (run_dir / "summary.json").exists()
+    resumed = bench.run(f"fedretrain coordinator run --dir coord --wait --resume {run_dir}", timeout=900)
+
+    # Assert: it finished from round 2, with the uninterrupted run's adapter, rounds and spend;
+    # the site that rejoined took part in both rounds.
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_after_round"] == 1 and summary["rounds"] == 2
+    rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["round"]]
+    assert [r["sites_accepted"] for r in rows] == [3, 3]
+    ours = safetensors.numpy.load_file(run_dir / "candidate_adapter" / "adapter_model.safetensors")
+    theirs = safetensors.numpy.load_file(reference / "candidate_adapter" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    ref_id = json.loads((reference / "summary.json").read_text())["run_id"]
+    for site in SITES:
+        ledger = PrivacyLedger.load(bench.root / "data" / site / ".fedretrain" / "privacy_ledger.json",
+                                    site_id=site, accountant="rdp", delta=1e-5)
+        spent = {run: [(e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
+                       if e.run_id == run] for run in (ref_id, summary["run_id"])}
+        assert [r[0] for r in spent[summary["run_id"]]] == [1, 2]  # each round spent once, none twice
+        assert spent[summary["run_id"]] == spent[ref_id]
