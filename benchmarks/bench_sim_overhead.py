@@ -2,7 +2,8 @@
 
 N simulated clients on Flower's simulation engine (Ray backend, 1 CPU per client, as
 ``fedretrain simulate`` runs them) do trivial work: echo a 1,000-parameter adapter
-(+1e-3) with the metrics and site id the project's reply contract asks for. The same
+(+1e-3) with the metrics, site id and round tag (the instruction's ``server-round`` and
+``global-hash``, echoed) the project's reply contract asks for. The same
 ClientApp serves both strategies, which differ only in what the ServerApp runs:
 
 - ``ours``: ``strategies.build_strategy("fedavg", ...)`` (FedAvgLoRA: every reply
@@ -63,7 +64,10 @@ def client_app() -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord({k: Array(v.numpy() + np.float32(1e-3)) for k, v in msg.content["arrays"].items()})
-        site = ConfigRecord({"site-id": f"site-{context.node_config['partition-id']}"})
+        # Echo the round tag (strategies/validation.py: check_round_tag); plain FedAvg sends no hash.
+        config = msg.content["config"]
+        site = ConfigRecord({"site-id": f"site-{context.node_config['partition-id']}",
+                             "server-round": config["server-round"], "global-hash": config.get("global-hash", "")})
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(dict(METRICS)), "site": site})
         return Message(content=content, reply_to=msg)
 
@@ -87,6 +91,11 @@ def server_app(which: str, n: int, rounds: int, stamps: list[float]) -> ServerAp
             return MetricRecord({})
 
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate_fn)
+        # The same trivial work only if ours accepted every reply (rejections log and skip work).
+        for server_round, entry in getattr(strategy, "round_log", {}).items():
+            if len(entry.accepted) != n:
+                reason = entry.rejected[0].reason if entry.rejected else "missing replies"
+                raise RuntimeError(f"round {server_round}: {len(entry.accepted)}/{n} replies accepted ({reason})")
 
     return app
 

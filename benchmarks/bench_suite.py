@@ -71,7 +71,7 @@ def run_section(script: str, args: list[str], scratch: Path) -> list[dict] | Non
     return json.loads(out.read_text())
 
 
-def run_all(quick: bool) -> tuple[list[dict], list[str]]:
+def run_all(quick: bool, only: list[str] | None = None) -> tuple[list[dict], list[str]]:
     """Every section's rows, in order, and the scripts that failed.
 
     A section that quick mode skips, or that failed, leaves placeholder rows, so that a
@@ -81,6 +81,8 @@ def run_all(quick: bool) -> tuple[list[dict], list[str]]:
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="frbench-") as tmp:
         for script, full_args, quick_args in SECTIONS:
+            if only and script not in only:
+                continue
             if quick and quick_args is None:
                 rows += placeholder_rows(DEMO_ROW_NAMES, "skipped in quick mode (needs the ~70 s demo)")
                 continue
@@ -115,17 +117,36 @@ def write_atomically(path: Path, document: dict) -> None:
     tmp.replace(path)
 
 
+def merge_into(path: Path, rows: list[dict], scripts: list[str]) -> dict:
+    """The document at ``path`` with ``rows`` replacing its rows of the same names.
+
+    For re-measuring one section after a fix; the document says which and when.
+    """
+    document = json.loads(path.read_text())
+    fresh = {row["name"]: row for row in rows}
+    document["rows"] = finish_rows([fresh.pop(r["name"], r) for r in document["rows"]] + list(fresh.values()))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    document.setdefault("remeasured", {}).update({script: stamp for script in scripts})
+    return document
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run every section, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, no demo")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("BENCH_OUT") or DEFAULT_OUT),
                         help=f"JSON output (default $BENCH_OUT or {DEFAULT_OUT.relative_to(REPO)})")
+    parser.add_argument("--only", action="append", metavar="SCRIPT",
+                        help="run only this section and merge its rows into the existing --out file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    raw, failed = run_all(args.quick)
+    raw, failed = run_all(args.quick, args.only)
     rows = finish_rows(raw)
     wall = time.perf_counter() - started
+    if args.only:
+        print_table(rows)
+        write_atomically(args.out, merge_into(args.out, rows, args.only))
+        raise SystemExit(f"failed: {', '.join(failed)}" if failed else 0)
     print_table(rows)
     print(f"\n{len(rows)} rows in {wall:.0f} s; written to {args.out}")
     write_atomically(args.out, {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
