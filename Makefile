@@ -1,7 +1,7 @@
 # make demo   sets up on first use, then runs the default federated retraining simulation
 # make test   sets up on first use, then runs the whole test suite (slow and e2e included)
 # make bench  sets up on first use, then runs every benchmark into one table and
-#             benchmarks/results/latest.json (about 10 min; QUICK=1: a smoke run, BENCH_OUT=path)
+#             benchmarks/results/latest.json (15-30 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
 
 PYTHON ?= python3
 VENV   := .venv
