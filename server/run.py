@@ -98,7 +98,9 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
              f"version {champion.version}" if champion else "the base model", baseline.loss,
              baseline.perplexity, baseline.examples)
     # Sites that missed the champion (new, offline, or before a rollback or approval) catch up first.
-    sync = (deliver(grid, champion.bundle, champion.rollback, job, cfg.registry.publish_timeout_s,
+    # It waits for the sites no longer than a round would: a site that is away is caught up later.
+    sync = (deliver(grid, champion.bundle, champion.rollback, job,
+                    min(cfg.registry.publish_timeout_s, cfg.strategy.round_timeout_s),
                     min_nodes=cfg.strategy.min_sites) if champion is not None else None)
 
     strategy = build_strategy(
