@@ -225,8 +225,8 @@ def test_a_node_without_a_valid_identity_gets_no_work(bench):
 
 
 def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
-    # Prepare: a one-round cycle with a 60 s deadline and a quorum of 2.
-    proc, run_dir = bench.submit(*run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=60",
+    # Prepare: a one-round cycle with a 180 s deadline and a quorum of 2.
+    proc, run_dir = bench.submit(*run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=180",
                                                 "strategy.quorum=2"))
     deadline = time.monotonic() + 300
     while "Receiving: train message" not in bench.log("site-02"):
