@@ -10,6 +10,7 @@ its own session by this module and stopped by it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -85,10 +86,8 @@ class Bench:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it already exited: nothing to kill
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=30)
 
     def stop_all(self) -> None:

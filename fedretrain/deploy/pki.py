@@ -244,11 +244,8 @@ def parse_host(host: str) -> x509.GeneralName:
     """
     if not host or host != host.strip() or any(c.isspace() for c in host):
         raise ConfigError(f"--host: {host!r} is not a host name or IP address (empty or has spaces)")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
+    address = _ip_address(host)
+    if address is not None:
         if getattr(address, "scope_id", None):  # fe80::1%eth0 is local to one machine, not a SAN
             raise ConfigError(f"--host: {host!r} has an IPv6 zone; give the address without '%...'")
         return x509.IPAddress(address)
@@ -257,6 +254,14 @@ def parse_host(host: str) -> x509.GeneralName:
         raise ConfigError(f"--host: {host!r} is neither an IP address nor a DNS name "
                           "(letters, digits, '-' and '.'; no port or scheme)")
     return x509.DNSName(host)
+
+
+def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address, or None when it is a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def _subject_alt_names(hosts: list[str] | tuple[str, ...]) -> list[x509.GeneralName]:
