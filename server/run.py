@@ -162,10 +162,12 @@ def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, bas
     arrays = to_array_record(adapter_arrays(lm.model))
     if checkpoint is not None:
         arrays = writer.restore(checkpoint)
-        # The checkpoint's adapter is the candidate so far (all that remains if every round ran).
-        load_adapter_arrays(lm, from_array_record(arrays))
-        final["candidate"] = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
-                                           use_adapter=True)
+        if checkpoint.server_round >= cfg.rounds:
+            # Every round ran before the crash: the checkpoint's adapter is the candidate
+            # (otherwise the next round's evaluate_fn scores the candidate anyway).
+            load_adapter_arrays(lm, from_array_record(arrays))
+            final["candidate"] = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
+                                               use_adapter=True)
     flat = ConfigRecord(writer.job.to_flat())
     policy = RoundPolicy(deadline_s=cfg.strategy.round_timeout_s, quorum=cfg.strategy.quorum,
                          wait_for=cfg.strategy.min_sites)

@@ -36,3 +36,18 @@ def tiny_adapter_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def keep_global_random_state():
+    """Tests that reseed and rewind the process's generators put them back afterwards."""
+    import random
+
+    import numpy as np
+    import torch
+
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    torch.set_rng_state(saved[2])

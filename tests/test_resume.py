@@ -21,13 +21,6 @@ SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "f
 JOB = Job(run_id="cycle-7", seed=0, rounds=3)
 
 
-@pytest.fixture
-def keep_global_random_state():
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    yield
-    random.setstate(saved[0])
-    np.random.set_state(saved[1])
-    torch.set_rng_state(saved[2])
 
 
 def privacy(epsilon: float, node_id: int) -> dict[str, float | int]:

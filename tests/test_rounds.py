@@ -43,14 +43,6 @@ def propagating_logs(monkeypatch):
     monkeypatch.setattr(logging.getLogger("fedretrain"), "propagate", True)
 
 
-@pytest.fixture
-def keep_global_random_state():
-    """Tests here reseed and rewind the process's generators; put them back afterwards."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    yield
-    random.setstate(saved[0])
-    np.random.set_state(saved[1])
-    torch.set_rng_state(saved[2])
 
 
 def adapter(value: float) -> ArrayRecord:
