@@ -72,6 +72,10 @@ def test_publish_twice_makes_a_chain_of_verified_versions(tmp_path, adapter_dir,
         "version": 2, "set_at": "2026-11-22T10:00:00Z", "reason": "publish", "rollback_sequence": None}
     assert json.loads((tmp_path / "registry/registry.json").read_text())["key_id"] == key_id(key.public_key())
     assert registry.check().problems == ()
+    # Each publish appended a signed pointer record; the verified chain's head is the champion.
+    records = [pointer.record for _, pointer in registry.pointers()]
+    assert [(r["sequence"], r["version"], r["reason"]) for r in records] == [(1, 1, "publish"), (2, 2, "publish")]
+    assert registry.verified_champion(key.public_key()).version == 2
 
 
 def test_a_version_that_requires_approval_waits_until_approved(tmp_path, adapter_dir, key) -> None:
@@ -232,6 +236,51 @@ def test_a_publish_killed_before_its_manifest_leaves_the_registry_intact(tmp_pat
     assert registry.champion() == 2 and registry.check().problems == ()
 
 
+_DYING_POINTER = """
+import json, os, signal, sys
+from pathlib import Path
+import fedretrain.registry.store as store
+from fedretrain.registry.signing import load_private_key
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+store.sign_pointer = die
+root, adapter, key, base, lora = sys.argv[1:6]
+store.Registry(root).publish(Path(adapter), signing_key=load_private_key(key), base_model=json.loads(base),
+                             lora=json.loads(lora), run={}, sites={}, gate={}, expiry_days=30)
+"""
+
+
+def test_a_publish_killed_before_its_pointer_record_is_refused_until_its_version_is_moved_aside(
+        tmp_path, adapter_dir) -> None:
+    # Prepare
+    pair = generate_keypair(tmp_path / "keys")
+    key = load_private_key(pair.private_path)
+    registry = Registry(tmp_path / "registry")
+    _publish(registry, adapter_dir, key)
+
+    # Execute: a publisher killed after its version is in place, before its pointer record.
+    proc = subprocess.run([sys.executable, "-c", _DYING_POINTER, str(registry.root), str(adapter_dir),
+                           str(pair.private_path), json.dumps(BASE), json.dumps(LORA)],
+                          cwd=REPO, capture_output=True, timeout=300)
+
+    # Assert: version 2 exists but no record names it: the audit and the next publish refuse, naming it.
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert registry.versions() == [1, 2] and registry.champion() == 1
+    problems = registry.check(key.public_key()).problems
+    assert len(problems) == 1 and "version 2 was published straight to champion" in problems[0]
+    assert f"move it out of versions/, e.g. to {registry.root}/versions/.interrupted-000002" in problems[0]
+    with pytest.raises(RegistryError, match="publish was interrupted"):
+        _publish(registry, adapter_dir, key, day=1)
+
+    # Execute / Assert: moved aside as the message says (no site ever had it), publishing works again.
+    (registry.root / "versions/000002").rename(registry.root / "versions/.interrupted-000002")
+    assert registry.check(key.public_key()).problems == ()
+    assert _publish(registry, adapter_dir, key, day=1) == 2
+    assert registry.verified_champion(key.public_key()).version == 2 and registry.manifest(2)["parent"] == 1
+
+
 def test_check_reports_a_tampered_version(tmp_path, adapter_dir, key) -> None:
     # Prepare
     registry = Registry(tmp_path)
@@ -305,8 +354,15 @@ def test_the_commands(tmp_path, adapter_dir, capsys) -> None:
     assert _cli("registry", "rollback", "1", "--key", str(keys / "coordinator.key"), "--reason", "bad",
                 "--root", root) == 0
     assert registry.champion() == 1 and registry.latest_rollback().record["reason"] == "bad"
+    capsys.readouterr()
     assert _cli("registry", "verify", "--root", root) == 0
-    assert _cli("registry", "verify", "2", "--root", root) == 0
+    assert "NOT AUTHENTICATED" in capsys.readouterr().out
+    assert _cli("registry", "verify", "--root", root, "--pubkey", str(keys / "coordinator.pub")) == 0
+    assert "verifies with key" in capsys.readouterr().out
+    assert _cli("registry", "verify", "2", "--root", root, "--pubkey", str(keys / "coordinator.pub")) == 0
+    other = generate_keypair(tmp_path / "other")
+    assert _cli("registry", "verify", "2", "--root", root, "--pubkey", str(other.public_path)) == 1
+    assert f"registry.json pins signing key {key_id(key.public_key())}, not the given key" in capsys.readouterr().out
 
     # Execute / Assert: a file changed on disk fails verify with exit 1.
     (Path(root) / "versions/000002/adapter_config.json").write_text("{}")

@@ -6,6 +6,8 @@ Modules, by concept:
 - :mod:`~fedretrain.registry.manifest`   the signed manifest's format, times, schema check
 - :mod:`~fedretrain.registry.bundle`     a version as bytes; ``verify_bundle`` / ``verify_rollback``
 - :mod:`~fedretrain.registry.base_model` the base model identity an adapter is bound to
+- :mod:`~fedretrain.registry.pointer`    signed champion pointer records; ``verify_pointer`` / ``verify_chain``
+- :mod:`~fedretrain.registry.chain`      the champion per the verified chain (``verified_head``)
 - :mod:`~fedretrain.registry.store`      ``Registry``: publish, approve, rollback on disk
 - :mod:`~fedretrain.registry.lifecycle`  what status a version has
 - :mod:`~fedretrain.registry.audit`      ``fedretrain registry verify``
@@ -26,6 +28,7 @@ _EXPORTS = {
     "MANIFEST_FORMAT": "manifest", "build_manifest": "manifest", "format_time": "manifest",
     "parse_time": "manifest", "sha256_hex": "manifest", "utc_now": "manifest",
     "CheckReport": "audit", "Registry": "store", "STATUSES": "lifecycle",
+    "ChampionPointer": "pointer", "verify_pointer": "pointer", "verify_chain": "pointer",
     "KeyPair": "signing", "canonical_json": "signing", "generate_keypair": "signing", "key_id": "signing",
     "load_private_key": "signing", "load_public_key": "signing", "sign": "signing",
     "verify_signature": "signing",

@@ -4,6 +4,11 @@ Used by ``fedretrain registry verify`` and before ``approve`` / ``rollback`` (a
 version that no longer verifies is never made champion again). Problems make an
 audit fail; notes are for the operator (an expired version, a staging directory
 left by an interrupted publish: harmless, since readers ignore it).
+
+With a public key from outside the folder (``registry verify --pubkey``) the audit
+also refuses a ``registry.json`` pinned to another key. Without one it can only use
+the key stored in ``registry.json``: that shows the folder is consistent with itself,
+not who wrote it (anyone who can edit the folder can re-sign it all and swap the pin).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedretrain.errors import FedretrainError, RegistryError, VerificationError
 from fedretrain.registry.bundle import verify_bundle, verify_rollback
+from fedretrain.registry.chain import verified_head
 from fedretrain.registry.manifest import parse_signed_json, parse_time, utc_now
-from fedretrain.registry.signing import verify_signature
+from fedretrain.registry.signing import key_id, verify_signature
 
 if TYPE_CHECKING:
     from fedretrain.registry.store import Registry
@@ -57,24 +63,39 @@ def inspect_version(registry: Registry, version: int, public_key: Ed25519PublicK
 
 
 def check_registry(registry: Registry, public_key: Ed25519PublicKey | None = None) -> CheckReport:
-    """Audit every version, ``champion.json`` and every rollback record of ``registry``."""
+    """Audit every version, the champion chain, ``champion.json`` and every rollback record of ``registry``,
+    against ``public_key`` (default: the key pinned in ``registry.json``)."""
     notes = [f"{path} was left by an interrupted publish; readers ignore it, it can be removed"
              for path in sorted((registry.root / "versions").glob(".staging-*"))]
     if not registry.root.is_dir():
         return CheckReport((f"no registry at {registry.root}",), ())
     versions = registry.versions()
+    problems = pin_problems(registry, public_key)
     try:
         key = public_key or registry.public_key()
     except RegistryError as err:
-        return CheckReport((str(err),) if versions else (), tuple(notes))
-    problems: list[str] = []
+        empty = not versions and not registry.pointers() and not (registry.root / "champion.json").is_file()
+        return CheckReport(() if empty else (str(err),), tuple(notes))
     for version in versions:
         report = inspect_version(registry, version, key)
         problems.extend(report.problems)
         notes.extend(report.notes)
-    problems.extend(_champion_problems(registry, versions))
+    problems.extend(_champion_problems(registry, key, versions))
     problems.extend(_rollback_problems(registry, key, versions))
     return CheckReport(tuple(problems), tuple(notes))
+
+
+def pin_problems(registry: Registry, public_key: Ed25519PublicKey | None) -> list[str]:
+    """A problem when ``registry.json`` pins another key than ``public_key`` (None: nothing to compare)."""
+    path = registry.root / "registry.json"
+    if public_key is None or not path.is_file():
+        return []
+    try:
+        pinned = key_id(registry.public_key())
+    except RegistryError as err:
+        return [str(err)]
+    given = key_id(public_key)
+    return [] if pinned == given else [f"{path} pins signing key {pinned}, not the given key {given}"]
 
 
 def _approval_problems(folder: Path, version: int, public_key: Ed25519PublicKey) -> list[str]:
@@ -92,20 +113,13 @@ def _approval_problems(folder: Path, version: int, public_key: Ed25519PublicKey)
     return []
 
 
-def _champion_problems(registry: Registry, versions: list[int]) -> list[str]:
+def _champion_problems(registry: Registry, public_key: Ed25519PublicKey, versions: list[int]) -> list[str]:
     try:
-        record = registry.champion_record()
-    except RegistryError as err:
+        head = verified_head(registry, public_key)
+    except (RegistryError, VerificationError, OSError) as err:
         return [str(err)]
-    if record is None:
-        return []
-    champion, sequence = record["version"], record.get("rollback_sequence")
-    if champion not in versions:
-        return [f"champion.json points at version {champion}, which does not exist"]
-    if not registry.was_admitted(champion):
-        return [f"champion {champion} waits for approval but was never approved"]
-    if record.get("reason") == "rollback" and sequence not in dict(registry.rollbacks()):
-        return [f"champion.json names rollback record {sequence}, which does not exist"]
+    if head is not None and not registry.was_admitted(head.version):
+        return [f"champion {head.version} waits for approval but was never approved"]
     return []
 
 

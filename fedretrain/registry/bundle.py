@@ -11,6 +11,10 @@ record (:class:`RollbackRecord`) that names the older version to re-admit::
     {"kind": "rollback", "sequence": 1, "target_version": 2, "from_version": 3,
      "created_at": "2026-11-21T10:00:00Z", "reason": str, "key_id": str}
 
+A version sent as champion also carries the signed champion pointer record that made it
+champion (``VersionBundle.pointer``, :mod:`fedretrain.registry.pointer`); it travels as
+``pointer`` / ``pointer-signature`` beside the version's files and is not stored with them.
+
 :func:`verify_bundle` is shared by the registry and by the sites: it fails closed
 and raises :class:`~fedretrain.errors.VerificationError` naming the first check
 that failed; nothing is installed unless every check passes.
@@ -44,6 +48,7 @@ from fedretrain.registry.manifest import (
     sha256_hex,
     utc_now,
 )
+from fedretrain.registry.pointer import ChampionPointer
 from fedretrain.registry.signing import canonical_json, key_id, sign, verify_signature
 
 __all__ = [
@@ -62,11 +67,13 @@ _ROLLBACK_FIELDS: dict[str, tuple[type, ...]] = {
 
 @dataclass(frozen=True)
 class VersionBundle:
-    """One published version: signed manifest bytes, signature, adapter files by name."""
+    """One published version: signed manifest bytes, signature, adapter files by name, and,
+    when it is sent as champion, the signed pointer record that made it champion."""
 
     manifest_bytes: bytes
     signature: bytes
     files: Mapping[str, bytes]
+    pointer: ChampionPointer | None = None
 
     @classmethod
     def signed(cls, manifest: Mapping[str, Any], files: Mapping[str, bytes],
@@ -122,6 +129,8 @@ class VersionBundle:
         """Flat ``str -> bytes`` form for a Flower ConfigRecord."""
         out = {"manifest": self.manifest_bytes, "signature": self.signature}
         out.update({f"file:{name}": data for name, data in self.files.items()})
+        if self.pointer is not None:
+            out.update(self.pointer.to_mapping())
         return out
 
     @classmethod
@@ -131,7 +140,7 @@ class VersionBundle:
         signature = _bytes_value(mapping, "signature", "signature")
         files = {key[len("file:"):]: _bytes_value(mapping, key, "hashes")
                  for key in mapping if key.startswith("file:")}
-        return cls(manifest_bytes, signature, files)
+        return cls(manifest_bytes, signature, files, ChampionPointer.from_mapping(mapping))
 
 
 @dataclass(frozen=True)

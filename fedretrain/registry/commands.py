@@ -67,8 +67,12 @@ def add_registry_commands(subparsers: Any) -> None:
 
     command("list", "list versions, their status, and the champion (*)", _list)
     command("show", "print a version's manifest and status", _show).add_argument("version", type=int)
-    command("verify", "verify one version, or the whole registry (exit 1 on a problem)",
-            _verify).add_argument("version", type=int, nargs="?")
+    verify = command("verify", "verify one version, or the whole registry and its champion chain "
+                               "(exit 1 on a problem)", _verify)
+    verify.add_argument("version", type=int, nargs="?")
+    verify.add_argument("--pubkey", type=Path, default=None,
+                        help="the coordinator's public key (PEM) from outside the registry folder; without it "
+                             "only the key stored in registry.json is used, which proves nothing about who wrote it")
     rollback = command("rollback", "make an older version champion again, with a signed record", _rollback)
     rollback.add_argument("version", type=int)
     rollback.add_argument("--key", type=Path, required=True, help="the coordinator's private key (PEM)")
@@ -166,19 +170,32 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from fedretrain.registry.audit import pin_problems
+    from fedretrain.registry.signing import key_id, load_public_key
     from fedretrain.registry.store import Registry
 
     registry = Registry(args.root)
-    report = registry.check() if args.version is None else registry.inspect(args.version)
-    for problem in report.problems:
+    key = None if args.pubkey is None else load_public_key(args.pubkey)
+    if args.version is None:
+        report = registry.check(key)
+        problems = list(report.problems)
+    else:
+        report = registry.inspect(args.version, key)
+        problems = pin_problems(registry, key) + list(report.problems)
+    for problem in problems:
         print(f"PROBLEM {problem}")
     for note in report.notes:
         print(f"note: {note}")
     what = "registry" if args.version is None else f"version {args.version}"
-    if report.problems:
-        print(f"{what} in {args.root}: {len(report.problems)} problem(s)")
+    if problems:
+        print(f"{what} in {args.root}: {len(problems)} problem(s)")
         return 1
-    print(f"OK {what} in {args.root} verifies")
+    if key is None:
+        print(f"OK {what} in {args.root} is consistent with the key stored in {args.root}/registry.json. "
+              "NOT AUTHENTICATED: whoever can edit the folder can re-sign it and swap that key; "
+              "pass --pubkey FILE with the coordinator's public key kept elsewhere")
+        return 0
+    print(f"OK {what} in {args.root} verifies with key {key_id(key)} from {args.pubkey}")
     return 0
 
 

@@ -1,12 +1,17 @@
-"""The coordinator's model registry: signed versions on disk, a champion, signed rollbacks.
+"""The coordinator's model registry: signed versions on disk, a signed champion chain, signed rollbacks.
 
 Layout under the registry root::
 
     registry.json      {"format": "fedretrain.registry/1", "key_id", "public_key_pem"}: written at the
                        first publish; pins the registry to one signing key
     versions/000001/   adapter_model.safetensors, adapter_config.json, manifest.json, manifest.sig,
-                       [approval.required], [approval.json, approval.sig]
-    champion.json      {"version", "set_at", "reason": publish|approve|rollback, "rollback_sequence"}
+                       [approval.required, approval.required.sig], [approval.json, approval.sig]
+    pointers/000001.json + .sig    signed champion pointer records, one per move of the champion,
+                       hash-linked (:mod:`fedretrain.registry.pointer`): the champion is what the
+                       last record of the verified chain says (:mod:`fedretrain.registry.chain`)
+    champion.json      {"version", "set_at", "reason": publish|approve|rollback, "rollback_sequence"}:
+                       a convenience copy of the last pointer record, for people and triggers; never
+                       trusted (``registry verify`` refuses it when it disagrees with the chain)
     rollbacks/000001.json + .sig   signed rollback records, sequence 1, 2, 3, ...
     decisions.jsonl    one JSON line per gate decision
     pseudonym.key      32 random bytes (0600): the HMAC key behind site pseudonyms
@@ -15,7 +20,12 @@ Layout under the registry root::
 Readers never lock. Every file is replaced atomically, and a version directory is
 built in ``versions/.staging-*`` and appears by one rename once complete, so a
 crash leaves at most a staging directory that readers ignore. Nothing is ever
-deleted: a rollback moves the champion and adds a record.
+deleted: a rollback moves the champion and adds a record. Every write verifies the chain
+against the signing key's public half first and refuses (writing nothing) when it does
+not verify; the new record is written after the version, signature before record.
+
+Registries written before signed pointers (a ``champion.json`` and no ``pointers/``) are
+refused by every write and by ``registry verify``; see :mod:`fedretrain.registry.chain`.
 
 A version's status (champion, pending, rolled-back, approved, superseded) is defined in
 :mod:`fedretrain.registry.lifecycle`.
@@ -40,10 +50,12 @@ from fedretrain.atomic import atomic_write_bytes, atomic_write_json
 from fedretrain.errors import RegistryError
 from fedretrain.registry.audit import CheckReport, check_registry, inspect_version
 from fedretrain.registry.bundle import ADAPTER_FILES, RollbackRecord, VersionBundle, verify_bundle
+from fedretrain.registry.chain import ChainHead, verified_head
 from fedretrain.registry.lifecycle import rollback_spans, version_status
 from fedretrain.registry.manifest import build_manifest, format_time, parse_time, utc_now
+from fedretrain.registry.pointer import ChampionPointer, sign_pointer
 from fedretrain.registry.sidecar import append_decision, pseudonym, read_decisions, read_pin, write_pin
-from fedretrain.registry.signing import canonical_json, key_id, sign
+from fedretrain.registry.signing import canonical_json, key_id, sign, verify_signature
 
 APPROVAL_REQUIRED = "approval.required"
 _NUMBERED = re.compile(r"[0-9]{6}")
@@ -75,12 +87,41 @@ class Registry:
         return self._dir(version)
 
     def champion(self) -> int | None:
-        """The champion's version, or None before the first version became champion."""
+        """The champion per ``champion.json`` (unverified: for display and triggers; decisions
+        use :meth:`verified_champion`), or None before the first version became champion."""
         record = self.champion_record()
         return None if record is None else record["version"]
 
+    def verified_champion(self, public_key: Ed25519PublicKey) -> ChainHead | None:
+        """The champion per the chain of pointer records verified with ``public_key``.
+
+        Raises
+        ------
+        RegistryError
+            Naming the file at fault, if the chain does not verify (see :mod:`fedretrain.registry.chain`).
+        """
+        return verified_head(self, public_key)
+
+    def pointers(self) -> list[tuple[int, ChampionPointer]]:
+        """Every ``(number, record)`` in ``pointers/``, ascending; a missing .sig reads as b""."""
+        return [(number, ChampionPointer(payload, signature))
+                for number, payload, signature in _signed_files(self.root / "pointers")]
+
+    def approval_requested(self, version: int, public_key: Ed25519PublicKey) -> bool:
+        """True if ``version`` carries an approval request signed with ``public_key``."""
+        folder = self.version_dir(version)
+        if not (folder / APPROVAL_REQUIRED).is_file():
+            return False
+        payload = (folder / APPROVAL_REQUIRED).read_bytes()
+        signature = _read_or_empty(folder / f"{APPROVAL_REQUIRED}.sig")
+        try:
+            verify_signature(public_key, payload, signature)
+        except ValueError:  # VerificationError
+            return False
+        return payload == _approval_request(version, public_key)
+
     def champion_record(self) -> dict[str, Any] | None:
-        """The parsed ``champion.json``, or None if there is none yet."""
+        """The parsed ``champion.json`` (unverified), or None if there is none yet."""
         record = _read_json(self.root / "champion.json")
         if record is not None and (type(record.get("version")) is not int or record["version"] < 1):
             raise RegistryError(f"{self.root}/champion.json has no valid 'version'")
@@ -93,23 +134,30 @@ class Registry:
 
     def rollbacks(self) -> list[tuple[int, RollbackRecord]]:
         """Every ``(sequence, record)`` in ``rollbacks/``, ascending; a missing .sig reads as b""."""
-        folder = self.root / "rollbacks"
-        out = []
-        for sequence in _numbered(folder, want_dirs=False):
-            sig = folder / f"{sequence:06d}.sig"
-            payload = (folder / f"{sequence:06d}.json").read_bytes()
-            out.append((sequence, RollbackRecord(payload, sig.read_bytes() if sig.is_file() else b"")))
-        return out
+        return [(sequence, RollbackRecord(payload, signature))
+                for sequence, payload, signature in _signed_files(self.root / "rollbacks")]
 
-    def status(self, version: int) -> str:
-        """``champion``, ``pending``, ``rolled-back``, ``approved`` or ``superseded`` (see lifecycle)."""
+    def status(self, version: int, champion: int | None = None) -> str:
+        """``champion``, ``pending``, ``rolled-back``, ``approved`` or ``superseded`` (see lifecycle),
+        given the champion (default: ``champion.json``'s, unverified)."""
         approved = (self.version_dir(version) / "approval.json").is_file()
-        return version_status(version, champion=self.champion(), approved=approved,
-                              rollbacks=rollback_spans(record for _, record in self.rollbacks()))
+        return version_status(version, champion=self.champion() if champion is None else champion,
+                              approved=approved, rollbacks=rollback_spans(record for _, record in self.rollbacks()))
 
     def bundle(self, version: int) -> VersionBundle:
-        """The version's files as a :class:`VersionBundle` (unverified)."""
-        return VersionBundle.from_dir(self.version_dir(version))
+        """The version's files as a :class:`VersionBundle` (unverified), with the last pointer
+        record when that record names this version (sites verify it)."""
+        bundle = VersionBundle.from_dir(self.version_dir(version))
+        records = self.pointers()
+        if not records:
+            return bundle
+        pointer = records[-1][1]
+        try:
+            names = pointer.record.get("version")
+        except ValueError:  # an unreadable record; a site refuses the bundle without it
+            return bundle
+        return VersionBundle(bundle.manifest_bytes, bundle.signature, bundle.files,
+                             pointer if names == version else None)
 
     def manifest(self, version: int) -> dict[str, Any]:
         """The version's parsed manifest (unverified)."""
@@ -153,9 +201,11 @@ class Registry:
         files = _read_adapter(Path(adapter_dir))
         now = now or utc_now()
         with self._lock():
+            self.check_signing_key(signing_key.public_key())
+            head = self.verified_champion(signing_key.public_key())
             version = max(self.versions(), default=0) + 1
             manifest = build_manifest(
-                version=version, parent=self.champion(), created_at=now,
+                version=version, parent=None if head is None else head.version, created_at=now,
                 expires_at=now + timedelta(days=expiry_days), key_id=key_id(signing_key.public_key()),
                 files=files, base_model=base_model, lora=lora, run=run, sites=sites, gate=gate)
             try:
@@ -164,9 +214,9 @@ class Registry:
             except (ValueError, TypeError) as err:  # VerificationError is a ValueError
                 raise RegistryError(f"refusing to publish {adapter_dir}: {err}") from err
             self._pin(signing_key.public_key(), create=True)
-            self._install(version, bundle, require_approval)
+            self._install(version, bundle, signing_key if require_approval else None)
             if not require_approval:
-                self._set_champion(version, "publish", None, now)
+                self._move_champion(signing_key, head, version, "publish", None, now)
         return version
 
     def approve(self, version: int, *, signing_key: Ed25519PrivateKey, approver: str,
@@ -175,7 +225,8 @@ class Registry:
         now = now or utc_now()
         with self._lock():
             self._pin(signing_key.public_key(), create=False)
-            status = self.status(version)
+            head = self.verified_champion(signing_key.public_key())
+            status = self.status(version, champion=head.version if head else None)
             if status != "pending":
                 raise RegistryError(f"version {version} is {status}; only a pending version can be approved")
             self._require_valid(version)
@@ -185,7 +236,7 @@ class Registry:
             # The signature first: approval.json alone is what marks a version approved.
             atomic_write_bytes(self._dir(version) / "approval.sig", sign(signing_key, payload), mode=0o644)
             atomic_write_bytes(self._dir(version) / "approval.json", payload, mode=0o644)
-            self._set_champion(version, "approve", None, now)
+            self._move_champion(signing_key, head, version, "approve", None, now)
 
     def rollback(self, version: int, *, signing_key: Ed25519PrivateKey, reason: str,
                  now: datetime | None = None) -> RollbackRecord:
@@ -193,7 +244,8 @@ class Registry:
         now = now or utc_now()
         with self._lock():
             self._pin(signing_key.public_key(), create=False)
-            champion = self.champion()
+            head = self.verified_champion(signing_key.public_key())
+            champion = None if head is None else head.version
             self.version_dir(version)
             if champion is None or version >= champion:
                 raise RegistryError(f"can only roll back to a version older than the champion ({champion})")
@@ -213,7 +265,7 @@ class Registry:
             stem = self.root / "rollbacks" / f"{sequence:06d}"
             atomic_write_bytes(stem.with_suffix(".sig"), record.signature, mode=0o644)
             atomic_write_bytes(stem.with_suffix(".json"), record.payload_bytes, mode=0o644)
-            self._set_champion(version, "rollback", sequence, now)
+            self._move_champion(signing_key, head, version, "rollback", sequence, now)
         return record
 
     def record_decision(self, decision: Mapping[str, Any]) -> None:
@@ -263,20 +315,31 @@ class Registry:
         if key_id(public_key) != pinned:
             raise RegistryError(f"{self.root} is pinned to signing key {pinned}; this key is {key_id(public_key)}")
 
-    def _install(self, version: int, bundle: VersionBundle, require_approval: bool) -> None:
+    def _install(self, version: int, bundle: VersionBundle, request_key: Ed25519PrivateKey | None) -> None:
         folder = self.root / "versions"
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
         staging.chmod(0o755)
         for name in ADAPTER_FILES:
             atomic_write_bytes(staging / name, bundle.files[name], mode=0o644)
-        if require_approval:
-            atomic_write_bytes(staging / APPROVAL_REQUIRED, b"", mode=0o644)
+        if request_key is not None:  # signed: an unsigned marker could relabel a champion as pending
+            request = _approval_request(version, request_key.public_key())
+            atomic_write_bytes(staging / f"{APPROVAL_REQUIRED}.sig", sign(request_key, request), mode=0o644)
+            atomic_write_bytes(staging / APPROVAL_REQUIRED, request, mode=0o644)
         _write_manifest(staging, bundle.manifest_bytes, bundle.signature)
         os.rename(staging, self._dir(version))
         _sync_dir(folder)
 
-    def _set_champion(self, version: int, reason: str, sequence: int | None, now: datetime) -> None:
+    def _move_champion(self, signing_key: Ed25519PrivateKey, head: ChainHead | None, version: int, reason: str,
+                       sequence: int | None, now: datetime) -> None:
+        # The caller verified ``head`` under the lock; the new record links to it.
+        pointer = sign_pointer(signing_key, sequence=1 if head is None else head.record["sequence"] + 1,
+                               version=version, reason=reason, created_at=now,
+                               manifest_bytes=(self._dir(version) / "manifest.json").read_bytes(),
+                               previous=None if head is None else head.pointer, rollback_sequence=sequence)
+        stem = self.root / "pointers" / f"{pointer.record['sequence']:06d}"
+        atomic_write_bytes(stem.with_suffix(".sig"), pointer.signature, mode=0o644)
+        atomic_write_bytes(stem.with_suffix(".json"), pointer.payload_bytes, mode=0o644)
         atomic_write_json(self.root / "champion.json", {
             "version": version, "set_at": format_time(now), "reason": reason, "rollback_sequence": sequence,
         }, mode=0o644)
@@ -302,6 +365,20 @@ def _numbered(folder: Path, *, want_dirs: bool) -> list[int]:
     else:
         names = [p.stem for p in folder.iterdir() if p.is_file() and p.suffix == ".json"]
     return sorted(int(name) for name in names if _NUMBERED.fullmatch(name))
+
+
+def _signed_files(folder: Path) -> list[tuple[int, bytes, bytes]]:
+    # ``000001.json`` + ``000001.sig`` pairs (rollbacks, pointers); a missing .sig reads as b"".
+    return [(number, (folder / f"{number:06d}.json").read_bytes(), _read_or_empty(folder / f"{number:06d}.sig"))
+            for number in _numbered(folder, want_dirs=False)]
+
+
+def _read_or_empty(path: Path) -> bytes:
+    return path.read_bytes() if path.is_file() else b""
+
+
+def _approval_request(version: int, public_key: Ed25519PublicKey) -> bytes:
+    return canonical_json({"kind": "approval-request", "version": version, "key_id": key_id(public_key)})
 
 
 def _read_adapter(adapter_dir: Path) -> dict[str, bytes]:
