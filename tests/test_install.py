@@ -29,6 +29,7 @@ from fedretrain.modeling.lora_model import load_adapter_arrays
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 from fedretrain.registry.manifest import sha256_hex
+from fedretrain.registry.pointer import sign_pointer
 from fedretrain.registry.signing import generate_keypair, load_private_key
 from fedretrain.registry.store import Registry
 
@@ -81,6 +82,20 @@ def resigned(bundle: VersionBundle, signer, files=None, **edits) -> VersionBundl
     return VersionBundle.signed(manifest, files, signer)
 
 
+def delivered(registry: Registry, version: int) -> VersionBundle:
+    """``version`` as the coordinator sent it when it became champion: with the last pointer record naming it."""
+    pointer = [p for _, p in registry.pointers() if p.record["version"] == version][-1]
+    return dataclasses.replace(registry.bundle(version), pointer=pointer)
+
+
+def pointed(bundle: VersionBundle, signer, sequence: int) -> VersionBundle:
+    """``bundle`` with a fresh pointer record for its manifest, signed by ``signer`` (the checks behind
+    the pointer are what a case tests)."""
+    pointer = sign_pointer(signer, sequence=sequence, version=bundle.manifest["version"], reason="publish",
+                           created_at=datetime.now(UTC), manifest_bytes=bundle.manifest_bytes, previous=None)
+    return dataclasses.replace(bundle, pointer=pointer)
+
+
 def tensors_changed(bundle: VersionBundle, change) -> dict[str, bytes]:
     tensors = safetensors.torch.load(bundle.files["adapter_model.safetensors"])
     change(tensors)
@@ -95,7 +110,7 @@ def test_a_verified_version_is_installed_and_generates_text(tmp_path, job, coord
     registry, _, public = coordinator
     site = make_site(tmp_path, public)
 
-    outcome = receive_version(site, job, registry.bundle(1))
+    outcome = receive_version(site, job, delivered(registry, 1))
 
     store = ModelStore(site.model_store_path)
     assert outcome.metrics["installed-version"] == 1 and outcome.metrics["previous-version"] == 0
@@ -103,14 +118,14 @@ def test_a_verified_version_is_installed_and_generates_text(tmp_path, job, coord
     assert (store.version_dir(1) / "adapter_model.safetensors").read_bytes() == \
         registry.bundle(1).files["adapter_model.safetensors"]
     # Sent again (the start-of-cycle sync): nothing to do.
-    assert receive_version(site, job, registry.bundle(1)).metrics["already-current"] == 1
+    assert receive_version(site, job, delivered(registry, 1)).metrics["already-current"] == 1
     # The site uses what it installed: peft loads the version directory onto the base model.
     result = generate(site.model_store_path, "Patient presents with", coordinator_key=public, max_new_tokens=8)
     assert result.version == 1 and result.text.startswith("Patient presents with") and result.new_tokens > 0
 
 
 def tamperings(registry: Registry, key) -> dict:
-    v2 = registry.bundle(2)
+    v2 = delivered(registry, 2)
     other = Ed25519PrivateKey.generate()
     flipped = dict(v2.files)
     flipped["adapter_model.safetensors"] = flipped["adapter_model.safetensors"][:-1] + bytes(
@@ -140,11 +155,11 @@ def tamperings(registry: Registry, key) -> dict:
 def test_tampered_versions_are_refused_and_the_last_good_one_kept(tmp_path, job, coordinator, case):
     registry, key, public = coordinator
     site = make_site(tmp_path, public)
-    receive_version(site, job, registry.bundle(1))
+    receive_version(site, job, delivered(registry, 1))
     bundle, kwargs, check = tamperings(registry, key)[case]
 
     with pytest.raises(VerificationError) as refused:
-        receive_version(site, job, bundle, **kwargs)
+        receive_version(site, job, pointed(bundle, key, sequence=2), **kwargs)
 
     assert refused.value.check == check
     store = ModelStore(site.model_store_path)
@@ -153,32 +168,35 @@ def test_tampered_versions_are_refused_and_the_last_good_one_kept(tmp_path, job,
 
 
 def test_a_replayed_older_version_and_an_unpinned_site_are_refused(tmp_path, job, coordinator):
-    registry, _, public = coordinator
+    registry, key, public = coordinator
     site = make_site(tmp_path, public)
-    receive_version(site, job, registry.bundle(1))
-    receive_version(site, job, registry.bundle(2))
+    receive_version(site, job, delivered(registry, 1))
+    receive_version(site, job, delivered(registry, 2))
 
-    with pytest.raises(VerificationError, match="not newer than the accepted 2") as replay:
-        receive_version(site, job, registry.bundle(1))
+    with pytest.raises(VerificationError, match="replayed pointer record") as replay:
+        receive_version(site, job, delivered(registry, 1))
+    # Behind the pointer, the version check holds on its own (a newer pointer cannot bring back version 1).
+    with pytest.raises(VerificationError, match="not newer than the accepted 2") as older:
+        receive_version(site, job, pointed(registry.bundle(1), key, sequence=3))
     with pytest.raises(VerificationError, match="pins no coordinator key") as unpinned:
-        receive_version(make_site(tmp_path / "other", None), job, registry.bundle(1))
+        receive_version(make_site(tmp_path / "other", None), job, delivered(registry, 1))
 
-    assert replay.value.check == "version" and unpinned.value.check == "signature"
+    assert (replay.value.check, older.value.check, unpinned.value.check) == ("pointer", "version", "signature")
     assert ModelStore(site.model_store_path).state().current == 2
 
 
 def test_a_site_follows_a_signed_rollback_and_refuses_an_unsigned_one(tmp_path, job, coordinator):
     registry, key, public = coordinator
     site = make_site(tmp_path, public)
-    receive_version(site, job, registry.bundle(1))
-    receive_version(site, job, registry.bundle(2))
-    record = rollback_record(registry, key, target=1)
+    receive_version(site, job, delivered(registry, 1))
+    receive_version(site, job, delivered(registry, 2))
+    target, record = rollback_record(registry, key, target=1)
     forged = RollbackRecord(record.payload_bytes, Ed25519PrivateKey.generate().sign(record.payload_bytes))
 
     with pytest.raises(VerificationError) as unsigned:
-        receive_version(site, job, registry.bundle(1), forged)
+        receive_version(site, job, target, forged)
     assert unsigned.value.check == "signature" and ModelStore(site.model_store_path).state().current == 2
-    outcome = receive_version(site, job, registry.bundle(1), record)
+    outcome = receive_version(site, job, target, record)
 
     state = ModelStore(site.model_store_path).state()
     assert outcome.metrics["installed-version"] == 1 and outcome.metrics["previous-version"] == 2
@@ -186,14 +204,16 @@ def test_a_site_follows_a_signed_rollback_and_refuses_an_unsigned_one(tmp_path, 
     # Version 2 is still stored, and a replay of version 2 without a newer record is refused.
     assert ModelStore(site.model_store_path).version_dir(2).is_dir()
     with pytest.raises(VerificationError, match="not newer"):
-        receive_version(site, job, registry.bundle(2))
+        receive_version(site, job, delivered(registry, 2))
 
 
-def rollback_record(registry: Registry, key, target: int) -> RollbackRecord:
+def rollback_record(registry: Registry, key, target: int) -> tuple[VersionBundle, RollbackRecord]:
+    """The delivery of a rollback to ``target``: the bundle (with its rollback pointer) and the record."""
     # A copy of the registry so the module's registry keeps version 2 as champion.
     copy = Registry(Path(str(registry.root) + f"-rollback-{datetime.now(UTC).timestamp()}"))
     shutil.copytree(registry.root, copy.root)
-    return copy.rollback(target, signing_key=key, reason="test")
+    record = copy.rollback(target, signing_key=key, reason="test")
+    return copy.bundle(target), record
 
 
 def test_smoke_evaluation_refuses_a_version_worse_on_heldout_data(tmp_path, job, coordinator):
@@ -208,8 +228,8 @@ def test_smoke_evaluation_refuses_a_version_worse_on_heldout_data(tmp_path, job,
                        version=4)
 
     with pytest.raises(VerificationError, match="worse than the current") as refused:
-        receive_version(site, job, loud)
-    good = receive_version(site, job, neutral)
+        receive_version(site, job, pointed(loud, key, sequence=3))
+    good = receive_version(site, job, pointed(neutral, key, sequence=4))
 
     assert refused.value.check == "smoke_eval"
     assert good.metrics["smoke-new-loss"] == pytest.approx(good.metrics["smoke-current-loss"], abs=1e-9)
@@ -251,11 +271,16 @@ def test_an_old_rollback_cannot_downgrade_a_site_that_accepted_a_newer_version(t
     publish(copy, key, job, tmp_path / "adapter-3", 0.03)
     site = make_site(tmp_path, public)
     receive_version(site, job, copy.bundle(3))
+    replay = delivered(copy, 1)  # with the rollback's pointer record, older than version 3's
 
-    with pytest.raises(VerificationError, match="predates version 3") as refused:
-        receive_version(site, job, copy.bundle(1), old_rollback)
+    with pytest.raises(VerificationError, match="replayed pointer record") as refused:
+        receive_version(site, job, replay, old_rollback)
+    # A site that lost its pointer memory (or predates signed pointers) still refuses it.
+    (site.model_store_path / "pointer.json").unlink()
+    with pytest.raises(VerificationError, match="predates version 3") as predates:
+        receive_version(site, job, replay, old_rollback)
 
-    assert refused.value.check == "rollback"
+    assert (refused.value.check, predates.value.check) == ("pointer", "rollback")
     assert ModelStore(site.model_store_path).state().current == 3
 
 
@@ -266,7 +291,7 @@ def test_a_rollback_is_followed_even_where_smoke_evaluation_would_veto_it(tmp_pa
     store.install(registry.bundle(1), via="publish")
     store.install(registry.bundle(2), via="publish")  # as if installed earlier, without a smoke test
 
-    outcome = receive_version(site, job, registry.bundle(1), rollback_record(registry, key, target=1))
+    outcome = receive_version(site, job, *rollback_record(registry, key, target=1))
 
     assert outcome.metrics["installed-version"] == 1 and "smoke-new-loss" not in outcome.metrics
 
@@ -274,12 +299,12 @@ def test_a_rollback_is_followed_even_where_smoke_evaluation_would_veto_it(tmp_pa
 def test_a_stored_copy_changed_at_rest_is_replaced_by_the_verified_bundle(tmp_path, job, coordinator):
     registry, key, public = coordinator
     site = make_site(tmp_path, public)
-    receive_version(site, job, registry.bundle(1))
-    receive_version(site, job, registry.bundle(2))
+    receive_version(site, job, delivered(registry, 1))
+    receive_version(site, job, delivered(registry, 2))
     stored = ModelStore(site.model_store_path).version_dir(1) / "adapter_model.safetensors"
     stored.write_bytes(stored.read_bytes()[:-1] + b"\0")
 
-    receive_version(site, job, registry.bundle(1), rollback_record(registry, key, target=1))
+    receive_version(site, job, *rollback_record(registry, key, target=1))
 
     assert stored.read_bytes() == registry.bundle(1).files["adapter_model.safetensors"]
 
