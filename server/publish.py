@@ -1,7 +1,9 @@
 """The coordinator's side of publishing: the registry, the champion, and delivery to sites.
 
-``open_registry`` checks the registry and the signing key before a cycle starts;
-``champion_adapter`` is the baseline (and starting point) of a cycle;
+``open_registry`` checks the registry, its champion chain and the signing key before a cycle
+starts; ``champion_adapter`` is the baseline (and starting point) of a cycle: the version the
+champion chain names, verified with the signing key's public half (which comes from the
+coordinator's config, not from the registry folder), never what ``champion.json`` says;
 ``publish_candidate`` writes a passing candidate as a new signed version; and
 ``deliver`` sends a version to every connected site in a ``query.publish`` message
 and collects what each site did with it.
@@ -60,24 +62,35 @@ def open_registry(cfg: Config) -> RegistryHandle:
     key = load_private_key(Path(cfg.registry.signing_key))
     registry = Registry(Path(cfg.registry.root))
     registry.check_signing_key(key.public_key())  # before training, not at publish time
+    registry.verified_champion(key.public_key())  # a chain that does not verify stops the cycle here
     return RegistryHandle(registry, key, cfg.registry.expiry_days)
 
 
 def champion_adapter(handle: RegistryHandle) -> Champion | None:
-    """The version published now, verified again before it is trusted as the baseline."""
+    """The version the verified champion chain names, verified again before it is trusted as the
+    baseline; its bundle carries the chain's last record for the sites.
+
+    Raises
+    ------
+    RegistryError
+        Naming the file at fault, if the chain or the champion version does not verify.
+    """
     registry = handle.registry
-    version = registry.champion()
-    if version is None:
+    public_key = handle.signing_key.public_key()
+    head = registry.verified_champion(public_key)
+    if head is None:
         return None
-    problems = registry.verify(version, handle.signing_key.public_key())
+    version = head.version
+    problems = registry.verify(version, public_key)
     if problems:
         raise RegistryError(f"{registry.root}: the champion version {version} fails verification: "
                             + "; ".join(problems))
-    bundle = registry.bundle(version)
+    files = registry.bundle(version)
+    bundle = VersionBundle(files.manifest_bytes, files.signature, files.files, head.pointer)
     arrays = from_torch_state_dict(safetensors.torch.load(bundle.files["adapter_model.safetensors"]))
-    rollback = registry.latest_rollback()
-    if rollback is not None and rollback.record["target_version"] != version:
-        rollback = None
+    rollback = None
+    if head.record["reason"] == "rollback":  # the chain checked that this record exists and verifies
+        rollback = dict(registry.rollbacks())[head.record["rollback_sequence"]]
     return Champion(version=version, arrays=arrays, bundle=bundle, rollback=rollback)
 
 
