@@ -249,6 +249,10 @@ def _swap_the_pin(registry: Registry, key) -> None:
     write_pin(registry.root / "registry.json", other.public_key())
 
 
+def _delete_the_pin(registry: Registry, key) -> None:
+    (registry.root / "registry.json").unlink()
+
+
 ATTACKS: dict[str, tuple[Callable[[Registry, Ed25519PrivateKey], None], str]] = {
     # name: (tampering, the file the refusal names)
     "champion.json edited": (_relabel_champion_copy, "champion.json"),
@@ -261,6 +265,7 @@ ATTACKS: dict[str, tuple[Callable[[Registry, Ed25519PrivateKey], None], str]] = 
     "a record signed by another key": (_append_a_record_signed_by_another_key, "pointers/000005.json"),
     "an unsigned record": (_append_an_unsigned_record, "pointers/000005.json"),
     "the pin swapped": (_swap_the_pin, "registry.json"),
+    "the pin deleted": (_delete_the_pin, "registry.json"),
 }
 
 
@@ -279,7 +284,7 @@ def test_registry_verify_refuses_a_tampered_chain(registry, keys, attack, capsys
     assert any(named in line for line in problems), out
 
 
-@pytest.mark.parametrize("attack", [a for a in ATTACKS if a != "the pin swapped"])
+@pytest.mark.parametrize("attack", [a for a in ATTACKS if not a.startswith("the pin")])
 def test_publish_and_the_cycle_baseline_refuse_a_tampered_chain(registry, adapters, keys, job, attack) -> None:
     # Prepare
     key = keys[0]
@@ -294,12 +299,16 @@ def test_publish_and_the_cycle_baseline_refuse_a_tampered_chain(registry, adapte
     assert _tree(registry.root) == before
 
 
-def test_a_swapped_pin_refuses_every_write_with_the_real_key(registry, adapters, keys, job) -> None:
-    _swap_the_pin(registry, keys[0])
+@pytest.mark.parametrize("attack", ["the pin swapped", "the pin deleted"])
+def test_a_swapped_or_deleted_pin_refuses_every_write_with_the_real_key(registry, adapters, keys, job,
+                                                                        attack) -> None:
+    ATTACKS[attack][0](registry, keys[0])
     before = _tree(registry.root)
 
-    with pytest.raises(RegistryError, match="pinned to signing key"):
+    with pytest.raises(RegistryError, match=r"registry\.json|pinned to signing key"):
         _publish(registry, adapters[0], keys[0], job, day=9)
+    with pytest.raises(RegistryError, match=r"registry\.json|pinned to signing key"):
+        registry.rollback(1, signing_key=keys[0], reason="x")
     assert _tree(registry.root) == before
 
 

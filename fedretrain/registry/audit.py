@@ -88,8 +88,10 @@ def check_registry(registry: Registry, public_key: Ed25519PublicKey | None = Non
 def pin_problems(registry: Registry, public_key: Ed25519PublicKey | None) -> list[str]:
     """A problem when ``registry.json`` pins another key than ``public_key`` (None: nothing to compare)."""
     path = registry.root / "registry.json"
-    if public_key is None or not path.is_file():
+    if public_key is None:
         return []
+    if not path.is_file():
+        return [f"{path} is missing, but the registry holds versions"] if registry.versions() else []
     try:
         pinned = key_id(registry.public_key())
     except RegistryError as err:

@@ -137,12 +137,10 @@ class Registry:
         return [(sequence, RollbackRecord(payload, signature))
                 for sequence, payload, signature in _signed_files(self.root / "rollbacks")]
 
-    def status(self, version: int, champion: int | None = None) -> str:
+    def status(self, version: int) -> str:
         """``champion``, ``pending``, ``rolled-back``, ``approved`` or ``superseded`` (see lifecycle),
-        given the champion (default: ``champion.json``'s, unverified)."""
-        approved = (self.version_dir(version) / "approval.json").is_file()
-        return version_status(version, champion=self.champion() if champion is None else champion,
-                              approved=approved, rollbacks=rollback_spans(record for _, record in self.rollbacks()))
+        for display: with ``champion.json``'s champion (writers use the verified chain's)."""
+        return self._status(version, self.champion())
 
     def bundle(self, version: int) -> VersionBundle:
         """The version's files as a :class:`VersionBundle` (unverified), with the last pointer
@@ -226,7 +224,7 @@ class Registry:
         with self._lock():
             self._pin(signing_key.public_key(), create=False)
             head = self.verified_champion(signing_key.public_key())
-            status = self.status(version, champion=head.version if head else None)
+            status = self._status(version, None if head is None else head.version)
             if status != "pending":
                 raise RegistryError(f"version {version} is {status}; only a pending version can be approved")
             self._require_valid(version)
@@ -249,7 +247,7 @@ class Registry:
             self.version_dir(version)
             if champion is None or version >= champion:
                 raise RegistryError(f"can only roll back to a version older than the champion ({champion})")
-            if not self.was_admitted(version):
+            if not any(p.record["version"] == version for _, p in self.pointers()):  # verified just above
                 raise RegistryError(f"version {version} was never champion nor approved")
             self._require_valid(version)
             if parse_time(self.manifest(version)["expires_at"]) <= now:
@@ -292,6 +290,11 @@ class Registry:
         return check_registry(self, public_key)
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _status(self, version: int, champion: int | None) -> str:
+        approved = (self.version_dir(version) / "approval.json").is_file()
+        return version_status(version, champion=champion, approved=approved,
+                              rollbacks=rollback_spans(record for _, record in self.rollbacks()))
 
     def _dir(self, version: int) -> Path:
         return self.root / "versions" / f"{version:06d}"
