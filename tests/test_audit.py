@@ -121,3 +121,45 @@ def test_the_best_of_several_guess_sizes_pays_for_the_choice() -> None:
     assert (among_two.r, among_two.v) == (20, 20)
     assert among_two.epsilon == epsilon_lower_bound(20, 20, 20, confidence=0.975)
     assert among_two.epsilon < alone.epsilon
+
+
+# The real audit as `fedretrain privacy audit` runs it by default: one simulated site, its own
+# train_round, the embedded model, two rounds of 60 steps at batch 8 (simulation.audit.JOB_DEFAULTS).
+AUDIT = dict(canaries=64, rounds=2, honest_records=16, device="cpu")
+
+
+def test_canaries_are_distinct_word_strings_from_the_auditors_generator() -> None:
+    from simulation.audit import draw_canaries
+
+    first = draw_canaries(np.random.default_rng(7), 50, 8)
+    again = draw_canaries(np.random.default_rng(7), 50, 8)
+
+    assert first == again and len(set(first)) == 50
+    assert all(len(c.split()) == 8 for c in first)
+
+
+def test_an_audit_refuses_a_site_directory_that_already_holds_files(tmp_path) -> None:
+    from simulation.audit import AuditSettings, run_audit
+
+    (tmp_path / "privacy_ledger.json").write_text("{}")
+    with pytest.raises(ValueError, match="new or empty"):
+        run_audit(AuditSettings(**AUDIT), tmp_path)
+
+
+@pytest.mark.slow
+def test_an_audit_sees_the_leak_without_dp_and_stays_under_the_ledger_with_it(tmp_path) -> None:
+    from simulation.audit import AuditSettings, run_audit
+
+    # Execute: the same cycle without DP (the site allows it) and with it.
+    plain = run_audit(AuditSettings(private=False, auditor_seed=0, **AUDIT), tmp_path / "plain")
+    private = run_audit(AuditSettings(private=True, auditor_seed=0, **AUDIT), tmp_path / "private")
+
+    # Assert: without DP the canaries it trained on lost far more loss, and the audit
+    # refutes every epsilon below 1 at 95% confidence; with DP the bound stays below
+    # the epsilon the site's ledger recorded.
+    assert plain.ledger_epsilon is None
+    assert plain.mean_score_in > plain.mean_score_out
+    assert plain.bound.epsilon > 1.0, plain.row()
+    assert private.ledger_epsilon is not None and private.ledger_epsilon > 0
+    assert private.bound.epsilon <= private.ledger_epsilon, private.row()
+    assert private.bound.m == plain.bound.m == 64
