@@ -15,6 +15,7 @@ from fedretrain.errors import RegistryError, VerificationError
 from fedretrain.registry.bundle import (ADAPTER_FILES, RollbackRecord, VersionBundle, base_model_identity,
                                         verify_bundle, verify_rollback)
 from fedretrain.registry.manifest import build_manifest
+from fedretrain.registry.pointer import ChampionPointer, sign_pointer, verify_chain, verify_pointer
 from fedretrain.registry.signing import canonical_json, key_id, sign
 
 NOW = datetime(2026, 11, 21, 10, 0, 0, tzinfo=UTC)
@@ -245,6 +246,54 @@ def test_unsigned_forged_or_replayed_rollbacks_are_refused(key) -> None:
     with pytest.raises(VerificationError) as err:
         RollbackRecord.from_mapping({"rollback": good.payload_bytes})
     assert err.value.check == "signature"
+
+
+def test_a_champion_pointer_is_canonical_json_linked_by_hash_and_travels_with_the_bundle(adapter_files,
+                                                                                          key) -> None:
+    # Prepare
+    bundle = _signed(adapter_files, key)
+    first = sign_pointer(key, sequence=1, version=1, reason="publish", created_at=NOW, manifest_bytes=b"v1",
+                         previous=None)
+
+    # Execute
+    second = sign_pointer(key, sequence=2, version=2, reason="publish", created_at=NOW,
+                          manifest_bytes=bundle.manifest_bytes, previous=first)
+    carried = VersionBundle(bundle.manifest_bytes, bundle.signature, bundle.files, second)
+    mapping = carried.to_mapping()
+
+    # Assert: the exact signed bytes, worked out by hand; the link is the SHA-256 of the first record's bytes.
+    link = hashlib.sha256(first.payload_bytes).hexdigest()
+    assert second.payload_bytes == (
+        '{"created_at":"2026-11-21T10:00:00Z","key_id":"%s","kind":"champion","manifest_sha256":"%s",'
+        '"previous_sha256":"%s","reason":"publish","rollback_sequence":null,"sequence":2,"version":2}'
+        % (key_id(key.public_key()), hashlib.sha256(bundle.manifest_bytes).hexdigest(), link)).encode()
+    assert verify_pointer(second, key.public_key(), last_sequence=1)["previous_sha256"] == link
+    assert [b["sequence"] for b in verify_chain([(1, first), (2, second)], key.public_key())] == [1, 2]
+    assert VersionBundle.from_mapping(mapping) == carried and carried.nbytes == sum(len(v) for v in mapping.values())
+    assert VersionBundle.from_mapping(bundle.to_mapping()).pointer is None
+
+
+def test_unsigned_foreign_replayed_or_malformed_pointers_are_refused(key) -> None:
+    # Prepare
+    good = sign_pointer(key, sequence=3, version=2, reason="publish", created_at=NOW, manifest_bytes=b"m",
+                        previous=None)
+    foreign = sign_pointer(Ed25519PrivateKey.generate(), sequence=3, version=2, reason="publish", created_at=NOW,
+                           manifest_bytes=b"m", previous=None)
+    rollback_without_record = canonical_json(json.loads(good.payload_bytes) | {"reason": "rollback"})
+    extra_field = canonical_json(json.loads(good.payload_bytes) | {"note": "x"})
+
+    # Execute / Assert
+    for pointer, last, check in [
+            (ChampionPointer(good.payload_bytes, b""), None, "signature"), (foreign, None, "signature"),
+            (good, 3, "pointer"), (good, 7, "pointer"),
+            (ChampionPointer(rollback_without_record, sign(key, rollback_without_record)), None, "pointer"),
+            (ChampionPointer(extra_field, sign(key, extra_field)), None, "pointer")]:
+        with pytest.raises(VerificationError) as err:
+            verify_pointer(pointer, key.public_key(), last_sequence=last)
+        assert err.value.check == check
+    # A chain must start at 1 and link: a lone record 3 is not a chain.
+    with pytest.raises(VerificationError, match="pointers/000001.json: its body says sequence 3"):
+        verify_chain([(1, good)], key.public_key())
 
 
 def test_base_model_identity_hashes_config_and_weights_by_name(tmp_path) -> None:

@@ -104,7 +104,8 @@ class VersionBundle:
     @property
     def nbytes(self) -> int:
         """Total size of everything that travels."""
-        return len(self.manifest_bytes) + len(self.signature) + sum(len(v) for v in self.files.values())
+        pointer = 0 if self.pointer is None else len(self.pointer.payload_bytes) + len(self.pointer.signature)
+        return len(self.manifest_bytes) + len(self.signature) + sum(len(v) for v in self.files.values()) + pointer
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> VersionBundle:
