@@ -78,6 +78,8 @@ class AuditSettings:
             raise ValueError("an audit needs canaries >= 2, rounds >= 1, honest_records >= 1 and "
                              f"canary_words >= 1; got {self.canaries}, {self.rounds}, {self.honest_records} "
                              f"and {self.canary_words}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence: must be in (0, 1), got {self.confidence}")
         if not self.guess_fractions or any(a < 0 or b < 0 or a + b > 1 for a, b in self.guess_fractions):
             raise ValueError(f"guess_fractions: need (k_plus, k_minus) fractions >= 0 summing to <= 1, "
                              f"got {self.guess_fractions}")
