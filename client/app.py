@@ -32,6 +32,7 @@ ERROR_CODES: dict[type[Exception], int] = {
     errors.ConfigError: 4106,
     errors.TrainingError: 4107,
     errors.VerificationError: 4108,
+    errors.EvaluationRefused: 4109,
 }
 UNEXPECTED_ERROR = 4199
 
@@ -93,7 +94,7 @@ def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -
 def _evaluate(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
     baseline = content.array_records.get("baseline")
     outcome = evaluate_round(site, job, from_array_record(content["arrays"]),
-                             None if baseline is None else from_array_record(baseline))
+                             None if baseline is None else from_array_record(baseline), server_round=server_round)
     return _reply(site, None, outcome.metrics)
 
 
@@ -105,12 +106,10 @@ def _publish(site: SiteConfig, job: Job, server_round: int, content: RecordDict)
 
 
 def _status(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
-    # Scalars and counts only (drift scores, losses, record counts, privacy totals): no
-    # record, token or identifier of a patient leaves the site in a status reply.
+    # Noised counts (charged to the ledger), privacy totals, and drift scores only where the
+    # site opted in: no record, token or identifier of a patient leaves in a status reply.
     monitor = build(MonitorConfig, dict(content["monitor"]), "monitor")
-    # Noise on the counts must be fresh at every poll (a repeated draw cancels out between
-    # two replies); without noise a fixed seed keeps the sampled records reproducible.
-    return _reply(site, None, site_status(site, job, monitor, seed=None if site.count_noise > 0 else 0))
+    return _reply(site, None, site_status(site, job, monitor, charge=True))
 
 
 # Keys of an instruction's config that are not part of the job: the round (added by

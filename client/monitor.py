@@ -5,27 +5,31 @@ whether to start a retraining cycle (server/triggers.py). Everything in a reply 
 a count or a score computed here, on the site's premises: no record, token or
 identifier leaves. Keys of the reply:
 
-    new-records          records after the reference window (Laplace-noised when count-noise > 0)
-    reference-records    size of the reference window (trained-on records + held-out records then)
+    new-records          records after the reference window              } Gaussian noise,
+    reference-records    size of the reference window (trained-on         } one release charged
+                         records + held-out records then)                 } to the ledger per
+    train-records        size of the training window the site would use   } reply; count-std
+    count-std            standard deviation of each count's noise
     has-reference        1 when the site has trained before, else 0
-    train-records        size of the training window the site would use now
-    drift-js             token Jensen-Shannon divergence, bits        } only with a reference
-    drift-hidden         base model's mean hidden-state shift         } and at least
-    loss-new             published model's loss on the new records    } monitor.min_new_records
-    loss-reference       ... and on the reference held-out records    } new records (and a
-                                                                      } reference of 2 or more)
+    drift-js             token Jensen-Shannon divergence, bits        } only where the site
+    drift-hidden         base model's mean hidden-state shift         } set share-drift-scores
+    loss-new             published model's loss on the new records    } (un-noised: its operator's
+    loss-reference       ... and on the reference held-out records    } choice), with a reference
+                                                                      } and min_new_records new ones
     model-version        installed version (0: the bare base model)
     epsilon-spent, epsilon-ceiling, delta, epsilon-projected, can-afford
 
-Whether the scores are present depends on the exact count of new records: a reply
-reveals that the count is at least ``min_new_records`` even when the count itself
-is noised.
+The drift and loss scores are means over a few hundred sampled records; one record
+moves them by far more than any useful noise would hide, so a site shares them only
+by its operator's explicit choice (``share-drift-scores``), and their presence then
+reveals that at least ``min_new_records`` records are new. Everything else is noised
+and charged, or does not depend on the records (the privacy totals follow from the
+ledger and the job's fixed sampling rate).
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -40,8 +44,9 @@ from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import optional_texts, read_records
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
 from fedretrain.monitoring.drift import hidden_state_shift, mean_hidden_states, token_js_divergence
-from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.training.dp import poisson_sample_rate
+from fedretrain.privacy.accounting import epsilon_for_history
+from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
+from fedretrain.privacy.release import RELEASE_SAMPLE_RATE, RELEASE_STEPS, gaussian_release
 from fedretrain.training.evaluate import evaluate_loss
 
 log = logging.getLogger("fedretrain.client")
@@ -49,18 +54,23 @@ log = logging.getLogger("fedretrain.client")
 SCORE_KEYS = ("drift-js", "drift-hidden", "loss-new", "loss-reference")
 
 
-def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, seed: int | None = 0) -> dict[str, float | int]:
-    """Everything the coordinator may learn about this site now: scalars and counts only.
+def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, charge: bool = False,
+                seed: int = 0) -> dict[str, float | int]:
+    """What the site knows about its data now; with ``charge``, what the coordinator may learn of it.
 
     Parameters
     ----------
     site, job, monitor
         The site's own settings, the job a retraining cycle would run, what to measure.
-    seed : int | None
-        Seeds ``np.random.default_rng`` for the record samples and the count noise, so
-        a reply is reproducible. ``None`` draws a fresh seed from the OS (CSPRNG): use
-        it in deployment when ``count-noise > 0``, or every poll repeats the same noise
-        draw and the difference of two polls' counts is exact.
+    charge : bool
+        False: the site's operator asks (``fedretrain site status``): exact figures, nothing
+        leaves, nothing is spent. True: a reply to the coordinator. The three counts then
+        carry Gaussian noise of multiplier ``release-noise`` (each count moves by at most 1
+        when one record is added or removed), the release is charged to the ledger before
+        the reply is built (refused with PrivacyBudgetExceeded past the ceiling), and drift
+        and loss scores are included only when the site's ``share-drift-scores`` is true.
+    seed : int
+        Seeds which records are sampled for the scores (the noise never uses it).
 
     Returns
     -------
@@ -72,29 +82,50 @@ def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, seed: int
     DataValidationError
         If the data files are invalid. A reference that points past their end (a
         replaced or truncated store) is dropped: the site answers as if it had none.
+    PrivacyBudgetExceeded
+        With ``charge``, when one more release would cross the site's ceiling.
     """
     recover_store(site)  # an ingest interrupted by a crash is completed (or undone) first
     train = [r.text for r in read_records(site.train_path)]
     heldout = optional_texts(site.heldout_path)
     ref = _usable_reference(site, len(train), len(heldout))
-    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    rng = np.random.default_rng(seed)
     status: dict[str, float | int] = {"has-reference": int(ref is not None)}
     new_texts = [] if ref is None else train[ref.train_end:] + heldout[ref.heldout_end:]
     window = job.train.window
-    # With count noise on, every count in the reply is noised: an exact training-set size
-    # next to a noised new-record count would give the new count away between two polls.
     counts = {"new-records": len(new_texts),
               "reference-records": 0 if ref is None else ref.train_end - ref.train_start + ref.heldout_end,
               "train-records": min(window, len(train)) if window else len(train)}
-    status.update({key: _noised_count(value, site.count_noise, rng) for key, value in counts.items()})
+    if charge:
+        status.update(_charged_counts(site, job, counts))
+    else:
+        status.update(counts)
     reference = [] if ref is None else train[ref.train_start:ref.train_end] + heldout[:ref.heldout_end]
     # The loss comparison needs held-out records of the reference (never trained on): the
     # training window would make the reference loss look low and the gap look like drift.
-    if ref is not None and len(new_texts) >= monitor.min_new_records and len(reference) >= 2 and ref.heldout_end:
+    scores_wanted = not charge or site.share_drift_scores
+    if scores_wanted and ref is not None and len(new_texts) >= monitor.min_new_records and len(reference) >= 2 \
+            and ref.heldout_end:
         status.update(_scores(site, job, monitor, reference, heldout[:ref.heldout_end], new_texts, rng))
     status["model-version"] = _installed_version(site)
-    status.update(_privacy(site, job, counts["train-records"]))
+    status.update(_privacy(site, job))
     return status
+
+
+def _charged_counts(site: SiteConfig, job: Job, counts: dict[str, int]) -> dict[str, float | int]:
+    """The counts with Gaussian noise (fedretrain/privacy/release.py), charged before they leave."""
+    with ledger_lock(site.ledger_path):
+        ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
+                                    delta=site.delta)
+        ledger.check_can_spend(site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, site.epsilon_ceiling)
+        release = gaussian_release({k: float(v) for k, v in counts.items()}, dict.fromkeys(counts, 1.0),
+                                   site.release_noise)
+        ledger.record(job.run_id, 0, site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, kind="status")
+        ledger.save(site.ledger_path)
+    # Rounding and clipping at 0 are post-processing: they cost nothing more.
+    noised: dict[str, float | int] = {k: max(0, int(round(v))) for k, v in release.values.items()}
+    noised["count-std"] = release.stds["new-records"]
+    return noised
 
 
 def _usable_reference(site: SiteConfig, num_train: int, num_heldout: int) -> Reference | None:
@@ -107,14 +138,6 @@ def _usable_reference(site: SiteConfig, num_train: int, num_heldout: int) -> Ref
                     "or truncated, so drift is measured again after the next training round", site.site_id)
         return None
     return ref
-
-
-def _noised_count(count: int, scale: float, rng: np.random.Generator) -> int:
-    # Laplace(scale) on a count of sensitivity 1 is (1/scale)-DP; rounding and clipping
-    # at 0 are post-processing.
-    if scale <= 0:
-        return count
-    return max(0, int(round(count + rng.laplace(0.0, scale))))
 
 
 def _sample(texts: Sequence[str], size: int, rng: np.random.Generator) -> list[str]:
@@ -157,16 +180,22 @@ def _installed_version(site: SiteConfig) -> int:
     return int(ModelStore(site.model_store_path).state().current or 0)
 
 
-def _privacy(site: SiteConfig, job: Job, train_records: int) -> dict[str, float | int]:
-    """Epsilon spent, and after one more cycle of ``job`` (``rounds`` rounds of ``local_steps``)."""
+def _privacy(site: SiteConfig, job: Job) -> dict[str, float | int]:
+    """Epsilon spent, and after one more cycle of ``job`` (its rounds and the final evaluation).
+
+    None of it depends on the records: the ledger holds what the site released, and the
+    job fixes the sampling rate.
+    """
     ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
                                 delta=site.delta)
     spent = ledger.epsilon()
     projected = spent
-    if job.privacy.enabled and train_records > 0:
-        q = poisson_sample_rate(train_records, job.train.batch_size)
-        sigma = noise_multiplier(job, site, q)
-        projected = ledger.epsilon_after(sigma, q, job.train.local_steps * job.rounds)
+    if job.privacy.enabled:
+        sigma = noise_multiplier(job, site, ledger)
+        cycle = [(sigma, job.privacy.sample_rate, job.train.local_steps * job.rounds)]
+        if site.share_evaluation:
+            cycle.append((site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS))
+        projected = epsilon_for_history([*ledger.history, *cycle], site.delta, site.accountant)
     return {"epsilon-spent": float(spent), "epsilon-ceiling": float(site.epsilon_ceiling),
             "delta": float(site.delta), "epsilon-projected": float(projected),
             "can-afford": int(projected <= site.epsilon_ceiling)}

@@ -1,15 +1,18 @@
 """What a site does in a round, as plain Python: no Flower types in or out.
 
 ``train_round`` validates the site's newest data, checks its lifetime privacy budget,
-fine-tunes the LoRA adapter with DP-SGD and records the spend in the site's ledger.
-``evaluate_round`` scores the candidate adapter and the baseline on held-out data.
-Only adapter tensors and a few scalars leave this module.
+fine-tunes the LoRA adapter with DP-SGD (noise and sampling seeded from the OS, never
+by the coordinator) and records the spend in the site's ledger.
+``evaluate_round`` scores the round's candidate against the installed version on
+held-out data and sends noised sums, charged to the ledger. Only adapter tensors and
+scalars that are noised and charged, or that do not depend on the records, leave.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import zlib
 from dataclasses import dataclass
 
@@ -17,16 +20,19 @@ import numpy as np
 
 from client.ingest import recover_store
 from client.reference import save_reference
+from client.disclosures import Disclosures, adapter_digest
 from client.replies import ReplyKey, load_reply, save_reply
+from client.store import ModelStore
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import optional_texts, read_records
-from fedretrain.errors import PrivacyBudgetExceeded
+from fedretrain.errors import ConfigError, EvaluationRefused, PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
-from fedretrain.privacy.accounting import noise_multiplier_for_target
+from fedretrain.privacy.accounting import HistoryEntry, epsilon_for_history, noise_multiplier_for_target, sigma_to_fit
 from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
+from fedretrain.privacy.release import RELEASE_SAMPLE_RATE, RELEASE_STEPS, gaussian_release
 from fedretrain.records import NOT_PRIVATE_EPSILON
-from fedretrain.training.dp import DPParams, TrainParams, poisson_sample_rate, train_lora
+from fedretrain.training.dp import DPParams, TrainParams, train_lora
 from fedretrain.training.evaluate import evaluate_loss
 
 log = logging.getLogger("fedretrain.client")
@@ -91,12 +97,15 @@ def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.n
     lm = site_model(job, site.device)
     load_adapter_arrays(lm, global_adapter)
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
+    seed = _training_seed(site, job, server_round)  # before any spend: a refused job costs nothing
 
-    # 2. Privacy: derive sigma for the planned run, then refuse if this round would cross the ceiling.
-    # Opacus samples at 1/ceil(N/B), not B/N: budget check, sigma and ledger use that rate.
-    sample_rate = poisson_sample_rate(len(texts), job.train.batch_size)
-    sigma = noise_multiplier(job, site, sample_rate)
+    # 2. Privacy. The sampling rate is the job's, not derived from N, so sigma and epsilon
+    # (both in the reply) say nothing about how many records the site holds.
+    sample_rate = job.privacy.sample_rate
+    sigma = noise_multiplier(job, site, ledger)
     if job.privacy.enabled:
+        if not ledger_has_run(ledger, job.run_id):
+            check_cycle_fits(site, job, ledger, sigma, server_round)
         projected = ledger.check_can_spend(sigma, sample_rate, job.train.local_steps, site.epsilon_ceiling)
         log.info("site %s round %d: sigma=%.3f, epsilon %.3f -> %.3f of %.3f",
                  site.site_id, server_round, sigma, ledger.epsilon(), projected, site.epsilon_ceiling)
@@ -105,35 +114,109 @@ def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.n
     params = TrainParams(local_steps=job.train.local_steps, batch_size=job.train.batch_size,
                          lr=job.train.lr, optimizer=job.train.optimizer)
     dp = DPParams(enabled=job.privacy.enabled, noise_multiplier=sigma, max_grad_norm=job.privacy.max_grad_norm,
-                  grad_sample_mode=job.privacy.grad_sample_mode)
-    result = train_lora(lm.model, dataset, params, dp, seed=_round_seed(job.seed, site.site_id, server_round))
+                  grad_sample_mode=job.privacy.grad_sample_mode, sample_rate=sample_rate)
+    result = train_lora(lm.model, dataset, params, dp, seed=seed)
     if job.privacy.enabled:
         ledger.record(job.run_id, server_round, sigma, result.sample_rate, result.steps)
         ledger.save(site.ledger_path)
+    disclosures = Disclosures.load(site.state_path)
+    disclosures.mark_trained(job.run_id, server_round)
+    disclosures.save()
     epsilon = ledger.epsilon() if job.privacy.enabled else NOT_PRIVATE_EPSILON
+    # Only values that do not depend on the site's records: no record count, no training
+    # loss (one record moves a mean loss), and epsilon and sigma follow from the job's
+    # rate and the site's own settings and history of releases.
     metrics: dict[str, float | int] = {
-        # FedAvg weights each site by its training set size; what this round actually
-        # processed (Poisson batches over several passes) is reported beside it.
-        "num-examples": len(texts),
-        "data-size": len(texts),
-        "examples-processed": int(result.num_examples),
-        "train-loss": float(result.mean_loss),
         "epsilon": float(epsilon),
         "epsilon-ceiling": float(site.epsilon_ceiling),
         "delta": float(site.delta),
         "noise-multiplier": float(sigma),
+        "sample-rate": float(sample_rate),
         "steps": int(result.steps),
     }
     return TrainOutcome(adapter=adapter_arrays(lm.model), metrics=metrics)
 
 
-def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
-                   baseline: dict[str, np.ndarray] | None = None) -> EvaluateOutcome:
-    """Score the candidate adapter and the baseline on the same held-out records.
+def _training_seed(site: SiteConfig, job: Job, server_round: int) -> int:
+    """The seed of the round's Poisson sampling, DP noise and dropout: drawn from the OS.
 
-    The baseline is the adapter published now, or the bare base model when ``baseline``
-    is None (nothing published yet).
+    A seed derived from anything the coordinator sends would let it replay the noise and
+    strip it off (membership inference at will). Only a simulated site that allows it
+    (``allow-reproducible-noise``) takes the job's seed, for a researcher's replay.
     """
+    if not job.privacy.reproducible_noise:
+        return secrets.randbits(63)
+    if not site.allow_reproducible_noise:
+        raise ConfigError(f"site {site.site_id!r} refuses privacy.reproducible_noise=true: the coordinator's seed "
+                          "would determine its DP noise (only a simulated site may allow it)")
+    # Stable across processes (unlike hash()), different per site and round.
+    return zlib.crc32(f"{job.seed}:{site.site_id}:{server_round}".encode())
+
+
+def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
+                   baseline: dict[str, np.ndarray] | None = None, *, server_round: int) -> EvaluateOutcome:
+    """Score the candidate against the installed version on held-out data; noised, charged sums only.
+
+    The site answers only for the last round of ``job.run_id``, and only if it trained
+    in it: the first candidate asked about is bound to the round; a different one later
+    is refused, the same one gets the same answer again (no new spend). ``baseline`` must
+    be the version installed at the site (None: none installed, the bare base model).
+
+    The reply holds ``num-examples``, ``diff-sum`` and ``diff-sumsq`` (the count, sum and
+    sum of squares of each held-out record's loss change, clipped to ``eval-clip``),
+    each with Gaussian noise (``*-std`` keys give its standard deviation), charged to
+    the ledger as one release of noise multiplier ``release-noise``.
+
+    Raises
+    ------
+    EvaluationRefused
+        As above, or when the site's ``share-evaluation`` is false.
+    PrivacyBudgetExceeded
+        When the release would take the site past its ceiling.
+    """
+    if not site.share_evaluation:
+        raise EvaluationRefused(f"site {site.site_id!r} answers no evaluation (share-evaluation=false)")
+    digest = adapter_digest(candidate)
+    with ledger_lock(site.ledger_path):
+        disclosures = Disclosures.load(site.state_path)
+        kept = disclosures.evaluation(job.run_id, server_round)
+        if kept is not None:
+            if kept["candidate"] != digest:
+                raise EvaluationRefused(
+                    f"round {server_round} of run {job.run_id}: the site already scored the round's candidate "
+                    f"{kept['candidate'][:12]}; it scores no other adapter ({digest[:12]}) for that round")
+            return EvaluateOutcome(metrics=dict(kept["metrics"]))
+        if server_round != job.rounds:
+            raise EvaluationRefused(f"round {server_round} is not the last round ({job.rounds}) of run {job.run_id}: "
+                                    "the site scores only the cycle's final candidate")
+        if not disclosures.has_trained(job.run_id, server_round):
+            raise EvaluationRefused(f"the site did not train in round {server_round} of run {job.run_id}: it scores "
+                                    "only the aggregate of a round it trained in")
+        _check_baseline(site, baseline)
+        ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
+                                    delta=site.delta)
+        ledger.check_can_spend(site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, site.epsilon_ceiling)
+        metrics = _noised_evaluation(site, job, candidate, baseline)
+        ledger.record(job.run_id, server_round, site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS,
+                      kind="evaluate")
+        ledger.save(site.ledger_path)  # the spend is on record before the figures can leave
+        disclosures.bind(job.run_id, server_round, digest, metrics)
+        disclosures.save()
+    return EvaluateOutcome(metrics=metrics)
+
+
+def _check_baseline(site: SiteConfig, baseline: dict[str, np.ndarray] | None) -> None:
+    installed = ModelStore(site.model_store_path).current_adapter()
+    same = (baseline is None and installed is None) or (
+        baseline is not None and installed is not None and baseline.keys() == installed.keys()
+        and all(np.array_equal(baseline[k], installed[k]) for k in baseline))
+    if not same:
+        raise EvaluationRefused("the baseline sent is not the version installed at this site "
+                                f"({'none' if installed is None else 'another adapter'} is installed)")
+
+
+def _noised_evaluation(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
+                       baseline: dict[str, np.ndarray] | None) -> dict[str, float | int]:
     texts = [r.text for r in read_records(site.heldout_path)]
     lm = site_model(job, site.device)
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
@@ -144,35 +227,71 @@ def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
         base = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size)
     load_adapter_arrays(lm, candidate)
     cand = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=True)
-    # Paired per-record differences as sums only (no per-record values leave the site).
-    diffs = np.asarray(cand.example_losses) - np.asarray(base.example_losses)
-    metrics: dict[str, float | int] = {
-        "num-examples": cand.examples,
-        "candidate-loss": cand.loss,
-        "baseline-loss": base.loss,
-        "candidate-tokens": cand.tokens,
-        "diff-sum": float(diffs.sum()),
-        "diff-sumsq": float((diffs ** 2).sum()),
-    }
-    return EvaluateOutcome(metrics=metrics)
+    # Each record's loss change, clipped: one record moves the count by 1, the sum by at most
+    # D and the sum of squares by at most D^2 (the sensitivities of the release).
+    clip = site.eval_clip
+    diffs = np.clip(np.asarray(cand.example_losses) - np.asarray(base.example_losses), -clip, clip)
+    release = gaussian_release(
+        {"num-examples": float(len(diffs)), "diff-sum": float(diffs.sum()), "diff-sumsq": float((diffs ** 2).sum())},
+        {"num-examples": 1.0, "diff-sum": clip, "diff-sumsq": clip * clip}, site.release_noise)
+    metrics: dict[str, float | int] = dict(release.values)
+    metrics.update({f"{key}-std": std for key, std in release.stds.items()})
+    metrics["eval-clip"] = float(clip)
+    return metrics
 
 
-def noise_multiplier(job: Job, site: SiteConfig, sample_rate: float) -> float:
-    """Sigma for this job at this site: fixed by the job, or derived from its target epsilon."""
+def noise_multiplier(job: Job, site: SiteConfig, ledger: PrivacyLedger) -> float:
+    """Sigma for this job at this site: fixed by the job, or derived from its target epsilon.
+
+    With the site's ``fit-sigma-to-ceiling``, sigma is at least large enough for the whole
+    planned cycle (and its final evaluation) to fit what the site had left before this run.
+    Nothing here depends on the site's records: the rate is the job's.
+    """
     if not job.privacy.enabled:
         return 0.0
+    q, steps = job.privacy.sample_rate, job.train.local_steps
     if job.privacy.noise_multiplier is not None:
-        return job.privacy.noise_multiplier
-    # Sigma is derived so that the run's planned rounds spend target_epsilon at this site;
-    # the site's own ceiling (not the coordinator's target) is what finally bounds it.
-    planned_steps = job.train.local_steps * job.rounds
-    return noise_multiplier_for_target(job.privacy.target_epsilon, site.delta, sample_rate, planned_steps,
-                                       site.accountant)
+        sigma = job.privacy.noise_multiplier
+    else:
+        # Sigma is derived so that the run's planned rounds spend target_epsilon at this site;
+        # the site's own ceiling (not the coordinator's target) is what finally bounds it.
+        sigma = noise_multiplier_for_target(job.privacy.target_epsilon, site.delta, q, steps * job.rounds,
+                                            site.accountant)
+    if site.fit_sigma_to_ceiling:
+        before = tuple(h for h, e in zip(ledger.history, ledger.entries, strict=True) if e.run_id != job.run_id)
+        sigma = max(sigma, sigma_to_fit(before + _planned_releases(site), q, steps * job.rounds,
+                                        site.epsilon_ceiling, site.delta, site.accountant))
+    return sigma
 
 
-def _round_seed(seed: int, site_id: str, server_round: int) -> int:
-    # Stable across processes (unlike hash()), different per site and round.
-    return zlib.crc32(f"{seed}:{site_id}:{server_round}".encode())
+def _planned_releases(site: SiteConfig) -> tuple[HistoryEntry, ...]:
+    # A cycle ends with one evaluation (a Gaussian release), if the site answers them.
+    if not site.share_evaluation:
+        return ()
+    return ((site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS),)
+
+
+def ledger_has_run(ledger: PrivacyLedger, run_id: str) -> bool:
+    return any(e.kind == "train" and e.run_id == run_id for e in ledger.entries)
+
+
+def check_cycle_fits(site: SiteConfig, job: Job, ledger: PrivacyLedger, sigma: float, server_round: int) -> None:
+    """Refuse, before any spend, a cycle whose remaining rounds would cross the ceiling.
+
+    Checked at the site's first round of a run: a cycle stopped half-way by the ceiling
+    would have spent budget on rounds whose update is then never used.
+    """
+    rounds = max(1, job.rounds - server_round + 1)
+    planned = [*ledger.history, (sigma, job.privacy.sample_rate, job.train.local_steps * rounds),
+               *_planned_releases(site)]
+    projected = epsilon_for_history(planned, site.delta, site.accountant)
+    if projected > site.epsilon_ceiling:
+        raise PrivacyBudgetExceeded(
+            f"site {site.site_id!r} has spent epsilon {ledger.epsilon():.4f}; the {rounds} remaining round(s) of run "
+            f"{job.run_id} (sigma={sigma:g}, q={job.privacy.sample_rate:g}, {job.train.local_steps} steps each, and "
+            f"the final evaluation) would bring it to {projected:.4f}, above the lifetime ceiling "
+            f"{site.epsilon_ceiling:.4f}; the cycle is refused before any of it is spent"
+            + ("" if site.fit_sigma_to_ceiling else " (fit-sigma-to-ceiling=true would raise sigma to fit)"))
 
 
 def site_model(job: Job, device: str) -> LoraModel:

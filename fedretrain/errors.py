@@ -99,3 +99,8 @@ class ResumeError(FedretrainError, RuntimeError):
 
 class DeployError(FedretrainError, RuntimeError):
     """A Flower deployment command (SuperLink, SuperNode, the flwr CLI) failed; the message says how."""
+
+
+class EvaluationRefused(FedretrainError, RuntimeError):
+    """A site will not score this adapter: not the aggregate of a round it trained in, a
+    second candidate for one round, or a baseline that is not the version it installed."""

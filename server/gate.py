@@ -2,8 +2,9 @@
 
 Candidate and baseline are scored on the same data twice over: the coordinator's
 validation set (per-record losses, so a paired bootstrap over records is possible)
-and each site's held-out data (the sites return sums and sums of squares of the
-per-record loss differences, never the records' values). The policy
+and each site's held-out data. A site returns the count, sum and sum of squares of
+its records' clipped loss changes, each with Gaussian noise whose standard deviation
+it states (client/site.py); the intervals below widen by that noise. The policy
 (``conf/gate/``) passes a candidate only when
 
 1. ``margin``: validation loss falls by at least ``gate.margin`` nats;
@@ -11,7 +12,9 @@ per-record loss differences, never the records' values). The policy
    ``gate.confidence``, lies above zero;
 3. ``federated``: pooled over the sites' records, the normal-approximation
    interval of the fall lies above zero too (``gate.require_federated_confidence``);
-4. ``sites``: no site's held-out loss rises by more than ``gate.site_tolerance``;
+4. ``sites``: no site's held-out loss rises by more than ``gate.site_tolerance``
+   beyond what its noise explains (its change minus ``z`` noise standard deviations,
+   ``z`` the normal quantile of ``gate.confidence``);
 5. ``coverage``: at least ``gate.min_sites`` sites returned an evaluation.
 
 A candidate that passes becomes ``publish``, or ``pending_approval`` when the policy
@@ -37,18 +40,28 @@ PUBLISH, REFUSE, PENDING = "publish", "refuse", "pending_approval"
 
 @dataclass(frozen=True)
 class SiteEvaluation:
-    """One site's scores of both models on its held-out records.
+    """One site's noised sums over its held-out records of (candidate loss - baseline loss).
 
-    ``diff_sum`` and ``diff_sumsq`` are the sum and the sum of squares over the
-    site's records of (candidate loss - baseline loss), each record's mean loss.
+    ``examples``, ``diff_sum`` and ``diff_sumsq`` are the noised count, sum and sum of
+    squares of each record's clipped loss change; ``sum_std`` is the standard deviation
+    of the noise on ``diff_sum``.
     """
 
     site_id: str
-    examples: int
-    candidate_loss: float
-    baseline_loss: float
+    examples: float
     diff_sum: float
     diff_sumsq: float
+    sum_std: float
+
+    @property
+    def change(self) -> float:
+        """Mean loss change per record (negative: the candidate is better)."""
+        return self.diff_sum / max(self.examples, 1.0)
+
+    @property
+    def change_std(self) -> float:
+        """Standard deviation of the noise on :attr:`change`."""
+        return self.sum_std / max(self.examples, 1.0)
 
 
 @dataclass(frozen=True)
@@ -79,17 +92,20 @@ def decide(policy: GateConfig, baseline: LossStats, candidate: LossStats, sites:
     improvement = baseline.loss - candidate.loss
     low, high = paired_bootstrap(baseline, candidate, policy.confidence, policy.bootstrap_samples, seed)
     federated = pooled_interval(sites, policy.confidence)
-    changes = {s.site_id: s.candidate_loss - s.baseline_loss for s in sites}
+    changes = {s.site_id: s.change for s in sites}
+    z = NormalDist().inv_cdf(0.5 + policy.confidence / 2)
+    # A site counts as worse only beyond its noise: the lower end of its change's interval.
+    worse_by = {s.site_id: s.change - z * s.change_std for s in sites}
     worst = max(changes, key=changes.__getitem__) if changes else None
 
     checks = {
         "margin": improvement >= policy.margin,
         "confidence": low > 0,  # False for NaN (fewer than two records)
         "federated": (not policy.require_federated_confidence) or (federated is not None and federated["ci_low"] > 0),
-        "sites": all(change <= policy.site_tolerance for change in changes.values()),
+        "sites": all(low <= policy.site_tolerance for low in worse_by.values()),
         "coverage": len(sites) >= policy.min_sites,
     }
-    reasons = _reasons(policy, checks, improvement, (low, high), federated, changes, len(sites))
+    reasons = _reasons(policy, checks, improvement, (low, high), federated, worse_by, len(sites))
     if not all(checks.values()):
         decision = REFUSE
     else:
@@ -104,8 +120,8 @@ def decide(policy: GateConfig, baseline: LossStats, candidate: LossStats, sites:
         "ci_low": low, "ci_high": high, "bootstrap_samples": policy.bootstrap_samples,
         "validation_examples": baseline.examples,
         "federated": federated,
-        "sites": {s.site_id: {"baseline": s.baseline_loss, "candidate": s.candidate_loss,
-                              "change": changes[s.site_id], "examples": s.examples} for s in sites},
+        "sites": {s.site_id: {"change": s.change, "change_noise_std": s.change_std, "examples": s.examples}
+                  for s in sites},
         "worst_site": worst, "worst_site_change": changes[worst] if worst else None,
         "site_tolerance": policy.site_tolerance, "checks": checks,
     }
@@ -141,17 +157,19 @@ def paired_bootstrap(baseline: LossStats, candidate: LossStats, confidence: floa
 def pooled_interval(sites: Sequence[SiteEvaluation], confidence: float) -> dict[str, Any] | None:
     """Normal-approximation interval of the mean per-record improvement over all sites' records.
 
-    Built from the sites' sums alone: ``n = sum n_k``, ``mean = sum S_k / n`` and
-    ``var = (sum Q_k - n * mean^2) / (n - 1)`` with ``S_k``, ``Q_k`` each site's sum
-    and sum of squares of (candidate - baseline). Improvement is ``-mean``.
-    None with fewer than two records.
+    Built from the sites' noised sums alone: ``n = sum n_k``, ``mean = sum S_k / n`` and
+    ``var = (sum Q_k - n * mean^2) / (n - 1)`` with ``S_k``, ``Q_k`` each site's sum and
+    sum of squares of (candidate - baseline). The half-width covers both the records'
+    spread and the sites' noise: ``z * sqrt(var / n + sum std_k^2 / n^2)``.
+    Improvement is ``-mean``. None with fewer than two records (noised count).
     """
-    n = sum(s.examples for s in sites)
+    n = math.fsum(s.examples for s in sites)
     if n < 2:
         return None
     mean = math.fsum(s.diff_sum for s in sites) / n
     var = max(math.fsum(s.diff_sumsq for s in sites) - n * mean * mean, 0.0) / (n - 1)
-    half = NormalDist().inv_cdf(0.5 + confidence / 2) * math.sqrt(var / n)
+    noise = math.fsum(s.sum_std ** 2 for s in sites) / (n * n)
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * math.sqrt(var / n + noise)
     return {"examples": n, "improvement": -mean, "ci_low": -mean - half, "ci_high": -mean + half}
 
 
@@ -171,7 +189,7 @@ def _reasons(policy: GateConfig, checks: dict[str, bool], improvement: float, in
                            f"[{federated['ci_low']:.4f}, {federated['ci_high']:.4f}] does not lie above 0")
     for site, change in sorted(changes.items()):
         if change > policy.site_tolerance:
-            reasons.append(f"site {site}: held-out loss rises by {change:.4f}, "
+            reasons.append(f"site {site}: held-out loss rises by at least {change:.4f} (beyond its noise), "
                            f"more than the tolerance {policy.site_tolerance:.4f}")
     if not checks["coverage"]:
         reasons.append(f"{evaluated} site(s) evaluated the candidate; the policy needs {policy.min_sites}")

@@ -56,9 +56,11 @@ class RunRecorder:
         ax_val.legend()
         for site in sorted({s for r in self.rounds for s in r.get("evaluation", {})}):
             pts = [(r["round"], r["evaluation"][site]) for r in self.rounds if site in r.get("evaluation", {})]
-            line, = ax_sites.plot([p[0] for p in pts], [p[1]["candidate_loss"] for p in pts], "o-", label=site)
-            ax_sites.plot([p[0] for p in pts], [p[1]["baseline_loss"] for p in pts], "--", color=line.get_color())
-        ax_sites.set(title="Sites' held-out data (dashed: baseline)", xlabel="round", ylabel="loss")
+            ax_sites.errorbar([p[0] for p in pts], [p[1]["change"] for p in pts],
+                              yerr=[p[1]["change_noise_std"] for p in pts], fmt="o-", capsize=3, label=site)
+        ax_sites.axhline(0.0, color="k", linestyle="--", linewidth=0.8)
+        ax_sites.set(title="Sites' held-out data (noised; bars: noise std)", xlabel="round",
+                     ylabel="loss change vs baseline")
         if ax_sites.lines:
             ax_sites.legend(fontsize=8)
         for ax in (ax_val, ax_sites):
@@ -101,16 +103,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{'validation loss':28s}{val_b:10.4f}{val_c:11.4f}{val_c - val_b:+9.4f}",
         f"{'validation perplexity':28s}{_num(_exp(val_b), 2):>10s}{_num(_exp(val_c), 2):>11s}",
         "",
-        f"{'site':12s}{'held-out base':>14s}{'held-out cand':>14s}{'ppl cand':>10s}{'epsilon/ceiling':>17s}"
-        f"{'delta':>9s}{'records':>9s}",
+        f"{'site':12s}{'held-out change (noised)':>26s}{'epsilon/ceiling':>17s}{'delta':>9s}{'sigma':>8s}",
     ]
     for site_id, s in sorted(summary["sites"].items()):
-        hb, hc = s.get("heldout_baseline_loss"), s.get("heldout_candidate_loss")
+        change, std = s.get("heldout_change"), s.get("heldout_change_noise_std")
+        shown = "-" if change is None else f"{change:+.4f} +/- {std:.4f}"
         eps = "off" if s["epsilon"] is None else f"{s['epsilon']:.2f}/{s['epsilon_ceiling']:.2f}"
-        lines.append(
-            f"{site_id:12s}{_num(hb):>14s}{_num(hc):>14s}{_num(_exp(hc), 2):>10s}"
-            f"{eps:>17s}{s['delta']:9.0e}{s['num_examples']:9d}"
-        )
+        lines.append(f"{site_id:12s}{shown:>26s}{eps:>17s}{s['delta']:9.0e}{s['noise_multiplier']:8.3f}")
     for refusal in summary.get("refusals", []):
         lines.append(f"  round {refusal['round']}: node {refusal['node_id']} left out: {refusal['reason']}")
     if summary.get("gate"):

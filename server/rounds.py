@@ -63,7 +63,9 @@ def run_rounds(grid: Grid, strategy: Any, arrays: ArrayRecord, *, first_round: i
                evaluate_fn: EvaluateFn, on_round_end: RoundEnd) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` from ``arrays``; return the final global adapter.
 
-    ``evaluate_fn(0, arrays)`` scores the starting point when ``first_round`` is 1.
+    ``evaluate_fn(0, arrays)`` scores the starting point when ``first_round`` is 1, and
+    ``evaluate_fn(r, arrays)`` each round's candidate on the coordinator's own data. The
+    sites evaluate only the final round's candidate.
 
     Raises
     ------
@@ -87,9 +89,12 @@ def run_rounds(grid: Grid, strategy: Any, arrays: ArrayRecord, *, first_round: i
             raise QuorumLost(f"round {server_round}: {accepted} accepted train repl{'y' if accepted == 1 else 'ies'} "
                              f"by the {policy.deadline_s:.0f} s deadline, the quorum is {policy.quorum}")
         arrays = new_arrays
-        replies = _exchange(grid, strategy.configure_evaluate(server_round, arrays, evaluate_config, round_grid),
-                            policy)
-        strategy.aggregate_evaluate(server_round, replies)
+        if server_round == num_rounds:
+            # Sites score only the cycle's final candidate, the one the gate decides on: each
+            # evaluation is a noised release charged to their budgets (client/site.py).
+            replies = _exchange(grid, strategy.configure_evaluate(server_round, arrays, evaluate_config,
+                                                                  round_grid), policy)
+            strategy.aggregate_evaluate(server_round, replies)
         evaluate_fn(server_round, arrays)
         on_round_end(server_round, arrays)
     return arrays

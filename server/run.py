@@ -104,8 +104,8 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
                     min_nodes=cfg.strategy.min_sites) if champion is not None else None)
 
     strategy = build_strategy(
-        cfg.strategy.name, spec=lm.spec, max_examples_per_site=cfg.strategy.max_examples_per_site,
-        max_abs_value=cfg.strategy.max_abs_value, max_tokens_per_example=cfg.model.max_length,
+        cfg.strategy.name, spec=lm.spec,
+        max_abs_value=cfg.strategy.max_abs_value,
         baseline=to_array_record(champion.arrays) if champion is not None else None,
         fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
         # Rounds sample from the sites connected at their start (server/rounds.py waits
@@ -197,8 +197,8 @@ def _gate_and_publish(grid: Grid, cfg: Config, registry: RegistryHandle, strateg
                       champion: Any) -> dict[str, Any]:
     """Score the final candidate with the gate; publish and deliver it when it passes."""
     last = strategy.round_log.get(cfg.rounds)
-    sites = [SiteEvaluation(site, int(m["num-examples"]), float(m["candidate-loss"]), float(m["baseline-loss"]),
-                            float(m["diff-sum"]), float(m["diff-sumsq"]))
+    sites = [SiteEvaluation(site, float(m["num-examples"]), float(m["diff-sum"]), float(m["diff-sumsq"]),
+                            float(m["diff-sum-std"]))
              for site, m in sorted((last.evaluation if last else {}).items())]
     result = decide(cfg.gate, baseline, candidate, sites, seed=cfg.seed)
     version = None
@@ -228,10 +228,9 @@ def _log_progress(entry: dict[str, Any], rounds: int) -> None:
         return
     eps = [s["epsilon"] for s in entry["sites"].values() if s.get("epsilon") is not None]
     log.info(
-        "round %d/%d: %d/%d sites accepted, train loss %s, validation loss %.4f (baseline %.4f), "
+        "round %d/%d: %d/%d sites accepted, validation loss %.4f (baseline %.4f), "
         "max epsilon %s, %d B down / %d B up, %.1f s",
         entry["round"], rounds, entry["sites_accepted"], entry["sites_sampled"],
-        "-" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}",
         val["candidate_loss"], val["baseline_loss"], f"{max(eps):.3f}" if eps else "-",
         entry["bytes_down"], entry["bytes_up"], entry["round_s"],
     )

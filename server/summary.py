@@ -25,27 +25,26 @@ def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, ro
             "candidate_loss": candidate.loss, "baseline_loss": baseline.loss,
             "candidate_perplexity": candidate.perplexity, "baseline_perplexity": baseline.perplexity,
         },
-        "sites_sampled": 0, "sites_accepted": 0, "train_loss": None,
+        "sites_sampled": 0, "sites_accepted": 0,
         "sites": {}, "evaluation": {}, "rejected": [],
         "bytes_down": 0, "bytes_up": 0,
         "round_s": round(round_s, 3), "elapsed_s": round(elapsed_s, 3),
     }
     if round_log is None:
         return entry
+    # A train reply carries nothing that depends on the site's records (client/site.py).
     sites = {
-        site: {"num_examples": int(m["num-examples"]), "data_size": int(m["data-size"]),
-               "examples_processed": int(m.get("examples-processed", m["num-examples"])),
-               "train_loss": float(m["train-loss"]), "epsilon": _epsilon(m["epsilon"]),
-               "epsilon_ceiling": float(m["epsilon-ceiling"]), "delta": float(m["delta"]),
-               "noise_multiplier": float(m["noise-multiplier"]), "steps": int(m["steps"])}
+        site: {"epsilon": _epsilon(m["epsilon"]), "epsilon_ceiling": float(m["epsilon-ceiling"]),
+               "delta": float(m["delta"]), "noise_multiplier": float(m["noise-multiplier"]),
+               "sample_rate": float(m["sample-rate"]), "steps": int(m["steps"])}
         for site, m in round_log.accepted.items()
     }
-    examples = sum(s["num_examples"] for s in sites.values())
     entry.update(
         sites_sampled=round_log.sampled, sites_accepted=len(sites), sites=sites,
-        train_loss=(sum(s["train_loss"] * s["num_examples"] for s in sites.values()) / examples) if examples else None,
-        evaluation={site: {"candidate_loss": float(m["candidate-loss"]), "baseline_loss": float(m["baseline-loss"]),
-                           "num_examples": int(m["num-examples"])}
+        # Noised at the site: the mean held-out loss change per record and its noise's std.
+        evaluation={site: {"change": float(m["diff-sum"]) / max(float(m["num-examples"]), 1.0),
+                           "change_noise_std": float(m["diff-sum-std"]) / max(float(m["num-examples"]), 1.0),
+                           "num_examples": float(m["num-examples"])}
                     for site, m in round_log.evaluation.items()},
         rejected=[dataclasses.asdict(r) for r in round_log.rejected],
         bytes_down=int(round_log.bytes_down), bytes_up=int(round_log.bytes_up),
@@ -62,15 +61,14 @@ def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str
             prev = sites.get(site, {})
             sites[site] = {
                 "epsilon": s["epsilon"], "epsilon_ceiling": s["epsilon_ceiling"], "delta": s["delta"],
-                "num_examples": s["data_size"],
-                "examples_processed": prev.get("examples_processed", 0) + s["examples_processed"],
+                "noise_multiplier": s["noise_multiplier"],
                 "rounds_participated": prev.get("rounds_participated", 0) + 1,
-                "heldout_baseline_loss": prev.get("heldout_baseline_loss"),
-                "heldout_candidate_loss": prev.get("heldout_candidate_loss"),
+                "heldout_change": prev.get("heldout_change"),
+                "heldout_change_noise_std": prev.get("heldout_change_noise_std"),
             }
         for site, e in entry["evaluation"].items():
             if site in sites:
-                sites[site].update(heldout_baseline_loss=e["baseline_loss"], heldout_candidate_loss=e["candidate_loss"])
+                sites[site].update(heldout_change=e["change"], heldout_change_noise_std=e["change_noise_std"])
     trained = [r for r in rounds if r["round"] > 0]
     down = [r["bytes_down"] for r in trained]
     up = [r["bytes_up"] for r in trained]

@@ -85,9 +85,13 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
                        "allow-non-private": not cfg.privacy.enabled,
                        # Each hospital pins the coordinator's public key and installs nothing else.
                        "coordinator-key": str(public_key.resolve()),
-                       "smoke-eval": sim.site_smoke_eval}
+                       "smoke-eval": sim.site_smoke_eval,
+                       # A researcher's replay (privacy.reproducible_noise) needs the site's consent.
+                       "allow-reproducible-noise": True,
+                       # The simulated drift scenario triggers on drift scores: a research sandbox.
+                       "share-drift-scores": True}
         atomic_write_json(site_dir / "site.json", node_config)
-        sites.append(site_config_from_node_config(node_config))
+        sites.append(site_config_from_node_config(node_config, simulation=True))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}
     atomic_write_json(manifest, {"recipe": recipe, "sites": [s.site_id for s in sites], "mixes": mixes})
     return Federation(root=root, sites=tuple(sites), validation_path=validation_path, mixes=mixes)
@@ -105,7 +109,7 @@ class FederationSites:
     def __call__(self, context: Any) -> SiteConfig:
         index = int(context.node_config["partition-id"])
         node_config = json.loads((self.root / site_id(index) / "site.json").read_text())
-        return site_config_from_node_config(node_config)
+        return site_config_from_node_config(node_config, simulation=True)
 
 
 def _recipe(cfg: Config) -> dict[str, Any]:
@@ -117,7 +121,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
 
 
 def _load(root: Path, manifest: dict[str, Any]) -> Federation:
-    sites = tuple(site_config_from_node_config(json.loads((root / sid / "site.json").read_text()))
+    sites = tuple(site_config_from_node_config(json.loads((root / sid / "site.json").read_text()), simulation=True)
                   for sid in manifest["sites"])
     return Federation(root=root, sites=sites, validation_path=root / "coordinator" / "validation.jsonl",
                       mixes=manifest["mixes"])

@@ -1,11 +1,13 @@
 """FedAvg over LoRA adapters that checks every reply and keeps a per-round log.
 
 ``FedAvgLoRA`` is Flower's ``FedAvg`` with one thing changed: what reaches the
-average. Flower's FedAvg trusts ``num-examples`` and passes NaN through, and one
+average. Flower's FedAvg weights by the ``num-examples`` a site claims and passes
+NaN through, and one
 malformed reply raises ``InconsistentMessageReplies`` for the whole round
 (research/reliability.md §3). Here each reply is validated on its own
 (``strategies.validation``); a bad one is logged with its node id and left out,
-and the round goes on with the rest. Sampling, messaging and the round loop are
+and the round goes on with the rest. Sites send no record count (it would disclose
+their size, and a site could claim any): every accepted site weighs the same. Sampling, messaging and the round loop are
 Flower's.
 
 Known limitation: ``min_train_nodes`` only affects sampling. Flower aggregates
@@ -41,8 +43,8 @@ from strategies.validation import (
     validate_train_reply,
 )
 
-# FedAvg options that this strategy fixes itself: it always weights by the
-# validated num-examples and computes its own metrics, so they would be ignored.
+# FedAvg options that this strategy fixes itself: it weights every accepted site
+# equally and computes its own metrics, so they would be ignored.
 _FIXED_OPTIONS = ("weighted_by_key", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
 
 
@@ -106,31 +108,19 @@ def _array_bytes(msg: Message) -> int:
     return sum(record.count_bytes() for record in msg.content.array_records.values())
 
 
-def _weighted_mean(values: Iterable[tuple[float, float]]) -> float:
-    """sum(w * v) / sum(w) over (weight, value) pairs."""
-    pairs = list(values)
-    return math.fsum(w * v for w, v in pairs) / math.fsum(w for w, _ in pairs)
-
-
 class FedAvgLoRA(FedAvg):
-    """Federated averaging of LoRA adapters, weighted by validated example counts.
+    """Federated averaging of LoRA adapters, every accepted site weighing the same.
 
     Parameters
     ----------
     spec : AdapterSpec
         Keys, shapes and dtypes every reply's adapter must match exactly.
-    max_examples_per_site : int | None (default: None)
-        Train and evaluate replies claiming more examples than this are rejected;
-        None: no cap (``num-examples <= data-size`` is always checked for training).
     max_abs_value : float | None (default: None)
         Replies holding any adapter value larger than this in magnitude are rejected.
     baseline : ArrayRecord | None (default: None)
         The adapter published now. Every evaluate message carries it as
         ``"baseline"`` so each site scores candidate and baseline on the same
         records in one message; None: the baseline is the bare base model.
-    max_tokens_per_example : int | None (default: None)
-        An evaluate reply's weight (``candidate-tokens``) may not exceed
-        ``num-examples`` times this (the model's ``max_length``); None: no cap.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
     min_available_nodes
         As in Flower's ``FedAvg``.
@@ -143,10 +133,8 @@ class FedAvgLoRA(FedAvg):
         self,
         *,
         spec: AdapterSpec,
-        max_examples_per_site: int | None = None,
         max_abs_value: float | None = None,
         baseline: ArrayRecord | None = None,
-        max_tokens_per_example: int | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -157,10 +145,6 @@ class FedAvgLoRA(FedAvg):
         fixed = sorted(set(_FIXED_OPTIONS) & kwargs.keys())
         if fixed:
             raise ValueError(f"FedAvgLoRA sets {fixed} itself; do not pass them")
-        if max_examples_per_site is not None and max_examples_per_site <= 0:
-            raise ValueError(
-                f"max_examples_per_site must be positive, got {max_examples_per_site}"
-            )
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -170,10 +154,8 @@ class FedAvgLoRA(FedAvg):
             **kwargs,
         )
         self.spec = spec
-        self.max_examples_per_site = max_examples_per_site
         self.max_abs_value = max_abs_value
         self.baseline = baseline
-        self.max_tokens_per_example = max_tokens_per_example
         self.round_log: dict[int, RoundLog] = {}
         # (message type, round) -> what its replies must echo (configure_* sets it)
         self._tags: dict[tuple[str, int], RoundTag] = {}
@@ -195,7 +177,7 @@ class FedAvgLoRA(FedAvg):
         super().summary()
         log(INFO, "\t└──> Adapter: %d tensors, %.2f MB", len(self.spec.entries),
             self.spec.nbytes / 1024**2)
-        log(INFO, "\t\t└── Max examples per site: %s", self.max_examples_per_site)
+        log(INFO, "\t\t└── Weights: equal per accepted site")
 
     def _round(self, server_round: int) -> RoundLog:
         return self.round_log.setdefault(server_round, RoundLog())
@@ -249,8 +231,7 @@ class FedAvgLoRA(FedAvg):
                     raise ReplyRejected(f"node {msg.metadata.src_node_id} already replied this round")
                 nodes.add(msg.metadata.src_node_id)
                 reply = validate_train_reply(
-                    msg, self.spec, max_examples=self.max_examples_per_site,
-                    max_abs_value=self.max_abs_value, expected=self._tags.get(("train", server_round)),
+                    msg, self.spec, max_abs_value=self.max_abs_value, expected=self._tags.get(("train", server_round)),
                 )
                 if reply.site_id in entry.accepted:
                     raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
@@ -268,13 +249,12 @@ class FedAvgLoRA(FedAvg):
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the adapters of the valid replies, weighted by num-examples.
+        """Average the adapters of the valid replies, each site weighing the same.
 
         Returns
         -------
         tuple[ArrayRecord | None, MetricRecord | None]
-            The averaged adapter (float32) and ``train-loss`` (num-examples
-            weighted), ``num-examples`` (total), ``accepted-replies`` and
+            The averaged adapter (float32) and ``accepted-replies`` and
             ``rejected-replies``; ``(None, None)`` if no reply was valid, so
             Flower keeps the current global adapter.
         """
@@ -288,14 +268,8 @@ class FedAvgLoRA(FedAvg):
             log(WARNING, "round %d: no valid train reply; the global adapter is unchanged",
                 server_round)
             return None, None
-        average = weighted_average(
-            [reply.arrays for reply in accepted], [reply.num_examples for reply in accepted]
-        )
+        average = weighted_average([reply.arrays for reply in accepted], [1] * len(accepted))
         metrics = MetricRecord({
-            "train-loss": _weighted_mean(
-                (r.num_examples, r.metrics["train-loss"]) for r in accepted
-            ),
-            "num-examples": sum(reply.num_examples for reply in accepted),
             "accepted-replies": len(accepted),
             "rejected-replies": len(entry.rejected),
         })
@@ -308,8 +282,7 @@ class FedAvgLoRA(FedAvg):
         accepted: list[AcceptedEvaluation] = []
         for msg in replies:
             try:
-                result = validate_evaluate_reply(msg, self.max_tokens_per_example, self.max_examples_per_site,
-                                                 expected=self._tags.get(("evaluate", server_round)))
+                result = validate_evaluate_reply(msg, expected=self._tags.get(("evaluate", server_round)))
                 if result.site_id in entry.evaluation:
                     raise ReplyRejected(f"site-id {result.site_id!r} already replied this round")
             except ReplyRejected as err:
@@ -326,17 +299,14 @@ class FedAvgLoRA(FedAvg):
         server_round: int,
         replies: Iterable[Message],
     ) -> MetricRecord | None:
-        """Token-weighted means of the candidate and baseline losses of valid replies.
-
-        Unlike Flower's default, a reply's weight is its ``candidate-tokens`` (the
-        losses are per token) and malformed or non-finite replies are left out.
+        """Pool the sites' noised sums of per-record loss changes (candidate - baseline).
 
         Returns
         -------
         MetricRecord | None
-            ``candidate-loss``, ``baseline-loss``, ``candidate-tokens`` (total),
-            ``num-examples`` (total), ``accepted-replies``, ``rejected-replies``;
-            None if no reply was valid.
+            ``num-examples``, ``diff-sum`` and ``diff-sumsq`` summed over valid replies,
+            ``mean-change`` (``diff-sum / num-examples``; negative: the candidate is
+            better), ``accepted-replies``, ``rejected-replies``; None if no reply was valid.
         """
         accepted = self._accept_evaluate(server_round, replies)
         rejected = len(self._round(server_round).evaluation_rejected)
@@ -344,17 +314,11 @@ class FedAvgLoRA(FedAvg):
             log(WARNING, "round %d: no valid evaluate reply (%d left out)",
                 server_round, rejected)
             return None
-        # Losses are means per token, so a site weighs by its tokens, not examples.
-        tokens = [r.tokens for r in accepted]
+        totals = {key: math.fsum(r.metrics[key] for r in accepted) for key in ("num-examples", "diff-sum",
+                                                                               "diff-sumsq")}
         return MetricRecord({
-            "candidate-loss": _weighted_mean(
-                zip(tokens, [r.metrics["candidate-loss"] for r in accepted], strict=True)
-            ),
-            "baseline-loss": _weighted_mean(
-                zip(tokens, [r.metrics["baseline-loss"] for r in accepted], strict=True)
-            ),
-            "candidate-tokens": sum(tokens),
-            "num-examples": sum(int(r.metrics["num-examples"]) for r in accepted),
+            **totals,
+            "mean-change": totals["diff-sum"] / max(totals["num-examples"], 1.0),
             "accepted-replies": len(accepted),
             "rejected-replies": rejected,
         })

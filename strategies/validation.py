@@ -1,7 +1,7 @@
 """Every train reply is checked before it can reach the average.
 
 Flower's aggregators trust what a client says: ``num-examples=1e9`` takes over
-FedAvg, NaN passes straight through, a missing key crashes the round
+FedAvg (so ours never reads a count from a site), NaN passes straight through, a missing key crashes the round
 (research/reliability.md §3-4). This module turns one reply Message into either
 an :class:`AcceptedReply` of plain data or a :class:`ReplyRejected` with a reason
 an operator can act on.
@@ -9,9 +9,9 @@ an operator can act on.
 Train reply contract (what ``client/`` sends):
 
 - ``"arrays"``: ArrayRecord of the LoRA tensors described by the AdapterSpec;
-- ``"metrics"``: MetricRecord with the :data:`TRAIN_METRICS` keys, where
-  ``num-examples`` (records used this round) and ``data-size`` (records in the
-  site's training set) are ints and ``epsilon`` is -1.0 for non-private training;
+- ``"metrics"``: MetricRecord with the :data:`TRAIN_METRICS` keys (``epsilon`` is
+  -1.0 for non-private training). A site sends no record count: its averaging weight
+  is the coordinator's to set, not the site's to claim;
 - ``"site"``: ConfigRecord with ``"site-id"`` (str, pseudonymous) and, echoed from
   the instruction, ``"server-round"`` (int) and ``"global-hash"`` (str): the round and
   the digest of the global adapter the site trained on. A reply that echoes another
@@ -33,19 +33,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from fedretrain.errors import AdapterMismatchError, ReplyRejected
 from fedretrain.records import AdapterSpec, check_adapter, from_array_record, record_nbytes
 
+# Nothing in a train reply depends on the site's records: no count, no training loss.
+# Epsilon and sigma follow from the job's fixed sampling rate and the site's ledger.
 TRAIN_METRICS = (
-    "num-examples",
-    "data-size",
-    "train-loss",
     "epsilon",
     "epsilon-ceiling",
     "delta",
     "noise-multiplier",
+    "sample-rate",
     "steps",
 )
 
-EVALUATE_METRICS = ("num-examples", "candidate-loss", "baseline-loss", "candidate-tokens", "diff-sum",
-                    "diff-sumsq")
+# Noised sums of each held-out record's clipped loss change, and each noise's std
+# (client/site.py, fedretrain/privacy/release.py).
+EVALUATE_METRICS = ("num-examples", "diff-sum", "diff-sumsq", "num-examples-std", "diff-sum-std",
+                    "diff-sumsq-std", "eval-clip")
 
 Metrics = dict[str, int | float]
 
@@ -102,8 +104,6 @@ class AcceptedReply:
         The site's pseudonymous id.
     arrays : dict[str, np.ndarray]
         Adapter tensors, read-only views into the message.
-    num_examples : int
-        Records used this round: the aggregation weight.
     metrics : dict[str, int | float]
         All scalar metrics of the reply.
     """
@@ -111,7 +111,6 @@ class AcceptedReply:
     node_id: int
     site_id: str
     arrays: dict[str, np.ndarray]
-    num_examples: int
     metrics: Metrics
 
 
@@ -170,25 +169,8 @@ def _checked_site_id(msg: Message) -> str:
     return site_id
 
 
-def _positive_int(metrics: Metrics, key: str) -> int:
-    value = metrics[key]
-    if not isinstance(value, int) or value <= 0:
-        raise ReplyRejected(f"{key} must be a positive int, got {value!r}")
-    return value
-
-
-def _checked_count(metrics: Metrics, max_examples: int | None) -> int:
-    """num-examples: positive int, at most data-size (positive int) and max_examples."""
-    num, size = _positive_int(metrics, "num-examples"), _positive_int(metrics, "data-size")
-    if num > size:
-        raise ReplyRejected(f"num-examples {num} exceeds data-size {size}")
-    if max_examples is not None and num > max_examples:
-        raise ReplyRejected(f"num-examples {num} exceeds the cap of {max_examples} per site")
-    return num
-
-
 def validate_train_reply(
-    msg: Message, spec: AdapterSpec, *, max_examples: int | None, max_abs_value: float | None = None,
+    msg: Message, spec: AdapterSpec, *, max_abs_value: float | None = None,
     expected: RoundTag | None = None,
 ) -> AcceptedReply:
     """Check one train reply against the contract and the adapter spec.
@@ -201,8 +183,6 @@ def validate_train_reply(
         A reply returned by ``grid.send_and_receive``.
     spec : AdapterSpec
         The adapter every site must send back.
-    max_examples : int | None
-        Upper bound on ``num-examples`` per site, or None for no cap.
     max_abs_value : float | None
         Largest magnitude any adapter value may have (``check_adapter``'s ``max_abs``),
         or None for no bound.
@@ -217,15 +197,14 @@ def validate_train_reply(
     ------
     ReplyRejected
         With the reason: an error reply, an oversized one, a stale or replayed one,
-        a missing record, a bad site id, a bad metric or example count, or an
-        adapter that does not match ``spec``.
+        a missing record, a bad site id, a bad metric, or an adapter that does
+        not match ``spec``.
     """
     record = record_of(msg, "arrays", ArrayRecord)
     check_reply_size(record, spec)
     check_round_tag(msg, expected)
     metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), TRAIN_METRICS)
     site_id = _checked_site_id(msg)
-    num_examples = _checked_count(metrics, max_examples)
     try:
         arrays = from_array_record(record)
         check_adapter(arrays, spec, max_abs=max_abs_value)
@@ -235,7 +214,6 @@ def validate_train_reply(
         node_id=msg.metadata.src_node_id,
         site_id=site_id,
         arrays=arrays,
-        num_examples=num_examples,
         metrics=metrics,
     )
 
@@ -250,27 +228,22 @@ class AcceptedEvaluation:
         Flower node that sent it.
     site_id : str
         The site's pseudonymous id.
-    tokens : int
-        ``candidate-tokens``: the weight of this site's losses.
     metrics : dict[str, int | float]
-        All scalar metrics of the reply.
+        All scalar metrics of the reply: noised sums and their noise's std.
     """
 
     node_id: int
     site_id: str
-    tokens: int
     metrics: Metrics
 
 
-def validate_evaluate_reply(msg: Message, max_tokens_per_example: int | None = None,
-                            max_examples: int | None = None,
-                            expected: RoundTag | None = None) -> AcceptedEvaluation:
+def validate_evaluate_reply(msg: Message, expected: RoundTag | None = None) -> AcceptedEvaluation:
     """Check one evaluate reply: a ``"metrics"`` MetricRecord with the
-    :data:`EVALUATE_METRICS` keys (finite; ``num-examples`` and ``candidate-tokens``
-    positive ints, tokens at most ``num-examples * max_tokens_per_example`` when
-    given; ``num-examples`` at most ``max_examples`` when given, so one site cannot
-    outweigh the others in the gate's pooled interval; ``diff-sumsq`` consistent with
-    ``diff-sum``) and a ``"site"`` ConfigRecord with ``"site-id"``.
+    :data:`EVALUATE_METRICS` keys (finite; every ``*-std`` and ``eval-clip`` > 0) and a
+    ``"site"`` ConfigRecord with ``"site-id"``.
+
+    The sums are noised at the site, so a noised count may be small or negative and a
+    noised sum of squares below its bound: nothing is inferred from their consistency.
 
     Raises
     ------
@@ -280,21 +253,7 @@ def validate_evaluate_reply(msg: Message, max_tokens_per_example: int | None = N
     metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), EVALUATE_METRICS)
     check_round_tag(msg, expected)
     site_id = _checked_site_id(msg)
-    examples = _positive_int(metrics, "num-examples")
-    if max_examples is not None and examples > max_examples:
-        raise ReplyRejected(f"num-examples {examples} exceeds the cap of {max_examples}")
-    tokens = _positive_int(metrics, "candidate-tokens")
-    if max_tokens_per_example is not None and tokens > examples * max_tokens_per_example:
-        raise ReplyRejected(f"candidate-tokens {tokens} exceeds num-examples x max_length "
-                            f"({examples} x {max_tokens_per_example}): the weight is not credible")
-    # Cauchy-Schwarz: n * sum(d^2) >= (sum d)^2 for any real per-record differences.
-    diff_sum, diff_sumsq = float(metrics["diff-sum"]), float(metrics["diff-sumsq"])
-    if diff_sumsq < 0 or examples * diff_sumsq < diff_sum * diff_sum * (1 - 1e-9):
-        raise ReplyRejected(f"diff-sum {diff_sum:.6g} and diff-sumsq {diff_sumsq:.6g} over {examples} records "
-                            "cannot come from real per-record differences")
-    return AcceptedEvaluation(
-        node_id=msg.metadata.src_node_id,
-        site_id=site_id,
-        tokens=tokens,
-        metrics=metrics,
-    )
+    for key in ("num-examples-std", "diff-sum-std", "diff-sumsq-std", "eval-clip"):
+        if not metrics[key] > 0:
+            raise ReplyRejected(f"{key} must be > 0, got {metrics[key]!r}")
+    return AcceptedEvaluation(node_id=msg.metadata.src_node_id, site_id=site_id, metrics=metrics)

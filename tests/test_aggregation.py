@@ -34,10 +34,10 @@ def adapter(a: list[float], b: list[float]) -> dict[str, np.ndarray]:
     }
 
 
-def train_metrics(num_examples: int = 10, **override) -> dict[str, int | float]:
+def train_metrics(**override) -> dict[str, int | float]:
     metrics = {
-        "num-examples": num_examples, "data-size": 100, "train-loss": 1.0, "epsilon": 2.0,
-        "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1, "steps": 5,
+        "epsilon": 2.0, "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1,
+        "sample-rate": 0.05, "steps": 5,
     }
     metrics.update(override)
     return metrics
@@ -144,19 +144,15 @@ def test_weighted_average_rejects_bad_inputs(arrays, weights, message):
 @pytest.mark.parametrize(
     ("metrics", "message"),
     [
-        (train_metrics(0), "num-examples must be a positive int"),
-        (train_metrics(10.0), "num-examples must be a positive int"),
-        (train_metrics(10, **{"data-size": 0}), "data-size must be a positive int"),
-        (train_metrics(101), "num-examples 101 exceeds data-size 100"),
-        (train_metrics(60), "exceeds the cap of 50"),
-        (train_metrics(10, **{"train-loss": math.inf}), "'train-loss' is not finite"),
-        ({"num-examples": 10}, "metrics missing"),
+        (train_metrics(epsilon=math.inf), "'epsilon' is not finite"),
+        (train_metrics(steps=[1, 2]), "'steps' is not a scalar"),
+        ({"epsilon": 1.0}, "metrics missing"),
     ],
 )
 def test_validate_train_reply_rejects_bad_metrics(metrics, message):
     msg = make_reply(1, adapter([1, 2], [3, 4]), metrics, "site-a")
     with pytest.raises(ReplyRejected, match=message):
-        validate_train_reply(msg, SPEC, max_examples=50)
+        validate_train_reply(msg, SPEC)
 
 
 def test_validate_train_reply_rejects_missing_records():
@@ -166,9 +162,9 @@ def test_validate_train_reply_rejects_missing_records():
 
     # Execute / Assert
     with pytest.raises(ReplyRejected, match="missing ArrayRecord 'arrays'"):
-        validate_train_reply(no_arrays, SPEC, max_examples=None)
+        validate_train_reply(no_arrays, SPEC)
     with pytest.raises(ReplyRejected, match="site-id must be a non-empty string"):
-        validate_train_reply(no_site, SPEC, max_examples=None)
+        validate_train_reply(no_site, SPEC)
 
 
 # --- FedAvgLoRA.aggregate_train ----------------------------------------------------
@@ -176,8 +172,8 @@ def test_validate_train_reply_rejects_missing_records():
 
 def honest_replies() -> list[Message]:
     return [
-        make_reply(1, adapter([1, 2], [0, 3]), train_metrics(10, **{"train-loss": 2.0}), "site-a"),
-        make_reply(2, adapter([4, 8], [6, 0]), train_metrics(20, **{"train-loss": 0.5}), "site-b"),
+        make_reply(1, adapter([1, 2], [0, 3]), train_metrics(), "site-a"),
+        make_reply(2, adapter([4, 8], [6, 0]), train_metrics(), "site-b"),
     ]
 
 
@@ -187,37 +183,37 @@ def bad_replies() -> list[Message]:
     wrong_shape = {**adapter([1, 2], [0, 3]), "lora_B": np.zeros((3, 1), np.float32)}
     missing_key = {"lora_A": np.ones((1, 2), np.float32)}
     return [
-        make_reply(3, nan, train_metrics(90), "site-c"),
-        make_reply(4, wrong_shape, train_metrics(90), "site-d"),
-        make_reply(5, missing_key, train_metrics(90), "site-e"),
-        make_reply(6, adapter([1e3, 1e3], [1e3, 1e3]), train_metrics(10**9), "site-f"),
+        make_reply(3, nan, train_metrics(), "site-c"),
+        make_reply(4, wrong_shape, train_metrics(), "site-d"),
+        make_reply(5, missing_key, train_metrics(), "site-e"),
+        # A site claiming a huge record count gains nothing: no count is read.
+        make_reply(6, adapter([1e3, 1e3], [1e3, 1e3]), train_metrics(**{"num-examples": 10**9}), "site-f"),
         make_error_reply(7, "privacy budget exhausted: epsilon 8.0 reached"),
     ]
 
 
 def test_aggregate_train_leaves_out_bad_replies_and_averages_the_rest(caplog):
     # Prepare
-    strategy = FedAvgLoRA(spec=SPEC)
+    strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0)
     replies = honest_replies() + bad_replies()
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="flwr"):
         arrays, metrics = strategy.aggregate_train(1, replies)
 
-    # Assert: weights 10 and 20 -> lora_A = (10*[1,2] + 20*[4,8]) / 30 = [3, 6],
-    # lora_B = (10*[0,3] + 20*[6,0]) / 30 = [4, 1]; train-loss = (10*2 + 20*0.5) / 30 = 1
+    # Assert: equal weights -> lora_A = ([1,2] + [4,8]) / 2 = [2.5, 5],
+    # lora_B = ([0,3] + [6,0]) / 2 = [3, 1.5]; site-f's claimed count buys it nothing and its
+    # values of 1e3 are past the bound of 100.
     out = from_array_record(arrays)
-    np.testing.assert_allclose(out["lora_A"], [[3.0, 6.0]], rtol=1e-6)
-    np.testing.assert_allclose(out["lora_B"], [[4.0], [1.0]], rtol=1e-6)
-    assert metrics["train-loss"] == pytest.approx(1.0)
-    assert metrics["num-examples"] == 30
+    np.testing.assert_allclose(out["lora_A"], [[2.5, 5.0]], rtol=1e-6)
+    np.testing.assert_allclose(out["lora_B"], [[3.0], [1.5]], rtol=1e-6)
     assert (metrics["accepted-replies"], metrics["rejected-replies"]) == (2, 5)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     expected = {
         3: "'lora_A': 1 NaN/Inf",
         4: "'lora_B': shape (3, 1)",
         5: "missing ['lora_B']",
-        6: "num-examples 1000000000 exceeds data-size 100",
+        6: "lora_A: values exceed the bound of 100",
         7: "error reply (code 0): 'privacy budget exhausted",
     }
     for node, reason in expected.items():
@@ -227,7 +223,7 @@ def test_aggregate_train_leaves_out_bad_replies_and_averages_the_rest(caplog):
 
 def test_aggregate_train_keeps_a_plain_data_round_log():
     # Prepare
-    strategy = FedAvgLoRA(spec=SPEC)
+    strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0)
     replies = honest_replies() + bad_replies()
     sent_up = sum(m.content["arrays"].count_bytes() for m in replies if m.has_content())
 
@@ -238,7 +234,7 @@ def test_aggregate_train_keeps_a_plain_data_round_log():
     entry = strategy.round_log[3]
     assert sorted(entry.accepted) == ["site-a", "site-b"]
     assert entry.accepted["site-b"]["node-id"] == 2
-    assert entry.accepted["site-b"]["num-examples"] == 20
+    assert entry.accepted["site-b"]["sample-rate"] == 0.05
     assert [(r.node_id, r.site_id) for r in entry.rejected] == [
         (3, "site-c"), (4, "site-d"), (5, "site-e"), (6, "site-f"), (7, None)]
     assert entry.bytes_up == sent_up
@@ -246,26 +242,26 @@ def test_aggregate_train_keeps_a_plain_data_round_log():
 
 
 def test_aggregate_train_with_nothing_valid_returns_none(caplog):
-    strategy = FedAvgLoRA(spec=SPEC)
+    strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         result = strategy.aggregate_train(2, bad_replies())
     assert result == (None, None)
     assert "round 2: no valid train reply" in caplog.text
 
 
-def test_aggregate_train_counts_one_reply_per_site_and_applies_the_cap():
-    # Prepare: site-a replies twice (second from node 9); site-b claims 60 > cap 50
-    strategy = FedAvgLoRA(spec=SPEC, max_examples_per_site=50)
-    twice = make_reply(9, adapter([100, 100], [100, 100]), train_metrics(10), "site-a")
-    over = make_reply(2, adapter([4, 8], [6, 0]), train_metrics(60), "site-b")
+def test_aggregate_train_counts_one_reply_per_site_whatever_it_claims():
+    # Prepare: site-a replies twice (second from node 9); site-b claims 10^9 records
+    strategy = FedAvgLoRA(spec=SPEC)
+    twice = make_reply(9, adapter([100, 100], [100, 100]), train_metrics(), "site-a")
+    claims = make_reply(2, adapter([4, 8], [6, 0]), train_metrics(**{"num-examples": 10**9}), "site-b")
 
     # Execute
-    arrays, metrics = strategy.aggregate_train(1, [honest_replies()[0], twice, over])
+    arrays, _ = strategy.aggregate_train(1, [honest_replies()[0], twice, claims])
 
-    # Assert: only node 1 counts
-    np.testing.assert_allclose(from_array_record(arrays)["lora_A"], [[1.0, 2.0]])
+    # Assert: node 9 is refused; site-b weighs what site-a weighs: ([1,2] + [4,8]) / 2
+    np.testing.assert_allclose(from_array_record(arrays)["lora_A"], [[2.5, 5.0]])
     reasons = [r.reason for r in strategy.round_log[1].rejected]
-    assert "already replied" in reasons[0] and "cap of 50" in reasons[1]
+    assert len(reasons) == 1 and "already replied" in reasons[0]
 
 
 def test_configure_train_records_sampled_sites_and_bytes_down():
@@ -289,20 +285,21 @@ def test_configure_train_records_sampled_sites_and_bytes_down():
 # --- FedAvgLoRA.aggregate_evaluate -------------------------------------------------
 
 
-def eval_reply(node_id: int, site_id: str, candidate: float, baseline: float, tokens: int,
-               diff_sum: float = -0.4, diff_sumsq: float = 0.1):
-    metrics = {"num-examples": 4, "candidate-loss": candidate, "baseline-loss": baseline,
-               "candidate-tokens": tokens, "diff-sum": diff_sum, "diff-sumsq": diff_sumsq}
+def eval_reply(node_id: int, site_id: str, examples: float, diff_sum: float, diff_sumsq: float,
+               std: float = 0.5):
+    metrics = {"num-examples": examples, "diff-sum": diff_sum, "diff-sumsq": diff_sumsq,
+               "num-examples-std": std, "diff-sum-std": std, "diff-sumsq-std": std, "eval-clip": 1.0}
     return make_reply(node_id, None, metrics, site_id, MessageType.EVALUATE)
 
 
-def test_aggregate_evaluate_token_weighted_and_skips_bad_replies(caplog):
+def test_aggregate_evaluate_pools_noised_sums_and_skips_bad_replies(caplog):
     # Prepare
     strategy = FedAvgLoRA(spec=SPEC)
     replies = [
-        eval_reply(1, "site-a", 1.0, 2.0, 100),
-        eval_reply(2, "site-b", 4.0, 2.5, 300),
-        eval_reply(3, "site-c", math.nan, 2.0, 10**6),
+        eval_reply(1, "site-a", 10.0, -2.0, 1.0),
+        eval_reply(2, "site-b", 30.0, -6.0, 3.0),
+        eval_reply(3, "site-c", 10.0, math.nan, 1.0),
+        eval_reply(5, "site-e", 10.0, -1.0, 1.0, std=0.0),
         make_error_reply(4, "data file failed its schema"),
     ]
 
@@ -310,34 +307,16 @@ def test_aggregate_evaluate_token_weighted_and_skips_bad_replies(caplog):
     with caplog.at_level(logging.WARNING, logger="flwr"):
         metrics = strategy.aggregate_evaluate(1, replies)
 
-    # Assert: candidate = (100*1 + 300*4) / 400 = 3.25; baseline = (100*2 + 300*2.5) / 400 = 2.375
-    assert metrics["candidate-loss"] == pytest.approx(3.25)
-    assert metrics["baseline-loss"] == pytest.approx(2.375)
-    assert metrics["candidate-tokens"] == 400
-    assert (metrics["accepted-replies"], metrics["rejected-replies"]) == (2, 2)
+    # Assert: n = 40, sum = -8, sumsq = 4, mean change = -8 / 40 = -0.2
+    assert metrics["num-examples"] == pytest.approx(40.0)
+    assert metrics["diff-sum"] == pytest.approx(-8.0)
+    assert metrics["diff-sumsq"] == pytest.approx(4.0)
+    assert metrics["mean-change"] == pytest.approx(-0.2)
+    assert (metrics["accepted-replies"], metrics["rejected-replies"]) == (2, 3)
     assert sorted(strategy.round_log[1].evaluation) == ["site-a", "site-b"]
-    assert "round 1: evaluate reply from node 3 left out: metric 'candidate-loss'" in caplog.text
+    assert "round 1: evaluate reply from node 3 left out: metric 'diff-sum'" in caplog.text
+    assert "evaluate reply from node 5 left out: num-examples-std must be > 0" in caplog.text
     assert "evaluate reply from node 4 left out: error reply" in caplog.text
-
-
-def test_evaluate_reply_weight_is_capped_and_sums_must_be_consistent():
-    # Prepare: 4 records of at most 256 tokens allow 1024 tokens; site-c's sums are impossible
-    # (4 * 0.01 = 0.04 < 1.0^2 violates n * sum(d^2) >= (sum d)^2)
-    strategy = FedAvgLoRA(spec=SPEC, max_tokens_per_example=256)
-    replies = [
-        eval_reply(1, "site-a", 1.0, 2.0, 1024),
-        eval_reply(2, "site-b", 1.0, 2.0, 1025),
-        eval_reply(3, "site-c", 1.0, 2.0, 100, diff_sum=-1.0, diff_sumsq=0.01),
-    ]
-
-    # Execute
-    strategy.aggregate_evaluate(1, replies)
-
-    # Assert
-    assert sorted(strategy.round_log[1].evaluation) == ["site-a"]
-    reasons = [r.reason for r in strategy.round_log[1].evaluation_rejected]
-    assert "exceeds num-examples x max_length (4 x 256)" in reasons[0]
-    assert "cannot come from real per-record differences" in reasons[1]
 
 
 def test_configure_evaluate_sends_the_baseline_beside_the_candidate():
@@ -380,14 +359,14 @@ def test_fedavg_lora_refuses_options_it_fixes_itself():
 def test_aggregate_train_leaves_out_an_update_past_the_magnitude_bound(caplog):
     # Prepare: finite but absurd values (a scaled update) from one site; the bound is 100.
     strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0)
-    scaled = make_reply(3, adapter([1e30, 0], [0, 1]), train_metrics(10), "site-c")
+    scaled = make_reply(3, adapter([1e30, 0], [0, 1]), train_metrics(), "site-c")
 
     # Execute
     arrays, metrics = strategy.aggregate_train(1, honest_replies() + [scaled])
 
-    # Assert: the honest average is the one of test_..._averages_the_rest: weights 10 and 20.
+    # Assert: the honest average is the one of test_..._averages_the_rest: equal weights.
     out = from_array_record(arrays)
-    np.testing.assert_allclose(out["lora_A"], [[(1 * 10 + 4 * 20) / 30, (2 * 10 + 8 * 20) / 30]], rtol=1e-6)
+    np.testing.assert_allclose(out["lora_A"], [[2.5, 5.0]], rtol=1e-6)
     assert metrics["rejected-replies"] == 1
     assert "lora_A: values exceed the bound of 100" in strategy.round_log[1].rejected[0].reason
 

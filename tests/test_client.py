@@ -57,7 +57,10 @@ def test_a_round_trains_the_adapter_and_records_the_spend(tmp_path, job, initial
     assert [(e.run_id, e.round, e.steps) for e in ledger.entries] == [("test-run", 1, 3)]
     assert outcome.metrics["epsilon"] == pytest.approx(ledger.epsilon())
     assert 0 < outcome.metrics["epsilon"] <= site.epsilon_ceiling
-    assert outcome.metrics["num-examples"] == outcome.metrics["data-size"] == 48
+    # Nothing in the reply depends on the records: no count, no training loss.
+    assert set(outcome.metrics) == {"epsilon", "epsilon-ceiling", "delta", "noise-multiplier", "sample-rate",
+                                    "steps"}
+    assert outcome.metrics["sample-rate"] == job.privacy.sample_rate
 
 
 def test_the_site_refuses_before_crossing_its_ceiling_and_keeps_refusing_after_restart(tmp_path, job,
@@ -117,15 +120,20 @@ def test_bad_data_stops_the_round_before_any_spend(tmp_path, job, initial_adapte
     assert not site.ledger_path.exists()
 
 
-def test_evaluation_scores_candidate_and_baseline_on_heldout_data(tmp_path, job, initial_adapter):
-    site = make_site(tmp_path)
-    trained = train_round(site, job, initial_adapter, server_round=1).adapter
-    untouched = evaluate_round(site, job, initial_adapter).metrics
-    scored = evaluate_round(site, job, trained).metrics
-    # LoRA starts with B = 0: the initial adapter is the base model exactly.
-    assert untouched["candidate-loss"] == pytest.approx(untouched["baseline-loss"], abs=1e-6)
-    assert scored["baseline-loss"] == pytest.approx(untouched["baseline-loss"], abs=1e-6)
-    assert scored["num-examples"] == 12 and scored["candidate-tokens"] > 0
+def test_evaluation_sends_noised_sums_of_the_clipped_changes(tmp_path, job, initial_adapter):
+    # A small release noise (z = 0.5 costs about epsilon 8 per release) and a ceiling to match.
+    site = dataclasses.replace(make_site(tmp_path, ceiling=100.0), release_noise=0.5, eval_clip=1.0)
+    job = dataclasses.replace(job, rounds=1)  # sites score only a cycle's final candidate
+    train_round(site, job, initial_adapter, server_round=1)
+    # LoRA starts with B = 0: the initial adapter is the base model exactly, every change is 0.
+    scored = evaluate_round(site, job, initial_adapter, server_round=1).metrics
+    # 3 statistics, z = 0.5, sensitivities 1, D = 1, D^2 = 1: std = 0.5 * sqrt(3) each.
+    std = 0.5 * 3 ** 0.5
+    assert scored["num-examples-std"] == scored["diff-sum-std"] == scored["diff-sumsq-std"] == pytest.approx(std)
+    # 12 held-out records; the noise is within 6 standard deviations of the truth.
+    assert abs(scored["num-examples"] - 12) < 6 * std
+    assert abs(scored["diff-sum"]) < 6 * std and abs(scored["diff-sumsq"]) < 6 * std
+    assert scored["eval-clip"] == 1.0
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ def stats(losses, tokens=None) -> LossStats:
                      example_tokens=tuple(tokens))
 
 
-def site(site_id, base, cand, n=50, spread=0.05) -> SiteEvaluation:
+def site(site_id, base, cand, n=50, spread=0.05, sum_std=0.0) -> SiteEvaluation:
     # n records whose differences are (cand - base) +/- spread, half each way:
-    # sum = n * d, sum of squares = n * (d^2 + spread^2)
+    # sum = n * d, sum of squares = n * (d^2 + spread^2); sum_std: the site's noise on the sum
     d = cand - base
-    return SiteEvaluation(site_id, n, cand, base, diff_sum=n * d, diff_sumsq=n * (d * d + spread * spread))
+    return SiteEvaluation(site_id, n, diff_sum=n * d, diff_sumsq=n * (d * d + spread * spread), sum_std=sum_std)
 
 
 RNG = np.random.default_rng(7)
@@ -54,7 +54,7 @@ def test_worse_candidate_is_refused_with_its_numbers():
     assert result.figures["improvement"] == pytest.approx(-0.2)
     text = " ".join(result.reasons)
     assert "improved by -0.2000, less than the margin 0.0500" in text
-    assert "site a: held-out loss rises by 0.2000, more than the tolerance 0.0200" in text
+    assert "site a: held-out loss rises by at least 0.2000 (beyond its noise), more than the tolerance 0.0200" in text
 
 
 def test_improvement_within_the_margin_is_refused():
@@ -76,7 +76,20 @@ def test_better_on_average_but_one_site_regresses_is_refused():
     assert result.decision == REFUSE
     assert result.figures["worst_site"] == "c"
     assert result.figures["worst_site_change"] == pytest.approx(0.05)
-    assert result.reasons == ("site c: held-out loss rises by 0.0500, more than the tolerance 0.0200",)
+    assert result.reasons == ("site c: held-out loss rises by at least 0.0500 (beyond its noise), "
+                              "more than the tolerance 0.0200",)
+
+
+def test_a_site_rise_within_its_noise_does_not_refuse():
+    # Site c's change +0.05 with noise std 2.5 on its sum of 50 records: std 0.05 on the mean,
+    # so the lower end 0.05 - 1.96 * 0.05 = -0.048 is within the tolerance 0.02.
+    cand = [b - 0.3 for b in BASE]
+    sites = [site("a", 5.0, 4.5), site("b", 5.0, 4.6), site("c", 5.0, 5.05, sum_std=2.5)]
+
+    result = decide(POLICY, stats(BASE), stats(cand), sites, seed=0)
+
+    assert result.decision == PUBLISH
+    assert result.figures["sites"]["c"]["change_noise_std"] == pytest.approx(0.05)
 
 
 def test_noisy_improvement_whose_interval_spans_zero_is_refused():
@@ -113,8 +126,8 @@ def test_bootstrap_weights_records_by_tokens():
 def test_pooled_interval_from_sums_matches_the_records():
     # Records' differences: site a [-0.1, -0.3], site b [-0.2, 0.0, -0.4]
     diffs = np.array([-0.1, -0.3, -0.2, 0.0, -0.4])
-    sites = [SiteEvaluation("a", 2, 0, 0, diff_sum=-0.4, diff_sumsq=0.1),
-             SiteEvaluation("b", 3, 0, 0, diff_sum=-0.6, diff_sumsq=0.2)]
+    sites = [SiteEvaluation("a", 2, diff_sum=-0.4, diff_sumsq=0.1, sum_std=0.0),
+             SiteEvaluation("b", 3, diff_sum=-0.6, diff_sumsq=0.2, sum_std=0.0)]
 
     pooled = pooled_interval(sites, 0.95)
 
@@ -123,3 +136,16 @@ def test_pooled_interval_from_sums_matches_the_records():
     assert pooled["ci_low"] == pytest.approx(0.2 - half, rel=1e-5)
     assert pooled["ci_high"] == pytest.approx(0.2 + half, rel=1e-5)
     assert pooled_interval([], 0.95) is None
+
+
+def test_pooled_interval_widens_by_the_sites_noise():
+    # The same records, each site's sum noised with std 0.3 and 0.4: the mean's noise variance
+    # is (0.09 + 0.16) / 5^2 = 0.01, added to the records' var / n.
+    diffs = np.array([-0.1, -0.3, -0.2, 0.0, -0.4])
+    sites = [SiteEvaluation("a", 2, diff_sum=-0.4, diff_sumsq=0.1, sum_std=0.3),
+             SiteEvaluation("b", 3, diff_sum=-0.6, diff_sumsq=0.2, sum_std=0.4)]
+
+    pooled = pooled_interval(sites, 0.95)
+
+    half = 1.959964 * math.sqrt(diffs.var(ddof=1) / 5 + 0.01)
+    assert pooled["ci_low"] == pytest.approx(0.2 - half, rel=1e-5)

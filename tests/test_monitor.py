@@ -147,16 +147,40 @@ def test_can_afford_flips_when_the_ceiling_is_below_the_projection(tmp_path, job
     assert status["epsilon-projected"] == status["epsilon-spent"] == 0.0 and status["can-afford"] == 1
 
 
-def test_count_noise_changes_the_count_reproducibly(tmp_path, fixed_sigma):
-    job = fixed_sigma
-    site = make_site(tmp_path, count_noise=3.0)
+def test_a_charged_status_noises_the_counts_and_spends_exactly_one_release(tmp_path, fixed_sigma):
+    # Prepare: z = 2 on 3 counts of sensitivity 1 -> std 2 * sqrt(3) each
+    from fedretrain.privacy.accounting import epsilon_for_history
+    from fedretrain.privacy.ledger import PrivacyLedger
+
+    site = make_site(tmp_path, release_noise=2.0, ceiling=50.0)
     save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
     arrive(site, 5, drifted=False)
-    counts = [site_status(site, job, MONITOR, seed=s)["new-records"] for s in range(8)]
-    assert all(type(c) is int and c >= 0 for c in counts)
-    assert any(c != 5 for c in counts)
-    assert site_status(site, job, MONITOR, seed=3)["new-records"] == counts[3]
-    assert type(site_status(site, job, MONITOR, seed=None)["new-records"]) is int
+
+    # Execute
+    replies = [site_status(site, fixed_sigma, MONITOR, charge=True) for _ in range(6)]
+
+    # Assert: the counts are noised ints >= 0 (they vary), the std is stated, no score leaves
+    counts = [r["new-records"] for r in replies]
+    assert all(type(c) is int and c >= 0 for c in counts) and len(set(counts)) > 1
+    assert replies[0]["count-std"] == pytest.approx(2.0 * 3 ** 0.5)
+    assert not SCORE_KEYS & set(replies[0])
+    # Six polls are six Gaussian releases of multiplier 2 in the ledger, and epsilon is theirs exactly.
+    ledger = PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5)
+    assert [(e.kind, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries] == [("status", 2.0, 1.0, 1)] * 6
+    assert replies[-1]["epsilon-spent"] == pytest.approx(epsilon_for_history([(2.0, 1.0, 6)], 1e-5, "rdp"))
+    # The site's own view (not charged) is exact and spends nothing.
+    local = site_status(site, fixed_sigma, MONITOR)
+    assert local["new-records"] == 5 and len(PrivacyLedger.load(
+        site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5).entries) == 6
+
+
+def test_a_status_poll_past_the_ceiling_is_refused_and_spends_nothing(tmp_path, fixed_sigma):
+    from fedretrain.errors import PrivacyBudgetExceeded
+
+    site = make_site(tmp_path, release_noise=2.0, ceiling=0.5)  # one release of z = 2 costs more than 0.5
+    with pytest.raises(PrivacyBudgetExceeded, match="ceiling"):
+        site_status(site, fixed_sigma, MONITOR, charge=True)
+    assert not site.ledger_path.exists()
 
 
 def test_the_status_reply_carries_scalars_and_the_site_id_only(tmp_path, fixed_sigma, monkeypatch):
@@ -169,7 +193,8 @@ def test_the_status_reply_carries_scalars_and_the_site_id_only(tmp_path, fixed_s
 
     for name, value in (("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
-    site = make_site(tmp_path)
+    # A research site that opted in to sharing its (un-noised) drift scores.
+    site = make_site(tmp_path, share_drift_scores=True)
     save_reference(site, "cycle-1", 0, 48, 12)
     arrive(site, 30, drifted=True)
     texts = [json.loads(line)["text"] for path in (site.train_path, site.heldout_path)

@@ -28,8 +28,8 @@ from strategies.validation import max_reply_bytes
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "site-a"
-METRICS = {"num-examples": 10, "data-size": 100, "train-loss": 1.0, "epsilon": 2.0, "epsilon-ceiling": 8.0,
-           "delta": 1e-5, "noise-multiplier": 1.1, "steps": 5}
+METRICS = {"epsilon": 2.0, "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1, "sample-rate": 0.05,
+           "steps": 5}
 
 
 @pytest.fixture(autouse=True)

@@ -24,10 +24,9 @@ from server.rounds import RoundPolicy, random_state, restore_random_state, run_r
 from strategies import FedAvgLoRA
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))
-# num-examples by node: node 1 weighs 10, node 2 weighs 30, node 3 weighs 20.
-EXAMPLES = {1: 10, 2: 30, 3: 20}
-EVALUATE_METRICS = {"num-examples": 5, "candidate-loss": 1.0, "baseline-loss": 1.2, "candidate-tokens": 50,
-                    "diff-sum": -1.0, "diff-sumsq": 0.5}  # 5 * 0.5 >= (-1)^2: consistent
+# Every accepted site weighs the same; node n adds n to the global value it trains from.
+EVALUATE_METRICS = {"num-examples": 5.0, "diff-sum": -1.0, "diff-sumsq": 0.5, "num-examples-std": 1.0,
+                    "diff-sum-std": 1.0, "diff-sumsq-std": 1.0, "eval-clip": 1.0}
 
 
 @pytest.fixture(autouse=True)
@@ -91,8 +90,8 @@ class FakeGrid:
                              "global-hash": config["global-hash"]})
         if instruction.metadata.message_type == MessageType.TRAIN:
             trained = value_of(instruction.content["arrays"]) + node
-            metrics = {"num-examples": EXAMPLES[node], "data-size": 100, "train-loss": 1.0, "epsilon": 1.0,
-                       "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1, "steps": 5}
+            metrics = {"epsilon": 1.0, "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1,
+                       "sample-rate": 0.05, "steps": 5}
             content = RecordDict({"arrays": adapter(trained), "metrics": MetricRecord(metrics), "site": site})
         else:
             content = RecordDict({"metrics": MetricRecord(EVALUATE_METRICS), "site": site})
@@ -126,26 +125,25 @@ def run(grid: FakeGrid, start: float, *, first_round: int, num_rounds: int, poli
 
 
 def test_a_fresh_run_scores_round_zero_then_each_round_and_reports_each_round_end():
-    # Prepare: nodes 1 (10 examples) and 2 (30 examples), from 0.
+    # Prepare: nodes 1 and 2, from 0.
     grid, recorder = FakeGrid([1, 2]), Recorder()
     policy = RoundPolicy(deadline_s=5.0, quorum=2, wait_for=2)
 
     # Execute
     final = run(grid, 0.0, first_round=1, num_rounds=2, policy=policy, recorder=recorder)
 
-    # Assert: round 1: (10 * (0+1) + 30 * (0+2)) / 40 = 70 / 40 = 1.75;
-    #         round 2: (10 * 2.75 + 30 * 3.75) / 40 = 140 / 40 = 3.5.
-    assert recorder.evaluated == [(0, 0.0), (1, 1.75), (2, 3.5)]
-    assert recorder.ended == [(1, 1.75), (2, 3.5)]
-    assert value_of(final) == 3.5
-    # Each round: train on the old global to both nodes, then evaluate the new one on both.
+    # Assert: round 1: ((0+1) + (0+2)) / 2 = 1.5; round 2: ((1.5+1) + (1.5+2)) / 2 = 3.0.
+    assert recorder.evaluated == [(0, 0.0), (1, 1.5), (2, 3.0)]
+    assert recorder.ended == [(1, 1.5), (2, 3.0)]
+    assert value_of(final) == 3.0
+    # Each round trains on the old global at both nodes; only the final candidate goes to the
+    # sites for evaluation (each evaluation is a charged release at every site).
     assert sorted(grid.sent) == sorted([
         (MessageType.TRAIN, 1, 1, 0.0), (MessageType.TRAIN, 1, 2, 0.0),
-        (MessageType.EVALUATE, 1, 1, 1.75), (MessageType.EVALUATE, 1, 2, 1.75),
-        (MessageType.TRAIN, 2, 1, 1.75), (MessageType.TRAIN, 2, 2, 1.75),
-        (MessageType.EVALUATE, 2, 1, 3.5), (MessageType.EVALUATE, 2, 2, 3.5),
+        (MessageType.TRAIN, 2, 1, 1.5), (MessageType.TRAIN, 2, 2, 1.5),
+        (MessageType.EVALUATE, 2, 1, 3.0), (MessageType.EVALUATE, 2, 2, 3.0),
     ])
-    assert [kind for kind, *_ in grid.sent[::2]] == [MessageType.TRAIN, MessageType.EVALUATE] * 2
+    assert [kind for kind, *_ in grid.sent[::2]] == [MessageType.TRAIN, MessageType.TRAIN, MessageType.EVALUATE]
 
 
 def test_a_resumed_run_runs_only_its_remaining_rounds_and_does_not_score_round_zero():
@@ -156,15 +154,15 @@ def test_a_resumed_run_runs_only_its_remaining_rounds_and_does_not_score_round_z
     # Execute
     final = run(grid, 10.0, first_round=3, num_rounds=3, policy=policy, recorder=recorder)
 
-    # Assert: only round 3: (10 * 11 + 30 * 12) / 40 = 470 / 40 = 11.75.
-    assert recorder.evaluated == [(3, 11.75)]
-    assert recorder.ended == [(3, 11.75)]
-    assert value_of(final) == 11.75
+    # Assert: only round 3: (11 + 12) / 2 = 11.5.
+    assert recorder.evaluated == [(3, 11.5)]
+    assert recorder.ended == [(3, 11.5)]
+    assert value_of(final) == 11.5
     assert {server_round for _, server_round, _, _ in grid.sent} == {3}
 
 
 def test_a_node_that_never_answers_costs_one_deadline_and_the_round_goes_on(caplog):
-    # Prepare: node 3 (20 examples) is connected but never answers; the quorum is 2.
+    # Prepare: node 3 is connected but never answers; the quorum is 2.
     grid, recorder = FakeGrid([1, 2, 3], silent={1: {3}}), Recorder()
     policy = RoundPolicy(deadline_s=7.5, quorum=2, wait_for=3)
 
@@ -172,11 +170,11 @@ def test_a_node_that_never_answers_costs_one_deadline_and_the_round_goes_on(capl
     with caplog.at_level(logging.WARNING, logger="fedretrain.server"):
         final = run(grid, 0.0, first_round=1, num_rounds=1, policy=policy, recorder=recorder)
 
-    # Assert: all three were asked; the average is nodes 1 and 2 alone, 70 / 40 = 1.75
-    # (with node 3 it would be (10 + 60 + 20 * 3) / 60 = 130 / 60).
+    # Assert: all three were asked; the average is nodes 1 and 2 alone, (1 + 2) / 2 = 1.5
+    # (with node 3 it would be (1 + 2 + 3) / 3 = 2).
     assert sorted(node for kind, _, node, _ in grid.sent if kind == MessageType.TRAIN) == [1, 2, 3]
-    assert value_of(final) == 1.75
-    assert recorder.ended == [(1, 1.75)]
+    assert value_of(final) == 1.5
+    assert recorder.ended == [(1, 1.5)]
     # Both stages closed at the policy's deadline, and the missing site was logged for each.
     assert grid.timeouts == [7.5, 7.5]
     assert caplog.text.count("1 of 3 sites did not reply") == 2
@@ -192,11 +190,11 @@ def test_accepted_replies_below_the_quorum_lose_the_round():
         run(grid, 0.0, first_round=1, num_rounds=3, policy=policy, recorder=recorder)
 
     # Assert: the message names round 2, the count and the quorum; round 1
-    # ((10 * 1 + 30 * 2 + 20 * 3) / 60 = 130 / 60) was ended, round 2 neither scored nor ended.
+    # ((1 + 2 + 3) / 3 = 2) was ended, round 2 neither scored nor ended.
     message = str(lost.value)
     assert message.startswith("round 2: 1 accepted train reply")
     assert "the quorum is 2" in message
-    assert recorder.ended == [(1, pytest.approx(130 / 60))]
+    assert recorder.ended == [(1, pytest.approx(2.0))]
     assert [r for r, _ in recorder.evaluated] == [0, 1]
     # Round 2's evaluation was never sent, and round 3 never began.
     assert {(kind, r) for kind, r, _, _ in grid.sent if r >= 2} == {(MessageType.TRAIN, 2)}

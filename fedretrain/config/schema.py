@@ -98,9 +98,16 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "hooks"
+    # Poisson sampling rate of DP-SGD at every site, whatever its size: a rate derived from
+    # the site's record count would make sigma and epsilon (both sent) reveal that count.
+    sample_rate: float = 0.05
+    # Simulation only: seed the DP noise and sampling from the job's seed so a researcher can
+    # replay a run. A deployed site refuses it (the coordinator would know the noise).
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         _positive("target_epsilon", self.target_epsilon)
+        _fraction("sample_rate", self.sample_rate)
         if self.noise_multiplier is not None:
             if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
                 raise ConfigError(f"noise_multiplier: must be >= 0 or null, got {self.noise_multiplier!r}")
@@ -136,7 +143,6 @@ class StrategyConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
-    max_examples_per_site: int | None = None
     max_abs_value: float | None = 100.0
     # A round waits at most this long for sites to connect, then for each stage's replies.
     round_timeout_s: float = 3600.0
@@ -153,8 +159,6 @@ class StrategyConfig:
         _fraction("fraction_evaluate", self.fraction_evaluate)
         if self.min_sites < 1:
             raise ConfigError(f"min_sites: must be >= 1, got {self.min_sites}")
-        if self.max_examples_per_site is not None and self.max_examples_per_site < 1:
-            raise ConfigError(f"max_examples_per_site: must be >= 1 or null, got {self.max_examples_per_site}")
 
 
 @dataclass(frozen=True)

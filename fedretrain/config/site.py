@@ -51,9 +51,24 @@ class SiteConfig:
     redact: bool = False
     # A regular expression for this site's record numbers (e.g. 'MRN-?[0-9]{6}'), masked when redact=true.
     record_number_pattern: str | None = None
-    # Laplace noise scale for the count of new records in status replies (0: exact count).
-    # With sensitivity 1 each status reply then spends epsilon = 1/count-noise on the count.
-    count_noise: float = 0.0
+    # Noise multiplier z of the Gaussian mechanism on every scalar the site sends about its
+    # records (status counts, evaluation sums): each such reply is charged to the ledger as
+    # opacus' (z, 1.0, 1) (fedretrain/privacy/release.py).
+    release_noise: float = 4.0
+    # Evaluations: each record's loss change (candidate - baseline, nats) is clipped to
+    # [-eval-clip, eval-clip] before it is summed; false: the site answers no evaluation.
+    eval_clip: float = 1.0
+    share_evaluation: bool = True
+    # Drift and loss scores of a status reply cannot be noised usefully at a site's sample
+    # sizes: they stay at the site unless its operator opts in to sending them un-noised.
+    share_drift_scores: bool = False
+    # Choose sigma so that the cycle's planned rounds (and their evaluations) fit what is left
+    # of the ceiling, instead of the coordinator's per-run target; the cycle is refused before
+    # any spend when even that cannot fit.
+    fit_sigma_to_ceiling: bool = False
+    # Simulation only (site_config_from_node_config refuses it in deployment): allow a job's
+    # privacy.reproducible_noise=true, the job's seed then seeds the DP noise.
+    allow_reproducible_noise: bool = False
     # A directory the site drops new data files into; `fedretrain site ingest --inbox` takes them.
     inbox_dir: str | None = None
 
@@ -67,8 +82,8 @@ class SiteConfig:
         _one_of("device", self.device, DEVICES)
         if not math.isfinite(self.heldout_fraction) or not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"heldout-fraction: must be in [0, 1), got {self.heldout_fraction!r}")
-        if not math.isfinite(self.count_noise) or self.count_noise < 0:
-            raise ConfigError(f"count-noise: must be a finite number >= 0, got {self.count_noise!r}")
+        _positive("release-noise", self.release_noise)
+        _positive("eval-clip", self.eval_clip)
         if self.record_number_pattern is not None:
             try:
                 re.compile(self.record_number_pattern)
@@ -111,12 +126,29 @@ class SiteConfig:
         return out
 
 
-def site_config_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
-    """Parse a SuperNode's node_config (kebab-case keys) into a ``SiteConfig``."""
+# Keys a site config no longer takes, and what replaced them.
+_REPLACED = {"count-noise": "release-noise (Gaussian noise on every released count, charged to the ledger)"}
+_SIMULATION_ONLY = ("allow-reproducible-noise",)
+
+
+def site_config_from_node_config(node_config: Mapping[str, Any], *, simulation: bool = False) -> SiteConfig:
+    """Parse a SuperNode's node_config (kebab-case keys) into a ``SiteConfig``.
+
+    ``simulation``: a virtual site of Flower's simulation engine, the only kind that may
+    set ``allow-reproducible-noise``.
+    """
     values = {k.replace("-", "_"): v for k, v in node_config.items() if k not in _FLOWER_KEYS}
     bad = sorted(k for k in node_config if k not in _FLOWER_KEYS and "_" in k)
     if bad:
         raise ConfigError(f"node_config: use kebab-case keys (site-id, data-dir, ...), got {', '.join(bad)}")
+    for key, replacement in _REPLACED.items():
+        if key in node_config:
+            raise ConfigError(f"{key}: no longer a site setting; use {replacement}")
+    if not simulation:
+        for key in _SIMULATION_ONLY:
+            if node_config.get(key):
+                raise ConfigError(f"{key}: only a simulated site may set it; a deployed site's DP noise "
+                                  "comes from its own OS and is never seeded by the coordinator")
     try:
         return build(SiteConfig, values, "node_config")
     except ConfigError as err:

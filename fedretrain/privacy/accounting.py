@@ -76,7 +76,10 @@ def epsilon_for_history(
         return math.inf
     acc = cls()
     acc.history = merged
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():
+        # PRV takes log(1 - q), -inf for a Gaussian release (q = 1); numpy warns, the result is right.
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log")
+        return float(acc.get_epsilon(delta=delta))
 
 
 # A pure function of its arguments, and opacus' binary search takes about a second: a site
@@ -143,3 +146,40 @@ def _merge_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
 def _check_delta(delta: float) -> None:
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
+# The widest sigma a fit may choose: above it a round's epsilon is ~0 at any rate and steps.
+_MAX_FIT_SIGMA = 1e4
+
+
+@functools.lru_cache(maxsize=64)
+def sigma_to_fit(
+    history: tuple[HistoryEntry, ...],
+    sample_rate: float,
+    steps: int,
+    ceiling: float,
+    delta: float,
+    accountant: str = "rdp",
+    rel_tol: float = 1e-3,
+) -> float:
+    """Smallest sigma (to ``rel_tol``) such that ``history`` plus ``steps`` DP-SGD steps at
+    ``sample_rate`` stays within ``ceiling`` at ``delta``.
+
+    ``history`` is what the site already released plus anything else planned with the
+    steps (evaluations). Returns :data:`_MAX_FIT_SIGMA` when nothing fits (the history
+    alone is at or over the ceiling): the caller's budget check then refuses the round.
+    Bisection on the exact accountant, so the result is an upper bound like every
+    epsilon here, never an approximation of one.
+    """
+    def fits(sigma: float) -> bool:
+        return epsilon_for_history([*history, (sigma, sample_rate, steps)], delta, accountant) <= ceiling
+
+    low, high = 0.1, _MAX_FIT_SIGMA
+    if fits(low):
+        return low
+    if not fits(high):
+        return high
+    while high / low > 1 + rel_tol:
+        mid = math.sqrt(low * high)  # sigma spans decades: bisect its logarithm
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high

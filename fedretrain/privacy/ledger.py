@@ -5,9 +5,17 @@ accountant only knows the current round. The ledger is the source of truth: it
 keeps one entry per private round, for the whole life of the site's data, and
 asks :mod:`fedretrain.privacy.accounting` for the epsilon of all of it.
 
+Every release the site makes goes in, not only training rounds: each entry has a
+``kind``. ``train`` is a DP-SGD round ``(sigma, q, steps)``. ``status`` and
+``evaluate`` are Gaussian releases of scalars (a status poll's noised counts, an
+evaluation's noised sums, :mod:`fedretrain.privacy.release`): one release of noise
+multiplier ``z`` is the opacus history entry ``(z, 1.0, 1)``, so one accountant
+composes everything the site ever released.
+
 The file is plain JSON written atomically (never pickle). It also carries a
 computed ``epsilon`` for humans reading it; that value is never trusted and is
 recomputed from the entries on load. Non-private rounds are not recorded.
+Files of schema 1 (training rounds only, no ``kind``) are read as ``train`` entries.
 """
 
 from __future__ import annotations
@@ -25,7 +33,11 @@ from fedretrain.atomic import atomic_write_json, file_lock
 from fedretrain.errors import LedgerError, PrivacyBudgetExceeded
 from fedretrain.privacy.accounting import HistoryEntry, accountant_class, epsilon_for_history
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+# What a ledger entry released: a DP-SGD round, a status reply, an evaluation.
+KINDS = ("train", "status", "evaluate")
 
 # Field name -> accepted JSON types, for a ledger file and for one entry.
 _HEADER_FIELDS: dict[str, tuple[type, ...]] = {
@@ -59,6 +71,7 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     recorded_at: str
+    kind: str = "train"
 
 
 @dataclass
@@ -102,10 +115,10 @@ class PrivacyLedger:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise LedgerError(f"{target}: not a readable JSON ledger ({exc})") from exc
         _check_fields(target, data, _HEADER_FIELDS, where="")
-        if data["schema_version"] != SCHEMA_VERSION:
+        if data["schema_version"] not in _READABLE_VERSIONS:
             raise LedgerError(
                 f"{target}: field 'schema_version' is {data['schema_version']}, "
-                f"this code reads version {SCHEMA_VERSION}"
+                f"this code reads versions {', '.join(map(str, _READABLE_VERSIONS))}"
             )
         for name, expected in (("site_id", site_id), ("accountant", accountant), ("delta", delta)):
             if data[name] != expected:
@@ -152,17 +165,25 @@ class PrivacyLedger:
             )
         return projected
 
+    def trained(self, run_id: str, round: int) -> bool:
+        """Whether the site spent a training round for ``run_id``'s round ``round``."""
+        return any(e.kind == "train" and e.run_id == run_id and e.round == round for e in self.entries)
+
     def record(
-        self, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int
+        self, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
+        *, kind: str = "train",
     ) -> None:
-        """Append one spent private round (in memory; call :meth:`save` to persist).
+        """Append one spent release (in memory; call :meth:`save` to persist).
 
         Raises
         ------
         ValueError
             If ``noise_multiplier`` is not > 0 (non-private rounds are not
-            recorded), ``sample_rate`` is outside (0, 1] or ``steps`` < 1.
+            recorded), ``sample_rate`` is outside (0, 1], ``steps`` < 1 or
+            ``kind`` is not one of :data:`KINDS`.
         """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
             raise ValueError(
                 f"noise_multiplier must be finite and > 0, got {noise_multiplier}; "
@@ -180,6 +201,7 @@ class PrivacyLedger:
                 sample_rate=float(sample_rate),
                 steps=int(steps),
                 recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                kind=kind,
             )
         )
 
@@ -221,7 +243,10 @@ def _parse_entry(path: Path, index: int, raw: Any) -> LedgerEntry:
         sample_rate=float(raw["sample_rate"]),
         steps=raw["steps"],
         recorded_at=raw["recorded_at"],
+        kind=raw.get("kind", "train"),
     )
+    if entry.kind not in KINDS:
+        raise LedgerError(f"{path}: field '{where}kind' must be one of {', '.join(KINDS)}")
     if not (entry.noise_multiplier > 0 and math.isfinite(entry.noise_multiplier)):
         raise LedgerError(f"{path}: field '{where}noise_multiplier' must be finite and > 0")
     if not 0 < entry.sample_rate <= 1:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -126,7 +127,13 @@ def _train_private(
     params: TrainParams, dp: DPParams, data_seed: int, noise_seed: int,
 ) -> _Run:
     generator = torch.Generator().manual_seed(data_seed)
-    loader = DataLoader(dataset, batch_size=params.batch_size, generator=generator)
+    if dp.sample_rate is None:
+        loader = DataLoader(dataset, batch_size=params.batch_size, generator=generator)
+        expected = poisson_sample_rate(len(dataset), params.batch_size)
+    else:
+        # Poisson batches at the job's rate, whatever N: opacus would derive 1 / ceil(N / B).
+        loader = DPDataLoader(dataset, sample_rate=dp.sample_rate, generator=generator)
+        expected = dp.sample_rate
     noise_generator = None if dp.secure_mode else torch.Generator(_device(model))
     if noise_generator is not None:
         noise_generator.manual_seed(noise_seed)
@@ -134,8 +141,11 @@ def _train_private(
         model, optimizer, loader, dp, noise_generator=noise_generator
     )
     try:
-        expected = poisson_sample_rate(len(dataset), params.batch_size)
-        if not math.isclose(dp_loader.sample_rate, expected, rel_tol=1e-12):
+        if dp.sample_rate is not None:
+            # make_private reads 1 / len(loader) as the rate for its (discarded) accountant and
+            # the mean's divisor; the divisor only scales the step, never the privacy.
+            dp_optimizer.expected_batch_size = max(1.0, len(dataset) * dp.sample_rate)
+        if not math.isclose(getattr(dp_loader, "sample_rate", math.nan), expected, rel_tol=1e-12):
             raise TrainingError(
                 f"opacus samples at rate {dp_loader.sample_rate}, expected {expected}; "
                 "the ledger would record the wrong rate"
@@ -171,7 +181,8 @@ def _make_private(
         data_loader=loader,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True,
+        # A DPDataLoader already samples Poisson batches at the job's rate.
+        poisson_sampling=not isinstance(loader, DPDataLoader),
         grad_sample_mode=dp.grad_sample_mode,
         noise_generator=noise_generator,
     )

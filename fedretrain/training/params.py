@@ -55,6 +55,9 @@ class DPParams:
     max_grad_norm: float
     grad_sample_mode: str = "hooks"
     secure_mode: bool = False
+    # Poisson rate q, fixed by the job whatever the data (None: opacus' 1 / ceil(N / B)). A
+    # rate derived from N makes sigma and epsilon functions of N, and a site reports both.
+    sample_rate: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -62,6 +65,8 @@ class DPParams:
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max_grad_norm must be finite and > 0, got {self.max_grad_norm}")
         _check_choice("grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        if self.sample_rate is not None and not (0 < self.sample_rate <= 1):
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
 
 
 @dataclass(frozen=True)
