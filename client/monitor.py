@@ -29,7 +29,9 @@ ledger and the job's fixed sampling rate).
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from client.reference import Reference, load_reference
 from client.site import noise_multiplier, site_model
 from client.store import ModelStore
 from fedretrain.config import Job, MonitorConfig, SiteConfig
+from fedretrain.atomic import atomic_write_json
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.schema import optional_texts, read_records
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
@@ -65,7 +68,7 @@ def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, charge: b
     charge : bool
         False: the site's operator asks (``fedretrain site status``): exact figures, nothing
         leaves, nothing is spent. True: a reply to the coordinator. The three counts then
-        carry Gaussian noise of multiplier ``release-noise`` (each count moves by at most 1
+        carry Gaussian noise of multiplier ``status-noise`` (each count moves by at most 1
         when one record is added or removed), the release is charged to the ledger before
         the reply is built (refused with PrivacyBudgetExceeded past the ceiling), and drift
         and loss scores are included only when the site's ``share-drift-scores`` is true.
@@ -113,19 +116,45 @@ def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, charge: b
 
 
 def _charged_counts(site: SiteConfig, job: Job, counts: dict[str, int]) -> dict[str, float | int]:
-    """The counts with Gaussian noise (fedretrain/privacy/release.py), charged before they leave."""
+    """The counts with Gaussian noise (fedretrain/privacy/release.py), charged before they leave.
+
+    Within ``status-interval-s`` of the last charged reply the same noised counts go out
+    again: re-sending a release is post-processing and costs nothing, and whether the site
+    re-sends depends on the clock only, never on its data.
+    """
     with ledger_lock(site.ledger_path):
+        cached = _recent_counts(site)
+        if cached is not None:
+            return cached
         ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
                                     delta=site.delta)
-        ledger.check_can_spend(site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, site.epsilon_ceiling)
+        ledger.check_can_spend(site.status_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, site.epsilon_ceiling)
         release = gaussian_release({k: float(v) for k, v in counts.items()}, dict.fromkeys(counts, 1.0),
-                                   site.release_noise)
-        ledger.record(job.run_id, 0, site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, kind="status")
+                                   site.status_noise)
+        ledger.record(job.run_id, 0, site.status_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, kind="status")
         ledger.save(site.ledger_path)
-    # Rounding and clipping at 0 are post-processing: they cost nothing more.
-    noised: dict[str, float | int] = {k: max(0, int(round(v))) for k, v in release.values.items()}
-    noised["count-std"] = release.stds["new-records"]
+        # Rounding and clipping at 0 are post-processing: they cost nothing more.
+        noised: dict[str, float | int] = {k: max(0, int(round(v))) for k, v in release.values.items()}
+        noised["count-std"] = release.stds["new-records"]
+        atomic_write_json(site.state_path / STATUS_FILE, {"released_at": time.time(), "counts": noised})
     return noised
+
+
+# The last charged status counts and when they were released.
+STATUS_FILE = "last_status.json"
+
+
+def _recent_counts(site: SiteConfig) -> dict[str, float | int] | None:
+    path = site.state_path / STATUS_FILE
+    if site.status_interval_s <= 0 or not path.exists():
+        return None
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        age = time.time() - float(kept["released_at"])
+        counts = {str(k): v for k, v in kept["counts"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # unreadable: release afresh (charged), never guess
+    return counts if 0 <= age < site.status_interval_s else None
 
 
 def _usable_reference(site: SiteConfig, num_train: int, num_heldout: int) -> Reference | None:
@@ -194,7 +223,7 @@ def _privacy(site: SiteConfig, job: Job) -> dict[str, float | int]:
         sigma = noise_multiplier(job, site, ledger)
         cycle = [(sigma, job.privacy.sample_rate, job.train.local_steps * job.rounds)]
         if site.share_evaluation:
-            cycle.append((site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS))
+            cycle.append((site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS))
         projected = epsilon_for_history([*ledger.history, *cycle], site.delta, site.accountant)
     return {"epsilon-spent": float(spent), "epsilon-ceiling": float(site.epsilon_ceiling),
             "delta": float(site.delta), "epsilon-projected": float(projected),

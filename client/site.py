@@ -165,7 +165,7 @@ def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
     The reply holds ``num-examples``, ``diff-sum`` and ``diff-sumsq`` (the count, sum and
     sum of squares of each held-out record's loss change, clipped to ``eval-clip``),
     each with Gaussian noise (``*-std`` keys give its standard deviation), charged to
-    the ledger as one release of noise multiplier ``release-noise``.
+    the ledger as one release of noise multiplier ``eval-noise``.
 
     Raises
     ------
@@ -195,9 +195,9 @@ def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
         _check_baseline(site, baseline)
         ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
                                     delta=site.delta)
-        ledger.check_can_spend(site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, site.epsilon_ceiling)
+        ledger.check_can_spend(site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, site.epsilon_ceiling)
         metrics = _noised_evaluation(site, job, candidate, baseline)
-        ledger.record(job.run_id, server_round, site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS,
+        ledger.record(job.run_id, server_round, site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS,
                       kind="evaluate")
         ledger.save(site.ledger_path)  # the spend is on record before the figures can leave
         disclosures.bind(job.run_id, server_round, digest, metrics)
@@ -233,7 +233,7 @@ def _noised_evaluation(site: SiteConfig, job: Job, candidate: dict[str, np.ndarr
     diffs = np.clip(np.asarray(cand.example_losses) - np.asarray(base.example_losses), -clip, clip)
     release = gaussian_release(
         {"num-examples": float(len(diffs)), "diff-sum": float(diffs.sum()), "diff-sumsq": float((diffs ** 2).sum())},
-        {"num-examples": 1.0, "diff-sum": clip, "diff-sumsq": clip * clip}, site.release_noise)
+        {"num-examples": 1.0, "diff-sum": clip, "diff-sumsq": clip * clip}, site.eval_noise)
     metrics: dict[str, float | int] = dict(release.values)
     metrics.update({f"{key}-std": std for key, std in release.stds.items()})
     metrics["eval-clip"] = float(clip)
@@ -268,7 +268,7 @@ def _planned_releases(site: SiteConfig) -> tuple[HistoryEntry, ...]:
     # A cycle ends with one evaluation (a Gaussian release), if the site answers them.
     if not site.share_evaluation:
         return ()
-    return ((site.release_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS),)
+    return ((site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS),)
 
 
 def ledger_has_run(ledger: PrivacyLedger, run_id: str) -> bool:

@@ -89,7 +89,9 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
                        # A researcher's replay (privacy.reproducible_noise) needs the site's consent.
                        "allow-reproducible-noise": True,
                        # The simulated drift scenario triggers on drift scores: a research sandbox.
-                       "share-drift-scores": True}
+                       "share-drift-scores": True,
+                       # Simulated time runs faster than the clock: every poll is answered afresh.
+                       "status-interval-s": 0.0}
         atomic_write_json(site_dir / "site.json", node_config)
         sites.append(site_config_from_node_config(node_config, simulation=True))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}

@@ -122,7 +122,7 @@ def test_bad_data_stops_the_round_before_any_spend(tmp_path, job, initial_adapte
 
 def test_evaluation_sends_noised_sums_of_the_clipped_changes(tmp_path, job, initial_adapter):
     # A small release noise (z = 0.5 costs about epsilon 8 per release) and a ceiling to match.
-    site = dataclasses.replace(make_site(tmp_path, ceiling=100.0), release_noise=0.5, eval_clip=1.0)
+    site = dataclasses.replace(make_site(tmp_path, ceiling=100.0), eval_noise=0.5, eval_clip=1.0)
     job = dataclasses.replace(job, rounds=1)  # sites score only a cycle's final candidate
     train_round(site, job, initial_adapter, server_round=1)
     # LoRA starts with B = 0: the initial adapter is the base model exactly, every change is 0.

@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.numpy
 
 from fedretrain.deploy.flower import flower_env
 from fedretrain.privacy.ledger import PrivacyLedger
+from fedretrain.records import record_digest, to_array_record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -264,7 +264,7 @@ def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_lo
     bench.wait_sites(set(SITES))
 
 
-def test_a_serverapp_killed_after_round_1_resumes_to_the_adapter_of_an_uninterrupted_run(bench):
+def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_spending_twice(bench):
     import psutil
 
     # Prepare: the README's run is the uninterrupted one; this cycle is the same (same
@@ -288,21 +288,28 @@ def test_a_serverapp_killed_after_round_1_resumes_to_the_adapter_of_an_uninterru
     assert not (run_dir / "summary.json").exists()
     resumed = bench.run(f"fedretrain coordinator run --dir coord --wait --resume {run_dir}", timeout=900)
 
-    # Assert: it finished from round 2, with the uninterrupted run's adapter, rounds and spend;
-    # the site that rejoined took part in both rounds.
+    # Assert: it finished from round 2, trained from round 1's checkpointed adapter, and spent
+    # what the uninterrupted run spent; the site that rejoined took part in both rounds. (The
+    # adapters differ: each site draws its DP noise from its own OS, so no run can be replayed.)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_after_round"] == 1 and summary["rounds"] == 2
     rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["round"]]
     assert [r["sites_accepted"] for r in rows] == [3, 3]
-    ours = safetensors.numpy.load_file(run_dir / "candidate_adapter" / "adapter_model.safetensors")
-    theirs = safetensors.numpy.load_file(reference / "candidate_adapter" / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    checkpointed = safetensors.numpy.load_file(run_dir / "checkpoints" / "round-0001" / "tensors.safetensors")
+    round_1 = record_digest(to_array_record({k.removeprefix("adapter/"): v for k, v in checkpointed.items()
+                                             if k.startswith("adapter/")}))
     ref_id = json.loads((reference / "summary.json").read_text())["run_id"]
     for site in SITES:
-        ledger = PrivacyLedger.load(bench.root / "data" / site / ".fedretrain" / "privacy_ledger.json",
-                                    site_id=site, accountant="rdp", delta=1e-5)
-        spent = {run: [(e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
+        state = bench.root / "data" / site / ".fedretrain"
+        ledger = PrivacyLedger.load(state / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5)
+        spent = {run: [(e.kind, e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
                        if e.run_id == run] for run in (ref_id, summary["run_id"])}
-        assert [r[0] for r in spent[summary["run_id"]]] == [1, 2]  # each round spent once, none twice
-        assert spent[summary["run_id"]] == spent[ref_id]
+        trained = [r[1] for r in spent[summary["run_id"]] if r[0] == "train"]
+        assert trained == [1, 2]  # each round spent once, none twice
+        assert spent[summary["run_id"]] == spent[ref_id]  # sigma and rate do not depend on the data
+        # The site's last round (round 2 of the resumed run) trained from the checkpoint's adapter.
+        with (state / "last_train_reply.safetensors").open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+        assert (header["run-id"], header["server-round"], header["global-hash"]) == (summary["run_id"], "2",
+                                                                                      round_1)

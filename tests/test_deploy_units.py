@@ -239,7 +239,7 @@ def test_prepare_site_writes_a_node_config_that_flower_reads_back(tmp_path, data
     assert node_config_path(site) == state / "node-config.toml"
     assert parsed == {"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8.0, "delta": 1e-5,
                       "accountant": "rdp", "state-dir": str(state), "device": "cpu", "allow-non-private": False,
-                      "smoke-eval": True, "heldout-fraction": 0.2, "redact": False, "release-noise": 4.0,
+                      "smoke-eval": True, "heldout-fraction": 0.2, "redact": False, "eval-noise": 4.0, "status-noise": 20.0, "status-interval-s": 3600.0,
                       "eval-clip": 1.0, "share-evaluation": True, "share-drift-scores": False,
                       "fit-sigma-to-ceiling": False, "allow-reproducible-noise": False}
     assert site_config_from_node_config(parsed) == site

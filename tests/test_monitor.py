@@ -152,7 +152,7 @@ def test_a_charged_status_noises_the_counts_and_spends_exactly_one_release(tmp_p
     from fedretrain.privacy.accounting import epsilon_for_history
     from fedretrain.privacy.ledger import PrivacyLedger
 
-    site = make_site(tmp_path, release_noise=2.0, ceiling=50.0)
+    site = make_site(tmp_path, status_noise=2.0, ceiling=50.0, status_interval_s=0.0)
     save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
     arrive(site, 5, drifted=False)
 
@@ -174,10 +174,23 @@ def test_a_charged_status_noises_the_counts_and_spends_exactly_one_release(tmp_p
         site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5).entries) == 6
 
 
+def test_polls_within_the_status_interval_get_the_same_counts_at_no_cost(tmp_path, fixed_sigma):
+    from fedretrain.privacy.ledger import PrivacyLedger
+
+    site = make_site(tmp_path, status_noise=2.0, ceiling=50.0, status_interval_s=3600.0)
+    save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
+    first = site_status(site, fixed_sigma, MONITOR, charge=True)
+    arrive(site, 5, drifted=False)  # new data, but the interval has not passed: the same answer
+    again = site_status(site, fixed_sigma, MONITOR, charge=True)
+    keys = ("new-records", "reference-records", "train-records", "count-std")
+    assert [again[k] for k in keys] == [first[k] for k in keys]
+    assert len(PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5).entries) == 1
+
+
 def test_a_status_poll_past_the_ceiling_is_refused_and_spends_nothing(tmp_path, fixed_sigma):
     from fedretrain.errors import PrivacyBudgetExceeded
 
-    site = make_site(tmp_path, release_noise=2.0, ceiling=0.5)  # one release of z = 2 costs more than 0.5
+    site = make_site(tmp_path, status_noise=2.0, ceiling=0.5)  # one release of z = 2 costs more than 0.5
     with pytest.raises(PrivacyBudgetExceeded, match="ceiling"):
         site_status(site, fixed_sigma, MONITOR, charge=True)
     assert not site.ledger_path.exists()

@@ -111,7 +111,7 @@ def test_a_train_reply_says_nothing_that_depends_on_the_number_of_records(tmp_pa
 def test_evaluate_answers_once_for_the_final_round_it_trained_and_charges_it(tmp_path, job, initial):
     # Prepare: a one-round cycle, so round 1 is its final round.
     one_round = dataclasses.replace(job, rounds=1)
-    site = make_site(tmp_path, release_noise=4.0)
+    site = make_site(tmp_path, eval_noise=4.0)
     with pytest.raises(EvaluationRefused, match="did not train in round 1"):
         evaluate_round(site, one_round, initial, server_round=1)
     update = train_round(site, one_round, initial, server_round=1).adapter

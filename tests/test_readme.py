@@ -139,7 +139,7 @@ def test_make_demo(tmp_path):
     assert {"baseline_loss", "candidate_loss", "rounds", "sites"} <= set(summary)
     assert summary["candidate_loss"] < summary["baseline_loss"]
     for site in summary["sites"].values():
-        assert {"epsilon", "epsilon_ceiling", "delta", "num_examples"} <= set(site)
+        assert {"epsilon", "epsilon_ceiling", "delta", "noise_multiplier", "heldout_change"} <= set(site)
         assert site["epsilon"] <= site["epsilon_ceiling"]
     assert "round 3/3" in output and "validation perplexity" in output
     assert summary["gate"]["decision"] == "publish" and summary["published_version"] == 1

@@ -51,10 +51,14 @@ class SiteConfig:
     redact: bool = False
     # A regular expression for this site's record numbers (e.g. 'MRN-?[0-9]{6}'), masked when redact=true.
     record_number_pattern: str | None = None
-    # Noise multiplier z of the Gaussian mechanism on every scalar the site sends about its
-    # records (status counts, evaluation sums): each such reply is charged to the ledger as
-    # opacus' (z, 1.0, 1) (fedretrain/privacy/release.py).
-    release_noise: float = 4.0
+    # Noise multipliers z of the Gaussian mechanism on the scalars the site sends about its
+    # records, each reply charged to the ledger as opacus' (z, 1.0, 1)
+    # (fedretrain/privacy/release.py): the final evaluation of a cycle (one per cycle) ...
+    eval_noise: float = 4.0
+    # ... and a status reply's counts. The coordinator may poll often: within status-interval-s
+    # of the last charged reply the site sends the same counts again (post-processing, no cost).
+    status_noise: float = 20.0
+    status_interval_s: float = 3600.0
     # Evaluations: each record's loss change (candidate - baseline, nats) is clipped to
     # [-eval-clip, eval-clip] before it is summed; false: the site answers no evaluation.
     eval_clip: float = 1.0
@@ -82,7 +86,10 @@ class SiteConfig:
         _one_of("device", self.device, DEVICES)
         if not math.isfinite(self.heldout_fraction) or not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"heldout-fraction: must be in [0, 1), got {self.heldout_fraction!r}")
-        _positive("release-noise", self.release_noise)
+        _positive("eval-noise", self.eval_noise)
+        _positive("status-noise", self.status_noise)
+        if not math.isfinite(self.status_interval_s) or self.status_interval_s < 0:
+            raise ConfigError(f"status-interval-s: must be a finite number >= 0, got {self.status_interval_s!r}")
         _positive("eval-clip", self.eval_clip)
         if self.record_number_pattern is not None:
             try:
@@ -127,7 +134,7 @@ class SiteConfig:
 
 
 # Keys a site config no longer takes, and what replaced them.
-_REPLACED = {"count-noise": "release-noise (Gaussian noise on every released count, charged to the ledger)"}
+_REPLACED = {"count-noise": "status-noise (Gaussian noise on every released count, charged to the ledger)"}
 _SIMULATION_ONLY = ("allow-reproducible-noise",)
 
 
