@@ -53,7 +53,7 @@ from strategies import build_strategy
 HALF = 500  # lora_A [1, 500] and lora_B [500, 1]: 1,000 float32 parameters
 SPEC = AdapterSpec(entries=(("lora_A", (1, HALF), "float32"), ("lora_B", (HALF, 1), "float32")))
 METRICS = {"num-examples": 10, "data-size": 10, "train-loss": 1.0, "epsilon": 1.0, "epsilon-ceiling": 8.0,
-           "delta": 1e-5, "noise-multiplier": 1.0, "steps": 1}
+           "delta": 1e-5, "noise-multiplier": 1.0, "sample-rate": 0.05, "steps": 1}
 TARGET = 1.10  # the issue: the project's round within 10% of plain Flower's
 
 

@@ -164,6 +164,8 @@ def _read_site(path: str) -> SiteConfig:
         node_config = json.loads(Path(path).read_text())
         if not isinstance(node_config, dict):
             raise ValueError(f"expected a JSON object, got {type(node_config).__name__}")
-        return site_config_from_node_config(node_config)
+        # These commands never train, and only training reads allow-reproducible-noise: a
+        # simulated site's site.json is read as it is.
+        return site_config_from_node_config(node_config, simulation=True)
     except (OSError, ValueError) as err:
         raise FedretrainError(f"{path}: cannot read the site's config: {err}") from None

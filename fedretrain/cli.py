@@ -139,7 +139,8 @@ def _site_generate(args: argparse.Namespace) -> int:
 
     if args.site_config:
         try:
-            site = site_config_from_node_config(json.loads(Path(args.site_config).read_text()))
+            # Generation never trains: a simulated site's site.json is read as it is.
+            site = site_config_from_node_config(json.loads(Path(args.site_config).read_text()), simulation=True)
         except (OSError, ValueError) as err:
             raise FedretrainError(f"{args.site_config}: cannot read the site's config: {err}") from None
         store, key, device = site.model_store_path, site.coordinator_key, site.device

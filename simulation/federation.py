@@ -86,8 +86,9 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
                        # Each hospital pins the coordinator's public key and installs nothing else.
                        "coordinator-key": str(public_key.resolve()),
                        "smoke-eval": sim.site_smoke_eval,
-                       # A researcher's replay (privacy.reproducible_noise) needs the site's consent.
-                       "allow-reproducible-noise": True,
+                       # A researcher's replay (privacy.reproducible_noise) needs the site's consent:
+                       # a virtual site gives it only for a run that asks for it.
+                       "allow-reproducible-noise": cfg.privacy.reproducible_noise,
                        # The simulated drift scenario triggers on drift scores: a research sandbox.
                        "share-drift-scores": True,
                        # Simulated time runs faster than the clock: every poll is answered afresh.
