@@ -165,7 +165,8 @@ def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
     The reply holds ``num-examples``, ``diff-sum`` and ``diff-sumsq`` (the count, sum and
     sum of squares of each held-out record's loss change, clipped to ``eval-clip``),
     each with Gaussian noise (``*-std`` keys give its standard deviation), charged to
-    the ledger as one release of noise multiplier ``eval-noise``.
+    the ledger as one release of noise multiplier ``eval-noise``, and ``epsilon``, the
+    site's lifetime total with this release.
 
     Raises
     ------
@@ -200,6 +201,7 @@ def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
         ledger.record(job.run_id, server_round, site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS,
                       kind="evaluate")
         ledger.save(site.ledger_path)  # the spend is on record before the figures can leave
+        metrics["epsilon"] = ledger.epsilon()  # the site's total with this release: no data in it
         disclosures.bind(job.run_id, server_round, digest, metrics)
         disclosures.save()
     return EvaluateOutcome(metrics=metrics)

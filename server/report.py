@@ -141,8 +141,8 @@ def format_gate(summary: dict[str, Any]) -> list[str]:
                    f"margin {gate['margin']:.4f}"]
     fed = gate.get("federated")
     if fed:
-        lines.append(f"  at the sites: improvement {_num(fed['improvement'])} over {fed['examples']} records "
-                     f"(interval [{_num(fed['ci_low'])}, {_num(fed['ci_high'])}])")
+        lines.append(f"  at the sites: improvement {_num(fed['improvement'])} over about {fed['examples']:.0f} "
+                     f"records, noised (interval [{_num(fed['ci_low'])}, {_num(fed['ci_high'])}])")
     if gate.get("worst_site"):
         lines.append(f"  worst site {gate['worst_site']}: held-out loss change {gate['worst_site_change']:+.4f} "
                      f"(tolerance {gate['site_tolerance']:.4f})")

@@ -44,7 +44,8 @@ def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, ro
         # Noised at the site: the mean held-out loss change per record and its noise's std.
         evaluation={site: {"change": float(m["diff-sum"]) / max(float(m["num-examples"]), 1.0),
                            "change_noise_std": float(m["diff-sum-std"]) / max(float(m["num-examples"]), 1.0),
-                           "num_examples": float(m["num-examples"])}
+                           "num_examples": float(m["num-examples"]),
+                           "epsilon": _epsilon(m.get("epsilon"))}
                     for site, m in round_log.evaluation.items()},
         rejected=[dataclasses.asdict(r) for r in round_log.rejected],
         bytes_down=int(round_log.bytes_down), bytes_up=int(round_log.bytes_up),
@@ -69,6 +70,8 @@ def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str
         for site, e in entry["evaluation"].items():
             if site in sites:
                 sites[site].update(heldout_change=e["change"], heldout_change_noise_std=e["change_noise_std"])
+                if e.get("epsilon") is not None:  # the final evaluation's charge is part of the cycle's spend
+                    sites[site]["epsilon"] = e["epsilon"]
     trained = [r for r in rounds if r["round"] > 0]
     down = [r["bytes_down"] for r in trained]
     up = [r["bytes_up"] for r in trained]

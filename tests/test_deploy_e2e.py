@@ -303,10 +303,9 @@ def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_sp
     for site in SITES:
         state = bench.root / "data" / site / ".fedretrain"
         ledger = PrivacyLedger.load(state / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5)
-        spent = {run: [(e.kind, e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
-                       if e.run_id == run] for run in (ref_id, summary["run_id"])}
-        trained = [r[1] for r in spent[summary["run_id"]] if r[0] == "train"]
-        assert trained == [1, 2]  # each round spent once, none twice
+        spent = {run: [(e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
+                       if e.run_id == run and e.kind == "train"] for run in (ref_id, summary["run_id"])}
+        assert [r[0] for r in spent[summary["run_id"]]] == [1, 2]  # each round spent once, none twice
         assert spent[summary["run_id"]] == spent[ref_id]  # sigma and rate do not depend on the data
         # The site's last round (round 2 of the resumed run) trained from the checkpoint's adapter.
         with (state / "last_train_reply.safetensors").open("rb") as f:

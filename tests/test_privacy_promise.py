@@ -127,7 +127,7 @@ def test_evaluate_answers_once_for_the_final_round_it_trained_and_charges_it(tmp
         ("train", 1.0, job.privacy.sample_rate, 3), ("evaluate", 4.0, 1.0, 1)]
     assert ledger.epsilon() == pytest.approx(epsilon_for_history([(1.0, job.privacy.sample_rate, 3),
                                                                   (4.0, 1.0, 1)], 1e-5))
-    assert ledger.epsilon() > spent_training
+    assert ledger.epsilon() > spent_training and first["epsilon"] == pytest.approx(ledger.epsilon())
     # The same candidate again: the same answer, no new spend, no fresh noise to average away.
     assert evaluate_round(site, one_round, update, server_round=1).metrics == first
     assert len(ledger_of(site).entries) == 2
