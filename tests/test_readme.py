@@ -21,8 +21,10 @@ FEDRETRAIN = [sys.executable, "-m", "fedretrain.cli"]
 SHRINK = ["rounds=1", "data.records_per_site=40", "data.validation_records=40", "train.local_steps=2"]
 
 
-# The publishing walkthrough trains for real (a shrunk run still has to beat the baseline).
-WALKTHROUGH_SHRINK = ["rounds=2", "data.records_per_site=160", "data.validation_records=120",
+# The publishing walkthrough trains for real (a shrunk run still has to beat the baseline, and
+# the second cycle version 1: with 80 held-out records a site, the sites' noised evaluations
+# can still confirm an improvement of a few tenths of a nat).
+WALKTHROUGH_SHRINK = ["rounds=2", "data.records_per_site=400", "data.validation_records=120",
                       "train.local_steps=12", "output_dir=runs"]
 
 

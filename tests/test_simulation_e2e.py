@@ -128,8 +128,9 @@ def test_a_cycle_that_does_not_beat_version_1_publishes_nothing(first_run, feder
 
 
 def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
+    # The smoke sizes, and the smoke's sampling rate (about 16 of 128 records per step).
     run_dir, output = simulate("experiment=garbled", f"output_dir={tmp_path}", "data.records_per_site=160",
-                               "data.validation_records=120", "train.local_steps=12")
+                               "data.validation_records=120", "train.local_steps=12", "privacy.sample_rate=0.125")
     summary = json.loads((run_dir / "summary.json").read_text())
 
     assert summary["gate"]["decision"] == "refuse" and summary["published_version"] is None
@@ -160,7 +161,9 @@ def test_bad_data_is_refused_and_ledgers_persist_across_runs(first_run, federati
     for site in ("site-00", "site-02"):
         ledger = PrivacyLedger.load(federation / site / ".fedretrain" / "privacy_ledger.json",
                                     site_id=site, accountant="rdp", delta=1e-5)
-        assert len(ledger.entries) == 5  # 2 rounds, then 1, then 2
+        # Training: 2 rounds, then 1, then 2; each cycle ended with one charged evaluation.
+        assert [e.kind for e in ledger.entries].count("train") == 5
+        assert [e.kind for e in ledger.entries].count("evaluate") == 3
         assert summary["sites"][site]["epsilon"] > before[site]["epsilon"]
         assert summary["sites"][site]["epsilon"] == pytest.approx(ledger.epsilon())
     assert "left out" in output
