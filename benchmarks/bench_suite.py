@@ -49,6 +49,8 @@ SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
     ("bench_sim_overhead.py", [], ["--quick"]),
     ("bench_demo.py", [], None),
     ("bench_accounting.py", [], []),
+    # One-run privacy audit (Steinke et al. 2023): 256 canaries, DP on and off: 7-10 min on 2 shared cores.
+    ("bench_audit.py", [], ["--quick"]),
 ]
 
 

@@ -75,12 +75,52 @@ def _parser() -> argparse.ArgumentParser:
     add_registry_commands(sub)
     _add_coordinator_commands(sub)
 
+    _add_privacy_commands(sub)
+
     config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command",
                                                                                   required=True)
     show = config.add_parser("show", help="print the composed, validated config")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=_config_show)
     return parser
+
+
+def _add_privacy_commands(subparsers: Any) -> None:
+    privacy = subparsers.add_parser("privacy", help="privacy tools").add_subparsers(dest="privacy_command",
+                                                                                     required=True)
+    audit = privacy.add_parser(
+        "audit", help="empirical lower bound on a site's epsilon from one cycle (Steinke et al. 2023)",
+        description="Plants random canaries in one simulated site's data, each with probability 1/2, runs "
+                    "one cycle through the site's own training and prints the epsilon lower bound beside the "
+                    "ledger's epsilon; exits 1 if the bound exceeds it. E.g.: fedretrain privacy audit "
+                    "--canaries 256 train.local_steps=240")
+    audit.add_argument("--canaries", type=int, default=64, help="canaries m (default 64)")
+    audit.add_argument("--rounds", type=int, default=2, help="rounds in the cycle (default 2)")
+    audit.add_argument("--no-dp", action="store_true", help="audit training without DP (shows the leak)")
+    audit.add_argument("--confidence", type=float, default=0.95)
+    audit.add_argument("--seed", type=int, help="the auditor's seed for canaries and coins (default: from the OS)")
+    audit.add_argument("overrides", nargs="*", help="Hydra overrides for the job (train.local_steps=120, ...)")
+    audit.set_defaults(func=_privacy_audit)
+
+
+def _privacy_audit(args: argparse.Namespace) -> int:
+    from simulation.audit import AuditSettings, run_audit
+
+    try:
+        settings = AuditSettings(canaries=args.canaries, rounds=args.rounds, private=not args.no_dp,
+                                 confidence=args.confidence, overrides=tuple(args.overrides),
+                                 auditor_seed=args.seed)
+    except ValueError as err:
+        raise FedretrainError(f"privacy audit: {err}") from None
+    result = run_audit(settings)
+    b, ledger = result.bound, result.ledger_epsilon
+    print(f"m={b.m} canaries, r={b.r} guesses, v={b.v} right: epsilon >= {b.epsilon:.3f} at "
+          f"{b.confidence:.0%} confidence (delta={b.delta:g}); ledger epsilon: "
+          f"{'none, DP off' if ledger is None else f'{ledger:.3f}'}")
+    if ledger is not None and b.epsilon > ledger:
+        print("fedretrain: error: the audit refutes the ledger's epsilon", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_coordinator_commands(subparsers: Any) -> None:

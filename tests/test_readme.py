@@ -81,6 +81,20 @@ def test_readme_simulation_command(command, tmp_path):
     assert summary["rounds"] == 1 and summary["sites"]
 
 
+# The README's audits, shrunk: fewer canaries and steps (the flags given last win).
+AUDIT_SHRINK = ["--canaries", "16", "--rounds", "1", "train.local_steps=20"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith("fedretrain privacy audit")])
+def test_readme_audit_command(command):
+    args = shlex.split(command)[1:]
+    proc = _run(FEDRETRAIN + args + AUDIT_SHRINK)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "canaries" in proc.stdout and "ledger epsilon" in proc.stdout
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_readme_publishing_walkthrough(tmp_path):
