@@ -104,7 +104,7 @@ def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.n
     sample_rate = job.privacy.sample_rate
     sigma = noise_multiplier(job, site, ledger)
     if job.privacy.enabled:
-        if not ledger_has_run(ledger, job.run_id):
+        if not ledger.trained(job.run_id):
             check_cycle_fits(site, job, ledger, sigma, server_round)
         projected = ledger.check_can_spend(sigma, sample_rate, job.train.local_steps, site.epsilon_ceiling)
         log.info("site %s round %d: sigma=%.3f, epsilon %.3f -> %.3f of %.3f",
@@ -271,10 +271,6 @@ def _planned_releases(site: SiteConfig) -> tuple[HistoryEntry, ...]:
     if not site.share_evaluation:
         return ()
     return ((site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS),)
-
-
-def ledger_has_run(ledger: PrivacyLedger, run_id: str) -> bool:
-    return any(e.kind == "train" and e.run_id == run_id for e in ledger.entries)
 
 
 def check_cycle_fits(site: SiteConfig, job: Job, ledger: PrivacyLedger, sigma: float, server_round: int) -> None:

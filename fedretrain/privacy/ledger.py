@@ -165,9 +165,9 @@ class PrivacyLedger:
             )
         return projected
 
-    def trained(self, run_id: str, round: int) -> bool:
-        """Whether the site spent a training round for ``run_id``'s round ``round``."""
-        return any(e.kind == "train" and e.run_id == run_id and e.round == round for e in self.entries)
+    def trained(self, run_id: str, round: int | None = None) -> bool:
+        """Whether the site spent a training round for ``run_id`` (its round ``round``, or any)."""
+        return any(e.kind == "train" and e.run_id == run_id and round in (None, e.round) for e in self.entries)
 
     def record(
         self, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
