@@ -9,6 +9,9 @@ the coordinator can neither see nor change them.
 
     <state-dir>/node-config.toml   the node config, as the SuperNode reads it
     <state-dir>/flwr/              the SuperNode's FLWR_HOME (the apps it was sent)
+
+The state directory is made 0700 whatever the umask: it holds the privacy ledger and
+the installed models.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from fedretrain.atomic import atomic_write_text
 from fedretrain.config import SiteConfig, site_config_from_node_config
+from fedretrain.deploy.filemodes import private_dir
 from fedretrain.deploy.flower import flower_command, flower_env, split_address, toml_assignments
 from fedretrain.errors import DeployError
 
@@ -44,7 +48,7 @@ def prepare_site(node_config: dict[str, Any]) -> SiteConfig:
     if not site.train_path.exists():
         raise DeployError(f"{site.train_path}: the site's data is missing (data-dir must hold train.jsonl "
                           "and heldout.jsonl, or .csv with a text column)")
-    site.state_path.mkdir(parents=True, exist_ok=True)
+    private_dir(site.state_path)
     atomic_write_text(node_config_path(site), toml_assignments(site.to_node_config()))
     return site
 

@@ -11,12 +11,18 @@ sites and runs. Everything lives in one coordinator directory:
     <dir>/flwr/            FLWR_HOME of the SuperLink and of the flwr CLI (config.toml)
     <dir>/sites.json       site id -> node id and public key, as registered
     <dir>/runs/            run directories, unless output_dir says otherwise
+
+The directory is 0700 and ``state.db`` 0600 whatever the umask: SQLite would create the
+database 0644 (and its ``-wal``/``-shm`` files with the database's mode), so it is
+created empty and private before ``flower-superlink`` opens it; Flower migrates an
+empty database as a new one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import subprocess
 import time
@@ -26,6 +32,7 @@ from typing import Any
 
 from fedretrain.atomic import atomic_write_json, atomic_write_text
 from fedretrain.config import compose_config
+from fedretrain.deploy.filemodes import PRIVATE_FILE, private_dir, private_file
 from fedretrain.deploy.flower import (CONNECTION, flower_command, flower_env, run_flwr, split_address,
                                       toml_assignments, wait_for_port, write_connection)
 from fedretrain.errors import DeployError
@@ -86,6 +93,16 @@ def superlink_command(coord: Coordinator, address: str, keys: Path | None) -> li
             "--ssl-keyfile", str(files["superlink.key"]), "--enable-supernode-auth"]
 
 
+def prepare_private_state(coord: Coordinator) -> None:
+    """Make the coordinator directory 0700 and ``state.db`` (and any SQLite files beside it) 0600."""
+    private_dir(coord.root)
+    private_file(coord.database)
+    for suffix in ("-wal", "-shm", "-journal"):  # left by an earlier SuperLink
+        companion = coord.database.with_name(coord.database.name + suffix)
+        if companion.exists():
+            os.chmod(companion, PRIVATE_FILE)
+
+
 def start_superlink(coord: Coordinator, address: str, keys: Path | None, *, connect: str | None = None,
                     timeout_s: float = 60.0) -> subprocess.Popen:
     """Start the SuperLink, wait until it answers, write the flwr CLI's connection; return the process.
@@ -93,8 +110,8 @@ def start_superlink(coord: Coordinator, address: str, keys: Path | None, *, conn
     ``connect`` is the address the coordinator's own CLI uses (default: ``address``;
     with a wildcard bind such as 0.0.0.0, a name the certificate carries, e.g. 127.0.0.1).
     """
-    coord.root.mkdir(parents=True, exist_ok=True)
     argv = superlink_command(coord, address, keys)
+    prepare_private_state(coord)
     connect = connect or address
     ca = (keys / "ca.pem").resolve() if keys is not None else None
     write_connection(coord.flwr_home, connect, ca)

@@ -105,7 +105,7 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
 
     strategy = build_strategy(
         cfg.strategy.name, spec=lm.spec,
-        max_abs_value=cfg.strategy.max_abs_value,
+        max_abs_value=cfg.strategy.max_abs_value, max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
         baseline=to_array_record(champion.arrays) if champion is not None else None,
         fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
         # Rounds sample from the sites connected at their start (server/rounds.py waits

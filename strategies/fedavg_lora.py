@@ -7,7 +7,10 @@ malformed reply raises ``InconsistentMessageReplies`` for the whole round
 (research/reliability.md §3). Here each reply is validated on its own
 (``strategies.validation``); a bad one is logged with its node id and left out,
 and the round goes on with the rest. Sites send no record count (it would disclose
-their size, and a site could claim any): every accepted site weighs the same. Sampling, messaging and the round loop are
+their size, and a site could claim any): every accepted site weighs the same. An update
+farther from the global adapter than ``max_update_norm_ratio`` times the round's median
+distance is scaled back to it first (``strategies.update_bound``), so no site moves the
+average by more than its share of that bound. Sampling, messaging and the round loop are
 Flower's.
 
 Known limitation: ``min_train_nodes`` only affects sampling. Flower aggregates
@@ -31,8 +34,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedretrain.errors import ReplyRejected
-from fedretrain.records import AdapterSpec, record_digest, to_array_record
+from fedretrain.records import AdapterSpec, from_array_record, record_digest, to_array_record
 from strategies.aggregation import weighted_average
+from strategies.update_bound import bound_update_norms
 from strategies.validation import (
     AcceptedEvaluation,
     AcceptedReply,
@@ -76,6 +80,9 @@ class RoundLog:
         site-id -> evaluate metrics of the reply, plus ``"node-id"``.
     evaluation_rejected : list[RejectedReply]
         Evaluate replies left out.
+    bounded : dict[str, dict]
+        site-id -> ``node-id``, ``norm`` (its distance from the global adapter),
+        ``limit`` and ``factor`` for each update scaled back to the norm bound.
     """
 
     sampled: int = 0
@@ -85,6 +92,7 @@ class RoundLog:
     rejected: list[RejectedReply] = field(default_factory=list)
     evaluation: dict[str, Metrics] = field(default_factory=dict)
     evaluation_rejected: list[RejectedReply] = field(default_factory=list)
+    bounded: dict[str, Metrics] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -117,6 +125,11 @@ class FedAvgLoRA(FedAvg):
         Keys, shapes and dtypes every reply's adapter must match exactly.
     max_abs_value : float | None (default: None)
         Replies holding any adapter value larger than this in magnitude are rejected.
+    max_update_norm_ratio : float | None (default: 3.0)
+        ``c`` >= 1: an update farther from the round's global adapter than ``c`` times
+        the median distance of the round's accepted updates is scaled back to that
+        distance before averaging; None: no bound. Without a global adapter recorded
+        by ``configure_train`` (a direct call), distances are taken from zero.
     baseline : ArrayRecord | None (default: None)
         The adapter published now. Every evaluate message carries it as
         ``"baseline"`` so each site scores candidate and baseline on the same
@@ -134,6 +147,7 @@ class FedAvgLoRA(FedAvg):
         *,
         spec: AdapterSpec,
         max_abs_value: float | None = None,
+        max_update_norm_ratio: float | None = 3.0,
         baseline: ArrayRecord | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
@@ -145,6 +159,9 @@ class FedAvgLoRA(FedAvg):
         fixed = sorted(set(_FIXED_OPTIONS) & kwargs.keys())
         if fixed:
             raise ValueError(f"FedAvgLoRA sets {fixed} itself; do not pass them")
+        if max_update_norm_ratio is not None and not (math.isfinite(max_update_norm_ratio)
+                                                      and max_update_norm_ratio >= 1):
+            raise ValueError(f"max_update_norm_ratio must be a number >= 1 or None, got {max_update_norm_ratio!r}")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -155,6 +172,10 @@ class FedAvgLoRA(FedAvg):
         )
         self.spec = spec
         self.max_abs_value = max_abs_value
+        self.max_update_norm_ratio = max_update_norm_ratio
+        # (round, tensors) of the global adapter the last configure_train sent: the
+        # centre of that round's norm bound.
+        self._global: tuple[int, dict[str, np.ndarray]] | None = None
         self.baseline = baseline
         self.round_log: dict[int, RoundLog] = {}
         # (message type, round) -> what its replies must echo (configure_* sets it)
@@ -178,6 +199,9 @@ class FedAvgLoRA(FedAvg):
         log(INFO, "\t└──> Adapter: %d tensors, %.2f MB", len(self.spec.entries),
             self.spec.nbytes / 1024**2)
         log(INFO, "\t\t└── Weights: equal per accepted site")
+        bound = ("off" if self.max_update_norm_ratio is None
+                 else f"{self.max_update_norm_ratio:g} x the round's median distance from the global adapter")
+        log(INFO, "\t\t└── Update norm bound: %s", bound)
 
     def _round(self, server_round: int) -> RoundLog:
         return self.round_log.setdefault(server_round, RoundLog())
@@ -202,6 +226,7 @@ class FedAvgLoRA(FedAvg):
     ) -> Iterable[Message]:
         """FedAvg's train messages; records how many were sent and their bytes."""
         config = self._tag("train", server_round, arrays, config)
+        self._global = (server_round, from_array_record(arrays))
         messages = list(super().configure_train(server_round, arrays, config, grid))
         entry = self._round(server_round)
         entry.sampled = len(messages)
@@ -268,12 +293,35 @@ class FedAvgLoRA(FedAvg):
             log(WARNING, "round %d: no valid train reply; the global adapter is unchanged",
                 server_round)
             return None, None
-        average = weighted_average([reply.arrays for reply in accepted], [1] * len(accepted))
+        average = weighted_average(self._bounded(server_round, accepted), [1] * len(accepted))
         metrics = MetricRecord({
             "accepted-replies": len(accepted),
             "rejected-replies": len(entry.rejected),
         })
         return to_array_record(average), metrics
+
+    def _bounded(self, server_round: int, accepted: list[AcceptedReply]) -> list[dict[str, np.ndarray]]:
+        """The accepted updates with the norm bound applied; each scaled one logged and recorded."""
+        updates = [reply.arrays for reply in accepted]
+        if self.max_update_norm_ratio is None:
+            return updates
+        if self._global is not None and self._global[0] == server_round:
+            centre = self._global[1]
+        else:
+            log(WARNING, "round %d: no global adapter was sent this round; update norms are taken from zero",
+                server_round)
+            centre = {key: np.zeros_like(value) for key, value in updates[0].items()}
+        bounded, bound = bound_update_norms(centre, updates, self.max_update_norm_ratio)
+        entry = self._round(server_round)
+        for reply, norm, factor in zip(accepted, bound.norms, bound.factors, strict=True):
+            if factor == 1.0:
+                continue
+            log(WARNING, "round %d: update of site %s (node %d) scaled by %.4g: its distance %.4g from the "
+                "global adapter is over %g x the median %.4g", server_round, reply.site_id, reply.node_id,
+                factor, norm, self.max_update_norm_ratio, bound.median)
+            entry.bounded[reply.site_id] = {"node-id": reply.node_id, "norm": norm, "limit": bound.limit,
+                                            "factor": factor}
+        return list(bounded)
 
     def _accept_evaluate(
         self, server_round: int, replies: Iterable[Message]

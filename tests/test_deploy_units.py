@@ -7,7 +7,9 @@ process are replaced by ones that fail the test.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 import tomllib
 from pathlib import Path
 
@@ -243,6 +245,23 @@ def test_prepare_site_writes_a_node_config_that_flower_reads_back(tmp_path, data
                       "eval-clip": 1.0, "share-evaluation": True, "share-drift-scores": False,
                       "fit-sigma-to-ceiling": False, "allow-reproducible-noise": False}
     assert site_config_from_node_config(parsed) == site
+
+
+def test_prepare_site_makes_the_state_directory_private_under_umask_000(tmp_path, data_dir):
+    # Prepare: a state directory (and its parent) that do not exist yet; the worst umask.
+    state = tmp_path / "site" / "state"
+    node_config = {"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8.0, "delta": 1e-5,
+                   "state-dir": str(state)}
+    previous = os.umask(0)
+    try:
+        # Execute
+        prepare_site(node_config)
+    finally:
+        os.umask(previous)
+
+    # Assert: the privacy ledger and installed models live below an owner-only directory.
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "site").stat().st_mode) == 0o700
 
 
 def test_prepare_site_refuses_a_missing_data_dir(tmp_path):

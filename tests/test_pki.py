@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import hashlib
 import ipaddress
+import os
 import shutil
 import socket
 import ssl
@@ -264,6 +265,36 @@ def test_existing_keys_are_replaced_only_with_force(ca_dir, tmp_path, kind) -> N
     assert all(path.read_bytes() != before[path] for path in paths)
     assert [_mode(path) for path in paths] == [0o600, 0o644]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)
+
+
+@pytest.mark.parametrize("kind", ["ca", "superlink", "site"])
+def test_keys_and_their_directories_are_private_under_umask_000(ca_dir, tmp_path, kind) -> None:
+    # Prepare: the worst umask, under which a plain mkdir makes 0777 (anyone could swap ca.pem).
+    out = tmp_path / "deploy" / "keys"
+    previous = os.umask(0)
+    try:
+        # Execute
+        private, public = _make(kind, ca_dir, out)
+    finally:
+        os.umask(previous)
+
+    # Assert: both directories made here are the owner's only; the key 0600, the public half 0644.
+    assert (_mode(tmp_path / "deploy"), _mode(out)) == (0o700, 0o700)
+    assert (_mode(private), _mode(public)) == (0o600, 0o644)
+
+
+@pytest.mark.parametrize("kind", ["ca", "superlink", "site"])
+def test_a_world_writable_keys_directory_is_made_private(ca_dir, tmp_path, kind) -> None:
+    # Prepare: a keys directory left 0777 by an earlier run.
+    out = tmp_path / "keys"
+    out.mkdir()
+    out.chmod(0o777)
+
+    # Execute
+    _make(kind, ca_dir, out)
+
+    # Assert
+    assert _mode(out) == 0o700
 
 
 # --- a real TLS handshake on 127.0.0.1 -----------------------------------------------------------------

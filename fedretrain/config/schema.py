@@ -144,6 +144,9 @@ class StrategyConfig:
     fraction_evaluate: float = 1.0
     min_sites: int = 2
     max_abs_value: float | None = 100.0
+    # An update farther from the global adapter than this many times the round's median
+    # distance is scaled back to it before averaging (strategies/update_bound.py); None: off.
+    max_update_norm_ratio: float | None = 3.0
     # A round waits at most this long for sites to connect, then for each stage's replies.
     round_timeout_s: float = 3600.0
     # Accepted train replies a round needs; fewer by the deadline aborts the cycle unpublished.
@@ -155,6 +158,11 @@ class StrategyConfig:
             raise ConfigError(f"quorum: must be >= 1, got {self.quorum}")
         if self.max_abs_value is not None:
             _positive("max_abs_value", self.max_abs_value)
+        ratio = self.max_update_norm_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int | float)
+                                  or not math.isfinite(ratio) or ratio < 1):
+            raise ConfigError(f"max_update_norm_ratio: must be a number >= 1 (a multiple of the round's median "
+                              f"update norm), or null for no bound; got {ratio!r}")
         _fraction("fraction_train", self.fraction_train)
         _fraction("fraction_evaluate", self.fraction_evaluate)
         if self.min_sites < 1:

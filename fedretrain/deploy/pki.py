@@ -12,7 +12,9 @@ Every key is ECDSA on NIST P-384. Flower generates node keys on P-384 itself
 names it first; OpenSSL, Python's ``ssl`` (uvicorn), httpx and gRPC all accept EC
 server keys, so the TLS keys use the same curve and SHA-384 signatures. Private keys
 are written unencrypted (Flower loads them with ``password=None``), mode 0600, through
-a temporary file that is renamed into place, and never replaced without ``force``.
+a temporary file that is renamed into place, and never replaced without ``force``. The
+directory they go into is made 0700 whatever the umask (``filemodes.private_dir``):
+a directory others may write to would let them swap ``ca.pem`` or a site's key.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedretrain.atomic import atomic_write_bytes
+from fedretrain.deploy.filemodes import private_dir
 from fedretrain.errors import ConfigError, KeyFileError
 
 logger = logging.getLogger("fedretrain")
@@ -87,7 +90,7 @@ class CertificateAuthority:
 
 def create_ca(out_dir: str | os.PathLike[str], *, name: str = DEFAULT_CA_NAME, days: int = CA_DAYS,
               force: bool = False) -> CaFiles:
-    """Create a self-signed CA: ``ca.key`` (PKCS8 PEM, 0600) and ``ca.pem`` (0644) in ``out_dir``.
+    """Create a self-signed CA: ``ca.key`` (PKCS8 PEM, 0600) and ``ca.pem`` (0644) in ``out_dir`` (0700).
 
     The certificate is a CA (BasicConstraints CA=true, path length 0: it signs only
     end-entity certificates), may sign certificates and CRLs, and carries its
@@ -107,6 +110,7 @@ def create_ca(out_dir: str | os.PathLike[str], *, name: str = DEFAULT_CA_NAME, d
     key_path, cert_path = Path(out_dir) / "ca.key", Path(out_dir) / "ca.pem"
     _refuse_overwrite((key_path, cert_path), force, "every site that trusts the old ca.pem will refuse "
                                                     "the SuperLink until it gets the new one")
+    private_dir(out_dir)
     key = ec.generate_private_key(CURVE())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.now(timezone.utc)
@@ -155,7 +159,7 @@ def issue_superlink_cert(ca_dir: str | os.PathLike[str], out_dir: str | os.PathL
     """Issue the SuperLink's TLS key and certificate, signed by the CA in ``ca_dir``.
 
     Writes ``superlink.key`` (PKCS8 PEM, 0600) and ``superlink.pem`` (0644) in
-    ``out_dir``. Each host becomes one subject alternative name, in order: an
+    ``out_dir`` (0700). Each host becomes one subject alternative name, in order: an
     IPAddress if it parses as IPv4/IPv6, else a DNSName. Sites must connect with one
     of these names (``--superlink HOST:PORT``): TLS clients check only the SANs. The
     certificate ends no later than the CA, since it would not verify past it.
@@ -174,6 +178,7 @@ def issue_superlink_cert(ca_dir: str | os.PathLike[str], out_dir: str | os.PathL
     key_path, cert_path = Path(out_dir) / "superlink.key", Path(out_dir) / "superlink.pem"
     _refuse_overwrite((key_path, cert_path), force, "restart the SuperLink with the new pair afterwards")
     ca = load_ca(ca_dir)
+    private_dir(out_dir)
     key = ec.generate_private_key(CURVE())
     now = datetime.now(timezone.utc)
     not_after = min(now + timedelta(days=days), ca.cert.not_valid_after_utc)
@@ -192,7 +197,8 @@ def issue_superlink_cert(ca_dir: str | os.PathLike[str], out_dir: str | os.PathL
 
 
 def create_site_keypair(out_dir: str | os.PathLike[str], site_id: str, *, force: bool = False) -> SiteKeyFiles:
-    """Create a site's SuperNode authentication keys: ``SITE_ID.key`` (0600) and ``SITE_ID.pub`` (0644).
+    """Create a site's SuperNode authentication keys: ``SITE_ID.key`` (0600) and ``SITE_ID.pub`` (0644)
+    in ``out_dir`` (0700).
 
     The private key is in OpenSSH format, unencrypted: ``flower-supernode
     --auth-supernode-private-key`` reads it with ``load_ssh_private_key(data, None)``
@@ -213,6 +219,7 @@ def create_site_keypair(out_dir: str | os.PathLike[str], site_id: str, *, force:
     private_path, public_path = Path(out_dir) / f"{site_id}.key", Path(out_dir) / f"{site_id}.pub"
     _refuse_overwrite((private_path, public_path), force,
                       "the coordinator must then register the new public key")
+    private_dir(out_dir)
     key = ec.generate_private_key(CURVE())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
