@@ -7,6 +7,7 @@ its reason; the coordinator logs it and the round goes on without this site.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -81,7 +82,7 @@ def _handle(msg: Message, context: Context, resolve_site: SiteResolver, core: Co
         reply = core(site, job, int(echo.get("server-round", 0)), msg.content)
         reply["site"] = ConfigRecord({"site-id": site.site_id, **echo})
         return reply
-    return _guarded(msg, work, _site_label(context, resolve_site))
+    return _guarded(msg, work)
 
 
 def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
@@ -132,24 +133,33 @@ def _reply(site: SiteConfig, arrays: ArrayRecord | None, metrics: dict[str, floa
     return content
 
 
-def _site_label(context: Context, resolve_site: SiteResolver) -> str:
-    # Error replies carry no records, so the reason names the site for the coordinator's log.
-    try:
-        return f"site {resolve_site(context).site_id}: "
-    except Exception:  # noqa: BLE001 - a site whose config is broken still answers, unnamed
-        return ""
+# An absolute path tells the coordinator how the site's disks are laid out; the file's name
+# is all it needs to say what failed. Not after a word, a dot, a colon or a slash, so
+# ratios (120/80), relative paths and URLs stay as they are.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~])(?:/[^\s/'\"(),;]+)+/?")
 
 
-def _guarded(msg: Message, work: Callable[[], RecordDict], label: str = "") -> Message:
+def without_paths(reason: str) -> str:
+    """``reason`` with every absolute path cut to its last part (``/srv/site/data/a.jsonl`` -> ``a.jsonl``)."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", reason)
+
+
+def _guarded(msg: Message, work: Callable[[], RecordDict]) -> Message:
+    """``work``'s reply, or an error reply saying what failed (the site's own log keeps the paths).
+
+    The reason does not name the site: the coordinator names it by the node whose key
+    it proved (server/grid.py), not by what the site says.
+    """
     try:
         return Message(work(), reply_to=msg)
     except errors.FedretrainError as err:
         code = next((c for t, c in ERROR_CODES.items() if isinstance(err, t)), UNEXPECTED_ERROR)
         log.warning("%s refused: %s", msg.metadata.message_type, err)
-        return Message(Error(code=code, reason=f"{label}{type(err).__name__}: {err}"), reply_to=msg)
+        return Message(Error(code=code, reason=without_paths(f"{type(err).__name__}: {err}")), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - the site must answer, not vanish, on a bug
         log.exception("%s failed", msg.metadata.message_type)
-        return Message(Error(code=UNEXPECTED_ERROR, reason=f"{label}{type(err).__name__}: {err}"), reply_to=msg)
+        return Message(Error(code=UNEXPECTED_ERROR, reason=without_paths(f"{type(err).__name__}: {err}")),
+                       reply_to=msg)
 
 
 # `client.app:app` in pyproject.toml: the deployed ClientApp reads its site from node_config.

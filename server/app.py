@@ -17,21 +17,42 @@ from flwr.serverapp import Grid, ServerApp
 from fedretrain.config import Config, compose_raw, overrides_from_run_config, to_yaml
 from fedretrain.config.parse import build
 from fedretrain.errors import ResumeError
+from server.grid import BoundGrid
+from server.roster import Roster
 from server.rundir import new_run_dir
 from server.run import run_retraining
 
 log = logging.getLogger("fedretrain.server")
 
 
-def make_server_app(cfg: Config, run_dir: Path, config_yaml: str, validation_path: str | None = None) -> ServerApp:
-    """A ServerApp bound to an already parsed config (simulation and tests)."""
+def make_server_app(cfg: Config, run_dir: Path, config_yaml: str, validation_path: str | None = None,
+                    roster: Roster | None = None) -> ServerApp:
+    """A ServerApp bound to an already parsed config (simulation and tests).
+
+    ``roster`` binds the nodes to their sites (a simulation's roster directory); without
+    one, replies count for the site they name.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_retraining(grid, cfg, run_dir, config_yaml=config_yaml, validation_path=validation_path)
+        run_retraining(bind_sites(grid, roster), cfg, run_dir, config_yaml=config_yaml,
+                       validation_path=validation_path)
 
     return app
+
+
+def bind_sites(grid: Grid, roster: Roster | None) -> Grid:
+    """``grid`` whose replies count only for the site the roster binds their node to.
+
+    An empty or missing roster (an insecure test bench registers no keys) leaves the
+    replies unbound, and says so.
+    """
+    if roster is None or (len(roster) == 0 and not roster.is_directory):
+        log.warning("no registered sites: site identities are not bound to node keys, and a reply counts "
+                    "for the site it names")
+        return grid
+    return BoundGrid(grid, roster)
 
 
 app = ServerApp()
@@ -43,7 +64,9 @@ def main(grid: Grid, context: Context) -> None:
 
     ``run-dir`` names the run directory (``fedretrain coordinator run`` creates it);
     with ``resume`` the cycle in it goes on from its last complete round, under the
-    config it was started with (its ``config.yaml``).
+    config it was started with (its ``config.yaml``). ``sites-file`` names the
+    coordinator's ``sites.json``: a reply counts only for the site whose registered key
+    its node proved (server/roster.py).
     """
     given = str(context.run_config.get("run-dir", "") or "").strip()
     resume = bool(context.run_config.get("resume", False))
@@ -53,7 +76,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg = build(Config, raw)
     run_dir = Path(given) if given else new_run_dir(Path(cfg.output_dir), cfg.name)
     log.info("run directory: %s", run_dir)
-    run_retraining(grid, cfg, run_dir, config_yaml=to_yaml(raw), resume=resume)
+    sites_file = str(context.run_config.get("sites-file", "") or "").strip()
+    roster = Roster.from_sites_file(Path(sites_file)) if sites_file else None
+    run_retraining(bind_sites(grid, roster), cfg, run_dir, config_yaml=to_yaml(raw), resume=resume)
 
 
 def load_run_config(run_dir: Path) -> dict:

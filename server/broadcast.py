@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from server.grid import wait_for_nodes
+from server.grid import bound_site, node_name, wait_for_nodes
 
 log = logging.getLogger("fedretrain.server")
 
@@ -24,7 +24,11 @@ T = TypeVar("T")
 
 @dataclass
 class Broadcast(Generic[T]):
-    """What came back: ``answered`` site id -> (node id, parsed reply); refusals with reasons; silent nodes."""
+    """What came back: ``answered`` site id -> (node id, parsed reply); refusals with reasons; silent nodes.
+
+    A refusal is ``{"node_id", "site_id", "reason"}``, its site the one the grid binds
+    the node to (None without a roster).
+    """
 
     answered: dict[str, tuple[int, T]] = field(default_factory=dict)
     refused: list[dict[str, Any]] = field(default_factory=list)
@@ -60,16 +64,17 @@ def broadcast(grid: Grid, content: RecordDict, message_type: str, timeout_s: flo
             outcome.answered[site] = (node, parse(site, node, reply.content))
         except (KeyError, TypeError, ValueError) as err:
             reason = str(err) if reply.has_error() else f"malformed reply ({type(err).__name__}: {err})"
-            log.warning("%s: node %d refused: %s", what, node, reason)
-            outcome.refused.append({"node_id": node, "reason": reason})
+            log.warning("%s: %s refused: %s", what, node_name(grid, node), reason)
+            outcome.refused.append({"node_id": node, "site_id": bound_site(grid, node), "reason": reason})
     for site, claimants in claimed.items():
         if len(claimants) > 1:  # two nodes speaking for one site: neither is trusted
             outcome.answered.pop(site, None)
             for node in claimants:
                 reason = f"site {site!r} answered from {len(claimants)} nodes ({', '.join(map(str, claimants))})"
-                log.warning("%s: node %d refused: %s", what, node, reason)
-                outcome.refused.append({"node_id": node, "reason": reason})
+                log.warning("%s: %s refused: %s", what, node_name(grid, node), reason)
+                outcome.refused.append({"node_id": node, "site_id": bound_site(grid, node), "reason": reason})
     outcome.no_reply = [n for n in nodes if n not in answered]
     for node in outcome.no_reply:
-        log.warning("%s: node %d did not answer within %.0f s", what, node, timeout_s)
+        log.warning("%s: %s did not answer within %.0f s", what, node_name(grid, node), timeout_s)
     return outcome
+

@@ -182,6 +182,9 @@ def submit_run(coord: Coordinator, overrides: list[str], *, resume: Path | None 
         resolve_model_path(cfg.model.name_or_path)  # the embedded model is built once, here, not in every app
         run_dir = new_run_dir(Path(cfg.output_dir), cfg.name).resolve()
         values = {"experiment": "", "overrides": shlex.join(overrides), "run-dir": str(run_dir), "resume": False}
+    # The ServerApp binds each node to the site whose key it proved (server/roster.py); an
+    # insecure bench registers no keys and has no sites file.
+    values["sites-file"] = str(coord.sites_file.resolve()) if coord.sites_file.exists() else ""
     run_config = coord.flwr_home / f"run-config-{run_dir.name}.toml"
     atomic_write_text(run_config, toml_assignments(values))
     answer = run_flwr(coord.flwr_home, ["run", str(app_dir()), CONNECTION, "--run-config", str(run_config)],

@@ -152,7 +152,7 @@ def format_gate(summary: dict[str, Any]) -> list[str]:
         if delivery:
             sent = len(delivery["installed"]) + len(delivery["refused"]) + len(delivery["no_reply"])
             lines.append(f"  {name} of version {delivery['version']}: installed at {len(delivery['installed'])}/{sent} "
-                         f"sites" + "".join(f"; node {r['node_id']} refused: {r['reason']}" for r in delivery["refused"]))
+                         f"sites" + "".join(f"; {_who(r)} refused: {r['reason']}" for r in delivery["refused"]))
     lines.append(f"  registry: {summary['registry']}")
     return lines
 
@@ -171,3 +171,8 @@ def _size(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} GB"  # pragma: no cover
+
+
+def _who(refusal: dict[str, Any]) -> str:
+    site = refusal.get("site_id")
+    return f"node {refusal['node_id']}" if site is None else f"site {site} (node {refusal['node_id']})"

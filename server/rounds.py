@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedretrain.errors import QuorumLost
-from server.grid import SiteSubset, wait_for_nodes
+from server.grid import NO_REPLY, SiteSubset, node_name, wait_for_nodes
 
 log = logging.getLogger("fedretrain.server")
 
@@ -101,16 +101,24 @@ def run_rounds(grid: Grid, strategy: Any, arrays: ArrayRecord, *, first_round: i
 
 
 def _exchange(grid: Grid, messages: Iterable[Message], policy: RoundPolicy) -> list[Message]:
-    """Send ``messages`` and return the replies that arrived by the deadline."""
+    """Send ``messages``; the replies that arrived by the deadline, and an error reply for each site that did not.
+
+    A silent site's error reply ("site S (node N): no reply by the 60 s deadline") is
+    recorded by the strategy like any failed site, so the round log, the metrics and
+    the summary name it.
+    """
     messages = list(messages)
     if not messages:
         return []
     replies = list(grid.send_and_receive(messages, timeout=policy.deadline_s))
-    missing = len(messages) - len(replies)
-    if missing:
-        log.warning("%d of %d sites did not reply by the %.0f s deadline; the round goes on without them",
-                    missing, len(messages), policy.deadline_s)
-    return replies
+    answered = {reply.metadata.reply_to_message_id for reply in replies}
+    silent = [msg for msg in messages if msg.metadata.message_id not in answered]
+    if silent:
+        log.warning("%d of %d sites did not reply by the %.0f s deadline (%s); the round goes on without them",
+                    len(silent), len(messages), policy.deadline_s,
+                    ", ".join(node_name(grid, msg.metadata.dst_node_id) for msg in silent))
+    return replies + [Message(Error(code=NO_REPLY, reason=f"{node_name(grid, msg.metadata.dst_node_id)}: no reply "
+                                    f"by the {policy.deadline_s:.0f} s deadline"), reply_to=msg) for msg in silent]
 
 
 def random_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -9,6 +9,7 @@ decides whether it becomes a new signed version, delivered to every site.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -31,7 +32,7 @@ from fedretrain.training.evaluate import LossStats, evaluate_loss
 from server.checkpoint import Checkpoint
 from server.gate import PENDING, PUBLISH, SiteEvaluation, decide
 from server.publish import RegistryHandle, champion_adapter, deliver, open_registry, publish_candidate
-from server.grid import SiteSubset
+from server.grid import SiteSubset, bound_site
 from server.report import RunRecorder, finite_or_null, format_summary
 from server.resume import CheckpointWriter, check_registry_pointer, resume_point
 from server.rounds import RoundPolicy, run_rounds
@@ -106,6 +107,7 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
     strategy = build_strategy(
         cfg.strategy.name, spec=lm.spec,
         max_abs_value=cfg.strategy.max_abs_value, max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
+        site_of=functools.partial(bound_site, grid),
         baseline=to_array_record(champion.arrays) if champion is not None else None,
         fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
         # Rounds sample from the sites connected at their start (server/rounds.py waits

@@ -23,6 +23,7 @@ from typing import Any
 from fedretrain.atomic import atomic_write_json, atomic_write_text
 from fedretrain.config import Config, SiteConfig, site_config_from_node_config
 from fedretrain.registry.signing import generate_keypair
+from server.roster import record_node
 from simulation.notes import site_notes, site_style, specialty_mix_for_site, validation_notes
 
 
@@ -103,15 +104,23 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
 class FederationSites:
     """Simulation's site resolver: partition-id -> that virtual site's own ``site.json``.
 
+    It is the simulation's runtime, not a site's code: the virtual node with
+    ``partition-id`` k *is* site k, whatever its ``site.json`` says. With ``roster_dir``
+    it records each node id -> site id there (server/roster.py) before the node's first
+    reply, so the coordinator counts the node's replies for site k only.
+
     A plain class (not a closure) so Ray can pickle it into the client actors.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, roster_dir: Path | None = None) -> None:
         self.root = Path(root).resolve()
+        self.roster_dir = None if roster_dir is None else Path(roster_dir).resolve()
 
     def __call__(self, context: Any) -> SiteConfig:
-        index = int(context.node_config["partition-id"])
-        node_config = json.loads((self.root / site_id(index) / "site.json").read_text())
+        sid = site_id(int(context.node_config["partition-id"]))
+        if self.roster_dir is not None:
+            record_node(self.roster_dir, int(context.node_id), sid)
+        node_config = json.loads((self.root / sid / "site.json").read_text())
         return site_config_from_node_config(node_config, simulation=True)
 
 

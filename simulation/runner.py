@@ -23,7 +23,8 @@ from fedretrain.config import Config, compose_raw, to_yaml
 from fedretrain.config.parse import build
 from fedretrain.errors import ConfigError, SimulationFailed
 from fedretrain.modeling.loading import resolve_model_path
-from server.app import make_server_app
+from server.app import bind_sites, make_server_app
+from server.roster import Roster
 from server.rundir import new_run_dir
 from server.watch import Watcher, write_watch_summary
 from simulation.federation import Federation, FederationSites, build_federation
@@ -45,9 +46,9 @@ def simulate(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
 
         @server_app.main()
         def main(grid: Grid, context: Context) -> None:
-            run_drift_scenario(grid, run.cfg, run.run_dir, run.config_yaml, run.fed)
+            run_drift_scenario(bind_sites(grid, run.roster), run.cfg, run.run_dir, run.config_yaml, run.fed)
     else:
-        server_app = make_server_app(run.cfg, run.run_dir, run.config_yaml, str(run.fed.validation_path))
+        server_app = make_server_app(run.cfg, run.run_dir, run.config_yaml, str(run.fed.validation_path), run.roster)
     return _run(run, server_app, verbose)
 
 
@@ -66,8 +67,8 @@ def watch(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        watcher = Watcher(grid, run.cfg, run.run_dir / "cycles", run.config_yaml, str(run.fed.validation_path),
-                          expected_sites=len(run.fed.sites))
+        watcher = Watcher(bind_sites(grid, run.roster), run.cfg, run.run_dir / "cycles", run.config_yaml,
+                          str(run.fed.validation_path), expected_sites=len(run.fed.sites))
         events = watcher.run(max_polls=run.cfg.trigger.max_polls)
         write_watch_summary(run.run_dir, events)
 
@@ -80,6 +81,15 @@ class _Prepared:
     run_dir: Path
     fed: Federation
     config_yaml: str
+
+    @property
+    def roster_dir(self) -> Path:
+        """Where the site resolver binds this run's virtual nodes to their sites."""
+        return self.run_dir / "roster"
+
+    @property
+    def roster(self) -> Roster:
+        return Roster.from_directory(self.roster_dir)
 
 
 def _prepare(overrides: Sequence[str], name_suffix: str = "") -> _Prepared:
@@ -100,7 +110,7 @@ def _prepare(overrides: Sequence[str], name_suffix: str = "") -> _Prepared:
 
 
 def _run(run: _Prepared, server_app: ServerApp, verbose: bool) -> Path:
-    client_app = make_client_app(FederationSites(run.fed.root))
+    client_app = make_client_app(FederationSites(run.fed.root, run.roster_dir))
     backend_config = {
         "client_resources": {"num_cpus": run.cfg.simulation.client_cpus, "num_gpus": _client_gpus(run.cfg)},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -130,6 +130,10 @@ class FedAvgLoRA(FedAvg):
         the median distance of the round's accepted updates is scaled back to that
         distance before averaging; None: no bound. Without a global adapter recorded
         by ``configure_train`` (a direct call), distances are taken from zero.
+    site_of : Callable[[int], str | None] | None (default: None)
+        The site the runtime binds a node to (server/grid.py ``BoundGrid.site_of``):
+        names the site of a left-out reply that carries none (an error reply, a
+        silent site). Replies themselves reach the strategy already bound.
     baseline : ArrayRecord | None (default: None)
         The adapter published now. Every evaluate message carries it as
         ``"baseline"`` so each site scores candidate and baseline on the same
@@ -148,6 +152,7 @@ class FedAvgLoRA(FedAvg):
         spec: AdapterSpec,
         max_abs_value: float | None = None,
         max_update_norm_ratio: float | None = 3.0,
+        site_of: Callable[[int], str | None] | None = None,
         baseline: ArrayRecord | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
@@ -173,6 +178,7 @@ class FedAvgLoRA(FedAvg):
         self.spec = spec
         self.max_abs_value = max_abs_value
         self.max_update_norm_ratio = max_update_norm_ratio
+        self.site_of = site_of
         # (round, tensors) of the global adapter the last configure_train sent: the
         # centre of that round's norm bound.
         self._global: tuple[int, dict[str, np.ndarray]] | None = None
@@ -210,8 +216,10 @@ class FedAvgLoRA(FedAvg):
                 into: list[RejectedReply], what: str) -> None:
         """Log a left-out reply (``what``: "reply" or "evaluate reply") and record it."""
         node_id = msg.metadata.src_node_id
-        log(WARNING, "round %d: %s from node %d left out: %s", server_round, what, node_id, reason)
-        into.append(RejectedReply(node_id=node_id, site_id=site_id_of(msg), reason=reason))
+        site_id = site_id_of(msg) or (self.site_of(node_id) if self.site_of is not None else None)
+        log(WARNING, "round %d: %s from %s left out: %s", server_round, what,
+            f"node {node_id}" if site_id is None else f"site {site_id} (node {node_id})", reason)
+        into.append(RejectedReply(node_id=node_id, site_id=site_id, reason=reason))
 
     def _tag(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ConfigRecord:
         """A copy of ``config`` naming the global adapter; its replies must echo round and digest."""

@@ -257,7 +257,7 @@ def test_the_client_app_answers_a_publish_message(tmp_path, job, coordinator, in
     refused, installed = send(tampered), send(registry.bundle(2))
 
     assert refused.has_error() and refused.error.code == ERROR_CODES[VerificationError]
-    assert refused.error.reason.startswith("site site-a: VerificationError: signature")
+    assert refused.error.reason.startswith("VerificationError: signature")
     assert installed.content["metrics"]["installed-version"] == 2
     assert installed.content["site"]["site-id"] == "site-a"
 

@@ -20,8 +20,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedretrain.errors import QuorumLost
 from fedretrain.records import AdapterSpec, from_array_record, to_array_record
+from server.grid import BoundGrid
+from server.roster import Roster
 from server.rounds import RoundPolicy, random_state, restore_random_state, run_rounds
 from strategies import FedAvgLoRA
+from strategies.fedavg_lora import RejectedReply
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))
 # Every accepted site weighs the same; node n adds n to the global value it trains from.
@@ -76,6 +79,7 @@ class FakeGrid:
         self.timeouts.append(timeout)
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"  # as Flower's grids do on push
             config = msg.content["config"]
             node, server_round = msg.metadata.dst_node_id, int(config["server-round"])
             self.sent.append((msg.metadata.message_type, server_round, node, value_of(msg.content["arrays"])))
@@ -116,9 +120,9 @@ class Recorder:
 
 
 def run(grid: FakeGrid, start: float, *, first_round: int, num_rounds: int, policy: RoundPolicy,
-        recorder: Recorder) -> ArrayRecord:
-    strategy = FedAvgLoRA(spec=SPEC, min_train_nodes=policy.quorum, min_evaluate_nodes=policy.quorum,
-                          min_available_nodes=policy.quorum)
+        recorder: Recorder, strategy: FedAvgLoRA | None = None) -> ArrayRecord:
+    strategy = strategy or FedAvgLoRA(spec=SPEC, min_train_nodes=policy.quorum, min_evaluate_nodes=policy.quorum,
+                                      min_available_nodes=policy.quorum)
     return run_rounds(grid, strategy, adapter(start), first_round=first_round, num_rounds=num_rounds,
                       policy=policy, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
                       evaluate_fn=recorder.evaluate, on_round_end=recorder.end)
@@ -162,13 +166,16 @@ def test_a_resumed_run_runs_only_its_remaining_rounds_and_does_not_score_round_z
 
 
 def test_a_node_that_never_answers_costs_one_deadline_and_the_round_goes_on(caplog):
-    # Prepare: node 3 is connected but never answers; the quorum is 2.
+    # Prepare: node 3 (site-3 by the roster) is connected but never answers; the quorum is 2.
     grid, recorder = FakeGrid([1, 2, 3], silent={1: {3}}), Recorder()
-    policy = RoundPolicy(deadline_s=7.5, quorum=2, wait_for=3)
+    bound = BoundGrid(grid, Roster({1: "site-1", 2: "site-2", 3: "site-3"}))
+    policy = RoundPolicy(deadline_s=8.0, quorum=2, wait_for=3)
+    strategy = FedAvgLoRA(spec=SPEC, site_of=bound.site_of, min_train_nodes=2, min_evaluate_nodes=2,
+                          min_available_nodes=2)
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="fedretrain.server"):
-        final = run(grid, 0.0, first_round=1, num_rounds=1, policy=policy, recorder=recorder)
+        final = run(bound, 0.0, first_round=1, num_rounds=1, policy=policy, recorder=recorder, strategy=strategy)
 
     # Assert: all three were asked; the average is nodes 1 and 2 alone, (1 + 2) / 2 = 1.5
     # (with node 3 it would be (1 + 2 + 3) / 3 = 2).
@@ -176,8 +183,13 @@ def test_a_node_that_never_answers_costs_one_deadline_and_the_round_goes_on(capl
     assert value_of(final) == 1.5
     assert recorder.ended == [(1, 1.5)]
     # Both stages closed at the policy's deadline, and the missing site was logged for each.
-    assert grid.timeouts == [7.5, 7.5]
-    assert caplog.text.count("1 of 3 sites did not reply") == 2
+    assert grid.timeouts == [8.0, 8.0]
+    assert caplog.text.count("1 of 3 sites did not reply by the 8 s deadline (site site-3 (node 3))") == 2
+    # ... and recorded under its site and node, in train and in evaluation.
+    silent = RejectedReply(node_id=3, site_id="site-3",
+                           reason="error reply (code 4203): 'site site-3 (node 3): no reply by the 8 s deadline'")
+    assert strategy.round_log[1].rejected == [silent]
+    assert strategy.round_log[1].evaluation_rejected == [silent]
 
 
 def test_accepted_replies_below_the_quorum_lose_the_round():
