@@ -111,7 +111,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         eps = "off" if s["epsilon"] is None else f"{s['epsilon']:.2f}/{s['epsilon_ceiling']:.2f}"
         lines.append(f"{site_id:12s}{shown:>26s}{eps:>17s}{s['delta']:9.0e}{s['noise_multiplier']:8.3f}")
     for refusal in summary.get("refusals", []):
-        lines.append(f"  round {refusal['round']}: node {refusal['node_id']} left out: {refusal['reason']}")
+        lines.append(f"  round {refusal['round']}: {_who(refusal)} left out: {refusal['reason']}")
+    for bounded in summary.get("bounded", []):
+        lines.append(f"  round {bounded['round']}: {_who(bounded)}'s update scaled by {bounded['factor']:.3g} "
+                     f"to the norm bound {bounded['limit']:.4g}")
     if summary.get("gate"):
         lines += ["", *format_gate(summary)]
     comm = summary["communication"]

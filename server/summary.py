@@ -26,7 +26,7 @@ def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, ro
             "candidate_perplexity": candidate.perplexity, "baseline_perplexity": baseline.perplexity,
         },
         "sites_sampled": 0, "sites_accepted": 0,
-        "sites": {}, "evaluation": {}, "rejected": [],
+        "sites": {}, "evaluation": {}, "rejected": [], "bounded": {},
         "bytes_down": 0, "bytes_up": 0,
         "round_s": round(round_s, 3), "elapsed_s": round(elapsed_s, 3),
     }
@@ -48,6 +48,9 @@ def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, ro
                            "epsilon": _epsilon(m.get("epsilon"))}
                     for site, m in round_log.evaluation.items()},
         rejected=[dataclasses.asdict(r) for r in round_log.rejected],
+        # Updates scaled back to the round's norm bound (strategies/update_bound.py).
+        bounded={site: {"node_id": int(b["node-id"]), "norm": float(b["norm"]), "limit": float(b["limit"]),
+                        "factor": float(b["factor"])} for site, b in round_log.bounded.items()},
         bytes_down=int(round_log.bytes_down), bytes_up=int(round_log.bytes_up),
     )
     return entry
@@ -85,6 +88,8 @@ def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str
         "validation_examples": baseline.examples,
         "sites": sites,
         "refusals": [dict(r, round=e["round"]) for e in trained for r in e["rejected"]],
+        "bounded": [dict(b, site_id=site, round=e["round"]) for e in trained
+                    for site, b in e.get("bounded", {}).items()],
         "privacy": {"enabled": cfg.privacy.enabled, "target_epsilon": cfg.privacy.target_epsilon,
                     "max_grad_norm": cfg.privacy.max_grad_norm},
         "communication": {

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedretrain.deploy.filemodes import private_dir, private_file
+from fedretrain.registry.signing import generate_keypair
 from server.deploy import Coordinator, prepare_private_state, start_superlink
 
 
@@ -101,6 +102,22 @@ def test_the_coordinator_directory_is_0700_and_its_database_files_0600(tmp_path)
     assert _mode(coord.root) == 0o700
     assert [_mode(coord.root / n) for n in ("state.db", "state.db-wal")] == [0o600, 0o600]
     assert not (coord.root / "state.db-shm").exists()  # nothing is made that was not there
+
+
+def test_the_coordinators_signing_key_goes_into_a_new_private_directory(tmp_path):
+    # Execute: `fedretrain keys coordinator --out keys/signing` under umask 000.
+    pair = generate_keypair(tmp_path / "keys" / "signing")
+
+    # Assert: both new directories 0700, the private key 0600, the public key readable.
+    assert [_mode(tmp_path / "keys"), _mode(tmp_path / "keys" / "signing")] == [0o700, 0o700]
+    assert (_mode(pair.private_path), _mode(pair.public_path)) == (0o600, 0o644)
+
+
+def test_an_existing_key_directory_is_left_as_its_owner_made_it(tmp_path):
+    # A directory the operator chose (it may be shared) is not changed; the key itself is private.
+    tmp_path.chmod(0o755)
+    pair = generate_keypair(tmp_path)
+    assert (_mode(tmp_path), _mode(pair.private_path)) == (0o755, 0o600)
 
 
 def _free_port() -> int:

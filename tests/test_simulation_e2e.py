@@ -154,10 +154,13 @@ def test_bad_data_is_refused_and_ledgers_persist_across_runs(first_run, federati
                                   f"simulation.federation_dir={federation}")
     summary = json.loads((second_dir / "summary.json").read_text())
 
-    # site-01 sent no update; its refusal names file, line and field.
+    # site-01 sent no update; its refusal, recorded under the site its node is bound to,
+    # names file, line and field, but not where the site keeps its files.
     assert set(summary["sites"]) == {"site-00", "site-02"}
+    assert {r["site_id"] for r in summary["refusals"]} == {"site-01"}
     reasons = [r["reason"] for r in summary["refusals"]]
-    assert len(reasons) == 2 and all(f"{bad}:5: field 'text' is missing" in r for r in reasons)
+    assert len(reasons) == 2 and all(f" {bad.name}:5: field 'text' is missing" in r for r in reasons)
+    assert not any(str(bad.parent) in r for r in reasons)
     assert summary["candidate_loss"] < summary["baseline_loss"]
     # The other sites' ledgers kept the first run's spend: epsilon only grows.
     for site in ("site-00", "site-02"):

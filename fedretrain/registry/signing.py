@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedretrain.atomic import atomic_write_bytes
+from fedretrain.deploy.filemodes import private_dir
 from fedretrain.errors import KeyFileError, VerificationError
 
 logger = logging.getLogger("fedretrain")
@@ -74,6 +75,8 @@ def generate_keypair(directory: str | os.PathLike[str], name: str = "coordinator
         if path.exists() and not force:
             raise KeyFileError(f"{path} already exists; pass --force to replace it "
                                "(sites that pinned the old public key will refuse new versions)")
+    if not directory.exists():  # a new key directory is the owner's alone, whatever the umask
+        private_dir(directory)
     private_key = Ed25519PrivateKey.generate()
     private_pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption())
