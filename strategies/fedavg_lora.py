@@ -216,9 +216,11 @@ class FedAvgLoRA(FedAvg):
                 into: list[RejectedReply], what: str) -> None:
         """Log a left-out reply (``what``: "reply" or "evaluate reply") and record it."""
         node_id = msg.metadata.src_node_id
-        site_id = site_id_of(msg) or (self.site_of(node_id) if self.site_of is not None else None)
+        # Bound by the runtime where there is a roster; otherwise only what the reply claims.
+        bound = self.site_of(node_id) if self.site_of is not None else None
         log(WARNING, "round %d: %s from %s left out: %s", server_round, what,
-            f"node {node_id}" if site_id is None else f"site {site_id} (node {node_id})", reason)
+            f"node {node_id}" if bound is None else f"site {bound} (node {node_id})", reason)
+        site_id = bound if self.site_of is not None else site_id_of(msg)
         into.append(RejectedReply(node_id=node_id, site_id=site_id, reason=reason))
 
     def _tag(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ConfigRecord:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -223,6 +224,48 @@ def test_a_node_without_a_valid_identity_gets_no_work(bench):
     assert sorted(sites) == list(SITES) and all(v["status"] == "online" for v in sites.values())
 
 
+def registered_node(bench: Bench, site: str) -> int:
+    """The node id the SuperLink admits ``site``'s registered key as (coord/sites.json)."""
+    return int(json.loads((bench.root / "coord" / "sites.json").read_text())[site]["node_id"])
+
+
+def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_publish(bench):
+    # Prepare: site-01's SuperNode stops; a SuperNode joins with site-01's registered key (and a
+    # copy of site-01's records) but says it is site-00. The SuperLink admits it: the key is valid.
+    bench.kill("site-01")
+    bench.wait_sites({"site-00", "site-02"})
+    shutil.copytree(bench.root / "data" / "site-01", bench.root / "data" / "impostor",
+                    ignore=shutil.ignore_patterns(".fedretrain"))
+    join = [("data/impostor" if arg == "data/site-01" else arg) for arg in bench.commands["site-01"][len(FEDRETRAIN):]]
+    assert "data/impostor" in join
+    bench.start("impostor", shlex.join(["fedretrain", *join, "--site-id", "site-00"]))
+    bench.wait_sites(set(SITES))  # listed by the key it proved: site-01, online
+    node = registered_node(bench, "site-01")
+    assert bench.status()["sites"]["site-01"]["node_id"] == str(node)
+
+    # Execute: a cycle (quorum 2, all three sites asked).
+    proc, run_dir = bench.submit(*run_overrides("reg-impostor", "strategy.quorum=2", "strategy.round_timeout_s=180"))
+    finished(proc)
+
+    # Assert: in every round only the real site-00 and site-02 counted; the impostor's replies
+    # were refused under site-01, its node, and the site it claimed; the cycle published.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["round"]]
+    claim = f"node {node} holds site site-01's key but its reply claims site site-00: not counted for either"
+    for row in rows:
+        assert sorted(row["sites"]) == ["site-00", "site-02"]
+        assert [(r["site_id"], r["node_id"]) for r in row["rejected"]] == [("site-01", node)]
+        assert claim in row["rejected"][0]["reason"]
+    assert summary["sites"]["site-00"]["rounds_participated"] == len(rows) == summary["rounds"]
+    assert summary["published_version"] == 1
+    assert claim in bench.log("coordinator")  # the ServerApp's log names both
+
+    # The real site-01 comes back for the next tests.
+    bench.kill("impostor")
+    bench.restart("site-01")
+    bench.wait_sites(set(SITES))
+
+
 def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
     # Prepare: a one-round cycle with a 180 s deadline and a quorum of 2.
     proc, run_dir = bench.submit(*run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=180",
@@ -243,6 +286,9 @@ def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_lo
     round1 = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["round"] == 1][0]
     assert (round1["sites_sampled"], round1["sites_accepted"]) == (3, 2)
     assert "site-02" not in round1["sites"] and not summary.get("aborted")
+    # ... and the failure is site-02's, named by its site id and node id (not by the SuperLink's node 1).
+    assert [(r["site_id"], r["node_id"]) for r in round1["rejected"]] == [("site-02", registered_node(bench, "site-02"))]
+    assert [(r["site_id"], r["round"]) for r in summary["refusals"]] == [("site-02", 1)]
     print(f"site-02 reported offline {detected_s:.1f} s after SIGKILL "
           f"(run finished {time.monotonic() - killed_at:.1f} s after it)")
 

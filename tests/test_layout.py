@@ -60,4 +60,4 @@ def test_flower_components_point_at_the_apps():
     from fedretrain.config.compose import RUN_CONFIG_KEYS
 
     # The app's run_config is exactly what the ServerApp reads: nothing else reaches it.
-    assert set(app["config"]) == set(RUN_CONFIG_KEYS) == {"experiment", "overrides", "run-dir", "resume"}
+    assert set(app["config"]) == set(RUN_CONFIG_KEYS) == {"experiment", "overrides", "run-dir", "resume", "sites-file"}

@@ -60,13 +60,13 @@ def to_yaml(raw: Mapping[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(dict(raw)))
 
 
-RUN_CONFIG_KEYS = ("experiment", "overrides", "run-dir", "resume")
+RUN_CONFIG_KEYS = ("experiment", "overrides", "run-dir", "resume", "sites-file")
 
 
 def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
     """Map Flower's run_config (``experiment``, ``overrides``) onto Hydra overrides.
 
-    ``run-dir`` and ``resume`` are not overrides: the ServerApp reads them itself.
+    ``run-dir``, ``resume`` and ``sites-file`` are not overrides: the ServerApp reads them itself.
     """
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:
