@@ -9,6 +9,8 @@ config it already parsed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import Context
@@ -75,10 +77,40 @@ def main(grid: Grid, context: Context) -> None:
     raw = load_run_config(Path(given)) if resume else compose_raw(overrides_from_run_config(context.run_config))
     cfg = build(Config, raw)
     run_dir = Path(given) if given else new_run_dir(Path(cfg.output_dir), cfg.name)
-    log.info("run directory: %s", run_dir)
-    sites_file = str(context.run_config.get("sites-file", "") or "").strip()
-    roster = Roster.from_sites_file(Path(sites_file)) if sites_file else None
-    run_retraining(bind_sites(grid, roster), cfg, run_dir, config_yaml=to_yaml(raw), resume=resume)
+    with run_log(run_dir):
+        log.info("run directory: %s", run_dir)
+        sites_file = str(context.run_config.get("sites-file", "") or "").strip()
+        roster = Roster.from_sites_file(Path(sites_file)) if sites_file else None
+        run_retraining(bind_sites(grid, roster), cfg, run_dir, config_yaml=to_yaml(raw), resume=resume)
+
+
+@contextmanager
+def run_log(run_dir: Path) -> Iterator[Path]:
+    """While the cycle runs, fedretrain's and Flower's log lines also go to ``<run_dir>/run.log``.
+
+    Deployed, the ServerApp runs in a process Flower starts, whose console no operator
+    reads; the run directory keeps what it logged (refusals, silent sites, the gate).
+    Appended to, so a resumed cycle's lines follow the first attempt's.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    ours = logging.getLogger("fedretrain")
+    level = ours.level
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)
+    loggers = (ours, logging.getLogger("flwr"))
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield path
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        ours.setLevel(level)
+        handler.close()
 
 
 def load_run_config(run_dir: Path) -> dict:

@@ -243,8 +243,9 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
     node = registered_node(bench, "site-01")
     assert bench.status()["sites"]["site-01"]["node_id"] == str(node)
 
-    # Execute: a cycle (quorum 2, all three sites asked).
-    proc, run_dir = bench.submit(*run_overrides("reg-impostor", "strategy.quorum=2", "strategy.round_timeout_s=180"))
+    # Execute: a cycle on the README's registry (its version 1 is the baseline every site
+    # installed, so the honest sites can score against it), quorum 2, all three sites asked.
+    proc, run_dir = bench.submit(*run_overrides("registry", "strategy.quorum=2", "strategy.round_timeout_s=180"))
     finished(proc)
 
     # Assert: in every round only the real site-00 and site-02 counted; the impostor's replies
@@ -257,8 +258,11 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
         assert [(r["site_id"], r["node_id"]) for r in row["rejected"]] == [("site-01", node)]
         assert claim in row["rejected"][0]["reason"]
     assert summary["sites"]["site-00"]["rounds_participated"] == len(rows) == summary["rounds"]
-    assert summary["published_version"] == 1
-    assert claim in bench.log("coordinator")  # the ServerApp's log names both
+    assert sorted(summary["gate"]["sites"]) == ["site-00", "site-02"]
+    assert summary["published_version"] == 2, summary["gate"]["reasons"]
+    assert sorted(summary["publication"]["installed"]) == ["site-00", "site-02"]
+    assert [(r["site_id"], r["node_id"]) for r in summary["publication"]["refused"]] == [("site-01", node)]
+    assert claim in (run_dir / "run.log").read_text()  # the ServerApp's log, kept in the run directory
 
     # The real site-01 comes back for the next tests.
     bench.kill("impostor")

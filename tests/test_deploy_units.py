@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from flwr.cli.flower_config import parse_superlink_connection
+from flwr.common import log as flwr_log
 from flwr.common.config import parse_config_args
 
 import client.join
@@ -26,6 +27,7 @@ from fedretrain.cli import main
 from fedretrain.config import site_config_from_node_config
 from fedretrain.deploy.flower import split_address, toml_assignments, write_connection
 from fedretrain.errors import ConfigError, DeployError
+from server.app import run_log
 from server.deploy import Coordinator, absolute_paths, superlink_command
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "site-a"
@@ -366,3 +368,16 @@ def test_coordinator_start_refuses_without_exactly_one_of_keys_and_insecure(caps
     assert code == 2
     assert "give --keys (TLS and node authentication) or --insecure" in capsys.readouterr().err
     assert not (tmp_path / "coord").exists()
+
+
+# --- the ServerApp's run log ---------------------------------------------------------------
+
+def test_run_log_keeps_fedretrains_and_flowers_lines_and_lets_go(tmp_path):
+    with run_log(tmp_path / "run") as path:
+        logging.getLogger("fedretrain.server").info("round 1: 2 train replies accepted")
+        flwr_log(logging.WARNING, "round 1: reply from site site-01 (node 5) left out: because")
+    logging.getLogger("fedretrain.server").warning("after the cycle")
+    text = path.read_text()
+    assert "INFO fedretrain.server: round 1: 2 train replies accepted" in text
+    assert "WARNING flwr: round 1: reply from site site-01 (node 5) left out: because" in text
+    assert "after the cycle" not in text
