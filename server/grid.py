@@ -26,7 +26,9 @@ log = logging.getLogger("fedretrain.server")
 # Error codes of the replies BoundGrid refuses (a site's own codes are 41xx, client/app.py).
 UNREGISTERED_NODE = 4201
 CLAIMS_ANOTHER_SITE = 4202
-NO_REPLY = 4203  # written by the round loop for a site silent past the deadline (server/rounds.py)
+NO_REPLY = 4203
+# Flower's SuperLink writes the error reply for a node it lost from its own node id.
+SUPERLINK_NODE_ID = 1  # written by the round loop for a site silent past the deadline (server/rounds.py)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, *, poll_s: float = 0.5) -> list[int]:
@@ -139,6 +141,10 @@ class BoundGrid(_GridView):
         if site is None:
             return _refused(instruction, UNREGISTERED_NODE,
                             f"node {node} is not registered as any site: its reply is not counted")
+        if reply.metadata.src_node_id not in (node, SUPERLINK_NODE_ID):  # Flower's SuperLink refuses these already
+            return _refused(instruction, CLAIMS_ANOTHER_SITE,
+                            f"a reply to site {site} (node {node}) came from node {reply.metadata.src_node_id}: "
+                            "not counted")
         if reply.has_error():
             return Message(Error(code=reply.error.code, reason=f"site {site} (node {node}): {reply.error.reason}"),
                            reply_to=instruction)

@@ -314,6 +314,20 @@ def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_lo
     bench.wait_sites(set(SITES))
 
 
+def clientapps(bench: Bench) -> list:
+    """The ``flwr-clientapp`` processes below the sites' ``site join`` processes."""
+    import psutil
+
+    found = []
+    for site in SITES:
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(bench.procs[site].pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "flwr-clientapp" in " ".join(p.cmdline()):
+                        found.append(p)
+    return found
+
+
 def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_spending_twice(bench):
     import psutil
 
@@ -336,6 +350,25 @@ def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_sp
     finished(proc)
     assert proc.returncode == 1  # the Flower run ended failed, with round 1 on disk
     assert not (run_dir / "summary.json").exists()
+    # No site keeps a ClientApp of the failed run: each exits once its task is over.
+    working = clientapps(bench)
+    _, alive = psutil.wait_procs(working, timeout=180)
+    import os as _os
+    if alive and _os.environ.get("FEDRETRAIN_DIAG"):
+        diag = bench.root / "orphans.txt"
+        with diag.open("a") as out:
+            for p in alive:
+                out.write(f"=== {p.pid} {p.cmdline()} status={p.status()} age={time.time() - p.create_time():.0f}s\n")
+                out.write(subprocess.run([_os.environ["FEDRETRAIN_DIAG"], "dump", "--pid", str(p.pid)],
+                                         capture_output=True, text=True).stdout)
+            for p in alive:
+                p.terminate()
+            _, still = psutil.wait_procs(alive, timeout=20)
+            out.write(f"after SIGTERM: {len(still)} of {len(alive)} alive\n")
+            for p in still:
+                out.write(subprocess.run([_os.environ["FEDRETRAIN_DIAG"], "dump", "--pid", str(p.pid)],
+                                         capture_output=True, text=True).stdout)
+    assert not alive, f"{len(alive)} of {len(working)} ClientApp processes outlived the failed run"
     resumed = bench.run(f"fedretrain coordinator run --dir coord --wait --resume {run_dir}", timeout=900)
 
     # Assert: it finished from round 2, trained from round 1's checkpointed adapter, and spent

@@ -151,6 +151,20 @@ def test_the_superlinks_error_for_a_lost_node_is_named_by_that_nodes_site():
         reason="error reply (code 0): 'site site-c (node 13): Message delivery failed: the node is offline'")]
 
 
+def test_a_reply_from_another_node_than_the_addressee_is_not_counted():
+    # Flower's SuperLink already refuses to store such a reply; the binding does not rely on it.
+    def from_node_12(instruction: Message) -> Message:
+        reply = train_reply("site-a", 1.0)(instruction)
+        reply.metadata.__dict__["_src_node_id"] = 12
+        return reply
+
+    [reply] = BoundGrid(ScriptedGrid({11: from_node_12}), ROSTER).send_and_receive(instructions(11))
+
+    assert reply.has_error() and reply.error.code == CLAIMS_ANOTHER_SITE
+    assert reply.metadata.src_node_id == 11
+    assert reply.error.reason == "a reply to site site-a (node 11) came from node 12: not counted"
+
+
 def test_pulling_replies_around_the_binding_is_refused():
     with pytest.raises(TypeError, match="only in send_and_receive"):
         BoundGrid(ScriptedGrid({}), ROSTER).pull_messages(["m0"])
