@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.install import receive_version
+from client.join import mark_clientapp
 from client.monitor import site_status
 from client.site import evaluate_round, train_round
 from fedretrain import errors
@@ -45,25 +46,33 @@ def site_from_node_config(context: Context) -> SiteConfig:
     return site_config_from_node_config(context.node_config)
 
 
-def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
-    """A ClientApp whose site settings come from ``resolve_site`` (node_config by default)."""
+def make_client_app(resolve_site: SiteResolver = site_from_node_config, *, mark_process: bool = False) -> ClientApp:
+    """A ClientApp whose site settings come from ``resolve_site`` (node_config by default).
+
+    ``mark_process``: each message first marks its process as one that got its message
+    (client/join.py ``mark_clientapp``), so the site's watchdog leaves it alone; the
+    deployed app does, a simulation's virtual sites do not.
+    """
     app = ClientApp()
+
+    def handle(msg: Message, context: Context, core: Core) -> Message:
+        return _handle(msg, context, resolve_site, core, mark_process=mark_process)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _handle(msg, context, resolve_site, _train)
+        return handle(msg, context, _train)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _handle(msg, context, resolve_site, _evaluate)
+        return handle(msg, context, _evaluate)
 
     @app.query("publish")
     def publish(msg: Message, context: Context) -> Message:
-        return _handle(msg, context, resolve_site, _publish)
+        return handle(msg, context, _publish)
 
     @app.query("status")
     def status(msg: Message, context: Context) -> Message:
-        return _handle(msg, context, resolve_site, _status)
+        return handle(msg, context, _status)
 
     return app
 
@@ -71,7 +80,8 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
 Core = Callable[[SiteConfig, Job, int, RecordDict], RecordDict]
 
 
-def _handle(msg: Message, context: Context, resolve_site: SiteResolver, core: Core) -> Message:
+def _handle(msg: Message, context: Context, resolve_site: SiteResolver, core: Core, *,
+            mark_process: bool = False) -> Message:
     """Unpack the site and the job, run ``core``, and answer with its reply or an error reply.
 
     The reply echoes the instruction's round and global adapter digest, so the
@@ -79,6 +89,8 @@ def _handle(msg: Message, context: Context, resolve_site: SiteResolver, core: Co
     """
     def work() -> RecordDict:
         site, job, echo = _unpack(msg, context, resolve_site)
+        if mark_process:
+            mark_clientapp(site.state_path)
         reply = core(site, job, int(echo.get("server-round", 0)), msg.content)
         reply["site"] = ConfigRecord({"site-id": site.site_id, **echo})
         return reply
@@ -163,4 +175,4 @@ def _guarded(msg: Message, work: Callable[[], RecordDict]) -> Message:
 
 
 # `client.app:app` in pyproject.toml: the deployed ClientApp reads its site from node_config.
-app = make_client_app()
+app = make_client_app(mark_process=True)

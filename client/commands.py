@@ -76,11 +76,14 @@ def _add_join(site_subparsers: Any) -> None:
     join.add_argument("--model", default="embedded",
                       help="base model to have ready before joining ('embedded' is built once on first use)")
     join.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
+    join.add_argument("--clientapp-stuck-after", type=float, default=300.0, metavar="SECONDS",
+                      help="stop a ClientApp process still waiting for its message after this long (its "
+                           "ServerApp died while sending it; Flower 1.41 would keep it for ever)")
     join.set_defaults(func=_site_join)
 
 
 def _site_join(args: argparse.Namespace) -> int:
-    from client.join import JoinSettings, prepare_site, start_supernode
+    from client.join import ClientAppWatchdog, JoinSettings, prepare_site, start_supernode
     from fedretrain.deploy.flower import supervise
     from fedretrain.modeling.loading import resolve_model_path
 
@@ -89,6 +92,8 @@ def _site_join(args: argparse.Namespace) -> int:
         raise FedretrainError("give --ca and --key (TLS and node authentication), or --insecure for a test bench")
     if not args.site_id and not args.key:
         raise FedretrainError("--site-id: required without --key (the site id defaults to the key file's name)")
+    if not args.clientapp_stuck_after > 0:
+        raise FedretrainError(f"--clientapp-stuck-after: must be > 0 seconds, got {args.clientapp_stuck_after}")
     node_config = {"site-id": args.site_id or args.key.stem, "data-dir": str(args.data.resolve()),
                    "epsilon-ceiling": args.epsilon_ceiling, "delta": args.delta, "device": args.device,
                    "accountant": args.accountant, "smoke-eval": args.smoke_eval}
@@ -100,7 +105,12 @@ def _site_join(args: argparse.Namespace) -> int:
     resolve_model_path(args.model)
     proc = start_supernode(site, JoinSettings(superlink=args.superlink, ca=args.ca, key=args.key, port=args.port,
                                               max_retries=args.max_retries))
-    return supervise(proc)
+    watchdog = ClientAppWatchdog(proc.pid, site.state_path, args.clientapp_stuck_after)
+    watchdog.start()
+    try:
+        return supervise(proc)
+    finally:
+        watchdog.stop()
 
 
 def _site_ingest(args: argparse.Namespace) -> int:

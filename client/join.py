@@ -9,6 +9,10 @@ the coordinator can neither see nor change them.
 
     <state-dir>/node-config.toml   the node config, as the SuperNode reads it
     <state-dir>/flwr/              the SuperNode's FLWR_HOME (the apps it was sent)
+    <state-dir>/clientapps/        one mark per ClientApp process that got its message
+
+While the SuperNode runs, a watchdog stops ClientApp processes stuck waiting for a
+message that will never arrive (see :class:`ClientAppWatchdog`).
 
 The state directory is made 0700 whatever the umask: it holds the privacy ledger and
 the installed models.
@@ -16,8 +20,12 @@ the installed models.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,3 +92,97 @@ def _existing(path: Path, flag: str) -> Path:
     if not Path(path).is_file():
         raise DeployError(f"{flag}: {path} does not exist")
     return Path(path)
+
+
+# --- ClientApp processes stuck before their message arrives ---------------------------------
+#
+# Flower 1.41 starts one `flwr-clientapp` process per message. It first pulls the message
+# and every object in it (the adapter's arrays) from the SuperNode, retrying without a
+# limit (`run_clientapp.pull_task_input` -> `inflatable_utils.pull_objects`). When the
+# ServerApp dies while it is still pushing a message (a crash mid-send), the objects never
+# come: the process waits for ever (~130 MB) and our ClientApp code never runs. SIGTERM
+# ends it within seconds, but Flower's SuperExec starts its children with a bare
+# `subprocess.Popen` and never waits for them, so the dead process lingers as a zombie
+# (no memory, no CPU, deaf to signals: what looks like a process ignoring SIGTERM) until
+# the SuperExec starts its next ClientApp or stops.
+
+CLIENTAPP = "flwr-clientapp"
+
+
+def clientapp_marks(state_path: Path) -> Path:
+    return Path(state_path) / "clientapps"
+
+
+def mark_clientapp(state_path: Path) -> None:
+    """Record that this ClientApp process got its message (called by the site's ClientApp)."""
+    import psutil
+
+    me = psutil.Process()
+    atomic_write_text(clientapp_marks(state_path) / str(me.pid), f"{me.create_time()!r}\n")
+
+
+class ClientAppWatchdog:
+    """Stops (SIGTERM) the SuperNode's ClientApp processes still waiting for their message.
+
+    A ``flwr-clientapp`` process below ``root_pid`` older than ``stuck_after_s`` that has
+    not marked itself (:func:`mark_clientapp`, the site's ClientApp does it as soon as
+    Flower hands it the message) never got its message. Marks of processes that are gone
+    are removed. One check every ``interval_s``, in a daemon thread.
+    """
+
+    def __init__(self, root_pid: int, state_path: Path, stuck_after_s: float, interval_s: float = 15.0) -> None:
+        self.root_pid = root_pid
+        self.marks = clientapp_marks(state_path)
+        self.stuck_after_s = stuck_after_s
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+
+    def check(self) -> list[int]:
+        """One pass: the pids stopped."""
+        import psutil
+
+        try:
+            processes = psutil.Process(self.root_pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        stopped = []
+        for proc in processes:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE or CLIENTAPP not in " ".join(proc.cmdline()):
+                    continue
+                started = proc.create_time()
+                if time.time() - started < self.stuck_after_s or self._marked(proc.pid, started):
+                    continue
+                proc.send_signal(signal.SIGTERM)
+            except psutil.Error:  # it ended meanwhile
+                continue
+            log.warning("ClientApp process %d got no message in %.0f s (its ServerApp died while sending it); "
+                        "stopped", proc.pid, time.time() - started)
+            stopped.append(proc.pid)
+        self._forget()
+        return stopped
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="clientapp-watchdog", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check()
+
+    def _marked(self, pid: int, started: float) -> bool:
+        try:
+            return float((self.marks / str(pid)).read_text()) == started
+        except (OSError, ValueError):
+            return False
+
+    def _forget(self) -> None:
+        import psutil
+
+        if self.marks.is_dir():
+            for mark in self.marks.iterdir():
+                if not (mark.name.isdigit() and psutil.pid_exists(int(mark.name))):
+                    with contextlib.suppress(OSError):
+                        mark.unlink()

@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -22,7 +25,8 @@ import client.join
 import fedretrain.deploy.flower
 import fedretrain.modeling.loading
 import server.deploy
-from client.join import JoinSettings, node_config_path, prepare_site, supernode_command
+from client.join import (ClientAppWatchdog, JoinSettings, mark_clientapp, node_config_path, prepare_site,
+                         supernode_command)
 from fedretrain.cli import main
 from fedretrain.config import site_config_from_node_config
 from fedretrain.deploy.flower import split_address, toml_assignments, write_connection
@@ -359,6 +363,16 @@ def test_site_join_refuses_only_half_of_tls_and_node_authentication(capsys, tmp_
 
 
 @pytest.mark.usefixtures("no_processes", "cli_logging")
+@pytest.mark.parametrize("seconds", ["0", "-5", "nan"])
+def test_site_join_refuses_a_clientapp_watchdog_limit_that_is_not_positive(capsys, data_dir, seconds):
+    code = main(["site", "join", "--superlink", "127.0.0.1:9093", "--data", str(data_dir), "--epsilon-ceiling",
+                 "8", "--site-id", "site-a", "--insecure", "--clientapp-stuck-after", seconds])
+
+    assert code == 2
+    assert "--clientapp-stuck-after: must be > 0 seconds" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_processes", "cli_logging")
 @pytest.mark.parametrize("security", [[], ["--insecure", "--keys", "keys"]], ids=["neither", "both"])
 def test_coordinator_start_refuses_without_exactly_one_of_keys_and_insecure(capsys, tmp_path, security):
     # Execute
@@ -381,3 +395,57 @@ def test_run_log_keeps_fedretrains_and_flowers_lines_and_lets_go(tmp_path):
     assert "INFO fedretrain.server: round 1: 2 train replies accepted" in text
     assert "WARNING flwr: round 1: reply from site site-01 (node 5) left out: because" in text
     assert "after the cycle" not in text
+
+
+# --- the ClientApp watchdog ----------------------------------------------------------------
+
+
+def _fake_clientapp() -> subprocess.Popen:
+    # A process named like Flower's ClientApp (its command line says flwr-clientapp) that waits.
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "flwr-clientapp"])
+
+
+def test_the_watchdog_stops_a_clientapp_that_never_got_its_message_and_spares_the_rest(tmp_path):
+    import psutil
+
+    # Prepare: three ClientApp processes below this one; `working` marked itself as its
+    # ClientApp does when Flower hands it the message; a stale mark of a process long gone.
+    stuck, working = _fake_clientapp(), _fake_clientapp()
+    marks = tmp_path / "clientapps"
+    marks.mkdir()
+    (marks / str(working.pid)).write_text(f"{psutil.Process(working.pid).create_time()!r}\n")
+    (marks / "999999999").write_text("1.0\n")
+    try:
+        # Execute: nothing is old enough at first; then everything is.
+        young = ClientAppWatchdog(os.getpid(), tmp_path, stuck_after_s=3600).check()
+        stopped = ClientAppWatchdog(os.getpid(), tmp_path, stuck_after_s=0).check()
+
+        # Assert: only the unmarked one was stopped, by SIGTERM; the stale mark is gone.
+        assert young == [] and stopped == [stuck.pid]
+        assert stuck.wait(timeout=10) == -signal.SIGTERM
+        assert working.poll() is None
+        assert sorted(p.name for p in marks.iterdir()) == [str(working.pid)]
+    finally:
+        for proc in (stuck, working):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_mark_left_by_an_earlier_process_with_the_same_pid_does_not_count(tmp_path):
+    stuck = _fake_clientapp()
+    (tmp_path / "clientapps").mkdir()
+    (tmp_path / "clientapps" / str(stuck.pid)).write_text("12345.0\n")  # another process's start time
+    try:
+        assert ClientAppWatchdog(os.getpid(), tmp_path, stuck_after_s=0).check() == [stuck.pid]
+        assert stuck.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
+def test_a_clientapp_marks_its_own_process(tmp_path):
+    import psutil
+
+    mark_clientapp(tmp_path)
+
+    assert float((tmp_path / "clientapps" / str(os.getpid())).read_text()) == psutil.Process().create_time()
