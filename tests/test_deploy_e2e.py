@@ -268,8 +268,10 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
     assert [(r["site_id"], r["node_id"]) for r in summary["publication"]["refused"]] == [("site-01", node)]
     assert claim in (run_dir / "run.log").read_text()  # the ServerApp's log, kept in the run directory
 
-    # The real site-01 comes back for the next tests.
+    # The real site-01 comes back for the next tests, once the SuperLink has seen its node go
+    # (it refuses to activate a node it still counts as online: Flower's code 2004).
     bench.kill("impostor")
+    bench.wait_sites({"site-00", "site-02"})
     bench.restart("site-01")
     bench.wait_sites(set(SITES))
 
