@@ -56,6 +56,13 @@ def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, ro
     return entry
 
 
+def refusals(round_logs: dict[int, Any]) -> list[dict[str, Any]]:
+    """Every train reply left out, by round: from the strategy's round logs, so a round that
+    lost its quorum (never scored, so not in metrics.jsonl) still names the sites that failed."""
+    return [dict(dataclasses.asdict(r), round=server_round)
+            for server_round, entry in sorted(round_logs.items()) for r in entry.rejected]
+
+
 def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str, Any]], round_logs: dict[int, Any],
                   baseline: LossStats, candidate: LossStats, lm: LoraModel, *, wall_time_s: float) -> dict[str, Any]:
     """summary.json: the figures a coordinator or researcher reads first."""
@@ -87,7 +94,7 @@ def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str
         "improved": candidate.loss < baseline.loss,
         "validation_examples": baseline.examples,
         "sites": sites,
-        "refusals": [dict(r, round=e["round"]) for e in trained for r in e["rejected"]],
+        "refusals": refusals(round_logs),
         "bounded": [dict(b, site_id=site, round=e["round"]) for e in trained
                     for site, b in e.get("bounded", {}).items()],
         "privacy": {"enabled": cfg.privacy.enabled, "target_epsilon": cfg.privacy.target_epsilon,

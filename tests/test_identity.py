@@ -228,3 +228,15 @@ def test_the_simulations_site_resolver_binds_a_node_by_its_partition_not_by_its_
     # Assert: the site says site-00, the roster binds node 9001 to site-01, so its replies are refused.
     assert site.site_id == "site-00"
     assert Roster.from_directory(tmp_path / "roster").site_of(9001) == "site-01"
+
+
+def test_the_summary_names_the_sites_left_out_of_a_round_that_lost_its_quorum():
+    from server.summary import refusals
+    from strategies.fedavg_lora import RoundLog
+
+    # Round 2 lost its quorum: it was never scored, so only the strategy's round log has it.
+    lost = RejectedReply(node_id=13, site_id="site-c", reason="no reply by the 60 s deadline")
+    logs = {2: RoundLog(sampled=3, rejected=[lost]), 1: RoundLog(sampled=3)}
+
+    assert refusals(logs) == [{"node_id": 13, "site_id": "site-c", "reason": "no reply by the 60 s deadline",
+                               "round": 2}]
