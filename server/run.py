@@ -150,8 +150,15 @@ def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, bas
     final: dict[str, LossStats] = {}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_adapter_arrays(lm, from_array_record(arrays))
-        candidate = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size, use_adapter=True)
+        if server_round == 0:
+            # Round 0's adapter is the baseline's: the champion's, or a fresh LoRA adapter whose
+            # B matrices are zero (peft's default init), which adds exactly nothing to the base
+            # model. Scoring it again cost a whole pass over the validation set per cycle.
+            candidate = baseline
+        else:
+            load_adapter_arrays(lm, from_array_record(arrays))
+            candidate = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
+                                      use_adapter=True)
         final["candidate"] = candidate
         now = time.perf_counter()
         entry = round_entry(server_round, candidate, baseline, strategy.round_log.get(server_round),
