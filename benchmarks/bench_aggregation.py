@@ -54,7 +54,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from timing import interleaved_best
 from fedretrain.config import compose_config
-from fedretrain.records import AdapterSpec, from_array_record, to_array_record
+from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from strategies import FedAvgLoRA, build_strategy
 from strategies.aggregation import weighted_average
 from strategies.validation import TRAIN_METRICS
@@ -94,7 +94,7 @@ def make_round(x: np.ndarray) -> tuple[FedAvgLoRA, list[Message]]:
     Every reply is a valid one, as ``client/`` sends it, plus ``num-examples=1`` for (b).
     """
     _serverapp_identity()
-    cfg = compose_config([]).strategy  # the shipped strategy settings, as server/run.py builds it
+    cfg = compose_config([]).strategy  # the shipped strategy settings, as server/cycle/run.py builds it
     strategy = build_strategy(cfg.name, spec=AdapterSpec.from_state_dict(split(x[0])),
                               max_abs_value=cfg.max_abs_value, fraction_train=1.0,
                               min_train_nodes=len(x), min_available_nodes=len(x))

@@ -29,7 +29,7 @@ import torch
 
 from fedretrain.config import compose_config
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
-from fedretrain.records import to_array_record
+from fedretrain.arrays import to_array_record
 from fedretrain.training.dp import DPParams, train_lora
 from fedretrain.training.params import TrainParams
 from bench_dp_overhead import note_batches

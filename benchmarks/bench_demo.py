@@ -6,7 +6,7 @@ time and changing nothing the run computes:
 
 - every ClientApp handler (train, evaluate, queries) appends its wall-clock start
   and end to a file: the client compute, which the replies do not report;
-- the server's validation scoring (``server.run.evaluate_loss``) is timed likewise.
+- the server's validation scoring (``server.cycle.run.evaluate_loss``) is timed likewise.
 
 The round boundaries are the wall-clock times of the server's "round r/R" log lines
 (written by the round's ``evaluate_fn``, like ``round_s`` in metrics.jsonl). Within a
@@ -83,7 +83,7 @@ def _timed_client_app(make_app, events: str):
 
 def child(overrides: list[str], t0: float, out: Path) -> None:
     """Run one simulation with the wrappers; write its clocks and run directory to ``out``."""
-    import server.run
+    import server.cycle.run
     import simulation.runner
 
     events = str(out.with_suffix(".events.jsonl"))
@@ -94,7 +94,7 @@ def child(overrides: list[str], t0: float, out: Path) -> None:
     ours.setLevel(logging.INFO)
     ours.propagate = False
     server_evals: list[tuple[float, float]] = []
-    scoring = server.run.evaluate_loss
+    scoring = server.cycle.run.evaluate_loss
 
     def timed_scoring(*args, **kwargs):
         start = time.time()
@@ -103,7 +103,7 @@ def child(overrides: list[str], t0: float, out: Path) -> None:
         finally:
             server_evals.append((start, time.time()))
 
-    server.run.evaluate_loss = timed_scoring
+    server.cycle.run.evaluate_loss = timed_scoring
     simulation.runner.make_client_app = _timed_client_app(simulation.runner.make_client_app, events)
     run_dir = simulation.runner.simulate(overrides)
     client = [json.loads(line) for line in Path(events).read_text().splitlines()] if Path(events).exists() else []

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-FEDRETRAIN = [sys.executable, "-m", "fedretrain.cli"]
+FEDRETRAIN = [sys.executable, "-m", "cli.main"]
 SITES = ("site-00", "site-01", "site-02")
 CYCLE = ["experiment=smoke", "rounds=2", "strategy.min_sites=3", "gate.require_approval=true",
          "train.local_steps=4", "train.batch_size=8", "model.max_length=64"]

@@ -47,7 +47,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedretrain.records import AdapterSpec
+from fedretrain.arrays import AdapterSpec
 from strategies import build_strategy
 
 HALF = 500  # lora_A [1, 500] and lora_B [500, 1]: 1,000 float32 parameters

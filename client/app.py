@@ -13,13 +13,13 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.install import receive_version
+from client.install.installer import receive_version
 from client.join import mark_clientapp
-from client.monitor import site_status
-from client.site import evaluate_round, train_round
+from client.status import site_status
+from client.round.site import evaluate_round, train_round
 from fedretrain import errors
 from fedretrain.config import Job, MonitorConfig, SiteConfig, build, site_config_from_node_config
-from fedretrain.records import from_array_record, to_array_record
+from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 
 log = logging.getLogger("fedretrain.client")
@@ -160,7 +160,7 @@ def _guarded(msg: Message, work: Callable[[], RecordDict]) -> Message:
     """``work``'s reply, or an error reply saying what failed (the site's own log keeps the paths).
 
     The reason does not name the site: the coordinator names it by the node whose key
-    it proved (server/grid.py), not by what the site says.
+    it proved (server/sites/grid.py), not by what the site says.
     """
     try:
         return Message(work(), reply_to=msg)

@@ -3,7 +3,7 @@
 The core package holds what sites and the coordinator share: typed config,
 data schema, model loading, adapters, privacy accounting and the training loop.
 It knows nothing of Flower messages or of argv; the edges (client/, server/,
-strategies/, simulation/, fedretrain.cli) translate to and from it.
+strategies/, simulation/, cli/) translate to and from it.
 """
 
 __version__ = "0.1.0"

@@ -19,10 +19,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedretrain.config import Config, compose_raw, overrides_from_run_config, to_yaml
 from fedretrain.config.parse import build
 from fedretrain.errors import ResumeError
-from server.grid import BoundGrid
-from server.roster import Roster
-from server.rundir import new_run_dir
-from server.run import run_retraining
+from server.sites.grid import BoundGrid
+from server.sites.roster import Roster
+from server.cycle.rundir import new_run_dir
+from server.cycle.run import run_retraining
 
 log = logging.getLogger("fedretrain.server")
 
@@ -68,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
     with ``resume`` the cycle in it goes on from its last complete round, under the
     config it was started with (its ``config.yaml``). ``sites-file`` names the
     coordinator's ``sites.json``: a reply counts only for the site whose registered key
-    its node proved (server/roster.py).
+    its node proved (server/sites/roster.py).
     """
     given = str(context.run_config.get("run-dir", "") or "").strip()
     resume = bool(context.run_config.get("resume", False))

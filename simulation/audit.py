@@ -6,7 +6,7 @@ Steinke, Nasr and Jagielski (2023), on the real site code path. The auditor
    its own generator (never the site's or the job's);
 2. writes one simulated site whose training data are some honest notes plus the
    canaries whose coin came up heads;
-3. runs that site through one cycle of ``rounds`` rounds with ``client.site.train_round``
+3. runs that site through one cycle of ``rounds`` rounds with ``client.round.site.train_round``
    (data validation, DP-SGD, the privacy ledger); each round's global adapter is the
    site's previous update, as in a one-site federation;
 4. scores each canary by how much its loss fell from the initial adapter to the final
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.site import site_model, train_round
+from client.round.site import site_model, train_round
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.data.encoding import encode_texts
 from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays, load_lora_model

@@ -23,7 +23,7 @@ from typing import Any
 from fedretrain.atomic import atomic_write_json, atomic_write_text
 from fedretrain.config import Config, SiteConfig, site_config_from_node_config
 from fedretrain.registry.signing import generate_keypair
-from server.roster import record_node
+from server.sites.roster import record_node
 from simulation.notes import site_notes, site_style, specialty_mix_for_site, validation_notes
 
 
@@ -106,7 +106,7 @@ class FederationSites:
 
     It is the simulation's runtime, not a site's code: the virtual node with
     ``partition-id`` k *is* site k, whatever its ``site.json`` says. With ``roster_dir``
-    it records each node id -> site id there (server/roster.py) before the node's first
+    it records each node id -> site id there (server/sites/roster.py) before the node's first
     reply, so the coordinator counts the node's replies for site k only.
 
     A plain class (not a closure) so Ray can pickle it into the client actors.

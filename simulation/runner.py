@@ -24,9 +24,9 @@ from fedretrain.config.parse import build
 from fedretrain.errors import ConfigError, SimulationFailed
 from fedretrain.modeling.loading import resolve_model_path
 from server.app import bind_sites, make_server_app
-from server.roster import Roster
-from server.rundir import new_run_dir
-from server.watch import Watcher, write_watch_summary
+from server.sites.roster import Roster
+from server.cycle.rundir import new_run_dir
+from server.watch.loop import Watcher, write_watch_summary
 from simulation.federation import Federation, FederationSites, build_federation
 
 log = logging.getLogger("fedretrain.simulation")

@@ -2,7 +2,7 @@
 
 Step 0: nothing is published, so the watch's first poll starts a cycle, which publishes
 version 1. At every later step each site ingests its new records through the real
-ingestion path (``client.ingest``); from ``scenario.drift_step`` on, the drifted sites'
+ingestion path (``client.ingest.pipeline``); from ``scenario.drift_step`` on, the drifted sites'
 records use new terminology and another mix of specialties. Then the coordinator's watch
 polls the sites (real ``query.status`` messages, scalars back), checks its triggers and
 runs a cycle when one fires, exactly as ``fedretrain coordinator watch`` does.
@@ -28,7 +28,7 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
-from client.ingest import ingest_records
+from client.ingest.pipeline import ingest_records
 from fedretrain.atomic import atomic_write_json
 from fedretrain.config import Config
 from fedretrain.data.encoding import encode_texts
@@ -36,9 +36,9 @@ from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays, load_
 from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
 from fedretrain.training.evaluate import evaluate_loss
-from server.publish import RegistryHandle, champion_adapter
-from server.report import finite_or_null
-from server.watch import Watcher, WatchEvent
+from server.cycle.publish import RegistryHandle, champion_adapter
+from server.cycle.report import finite_or_null
+from server.watch.loop import Watcher, WatchEvent
 from simulation.drift import ARRIVALS_EPOCH, fresh_probe, step_arrivals
 from simulation.federation import Federation, write_jsonl
 
@@ -208,7 +208,7 @@ def plot_drift(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from server.report import save_figure
+    from server.cycle.report import save_figure
 
     timeline = result["timeline"]
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)

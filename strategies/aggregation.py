@@ -4,7 +4,7 @@ This replaces Flower's ``aggregate_arrayrecords`` (flwr 1.41), which runs about
 10x below memory bandwidth for two reasons (research/performance.md §4):
 ``Array.numpy()`` deserializes every update with ``np.load``, copying it, and
 ``acc += value.numpy() * weight`` allocates a full-size temporary per addition.
-Here the inputs are zero-copy views (``fedretrain.records.from_array_record``) and
+Here the inputs are zero-copy views (``fedretrain.arrays.from_array_record``) and
 each client's tensors are added in place with one fused ``torch._foreach_add_`` per
 group of keys: read x, update acc, no temporary. A group's accumulators total at most
 4 MiB (``ACC_GROUP_BYTES``), so they stay in cache while the K inputs stream through,

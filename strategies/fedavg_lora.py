@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedretrain.errors import ReplyRejected
-from fedretrain.records import AdapterSpec, from_array_record, record_digest, to_array_record
+from fedretrain.arrays import AdapterSpec, from_array_record, record_digest, to_array_record
 from strategies.aggregation import weighted_average
 from strategies.update_bound import bound_update_norms
 from strategies.validation import (
@@ -131,7 +131,7 @@ class FedAvgLoRA(FedAvg):
         distance before averaging; None: no bound. Without a global adapter recorded
         by ``configure_train`` (a direct call), distances are taken from zero.
     site_of : Callable[[int], str | None] | None (default: None)
-        The site the runtime binds a node to (server/grid.py ``BoundGrid.site_of``):
+        The site the runtime binds a node to (server/sites/grid.py ``BoundGrid.site_of``):
         names the site of a left-out reply that carries none (an error reply, a
         silent site). Replies themselves reach the strategy already bound.
     baseline : ArrayRecord | None (default: None)

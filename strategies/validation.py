@@ -31,7 +31,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedretrain.errors import AdapterMismatchError, ReplyRejected
-from fedretrain.records import AdapterSpec, check_adapter, from_array_record, record_nbytes
+from fedretrain.arrays import AdapterSpec, check_adapter, from_array_record, record_nbytes
 
 # Nothing in a train reply depends on the site's records: no count, no training loss.
 # Epsilon and sigma follow from the job's fixed sampling rate and the site's ledger.
@@ -45,7 +45,7 @@ TRAIN_METRICS = (
 )
 
 # Noised sums of each held-out record's clipped loss change, and each noise's std
-# (client/site.py, fedretrain/privacy/release.py).
+# (client/round/site.py, fedretrain/privacy/release.py).
 EVALUATE_METRICS = ("num-examples", "diff-sum", "diff-sumsq", "num-examples-std", "diff-sum-std",
                     "diff-sumsq-std", "eval-clip")
 

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedretrain.errors import ReplyRejected
-from fedretrain.records import AdapterSpec, from_array_record, to_array_record
+from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from strategies import FedAvgLoRA, build_strategy
 from strategies import aggregation
 from strategies.aggregation import weighted_average

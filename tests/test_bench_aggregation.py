@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_aggregation import average_only, flower, make_round, ours, run  # noqa: E402
-from fedretrain.records import from_array_record  # noqa: E402
+from fedretrain.arrays import from_array_record  # noqa: E402
 from strategies.validation import TRAIN_METRICS  # noqa: E402
 from suite_rows import KEYS, finish_rows  # noqa: E402
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.install import receive_version
-from client.site import site_model
-from client.store import ModelStore
-from fedretrain.cli import main
+from client.install.installer import receive_version
+from client.round.site import site_model
+from client.install.model_store import ModelStore
+from cli.main import main
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.errors import RegistryError, VerificationError
 from fedretrain.modeling.loading import resolve_model_path
@@ -33,7 +33,7 @@ from fedretrain.registry.pointer import ChampionPointer, sign_pointer
 from fedretrain.registry.sidecar import write_pin
 from fedretrain.registry.signing import canonical_json, generate_keypair, key_id, load_private_key, sign
 from fedretrain.registry.store import Registry
-from server.publish import RegistryHandle, champion_adapter
+from server.cycle.publish import RegistryHandle, champion_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "site-a"

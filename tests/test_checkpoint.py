@@ -1,4 +1,4 @@
-"""server/checkpoint.py: hashed, atomic, per-round checkpoints on real safetensors files.
+"""server/cycle/checkpoint.py: hashed, atomic, per-round checkpoints on real safetensors files.
 
 Each test writes real checkpoints into tmp_path and damages them by hand the way a
 disk or a crash would.
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.checkpoint import KEEP, checkpoint_dir, load_latest, write_checkpoint
+from server.cycle.checkpoint import KEEP, checkpoint_dir, load_latest, write_checkpoint
 
 
 @pytest.fixture(autouse=True)
 def propagating_logs(monkeypatch):
-    # `fedretrain.cli.main` (run by other test files) turns propagation off on the
+    # `cli.main.main` (run by other test files) turns propagation off on the
     # "fedretrain" logger; caplog listens at the root, so turn it back on here.
     monkeypatch.setattr(logging.getLogger("fedretrain"), "propagate", True)
 

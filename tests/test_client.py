@@ -16,14 +16,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.site
+import client.round.site
 from client.app import ERROR_CODES, make_client_app
-from client.site import evaluate_round, train_round
+from client.round.site import evaluate_round, train_round
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.errors import DataValidationError, PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
 from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.records import NOT_PRIVATE_EPSILON, AdapterSpec, from_array_record, to_array_record
+from fedretrain.arrays import NOT_PRIVATE_EPSILON, AdapterSpec, from_array_record, to_array_record
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "site-a"
@@ -93,7 +93,7 @@ def test_a_coordinator_cannot_switch_dp_off_unless_the_site_allows_it(tmp_path, 
 def test_the_ledger_stays_locked_from_budget_check_to_record(tmp_path, job, initial_adapter, monkeypatch):
     site = make_site(tmp_path)
     lock_free_while_training = []
-    real_train = client.site.train_lora
+    real_train = client.round.site.train_lora
 
     def train_and_probe(*args, **kwargs):
         # What a second round at this site (another run) would try while this one trains.
@@ -107,7 +107,7 @@ def test_the_ledger_stays_locked_from_budget_check_to_record(tmp_path, job, init
             os.close(fd)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(client.site, "train_lora", train_and_probe)
+    monkeypatch.setattr(client.round.site, "train_lora", train_and_probe)
     train_round(site, job, initial_adapter, server_round=1)
     assert lock_free_while_training == [False]
 

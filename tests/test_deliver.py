@@ -13,7 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedretrain.config import Job, compose_config
 from fedretrain.registry.bundle import VersionBundle
-from server.publish import PUBLISH_MESSAGE, deliver
+from server.cycle.publish import PUBLISH_MESSAGE, deliver
 
 
 @pytest.fixture(autouse=True)

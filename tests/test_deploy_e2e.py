@@ -28,12 +28,12 @@ import safetensors.numpy
 
 from fedretrain.deploy.flower import flower_env
 from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.records import record_digest, to_array_record
+from fedretrain.arrays import record_digest, to_array_record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-FEDRETRAIN = [sys.executable, "-m", "fedretrain.cli"]
+FEDRETRAIN = [sys.executable, "-m", "cli.main"]
 FIRST = "fedretrain data synthesize"
 # The README's run, shrunk in time (its rounds and sites stay): fewer steps, smaller splits.
 SHRINK = ["train.local_steps=4", "train.batch_size=8", "train.eval_batch_size=32", "model.max_length=64"]

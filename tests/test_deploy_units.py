@@ -24,15 +24,15 @@ from flwr.common.config import parse_config_args
 import client.join
 import fedretrain.deploy.flower
 import fedretrain.modeling.loading
-import server.deploy
+import server.deploy.coordinator
 from client.join import (ClientAppWatchdog, JoinSettings, mark_clientapp, node_config_path, prepare_site,
                          supernode_command)
-from fedretrain.cli import main
+from cli.main import main
 from fedretrain.config import site_config_from_node_config
 from fedretrain.deploy.flower import split_address, toml_assignments, write_connection
 from fedretrain.errors import ConfigError, DeployError
 from server.app import run_log
-from server.deploy import Coordinator, absolute_paths, superlink_command
+from server.deploy.coordinator import Coordinator, absolute_paths, superlink_command
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "site-a"
 
@@ -49,7 +49,7 @@ def no_processes(monkeypatch):
         raise AssertionError("a process would have been started")
 
     monkeypatch.setattr(client.join, "start_supernode", refuse)
-    monkeypatch.setattr(server.deploy, "start_superlink", refuse)
+    monkeypatch.setattr(server.deploy.coordinator, "start_superlink", refuse)
     monkeypatch.setattr(fedretrain.deploy.flower, "supervise", refuse)
     monkeypatch.setattr(fedretrain.modeling.loading, "resolve_model_path", refuse)
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from client.site import site_model
+from client.round.site import site_model
 from fedretrain.config import Job, compose_config
 from fedretrain.data.encoding import encode_texts
 from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays

@@ -18,7 +18,7 @@ import pytest
 
 from fedretrain.deploy.filemodes import private_dir, private_file
 from fedretrain.registry.signing import generate_keypair
-from server.deploy import Coordinator, prepare_private_state, start_superlink
+from server.deploy.coordinator import Coordinator, prepare_private_state, start_superlink
 
 
 def _mode(path: Path) -> int:

@@ -1,4 +1,4 @@
-"""A reply counts only for the site whose key its node proved (server/roster.py, server/grid.py).
+"""A reply counts only for the site whose key its node proved (server/sites/roster.py, server/sites/grid.py).
 
 Replies are hand-made as Flower's grids return them: each answers the instruction it
 names (``reply_to_message_id``); Flower's SuperLink answers for a node it lost with an
@@ -17,9 +17,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedretrain.errors import DeployError
-from fedretrain.records import AdapterSpec, from_array_record, to_array_record
-from server.grid import CLAIMS_ANOTHER_SITE, UNREGISTERED_NODE, BoundGrid
-from server.roster import Roster, record_node
+from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
+from server.sites.grid import CLAIMS_ANOTHER_SITE, UNREGISTERED_NODE, BoundGrid
+from server.sites.roster import Roster, record_node
 from simulation.federation import FederationSites
 from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RejectedReply
@@ -231,7 +231,7 @@ def test_the_simulations_site_resolver_binds_a_node_by_its_partition_not_by_its_
 
 
 def test_the_summary_names_the_sites_left_out_of_a_round_that_lost_its_quorum():
-    from server.summary import refusals
+    from server.cycle.summary import refusals
     from strategies.fedavg_lora import RoundLog
 
     # Round 2 lost its quorum: it was never scored, so only the strategy's round log has it.

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from client.ingest import IngestReport, ingest_file, ingest_inbox, ingest_records, recover_store
-from fedretrain.cli import main
+from client.ingest.pipeline import IngestReport, ingest_file, ingest_inbox, ingest_records, recover_store
+from cli.main import main
 from fedretrain.config import SiteConfig
-from fedretrain.data.schema import read_records
+from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError, DataValidationError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,10 +207,10 @@ def test_logs_carry_counts_only(tmp_path):
 
 _CRASH = """
 import json, os, signal, sys
-import client.journal as journal
-from client.ingest import ingest_file
+import client.ingest.journal as journal
+from client.ingest.pipeline import ingest_file
 from fedretrain.config import SiteConfig
-from fedretrain.data.schema import read_records
+from fedretrain.data.notes import read_records
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)

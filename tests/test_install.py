@@ -18,10 +18,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import ERROR_CODES, make_client_app
-from client.generate import generate
-from client.install import receive_version
-from client.site import site_model
-from client.store import ModelStore
+from client.install.generate import generate
+from client.install.installer import receive_version
+from client.round.site import site_model
+from client.install.model_store import ModelStore
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.errors import RegistryError, VerificationError
 from fedretrain.modeling.loading import resolve_model_path

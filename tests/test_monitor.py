@@ -1,4 +1,4 @@
-"""A site's status reply (client/monitor.py): counts, scores only with enough new data,
+"""A site's status reply (client/status.py): counts, scores only with enough new data,
 drift that shows, privacy totals, and nothing but finite scalars under the promised keys.
 """
 
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import safetensors.torch
 
-from client.monitor import format_status, site_status
-from client.reference import save_reference
-from client.site import site_model
-from client.store import ModelStore
+from client.status import format_status, site_status
+from client.ingest.reference import save_reference
+from client.round.site import site_model
+from client.install.model_store import ModelStore
 from fedretrain.config import Job, MonitorConfig, SiteConfig, compose_config
 from fedretrain.modeling.lora_model import adapter_arrays
-from fedretrain.records import to_torch_state_dict
+from fedretrain.arrays import to_torch_state_dict
 from fedretrain.registry.bundle import VersionBundle
 from simulation.drift import step_arrivals
 from simulation.notes import site_notes, specialty_mix_for_site, site_style
@@ -127,7 +127,7 @@ def test_the_installed_version_is_the_one_scored(tmp_path, fixed_sigma):
     save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
     arrive(site, 20, drifted=False)
     base = site_status(site, job, MONITOR)
-    # Install version 3 by hand (the store does not verify; client/install.py does).
+    # Install version 3 by hand (the store does not verify; client/install/installer.py does).
     adapter = {k: np.full_like(v, 0.02) for k, v in adapter_arrays(site_model(job, "cpu").model).items()}
     files = {"adapter_model.safetensors": safetensors.torch.save(to_torch_state_dict(adapter))}
     ModelStore(site.model_store_path).install(VersionBundle(b'{"version": 3}', b"sig", files), via="publish")

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedretrain.cli import main
+from cli.main import main
 from fedretrain.deploy.pki import (create_ca, create_site_keypair, issue_superlink_cert, load_ca,
                                    ssh_fingerprint)
 from fedretrain.errors import ConfigError, KeyFileError

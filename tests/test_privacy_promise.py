@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.site import evaluate_round, train_round
+from client.round.site import evaluate_round, train_round
 from fedretrain.config import Job, SiteConfig, compose_config, site_config_from_node_config
 from fedretrain.errors import ConfigError, EvaluationRefused, PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FEDRETRAIN = [sys.executable, "-m", "fedretrain.cli"]
+FEDRETRAIN = [sys.executable, "-m", "cli.main"]
 SHRINK = ["rounds=1", "data.records_per_site=40", "data.validation_records=40", "train.local_steps=2"]
 
 

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord
 from numpy.lib import format as npy_format
 
 from fedretrain.errors import AdapterMismatchError
-from fedretrain.records import (
+from fedretrain.arrays import (
     AdapterSpec,
     check_adapter,
     from_array_record,

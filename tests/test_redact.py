@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.redact import Redactor
+from client.ingest.redact import Redactor
 from simulation.notes import site_notes, site_style, specialty_mix_for_site
 
 MRN = r"MRN-?[0-9]{6}"

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedretrain.errors import KeyFileError, RegistryError
 from fedretrain.registry.bundle import ADAPTER_FILES, verify_rollback
-from fedretrain.registry.commands import add_keys_commands, add_registry_commands
+from cli.registry import add_keys_commands, add_registry_commands
 from fedretrain.registry.signing import generate_keypair, key_id, load_private_key, verify_signature
 from fedretrain.registry.store import Registry
 

@@ -18,11 +18,11 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 import strategies.validation
-from client.site import train_round
+from client.round.site import train_round
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
 from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.records import AdapterSpec, record_digest, to_array_record
+from fedretrain.arrays import AdapterSpec, record_digest, to_array_record
 from strategies import FedAvgLoRA
 from strategies.validation import max_reply_bytes
 

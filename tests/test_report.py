@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from server.report import RunRecorder, format_summary
+from server.cycle.report import RunRecorder, format_summary
 
 
 def test_run_files_record_a_broken_figure_as_null(tmp_path):

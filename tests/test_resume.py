@@ -1,4 +1,4 @@
-"""server/resume.py: what a round's checkpoint keeps, and how a resumed cycle takes it back
+"""server/cycle/resume.py: what a round's checkpoint keeps, and how a resumed cycle takes it back
 (real checkpoints in tmp_path, a real FedAvgLoRA, a hand-made round log).
 """
 
@@ -12,8 +12,8 @@ import torch
 
 from fedretrain.config import Job
 from fedretrain.errors import ResumeError
-from fedretrain.records import AdapterSpec, from_array_record, to_array_record
-from server.resume import CheckpointWriter, check_registry_pointer, privacy_totals, resume_point
+from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
+from server.cycle.resume import CheckpointWriter, check_registry_pointer, privacy_totals, resume_point
 from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RejectedReply, RoundLog
 

@@ -1,4 +1,4 @@
-"""server/rounds.py: the round loop with a deadline and a quorum, driven by a real FedAvgLoRA
+"""server/cycle/rounds.py: the round loop with a deadline and a quorum, driven by a real FedAvgLoRA
 through a fake Grid that answers like sites do (no Flower processes, no training).
 
 A fake site "trains" by adding its node id to every value of the global adapter it was
@@ -19,10 +19,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedretrain.errors import QuorumLost
-from fedretrain.records import AdapterSpec, from_array_record, to_array_record
-from server.grid import BoundGrid
-from server.roster import Roster
-from server.rounds import RoundPolicy, random_state, restore_random_state, run_rounds
+from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
+from server.sites.grid import BoundGrid
+from server.sites.roster import Roster
+from server.cycle.rounds import RoundPolicy, random_state, restore_random_state, run_rounds
 from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RejectedReply
 
@@ -41,7 +41,7 @@ def serverapp_identity(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def propagating_logs(monkeypatch):
-    # `fedretrain.cli.main` (run by other test files) turns propagation off on "fedretrain".
+    # `cli.main.main` (run by other test files) turns propagation off on "fedretrain".
     monkeypatch.setattr(logging.getLogger("fedretrain"), "propagate", True)
 
 

@@ -28,7 +28,7 @@ def test_drift_is_detected_retrained_published_and_recovers(tmp_path):
     assert SCENARIO_COMMAND in [c for block in readme_blocks() for c in block]
 
     # Execute
-    proc = subprocess.run([sys.executable, "-m", "fedretrain.cli", *shlex.split(SCENARIO_COMMAND)[1:], *SHRINK,
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *shlex.split(SCENARIO_COMMAND)[1:], *SHRINK,
                            f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
 
     # Assert

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fedretrain.data.schema import Record, read_records
+from fedretrain.data.notes import Record, read_records
 from fedretrain.errors import DataValidationError
 
 
@@ -98,9 +98,9 @@ def test_csv_without_text_column_is_refused(tmp_path):
 def test_cli_validate_exits_nonzero_on_a_bad_file_and_names_it(tmp_path):
     good = _write(tmp_path, "good.jsonl", '{"text": "fine"}\n')
     bad = _write(tmp_path, "bad.jsonl", '{"text": "fine"}\n{"txt": "typo"}\n')
-    ok = subprocess.run([sys.executable, "-m", "fedretrain.cli", "data", "validate", str(good)],
+    ok = subprocess.run([sys.executable, "-m", "cli.main", "data", "validate", str(good)],
                         capture_output=True, text=True)
-    fail = subprocess.run([sys.executable, "-m", "fedretrain.cli", "data", "validate", str(good), str(bad)],
+    fail = subprocess.run([sys.executable, "-m", "cli.main", "data", "validate", str(good), str(bad)],
                           capture_output=True, text=True)
     assert ok.returncode == 0 and "1 records" in ok.stdout
     assert fail.returncode == 1

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def simulate(*overrides: str, timeout: int = 420) -> tuple[Path, str]:
-    proc = subprocess.run([sys.executable, "-m", "fedretrain.cli", "simulate", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "simulate", *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
@@ -48,7 +48,7 @@ def first_run(federation, tmp_path_factory):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedretrain.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from fedretrain.config.schema import TriggerConfig
 from fedretrain.errors import ReplyRejected
-from server.triggers import TRIGGERS, SiteStatus, evaluate_triggers, format_decision
+from server.watch.triggers import TRIGGERS, SiteStatus, evaluate_triggers, format_decision
 
 # Every trigger off; each test turns on the one it checks.
 OFF = TriggerConfig(new_records=None, drift_js=None, drift_hidden=None, performance_margin=None, schedule_s=None)

@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedretrain.config import compose_config
 from fedretrain.config.schema import StrategyConfig
 from fedretrain.errors import ConfigError
-from fedretrain.records import AdapterSpec, from_array_record, to_array_record
+from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RoundLog
 from strategies.update_bound import bound_update_norms, update_norm

@@ -18,14 +18,14 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-import server.watch
+import server.watch.loop
 from fedretrain.config import compose_config
 from fedretrain.errors import CycleBusy
-from server.broadcast import broadcast
-from server.grid import SiteSubset
-from server.monitor import STATUS_MESSAGE
-from server.run import cycle_lock_path
-from server.watch import Watcher, request_retrain
+from server.sites.broadcast import broadcast
+from server.sites.grid import SiteSubset
+from server.watch.poll import STATUS_MESSAGE
+from server.cycle.run import cycle_lock_path
+from server.watch.loop import Watcher, request_retrain
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +85,7 @@ def cycles(monkeypatch):
                 "published_version": len(calls), "pending_version": None,
                 "sites": {"site-a": {"epsilon": 4.0}, "site-b": {"epsilon": 4.5}}}
 
-    monkeypatch.setattr(server.watch, "run_retraining", fake_run)
+    monkeypatch.setattr(server.watch.loop, "run_retraining", fake_run)
     return calls
 
 
@@ -176,7 +176,7 @@ def test_a_failed_cycle_is_recorded_and_the_watch_goes_on(tmp_path, cfg, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(server.watch, "run_retraining", broken)
+    monkeypatch.setattr(server.watch.loop, "run_retraining", broken)
     grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5)),
                         3: Error(code=4101, reason="site site-c: DataValidationError: bad file")})
     watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
@@ -195,7 +195,7 @@ def test_losing_the_race_for_the_cycle_lock_is_a_hold_not_a_cycle(tmp_path, cfg,
     def busy(*args, **kwargs):
         raise CycleBusy("another retraining cycle is running on this registry")
 
-    monkeypatch.setattr(server.watch, "run_retraining", busy)
+    monkeypatch.setattr(server.watch.loop, "run_retraining", busy)
     (Path(cfg.registry.root) / "champion.json").write_text('{"version": 1}')
     watcher = Watcher(status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))}), cfg, tmp_path / "runs",
                       "yaml")
@@ -245,7 +245,7 @@ def test_run_polls_on_its_interval(tmp_path, cfg, cycles):
 
 
 def test_a_poll_waits_for_sites_still_connecting_but_not_forever():
-    from server.grid import wait_for_nodes
+    from server.sites.grid import wait_for_nodes
 
     starting = Mock(spec=Grid)
     starting.get_node_ids.side_effect = [[], [4], [4, 2], [4, 2, 9]]

@@ -171,7 +171,7 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """When a candidate adapter may be published (server/gate.py has the policy in full)."""
+    """When a candidate adapter may be published (server/cycle/gate.py has the policy in full)."""
 
     margin: float = 0.01
     confidence: float = 0.95
@@ -210,7 +210,7 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """What each site measures when the coordinator asks for its status (client/monitor.py)."""
+    """What each site measures when the coordinator asks for its status (client/status.py)."""
 
     sample_records: int = 200     # records drawn from each window (reference, new) for the scores
     min_new_records: int = 20     # fewer new records than this: no drift or loss scores, only counts
@@ -226,7 +226,7 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class TriggerConfig:
-    """When the coordinator starts a retraining cycle (server/triggers.py). null turns a trigger off."""
+    """When the coordinator starts a retraining cycle (server/watch/triggers.py). null turns a trigger off."""
 
     new_records: int | None = None          # new records summed over the sites
     drift_js: float | None = 0.03           # token Jensen-Shannon divergence (bits, 0..1) at a site ...

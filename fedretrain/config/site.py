@@ -120,7 +120,7 @@ class SiteConfig:
 
     @property
     def reference_path(self) -> Path:
-        """Which records the site trained on in its last cycle (client/reference.py)."""
+        """Which records the site trained on in its last cycle (client/ingest/reference.py)."""
         return self.state_path / "reference.json"
 
     @property

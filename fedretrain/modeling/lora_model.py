@@ -22,7 +22,7 @@ from fedretrain.modeling.loading import (
     select_device,
     select_dtype,
 )
-from fedretrain.records import AdapterSpec, check_adapter, from_torch_state_dict, to_torch_state_dict
+from fedretrain.arrays import AdapterSpec, check_adapter, from_torch_state_dict, to_torch_state_dict
 
 
 @dataclass

@@ -12,9 +12,9 @@ Modules, by concept:
 - :mod:`~fedretrain.registry.lifecycle`  what status a version has
 - :mod:`~fedretrain.registry.audit`      ``fedretrain registry verify``
 - :mod:`~fedretrain.registry.sidecar`    pinned key, decision log, site pseudonyms
-- :mod:`~fedretrain.registry.commands`   the ``keys`` and ``registry`` CLI commands
+- :mod:`~cli.registry`   the ``keys`` and ``registry`` CLI commands
 
-Names are imported lazily: ``fedretrain.registry.commands`` must not load torch.
+Names are imported lazily: ``cli.registry`` must not load torch.
 """
 
 from __future__ import annotations

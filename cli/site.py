@@ -1,4 +1,4 @@
-"""``fedretrain site ingest``: parse, call ``client.ingest``, print one line per file.
+"""``fedretrain site ingest``: parse, call ``client.ingest.pipeline``, print one line per file.
 
 The core is imported inside the handler, like every command's, so that the CLI
 starts fast; ingestion needs neither torch nor Flower.
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fedretrain.errors import FedretrainError
 
 if TYPE_CHECKING:
-    from client.ingest import IngestReport
+    from client.ingest.pipeline import IngestReport
     from fedretrain.config import SiteConfig
 
 
@@ -114,7 +114,7 @@ def _site_join(args: argparse.Namespace) -> int:
 
 
 def _site_ingest(args: argparse.Namespace) -> int:
-    from client.ingest import ingest_file
+    from client.ingest.pipeline import ingest_file
 
     _check_arguments(args)
     site = _read_site(args.site_config)
@@ -133,7 +133,7 @@ def _site_ingest(args: argparse.Namespace) -> int:
 
 
 def _site_status(args: argparse.Namespace) -> int:
-    from client.monitor import format_status, site_status
+    from client.status import format_status, site_status
     from fedretrain.config import Job, compose_config
 
     site = _read_site(args.site_config)
@@ -144,7 +144,7 @@ def _site_status(args: argparse.Namespace) -> int:
 
 def _poll_inbox(site: SiteConfig, inbox: str | None, watch: float | None,
                 max_polls: int | None) -> list[IngestReport]:
-    from client.ingest import ingest_inbox
+    from client.ingest.pipeline import ingest_inbox
 
     reports: list[IngestReport] = []
     polls = 0

@@ -1,6 +1,6 @@
 """The coordinator's status poll: one ``query.status`` message to every site, scalars back.
 
-Each site answers with counts and scores computed on its own premises (client/monitor.py):
+Each site answers with counts and scores computed on its own premises (client/status.py):
 new records, drift, the published model's loss on new data, its privacy totals. The
 reply is parsed into a ``SiteStatus``; a malformed or refused reply is listed with its
 reason and the poll goes on without that site.
@@ -17,8 +17,8 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedretrain.config import Job, MonitorConfig
-from server.broadcast import broadcast
-from server.triggers import SiteStatus
+from server.sites.broadcast import broadcast
+from server.watch.triggers import SiteStatus
 
 STATUS_MESSAGE = "query.status"
 

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from server.grid import bound_site, node_name, wait_for_nodes
+from server.sites.grid import bound_site, node_name, wait_for_nodes
 
 log = logging.getLogger("fedretrain.server")
 

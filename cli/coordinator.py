@@ -1,6 +1,6 @@
 """``fedretrain coordinator start|register|run|status``: the coordinator on Flower's deployment engine.
 
-Each handler parses, calls ``server.deploy``, prints. The modules are imported inside
+Each handler parses, calls ``server.deploy.coordinator``, prints. The modules are imported inside
 the handlers so that the CLI starts fast.
 """
 
@@ -65,7 +65,7 @@ def _dir(parser: argparse.ArgumentParser) -> None:
 def _start(args: argparse.Namespace) -> int:
     from fedretrain.deploy.flower import supervise
     from fedretrain.errors import DeployError
-    from server.deploy import Coordinator, register_site, start_superlink
+    from server.deploy.coordinator import Coordinator, register_site, start_superlink
 
     if args.insecure == bool(args.keys):
         raise DeployError("give --keys (TLS and node authentication) or --insecure (a test bench only)")
@@ -82,7 +82,7 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from server.deploy import Coordinator, register_site
+    from server.deploy.coordinator import Coordinator, register_site
 
     coord = Coordinator(args.dir)
     for key in args.public_keys:
@@ -91,7 +91,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from server.deploy import Coordinator, submit_run, wait_for_run
+    from server.deploy.coordinator import Coordinator, submit_run, wait_for_run
 
     coord = Coordinator(args.dir)
     run_id, run_dir = submit_run(coord, list(args.overrides), resume=args.resume)
@@ -115,7 +115,7 @@ def _outcome(summary: dict[str, Any]) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from server.deploy import Coordinator, status
+    from server.deploy.coordinator import Coordinator, status
 
     report = status(Coordinator(args.dir))
     if args.json:

@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedretrain.errors import QuorumLost
-from server.grid import NO_REPLY, SiteSubset, node_name, wait_for_nodes
+from server.sites.grid import NO_REPLY, SiteSubset, node_name, wait_for_nodes
 
 log = logging.getLogger("fedretrain.server")
 
@@ -91,7 +91,7 @@ def run_rounds(grid: Grid, strategy: Any, arrays: ArrayRecord, *, first_round: i
         arrays = new_arrays
         if server_round == num_rounds:
             # Sites score only the cycle's final candidate, the one the gate decides on: each
-            # evaluation is a noised release charged to their budgets (client/site.py).
+            # evaluation is a noised release charged to their budgets (client/round/site.py).
             replies = _exchange(grid, strategy.configure_evaluate(server_round, arrays, evaluate_config,
                                                                   round_grid), policy)
             strategy.aggregate_evaluate(server_round, replies)

@@ -37,16 +37,16 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client.site import site_model
-from client.store import ModelStore
+from client.round.site import site_model
+from client.install.model_store import ModelStore
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
-from fedretrain.data.schema import read_records
+from fedretrain.data.notes import read_records
 from fedretrain.atomic import atomic_write_json
 from fedretrain.errors import KeyFileError, VerificationError
 from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
-from fedretrain.records import from_torch_state_dict
+from fedretrain.arrays import from_torch_state_dict
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle, verify_bundle, verify_rollback
 from fedretrain.registry.manifest import sha256_hex

@@ -5,7 +5,7 @@ sites out (their privacy budget cannot pay for it) hands the strategy a
 :class:`SiteSubset`, so those sites are never sampled, rather than sampled and refused.
 
 :class:`BoundGrid` is the grid every part of a cycle talks through: a reply counts for
-the site the roster binds its node to (server/roster.py), and only for that one.
+the site the roster binds its node to (server/sites/roster.py), and only for that one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flwr.app import Error, Message
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from server.roster import Roster
+from server.sites.roster import Roster
 
 
 log = logging.getLogger("fedretrain.server")
@@ -28,7 +28,7 @@ UNREGISTERED_NODE = 4201
 CLAIMS_ANOTHER_SITE = 4202
 NO_REPLY = 4203
 # Flower's SuperLink writes the error reply for a node it lost from its own node id.
-SUPERLINK_NODE_ID = 1  # written by the round loop for a site silent past the deadline (server/rounds.py)
+SUPERLINK_NODE_ID = 1  # written by the round loop for a site silent past the deadline (server/cycle/rounds.py)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, *, poll_s: float = 0.5) -> list[int]:

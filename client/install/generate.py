@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from client.store import ModelStore
+from client.install.model_store import ModelStore
 from fedretrain.errors import VerificationError
 from fedretrain.modeling.loading import load_base_model, load_tokenizer, resolve_model_path, select_device, select_dtype
 from fedretrain.registry.base_model import base_model_identity

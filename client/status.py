@@ -1,7 +1,7 @@
 """A site's status: what arrived since it last trained, how different it looks, what it can still spend.
 
 The coordinator polls every site (``query.status``) and decides from the replies
-whether to start a retraining cycle (server/triggers.py). Everything in a reply is
+whether to start a retraining cycle (server/watch/triggers.py). Everything in a reply is
 a count or a score computed here, on the site's premises: no record, token or
 identifier leaves. Keys of the reply:
 
@@ -37,14 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from client.ingest import recover_store
-from client.reference import Reference, load_reference
-from client.site import noise_multiplier, site_model
-from client.store import ModelStore
+from client.ingest.pipeline import recover_store
+from client.ingest.reference import Reference, load_reference
+from client.round.site import noise_multiplier, site_model
+from client.install.model_store import ModelStore
 from fedretrain.config import Job, MonitorConfig, SiteConfig
 from fedretrain.atomic import atomic_write_json
 from fedretrain.data.encoding import encode_texts
-from fedretrain.data.schema import optional_texts, read_records
+from fedretrain.data.notes import optional_texts, read_records
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
 from fedretrain.monitoring.drift import hidden_state_shift, mean_hidden_states, token_js_divergence
 from fedretrain.privacy.accounting import epsilon_for_history

@@ -8,7 +8,7 @@ from typing import Any
 
 from fedretrain.config import Config
 from fedretrain.modeling.lora_model import LoraModel
-from fedretrain.records import NOT_PRIVATE_EPSILON
+from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.training.evaluate import LossStats
 
 
@@ -32,7 +32,7 @@ def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, ro
     }
     if round_log is None:
         return entry
-    # A train reply carries nothing that depends on the site's records (client/site.py).
+    # A train reply carries nothing that depends on the site's records (client/round/site.py).
     sites = {
         site: {"epsilon": _epsilon(m["epsilon"]), "epsilon_ceiling": float(m["epsilon-ceiling"]),
                "delta": float(m["delta"]), "noise_multiplier": float(m["noise-multiplier"]),

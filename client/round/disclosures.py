@@ -9,7 +9,7 @@ different one later is refused, and the same one gets the same noised answer aga
                                     "trained": ["<run>/<round>", ...],
                                     "evaluated": {"<run>/<round>": {"candidate": sha256, "metrics": {...}}}}
 
-Read and written under the ledger lock (client/site.py), atomically.
+Read and written under the ledger lock (client/round/site.py), atomically.
 """
 
 from __future__ import annotations

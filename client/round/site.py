@@ -18,20 +18,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.ingest import recover_store
-from client.reference import save_reference
-from client.disclosures import Disclosures, adapter_digest
-from client.replies import ReplyKey, load_reply, save_reply
-from client.store import ModelStore
+from client.ingest.pipeline import recover_store
+from client.ingest.reference import save_reference
+from client.round.disclosures import Disclosures, adapter_digest
+from client.round.replies import ReplyKey, load_reply, save_reply
+from client.install.model_store import ModelStore
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
-from fedretrain.data.schema import optional_texts, read_records
+from fedretrain.data.notes import optional_texts, read_records
 from fedretrain.errors import ConfigError, EvaluationRefused, PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.privacy.accounting import HistoryEntry, epsilon_for_history, noise_multiplier_for_target, sigma_to_fit
 from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
 from fedretrain.privacy.release import RELEASE_SAMPLE_RATE, RELEASE_STEPS, gaussian_release
-from fedretrain.records import NOT_PRIVATE_EPSILON
+from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.training.dp import DPParams, TrainParams, train_lora
 from fedretrain.training.evaluate import evaluate_loss
 
@@ -84,9 +84,9 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
                      site.site_id, server_round, job.run_id)
             return TrainOutcome(adapter=kept[0], metrics=kept[1])
         outcome = _train_and_record(site, job, global_adapter, server_round, texts)
-        if key is not None:  # after the ledger recorded the spend (client/replies.py)
+        if key is not None:  # after the ledger recorded the spend (client/round/replies.py)
             save_reply(site.state_path, key, outcome.adapter, outcome.metrics)
-    # What this cycle trained on is the reference its drift is measured against (client/monitor.py).
+    # What this cycle trained on is the reference its drift is measured against (client/status.py).
     save_reference(site, job.run_id, *window, heldout)
     return outcome
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedretrain.data.schema import csv_rows, jsonl_lines, parse_jsonl_line
+from fedretrain.data.notes import csv_rows, jsonl_lines, parse_jsonl_line
 from fedretrain.errors import DataValidationError
 
 # Bytes that are not UTF-8 survive decoding as lone surrogates U+DC80..U+DCFF ("surrogateescape").

@@ -1,8 +1,8 @@
 """The coordinator's watch: poll the sites, check the triggers, run a cycle when one fires.
 
-Every poll sends each site a ``query.status`` message (scalars back, server/monitor.py),
-checks the triggers (server/triggers.py) and, when one fires, runs one retraining cycle
-(server/run.py) with the sites whose privacy budget can pay for it; the cycle ends with a
+Every poll sends each site a ``query.status`` message (scalars back, server/watch/poll.py),
+checks the triggers (server/watch/triggers.py) and, when one fires, runs one retraining cycle
+(server/cycle/run.py) with the sites whose privacy budget can pay for it; the cycle ends with a
 published version or with the gate's reason for publishing nothing. Everything the watch
 decides is written below the registry, so an operator can read it and a restarted watch
 goes on where it stopped:
@@ -32,11 +32,11 @@ from fedretrain.atomic import atomic_write_json, file_lock
 from fedretrain.config import Config, Job
 from fedretrain.errors import ConfigError, CycleBusy
 from fedretrain.registry.store import Registry
-from server.report import finite_or_null
-from server.monitor import StatusPoll, poll_status
-from server.rundir import new_run_dir
-from server.run import cycle_lock_path, run_retraining
-from server.triggers import TriggerDecision, evaluate_triggers, format_decision
+from server.cycle.report import finite_or_null
+from server.watch.poll import StatusPoll, poll_status
+from server.cycle.rundir import new_run_dir
+from server.cycle.run import cycle_lock_path, run_retraining
+from server.watch.triggers import TriggerDecision, evaluate_triggers, format_decision
 
 log = logging.getLogger("fedretrain.server")
 

@@ -3,13 +3,13 @@
 ``CheckpointWriter.write`` is the round loop's ``on_round_end``: it saves the global
 adapter, the strategy's state (its round log and any server optimiser tensors), the
 coordinator's random state, the sites' privacy totals as they reported them, and the
-registry pointer (server/checkpoint.py writes it atomically, with hashes).
+registry pointer (server/cycle/checkpoint.py writes it atomically, with hashes).
 ``resume_point`` finds the last complete round of a run; ``CheckpointWriter.restore``
 puts the strategy and random state back and returns the adapter to go on from.
 
 A resumed cycle keeps its run id, so each site sees the same (run, round) again: a
 round the site already trained is answered from its kept reply without a second
-privacy spend (client/replies.py), and the rounds and the privacy totals line up with
+privacy spend (client/round/replies.py), and the rounds and the privacy totals line up with
 a run that was never interrupted.
 """
 
@@ -23,9 +23,9 @@ from flwr.app import ArrayRecord
 
 from fedretrain.config import Job
 from fedretrain.errors import ResumeError
-from fedretrain.records import from_array_record, to_array_record
-from server.checkpoint import Checkpoint, load_latest, write_checkpoint
-from server.rounds import random_state, restore_random_state
+from fedretrain.arrays import from_array_record, to_array_record
+from server.cycle.checkpoint import Checkpoint, load_latest, write_checkpoint
+from server.cycle.rounds import random_state, restore_random_state
 
 log = logging.getLogger("fedretrain.server")
 

@@ -4,7 +4,7 @@ Candidate and baseline are scored on the same data twice over: the coordinator's
 validation set (per-record losses, so a paired bootstrap over records is possible)
 and each site's held-out data. A site returns the count, sum and sum of squares of
 its records' clipped loss changes, each with Gaussian noise whose standard deviation
-it states (client/site.py); the intervals below widen by that noise. The policy
+it states (client/round/site.py); the intervals below widen by that noise. The policy
 (``conf/gate/``) passes a candidate only when
 
 1. ``margin``: validation loss falls by at least ``gate.margin`` nats;

@@ -8,7 +8,7 @@ records that were refused. For each incoming record, in input order:
    or timestamp of the wrong type...) goes to quarantine with the field and reason;
    its raw line stays on the site's premises, masked like any text when the site
    redacts;
-2. with ``redact=true`` the text is masked (``client.redact``) before it is hashed
+2. with ``redact=true`` the text is masked (``client.ingest.redact``) before it is hashed
    or stored;
 3. a duplicate is dropped: a record with an id whose id is already stored (train or
    held-out) or earlier in the batch; one without an id whose text (after masking)
@@ -19,7 +19,7 @@ records that were refused. For each incoming record, in input order:
 
 Atomicity: under the store lock (``<state-dir>/store.lock``) the new full contents
 of each changed file are written beside it, then one journal commits them all
-(``client.journal``): a crash leaves the store as it was before the ingest or as
+(``client.ingest.journal``): a crash leaves the store as it was before the ingest or as
 it is after it, never in between. Every ingest first finishes or discards what an
 interrupted one left (``recover_store``). Logs carry counts only.
 """
@@ -35,10 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client import journal
-from client.batch import Batch
-from client.incoming import Incoming, from_mappings, read_incoming
-from client.redact import KINDS, Redactor
+from client.ingest import journal
+from client.ingest.batch import Batch
+from client.ingest.incoming import Incoming, from_mappings, read_incoming
+from client.ingest.redact import KINDS, Redactor
 from fedretrain.atomic import file_lock, fsync_dir
 from fedretrain.config import SiteConfig
 from fedretrain.errors import ConfigError, DataValidationError

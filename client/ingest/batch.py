@@ -1,8 +1,8 @@
 """One ingest batch sorted record by record: quarantine, mask, drop duplicates, split.
 
-``client.ingest`` owns the store and its transaction; this module only decides, for
+``client.ingest.pipeline`` owns the store and its transaction; this module only decides, for
 each incoming record, which line (if any) it becomes in which file. The rules are
-stated in ``client.ingest``.
+stated in ``client.ingest.pipeline``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from client.incoming import Incoming
-from client.redact import KINDS, Redactor
-from fedretrain.data.schema import Record, validate_record
+from client.ingest.incoming import Incoming
+from client.ingest.redact import KINDS, Redactor
+from fedretrain.data.notes import Record, validate_record
 from fedretrain.errors import DataValidationError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

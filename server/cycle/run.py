@@ -23,20 +23,20 @@ from flwr.serverapp import Grid
 
 from fedretrain.config import Config, Job
 from fedretrain.data.encoding import encode_texts
-from fedretrain.data.schema import read_records
+from fedretrain.data.notes import read_records
 from fedretrain.atomic import file_lock
 from fedretrain.errors import ConfigError, CycleBusy, QuorumLost
 from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays, load_lora_model
-from fedretrain.records import from_array_record, to_array_record
+from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.training.evaluate import LossStats, evaluate_loss
-from server.checkpoint import Checkpoint
-from server.gate import PENDING, PUBLISH, SiteEvaluation, decide
-from server.publish import RegistryHandle, champion_adapter, deliver, open_registry, publish_candidate
-from server.grid import SiteSubset, bound_site
-from server.report import RunRecorder, finite_or_null, format_summary
-from server.resume import CheckpointWriter, check_registry_pointer, resume_point
-from server.rounds import RoundPolicy, run_rounds
-from server.summary import build_summary, round_entry
+from server.cycle.checkpoint import Checkpoint
+from server.cycle.gate import PENDING, PUBLISH, SiteEvaluation, decide
+from server.cycle.publish import RegistryHandle, champion_adapter, deliver, open_registry, publish_candidate
+from server.sites.grid import SiteSubset, bound_site
+from server.cycle.report import RunRecorder, finite_or_null, format_summary
+from server.cycle.resume import CheckpointWriter, check_registry_pointer, resume_point
+from server.cycle.rounds import RoundPolicy, run_rounds
+from server.cycle.summary import build_summary, round_entry
 from strategies import build_strategy
 
 log = logging.getLogger("fedretrain.server")
@@ -110,7 +110,7 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
         site_of=functools.partial(bound_site, grid),
         baseline=to_array_record(champion.arrays) if champion is not None else None,
         fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
-        # Rounds sample from the sites connected at their start (server/rounds.py waits
+        # Rounds sample from the sites connected at their start (server/cycle/rounds.py waits
         # for them up to the deadline), so sampling itself never waits: quorum suffices.
         min_train_nodes=cfg.strategy.quorum, min_evaluate_nodes=cfg.strategy.quorum,
         min_available_nodes=cfg.strategy.quorum,
@@ -144,7 +144,7 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
 def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, baseline: LossStats,
            recorder: RunRecorder, writer: CheckpointWriter, started: float,
            checkpoint: Checkpoint | None) -> LossStats:
-    """The round loop (server/rounds.py); after each round the candidate is scored on the
+    """The round loop (server/cycle/rounds.py); after each round the candidate is scored on the
     validation set and a checkpoint is written. A resumed cycle starts after its checkpoint."""
     progress = _Progress(started=started, last=started)
     final: dict[str, LossStats] = {}

@@ -36,7 +36,7 @@ from fedretrain.deploy.filemodes import PRIVATE_FILE, private_dir, private_file
 from fedretrain.deploy.flower import (CONNECTION, flower_command, flower_env, run_flwr, split_address,
                                       toml_assignments, wait_for_port, write_connection)
 from fedretrain.errors import DeployError
-from server.rundir import new_run_dir
+from server.cycle.rundir import new_run_dir
 
 log = logging.getLogger("fedretrain.server")
 
@@ -182,7 +182,7 @@ def submit_run(coord: Coordinator, overrides: list[str], *, resume: Path | None 
         resolve_model_path(cfg.model.name_or_path)  # the embedded model is built once, here, not in every app
         run_dir = new_run_dir(Path(cfg.output_dir), cfg.name).resolve()
         values = {"experiment": "", "overrides": shlex.join(overrides), "run-dir": str(run_dir), "resume": False}
-    # The ServerApp binds each node to the site whose key it proved (server/roster.py); an
+    # The ServerApp binds each node to the site whose key it proved (server/sites/roster.py); an
     # insecure bench registers no keys and has no sites file.
     values["sites-file"] = str(coord.sites_file.resolve()) if coord.sites_file.exists() else ""
     run_config = coord.flwr_home / f"run-config-{run_dir.name}.toml"

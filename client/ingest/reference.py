@@ -3,7 +3,7 @@
 A site's store is append-only (``fedretrain site ingest`` adds records at the end of
 ``train.jsonl`` and ``heldout.jsonl``), so a window is a range of record positions.
 After every successful training round the site writes where its training window ran
-and how many held-out records it had; the status reply (client/monitor.py) compares
+and how many held-out records it had; the status reply (client/status.py) compares
 what arrived after that against it.
 """
 

@@ -24,14 +24,14 @@ from flwr.serverapp import Grid
 from fedretrain.config import Config, Job
 from fedretrain.errors import ConfigError, RegistryError
 from fedretrain.modeling.loading import resolve_model_path
-from fedretrain.records import from_torch_state_dict
+from fedretrain.arrays import from_torch_state_dict
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
-from server.broadcast import broadcast
-from server.gate import GateResult, PENDING
-from server.report import finite_or_null
+from server.sites.broadcast import broadcast
+from server.cycle.gate import GateResult, PENDING
+from server.cycle.report import finite_or_null
 
 log = logging.getLogger("fedretrain.server")
 

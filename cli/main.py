@@ -1,8 +1,9 @@
 """The ``fedretrain`` command. Each subcommand parses its arguments, calls one function, prints.
 
-This module is the process edge: it is the one place in the core package that may
-import the role packages (simulation/, server/, client/), and it does so lazily so
-that ``fedretrain data validate`` starts without loading torch or Flower.
+The command line is the process edge: it sits above every role package (simulation/,
+server/, client/, the core), which never import it. It imports them lazily so that
+``fedretrain data validate`` starts without loading torch or Flower. The commands of
+each role are in ``cli/site.py``, ``cli/coordinator.py`` and ``cli/registry.py``.
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_site_generate)
 
-    from client.commands import add_site_commands
+    from cli.site import add_site_commands
 
     add_site_commands(site)
 
-    from fedretrain.registry.commands import add_keys_commands, add_registry_commands
+    from cli.registry import add_keys_commands, add_registry_commands
 
     add_keys_commands(sub)
     add_registry_commands(sub)
@@ -138,7 +139,7 @@ def _add_coordinator_commands(subparsers: Any) -> None:
     retrain.add_argument("--reason", default="operator request", help="why (kept in the watch's logs)")
     retrain.set_defaults(func=_coordinator_retrain)
 
-    from server.commands import add_deploy_commands
+    from cli.coordinator import add_deploy_commands
 
     add_deploy_commands(commands)
 
@@ -156,7 +157,7 @@ def _coordinator_watch(args: argparse.Namespace) -> int:
 
 
 def _coordinator_retrain(args: argparse.Namespace) -> int:
-    from server.watch import request_retrain
+    from server.watch.loop import request_retrain
 
     path = request_retrain(args.root, args.reason)
     print(f"retraining requested ({path.name}); the watch starts a cycle at its next poll")
@@ -174,7 +175,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _site_generate(args: argparse.Namespace) -> int:
     import json
 
-    from client.generate import generate
+    from client.install.generate import generate
     from fedretrain.config import site_config_from_node_config
 
     if args.site_config:
@@ -195,7 +196,7 @@ def _site_generate(args: argparse.Namespace) -> int:
 
 
 def _data_validate(args: argparse.Namespace) -> int:
-    from fedretrain.data.schema import read_records
+    from fedretrain.data.notes import read_records
     from fedretrain.errors import DataValidationError
 
     failed = 0

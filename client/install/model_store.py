@@ -6,7 +6,7 @@
 
 A version directory is written under a staging name and renamed into place whole;
 ``state.json`` is replaced atomically afterwards. A crash at any point leaves the
-previous current version in force. Only ``client.install`` decides what gets in.
+previous current version in force. Only ``client.install.installer`` decides what gets in.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import safetensors.torch
 
 from fedretrain.atomic import atomic_write_json, fsync_dir
 from fedretrain.errors import VerificationError
-from fedretrain.records import from_torch_state_dict
+from fedretrain.arrays import from_torch_state_dict
 from fedretrain.registry.bundle import VersionBundle
 
 

@@ -1,0 +1,1 @@
+"""The ``fedretrain`` command: the process edge that dispatches to every role."""

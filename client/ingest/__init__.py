@@ -1,0 +1,1 @@
+"""New records joining a site's store: checked, masked, deduplicated, split, replaced as one."""

@@ -1,0 +1,1 @@
+"""One retraining cycle: rounds, checkpoints and resume, the gate, publication, the run directory."""

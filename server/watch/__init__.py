@@ -1,0 +1,1 @@
+"""The watch: poll the sites, check the triggers, start a cycle when one fires."""
