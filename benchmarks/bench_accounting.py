@@ -54,8 +54,7 @@ def opacus_epsilon(cls: type, sigma: float, q: float, steps: int, delta: float) 
 
 
 def _row(name: str, value: float, peer: float, note: str) -> dict[str, object]:
-    return {"name": name, "value": value, "limit_or_peer": peer, "ratio": value / peer, "unit": "epsilon",
-            "note": note}
+    return {"name": name, "value": value, "limit_or_peer": peer, "ratio": value / peer, "unit": "epsilon", "note": note}
 
 
 def measure() -> list[dict[str, object]]:
@@ -72,8 +71,12 @@ def measure() -> list[dict[str, object]]:
     return [
         _row("eps_ours_rdp_vs_opacus_rdp", ours_rdp, rdp, "Abadi'16 case; must be 1.0"),
         _row("eps_ours_prv_vs_opacus_prv", ours_prv, prv, "Abadi'16 case; must be 1.0"),
-        _row("eps_classic_vs_published", classic, ABADI_PUBLISHED,
-             "moments-accountant conversion vs Abadi et al. 2016's 1.26 (2 digits published)"),
+        _row(
+            "eps_classic_vs_published",
+            classic,
+            ABADI_PUBLISHED,
+            "moments-accountant conversion vs Abadi et al. 2016's 1.26 (2 digits published)",
+        ),
         _row("eps_ours_rdp_vs_classic", ours_rdp, classic, "tighter RDP conversion: below 1 saves budget"),
         _row("eps_ours_prv_vs_classic", ours_prv, classic, "PRV accountant (site_accountant=prv)"),
     ]

@@ -51,10 +51,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
-
 from timing import interleaved_best
-from fedretrain.config import compose_config
+
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
+from fedretrain.config import compose_config
 from strategies import FedAvgLoRA, build_strategy
 from strategies.aggregation import weighted_average
 from strategies.validation import TRAIN_METRICS
@@ -95,18 +95,29 @@ def make_round(x: np.ndarray) -> tuple[FedAvgLoRA, list[Message]]:
     """
     _serverapp_identity()
     cfg = compose_config([]).strategy  # the shipped strategy settings, as server/cycle/run.py builds it
-    strategy = build_strategy(cfg.name, spec=AdapterSpec.from_state_dict(split(x[0])),
-                              max_abs_value=cfg.max_abs_value, fraction_train=1.0,
-                              min_train_nodes=len(x), min_available_nodes=len(x))
+    strategy = build_strategy(
+        cfg.name,
+        spec=AdapterSpec.from_state_dict(split(x[0])),
+        max_abs_value=cfg.max_abs_value,
+        fraction_train=1.0,
+        min_train_nodes=len(x),
+        min_available_nodes=len(x),
+    )
     global_arrays = to_array_record({key: np.zeros_like(v) for key, v in split(x[0]).items()})
     sent = list(strategy.configure_train(ROUND, global_arrays, ConfigRecord(), _Nodes(len(x))))
     replies = []
     for i, (row, instruction) in enumerate(zip(x, sent, strict=True)):
         echo = instruction.content["config"]
-        site = ConfigRecord({"site-id": f"site-{i:03d}", "server-round": echo["server-round"],
-                             "global-hash": echo["global-hash"]})
-        content = RecordDict({"arrays": to_array_record(split(row)),
-                              "metrics": MetricRecord({**SITE_METRICS, "num-examples": 1}), "site": site})
+        site = ConfigRecord(
+            {"site-id": f"site-{i:03d}", "server-round": echo["server-round"], "global-hash": echo["global-hash"]}
+        )
+        content = RecordDict(
+            {
+                "arrays": to_array_record(split(row)),
+                "metrics": MetricRecord({**SITE_METRICS, "num-examples": 1}),
+                "site": site,
+            }
+        )
         replies.append(Message(content, reply_to=instruction))
     return strategy, replies
 
@@ -163,10 +174,15 @@ def run(k: int, p: int, reps: int) -> list[dict[str, object]]:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # an INFO line per configure/aggregate_train
     strategy, replies = make_round(x)  # the records hold their own copy of the bytes
     # Side by side: they take turns, so a busy spell on the shared CPU hits all alike.
-    best = interleaved_best({"copy": lambda: np.copyto(target, x),
-                             "flower": lambda: flower(replies),
-                             "ours": lambda: ours(strategy, replies),
-                             "average": lambda: average_only(replies)}, reps)
+    best = interleaved_best(
+        {
+            "copy": lambda: np.copyto(target, x),  # noqa: F821 (deleted only after the timing)
+            "flower": lambda: flower(replies),
+            "ours": lambda: ours(strategy, replies),
+            "average": lambda: average_only(replies),
+        },
+        reps,
+    )
     del x, target
     diff = max_abs_diff(ours(strategy, replies), flower(replies))
     extra = aggregation_extra_bytes(strategy, replies)
@@ -178,30 +194,54 @@ def run(k: int, p: int, reps: int) -> list[dict[str, object]]:
     print(f"  (b) flwr aggregate_arrayrecords  {best['flower'] * 1e3:8.1f} ms  {flwr:6.2f} GB/s")
     print(f"  (c) ours, aggregate_train        {best['ours'] * 1e3:8.1f} ms  {mine:6.2f} GB/s")
     print(f"  (d) ours without reply checks    {best['average'] * 1e3:8.1f} ms  {avg:6.2f} GB/s")
-    print(f"  ours/copy {mine / copy:.2f}   ours/flower {mine / flwr:.2f} (without checks "
-          f"{avg / flwr:.2f})   max |ours - flower| {diff:.2e}")
-    print(f"  server memory: replies {held / 1e9:.2f} GB + aggregation {extra / 1e6:.1f} MB "
-          f"(one update is {p * 4 / 1e6:.1f} MB)")
+    print(
+        f"  ours/copy {mine / copy:.2f}   ours/flower {mine / flwr:.2f} (without checks "
+        f"{avg / flwr:.2f})   max |ours - flower| {diff:.2e}"
+    )
+    print(
+        f"  server memory: replies {held / 1e9:.2f} GB + aggregation {extra / 1e6:.1f} MB "
+        f"(one update is {p * 4 / 1e6:.1f} MB)"
+    )
     if diff > 1e-5:
         raise SystemExit(f"results disagree: max abs diff {diff:.2e}")
     size = f"K={k} x {p / 2**20:g}M params"
     return [
         {"name": "agg_copy_gbps", "value": copy, "limit_or_peer": None, "ratio": None},
         {"name": "agg_flower_gbps", "value": flwr, "limit_or_peer": None, "ratio": None},
-        {"name": "agg_ours_vs_copy_gbps", "value": mine, "limit_or_peer": copy, "ratio": mine / copy,
-         "note": f"{size}: FedAvgLoRA.aggregate_train (every reply validated) vs a memory copy "
-                 "of the same bytes"},
-        {"name": "agg_ours_vs_flower_gbps", "value": mine, "limit_or_peer": flwr, "ratio": mine / flwr,
-         "note": "FedAvgLoRA.aggregate_train (every reply validated) vs Flower's aggregate_arrayrecords"},
-        {"name": "agg_ours_vs_flower_gbps_without_checks", "value": avg, "limit_or_peer": flwr,
-         "ratio": avg / flwr,
-         "note": "from_array_record + weighted_average only (no reply checks) vs Flower's aggregate_arrayrecords"},
-        {"name": "agg_peak_server_bytes", "value": float(held + extra), "limit_or_peer": gb * 1e9,
-         "ratio": (held + extra) / (gb * 1e9)},
-        {"name": "agg_extra_bytes_vs_one_update", "value": float(extra), "limit_or_peer": p * 4.0,
-         "ratio": extra / (p * 4.0)},
-        {"name": "agg_max_abs_diff_vs_flower", "value": diff, "limit_or_peer": 1e-5,
-         "ratio": diff / 1e-5},
+        {
+            "name": "agg_ours_vs_copy_gbps",
+            "value": mine,
+            "limit_or_peer": copy,
+            "ratio": mine / copy,
+            "note": f"{size}: FedAvgLoRA.aggregate_train (every reply validated) vs a memory copy of the same bytes",
+        },
+        {
+            "name": "agg_ours_vs_flower_gbps",
+            "value": mine,
+            "limit_or_peer": flwr,
+            "ratio": mine / flwr,
+            "note": "FedAvgLoRA.aggregate_train (every reply validated) vs Flower's aggregate_arrayrecords",
+        },
+        {
+            "name": "agg_ours_vs_flower_gbps_without_checks",
+            "value": avg,
+            "limit_or_peer": flwr,
+            "ratio": avg / flwr,
+            "note": "from_array_record + weighted_average only (no reply checks) vs Flower's aggregate_arrayrecords",
+        },
+        {
+            "name": "agg_peak_server_bytes",
+            "value": float(held + extra),
+            "limit_or_peer": gb * 1e9,
+            "ratio": (held + extra) / (gb * 1e9),
+        },
+        {
+            "name": "agg_extra_bytes_vs_one_update",
+            "value": float(extra),
+            "limit_or_peer": p * 4.0,
+            "ratio": extra / (p * 4.0),
+        },
+        {"name": "agg_max_abs_diff_vs_flower", "value": diff, "limit_or_peer": 1e-5, "ratio": diff / 1e-5},
     ]
 
 

@@ -39,42 +39,66 @@ def settings(canaries: int, private: bool) -> AuditSettings:
     plus m/2 canaries): enough for plain training to memorise the canaries.
     """
     steps = max(30, round(60 * canaries / 64))
-    return AuditSettings(canaries=canaries, rounds=2, private=private, honest_records=16,
-                         overrides=(f"train.local_steps={steps}", "train.batch_size=8", "train.lr=0.01"),
-                         guess_fractions=GUESS_FRACTIONS)
+    return AuditSettings(
+        canaries=canaries,
+        rounds=2,
+        private=private,
+        honest_records=16,
+        overrides=(f"train.local_steps={steps}", "train.batch_size=8", "train.lr=0.01"),
+        guess_fractions=GUESS_FRACTIONS,
+    )
 
 
 def attainable(result: AuditResult) -> float:
     """The best bound this audit could give: every guess right, at the best guess size."""
     s, choices = result.settings, result.settings.choices()
     per_choice = 1 - (1 - s.confidence) / len(choices)  # as audit_scores judges each choice
-    return max(epsilon_lower_bound(s.canaries, k_plus + k_minus, k_plus + k_minus, confidence=per_choice,
-                                   delta=s.delta) for k_plus, k_minus in choices)
+    return max(
+        epsilon_lower_bound(s.canaries, k_plus + k_minus, k_plus + k_minus, confidence=per_choice, delta=s.delta)
+        for k_plus, k_minus in choices
+    )
 
 
 def rows(private: AuditResult, plain: AuditResult) -> list[dict[str, object]]:
     """The suite's rows; see the module docstring."""
     p, n = private.bound, plain.bound
     return [
-        {"name": "eps_audit_lower_dp_vs_ledger", "value": p.epsilon, "limit_or_peer": private.ledger_epsilon,
-         "ratio": p.epsilon / private.ledger_epsilon if private.ledger_epsilon else None, "unit": "epsilon",
-         "target": 1.0, "better": "lower",
-         "note": f"one-run audit, DP on: m={p.m}, r={p.r}, v={p.v}, {p.confidence:.0%} confidence, "
-                 f"delta={p.delta:g}; must be <= the ledger's epsilon"},
-        {"name": "eps_audit_lower_nodp_vs_attainable", "value": n.epsilon, "limit_or_peer": attainable(plain),
-         "ratio": n.epsilon / attainable(plain), "unit": "epsilon", "target": 0.25, "better": "higher",
-         "note": f"one-run audit, DP off: m={n.m}, r={n.r}, v={n.v}; vs every guess right (the leak shows)"},
+        {
+            "name": "eps_audit_lower_dp_vs_ledger",
+            "value": p.epsilon,
+            "limit_or_peer": private.ledger_epsilon,
+            "ratio": p.epsilon / private.ledger_epsilon if private.ledger_epsilon else None,
+            "unit": "epsilon",
+            "target": 1.0,
+            "better": "lower",
+            "note": f"one-run audit, DP on: m={p.m}, r={p.r}, v={p.v}, {p.confidence:.0%} confidence, "
+            f"delta={p.delta:g}; must be <= the ledger's epsilon",
+        },
+        {
+            "name": "eps_audit_lower_nodp_vs_attainable",
+            "value": n.epsilon,
+            "limit_or_peer": attainable(plain),
+            "ratio": n.epsilon / attainable(plain),
+            "unit": "epsilon",
+            "target": 0.25,
+            "better": "higher",
+            "note": f"one-run audit, DP off: m={n.m}, r={n.r}, v={n.v}; vs every guess right (the leak shows)",
+        },
     ]
 
 
 def print_table(results: list[AuditResult]) -> None:
-    print(f"{'DP':<5}{'m':>6}{'r':>6}{'v':>6}{'eps lower':>11}{'confidence':>12}{'delta':>9}{'ledger eps':>12}"
-          f"{'wall s':>8}")
+    print(
+        f"{'DP':<5}{'m':>6}{'r':>6}{'v':>6}{'eps lower':>11}{'confidence':>12}{'delta':>9}{'ledger eps':>12}"
+        f"{'wall s':>8}"
+    )
     for res in results:
         b, ledger = res.bound, res.ledger_epsilon
-        print(f"{'on' if res.settings.private else 'off':<5}{b.m:>6}{b.r:>6}{b.v:>6}{b.epsilon:>11.3f}"
-              f"{b.confidence:>12.0%}{b.delta:>9.0e}{'-' if ledger is None else f'{ledger:.3f}':>12}"
-              f"{res.wall_s:>8.0f}")
+        print(
+            f"{'on' if res.settings.private else 'off':<5}{b.m:>6}{b.r:>6}{b.v:>6}{b.epsilon:>11.3f}"
+            f"{b.confidence:>12.0%}{b.delta:>9.0e}{'-' if ledger is None else f'{ledger:.3f}':>12}"
+            f"{res.wall_s:>8.0f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,13 +26,13 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
+from bench_dp_overhead import note_batches
 
+from fedretrain.arrays import to_array_record
 from fedretrain.config import compose_config
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
-from fedretrain.arrays import to_array_record
 from fedretrain.training.dp import DPParams, train_lora
 from fedretrain.training.params import TrainParams
-from bench_dp_overhead import note_batches
 
 
 def trained_adapter(steps: int) -> tuple[dict[str, np.ndarray], int]:
@@ -40,10 +40,15 @@ def trained_adapter(steps: int) -> tuple[dict[str, np.ndarray], int]:
     cfg = compose_config([])
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device="cpu")
     data = note_batches(lm, cfg, cfg.train.batch_size, 4)
-    params = TrainParams(local_steps=steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                         optimizer=cfg.train.optimizer)
-    dp = DPParams(enabled=False, noise_multiplier=0.0, max_grad_norm=cfg.privacy.max_grad_norm,
-                  grad_sample_mode=cfg.privacy.grad_sample_mode)
+    params = TrainParams(
+        local_steps=steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr, optimizer=cfg.train.optimizer
+    )
+    dp = DPParams(
+        enabled=False,
+        noise_multiplier=0.0,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
+    )
     train_lora(lm.model, data, params, dp, seed=cfg.seed)
     # The full model's parameter bytes (tied weights once); its record framing (a
     # ~130-byte .npy header per tensor) is left out, which only flatters the full model.
@@ -67,14 +72,30 @@ def measure(steps: int) -> list[dict[str, object]]:
     bf16, error = bf16_what_if(arrays)
     per_round, full_round = 2 * fp32, 2 * full_bytes  # down (global adapter) + up (site's adapter)
     return [
-        {"name": "comm_bytes_per_client_round", "value": float(per_round), "limit_or_peer": float(full_round),
-         "ratio": per_round / full_round, "unit": "bytes",
-         "note": "fp32 adapter down + up vs the full model's parameters down + up"},
-        {"name": "comm_bf16_bytes_what_if", "value": float(bf16), "limit_or_peer": float(fp32),
-         "ratio": bf16 / fp32, "unit": "bytes", "note": "not on the wire: adapter as bf16 vs fp32 today"},
-        {"name": "comm_bf16_rel_l2_error", "value": error, "limit_or_peer": 2.0 ** -8,
-         "ratio": error / 2.0 ** -8, "unit": "relative L2",
-         "note": "bf16 round trip of the trained adapter vs bf16's unit roundoff 2^-8"},
+        {
+            "name": "comm_bytes_per_client_round",
+            "value": float(per_round),
+            "limit_or_peer": float(full_round),
+            "ratio": per_round / full_round,
+            "unit": "bytes",
+            "note": "fp32 adapter down + up vs the full model's parameters down + up",
+        },
+        {
+            "name": "comm_bf16_bytes_what_if",
+            "value": float(bf16),
+            "limit_or_peer": float(fp32),
+            "ratio": bf16 / fp32,
+            "unit": "bytes",
+            "note": "not on the wire: adapter as bf16 vs fp32 today",
+        },
+        {
+            "name": "comm_bf16_rel_l2_error",
+            "value": error,
+            "limit_or_peer": 2.0**-8,
+            "ratio": error / 2.0**-8,
+            "unit": "relative L2",
+            "note": "bf16 round trip of the trained adapter vs bf16's unit roundoff 2^-8",
+        },
     ]
 
 

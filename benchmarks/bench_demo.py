@@ -107,16 +107,36 @@ def child(overrides: list[str], t0: float, out: Path) -> None:
     simulation.runner.make_client_app = _timed_client_app(simulation.runner.make_client_app, events)
     run_dir = simulation.runner.simulate(overrides)
     client = [json.loads(line) for line in Path(events).read_text().splitlines()] if Path(events).exists() else []
-    out.write_text(json.dumps({"t0": t0, "end": time.time(), "run_dir": str(run_dir), "rounds": clock.rounds,
-                               "client": client, "server_evals": server_evals}))
+    out.write_text(
+        json.dumps(
+            {
+                "t0": t0,
+                "end": time.time(),
+                "run_dir": str(run_dir),
+                "rounds": clock.rounds,
+                "client": client,
+                "server_evals": server_evals,
+            }
+        )
+    )
 
 
 def run_child(overrides: list[str], cache: str) -> dict:
     """One timed simulation in a fresh process, with ``FEDRETRAIN_CACHE=cache``."""
     with tempfile.TemporaryDirectory(prefix="frbench-") as tmp:
         out = Path(tmp) / "clock.json"
-        command = [sys.executable, __file__, "--child", "--t0", repr(time.time()), "--json", str(out), "--",
-                   *overrides, f"output_dir={tmp}/runs"]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--t0",
+            repr(time.time()),
+            "--json",
+            str(out),
+            "--",
+            *overrides,
+            f"output_dir={tmp}/runs",
+        ]
         env = dict(os.environ, FEDRETRAIN_CACHE=cache, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         done = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
         if done.returncode != 0:

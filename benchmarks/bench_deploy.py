@@ -25,8 +25,15 @@ from pathlib import Path
 
 FEDRETRAIN = [sys.executable, "-m", "cli.main"]
 SITES = ("site-00", "site-01", "site-02")
-CYCLE = ["experiment=smoke", "rounds=2", "strategy.min_sites=3", "gate.require_approval=true",
-         "train.local_steps=4", "train.batch_size=8", "model.max_length=64"]
+CYCLE = [
+    "experiment=smoke",
+    "rounds=2",
+    "strategy.min_sites=3",
+    "gate.require_approval=true",
+    "train.local_steps=4",
+    "train.batch_size=8",
+    "model.max_length=64",
+]
 
 
 def _port() -> int:
@@ -44,8 +51,9 @@ def _cli(root: Path, *args: str, timeout: float = 900) -> str:
 
 def _start(root: Path, name: str, *args: str) -> subprocess.Popen:
     log = open(root / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen(FEDRETRAIN + list(args), cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        FEDRETRAIN + list(args), cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -72,11 +80,37 @@ def one_cycle(root: Path, secure: bool, tag: str) -> list[float]:
             time.sleep(0.5)
         for site in SITES:
             auth = ["--ca", "keys/ca.pem", "--key", f"keys/{site}.key"] if secure else ["--insecure", "--site-id", site]
-            procs.append(_start(root, f"{site}-{tag}", "site", "join", "--superlink", link, *auth,
-                                "--data", f"data/{site}", "--epsilon-ceiling", "1000",
-                                "--state-dir", f"state-{tag}/{site}", "--port", str(_port())))
-        out = _cli(root, "coordinator", "run", "--dir", str(coord), "--wait", *CYCLE, f"registry.root=reg-{tag}",
-                   "registry.signing_key=keys/coordinator.key", "validation_path=data/coordinator/validation.jsonl")
+            procs.append(
+                _start(
+                    root,
+                    f"{site}-{tag}",
+                    "site",
+                    "join",
+                    "--superlink",
+                    link,
+                    *auth,
+                    "--data",
+                    f"data/{site}",
+                    "--epsilon-ceiling",
+                    "1000",
+                    "--state-dir",
+                    f"state-{tag}/{site}",
+                    "--port",
+                    str(_port()),
+                )
+            )
+        out = _cli(
+            root,
+            "coordinator",
+            "run",
+            "--dir",
+            str(coord),
+            "--wait",
+            *CYCLE,
+            f"registry.root=reg-{tag}",
+            "registry.signing_key=keys/coordinator.key",
+            "validation_path=data/coordinator/validation.jsonl",
+        )
         run_dir = Path(out.split("run directory ")[1].split()[0])
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return [row["round_s"] for row in rows if row["round"] > 0]
@@ -102,8 +136,12 @@ def main() -> None:
         for mode in order:
             times[mode] += one_cycle(root, mode == "secure", f"{mode}-{pair}")
     mean = {mode: sum(v) / len(v) for mode, v in times.items()}
-    result = {"round_s": times, "mean_round_s": mean, "ratio_secure_over_insecure": mean["secure"] / mean["insecure"],
-              "workdir": str(root)}
+    result = {
+        "round_s": times,
+        "mean_round_s": mean,
+        "ratio_secure_over_insecure": mean["secure"] / mean["insecure"],
+        "workdir": str(root),
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -89,8 +89,11 @@ class Variant:
         loss = self.criterion(logits, input_ids, attention_mask)
         loss.backward()
         # Per-sample gradients exist between backward and step (None for plain and ghost).
-        held = sum(p.grad_sample.numel() * p.grad_sample.element_size() for p in self.lora
-                   if getattr(p, "grad_sample", None) is not None)
+        held = sum(
+            p.grad_sample.numel() * p.grad_sample.element_size()
+            for p in self.lora
+            if getattr(p, "grad_sample", None) is not None
+        )
         self.grad_sample_bytes = max(self.grad_sample_bytes, held)
         self.optimizer.step()
         loss.item()  # a DPTensorFastGradientClipping (ghost) has no float()
@@ -120,9 +123,15 @@ def make_variant(model: nn.Module, cfg: Config, mode: str, pool: TensorDataset, 
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # timing only
         engine = PrivacyEngine(accountant="rdp")
     wrapped = engine.make_private(
-        module=clone, optimizer=optimizer, criterion=RecordLoss(), data_loader=loader,
-        noise_multiplier=NOISE, max_grad_norm=CLIP, poisson_sampling=False,
-        grad_sample_mode=mode, noise_generator=torch.Generator().manual_seed(0),
+        module=clone,
+        optimizer=optimizer,
+        criterion=RecordLoss(),
+        data_loader=loader,
+        noise_multiplier=NOISE,
+        max_grad_norm=CLIP,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+        noise_generator=torch.Generator().manual_seed(0),
     )
     if mode == "ghost":  # ghost clipping's criterion runs both backward passes
         module, dp_optimizer, criterion, _ = wrapped
@@ -172,14 +181,16 @@ class PairedRatio:
         return cls(median, q1, q3, min(ratios), max(ratios), len(ratios))
 
     def describe(self) -> str:
-        return (f"median of {self.pairs} paired ratios {self.median:.3f}x, IQR {self.q1:.3f}-{self.q3:.3f}x, "
-                f"range {self.low:.3f}-{self.high:.3f}x")
+        return (
+            f"median of {self.pairs} paired ratios {self.median:.3f}x, IQR {self.q1:.3f}-{self.q3:.3f}x, "
+            f"range {self.low:.3f}-{self.high:.3f}x"
+        )
 
 
 def measure(variants: list[Variant], pool: TensorDataset, batch_size: int, warmup: int, steps: int) -> None:
     """Warm up every variant, then time ``steps`` steps each, taking turns per batch (:func:`turn_order`)."""
     ids, mask = pool.tensors
-    batches = [(ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, len(pool), batch_size)]
+    batches = [(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, len(pool), batch_size)]
     with warnings.catch_warnings():
         # Hooks on the first LoRA layer see inputs from frozen layers; opacus handles it.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -200,16 +211,29 @@ def _rows(v: Variant, plain: Variant, batch_size: int, tokens: float) -> list[di
     paired = PairedRatio.of(v.times, plain.times)
     return [
         # A ratio of medians: no target here, the paired ratio is the headline.
-        {"name": f"dp_step_ms_{tag}", "value": ms, "limit_or_peer": plain_ms, "ratio": ms / plain_ms,
-         "target": None, "note": f"DP-SGD step vs non-private step, ratio of medians; {paired.describe()}"},
-        {"name": f"dp_step_min_ms_{tag}", "value": best, "limit_or_peer": plain_best,
-         "ratio": best / plain_best},
-        {"name": f"dp_tokens_per_s_{tag}", "value": tokens / ms * 1e3,
-         "limit_or_peer": tokens / plain_ms * 1e3, "ratio": plain_ms / ms},
+        {
+            "name": f"dp_step_ms_{tag}",
+            "value": ms,
+            "limit_or_peer": plain_ms,
+            "ratio": ms / plain_ms,
+            "target": None,
+            "note": f"DP-SGD step vs non-private step, ratio of medians; {paired.describe()}",
+        },
+        {"name": f"dp_step_min_ms_{tag}", "value": best, "limit_or_peer": plain_best, "ratio": best / plain_best},
+        {
+            "name": f"dp_tokens_per_s_{tag}",
+            "value": tokens / ms * 1e3,
+            "limit_or_peer": tokens / plain_ms * 1e3,
+            "ratio": plain_ms / ms,
+        },
         # Extra memory against its floor B x LoRA params x 4 bytes (ghost: no per-sample
         # gradients, only per-sample norms, so 0 here).
-        {"name": f"dp_grad_sample_bytes_{tag}", "value": float(v.grad_sample_bytes),
-         "limit_or_peer": float(floor), "ratio": v.grad_sample_bytes / floor},
+        {
+            "name": f"dp_grad_sample_bytes_{tag}",
+            "value": float(v.grad_sample_bytes),
+            "limit_or_peer": float(floor),
+            "ratio": v.grad_sample_bytes / floor,
+        },
     ]
 
 
@@ -217,20 +241,26 @@ def report(variants: list[Variant], batch_size: int, tokens: float) -> None:
     """Print one batch size's table; stop if a variant left the LoRA weights unchanged."""
     plain = variants[0]
     plain_ms, plain_min = statistics.median(plain.times), min(plain.times)
-    print(f"  {'variant':<10}{'ms/step':>9}{'ratio':>8}{'paired':>8}{'min ms':>9}{'ratio':>8}"
-          f"{'tokens/s':>10}{'max|dLoRA|':>12}")
+    print(
+        f"  {'variant':<10}{'ms/step':>9}{'ratio':>8}{'paired':>8}{'min ms':>9}{'ratio':>8}"
+        f"{'tokens/s':>10}{'max|dLoRA|':>12}"
+    )
     for v in variants:
         ms, best, delta = statistics.median(v.times), min(v.times), v.max_abs_delta()
         # Per-turn ratio: both steps ran in the same turn, so a slow spell hits both.
         paired = PairedRatio.of(v.times, plain.times).median
-        print(f"  {v.name:<10}{1e3 * ms:9.1f}{ms / plain_ms:7.2f}x{paired:7.2f}x{1e3 * best:9.1f}"
-              f"{best / plain_min:7.2f}x{tokens / ms:10.0f}{delta:12.2e}")
+        print(
+            f"  {v.name:<10}{1e3 * ms:9.1f}{ms / plain_ms:7.2f}x{paired:7.2f}x{1e3 * best:9.1f}"
+            f"{best / plain_min:7.2f}x{tokens / ms:10.0f}{delta:12.2e}"
+        )
         if delta == 0.0:
             raise SystemExit(f"{v.name}: LoRA weights did not change (opacus#820?)")
     spread = sorted(plain.times)[int(0.9 * (len(plain.times) - 1))] / plain_min
     if spread > 1.5:
-        print(f"  NOISY: plain p90/min = {spread:.1f}; the CPU is shared. Trust 'min' more, "
-              "or rerun on an idle machine or with --threads 1")
+        print(
+            f"  NOISY: plain p90/min = {spread:.1f}; the CPU is shared. Trust 'min' more, "
+            "or rerun on an idle machine or with --threads 1"
+        )
 
 
 def headline_row(hooks: list[float], plain: list[float]) -> dict[str, object]:
@@ -239,29 +269,45 @@ def headline_row(hooks: list[float], plain: list[float]) -> dict[str, object]:
     paired = PairedRatio.of(hooks, plain)
     medians = statistics.median(hooks) / statistics.median(plain)
     best = min(hooks) / min(plain)
-    note = (f"hooks B=64 vs non-private, each pair back to back, order alternating: {paired.describe()}; "
-            f"ratio of best steps {best:.3f}x, of medians {medians:.3f}x; vs the {TARGET_RATIO}x target")
-    return {"name": "dp_overhead_hooks_b64_vs_target", "value": paired.median, "limit_or_peer": TARGET_RATIO,
-            "ratio": paired.median / TARGET_RATIO, "unit": "x", "note": note}
+    note = (
+        f"hooks B=64 vs non-private, each pair back to back, order alternating: {paired.describe()}; "
+        f"ratio of best steps {best:.3f}x, of medians {medians:.3f}x; vs the {TARGET_RATIO}x target"
+    )
+    return {
+        "name": "dp_overhead_hooks_b64_vs_target",
+        "value": paired.median,
+        "limit_or_peer": TARGET_RATIO,
+        "ratio": paired.median / TARGET_RATIO,
+        "unit": "x",
+        "note": note,
+    }
 
 
-def run_batch_size(lm: LoraModel, cfg: Config, modes: list[str], batch_size: int,
-                   warmup: int, steps: int) -> tuple[list[dict[str, object]], list[Variant]]:
+def run_batch_size(
+    lm: LoraModel, cfg: Config, modes: list[str], batch_size: int, warmup: int, steps: int
+) -> tuple[list[dict[str, object]], list[Variant]]:
     """Measure plain and every DP mode at one batch size; print; return JSON rows and the variants."""
     pool = note_batches(lm, cfg, batch_size, POOL)
     variants = [make_variant(lm.model, cfg, m, pool, batch_size) for m in ["plain", *modes]]
     measure(variants, pool, batch_size, warmup, steps)
     tokens = float(pool.tensors[1].sum()) / POOL  # real tokens per batch, the pool's mean
     n_lora = sum(p.numel() for p in variants[0].lora)
-    print(f"\nB={batch_size}  T={pool.tensors[0].shape[1]}  {tokens:.0f} real tokens/batch  "
-          f"{steps} timed steps each  LoRA params {n_lora:,}")
+    print(
+        f"\nB={batch_size}  T={pool.tensors[0].shape[1]}  {tokens:.0f} real tokens/batch  "
+        f"{steps} timed steps each  LoRA params {n_lora:,}"
+    )
     report(variants, batch_size, tokens)
     rows = [row for v in variants[1:] for row in _rows(v, variants[0], batch_size, tokens)]
     floor = n_lora * batch_size * 4  # per-sample float32 gradients of every LoRA weight
-    print(f"  per-sample gradient floor {floor / 1024:.0f} KiB "
-          f"(frozen base model {lm.base_nbytes / 2**20:.1f} MiB)")
-    rows.append({"name": f"grad_sample_floor_bytes_b{batch_size}", "value": float(floor),
-                 "limit_or_peer": float(lm.base_nbytes), "ratio": floor / lm.base_nbytes})
+    print(f"  per-sample gradient floor {floor / 1024:.0f} KiB (frozen base model {lm.base_nbytes / 2**20:.1f} MiB)")
+    rows.append(
+        {
+            "name": f"grad_sample_floor_bytes_b{batch_size}",
+            "value": float(floor),
+            "limit_or_peer": float(lm.base_nbytes),
+            "ratio": floor / lm.base_nbytes,
+        }
+    )
     return rows, variants
 
 
@@ -277,8 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     cfg = compose_config([])
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device="cpu")
-    print(f"default model, {args.threads} threads, sigma={NOISE}, C={CLIP}, {cfg.train.optimizer} "
-          f"lr={cfg.train.lr}, fixed batches; client mode: {cfg.privacy.grad_sample_mode}")
+    print(
+        f"default model, {args.threads} threads, sigma={NOISE}, C={CLIP}, {cfg.train.optimizer} "
+        f"lr={cfg.train.lr}, fixed batches; client mode: {cfg.privacy.grad_sample_mode}"
+    )
     if args.quick:
         plan, modes, warmup, steps = [cfg.train.batch_size], ["hooks"], 2, args.steps or 6
     else:
@@ -291,8 +339,10 @@ def main(argv: list[str] | None = None) -> None:
         headline[batch_size] = (variants[1].times, variants[0].times)  # modes[0] is hooks
     if 64 in headline:
         row = headline_row(*headline[64])
-        print(f"\nhooks at B=64: {row['note']}; {'meets' if row['value'] <= TARGET_RATIO else 'misses'} "
-              f"the {TARGET_RATIO}x target")
+        print(
+            f"\nhooks at B=64: {row['note']}; {'meets' if row['value'] <= TARGET_RATIO else 'misses'} "
+            f"the {TARGET_RATIO}x target"
+        )
         rows.append(row)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak RSS {rss:.0f} MiB (whole process, all variants)")

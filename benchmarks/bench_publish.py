@@ -29,8 +29,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from timing import best_of
+
 from fedretrain.config.schema import LoraSettings, ModelConfig
 from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import load_lora_model
@@ -45,23 +45,39 @@ def measure(reps: int) -> list[dict]:
     lm = load_lora_model(ModelConfig(max_length=256), lora, seed=0, device="cpu")
     key = Ed25519PrivateKey.generate()
     identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
-    lora_fields = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-                   "target_modules": list(lora.target_modules)}
+    lora_fields = {
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"
         lm.model.save_pretrained(str(adapter))
         registry = Registry(Path(tmp) / "registry")
 
         def publish() -> int:
-            return registry.publish(adapter, signing_key=key, base_model=identity, lora=lora_fields,
-                                    run={"name": "bench"}, sites={}, gate={"decision": "publish"}, expiry_days=30)
+            return registry.publish(
+                adapter,
+                signing_key=key,
+                base_model=identity,
+                lora=lora_fields,
+                run={"name": "bench"},
+                sites={},
+                gate={"decision": "publish"},
+                expiry_days=30,
+            )
 
         t_publish = best_of(publish, reps)
         bundle = registry.bundle(registry.champion())
         shapes = {name: shape for name, shape, _ in lm.spec.entries}
         now = datetime.now(UTC)
-        t_verify = best_of(lambda: verify_bundle(bundle, key.public_key(), now=now,
-                                                 base_model_sha256=identity["sha256"], expected_shapes=shapes), reps)
+        t_verify = best_of(
+            lambda: verify_bundle(
+                bundle, key.public_key(), now=now, base_model_sha256=identity["sha256"], expected_shapes=shapes
+            ),
+            reps,
+        )
         payload = canonical_json(bundle.manifest)
         t_sign = best_of(lambda: sign(key, payload), reps * 10)
         blob = b"".join(bundle.files.values()) + bundle.manifest_bytes
@@ -69,12 +85,24 @@ def measure(reps: int) -> list[dict]:
     nbytes = len(blob)
     return [
         {"name": "sign manifest (ms)", "value": t_sign * 1e3, "limit_or_peer": None, "ratio": None},
-        {"name": "publish version (ms)", "value": t_publish * 1e3, "limit_or_peer": t_hash * 1e3,
-         "ratio": t_publish / t_hash},
-        {"name": "verify version at a site (ms)", "value": t_verify * 1e3, "limit_or_peer": t_hash * 1e3,
-         "ratio": t_verify / t_hash},
-        {"name": f"sha256 of the {nbytes} bundle bytes (ms)", "value": t_hash * 1e3, "limit_or_peer": None,
-         "ratio": None},
+        {
+            "name": "publish version (ms)",
+            "value": t_publish * 1e3,
+            "limit_or_peer": t_hash * 1e3,
+            "ratio": t_publish / t_hash,
+        },
+        {
+            "name": "verify version at a site (ms)",
+            "value": t_verify * 1e3,
+            "limit_or_peer": t_hash * 1e3,
+            "ratio": t_verify / t_hash,
+        },
+        {
+            "name": f"sha256 of the {nbytes} bundle bytes (ms)",
+            "value": t_hash * 1e3,
+            "limit_or_peer": None,
+            "ratio": None,
+        },
     ]
 
 

@@ -52,8 +52,17 @@ from strategies import build_strategy
 
 HALF = 500  # lora_A [1, 500] and lora_B [500, 1]: 1,000 float32 parameters
 SPEC = AdapterSpec(entries=(("lora_A", (1, HALF), "float32"), ("lora_B", (HALF, 1), "float32")))
-METRICS = {"num-examples": 10, "data-size": 10, "train-loss": 1.0, "epsilon": 1.0, "epsilon-ceiling": 8.0,
-           "delta": 1e-5, "noise-multiplier": 1.0, "sample-rate": 0.05, "steps": 1}
+METRICS = {
+    "num-examples": 10,
+    "data-size": 10,
+    "train-loss": 1.0,
+    "epsilon": 1.0,
+    "epsilon-ceiling": 8.0,
+    "delta": 1e-5,
+    "noise-multiplier": 1.0,
+    "sample-rate": 0.05,
+    "steps": 1,
+}
 TARGET = 1.10  # the issue: the project's round within 10% of plain Flower's
 
 
@@ -66,8 +75,13 @@ def client_app() -> ClientApp:
         arrays = ArrayRecord({k: Array(v.numpy() + np.float32(1e-3)) for k, v in msg.content["arrays"].items()})
         # Echo the round tag (strategies/validation.py: check_round_tag); plain FedAvg sends no hash.
         config = msg.content["config"]
-        site = ConfigRecord({"site-id": f"site-{context.node_config['partition-id']}",
-                             "server-round": config["server-round"], "global-hash": config.get("global-hash", "")})
+        site = ConfigRecord(
+            {
+                "site-id": f"site-{context.node_config['partition-id']}",
+                "server-round": config["server-round"],
+                "global-hash": config.get("global-hash", ""),
+            }
+        )
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(dict(METRICS)), "site": site})
         return Message(content=content, reply_to=msg)
 
@@ -80,11 +94,17 @@ def server_app(which: str, n: int, rounds: int, stamps: list[float]) -> ServerAp
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        fractions = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": n,
-                     "min_evaluate_nodes": n, "min_available_nodes": n}
+        fractions = {
+            "fraction_train": 1.0,
+            "fraction_evaluate": 0.0,
+            "min_train_nodes": n,
+            "min_evaluate_nodes": n,
+            "min_available_nodes": n,
+        }
         strategy = build_strategy("fedavg", spec=SPEC, **fractions) if which == "ours" else FedAvg(**fractions)
-        initial = ArrayRecord({"lora_A": Array(np.zeros((1, HALF), np.float32)),
-                               "lora_B": Array(np.zeros((HALF, 1), np.float32))})
+        initial = ArrayRecord(
+            {"lora_A": Array(np.zeros((1, HALF), np.float32)), "lora_B": Array(np.zeros((HALF, 1), np.float32))}
+        )
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             stamps.append(time.time())
@@ -108,22 +128,44 @@ def child(which: str, n: int, rounds: int, t0: float) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="frb-", dir="/tmp") as tmp:
         # Short private dirs, as simulation/runner.py: Ray's socket paths, no other Flower.
         os.environ.update(RAY_TMPDIR=tmp, FLWR_HOME=os.path.join(tmp, "flwr"), RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
-        run_simulation(server_app=server_app(which, n, rounds, stamps), client_app=client_app(), num_supernodes=n,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                                                     "logging_level": 40}})
+        run_simulation(
+            server_app=server_app(which, n, rounds, stamps),
+            client_app=client_app(),
+            num_supernodes=n,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": 40},
+            },
+        )
     if len(stamps) != rounds + 1:
         raise SystemExit(f"{which} N={n}: {len(stamps)} evaluate_fn calls, expected {rounds + 1}")
     per_round = np.diff(stamps).tolist()
-    return {"which": which, "n": n, "rounds": per_round, "startup_s": stamps[0] - t0,
-            "mean_round_s": statistics.fmean(per_round[1:] or per_round)}
+    return {
+        "which": which,
+        "n": n,
+        "rounds": per_round,
+        "startup_s": stamps[0] - t0,
+        "mean_round_s": statistics.fmean(per_round[1:] or per_round),
+    }
 
 
 def run_child(which: str, n: int, rounds: int) -> dict[str, object]:
     """One child process; its JSON result."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, __file__, "--child", which, "--n", str(n), "--rounds", str(rounds),
-                   "--t0", repr(time.time()), "--json", out.name]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            which,
+            "--n",
+            str(n),
+            "--rounds",
+            str(rounds),
+            "--t0",
+            repr(time.time()),
+            "--json",
+            out.name,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             raise SystemExit(f"{which} N={n} failed:\n{done.stderr[-3000:]}")
@@ -137,14 +179,32 @@ def measure(sizes: dict[int, int]) -> list[dict[str, object]]:
         order = ["ours", "flower"] if i % 2 == 0 else ["flower", "ours"]
         got = {which: run_child(which, n, rounds) for which in order}
         mine, peer = got["ours"]["mean_round_s"], got["flower"]["mean_round_s"]
-        print(f"N={n:5d}  ours {mine:7.3f} s/round  flower {peer:7.3f} s/round  ratio {mine / peer:.3f}  "
-              f"start-up ours {got['ours']['startup_s']:.1f} s, flower {got['flower']['startup_s']:.1f} s")
-        rows.append({"name": f"sim_round_s_n{n}", "value": mine, "limit_or_peer": peer, "ratio": mine / peer,
-                     "unit": "s/round", "target": TARGET,
-                     "note": f"trivial clients, mean of rounds 2..{rounds}, vs plain Flower FedAvg"})
+        print(
+            f"N={n:5d}  ours {mine:7.3f} s/round  flower {peer:7.3f} s/round  ratio {mine / peer:.3f}  "
+            f"start-up ours {got['ours']['startup_s']:.1f} s, flower {got['flower']['startup_s']:.1f} s"
+        )
+        rows.append(
+            {
+                "name": f"sim_round_s_n{n}",
+                "value": mine,
+                "limit_or_peer": peer,
+                "ratio": mine / peer,
+                "unit": "s/round",
+                "target": TARGET,
+                "note": f"trivial clients, mean of rounds 2..{rounds}, vs plain Flower FedAvg",
+            }
+        )
         if i == 0:
-            rows.append({"name": "sim_startup_s_flower", "value": got["flower"]["startup_s"], "limit_or_peer": None,
-                         "ratio": None, "unit": "s", "note": f"plain Flower, N={n}: process start to round 0"})
+            rows.append(
+                {
+                    "name": "sim_startup_s_flower",
+                    "value": got["flower"]["startup_s"],
+                    "limit_or_peer": None,
+                    "ratio": None,
+                    "unit": "s",
+                    "note": f"plain Flower, N={n}: process start to round 0",
+                }
+            )
     return rows
 
 

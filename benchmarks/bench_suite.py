@@ -103,8 +103,10 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         cells = [_fmt(row[k]) for k in ("value", "limit_or_peer")]
         target = "" if row["target"] is None else ("<=" if row["better"] == "lower" else ">=") + f"{row['target']:g}"
-        print(f"{row['section']:<22}{row['name']:<36}{cells[0]:>14}{cells[1]:>14}{_fmt(row['ratio']):>9}"
-              f"{target:>9}  {row['verdict'] or ''}")
+        print(
+            f"{row['section']:<22}{row['name']:<36}{cells[0]:>14}{cells[1]:>14}{_fmt(row['ratio']):>9}"
+            f"{target:>9}  {row['verdict'] or ''}"
+        )
 
 
 def _fmt(value: object) -> str:
@@ -136,10 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run every section, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, no demo")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("BENCH_OUT") or DEFAULT_OUT),
-                        help=f"JSON output (default $BENCH_OUT or {DEFAULT_OUT.relative_to(REPO)})")
-    parser.add_argument("--only", action="append", metavar="SCRIPT",
-                        help="run only this section and merge its rows into the existing --out file")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("BENCH_OUT") or DEFAULT_OUT),
+        help=f"JSON output (default $BENCH_OUT or {DEFAULT_OUT.relative_to(REPO)})",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="SCRIPT",
+        help="run only this section and merge its rows into the existing --out file",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     raw, failed = run_all(args.quick, args.only)
@@ -151,9 +161,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"failed: {', '.join(failed)}" if failed else 0)
     print_table(rows)
     print(f"\n{len(rows)} rows in {wall:.0f} s; written to {args.out}")
-    write_atomically(args.out, {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "machine": machine(), "quick": args.quick, "wall_s": round(wall, 1),
-                                "failed": failed, "rows": rows})
+    write_atomically(
+        args.out,
+        {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine(),
+            "quick": args.quick,
+            "wall_s": round(wall, 1),
+            "failed": failed,
+            "rows": rows,
+        },
+    )
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 

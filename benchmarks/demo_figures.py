@@ -45,11 +45,19 @@ def first_beating_round(metrics: list[dict]) -> int | None:
     return None
 
 
-def _row(name: str, value: float | None, peer: float | None, unit: str, note: str,
-         target: float | None = None) -> dict[str, object]:
+def _row(
+    name: str, value: float | None, peer: float | None, unit: str, note: str, target: float | None = None
+) -> dict[str, object]:
     ratio = value / peer if value is not None and peer else None
-    return {"name": name, "value": value, "limit_or_peer": peer, "ratio": ratio, "unit": unit, "target": target,
-            "note": note}
+    return {
+        "name": name,
+        "value": value,
+        "limit_or_peer": peer,
+        "ratio": ratio,
+        "unit": unit,
+        "target": target,
+        "note": note,
+    }
 
 
 def overhead_rows(run: dict) -> list[dict[str, object]]:
@@ -60,16 +68,30 @@ def overhead_rows(run: dict) -> list[dict[str, object]]:
     """
     parts = round_breakdown(run)
     rows = []
-    for suffix, chosen, which in (("", parts, f"{len(parts)} demo rounds"),
-                                  ("_rounds2on", parts[1:], "rounds 2..R (actors already started)")):
+    for suffix, chosen, which in (
+        ("", parts, f"{len(parts)} demo rounds"),
+        ("_rounds2on", parts[1:], "rounds 2..R (actors already started)"),
+    ):
         total = sum(p[0] for p in chosen)
         idle = sum(p[0] - p[1] for p in chosen)
         residual = sum(p[0] - p[1] - p[2] for p in chosen)
         rows += [
-            _row(f"demo_not_client_compute_s{suffix}", idle if chosen else None, total, "s",
-                 f"{which}: round time outside the sites' train/evaluate handlers", OVERHEAD_TARGET),
-            _row(f"demo_framework_residual_s{suffix}", residual if chosen else None, total, "s",
-                 f"{which}: the same less the server's validation scoring", OVERHEAD_TARGET),
+            _row(
+                f"demo_not_client_compute_s{suffix}",
+                idle if chosen else None,
+                total,
+                "s",
+                f"{which}: round time outside the sites' train/evaluate handlers",
+                OVERHEAD_TARGET,
+            ),
+            _row(
+                f"demo_framework_residual_s{suffix}",
+                residual if chosen else None,
+                total,
+                "s",
+                f"{which}: the same less the server's validation scoring",
+                OVERHEAD_TARGET,
+            ),
         ]
     return rows
 
@@ -87,14 +109,34 @@ def value_rows(run: dict) -> list[dict[str, object]]:
     spent = float(sum(m["bytes_down"] + m["bytes_up"] for m in upto)) if beat else None
     full_spent = float(sum(2 * m["sites_sampled"] for m in upto)) * full if beat else None
     return [
-        _row("ttv_wall_s_to_published", wall, busy, "s",
-             f"process start to version {published} published and delivered, vs the sites' compute in it"),
-        _row("ttv_rounds_to_beat_baseline", float(beat) if beat else None, float(summary["rounds"]), "rounds",
-             "first round whose validation loss beats the baseline, vs rounds run"),
-        _row("ttv_bytes_to_beat_baseline", spent, full_spent, "bytes",
-             "bytes down + up until then, vs shipping the full model instead"),
-        _row("demo_bytes_per_client_round", float(comm["bytes_per_client_per_round"]), 2 * full, "bytes",
-             "measured in the demo (records incl. config and metrics), vs the full model down + up"),
+        _row(
+            "ttv_wall_s_to_published",
+            wall,
+            busy,
+            "s",
+            f"process start to version {published} published and delivered, vs the sites' compute in it",
+        ),
+        _row(
+            "ttv_rounds_to_beat_baseline",
+            float(beat) if beat else None,
+            float(summary["rounds"]),
+            "rounds",
+            "first round whose validation loss beats the baseline, vs rounds run",
+        ),
+        _row(
+            "ttv_bytes_to_beat_baseline",
+            spent,
+            full_spent,
+            "bytes",
+            "bytes down + up until then, vs shipping the full model instead",
+        ),
+        _row(
+            "demo_bytes_per_client_round",
+            float(comm["bytes_per_client_per_round"]),
+            2 * full,
+            "bytes",
+            "measured in the demo (records incl. config and metrics), vs the full model down + up",
+        ),
     ]
 
 

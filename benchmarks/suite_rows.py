@@ -18,26 +18,37 @@ KEYS = ("section", "name", "value", "limit_or_peer", "ratio", "unit", "target", 
 
 # name pattern -> (section, unit, target, better, note); the first match wins.
 ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
-    (r"dp_step_ms_hooks_b64$", ("1 DP overhead", "ms", 1.15, "lower",
-                                "DP-SGD step (client's mode) vs non-private step, B=64, medians")),
+    (
+        r"dp_step_ms_hooks_b64$",
+        ("1 DP overhead", "ms", 1.15, "lower", "DP-SGD step (client's mode) vs non-private step, B=64, medians"),
+    ),
     (r"dp_step_ms_", ("1 DP overhead", "ms", None, "lower", "DP-SGD step vs non-private step, medians")),
     (r"dp_step_min_ms_", ("1 DP overhead", "ms", None, "lower", "best steps (least contended)")),
     (r"dp_overhead_hooks_b64_vs_target", ("1 DP overhead", "x", 1.0, "lower", "hooks B=64 ratio vs the 1.15x target")),
-    (r"dp_grad_sample_bytes_", ("1 DP overhead", "bytes", None, "lower",
-                                "per-sample gradients held vs B x LoRA params x 4 bytes")),
-    (r"grad_sample_floor_bytes_", ("1 DP overhead", "bytes", None, "lower",
-                                   "B x LoRA params x 4 bytes vs the frozen base model's bytes")),
+    (
+        r"dp_grad_sample_bytes_",
+        ("1 DP overhead", "bytes", None, "lower", "per-sample gradients held vs B x LoRA params x 4 bytes"),
+    ),
+    (
+        r"grad_sample_floor_bytes_",
+        ("1 DP overhead", "bytes", None, "lower", "B x LoRA params x 4 bytes vs the frozen base model's bytes"),
+    ),
     (r"peak_rss_mib", ("1 DP overhead", "MiB", None, "lower", "DP benchmark process, all variants")),
-    (r"dp_tokens_per_s_", ("2 Client throughput", "tokens/s", None, "higher",
-                           "training tokens/s with DP vs without, default model")),
+    (
+        r"dp_tokens_per_s_",
+        ("2 Client throughput", "tokens/s", None, "higher", "training tokens/s with DP vs without, default model"),
+    ),
     (r"(comm_|demo_bytes_)", ("3 Communication", "bytes", None, "lower", "")),
-    (r"agg_ours_vs_copy_gbps", ("4 Aggregation", "GB/s", 0.5, "higher",
-                                "K=100 x 4M params: ours vs a memory copy of the same bytes")),
-    (r"agg_ours_vs_flower_gbps", ("4 Aggregation", "GB/s", None, "higher",
-                                  "ours vs Flower's aggregate_arrayrecords")),
+    (
+        r"agg_ours_vs_copy_gbps",
+        ("4 Aggregation", "GB/s", 0.5, "higher", "K=100 x 4M params: ours vs a memory copy of the same bytes"),
+    ),
+    (r"agg_ours_vs_flower_gbps", ("4 Aggregation", "GB/s", None, "higher", "ours vs Flower's aggregate_arrayrecords")),
     (r"agg_(copy|flower)_gbps", ("4 Aggregation", "GB/s", None, "higher", "the peers' own speed")),
-    (r"agg_peak_server_bytes", ("4 Aggregation", "bytes", None, "lower",
-                                "replies held + aggregation peak vs K x update bytes")),
+    (
+        r"agg_peak_server_bytes",
+        ("4 Aggregation", "bytes", None, "lower", "replies held + aggregation peak vs K x update bytes"),
+    ),
     (r"agg_extra_bytes", ("4 Aggregation", "bytes", None, "lower", "aggregation's own peak vs one update")),
     (r"agg_max_abs_diff", ("4 Aggregation", "abs", 1.0, "lower", "ours vs Flower's result, tolerance 1e-5")),
     (r"(sim_round_|demo_not_client|demo_framework)", ("5 Framework overhead", "s", None, "lower", "")),
@@ -46,10 +57,18 @@ ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
     (r"eps_", ("8 Privacy accounting", "epsilon", None, "lower", "")),
 ]
 
-DEMO_ROW_NAMES = ("startup_warm_s", "startup_cold_s", "demo_not_client_compute_s", "demo_framework_residual_s",
-                  "demo_not_client_compute_s_rounds2on", "demo_framework_residual_s_rounds2on",
-                  "ttv_wall_s_to_published", "ttv_rounds_to_beat_baseline", "ttv_bytes_to_beat_baseline",
-                  "demo_bytes_per_client_round")
+DEMO_ROW_NAMES = (
+    "startup_warm_s",
+    "startup_cold_s",
+    "demo_not_client_compute_s",
+    "demo_framework_residual_s",
+    "demo_not_client_compute_s_rounds2on",
+    "demo_framework_residual_s_rounds2on",
+    "ttv_wall_s_to_published",
+    "ttv_rounds_to_beat_baseline",
+    "ttv_bytes_to_beat_baseline",
+    "demo_bytes_per_client_round",
+)
 
 
 def placeholder_rows(names: tuple[str, ...], note: str) -> list[dict]:
@@ -65,7 +84,8 @@ def _number(value: object) -> float | None:
 
 def _annotate(row: dict) -> dict:
     section, unit, target, better, note = next(
-        (a for pattern, a in ANNOTATIONS if re.match(pattern, row["name"])), ("9 Other", "", None, "lower", ""))
+        (a for pattern, a in ANNOTATIONS if re.match(pattern, row["name"])), ("9 Other", "", None, "lower", "")
+    )
     value, peer = _number(row.get("value")), _number(row.get("limit_or_peer"))
     ratio = value / peer if value is not None and peer else None
     target = row.get("target", target)
@@ -73,9 +93,18 @@ def _annotate(row: dict) -> dict:
     verdict = None
     if target is not None and ratio is not None:
         verdict = "meets" if (ratio <= target if better == "lower" else ratio >= target) else "misses"
-    full = {"section": section, "name": row["name"], "value": value, "limit_or_peer": peer, "ratio": ratio,
-            "unit": row.get("unit", unit), "target": target, "better": better, "verdict": verdict,
-            "note": row.get("note") or note}
+    full = {
+        "section": section,
+        "name": row["name"],
+        "value": value,
+        "limit_or_peer": peer,
+        "ratio": ratio,
+        "unit": row.get("unit", unit),
+        "target": target,
+        "better": better,
+        "verdict": verdict,
+        "note": row.get("note") or note,
+    }
     return {k: full[k] for k in KEYS}
 
 
@@ -96,8 +125,23 @@ def finish_rows(rows: list[dict]) -> list[dict]:
 
 def machine() -> dict[str, object]:
     """CPU model, cores, load, and the versions the figures depend on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     versions = {name: version(name) for name in ("torch", "flwr", "opacus", "peft", "transformers", "numpy")}
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
-            "python": platform.python_version(), **versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_1m_at_end": os.getloadavg()[0],
+        "python": platform.python_version(),
+        **versions,
+    }

@@ -32,7 +32,7 @@ def interleaved_best(fns: Mapping[str, Callable[[], object]], reps: int) -> dict
         fns[name]()
     best = {name: float("inf") for name in names}
     for i in range(reps):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter()
             fns[name]()
             best[name] = min(best[name], time.perf_counter() - start)

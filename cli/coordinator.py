@@ -17,20 +17,35 @@ DEFAULT_DIR = Path("coordinator")
 def add_deploy_commands(commands: Any) -> None:
     """Add the deployment subcommands to ``fedretrain coordinator``."""
     start = commands.add_parser(
-        "start", help="run the SuperLink (TLS, node authentication, database) until stopped",
+        "start",
+        help="run the SuperLink (TLS, node authentication, database) until stopped",
         description="Runs Flower's SuperLink with the TLS certificate in --keys (ca.pem, superlink.pem, "
-                    "superlink.key), SuperNode authentication and a persistent database, then registers "
-                    "each --site public key. Stop it with Ctrl-C or SIGTERM.")
+        "superlink.key), SuperNode authentication and a persistent database, then registers "
+        "each --site public key. Stop it with Ctrl-C or SIGTERM.",
+    )
     _dir(start)
-    start.add_argument("--address", default="127.0.0.1:9093", metavar="HOST:PORT",
-                       help="where the SuperLink listens (Fleet, Control and Runtime APIs; default 127.0.0.1:9093)")
-    start.add_argument("--connect", metavar="HOST:PORT",
-                       help="the address this machine's CLI uses (default: --address; give one the certificate "
-                            "names when listening on 0.0.0.0)")
+    start.add_argument(
+        "--address",
+        default="127.0.0.1:9093",
+        metavar="HOST:PORT",
+        help="where the SuperLink listens (Fleet, Control and Runtime APIs; default 127.0.0.1:9093)",
+    )
+    start.add_argument(
+        "--connect",
+        metavar="HOST:PORT",
+        help="the address this machine's CLI uses (default: --address; give one the certificate "
+        "names when listening on 0.0.0.0)",
+    )
     start.add_argument("--keys", type=Path, help="directory with ca.pem, superlink.pem and superlink.key")
     start.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: a test bench only")
-    start.add_argument("--site", type=Path, action="append", default=[], metavar="SITE.pub",
-                       help="a site's public key to register (repeat for each site)")
+    start.add_argument(
+        "--site",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="SITE.pub",
+        help="a site's public key to register (repeat for each site)",
+    )
     start.set_defaults(func=_start)
 
     register = commands.add_parser("register", help="register a site's public key with the running SuperLink")
@@ -39,11 +54,13 @@ def add_deploy_commands(commands: Any) -> None:
     register.set_defaults(func=_register)
 
     run = commands.add_parser(
-        "run", help="submit a retraining cycle to the SuperLink (flwr run)",
+        "run",
+        help="submit a retraining cycle to the SuperLink (flwr run)",
         description="Composes and checks the config, then submits this project as a Flower app with `flwr run`. "
-                    "Paths in registry.root, registry.signing_key, validation_path and output_dir are taken "
-                    "relative to the current directory. --resume RUN continues a cycle from its last "
-                    "complete round.")
+        "Paths in registry.root, registry.signing_key, validation_path and output_dir are taken "
+        "relative to the current directory. --resume RUN continues a cycle from its last "
+        "complete round.",
+    )
     _dir(run)
     run.add_argument("--resume", type=Path, metavar="RUN", help="the run directory of a cycle to continue")
     run.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it completed")
@@ -58,8 +75,12 @@ def add_deploy_commands(commands: Any) -> None:
 
 
 def _dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
-                        help="the coordinator directory: Flower's database, settings, sites, runs")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        help="the coordinator directory: Flower's database, settings, sites, runs",
+    )
 
 
 def _start(args: argparse.Namespace) -> int:

@@ -34,8 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="also show Flower's and Ray's logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sim = sub.add_parser("simulate", help="run a federation of virtual sites on Flower's simulation engine",
-                         description="Hydra overrides, e.g.: simulation.num_sites=8 privacy.target_epsilon=4")
+    sim = sub.add_parser(
+        "simulate",
+        help="run a federation of virtual sites on Flower's simulation engine",
+        description="Hydra overrides, e.g.: simulation.num_sites=8 privacy.target_epsilon=4",
+    )
     sim.add_argument("overrides", nargs="*", help="Hydra overrides (key=value, group=option)")
     sim.set_defaults(func=_simulate)
 
@@ -44,18 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+", help="JSONL or CSV files")
     validate.set_defaults(func=_data_validate)
     synthesize = data.add_parser(
-        "synthesize", help="write a synthetic federation's data: sites' notes and a validation set",
+        "synthesize",
+        help="write a synthetic federation's data: sites' notes and a validation set",
         description="Writes DIR/site-00 ... (train.jsonl, heldout.jsonl) and DIR/coordinator/validation.jsonl, "
-                    "the same non-IID notes a simulation generates, e.g. to try a deployment on one machine.")
+        "the same non-IID notes a simulation generates, e.g. to try a deployment on one machine.",
+    )
     synthesize.add_argument("--out", type=Path, required=True, help="directory to write into")
     synthesize.add_argument("overrides", nargs="*", help="Hydra overrides (simulation.num_sites=3, seed=0, ...)")
     synthesize.set_defaults(func=_data_synthesize)
 
-    site = sub.add_parser("site", help="tools for a site (hospital)").add_subparsers(dest="site_command",
-                                                                                    required=True)
-    generate = site.add_parser("generate", help="generate text with the site's installed version",
-                               description="Loads the base model plus the site's current adapter (verified "
-                                           "again against the pinned coordinator key) and continues a prompt.")
+    site = sub.add_parser("site", help="tools for a site (hospital)").add_subparsers(dest="site_command", required=True)
+    generate = site.add_parser(
+        "generate",
+        help="generate text with the site's installed version",
+        description="Loads the base model plus the site's current adapter (verified "
+        "again against the pinned coordinator key) and continues a prompt.",
+    )
     where = generate.add_mutually_exclusive_group(required=True)
     where.add_argument("--site-config", help="the site's node_config as JSON (simulation: <site>/site.json)")
     where.add_argument("--store", help="the site's model store directory (<state-dir>/models)")
@@ -78,8 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_privacy_commands(sub)
 
-    config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command",
-                                                                                  required=True)
+    config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the composed, validated config")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=_config_show)
@@ -87,14 +93,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_privacy_commands(subparsers: Any) -> None:
-    privacy = subparsers.add_parser("privacy", help="privacy tools").add_subparsers(dest="privacy_command",
-                                                                                     required=True)
+    privacy = subparsers.add_parser("privacy", help="privacy tools").add_subparsers(
+        dest="privacy_command", required=True
+    )
     audit = privacy.add_parser(
-        "audit", help="empirical lower bound on a site's epsilon from one cycle (Steinke et al. 2023)",
+        "audit",
+        help="empirical lower bound on a site's epsilon from one cycle (Steinke et al. 2023)",
         description="Plants random canaries in one simulated site's data, each with probability 1/2, runs "
-                    "one cycle through the site's own training and prints the epsilon lower bound beside the "
-                    "ledger's epsilon; exits 1 if the bound exceeds it. E.g.: fedretrain privacy audit "
-                    "--canaries 256 train.local_steps=240")
+        "one cycle through the site's own training and prints the epsilon lower bound beside the "
+        "ledger's epsilon; exits 1 if the bound exceeds it. E.g.: fedretrain privacy audit "
+        "--canaries 256 train.local_steps=240",
+    )
     audit.add_argument("--canaries", type=int, default=64, help="canaries m (default 64)")
     audit.add_argument("--rounds", type=int, default=2, help="rounds in the cycle (default 2)")
     audit.add_argument("--no-dp", action="store_true", help="audit training without DP (shows the leak)")
@@ -108,16 +117,23 @@ def _privacy_audit(args: argparse.Namespace) -> int:
     from simulation.audit import AuditSettings, run_audit
 
     try:
-        settings = AuditSettings(canaries=args.canaries, rounds=args.rounds, private=not args.no_dp,
-                                 confidence=args.confidence, overrides=tuple(args.overrides),
-                                 auditor_seed=args.seed)
+        settings = AuditSettings(
+            canaries=args.canaries,
+            rounds=args.rounds,
+            private=not args.no_dp,
+            confidence=args.confidence,
+            overrides=tuple(args.overrides),
+            auditor_seed=args.seed,
+        )
     except ValueError as err:
         raise FedretrainError(f"privacy audit: {err}") from None
     result = run_audit(settings)
     b, ledger = result.bound, result.ledger_epsilon
-    print(f"m={b.m} canaries, r={b.r} guesses, v={b.v} right: epsilon >= {b.epsilon:.3f} at "
-          f"{b.confidence:.0%} confidence (delta={b.delta:g}); ledger epsilon: "
-          f"{'none, DP off' if ledger is None else f'{ledger:.3f}'}")
+    print(
+        f"m={b.m} canaries, r={b.r} guesses, v={b.v} right: epsilon >= {b.epsilon:.3f} at "
+        f"{b.confidence:.0%} confidence (delta={b.delta:g}); ledger epsilon: "
+        f"{'none, DP off' if ledger is None else f'{ledger:.3f}'}"
+    )
     if ledger is not None and b.epsilon > ledger:
         print("fedretrain: error: the audit refutes the ledger's epsilon", file=sys.stderr)
         return 1
@@ -128,10 +144,12 @@ def _add_coordinator_commands(subparsers: Any) -> None:
     coordinator = subparsers.add_parser("coordinator", help="the coordinator: its SuperLink, runs and watch")
     commands = coordinator.add_subparsers(dest="coordinator_command", required=True)
     watch = commands.add_parser(
-        "watch", help="poll the sites, check the triggers, run a cycle when one fires",
+        "watch",
+        help="poll the sites, check the triggers, run a cycle when one fires",
         description="Watches the simulated federation in simulation.federation_dir until stopped or "
-                    "trigger.max_polls polls, e.g.: fedretrain coordinator watch experiment=smoke "
-                    "simulation.federation_dir=fed trigger.poll_interval_s=600")
+        "trigger.max_polls polls, e.g.: fedretrain coordinator watch experiment=smoke "
+        "simulation.federation_dir=fed trigger.poll_interval_s=600",
+    )
     watch.add_argument("overrides", nargs="*", help="Hydra overrides (key=value, group=option)")
     watch.set_defaults(func=_coordinator_watch)
     retrain = commands.add_parser("retrain", help="ask the watch for a retraining cycle at its next poll")
@@ -151,8 +169,10 @@ def _coordinator_watch(args: argparse.Namespace) -> int:
 
     run_dir = watch(args.overrides, verbose=args.verbose)
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"fedretrain: {len(summary['polls'])} polls, {summary['cycles']} cycles, versions published: "
-          f"{summary['published_versions'] or 'none'}; written to {run_dir}")
+    print(
+        f"fedretrain: {len(summary['polls'])} polls, {summary['cycles']} cycles, versions published: "
+        f"{summary['published_versions'] or 'none'}; written to {run_dir}"
+    )
     return 0
 
 
@@ -187,9 +207,15 @@ def _site_generate(args: argparse.Namespace) -> int:
         store, key, device = site.model_store_path, site.coordinator_key, site.device
     else:
         store, key, device = Path(args.store), args.coordinator_key, "auto"
-    result = generate(store, args.prompt, coordinator_key=Path(key) if key else None,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                      device=device)
+    result = generate(
+        store,
+        args.prompt,
+        coordinator_key=Path(key) if key else None,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        device=device,
+    )
     print(f"[version {result.version}, {result.new_tokens} new tokens]")
     print(result.text)
     return 0

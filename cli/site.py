@@ -23,27 +23,40 @@ if TYPE_CHECKING:
 def add_site_commands(site_subparsers: Any) -> None:
     """Add ``ingest [PATH ...] --site-config SITE.json [--inbox [DIR]] [--watch S] [--max-polls N]``."""
     ingest = site_subparsers.add_parser(
-        "ingest", help="add new records to the site's store (checked, masked, deduplicated, split)",
+        "ingest",
+        help="add new records to the site's store (checked, masked, deduplicated, split)",
         description="Appends new records to the site's train.jsonl and heldout.jsonl. Bad lines go to the "
-                    "quarantine file, duplicates are dropped, and with redact=true e-mail addresses, phone "
-                    "numbers and record numbers are masked first. Exit 0 when it ran, 2 on an error.")
+        "quarantine file, duplicates are dropped, and with redact=true e-mail addresses, phone "
+        "numbers and record numbers are masked first. Exit 0 when it ran, 2 on an error.",
+    )
     ingest.add_argument("paths", nargs="*", metavar="PATH", help="JSONL or CSV files to ingest")
-    ingest.add_argument("--site-config", required=True,
-                        help="the site's node_config as JSON (simulation: <site>/site.json)")
-    ingest.add_argument("--inbox", nargs="?", const="", default=None, metavar="DIR",
-                        help="ingest every file in DIR (default: the site's inbox-dir), moving each to "
-                             "DIR/done/ (or DIR/failed/ when it cannot be read)")
-    ingest.add_argument("--watch", type=float, metavar="SECONDS",
-                        help="with --inbox: poll the inbox every SECONDS until interrupted")
+    ingest.add_argument(
+        "--site-config", required=True, help="the site's node_config as JSON (simulation: <site>/site.json)"
+    )
+    ingest.add_argument(
+        "--inbox",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="ingest every file in DIR (default: the site's inbox-dir), moving each to "
+        "DIR/done/ (or DIR/failed/ when it cannot be read)",
+    )
+    ingest.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="with --inbox: poll the inbox every SECONDS until interrupted"
+    )
     ingest.add_argument("--max-polls", type=int, metavar="N", help="with --watch: stop after N polls")
     ingest.set_defaults(func=_site_ingest)
 
     status = site_subparsers.add_parser(
-        "status", help="what the coordinator would learn from this site now: new records, drift, epsilon",
+        "status",
+        help="what the coordinator would learn from this site now: new records, drift, epsilon",
         description="Computes the site's status reply on its own data (counts, drift scores, the published "
-                    "model's loss on new records, privacy totals) and prints it; nothing is sent.")
-    status.add_argument("--site-config", required=True,
-                        help="the site's node_config as JSON (simulation: <site>/site.json)")
+        "model's loss on new records, privacy totals) and prints it; nothing is sent.",
+    )
+    status.add_argument(
+        "--site-config", required=True, help="the site's node_config as JSON (simulation: <site>/site.json)"
+    )
     status.add_argument("overrides", nargs="*", help="Hydra overrides for the job (model, train, privacy, monitor)")
     status.set_defaults(func=_site_status)
     _add_join(site_subparsers)
@@ -51,34 +64,57 @@ def add_site_commands(site_subparsers: Any) -> None:
 
 def _add_join(site_subparsers: Any) -> None:
     join = site_subparsers.add_parser(
-        "join", help="join a federation: run this site's SuperNode (until stopped)",
+        "join",
+        help="join a federation: run this site's SuperNode (until stopped)",
         description="Runs Flower's SuperNode with TLS to the coordinator's SuperLink (checked against the "
-                    "federation's CA) and the site's key for node authentication. The site's settings "
-                    "become its node config; the coordinator never sees or sets them.")
+        "federation's CA) and the site's key for node authentication. The site's settings "
+        "become its node config; the coordinator never sees or sets them.",
+    )
     join.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
     join.add_argument("--ca", type=Path, help="the federation's CA certificate (ca.pem)")
     join.add_argument("--key", type=Path, help="this site's private key (fedretrain keys site SITE_ID)")
-    join.add_argument("--insecure", action="store_true",
-                      help="no TLS and no node key: a test bench on one machine only, never a hospital")
+    join.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no node key: a test bench on one machine only, never a hospital",
+    )
     join.add_argument("--data", required=True, type=Path, help="holds train.jsonl and heldout.jsonl")
     join.add_argument("--epsilon-ceiling", required=True, type=float, help="the site's lifetime epsilon budget")
     join.add_argument("--site-id", help="the site's pseudonymous name (default: the key file's name)")
     join.add_argument("--delta", type=float, default=1e-5)
-    join.add_argument("--coordinator-key", type=Path,
-                      help="the coordinator's public signing key (coordinator.pub); without it nothing is installed")
+    join.add_argument(
+        "--coordinator-key",
+        type=Path,
+        help="the coordinator's public signing key (coordinator.pub); without it nothing is installed",
+    )
     join.add_argument("--state-dir", type=Path, help="privacy ledger and model store (default: DATA/.fedretrain)")
     join.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     join.add_argument("--accountant", default="rdp", choices=("rdp", "prv"))
-    join.add_argument("--smoke-eval", action="store_true",
-                      help="score a published version on held-out data before installing it; refuse a worse one")
-    join.add_argument("--port", type=int, default=9094,
-                      help="this SuperNode's local Runtime API port (one per SuperNode on a machine)")
-    join.add_argument("--model", default="embedded",
-                      help="base model to have ready before joining ('embedded' is built once on first use)")
+    join.add_argument(
+        "--smoke-eval",
+        action="store_true",
+        help="score a published version on held-out data before installing it; refuse a worse one",
+    )
+    join.add_argument(
+        "--port",
+        type=int,
+        default=9094,
+        help="this SuperNode's local Runtime API port (one per SuperNode on a machine)",
+    )
+    join.add_argument(
+        "--model",
+        default="embedded",
+        help="base model to have ready before joining ('embedded' is built once on first use)",
+    )
     join.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
-    join.add_argument("--clientapp-stuck-after", type=float, default=300.0, metavar="SECONDS",
-                      help="stop a ClientApp process still waiting for its message after this long (its "
-                           "ServerApp died while sending it; Flower 1.41 would keep it for ever)")
+    join.add_argument(
+        "--clientapp-stuck-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="stop a ClientApp process still waiting for its message after this long (its "
+        "ServerApp died while sending it; Flower 1.41 would keep it for ever)",
+    )
     join.set_defaults(func=_site_join)
 
 
@@ -94,17 +130,25 @@ def _site_join(args: argparse.Namespace) -> int:
         raise FedretrainError("--site-id: required without --key (the site id defaults to the key file's name)")
     if not args.clientapp_stuck_after > 0:
         raise FedretrainError(f"--clientapp-stuck-after: must be > 0 seconds, got {args.clientapp_stuck_after}")
-    node_config = {"site-id": args.site_id or args.key.stem, "data-dir": str(args.data.resolve()),
-                   "epsilon-ceiling": args.epsilon_ceiling, "delta": args.delta, "device": args.device,
-                   "accountant": args.accountant, "smoke-eval": args.smoke_eval}
+    node_config = {
+        "site-id": args.site_id or args.key.stem,
+        "data-dir": str(args.data.resolve()),
+        "epsilon-ceiling": args.epsilon_ceiling,
+        "delta": args.delta,
+        "device": args.device,
+        "accountant": args.accountant,
+        "smoke-eval": args.smoke_eval,
+    }
     if args.coordinator_key:
         node_config["coordinator-key"] = str(args.coordinator_key.resolve())
     if args.state_dir:
         node_config["state-dir"] = str(args.state_dir.resolve())
     site = prepare_site(node_config)
     resolve_model_path(args.model)
-    proc = start_supernode(site, JoinSettings(superlink=args.superlink, ca=args.ca, key=args.key, port=args.port,
-                                              max_retries=args.max_retries))
+    proc = start_supernode(
+        site,
+        JoinSettings(superlink=args.superlink, ca=args.ca, key=args.key, port=args.port, max_retries=args.max_retries),
+    )
     watchdog = ClientAppWatchdog(proc.pid, site.state_path, args.clientapp_stuck_after)
     watchdog.start()
     try:
@@ -142,8 +186,7 @@ def _site_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _poll_inbox(site: SiteConfig, inbox: str | None, watch: float | None,
-                max_polls: int | None) -> list[IngestReport]:
+def _poll_inbox(site: SiteConfig, inbox: str | None, watch: float | None, max_polls: int | None) -> list[IngestReport]:
     from client.ingest.pipeline import ingest_inbox
 
     reports: list[IngestReport] = []

@@ -15,11 +15,11 @@ from flwr.clientapp import ClientApp
 
 from client.install.installer import receive_version
 from client.join import mark_clientapp
-from client.status import site_status
 from client.round.site import evaluate_round, train_round
+from client.status import site_status
 from fedretrain import errors
-from fedretrain.config import Job, MonitorConfig, SiteConfig, build, site_config_from_node_config
 from fedretrain.arrays import from_array_record, to_array_record
+from fedretrain.config import Job, MonitorConfig, SiteConfig, build, site_config_from_node_config
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 
 log = logging.getLogger("fedretrain.client")
@@ -80,13 +80,15 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config, *, mark_
 Core = Callable[[SiteConfig, Job, int, RecordDict], RecordDict]
 
 
-def _handle(msg: Message, context: Context, resolve_site: SiteResolver, core: Core, *,
-            mark_process: bool = False) -> Message:
+def _handle(
+    msg: Message, context: Context, resolve_site: SiteResolver, core: Core, *, mark_process: bool = False
+) -> Message:
     """Unpack the site and the job, run ``core``, and answer with its reply or an error reply.
 
     The reply echoes the instruction's round and global adapter digest, so the
     coordinator can tell a reply to this round from a stale or replayed one.
     """
+
     def work() -> RecordDict:
         site, job, echo = _unpack(msg, context, resolve_site)
         if mark_process:
@@ -94,20 +96,31 @@ def _handle(msg: Message, context: Context, resolve_site: SiteResolver, core: Co
         reply = core(site, job, int(echo.get("server-round", 0)), msg.content)
         reply["site"] = ConfigRecord({"site-id": site.site_id, **echo})
         return reply
+
     return _guarded(msg, work)
 
 
 def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
     global_hash = content["config"].get("global-hash")
-    outcome = train_round(site, job, from_array_record(content["arrays"]), server_round,
-                          global_hash=str(global_hash) if global_hash else None)
+    outcome = train_round(
+        site,
+        job,
+        from_array_record(content["arrays"]),
+        server_round,
+        global_hash=str(global_hash) if global_hash else None,
+    )
     return _reply(site, to_array_record(outcome.adapter), outcome.metrics)
 
 
 def _evaluate(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
     baseline = content.array_records.get("baseline")
-    outcome = evaluate_round(site, job, from_array_record(content["arrays"]),
-                             None if baseline is None else from_array_record(baseline), server_round=server_round)
+    outcome = evaluate_round(
+        site,
+        job,
+        from_array_record(content["arrays"]),
+        None if baseline is None else from_array_record(baseline),
+        server_round=server_round,
+    )
     return _reply(site, None, outcome.metrics)
 
 
@@ -170,8 +183,7 @@ def _guarded(msg: Message, work: Callable[[], RecordDict]) -> Message:
         return Message(Error(code=code, reason=without_paths(f"{type(err).__name__}: {err}")), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - the site must answer, not vanish, on a bug
         log.exception("%s failed", msg.metadata.message_type)
-        return Message(Error(code=UNEXPECTED_ERROR, reason=without_paths(f"{type(err).__name__}: {err}")),
-                       reply_to=msg)
+        return Message(Error(code=UNEXPECTED_ERROR, reason=without_paths(f"{type(err).__name__}: {err}")), reply_to=msg)
 
 
 # `client.app:app` in pyproject.toml: the deployed ClientApp reads its site from node_config.

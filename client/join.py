@@ -43,10 +43,10 @@ log = logging.getLogger("fedretrain.client")
 class JoinSettings:
     """How a site reaches its coordinator."""
 
-    superlink: str              # HOST:PORT of the SuperLink's Fleet API
-    ca: Path | None             # the federation's CA certificate; None: insecure (test benches only)
-    key: Path | None            # the site's private node key; None: no node authentication
-    port: int                   # this SuperNode's local Runtime API port (one per SuperNode on a host)
+    superlink: str  # HOST:PORT of the SuperLink's Fleet API
+    ca: Path | None  # the federation's CA certificate; None: insecure (test benches only)
+    key: Path | None  # the site's private node key; None: no node authentication
+    port: int  # this SuperNode's local Runtime API port (one per SuperNode on a host)
     max_retries: int | None = None
 
 
@@ -54,8 +54,10 @@ def prepare_site(node_config: dict[str, Any]) -> SiteConfig:
     """Check the site's settings (an error names the key) and write its node config file."""
     site = site_config_from_node_config(node_config)
     if not site.train_path.exists():
-        raise DeployError(f"{site.train_path}: the site's data is missing (data-dir must hold train.jsonl "
-                          "and heldout.jsonl, or .csv with a text column)")
+        raise DeployError(
+            f"{site.train_path}: the site's data is missing (data-dir must hold train.jsonl "
+            "and heldout.jsonl, or .csv with a text column)"
+        )
     private_dir(site.state_path)
     atomic_write_text(node_config_path(site), toml_assignments(site.to_node_config()))
     return site
@@ -68,8 +70,15 @@ def node_config_path(site: SiteConfig) -> Path:
 def supernode_command(site: SiteConfig, join: JoinSettings) -> list[str]:
     """``flower-supernode`` for this site."""
     split_address(join.superlink)  # a bad address fails here, naming it
-    argv = [flower_command("flower-supernode"), "--superlink", join.superlink,
-            "--node-config", str(node_config_path(site).resolve()), "--port", str(join.port)]
+    argv = [
+        flower_command("flower-supernode"),
+        "--superlink",
+        join.superlink,
+        "--node-config",
+        str(node_config_path(site).resolve()),
+        "--port",
+        str(join.port),
+    ]
     if join.ca is None:
         argv.append("--insecure")
     else:
@@ -156,8 +165,11 @@ class ClientAppWatchdog:
                 proc.send_signal(signal.SIGTERM)
             except psutil.Error:  # it ended meanwhile
                 continue
-            log.warning("ClientApp process %d got no message in %.0f s (its ServerApp died while sending it); "
-                        "stopped", proc.pid, time.time() - started)
+            log.warning(
+                "ClientApp process %d got no message in %.0f s (its ServerApp died while sending it); stopped",
+                proc.pid,
+                time.time() - started,
+            )
             stopped.append(proc.pid)
         self._forget()
         return stopped

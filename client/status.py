@@ -33,16 +33,15 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from client.ingest.pipeline import recover_store
 from client.ingest.reference import Reference, load_reference
-from client.round.site import noise_multiplier, site_model
 from client.install.model_store import ModelStore
-from fedretrain.config import Job, MonitorConfig, SiteConfig
+from client.round.site import noise_multiplier, site_model
 from fedretrain.atomic import atomic_write_json
+from fedretrain.config import Job, MonitorConfig, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.notes import optional_texts, read_records
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
@@ -57,8 +56,9 @@ log = logging.getLogger("fedretrain.client")
 SCORE_KEYS = ("drift-js", "drift-hidden", "loss-new", "loss-reference")
 
 
-def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, charge: bool = False,
-                seed: int = 0) -> dict[str, float | int]:
+def site_status(
+    site: SiteConfig, job: Job, monitor: MonitorConfig, *, charge: bool = False, seed: int = 0
+) -> dict[str, float | int]:
     """What the site knows about its data now; with ``charge``, what the coordinator may learn of it.
 
     Parameters
@@ -94,22 +94,29 @@ def site_status(site: SiteConfig, job: Job, monitor: MonitorConfig, *, charge: b
     ref = _usable_reference(site, len(train), len(heldout))
     rng = np.random.default_rng(seed)
     status: dict[str, float | int] = {"has-reference": int(ref is not None)}
-    new_texts = [] if ref is None else train[ref.train_end:] + heldout[ref.heldout_end:]
+    new_texts = [] if ref is None else train[ref.train_end :] + heldout[ref.heldout_end :]
     window = job.train.window
-    counts = {"new-records": len(new_texts),
-              "reference-records": 0 if ref is None else ref.train_end - ref.train_start + ref.heldout_end,
-              "train-records": min(window, len(train)) if window else len(train)}
+    counts = {
+        "new-records": len(new_texts),
+        "reference-records": 0 if ref is None else ref.train_end - ref.train_start + ref.heldout_end,
+        "train-records": min(window, len(train)) if window else len(train),
+    }
     if charge:
         status.update(_charged_counts(site, job, counts))
     else:
         status.update(counts)
-    reference = [] if ref is None else train[ref.train_start:ref.train_end] + heldout[:ref.heldout_end]
+    reference = [] if ref is None else train[ref.train_start : ref.train_end] + heldout[: ref.heldout_end]
     # The loss comparison needs held-out records of the reference (never trained on): the
     # training window would make the reference loss look low and the gap look like drift.
     scores_wanted = not charge or site.share_drift_scores
-    if scores_wanted and ref is not None and len(new_texts) >= monitor.min_new_records and len(reference) >= 2 \
-            and ref.heldout_end:
-        status.update(_scores(site, job, monitor, reference, heldout[:ref.heldout_end], new_texts, rng))
+    if (
+        scores_wanted
+        and ref is not None
+        and len(new_texts) >= monitor.min_new_records
+        and len(reference) >= 2
+        and ref.heldout_end
+    ):
+        status.update(_scores(site, job, monitor, reference, heldout[: ref.heldout_end], new_texts, rng))
     status["model-version"] = _installed_version(site)
     status.update(_privacy(site, job))
     return status
@@ -126,11 +133,13 @@ def _charged_counts(site: SiteConfig, job: Job, counts: dict[str, int]) -> dict[
         cached = _recent_counts(site)
         if cached is not None:
             return cached
-        ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
-                                    delta=site.delta)
+        ledger = PrivacyLedger.load(
+            site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta
+        )
         ledger.check_can_spend(site.status_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, site.epsilon_ceiling)
-        release = gaussian_release({k: float(v) for k, v in counts.items()}, dict.fromkeys(counts, 1.0),
-                                   site.status_noise)
+        release = gaussian_release(
+            {k: float(v) for k, v in counts.items()}, dict.fromkeys(counts, 1.0), site.status_noise
+        )
         ledger.record(job.run_id, 0, site.status_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, kind="status")
         ledger.save(site.ledger_path)
         # Rounding and clipping at 0 are post-processing: they cost nothing more.
@@ -163,8 +172,11 @@ def _usable_reference(site: SiteConfig, num_train: int, num_heldout: int) -> Ref
         # The store is append-only; a shorter one was replaced or truncated by its operator.
         # Answer as a site without a reference (counted again after its next training round)
         # instead of refusing every poll and being left out for good.
-        log.warning("site %s: the reference window points past the end of the data; the store was replaced "
-                    "or truncated, so drift is measured again after the next training round", site.site_id)
+        log.warning(
+            "site %s: the reference window points past the end of the data; the store was replaced "
+            "or truncated, so drift is measured again after the next training round",
+            site.site_id,
+        )
         return None
     return ref
 
@@ -175,8 +187,15 @@ def _sample(texts: Sequence[str], size: int, rng: np.random.Generator) -> list[s
     return [texts[i] for i in sorted(rng.choice(len(texts), size=size, replace=False))]
 
 
-def _scores(site: SiteConfig, job: Job, monitor: MonitorConfig, reference: Sequence[str], unseen: Sequence[str],
-            new: Sequence[str], rng: np.random.Generator) -> dict[str, float]:
+def _scores(
+    site: SiteConfig,
+    job: Job,
+    monitor: MonitorConfig,
+    reference: Sequence[str],
+    unseen: Sequence[str],
+    new: Sequence[str],
+    rng: np.random.Generator,
+) -> dict[str, float]:
     """Drift of the new records from the reference, and the published model's loss on both."""
     lm = site_model(job, site.device)
     size, batch = monitor.sample_records, job.train.eval_batch_size
@@ -184,8 +203,9 @@ def _scores(site: SiteConfig, job: Job, monitor: MonitorConfig, reference: Seque
     new_data = encode_texts(lm.tokenizer, _sample(new, size, rng), job.model.max_length)
     unseen_data = encode_texts(lm.tokenizer, _sample(unseen, size, rng), job.model.max_length)
     js = token_js_divergence(_token_ids(ref_data.tensors), _token_ids(new_data.tensors), len(lm.tokenizer))
-    shift = hidden_state_shift(mean_hidden_states(lm.model, ref_data, batch),
-                               mean_hidden_states(lm.model, new_data, batch))
+    shift = hidden_state_shift(
+        mean_hidden_states(lm.model, ref_data, batch), mean_hidden_states(lm.model, new_data, batch)
+    )
     use_adapter = _load_published(lm, site)
     loss_new = evaluate_loss(lm.model, new_data, batch_size=batch, use_adapter=use_adapter).loss
     loss_ref = evaluate_loss(lm.model, unseen_data, batch_size=batch, use_adapter=use_adapter).loss
@@ -215,8 +235,7 @@ def _privacy(site: SiteConfig, job: Job) -> dict[str, float | int]:
     None of it depends on the records: the ledger holds what the site released, and the
     job fixes the sampling rate.
     """
-    ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
-                                delta=site.delta)
+    ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta)
     spent = ledger.epsilon()
     projected = spent
     if job.privacy.enabled:
@@ -225,9 +244,13 @@ def _privacy(site: SiteConfig, job: Job) -> dict[str, float | int]:
         if site.share_evaluation:
             cycle.append((site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS))
         projected = epsilon_for_history([*ledger.history, *cycle], site.delta, site.accountant)
-    return {"epsilon-spent": float(spent), "epsilon-ceiling": float(site.epsilon_ceiling),
-            "delta": float(site.delta), "epsilon-projected": float(projected),
-            "can-afford": int(projected <= site.epsilon_ceiling)}
+    return {
+        "epsilon-spent": float(spent),
+        "epsilon-ceiling": float(site.epsilon_ceiling),
+        "delta": float(site.delta),
+        "epsilon-projected": float(projected),
+        "can-afford": int(projected <= site.epsilon_ceiling),
+    }
 
 
 def format_status(site_id: str, status: Mapping[str, float | int]) -> str:
@@ -236,19 +259,29 @@ def format_status(site_id: str, status: Mapping[str, float | int]) -> str:
     if not status.get("has-reference"):
         lines.append("  never trained: no reference window yet")
     else:
-        lines.append(f"  new records: {int(status['new-records'])} since the reference window of "
-                     f"{int(status['reference-records'])} records")
+        lines.append(
+            f"  new records: {int(status['new-records'])} since the reference window of "
+            f"{int(status['reference-records'])} records"
+        )
     lines.append(f"  training window now: {int(status['train-records'])} records")
     if all(key in status for key in SCORE_KEYS):
-        lines.append(f"  drift: tokens {status['drift-js']:.4f} bits JS, hidden states {status['drift-hidden']:.3f} "
-                     "reference spreads")
-        lines.append(f"  published model's loss: {status['loss-new']:.4f} on new records, "
-                     f"{status['loss-reference']:.4f} on reference held-out records")
+        lines.append(
+            f"  drift: tokens {status['drift-js']:.4f} bits JS, hidden states {status['drift-hidden']:.3f} "
+            "reference spreads"
+        )
+        lines.append(
+            f"  published model's loss: {status['loss-new']:.4f} on new records, "
+            f"{status['loss-reference']:.4f} on reference held-out records"
+        )
     elif status.get("has-reference"):
         lines.append("  drift and loss: not enough new data")
-    lines.append(f"  model version: {int(status['model-version'])}" + (" (base model)" if not status["model-version"]
-                                                                        else ""))
-    lines.append(f"  epsilon: spent {status['epsilon-spent']:.3f} of {status['epsilon-ceiling']:.3f} "
-                 f"(delta {status['delta']:.0e}); after one more cycle {status['epsilon-projected']:.3f} ("
-                 + ("affordable" if status["can-afford"] else "over the ceiling") + ")")
+    lines.append(
+        f"  model version: {int(status['model-version'])}" + (" (base model)" if not status["model-version"] else "")
+    )
+    lines.append(
+        f"  epsilon: spent {status['epsilon-spent']:.3f} of {status['epsilon-ceiling']:.3f} "
+        f"(delta {status['delta']:.0e}); after one more cycle {status['epsilon-projected']:.3f} ("
+        + ("affordable" if status["can-afford"] else "over the ceiling")
+        + ")"
+    )
     return "\n".join(lines)

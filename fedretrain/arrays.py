@@ -54,13 +54,10 @@ def _to_numpy(key: str, value: TensorLike) -> np.ndarray:
         array = value
     else:
         raise AdapterMismatchError(
-            f"adapter tensor '{key}' is a {type(value).__name__}, "
-            "expected a torch.Tensor or numpy.ndarray"
+            f"adapter tensor '{key}' is a {type(value).__name__}, expected a torch.Tensor or numpy.ndarray"
         )
     if array.dtype.kind not in "biufc":
-        raise AdapterMismatchError(
-            f"adapter tensor '{key}' has dtype {array.dtype}; only numeric dtypes travel"
-        )
+        raise AdapterMismatchError(f"adapter tensor '{key}' has dtype {array.dtype}; only numeric dtypes travel")
     # A Fortran-ordered array would be saved with fortran_order=True, which the
     # receiver refuses; make the C layout explicit here.
     return np.ascontiguousarray(array)
@@ -96,9 +93,7 @@ class AdapterSpec:
     @property
     def nbytes(self) -> int:
         """Raw payload bytes of one adapter (no ``.npy`` headers, no key names)."""
-        return sum(
-            math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in self.entries
-        )
+        return sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in self.entries)
 
 
 def to_array_record(sd: Mapping[str, TensorLike]) -> ArrayRecord:
@@ -167,18 +162,13 @@ def _view_npy(key: str, data: bytes) -> np.ndarray | None:
             raise ValueError("header runs past the payload")
         shape, fortran_order, dtype = _parse_npy_header(data[:offset])
     except (TypeError, ValueError) as err:  # malformed or oversized header
-        raise AdapterMismatchError(
-            f"adapter tensor '{key}': unreadable .npy header: {err}"
-        ) from err
+        raise AdapterMismatchError(f"adapter tensor '{key}': unreadable .npy header: {err}") from err
     if fortran_order or dtype.hasobject:
-        raise AdapterMismatchError(
-            f"adapter tensor '{key}': fortran-ordered or object arrays are refused"
-        )
+        raise AdapterMismatchError(f"adapter tensor '{key}': fortran-ordered or object arrays are refused")
     count = math.prod(shape)
     if len(data) != offset + count * dtype.itemsize:
         raise AdapterMismatchError(
-            f"adapter tensor '{key}': payload is {len(data) - offset} bytes, "
-            f"header says {count * dtype.itemsize}"
+            f"adapter tensor '{key}': payload is {len(data) - offset} bytes, header says {count * dtype.itemsize}"
         )
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
@@ -210,9 +200,7 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return arrays
 
 
-def check_adapter(
-    arrays: Mapping[str, np.ndarray], spec: AdapterSpec, *, max_abs: float | None = None
-) -> None:
+def check_adapter(arrays: Mapping[str, np.ndarray], spec: AdapterSpec, *, max_abs: float | None = None) -> None:
     """Check that ``arrays`` is exactly the adapter ``spec`` describes.
 
     ``max_abs`` bounds the magnitude of every value (None: no bound): finite but absurd
@@ -228,19 +216,13 @@ def check_adapter(
     expected = set(spec.keys)
     missing, unexpected = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
     if missing or unexpected:
-        raise AdapterMismatchError(
-            f"adapter keys differ: missing {missing}, unexpected {unexpected}"
-        )
+        raise AdapterMismatchError(f"adapter keys differ: missing {missing}, unexpected {unexpected}")
     for key, shape, dtype in spec.entries:
         array = arrays[key]
         if tuple(array.shape) != shape:
-            raise AdapterMismatchError(
-                f"adapter tensor '{key}': shape {tuple(array.shape)}, expected {shape}"
-            )
+            raise AdapterMismatchError(f"adapter tensor '{key}': shape {tuple(array.shape)}, expected {shape}")
         if array.dtype != np.dtype(dtype):
-            raise AdapterMismatchError(
-                f"adapter tensor '{key}': dtype {array.dtype}, expected {dtype}"
-            )
+            raise AdapterMismatchError(f"adapter tensor '{key}': dtype {array.dtype}, expected {dtype}")
         if array.dtype.kind == "f" and array.size:
             _check_values(key, array, max_abs)
 

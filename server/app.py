@@ -19,16 +19,17 @@ from flwr.serverapp import Grid, ServerApp
 from fedretrain.config import Config, compose_raw, overrides_from_run_config, to_yaml
 from fedretrain.config.parse import build
 from fedretrain.errors import ResumeError
+from server.cycle.run import run_retraining
+from server.cycle.rundir import new_run_dir
 from server.sites.grid import BoundGrid
 from server.sites.roster import Roster
-from server.cycle.rundir import new_run_dir
-from server.cycle.run import run_retraining
 
 log = logging.getLogger("fedretrain.server")
 
 
-def make_server_app(cfg: Config, run_dir: Path, config_yaml: str, validation_path: str | None = None,
-                    roster: Roster | None = None) -> ServerApp:
+def make_server_app(
+    cfg: Config, run_dir: Path, config_yaml: str, validation_path: str | None = None, roster: Roster | None = None
+) -> ServerApp:
     """A ServerApp bound to an already parsed config (simulation and tests).
 
     ``roster`` binds the nodes to their sites (a simulation's roster directory); without
@@ -38,8 +39,7 @@ def make_server_app(cfg: Config, run_dir: Path, config_yaml: str, validation_pat
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_retraining(bind_sites(grid, roster), cfg, run_dir, config_yaml=config_yaml,
-                       validation_path=validation_path)
+        run_retraining(bind_sites(grid, roster), cfg, run_dir, config_yaml=config_yaml, validation_path=validation_path)
 
     return app
 
@@ -51,8 +51,9 @@ def bind_sites(grid: Grid, roster: Roster | None) -> Grid:
     replies unbound, and says so.
     """
     if roster is None or (len(roster) == 0 and not roster.is_directory):
-        log.warning("no registered sites: site identities are not bound to node keys, and a reply counts "
-                    "for the site it names")
+        log.warning(
+            "no registered sites: site identities are not bound to node keys, and a reply counts for the site it names"
+        )
         return grid
     return BoundGrid(grid, roster)
 

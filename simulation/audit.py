@@ -47,8 +47,13 @@ SITE_ID = "audited-site"
 # batch 8 pass about 20 times over 16 honest notes and ~32 planted canaries (m = 64),
 # enough for training without DP to memorise them. 48 tokens hold a canary (at most ~30)
 # and the start of a note: padding every canary to a whole note would triple the compute.
-JOB_DEFAULTS = ("experiment=smoke", "model.max_length=48", "train.local_steps=60", "train.batch_size=8",
-                "train.lr=0.01")
+JOB_DEFAULTS = (
+    "experiment=smoke",
+    "model.max_length=48",
+    "train.local_steps=60",
+    "train.batch_size=8",
+    "train.lr=0.01",
+)
 
 
 @dataclass(frozen=True)
@@ -75,14 +80,17 @@ class AuditSettings:
 
     def __post_init__(self) -> None:
         if self.canaries < 2 or self.rounds < 1 or self.honest_records < 1 or self.canary_words < 1:
-            raise ValueError("an audit needs canaries >= 2, rounds >= 1, honest_records >= 1 and "
-                             f"canary_words >= 1; got {self.canaries}, {self.rounds}, {self.honest_records} "
-                             f"and {self.canary_words}")
+            raise ValueError(
+                "an audit needs canaries >= 2, rounds >= 1, honest_records >= 1 and "
+                f"canary_words >= 1; got {self.canaries}, {self.rounds}, {self.honest_records} "
+                f"and {self.canary_words}"
+            )
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence: must be in (0, 1), got {self.confidence}")
         if not self.guess_fractions or any(a < 0 or b < 0 or a + b > 1 for a, b in self.guess_fractions):
-            raise ValueError(f"guess_fractions: need (k_plus, k_minus) fractions >= 0 summing to <= 1, "
-                             f"got {self.guess_fractions}")
+            raise ValueError(
+                f"guess_fractions: need (k_plus, k_minus) fractions >= 0 summing to <= 1, got {self.guess_fractions}"
+            )
 
     def choices(self) -> list[tuple[int, int]]:
         """``guess_fractions`` as ``(k_plus, k_minus)`` counts of canaries, without repeats."""
@@ -105,12 +113,23 @@ class AuditResult:
     def row(self) -> dict[str, object]:
         """One line of the audit table, JSON-ready."""
         b = self.bound
-        return {"dp": self.settings.private, "m": b.m, "r": b.r, "v": b.v, "k_plus": b.k_plus,
-                "k_minus": b.k_minus, "epsilon_lower_bound": round(b.epsilon, 4), "confidence": b.confidence,
-                "delta": b.delta, "ledger_epsilon": None if self.ledger_epsilon is None else
-                round(self.ledger_epsilon, 4), "rounds": self.settings.rounds, "included": self.included,
-                "mean_score_in": round(self.mean_score_in, 4), "mean_score_out": round(self.mean_score_out, 4),
-                "wall_s": round(self.wall_s, 1)}
+        return {
+            "dp": self.settings.private,
+            "m": b.m,
+            "r": b.r,
+            "v": b.v,
+            "k_plus": b.k_plus,
+            "k_minus": b.k_minus,
+            "epsilon_lower_bound": round(b.epsilon, 4),
+            "confidence": b.confidence,
+            "delta": b.delta,
+            "ledger_epsilon": None if self.ledger_epsilon is None else round(self.ledger_epsilon, 4),
+            "rounds": self.settings.rounds,
+            "included": self.included,
+            "mean_score_in": round(self.mean_score_in, 4),
+            "mean_score_out": round(self.mean_score_out, 4),
+            "wall_s": round(self.wall_s, 1),
+        }
 
 
 def run_audit(settings: AuditSettings, workdir: str | Path | None = None) -> AuditResult:
@@ -132,8 +151,9 @@ def run_audit(settings: AuditSettings, workdir: str | Path | None = None) -> Aud
     included = rng.random(settings.canaries) < 0.5  # [m] fair coins
     job = audit_job(settings)
     with tempfile.TemporaryDirectory(prefix="fraudit-") as scratch:
-        site = write_site(Path(workdir or scratch), settings, job,
-                          [c for c, keep in zip(canaries, included, strict=True) if keep])
+        site = write_site(
+            Path(workdir or scratch), settings, job, [c for c, keep in zip(canaries, included, strict=True) if keep]
+        )
         # The job's fresh LoRA (B = 0: the base model's own loss), not the process' cached
         # model, which holds whatever adapter it last trained.
         initial = adapter_arrays(load_lora_model(job.model, job.lora, seed=job.seed, device=site.device).model)
@@ -141,13 +161,19 @@ def run_audit(settings: AuditSettings, workdir: str | Path | None = None) -> Aud
         for server_round in range(1, settings.rounds + 1):
             adapter = train_round(site, job, adapter, server_round, global_hash=_digest(adapter)).adapter
         scores = canary_scores(job, site.device, canaries, initial, adapter)
-        ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
-                                    delta=site.delta)
-    bound = audit_scores(scores, included, settings.choices(), confidence=settings.confidence,
-                         delta=settings.delta)
-    return AuditResult(settings=settings, bound=bound, ledger_epsilon=ledger.epsilon() if settings.private else None,
-                       included=int(included.sum()), mean_score_in=float(scores[included].mean()),
-                       mean_score_out=float(scores[~included].mean()), wall_s=time.perf_counter() - started)
+        ledger = PrivacyLedger.load(
+            site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta
+        )
+    bound = audit_scores(scores, included, settings.choices(), confidence=settings.confidence, delta=settings.delta)
+    return AuditResult(
+        settings=settings,
+        bound=bound,
+        ledger_epsilon=ledger.epsilon() if settings.private else None,
+        included=int(included.sum()),
+        mean_score_in=float(scores[included].mean()),
+        mean_score_out=float(scores[~included].mean()),
+        wall_s=time.perf_counter() - started,
+    )
 
 
 def draw_canaries(rng: np.random.Generator, count: int, words: int) -> list[str]:
@@ -181,12 +207,19 @@ def write_site(root: Path, settings: AuditSettings, job: Job, planted: Sequence[
     _write_jsonl(root / "train.jsonl", train)
     _write_jsonl(root / "heldout.jsonl", [n["text"] for n in notes[:4]])
     # A research sandbox: only the site itself may allow a job without DP.
-    return SiteConfig(site_id=SITE_ID, data_dir=str(root), epsilon_ceiling=settings.epsilon_ceiling,
-                      delta=settings.delta, device=settings.device, allow_non_private=not settings.private)
+    return SiteConfig(
+        site_id=SITE_ID,
+        data_dir=str(root),
+        epsilon_ceiling=settings.epsilon_ceiling,
+        delta=settings.delta,
+        device=settings.device,
+        allow_non_private=not settings.private,
+    )
 
 
-def canary_scores(job: Job, device: str, canaries: Sequence[str], initial: dict[str, np.ndarray],
-                  final: dict[str, np.ndarray]) -> np.ndarray:
+def canary_scores(
+    job: Job, device: str, canaries: Sequence[str], initial: dict[str, np.ndarray], final: dict[str, np.ndarray]
+) -> np.ndarray:
     """``[m]`` loss under ``initial`` minus loss under ``final``: larger looks more trained on."""
     lm = site_model(job, device)
     dataset = encode_texts(lm.tokenizer, list(canaries), job.model.max_length)
@@ -207,5 +240,6 @@ def _digest(adapter: dict[str, np.ndarray]) -> str:
 
 
 def _write_jsonl(path: Path, texts: Sequence[str]) -> None:
-    path.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts)),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts)), encoding="utf-8"
+    )

@@ -21,7 +21,7 @@ import dataclasses
 import random
 import re
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from simulation.federation import site_id
 from simulation.notes import note_text
@@ -31,51 +31,123 @@ from simulation.styles import SiteStyle, seeded_rng, site_style
 # Step 0 of simulated time (simulation/scenario.py's calendar starts here too). It lies
 # after the ``site_notes`` timestamps: those begin 2026-01-01, ~100 minutes apart, so
 # even 2,000 records a site end within five months.
-ARRIVALS_EPOCH = datetime(2026, 6, 1, 0, 0, 0, tzinfo=timezone.utc)
+ARRIVALS_EPOCH = datetime(2026, 6, 1, 0, 0, 0, tzinfo=UTC)
 
 # The new EHR template: labels in note order (complaint, history, medications, exam,
 # assessment, plan), bracketed, none of them in HEADER_SETS.
-DRIFT_HEADERS: tuple[str, ...] = ("[Presenting problem]", "[Clinical narrative]", "[Active prescriptions]",
-                                  "[Bedside findings]", "[Working diagnosis]", "[Care pathway]")
+DRIFT_HEADERS: tuple[str, ...] = (
+    "[Presenting problem]",
+    "[Clinical narrative]",
+    "[Active prescriptions]",
+    "[Bedside findings]",
+    "[Working diagnosis]",
+    "[Care pathway]",
+)
 DRIFT_SHARE = 0.8  # weight a drifted site gives to the specialties it had least of
 
 # Old wording -> new wording, matched as whole words, longest first, in one pass (a
 # replacement is never rewritten again). Covers the abbreviated forms too.
 DRIFT_REWRITES: dict[str, str] = {
     # Medications: every drug renamed (doses kept).
-    "metoprolol": "cardiprexol", "lisinopril": "vasotrelin", "atorvastatin": "lipovarin", "apixaban": "thrombexa",
-    "furosemide": "diurenox", "aspirin": "plaquetrin", "tamoxifen": "estrabloc", "ondansetron": "emezofan",
-    "dexamethasone": "cortivexin", "capecitabine": "tumoracil", "oxycodone": "analgevor", "letrozole": "aromalix",
-    "amoxicillin": "otibactin", "acetaminophen": "febrinol", "ibuprofen": "inflamadol", "albuterol": "bronchivent",
-    "hydrocortisone cream": "dermacalm ointment", "oral rehydration solution": "electrolyte replenisher",
-    "levetiracetam": "neurostabil", "sumatriptan": "cephalotrex", "carbidopa levodopa": "dopavance",
-    "gabapentin": "neurelax", "topiramate": "migrastat", "donepezil": "cognivex", "naproxen": "artholin",
-    "meloxicam": "jointrex", "cyclobenzaprine": "myorelaxin", "tramadol": "dolotrin", "diclofenac": "flexarol",
-    "tiotropium": "pulmovair", "fluticasone salmeterol": "respiduo", "prednisone": "steroplex",
-    "azithromycin": "macrobact", "montelukast": "leukotriban", "metformin": "glucorex",
-    "levothyroxine": "thyrovance", "insulin glargine": "basalin", "semaglutide": "incretavex",
-    "methimazole": "thyrostat", "alendronate": "ossifax", "omeprazole": "acidrex", "mesalamine": "colisol",
-    "pantoprazole": "gastrovance", "loperamide": "motilex", "polyethylene glycol": "laxivar",
+    "metoprolol": "cardiprexol",
+    "lisinopril": "vasotrelin",
+    "atorvastatin": "lipovarin",
+    "apixaban": "thrombexa",
+    "furosemide": "diurenox",
+    "aspirin": "plaquetrin",
+    "tamoxifen": "estrabloc",
+    "ondansetron": "emezofan",
+    "dexamethasone": "cortivexin",
+    "capecitabine": "tumoracil",
+    "oxycodone": "analgevor",
+    "letrozole": "aromalix",
+    "amoxicillin": "otibactin",
+    "acetaminophen": "febrinol",
+    "ibuprofen": "inflamadol",
+    "albuterol": "bronchivent",
+    "hydrocortisone cream": "dermacalm ointment",
+    "oral rehydration solution": "electrolyte replenisher",
+    "levetiracetam": "neurostabil",
+    "sumatriptan": "cephalotrex",
+    "carbidopa levodopa": "dopavance",
+    "gabapentin": "neurelax",
+    "topiramate": "migrastat",
+    "donepezil": "cognivex",
+    "naproxen": "artholin",
+    "meloxicam": "jointrex",
+    "cyclobenzaprine": "myorelaxin",
+    "tramadol": "dolotrin",
+    "diclofenac": "flexarol",
+    "tiotropium": "pulmovair",
+    "fluticasone salmeterol": "respiduo",
+    "prednisone": "steroplex",
+    "azithromycin": "macrobact",
+    "montelukast": "leukotriban",
+    "metformin": "glucorex",
+    "levothyroxine": "thyrovance",
+    "insulin glargine": "basalin",
+    "semaglutide": "incretavex",
+    "methimazole": "thyrostat",
+    "alendronate": "ossifax",
+    "omeprazole": "acidrex",
+    "mesalamine": "colisol",
+    "pantoprazole": "gastrovance",
+    "loperamide": "motilex",
+    "polyethylene glycol": "laxivar",
     # Dosing.
-    "twice daily": "every 12 hours", "three times daily": "every 8 hours", "four times daily": "every 6 hours",
-    "daily": "once a day", "at bedtime": "nightly", "as needed": "on demand", "weekly": "once a week",
-    "BID": "q12h", "TID": "q8h", "QID": "q6h", "QHS": "nightly", "PRN": "on demand",
+    "twice daily": "every 12 hours",
+    "three times daily": "every 8 hours",
+    "four times daily": "every 6 hours",
+    "daily": "once a day",
+    "at bedtime": "nightly",
+    "as needed": "on demand",
+    "weekly": "once a week",
+    "BID": "q12h",
+    "TID": "q8h",
+    "QID": "q6h",
+    "QHS": "nightly",
+    "PRN": "on demand",
     # Tests and vital signs.
-    "ECG": "12-lead tracing", "echocardiogram": "cardiac sonogram", "troponin": "hs-cTnI assay",
-    "lipid panel": "cholesterol profile", "complete blood count": "full haematology panel", "MRI": "MR scan",
-    "CT": "CAT scan", "x-ray": "radiograph", "EEG": "electroencephalography", "urinalysis": "urine dipstick",
-    "hemoglobin A1c": "glycated haemoglobin", "TSH": "thyrotropin", "liver function tests": "hepatic panel",
-    "pulmonary function tests": "spirometry battery", "PFTs": "spirometry battery",
-    "BP": "NIBP", "Blood pressure": "NIBP", "HR": "pulse", "heart rate": "pulse",
+    "ECG": "12-lead tracing",
+    "echocardiogram": "cardiac sonogram",
+    "troponin": "hs-cTnI assay",
+    "lipid panel": "cholesterol profile",
+    "complete blood count": "full haematology panel",
+    "MRI": "MR scan",
+    "CT": "CAT scan",
+    "x-ray": "radiograph",
+    "EEG": "electroencephalography",
+    "urinalysis": "urine dipstick",
+    "hemoglobin A1c": "glycated haemoglobin",
+    "TSH": "thyrotropin",
+    "liver function tests": "hepatic panel",
+    "pulmonary function tests": "spirometry battery",
+    "PFTs": "spirometry battery",
+    "BP": "NIBP",
+    "Blood pressure": "NIBP",
+    "HR": "pulse",
+    "heart rate": "pulse",
     # Phrasing.
-    "reports": "endorses", "denies": "is negative for", "history of": "background of", "hx of": "background of",
-    "Previously treated with": "Prior therapy:", "was unremarkable": "came back within normal limits",
-    "Follow up in": "Review in", "F/u in": "Review in", "Start": "Commence", "Continue": "Maintain",
-    "Order": "Request", "Schedule": "Book", "Return if": "Re-present if", "Discussed": "Counselled on",
-    "getting worse": "deteriorating", "improving": "settling",
+    "reports": "endorses",
+    "denies": "is negative for",
+    "history of": "background of",
+    "hx of": "background of",
+    "Previously treated with": "Prior therapy:",
+    "was unremarkable": "came back within normal limits",
+    "Follow up in": "Review in",
+    "F/u in": "Review in",
+    "Start": "Commence",
+    "Continue": "Maintain",
+    "Order": "Request",
+    "Schedule": "Book",
+    "Return if": "Re-present if",
+    "Discussed": "Counselled on",
+    "getting worse": "deteriorating",
+    "improving": "settling",
 }
-_REWRITE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in sorted(DRIFT_REWRITES, key=len, reverse=True))
-                      + r")(?![\w-])")
+_REWRITE = re.compile(
+    r"(?<![\w-])(" + "|".join(re.escape(k) for k in sorted(DRIFT_REWRITES, key=len, reverse=True)) + r")(?![\w-])"
+)
 
 
 def rewrite_terminology(text: str) -> str:
@@ -96,8 +168,10 @@ def drifted_mix(mix: Mapping[str, float]) -> dict[str, float]:
         raise ValueError("mix needs non-negative weights with at least one > 0")
     order = sorted(SPECIALTIES, key=lambda name: (mix.get(name, 0.0), SPECIALTIES.index(name)))
     rare = set(order[: len(SPECIALTIES) // 2])
-    return {name: (1 - DRIFT_SHARE) * mix.get(name, 0.0) / total + (DRIFT_SHARE / len(rare) if name in rare else 0.0)
-            for name in SPECIALTIES}
+    return {
+        name: (1 - DRIFT_SHARE) * mix.get(name, 0.0) / total + (DRIFT_SHARE / len(rare) if name in rare else 0.0)
+        for name in SPECIALTIES
+    }
 
 
 def drifted_style(style: SiteStyle) -> SiteStyle:
@@ -105,8 +179,16 @@ def drifted_style(style: SiteStyle) -> SiteStyle:
     return dataclasses.replace(style, headers=DRIFT_HEADERS, separator=" ")
 
 
-def step_arrivals(site_index: int, step: int, count: int, seed: int, *, drifted: bool,
-                  mix: Mapping[str, float], step_s: float = 86400.0) -> list[dict]:
+def step_arrivals(
+    site_index: int,
+    step: int,
+    count: int,
+    seed: int,
+    *,
+    drifted: bool,
+    mix: Mapping[str, float],
+    step_s: float = 86400.0,
+) -> list[dict]:
     """New notes for one site at one time step.
 
     Parameters
@@ -134,13 +216,24 @@ def step_arrivals(site_index: int, step: int, count: int, seed: int, *, drifted:
     rng = seeded_rng("arrivals", seed, site_index, step)
     stamps = _step_timestamps(rng, step, count, step_s)
     style = site_style(site_index, seed)
-    return [{"id": f"site{site_index}-t{step}-{n}", "text": _note(rng, mix, style, drifted), "timestamp": stamp}
-            for n, stamp in enumerate(stamps)]
+    return [
+        {"id": f"site{site_index}-t{step}-{n}", "text": _note(rng, mix, style, drifted), "timestamp": stamp}
+        for n, stamp in enumerate(stamps)
+    ]
 
 
-def fresh_probe(step: int, count: int, seed: int, num_sites: int, drifted_sites: int, drift_step: int,
-                mixes: Mapping[str, Mapping[str, float]], *, stream: str = "probe",
-                step_s: float = 86400.0) -> list[dict]:
+def fresh_probe(
+    step: int,
+    count: int,
+    seed: int,
+    num_sites: int,
+    drifted_sites: int,
+    drift_step: int,
+    mixes: Mapping[str, Mapping[str, float]],
+    *,
+    stream: str = "probe",
+    step_s: float = 86400.0,
+) -> list[dict]:
     """Records from the federation's distribution at ``step``.
 
     Each record comes from a uniformly drawn site ``k`` in ``0..num_sites-1``, written

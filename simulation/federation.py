@@ -79,21 +79,26 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
             train = garble_records(train, seed=cfg.seed * 1000 + index)
         write_jsonl(site_dir / "train.jsonl", train)
         write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
-        node_config = {"site-id": sid, "data-dir": str(site_dir.resolve()), "device": device,
-                       "epsilon-ceiling": sim.site_epsilon_ceiling, "delta": sim.site_delta,
-                       "accountant": sim.site_accountant,
-                       # A virtual site allows non-private rounds only for a run that asks for them.
-                       "allow-non-private": not cfg.privacy.enabled,
-                       # Each hospital pins the coordinator's public key and installs nothing else.
-                       "coordinator-key": str(public_key.resolve()),
-                       "smoke-eval": sim.site_smoke_eval,
-                       # A researcher's replay (privacy.reproducible_noise) needs the site's consent:
-                       # a virtual site gives it only for a run that asks for it.
-                       "allow-reproducible-noise": cfg.privacy.reproducible_noise,
-                       # The simulated drift scenario triggers on drift scores: a research sandbox.
-                       "share-drift-scores": True,
-                       # Simulated time runs faster than the clock: every poll is answered afresh.
-                       "status-interval-s": 0.0}
+        node_config = {
+            "site-id": sid,
+            "data-dir": str(site_dir.resolve()),
+            "device": device,
+            "epsilon-ceiling": sim.site_epsilon_ceiling,
+            "delta": sim.site_delta,
+            "accountant": sim.site_accountant,
+            # A virtual site allows non-private rounds only for a run that asks for them.
+            "allow-non-private": not cfg.privacy.enabled,
+            # Each hospital pins the coordinator's public key and installs nothing else.
+            "coordinator-key": str(public_key.resolve()),
+            "smoke-eval": sim.site_smoke_eval,
+            # A researcher's replay (privacy.reproducible_noise) needs the site's consent:
+            # a virtual site gives it only for a run that asks for it.
+            "allow-reproducible-noise": cfg.privacy.reproducible_noise,
+            # The simulated drift scenario triggers on drift scores: a research sandbox.
+            "share-drift-scores": True,
+            # Simulated time runs faster than the clock: every poll is answered afresh.
+            "status-interval-s": 0.0,
+        }
         atomic_write_json(site_dir / "site.json", node_config)
         sites.append(site_config_from_node_config(node_config, simulation=True))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}
@@ -126,17 +131,26 @@ class FederationSites:
 
 def _recipe(cfg: Config) -> dict[str, Any]:
     d, s = cfg.data, cfg.simulation
-    return {"seed": cfg.seed, "num_sites": s.num_sites, "records_per_site": d.records_per_site,
-            "heldout_fraction": d.heldout_fraction, "validation_records": d.validation_records,
-            "dirichlet_alpha": d.dirichlet_alpha, "train_corruption": d.train_corruption,
-            "site_smoke_eval": s.site_smoke_eval}
+    return {
+        "seed": cfg.seed,
+        "num_sites": s.num_sites,
+        "records_per_site": d.records_per_site,
+        "heldout_fraction": d.heldout_fraction,
+        "validation_records": d.validation_records,
+        "dirichlet_alpha": d.dirichlet_alpha,
+        "train_corruption": d.train_corruption,
+        "site_smoke_eval": s.site_smoke_eval,
+    }
 
 
 def _load(root: Path, manifest: dict[str, Any]) -> Federation:
-    sites = tuple(site_config_from_node_config(json.loads((root / sid / "site.json").read_text()), simulation=True)
-                  for sid in manifest["sites"])
-    return Federation(root=root, sites=sites, validation_path=root / "coordinator" / "validation.jsonl",
-                      mixes=manifest["mixes"])
+    sites = tuple(
+        site_config_from_node_config(json.loads((root / sid / "site.json").read_text()), simulation=True)
+        for sid in manifest["sites"]
+    )
+    return Federation(
+        root=root, sites=sites, validation_path=root / "coordinator" / "validation.jsonl", mixes=manifest["mixes"]
+    )
 
 
 def garble_records(records: list[dict], seed: int) -> list[dict]:
@@ -148,8 +162,9 @@ def garble_records(records: list[dict], seed: int) -> list[dict]:
     rng = random.Random(seed)
 
     def garble(text: str) -> str:
-        return " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
-                        for _ in text.split())
+        return " ".join(
+            "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9))) for _ in text.split()
+        )
 
     return [dict(r, text=garble(r["text"])) for r in records]
 

@@ -21,7 +21,7 @@ import argparse
 import math
 import random
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fedretrain.atomic import atomic_write_text
@@ -43,7 +43,7 @@ __all__ = [
 
 GENERAL_CORPUS_PATH = Path(__file__).resolve().parent.parent / "fedretrain" / "assets" / "general_corpus.md"
 
-_EPOCH = datetime(2026, 1, 1, 8, 0, 0, tzinfo=timezone.utc)
+_EPOCH = datetime(2026, 1, 1, 8, 0, 0, tzinfo=UTC)
 
 _HISTORY = (
     "{pt} reports {complaint} for {dur}.",
@@ -109,8 +109,9 @@ def specialty_mix_for_site(
     return {name: draw / total for name, draw in zip(names, draws, strict=True)}
 
 
-def _fill(template: str, rng: random.Random, vocab: Vocabulary, style: SiteStyle, complaint: str,
-          condition: str) -> str:
+def _fill(
+    template: str, rng: random.Random, vocab: Vocabulary, style: SiteStyle, complaint: str, condition: str
+) -> str:
     # Only the slots a template names are drawn, in a fixed order, so output is reproducible.
     # The note's own complaint and condition recur, as in real notes; "complaint2" is another one.
     slots = {
@@ -158,8 +159,9 @@ def note_text(rng: random.Random, vocab: Vocabulary, style: SiteStyle) -> str:
     vitals = f"BP {rng.randint(104, 168)}/{rng.randint(60, 98)}, HR {rng.randint(56, 112)}."
     exam = f"{vitals} {_capital(rng.choice(vocab.findings))}."
     assessment = f"{_capital(condition)}, {rng.choice(_STATUS)}."
-    plan = [_fill(rng.choice(_PLAN), rng, vocab, style, complaint, condition)
-            for _ in range(rng.randint(*style.plan_items))]
+    plan = [
+        _fill(rng.choice(_PLAN), rng, vocab, style, complaint, condition) for _ in range(rng.randint(*style.plan_items))
+    ]
     bodies = (_capital(complaint) + ".", " ".join(history), meds, exam, assessment, _plan_text(plan, style))
     text = style.section_break.join(
         f"{label}{style.separator}{body}" for label, body in zip(style.headers, bodies, strict=True)
@@ -257,8 +259,9 @@ def render_general_corpus(seed: int = 0) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m simulation.notes", description=__doc__.splitlines()[0])
-    parser.add_argument("--write-general-corpus", action="store_true",
-                        help=f"regenerate the bundled corpus at {GENERAL_CORPUS_PATH}")
+    parser.add_argument(
+        "--write-general-corpus", action="store_true", help=f"regenerate the bundled corpus at {GENERAL_CORPUS_PATH}"
+    )
     args = parser.parse_args(argv)
     if not args.write_general_corpus:
         parser.error("nothing to do; pass --write-general-corpus")

@@ -24,8 +24,8 @@ from fedretrain.config.parse import build
 from fedretrain.errors import ConfigError, SimulationFailed
 from fedretrain.modeling.loading import resolve_model_path
 from server.app import bind_sites, make_server_app
-from server.sites.roster import Roster
 from server.cycle.rundir import new_run_dir
+from server.sites.roster import Roster
 from server.watch.loop import Watcher, write_watch_summary
 from simulation.federation import Federation, FederationSites, build_federation
 
@@ -60,15 +60,23 @@ def watch(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
     ``trigger.max_polls`` polls, or when interrupted.
     """
     if not build(Config, compose_raw(overrides)).simulation.federation_dir:
-        raise ConfigError("simulation.federation_dir: the watch needs standing sites whose data grows between "
-                          "polls; name their directory (it is generated on first use)")
+        raise ConfigError(
+            "simulation.federation_dir: the watch needs standing sites whose data grows between "
+            "polls; name their directory (it is generated on first use)"
+        )
     run = _prepare(overrides, name_suffix="watch")
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        watcher = Watcher(bind_sites(grid, run.roster), run.cfg, run.run_dir / "cycles", run.config_yaml,
-                          str(run.fed.validation_path), expected_sites=len(run.fed.sites))
+        watcher = Watcher(
+            bind_sites(grid, run.roster),
+            run.cfg,
+            run.run_dir / "cycles",
+            run.config_yaml,
+            str(run.fed.validation_path),
+            expected_sites=len(run.fed.sites),
+        )
         events = watcher.run(max_polls=run.cfg.trigger.max_polls)
         write_watch_summary(run.run_dir, events)
 
@@ -113,18 +121,22 @@ def _run(run: _Prepared, server_app: ServerApp, verbose: bool) -> Path:
     client_app = make_client_app(FederationSites(run.fed.root, run.roster_dir))
     backend_config = {
         "client_resources": {"num_cpus": run.cfg.simulation.client_cpus, "num_gpus": _client_gpus(run.cfg)},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                      "logging_level": logging.ERROR},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": logging.ERROR},
     }
     from flwr.simulation import run_simulation
 
     with _private_runtime_dirs(), _flower_logging(verbose):
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=run.cfg.simulation.num_sites,
-                       backend_config=backend_config)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=run.cfg.simulation.num_sites,
+            backend_config=backend_config,
+        )
     _collect_ledgers(run.fed, run.run_dir)
     if not (run.run_dir / "summary.json").exists():
-        raise SimulationFailed(f"the simulation ended without a summary; see the log above (run directory "
-                               f"{run.run_dir})")
+        raise SimulationFailed(
+            f"the simulation ended without a summary; see the log above (run directory {run.run_dir})"
+        )
     return run.run_dir
 
 

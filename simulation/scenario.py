@@ -44,6 +44,7 @@ from simulation.federation import Federation, write_jsonl
 
 log = logging.getLogger("fedretrain.simulation")
 
+
 def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str, fed: Federation) -> dict[str, Any]:
     """Run ``cfg.scenario`` on ``grid``; write ``scenario.json``, ``drift.png`` and ``summary.json``."""
     sc = cfg.scenario
@@ -51,8 +52,9 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
     drifted = sc.drifted_sites if sc.drifted_sites is not None else len(fed.sites)
     watcher = Watcher(grid, cfg, run_dir / "cycles", config_yaml, expected_sites=len(fed.sites))
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device=cfg.model.device)
-    handle = RegistryHandle(Registry(Path(cfg.registry.root)), load_private_key(Path(cfg.registry.signing_key)),
-                            cfg.registry.expiry_days)
+    handle = RegistryHandle(
+        Registry(Path(cfg.registry.root)), load_private_key(Path(cfg.registry.signing_key)), cfg.registry.expiry_days
+    )
     never_retrained: dict[str, Any] | None = None  # version 1's adapter: the federation that never retrains
     steps: list[dict[str, Any]] = []
     for step in range(sc.steps + 1):
@@ -64,14 +66,22 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
         champion = champion_adapter(handle)
         if champion is not None and never_retrained is None:
             never_retrained = {"version": champion.version, "arrays": champion.arrays}
-        probe = _write_fresh(cfg, fed, run_dir / "probe" / f"step-{step:02d}.jsonl", step, drifted, "probe",
-                             sc.probe_records)
-        record = _step_record(step, step >= sc.drift_step, arrived, event,
-                              champion.version if champion else None, time.perf_counter() - started)
+        probe = _write_fresh(
+            cfg, fed, run_dir / "probe" / f"step-{step:02d}.jsonl", step, drifted, "probe", sc.probe_records
+        )
+        record = _step_record(
+            step,
+            step >= sc.drift_step,
+            arrived,
+            event,
+            champion.version if champion else None,
+            time.perf_counter() - started,
+        )
         record["started_s"] = round(step_started, 3)
         record["loss_published"] = _probe_loss(cfg, lm, probe, champion.arrays if champion else None)
-        record["loss_never_retrained"] = _probe_loss(cfg, lm, probe, never_retrained["arrays"]
-                                                     if never_retrained else None)
+        record["loss_never_retrained"] = _probe_loss(
+            cfg, lm, probe, never_retrained["arrays"] if never_retrained else None
+        )
         _log_step(record)
         steps.append(record)
     result = _result(cfg, steps, drifted, time.perf_counter() - started)
@@ -87,18 +97,34 @@ def _arrivals(cfg: Config, fed: Federation, step: int, drifted: int) -> int:
     now = ARRIVALS_EPOCH + timedelta(seconds=step * cfg.scenario.step_s)  # step k starts k * step_s later
     total = 0
     for index, site in enumerate(fed.sites):
-        records = step_arrivals(index, step, cfg.scenario.arrivals_per_step, cfg.seed,
-                                drifted=index < drifted and step >= cfg.scenario.drift_step,
-                                mix=fed.mixes[site.site_id], step_s=cfg.scenario.step_s)
+        records = step_arrivals(
+            index,
+            step,
+            cfg.scenario.arrivals_per_step,
+            cfg.seed,
+            drifted=index < drifted and step >= cfg.scenario.drift_step,
+            mix=fed.mixes[site.site_id],
+            step_s=cfg.scenario.step_s,
+        )
         total += ingest_records(site, records, source=f"step-{step}", now=now).accepted
     return total
 
 
-def _write_fresh(cfg: Config, fed: Federation, path: Path, step: int, drifted: int, stream: str,
-                 count: int) -> list[str]:
+def _write_fresh(
+    cfg: Config, fed: Federation, path: Path, step: int, drifted: int, stream: str, count: int
+) -> list[str]:
     """Write ``count`` fresh records of ``step`` to ``path`` (kept in the run directory); return their texts."""
-    records = fresh_probe(step, count, cfg.seed, len(fed.sites), drifted, cfg.scenario.drift_step, fed.mixes,
-                          stream=stream, step_s=cfg.scenario.step_s)
+    records = fresh_probe(
+        step,
+        count,
+        cfg.seed,
+        len(fed.sites),
+        drifted,
+        cfg.scenario.drift_step,
+        fed.mixes,
+        stream=stream,
+        step_s=cfg.scenario.step_s,
+    )
     write_jsonl(path, records)
     return [r["text"] for r in records]
 
@@ -111,64 +137,103 @@ def _probe_loss(cfg: Config, lm: LoraModel, probe: list[str], arrays: dict[str, 
     return round(evaluate_loss(lm.model, dataset, batch_size=cfg.train.eval_batch_size).loss, 6)
 
 
-def _step_record(step: int, drifted: bool, arrived: int, event: WatchEvent, version: int | None,
-                 wall_s: float) -> dict[str, Any]:
+def _step_record(
+    step: int, drifted: bool, arrived: int, event: WatchEvent, version: int | None, wall_s: float
+) -> dict[str, Any]:
     cycle = event.cycle
-    statuses = {s.site_id: {"new_records": s.new_records, "drift_js": s.drift_js, "drift_hidden": s.drift_hidden,
-                            "loss_new": s.loss_new, "loss_reference": s.loss_reference,
-                            "epsilon_spent": s.epsilon_spent, "can_afford": s.can_afford}
-                for s in event.poll.statuses}
+    statuses = {
+        s.site_id: {
+            "new_records": s.new_records,
+            "drift_js": s.drift_js,
+            "drift_hidden": s.drift_hidden,
+            "loss_new": s.loss_new,
+            "loss_reference": s.loss_reference,
+            "epsilon_spent": s.epsilon_spent,
+            "can_afford": s.can_afford,
+        }
+        for s in event.poll.statuses
+    }
     return {
-        "step": step, "drifted": drifted, "records_arrived": arrived, "sites": statuses,
+        "step": step,
+        "drifted": drifted,
+        "records_arrived": arrived,
+        "sites": statuses,
         "alerts": [{"trigger": a.trigger, "message": a.message} for a in event.decision.alerts],
-        "held": event.decision.held, "excluded": event.decision.excluded,
-        "cycle_started": event.decision.start, "cycle_failure": event.failure,
+        "held": event.decision.held,
+        "excluded": event.decision.excluded,
+        "cycle_started": event.decision.start,
+        "cycle_failure": event.failure,
         "gate": None if cycle is None else cycle["gate"]["decision"],
         "published_in_step": None if cycle is None else cycle["published_version"],
-        "installed_at": None if cycle is None or not cycle.get("publication")
+        "installed_at": None
+        if cycle is None or not cycle.get("publication")
         else sorted(cycle["publication"]["installed"]),
         "epsilon_after": None if cycle is None else {s: v["epsilon"] for s, v in cycle["sites"].items()},
-        "published_version": version, "wall_s": round(wall_s, 3),
+        "published_version": version,
+        "wall_s": round(wall_s, 3),
     }
 
 
 def _result(cfg: Config, steps: list[dict[str, Any]], drifted: int, wall_s: float) -> dict[str, Any]:
     sc = cfg.scenario
     # Recovery: the first version published after the drift that the sites installed.
-    recovered = next((s for s in steps if s["step"] >= sc.drift_step and s["published_in_step"] is not None
-                      and s["installed_at"]), None)
+    recovered = next(
+        (s for s in steps if s["step"] >= sc.drift_step and s["published_in_step"] is not None and s["installed_at"]),
+        None,
+    )
     after = [s for s in steps if recovered is not None and s["step"] >= recovered["step"]]
-    drift_cycle = next((s["step"] for s in steps if s["step"] >= sc.drift_step and s["cycle_started"]
-                        and any(a["trigger"] == "drift" for a in s["alerts"])), None)
+    drift_cycle = next(
+        (
+            s["step"]
+            for s in steps
+            if s["step"] >= sc.drift_step and s["cycle_started"] and any(a["trigger"] == "drift" for a in s["alerts"])
+        ),
+        None,
+    )
 
     def mean(key: str) -> float | None:
         values = [s[key] for s in after if s[key] is not None]
         return sum(values) / len(values) if values else None
 
     return {
-        "scenario": "drift", "name": cfg.name, "steps": sc.steps, "drift_step": sc.drift_step,
-        "drifted_sites": drifted, "arrivals_per_step": sc.arrivals_per_step, "step_s": sc.step_s,
+        "scenario": "drift",
+        "name": cfg.name,
+        "steps": sc.steps,
+        "drift_step": sc.drift_step,
+        "drifted_sites": drifted,
+        "arrivals_per_step": sc.arrivals_per_step,
+        "step_s": sc.step_s,
         "cycles": sum(1 for s in steps if s["cycle_started"]),
         "versions_published": [s["published_in_step"] for s in steps if s["published_in_step"] is not None],
         "drift_cycle_step": drift_cycle,
         "recovered_step": None if recovered is None else recovered["step"],
         "steps_to_recovery": None if recovered is None else recovered["step"] - sc.drift_step,
         # From the start of the drift step (its records arriving) to the end of the poll whose cycle installed it.
-        "wall_s_drift_to_installed": None if recovered is None
+        "wall_s_drift_to_installed": None
+        if recovered is None
         else round(recovered["wall_s"] - steps[sc.drift_step]["started_s"], 3),
-        "mean_loss_after_recovery": {"published": mean("loss_published"),
-                                     "never_retrained": mean("loss_never_retrained")},
-        "wall_time_s": round(wall_s, 3), "timeline": steps,
+        "mean_loss_after_recovery": {
+            "published": mean("loss_published"),
+            "never_retrained": mean("loss_never_retrained"),
+        },
+        "wall_time_s": round(wall_s, 3),
+        "timeline": steps,
     }
 
 
 def _log_step(record: dict[str, Any]) -> None:
     alerts = ", ".join(a["trigger"] for a in record["alerts"]) or "none"
-    log.info("step %d%s: %d new records, alerts: %s%s; published version %s, fresh-data loss %s "
-             "(never retrained: %s)", record["step"], " (drifted)" if record["drifted"] else "",
-             record["records_arrived"], alerts,
-             f", cycle -> {record['gate']}" if record["cycle_started"] else "",
-             record["published_version"], _num(record["loss_published"]), _num(record["loss_never_retrained"]))
+    log.info(
+        "step %d%s: %d new records, alerts: %s%s; published version %s, fresh-data loss %s (never retrained: %s)",
+        record["step"],
+        " (drifted)" if record["drifted"] else "",
+        record["records_arrived"],
+        alerts,
+        f", cycle -> {record['gate']}" if record["cycle_started"] else "",
+        record["published_version"],
+        _num(record["loss_published"]),
+        _num(record["loss_never_retrained"]),
+    )
 
 
 def _num(value: float | None) -> str:
@@ -177,25 +242,35 @@ def _num(value: float | None) -> str:
 
 def format_scenario(result: dict[str, Any]) -> str:
     """The end-of-run report of a drift scenario."""
-    lines = [f"drift scenario: {result['steps']} steps, drift at step {result['drift_step']} "
-             f"({result['drifted_sites']} sites), {result['cycles']} cycles, versions published "
-             f"{result['versions_published'] or 'none'}"]
-    lines.append(f"  {'step':>4}  {'arrived':>7}  {'alerts':<28}  {'cycle':<8}  {'version':>7}  "
-                 f"{'loss (published)':>16}  {'loss (never retrained)':>22}")
+    lines = [
+        f"drift scenario: {result['steps']} steps, drift at step {result['drift_step']} "
+        f"({result['drifted_sites']} sites), {result['cycles']} cycles, versions published "
+        f"{result['versions_published'] or 'none'}"
+    ]
+    lines.append(
+        f"  {'step':>4}  {'arrived':>7}  {'alerts':<28}  {'cycle':<8}  {'version':>7}  "
+        f"{'loss (published)':>16}  {'loss (never retrained)':>22}"
+    )
     for s in result["timeline"]:
         alerts = ",".join(a["trigger"] for a in s["alerts"]) or "-"
-        lines.append(f"  {s['step']:>4}{'*' if s['drifted'] else ' '} {s['records_arrived']:>7}  {alerts:<28}  "
-                     f"{(s['gate'] or '-'):<8}  {str(s['published_version']):>7}  "
-                     f"{_num(s['loss_published']):>16}  {_num(s['loss_never_retrained']):>22}")
+        lines.append(
+            f"  {s['step']:>4}{'*' if s['drifted'] else ' '} {s['records_arrived']:>7}  {alerts:<28}  "
+            f"{(s['gate'] or '-'):<8}  {str(s['published_version']):>7}  "
+            f"{_num(s['loss_published']):>16}  {_num(s['loss_never_retrained']):>22}"
+        )
     after = result["mean_loss_after_recovery"]
     if result["recovered_step"] is None:
         lines.append("  no version was published after the drift")
     else:
-        lines.append(f"  drift at step {result['drift_step']} -> new version installed at step "
-                     f"{result['recovered_step']} ({result['steps_to_recovery']} steps, "
-                     f"{result['wall_s_drift_to_installed']:.1f} s wall time)")
-        lines.append(f"  fresh-data loss from then on: {_num(after['published'])} with retraining, "
-                     f"{_num(after['never_retrained'])} without")
+        lines.append(
+            f"  drift at step {result['drift_step']} -> new version installed at step "
+            f"{result['recovered_step']} ({result['steps_to_recovery']} steps, "
+            f"{result['wall_s_drift_to_installed']:.1f} s wall time)"
+        )
+        lines.append(
+            f"  fresh-data loss from then on: {_num(after['published'])} with retraining, "
+            f"{_num(after['never_retrained'])} without"
+        )
     lines.append("  (* drifted step)")
     return "\n".join(lines)
 
@@ -212,15 +287,23 @@ def plot_drift(result: dict[str, Any], path: Path) -> Path:
 
     timeline = result["timeline"]
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
-    for key, style, label in (("loss_published", "o-", "with retraining (published version)"),
-                              ("loss_never_retrained", "s--", "without retraining (version 1 forever)")):
+    for key, style, label in (
+        ("loss_published", "o-", "with retraining (published version)"),
+        ("loss_never_retrained", "s--", "without retraining (version 1 forever)"),
+    ):
         pts = [(s["step"], s[key]) for s in timeline if s[key] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     ax.axvline(result["drift_step"] - 0.5, color="grey", linestyle=":", label="drift")
     for s in timeline:
         if s["published_in_step"] is not None:
-            ax.annotate(f"v{s['published_in_step']}", (s["step"], s["loss_published"] or 0),
-                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+            ax.annotate(
+                f"v{s['published_in_step']}",
+                (s["step"], s["loss_published"] or 0),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                fontsize=8,
+            )
     ax.set(title="Loss on each step's fresh data", xlabel="time step", ylabel="mean token cross-entropy")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)

@@ -67,9 +67,7 @@ def normalised_weights(weights: Sequence[float]) -> list[float]:
     return [w / total for w in values]
 
 
-def weighted_average(
-    arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
-) -> dict[str, np.ndarray]:
+def weighted_average(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
     """Average adapter tensors key by key, weighted by ``weights``.
 
     Parameters
@@ -149,8 +147,9 @@ def _as_float32_tensor(key: str, k: int, x: np.ndarray, shape: tuple[int, ...]) 
     return torch.from_numpy(x)
 
 
-def _average_group(keys: list[str], arrays: Sequence[Mapping[str, np.ndarray]],
-                   factors: list[float]) -> dict[str, np.ndarray]:
+def _average_group(
+    keys: list[str], arrays: Sequence[Mapping[str, np.ndarray]], factors: list[float]
+) -> dict[str, np.ndarray]:
     """``acc = sum_k f_k * x_k`` for each key of the group, in float32 accumulators, in place."""
     shapes = [arrays[0][key].shape for key in keys]
     accs = [torch.zeros(shape, dtype=torch.float32) for shape in shapes]

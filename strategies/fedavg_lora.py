@@ -33,8 +33,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedretrain.errors import ReplyRejected
 from fedretrain.arrays import AdapterSpec, from_array_record, record_digest, to_array_record
+from fedretrain.errors import ReplyRejected
 from strategies.aggregation import weighted_average
 from strategies.update_bound import bound_update_norms
 from strategies.validation import (
@@ -164,8 +164,9 @@ class FedAvgLoRA(FedAvg):
         fixed = sorted(set(_FIXED_OPTIONS) & kwargs.keys())
         if fixed:
             raise ValueError(f"FedAvgLoRA sets {fixed} itself; do not pass them")
-        if max_update_norm_ratio is not None and not (math.isfinite(max_update_norm_ratio)
-                                                      and max_update_norm_ratio >= 1):
+        if max_update_norm_ratio is not None and not (
+            math.isfinite(max_update_norm_ratio) and max_update_norm_ratio >= 1
+        ):
             raise ValueError(f"max_update_norm_ratio must be a number >= 1 or None, got {max_update_norm_ratio!r}")
         super().__init__(
             fraction_train=fraction_train,
@@ -202,24 +203,31 @@ class FedAvgLoRA(FedAvg):
     def summary(self) -> None:
         """Log FedAvg's summary and the adapter contract."""
         super().summary()
-        log(INFO, "\t└──> Adapter: %d tensors, %.2f MB", len(self.spec.entries),
-            self.spec.nbytes / 1024**2)
+        log(INFO, "\t└──> Adapter: %d tensors, %.2f MB", len(self.spec.entries), self.spec.nbytes / 1024**2)
         log(INFO, "\t\t└── Weights: equal per accepted site")
-        bound = ("off" if self.max_update_norm_ratio is None
-                 else f"{self.max_update_norm_ratio:g} x the round's median distance from the global adapter")
+        bound = (
+            "off"
+            if self.max_update_norm_ratio is None
+            else f"{self.max_update_norm_ratio:g} x the round's median distance from the global adapter"
+        )
         log(INFO, "\t\t└── Update norm bound: %s", bound)
 
     def _round(self, server_round: int) -> RoundLog:
         return self.round_log.setdefault(server_round, RoundLog())
 
-    def _reject(self, server_round: int, msg: Message, reason: str,
-                into: list[RejectedReply], what: str) -> None:
+    def _reject(self, server_round: int, msg: Message, reason: str, into: list[RejectedReply], what: str) -> None:
         """Log a left-out reply (``what``: "reply" or "evaluate reply") and record it."""
         node_id = msg.metadata.src_node_id
         # Bound by the runtime where there is a roster; otherwise only what the reply claims.
         bound = self.site_of(node_id) if self.site_of is not None else None
-        log(WARNING, "round %d: %s from %s left out: %s", server_round, what,
-            f"node {node_id}" if bound is None else f"site {bound} (node {node_id})", reason)
+        log(
+            WARNING,
+            "round %d: %s from %s left out: %s",
+            server_round,
+            what,
+            f"node {node_id}" if bound is None else f"site {bound} (node {node_id})",
+            reason,
+        )
         site_id = bound if self.site_of is not None else site_id_of(msg)
         into.append(RejectedReply(node_id=node_id, site_id=site_id, reason=reason))
 
@@ -266,7 +274,10 @@ class FedAvgLoRA(FedAvg):
                     raise ReplyRejected(f"node {msg.metadata.src_node_id} already replied this round")
                 nodes.add(msg.metadata.src_node_id)
                 reply = validate_train_reply(
-                    msg, self.spec, max_abs_value=self.max_abs_value, expected=self._tags.get(("train", server_round)),
+                    msg,
+                    self.spec,
+                    max_abs_value=self.max_abs_value,
+                    expected=self._tags.get(("train", server_round)),
                 )
                 if reply.site_id in entry.accepted:
                     raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
@@ -297,17 +308,17 @@ class FedAvgLoRA(FedAvg):
         entry = self._round(server_round)
         entry.bytes_up += sum(_array_bytes(msg) for msg in replies)
         accepted = self._accept_train(server_round, replies)
-        log(INFO, "round %d: %d train replies accepted, %d left out",
-            server_round, len(accepted), len(entry.rejected))
+        log(INFO, "round %d: %d train replies accepted, %d left out", server_round, len(accepted), len(entry.rejected))
         if not accepted:
-            log(WARNING, "round %d: no valid train reply; the global adapter is unchanged",
-                server_round)
+            log(WARNING, "round %d: no valid train reply; the global adapter is unchanged", server_round)
             return None, None
         average = weighted_average(self._bounded(server_round, accepted), [1] * len(accepted))
-        metrics = MetricRecord({
-            "accepted-replies": len(accepted),
-            "rejected-replies": len(entry.rejected),
-        })
+        metrics = MetricRecord(
+            {
+                "accepted-replies": len(accepted),
+                "rejected-replies": len(entry.rejected),
+            }
+        )
         return to_array_record(average), metrics
 
     def _bounded(self, server_round: int, accepted: list[AcceptedReply]) -> list[dict[str, np.ndarray]]:
@@ -318,24 +329,38 @@ class FedAvgLoRA(FedAvg):
         if self._global is not None and self._global[0] == server_round:
             centre = self._global[1]
         else:
-            log(WARNING, "round %d: no global adapter was sent this round; update norms are taken from zero",
-                server_round)
+            log(
+                WARNING,
+                "round %d: no global adapter was sent this round; update norms are taken from zero",
+                server_round,
+            )
             centre = {key: np.zeros_like(value) for key, value in updates[0].items()}
         bounded, bound = bound_update_norms(centre, updates, self.max_update_norm_ratio)
         entry = self._round(server_round)
         for reply, norm, factor in zip(accepted, bound.norms, bound.factors, strict=True):
             if factor == 1.0:
                 continue
-            log(WARNING, "round %d: update of site %s (node %d) scaled by %.4g: its distance %.4g from the "
-                "global adapter is over %g x the median %.4g", server_round, reply.site_id, reply.node_id,
-                factor, norm, self.max_update_norm_ratio, bound.median)
-            entry.bounded[reply.site_id] = {"node-id": reply.node_id, "norm": norm, "limit": bound.limit,
-                                            "factor": factor}
+            log(
+                WARNING,
+                "round %d: update of site %s (node %d) scaled by %.4g: its distance %.4g from the "
+                "global adapter is over %g x the median %.4g",
+                server_round,
+                reply.site_id,
+                reply.node_id,
+                factor,
+                norm,
+                self.max_update_norm_ratio,
+                bound.median,
+            )
+            entry.bounded[reply.site_id] = {
+                "node-id": reply.node_id,
+                "norm": norm,
+                "limit": bound.limit,
+                "factor": factor,
+            }
         return list(bounded)
 
-    def _accept_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> list[AcceptedEvaluation]:
+    def _accept_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[AcceptedEvaluation]:
         entry = self._round(server_round)
         accepted: list[AcceptedEvaluation] = []
         for msg in replies:
@@ -344,9 +369,7 @@ class FedAvgLoRA(FedAvg):
                 if result.site_id in entry.evaluation:
                     raise ReplyRejected(f"site-id {result.site_id!r} already replied this round")
             except ReplyRejected as err:
-                self._reject(
-                    server_round, msg, str(err), entry.evaluation_rejected, "evaluate reply"
-                )
+                self._reject(server_round, msg, str(err), entry.evaluation_rejected, "evaluate reply")
                 continue
             accepted.append(result)
             entry.evaluation[result.site_id] = {"node-id": result.node_id, **result.metrics}
@@ -369,14 +392,16 @@ class FedAvgLoRA(FedAvg):
         accepted = self._accept_evaluate(server_round, replies)
         rejected = len(self._round(server_round).evaluation_rejected)
         if not accepted:
-            log(WARNING, "round %d: no valid evaluate reply (%d left out)",
-                server_round, rejected)
+            log(WARNING, "round %d: no valid evaluate reply (%d left out)", server_round, rejected)
             return None
-        totals = {key: math.fsum(r.metrics[key] for r in accepted) for key in ("num-examples", "diff-sum",
-                                                                               "diff-sumsq")}
-        return MetricRecord({
-            **totals,
-            "mean-change": totals["diff-sum"] / max(totals["num-examples"], 1.0),
-            "accepted-replies": len(accepted),
-            "rejected-replies": rejected,
-        })
+        totals = {
+            key: math.fsum(r.metrics[key] for r in accepted) for key in ("num-examples", "diff-sum", "diff-sumsq")
+        }
+        return MetricRecord(
+            {
+                **totals,
+                "mean-change": totals["diff-sum"] / max(totals["num-examples"], 1.0),
+                "accepted-replies": len(accepted),
+                "rejected-replies": rejected,
+            }
+        )

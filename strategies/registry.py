@@ -20,7 +20,5 @@ def build_strategy(name: str, **kwargs: Any) -> FedAvgLoRA:
     try:
         cls = STRATEGIES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown strategy {name!r}; valid names: {', '.join(sorted(STRATEGIES))}"
-        ) from None
+        raise ValueError(f"unknown strategy {name!r}; valid names: {', '.join(sorted(STRATEGIES))}") from None
     return cls(**kwargs)

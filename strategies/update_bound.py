@@ -129,8 +129,9 @@ def bound_update_norms(
     return out, NormBound(norms=norms, median=median, limit=limit, factors=factors)
 
 
-def _scaled(global_arrays: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray],
-            factor: float) -> dict[str, np.ndarray]:
+def _scaled(
+    global_arrays: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], factor: float
+) -> dict[str, np.ndarray]:
     """``G + (U - G) * factor`` per tensor, computed in float64, stored as float32."""
     out: dict[str, np.ndarray] = {}
     for key, value in update.items():  # the update's key order, which the average keeps

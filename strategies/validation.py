@@ -30,8 +30,8 @@ from typing import TypeVar
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedretrain.errors import AdapterMismatchError, ReplyRejected
 from fedretrain.arrays import AdapterSpec, check_adapter, from_array_record, record_nbytes
+from fedretrain.errors import AdapterMismatchError, ReplyRejected
 
 # Nothing in a train reply depends on the site's records: no count, no training loss.
 # Epsilon and sigma follow from the job's fixed sampling rate and the site's ledger.
@@ -46,8 +46,15 @@ TRAIN_METRICS = (
 
 # Noised sums of each held-out record's clipped loss change, and each noise's std
 # (client/round/site.py, fedretrain/privacy/release.py).
-EVALUATE_METRICS = ("num-examples", "diff-sum", "diff-sumsq", "num-examples-std", "diff-sum-std",
-                    "diff-sumsq-std", "eval-clip")
+EVALUATE_METRICS = (
+    "num-examples",
+    "diff-sum",
+    "diff-sumsq",
+    "num-examples-std",
+    "diff-sum-std",
+    "diff-sumsq-std",
+    "eval-clip",
+)
 
 Metrics = dict[str, int | float]
 
@@ -75,8 +82,10 @@ def check_reply_size(record: ArrayRecord, spec: AdapterSpec) -> None:
     """ReplyRejected if ``record`` is larger than :func:`max_reply_bytes` (nothing is parsed)."""
     size, limit = record_nbytes(record), max_reply_bytes(spec)
     if size > limit:
-        raise ReplyRejected(f"reply arrays are {size} bytes, over the {limit} an adapter of "
-                            f"{spec.nbytes} bytes may take: refused before loading")
+        raise ReplyRejected(
+            f"reply arrays are {size} bytes, over the {limit} an adapter of "
+            f"{spec.nbytes} bytes may take: refused before loading"
+        )
 
 
 def check_round_tag(msg: Message, expected: RoundTag | None) -> None:
@@ -88,7 +97,10 @@ def check_round_tag(msg: Message, expected: RoundTag | None) -> None:
     if got_round != expected.server_round or got_hash != expected.global_hash:
         raise ReplyRejected(
             f"stale or replayed reply: it answers round {got_round!r} (global {str(got_hash)[:12]}), "
-            f"this is round {expected.server_round} (global {expected.global_hash[:12]})")
+            f"this is round {expected.server_round} (global {expected.global_hash[:12]})"
+        )
+
+
 RecordT = TypeVar("RecordT", ArrayRecord, MetricRecord, ConfigRecord)
 
 
@@ -170,7 +182,10 @@ def _checked_site_id(msg: Message) -> str:
 
 
 def validate_train_reply(
-    msg: Message, spec: AdapterSpec, *, max_abs_value: float | None = None,
+    msg: Message,
+    spec: AdapterSpec,
+    *,
+    max_abs_value: float | None = None,
     expected: RoundTag | None = None,
 ) -> AcceptedReply:
     """Check one train reply against the contract and the adapter spec.

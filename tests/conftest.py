@@ -29,10 +29,17 @@ def tiny_adapter_dir(tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
-    model = get_peft_model(transformers.LlamaForCausalLM(config),
-                           LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    model = get_peft_model(
+        transformers.LlamaForCausalLM(config), LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
     return out

@@ -17,10 +17,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedretrain.errors import ReplyRejected
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
-from strategies import FedAvgLoRA, build_strategy
-from strategies import aggregation
+from fedretrain.errors import ReplyRejected
+from strategies import FedAvgLoRA, aggregation, build_strategy
 from strategies.aggregation import weighted_average
 from strategies.validation import validate_train_reply
 
@@ -36,8 +35,12 @@ def adapter(a: list[float], b: list[float]) -> dict[str, np.ndarray]:
 
 def train_metrics(**override) -> dict[str, int | float]:
     metrics = {
-        "epsilon": 2.0, "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1,
-        "sample-rate": 0.05, "steps": 5,
+        "epsilon": 2.0,
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "noise-multiplier": 1.1,
+        "sample-rate": 0.05,
+        "steps": 5,
     }
     metrics.update(override)
     return metrics
@@ -59,9 +62,7 @@ def _instruction(node_id: int, message_type: str) -> Message:
 
 def make_reply(node_id, arrays, metrics, site_id, message_type=MessageType.TRAIN) -> Message:
     """A reply as the SuperLink hands it back: src_node_id is the replying node."""
-    content = RecordDict(
-        {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id})}
-    )
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id})})
     if arrays is not None:
         content["arrays"] = to_array_record(arrays)
     return Message(content, reply_to=_instruction(node_id, message_type))
@@ -236,7 +237,12 @@ def test_aggregate_train_keeps_a_plain_data_round_log():
     assert entry.accepted["site-b"]["node-id"] == 2
     assert entry.accepted["site-b"]["sample-rate"] == 0.05
     assert [(r.node_id, r.site_id) for r in entry.rejected] == [
-        (3, "site-c"), (4, "site-d"), (5, "site-e"), (6, "site-f"), (7, None)]
+        (3, "site-c"),
+        (4, "site-d"),
+        (5, "site-e"),
+        (6, "site-f"),
+        (7, None),
+    ]
     assert entry.bytes_up == sent_up
     assert entry.to_dict()["rejected"][4]["node_id"] == 7
 
@@ -285,10 +291,16 @@ def test_configure_train_records_sampled_sites_and_bytes_down():
 # --- FedAvgLoRA.aggregate_evaluate -------------------------------------------------
 
 
-def eval_reply(node_id: int, site_id: str, examples: float, diff_sum: float, diff_sumsq: float,
-               std: float = 0.5):
-    metrics = {"num-examples": examples, "diff-sum": diff_sum, "diff-sumsq": diff_sumsq,
-               "num-examples-std": std, "diff-sum-std": std, "diff-sumsq-std": std, "eval-clip": 1.0}
+def eval_reply(node_id: int, site_id: str, examples: float, diff_sum: float, diff_sumsq: float, std: float = 0.5):
+    metrics = {
+        "num-examples": examples,
+        "diff-sum": diff_sum,
+        "diff-sumsq": diff_sumsq,
+        "num-examples-std": std,
+        "diff-sum-std": std,
+        "diff-sumsq-std": std,
+        "eval-clip": 1.0,
+    }
     return make_reply(node_id, None, metrics, site_id, MessageType.EVALUATE)
 
 
@@ -327,8 +339,9 @@ def test_configure_evaluate_sends_the_baseline_beside_the_candidate():
     grid.get_node_ids.return_value = [11, 12]
 
     # Execute
-    messages = list(strategy.configure_evaluate(1, to_array_record({"w": np.zeros(2, np.float32)}),
-                                                ConfigRecord(), grid))
+    messages = list(
+        strategy.configure_evaluate(1, to_array_record({"w": np.zeros(2, np.float32)}), ConfigRecord(), grid)
+    )
 
     # Assert
     assert len(messages) == 2
@@ -375,10 +388,16 @@ def test_weighted_average_splits_keys_into_cache_sized_groups(monkeypatch):
     # Prepare: a 16-byte budget groups a (2 floats, 8 B) with b (8 B, total 16 B); c (12 B) starts
     # a group of its own. Weights 1 and 3 -> 0.25, 0.75.
     monkeypatch.setattr(aggregation, "ACC_GROUP_BYTES", 16)
-    x0 = {"a": np.array([4.0, 0.0], np.float32), "b": np.array([0.0, 8.0], np.float32),
-          "c": np.array([1.0, 2.0, 3.0], np.float32)}
-    x1 = {"a": np.array([0.0, 4.0], np.float32), "b": np.array([8.0, 0.0], np.float32),
-          "c": np.array([5.0, 6.0, 7.0], np.float32)}
+    x0 = {
+        "a": np.array([4.0, 0.0], np.float32),
+        "b": np.array([0.0, 8.0], np.float32),
+        "c": np.array([1.0, 2.0, 3.0], np.float32),
+    }
+    x1 = {
+        "a": np.array([0.0, 4.0], np.float32),
+        "b": np.array([8.0, 0.0], np.float32),
+        "c": np.array([5.0, 6.0, 7.0], np.float32),
+    }
 
     # Execute
     groups = aggregation._key_groups(x0, list(x0))

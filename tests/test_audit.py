@@ -38,7 +38,7 @@ def test_all_of_100_guesses_right_refutes_the_epsilon_whose_binomial_tail_is_5_p
 
 def test_the_delta_zero_p_value_is_the_binomial_tail_at_the_randomized_response_accuracy() -> None:
     # eps = ln 3 gives q = 3/4. P[Bin(10, 3/4) >= 9] = 10 (3/4)^9 (1/4) + (3/4)^10 = (3/4)^9 * 3.25.
-    by_hand = 0.75 ** 9 * 3.25  # 0.244025...
+    by_hand = 0.75**9 * 3.25  # 0.244025...
 
     assert p_value(10, 10, 9, math.log(3)) == pytest.approx(by_hand, rel=1e-12)
     assert p_value(10, 10, 9, math.log(3)) == pytest.approx(float(binom.sf(8, 10, 0.75)), rel=1e-12)
@@ -116,8 +116,16 @@ def test_the_best_of_several_guess_sizes_pays_for_the_choice() -> None:
     among_two = audit_scores(scores, included, [(2, 2), (10, 10)], confidence=0.95)
 
     # Assert: 20 of 20 right; alone it is judged at 5%, among two at 2.5% (Bonferroni).
-    assert alone == AuditBound(m=20, r=20, v=20, k_plus=10, k_minus=10, confidence=0.95, delta=0.0,
-                               epsilon=epsilon_lower_bound(20, 20, 20, confidence=0.95))
+    assert alone == AuditBound(
+        m=20,
+        r=20,
+        v=20,
+        k_plus=10,
+        k_minus=10,
+        confidence=0.95,
+        delta=0.0,
+        epsilon=epsilon_lower_bound(20, 20, 20, confidence=0.95),
+    )
     assert (among_two.r, among_two.v) == (20, 20)
     assert among_two.epsilon == epsilon_lower_bound(20, 20, 20, confidence=0.975)
     assert among_two.epsilon < alone.epsilon

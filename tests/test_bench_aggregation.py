@@ -16,9 +16,10 @@ from flwr.supercore.task_identity import TaskIdentity
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_aggregation import average_only, flower, make_round, ours, run  # noqa: E402
+from suite_rows import KEYS, finish_rows  # noqa: E402
+
 from fedretrain.arrays import from_array_record  # noqa: E402
 from strategies.validation import TRAIN_METRICS  # noqa: E402
-from suite_rows import KEYS, finish_rows  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +87,15 @@ def test_run_rows_are_ratios_of_the_same_timings(capsys) -> None:
 @pytest.mark.slow
 def test_quick_run_writes_ratio_rows(repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "agg.json"
-    command = [sys.executable, str(repo / "benchmarks" / "bench_aggregation.py"), "--quick", "--reps", "1",
-               "--json", str(out)]
+    command = [
+        sys.executable,
+        str(repo / "benchmarks" / "bench_aggregation.py"),
+        "--quick",
+        "--reps",
+        "1",
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())

@@ -52,8 +52,13 @@ def test_headline_row_is_the_paired_ratio_against_the_target() -> None:
     assert row["name"] == "dp_overhead_hooks_b64_vs_target" and row["section"] == "1 DP overhead"
     assert row["value"] == pytest.approx(1.1) and row["limit_or_peer"] == TARGET_RATIO == 1.15
     assert row["ratio"] == pytest.approx(1.1 / 1.15) and row["verdict"] == "meets" and row["unit"] == "x"
-    for fragment in ("median of 5 paired ratios 1.100x", "IQR 1.000-1.300x", "range 0.900-1.700x",
-                     "ratio of best steps 0.900x", "of medians 1.000x"):
+    for fragment in (
+        "median of 5 paired ratios 1.100x",
+        "IQR 1.000-1.300x",
+        "range 0.900-1.700x",
+        "ratio of best steps 0.900x",
+        "of medians 1.000x",
+    ):
         assert fragment in row["note"]
 
 
@@ -71,9 +76,14 @@ def test_turn_order_keeps_plain_and_hooks_back_to_back_and_alternates_the_first(
     orders = [turn_order(variants, i) for i in range(7)]  # type: ignore[arg-type]
 
     # Assert: the pair flips every turn, the units rotate every two turns; period 6.
-    assert orders[:6] == [["p", "h", "e", "g"], ["h", "p", "e", "g"],
-                          ["e", "g", "p", "h"], ["e", "g", "h", "p"],
-                          ["g", "p", "h", "e"], ["g", "h", "p", "e"]]
+    assert orders[:6] == [
+        ["p", "h", "e", "g"],
+        ["h", "p", "e", "g"],
+        ["e", "g", "p", "h"],
+        ["e", "g", "h", "p"],
+        ["g", "p", "h", "e"],
+        ["g", "h", "p", "e"],
+    ]
     assert orders[6] == orders[0]
     assert turn_order(["p", "h"], 1) == ["h", "p"]  # type: ignore[list-item]
 
@@ -82,8 +92,17 @@ def test_turn_order_keeps_plain_and_hooks_back_to_back_and_alternates_the_first(
 def test_quick_run_writes_rows_for_hooks_at_the_default_batch(repo: Path, tmp_path: Path) -> None:
     # Prepare
     out = tmp_path / "x.json"
-    command = [sys.executable, str(repo / "benchmarks" / "bench_dp_overhead.py"), "--quick",
-               "--threads", "1", "--steps", "3", "--json", str(out)]
+    command = [
+        sys.executable,
+        str(repo / "benchmarks" / "bench_dp_overhead.py"),
+        "--quick",
+        "--threads",
+        "1",
+        "--steps",
+        "3",
+        "--json",
+        str(out),
+    ]
 
     # Execute: as a file from the repo root, as the docstring says (not python -m).
     result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)

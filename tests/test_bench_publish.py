@@ -17,6 +17,9 @@ def test_quick_run_writes_rows(repo: Path, tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [row["name"].split(" (")[0] for row in rows][:3] == ["sign manifest", "publish version",
-                                                              "verify version at a site"]
+    assert [row["name"].split(" (")[0] for row in rows][:3] == [
+        "sign manifest",
+        "publish version",
+        "verify version at a site",
+    ]
     assert all(set(row) == {"name", "value", "limit_or_peer", "ratio"} and row["value"] > 0 for row in rows)

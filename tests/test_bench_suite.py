@@ -18,8 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from demo_figures import demo_rows, first_beating_round, union_in  # noqa: E402
 from suite_rows import DEMO_ROW_NAMES, KEYS, finish_rows  # noqa: E402
 
-SECTIONS = {"1 DP overhead", "2 Client throughput", "3 Communication", "4 Aggregation", "5 Framework overhead",
-            "6 Start-up", "7 Time to value", "8 Privacy accounting"}
+SECTIONS = {
+    "1 DP overhead",
+    "2 Client throughput",
+    "3 Communication",
+    "4 Aggregation",
+    "5 Framework overhead",
+    "6 Start-up",
+    "7 Time to value",
+    "8 Privacy accounting",
+}
 
 
 @pytest.mark.slow
@@ -47,8 +55,14 @@ def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) ->
             assert ratio is None, row["name"]
     names = {row["name"] for row in rows}
     assert set(DEMO_ROW_NAMES) <= names  # listed, with null values, though quick mode skips the demo
-    assert {"dp_step_ms_hooks_b16", "agg_ours_vs_copy_gbps", "sim_round_s_n10", "eps_ours_rdp_vs_opacus_rdp",
-            "comm_bytes_per_client_round", "dp_tokens_per_s_hooks_b16"} <= names
+    assert {
+        "dp_step_ms_hooks_b16",
+        "agg_ours_vs_copy_gbps",
+        "sim_round_s_n10",
+        "eps_ours_rdp_vs_opacus_rdp",
+        "comm_bytes_per_client_round",
+        "dp_tokens_per_s_hooks_b16",
+    } <= names
     by_name = {row["name"]: row for row in rows}
     assert by_name["eps_ours_rdp_vs_opacus_rdp"]["ratio"] == pytest.approx(1.0, abs=1e-9)
 
@@ -96,17 +110,33 @@ def test_demo_rows_split_round_time_by_hand() -> None:
     # Prepare: rounds end at 10 (round 0), 50 and 70. Round 1 [10, 50]: the sites compute on
     # [20, 40] and [38, 45] (union 25 s), the server scores on [46, 49] (3 s). Round 2 [50, 70]:
     # sites [51, 65] (14 s), server [66, 69] (3 s); the publish query at 71 is after the rounds.
-    run = {"t0": 0.0, "end": 100.0, "rounds": {"0": 10.0, "1": 50.0, "2": 70.0},
-           "client": [{"what": "train.default", "start": 20, "end": 40},
-                      {"what": "evaluate.default", "start": 38, "end": 45},
-                      {"what": "train.default", "start": 51, "end": 65},
-                      {"what": "query.publish", "start": 71, "end": 80}],
-           "server_evals": [[5, 9], [46, 49], [66, 69]],
-           "summary": {"published_version": 1, "rounds": 2,
-                       "communication": {"full_model_bytes": 1000, "bytes_per_client_per_round": 40}},
-           "metrics": [{"round": r, "bytes_down": 30 * (r > 0), "bytes_up": 30 * (r > 0), "sites_sampled": 3 * (r > 0),
-                        "validation": {"candidate_loss": loss, "baseline_loss": 2.0}}
-                       for r, loss in ((0, 2.0), (1, 2.1), (2, 1.9))]}
+    run = {
+        "t0": 0.0,
+        "end": 100.0,
+        "rounds": {"0": 10.0, "1": 50.0, "2": 70.0},
+        "client": [
+            {"what": "train.default", "start": 20, "end": 40},
+            {"what": "evaluate.default", "start": 38, "end": 45},
+            {"what": "train.default", "start": 51, "end": 65},
+            {"what": "query.publish", "start": 71, "end": 80},
+        ],
+        "server_evals": [[5, 9], [46, 49], [66, 69]],
+        "summary": {
+            "published_version": 1,
+            "rounds": 2,
+            "communication": {"full_model_bytes": 1000, "bytes_per_client_per_round": 40},
+        },
+        "metrics": [
+            {
+                "round": r,
+                "bytes_down": 30 * (r > 0),
+                "bytes_up": 30 * (r > 0),
+                "sites_sampled": 3 * (r > 0),
+                "validation": {"candidate_loss": loss, "baseline_loss": 2.0},
+            }
+            for r, loss in ((0, 2.0), (1, 2.1), (2, 1.9))
+        ],
+    }
 
     # Execute: the cold run started 20 s earlier than the warm one
     got = {row["name"]: row for row in demo_rows(run, dict(run, t0=-20.0))}
@@ -120,5 +150,8 @@ def test_demo_rows_split_round_time_by_hand() -> None:
     assert got["demo_framework_residual_s_rounds2on"]["value"] == 3
     assert (got["startup_warm_s"]["value"], got["startup_cold_s"]["value"]) == (10, 30)
     assert got["ttv_rounds_to_beat_baseline"]["value"] == 2
-    assert (got["ttv_bytes_to_beat_baseline"]["value"], got["ttv_bytes_to_beat_baseline"]["limit_or_peer"]) == (120, 12000)
+    assert (got["ttv_bytes_to_beat_baseline"]["value"], got["ttv_bytes_to_beat_baseline"]["limit_or_peer"]) == (
+        120,
+        12000,
+    )
     assert got["ttv_wall_s_to_published"]["limit_or_peer"] == 25 + 14  # the sites' compute in the rounds

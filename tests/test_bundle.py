@@ -12,8 +12,14 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedretrain.errors import RegistryError, VerificationError
-from fedretrain.registry.bundle import (ADAPTER_FILES, RollbackRecord, VersionBundle, base_model_identity,
-                                        verify_bundle, verify_rollback)
+from fedretrain.registry.bundle import (
+    ADAPTER_FILES,
+    RollbackRecord,
+    VersionBundle,
+    base_model_identity,
+    verify_bundle,
+    verify_rollback,
+)
 from fedretrain.registry.manifest import build_manifest
 from fedretrain.registry.pointer import ChampionPointer, sign_pointer, verify_chain, verify_pointer
 from fedretrain.registry.signing import canonical_json, key_id, sign
@@ -23,8 +29,9 @@ BASE = {"name": "tiny-llama", "sha256": "ab" * 32}
 LORA = {"r": 2, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 # The tiny Llama below: hidden 16, r 2, q_proj and v_proj (2 kv heads x head_dim 8 = 16 outputs).
 PREFIX = "base_model.model.model.layers.0.self_attn"
-SHAPES = {f"{PREFIX}.{m}.lora_{ab}.weight": ((2, 16) if ab == "A" else (16, 2))
-          for m in ("q_proj", "v_proj") for ab in "AB"}
+SHAPES = {
+    f"{PREFIX}.{m}.lora_{ab}.weight": ((2, 16) if ab == "A" else (16, 2)) for m in ("q_proj", "v_proj") for ab in "AB"
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +46,19 @@ def key() -> Ed25519PrivateKey:
 
 
 def _manifest(files: dict[str, bytes], signer: Ed25519PrivateKey, *, version: int = 2, **edits) -> dict:
-    manifest = build_manifest(version=version, parent=version - 1 or None, created_at=NOW,
-                              expires_at=NOW + timedelta(days=30), key_id=key_id(signer.public_key()),
-                              files=files, base_model=BASE, lora=LORA, run={"name": "demo", "rounds": 3},
-                              sites={"s-0123456789ab": {"epsilon": 2.5}}, gate={"decision": "publish"})
+    manifest = build_manifest(
+        version=version,
+        parent=version - 1 or None,
+        created_at=NOW,
+        expires_at=NOW + timedelta(days=30),
+        key_id=key_id(signer.public_key()),
+        files=files,
+        base_model=BASE,
+        lora=LORA,
+        run={"name": "demo", "rounds": 3},
+        sites={"s-0123456789ab": {"epsilon": 2.5}},
+        gate={"decision": "publish"},
+    )
     manifest.update(edits)
     return manifest
 
@@ -62,8 +78,9 @@ def test_a_good_bundle_verifies_and_returns_its_tensors(adapter_files, key) -> N
     bundle = _signed(adapter_files, key)
 
     # Execute
-    tensors = verify_bundle(bundle, key.public_key(), now=NOW, last_accepted=1, base_model_sha256=BASE["sha256"],
-                            expected_shapes=SHAPES)
+    tensors = verify_bundle(
+        bundle, key.public_key(), now=NOW, last_accepted=1, base_model_sha256=BASE["sha256"], expected_shapes=SHAPES
+    )
 
     # Assert
     assert {name: tuple(t.shape) for name, t in tensors.items()} == SHAPES
@@ -81,8 +98,7 @@ def test_bundle_travels_as_a_mapping_and_as_a_directory(adapter_files, key, tmp_
     bundle.write_to(tmp_path)
 
     # Assert: the same bytes come back both ways.
-    assert sorted(mapping) == ["file:adapter_config.json", "file:adapter_model.safetensors", "manifest",
-                               "signature"]
+    assert sorted(mapping) == ["file:adapter_config.json", "file:adapter_model.safetensors", "manifest", "signature"]
     assert VersionBundle.from_mapping(mapping) == bundle
     assert VersionBundle.from_dir(tmp_path) == bundle
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*ADAPTER_FILES, "manifest.json", "manifest.sig"])
@@ -120,23 +136,35 @@ def _shipping(files, key, shipped):
 
 # case -> (build the tampered bundle and the verify_bundle arguments that go with it, expected check)
 TAMPERINGS = {
-    "flipped bit in the adapter": (lambda f, k: _shipping(f, k, {
-        **f, "adapter_model.safetensors": _flip_last_byte(f["adapter_model.safetensors"])}), "hashes"),
-    "edited manifest": (lambda f, k: (VersionBundle(canonical_json(_manifest(f, k, version=3)),
-                                                    _signed(f, k).signature, f), {}), "signature"),
+    "flipped bit in the adapter": (
+        lambda f, k: _shipping(
+            f, k, {**f, "adapter_model.safetensors": _flip_last_byte(f["adapter_model.safetensors"])}
+        ),
+        "hashes",
+    ),
+    "edited manifest": (
+        lambda f, k: (VersionBundle(canonical_json(_manifest(f, k, version=3)), _signed(f, k).signature, f), {}),
+        "signature",
+    ),
     "signed by another key": (lambda f, k: (_signed(f, Ed25519PrivateKey.generate()), {}), "signature"),
     "replayed older version": (lambda f, k: (_signed(f, k), {"last_accepted": 2}), "version"),
     "expired": (lambda f, k: (_signed(f, k), {"now": NOW + timedelta(days=30)}), "expiry"),
     "manifest missing a file's hash": (_resigned_without_config_hash, "hashes"),
     "shipped file not in the manifest": (lambda f, k: _shipping(f, k, {**f, "README.md": b"hi"}), "hashes"),
-    "listed file not shipped": (lambda f, k: _shipping(
-        f, k, {"adapter_model.safetensors": f["adapter_model.safetensors"]}), "hashes"),
+    "listed file not shipped": (
+        lambda f, k: _shipping(f, k, {"adapter_model.safetensors": f["adapter_model.safetensors"]}),
+        "hashes",
+    ),
     "NaN in a tensor": (_nan_in_a_tensor, "finite"),
-    "wrong shape": (lambda f, k: (_signed(f, k), {
-        "expected_shapes": {**SHAPES, f"{PREFIX}.q_proj.lora_A.weight": (4, 16)}}), "shapes"),
+    "wrong shape": (
+        lambda f, k: (_signed(f, k), {"expected_shapes": {**SHAPES, f"{PREFIX}.q_proj.lora_A.weight": (4, 16)}}),
+        "shapes",
+    ),
     "wrong base model": (lambda f, k: (_signed(f, k), {"base_model_sha256": "cd" * 32}), "base_model"),
-    "not a safetensors file": (lambda f, k: (_signed({**f, "adapter_model.safetensors": b"\0" * 64}, k), {}),
-                               "safetensors"),
+    "not a safetensors file": (
+        lambda f, k: (_signed({**f, "adapter_model.safetensors": b"\0" * 64}, k), {}),
+        "safetensors",
+    ),
     "non-canonical manifest": (_indented_manifest, "manifest"),
     "unknown format": (lambda f, k: (_signed(f, k, format="fedretrain.version/9"), {}), "manifest"),
     "unknown field": (lambda f, k: (_signed(f, k, secret_extra="run me"), {}), "manifest"),
@@ -148,8 +176,13 @@ def test_each_tampering_is_refused_by_its_check(adapter_files, key, case) -> Non
     # Prepare
     tamper, check = TAMPERINGS[case]
     bundle, overrides = tamper(adapter_files, key)
-    kwargs = {"now": NOW, "last_accepted": 1, "base_model_sha256": BASE["sha256"], "expected_shapes": SHAPES,
-              **overrides}
+    kwargs = {
+        "now": NOW,
+        "last_accepted": 1,
+        "base_model_sha256": BASE["sha256"],
+        "expected_shapes": SHAPES,
+        **overrides,
+    }
 
     # Execute
     with pytest.raises(VerificationError) as err:
@@ -172,15 +205,22 @@ def test_failures_name_the_bad_tensor(adapter_files, key) -> None:
     with pytest.raises(VerificationError, match=bad):
         verify_bundle(_signed(nan_files, key), key.public_key(), now=NOW)
     with pytest.raises(VerificationError, match=f"{PREFIX}.q_proj.lora_A.weight.*expected \\(4, 16\\)"):
-        verify_bundle(_signed(adapter_files, key), key.public_key(), now=NOW,
-                      expected_shapes={**SHAPES, f"{PREFIX}.q_proj.lora_A.weight": (4, 16)})
+        verify_bundle(
+            _signed(adapter_files, key),
+            key.public_key(),
+            now=NOW,
+            expected_shapes={**SHAPES, f"{PREFIX}.q_proj.lora_A.weight": (4, 16)},
+        )
 
 
 def test_checks_run_in_order_hashes_before_expiry(adapter_files, key) -> None:
     # Prepare: both tampered and expired.
     good = _signed(adapter_files, key)
-    bundle = VersionBundle(good.manifest_bytes, good.signature,
-                           {**adapter_files, "adapter_config.json": adapter_files["adapter_config.json"] + b" "})
+    bundle = VersionBundle(
+        good.manifest_bytes,
+        good.signature,
+        {**adapter_files, "adapter_config.json": adapter_files["adapter_config.json"] + b" "},
+    )
 
     # Execute / Assert
     with pytest.raises(VerificationError) as err:
@@ -211,9 +251,16 @@ def test_bf16_adapters_load_as_bf16(adapter_files, key) -> None:
 
 
 def _rollback(signer: Ed25519PrivateKey, sequence: int = 1, **edits) -> RollbackRecord:
-    body = {"kind": "rollback", "sequence": sequence, "target_version": 1, "from_version": 2,
-            "created_at": "2026-11-21T10:00:00Z", "reason": "gate regression",
-            "key_id": key_id(signer.public_key()), **edits}
+    body = {
+        "kind": "rollback",
+        "sequence": sequence,
+        "target_version": 1,
+        "from_version": 2,
+        "created_at": "2026-11-21T10:00:00Z",
+        "reason": "gate regression",
+        "key_id": key_id(signer.public_key()),
+        **edits,
+    }
     payload = canonical_json(body)
     return RollbackRecord(payload, sign(signer, payload))
 
@@ -238,8 +285,13 @@ def test_unsigned_forged_or_replayed_rollbacks_are_refused(key) -> None:
     not_a_rollback = _rollback(key, kind="approval")
 
     # Execute / Assert
-    for record, last, check in [(unsigned, None, "signature"), (forged, None, "signature"),
-                                (good, 1, "rollback"), (good, 5, "rollback"), (not_a_rollback, None, "rollback")]:
+    for record, last, check in [
+        (unsigned, None, "signature"),
+        (forged, None, "signature"),
+        (good, 1, "rollback"),
+        (good, 5, "rollback"),
+        (not_a_rollback, None, "rollback"),
+    ]:
         with pytest.raises(VerificationError) as err:
             verify_rollback(record, key.public_key(), last_sequence=last)
         assert err.value.check == check
@@ -248,25 +300,36 @@ def test_unsigned_forged_or_replayed_rollbacks_are_refused(key) -> None:
     assert err.value.check == "signature"
 
 
-def test_a_champion_pointer_is_canonical_json_linked_by_hash_and_travels_with_the_bundle(adapter_files,
-                                                                                          key) -> None:
+def test_a_champion_pointer_is_canonical_json_linked_by_hash_and_travels_with_the_bundle(adapter_files, key) -> None:
     # Prepare
     bundle = _signed(adapter_files, key)
-    first = sign_pointer(key, sequence=1, version=1, reason="publish", created_at=NOW, manifest_bytes=b"v1",
-                         previous=None)
+    first = sign_pointer(
+        key, sequence=1, version=1, reason="publish", created_at=NOW, manifest_bytes=b"v1", previous=None
+    )
 
     # Execute
-    second = sign_pointer(key, sequence=2, version=2, reason="publish", created_at=NOW,
-                          manifest_bytes=bundle.manifest_bytes, previous=first)
+    second = sign_pointer(
+        key,
+        sequence=2,
+        version=2,
+        reason="publish",
+        created_at=NOW,
+        manifest_bytes=bundle.manifest_bytes,
+        previous=first,
+    )
     carried = VersionBundle(bundle.manifest_bytes, bundle.signature, bundle.files, second)
     mapping = carried.to_mapping()
 
     # Assert: the exact signed bytes, worked out by hand; the link is the SHA-256 of the first record's bytes.
     link = hashlib.sha256(first.payload_bytes).hexdigest()
-    assert second.payload_bytes == (
-        '{"created_at":"2026-11-21T10:00:00Z","key_id":"%s","kind":"champion","manifest_sha256":"%s",'
-        '"previous_sha256":"%s","reason":"publish","rollback_sequence":null,"sequence":2,"version":2}'
-        % (key_id(key.public_key()), hashlib.sha256(bundle.manifest_bytes).hexdigest(), link)).encode()
+    assert (
+        second.payload_bytes
+        == (
+            f'{{"created_at":"2026-11-21T10:00:00Z","key_id":"{key_id(key.public_key())}","kind":"champion",'
+            f'"manifest_sha256":"{hashlib.sha256(bundle.manifest_bytes).hexdigest()}",'
+            f'"previous_sha256":"{link}","reason":"publish","rollback_sequence":null,"sequence":2,"version":2}}'
+        ).encode()
+    )
     assert verify_pointer(second, key.public_key(), last_sequence=1)["previous_sha256"] == link
     assert [b["sequence"] for b in verify_chain([(1, first), (2, second)], key.public_key())] == [1, 2]
     assert VersionBundle.from_mapping(mapping) == carried and carried.nbytes == sum(len(v) for v in mapping.values())
@@ -275,19 +338,30 @@ def test_a_champion_pointer_is_canonical_json_linked_by_hash_and_travels_with_th
 
 def test_unsigned_foreign_replayed_or_malformed_pointers_are_refused(key) -> None:
     # Prepare
-    good = sign_pointer(key, sequence=3, version=2, reason="publish", created_at=NOW, manifest_bytes=b"m",
-                        previous=None)
-    foreign = sign_pointer(Ed25519PrivateKey.generate(), sequence=3, version=2, reason="publish", created_at=NOW,
-                           manifest_bytes=b"m", previous=None)
+    good = sign_pointer(
+        key, sequence=3, version=2, reason="publish", created_at=NOW, manifest_bytes=b"m", previous=None
+    )
+    foreign = sign_pointer(
+        Ed25519PrivateKey.generate(),
+        sequence=3,
+        version=2,
+        reason="publish",
+        created_at=NOW,
+        manifest_bytes=b"m",
+        previous=None,
+    )
     rollback_without_record = canonical_json(json.loads(good.payload_bytes) | {"reason": "rollback"})
     extra_field = canonical_json(json.loads(good.payload_bytes) | {"note": "x"})
 
     # Execute / Assert
     for pointer, last, check in [
-            (ChampionPointer(good.payload_bytes, b""), None, "signature"), (foreign, None, "signature"),
-            (good, 3, "pointer"), (good, 7, "pointer"),
-            (ChampionPointer(rollback_without_record, sign(key, rollback_without_record)), None, "pointer"),
-            (ChampionPointer(extra_field, sign(key, extra_field)), None, "pointer")]:
+        (ChampionPointer(good.payload_bytes, b""), None, "signature"),
+        (foreign, None, "signature"),
+        (good, 3, "pointer"),
+        (good, 7, "pointer"),
+        (ChampionPointer(rollback_without_record, sign(key, rollback_without_record)), None, "pointer"),
+        (ChampionPointer(extra_field, sign(key, extra_field)), None, "pointer"),
+    ]:
         with pytest.raises(VerificationError) as err:
             verify_pointer(pointer, key.public_key(), last_sequence=last)
         assert err.value.check == check
@@ -301,10 +375,13 @@ def test_base_model_identity_hashes_config_and_weights_by_name(tmp_path) -> None
     (tmp_path / "config.json").write_bytes(b'{"model_type": "llama"}')
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "tokenizer.json").write_bytes(b"not part of the identity")
-    sha = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
-           for name in ("config.json", "model.safetensors")}
-    expected = hashlib.sha256(f"config.json\0{sha['config.json']}\nmodel.safetensors\0{sha['model.safetensors']}\n"
-                              .encode()).hexdigest()
+    sha = {
+        name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        for name in ("config.json", "model.safetensors")
+    }
+    expected = hashlib.sha256(
+        f"config.json\0{sha['config.json']}\nmodel.safetensors\0{sha['model.safetensors']}\n".encode()
+    ).hexdigest()
 
     # Execute
     identity = base_model_identity("tiny", tmp_path)

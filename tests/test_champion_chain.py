@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.install.installer import receive_version
-from client.round.site import site_model
-from client.install.model_store import ModelStore
 from cli.main import main
+from client.install.installer import receive_version
+from client.install.model_store import ModelStore
+from client.round.site import site_model
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.errors import RegistryError, VerificationError
 from fedretrain.modeling.loading import resolve_model_path
@@ -52,8 +52,9 @@ def adapters(tmp_path_factory, job) -> list[Path]:
     out = []
     for number in (1, 2, 3):
         rng = np.random.default_rng(number)
-        load_adapter_arrays(lm, {name: (rng.standard_normal(shape) * 0.01).astype(np.float32)
-                                 for name, shape, _ in lm.spec.entries})
+        load_adapter_arrays(
+            lm, {name: (rng.standard_normal(shape) * 0.01).astype(np.float32) for name, shape, _ in lm.spec.entries}
+        )
         directory = tmp_path_factory.mktemp(f"adapter-{number}")
         lm.model.save_pretrained(str(directory))
         out.append(directory)
@@ -66,14 +67,27 @@ def keys(tmp_path_factory):
     return load_private_key(pair.private_path), pair.public_path
 
 
-def _publish(registry: Registry, adapter: Path, key: Ed25519PrivateKey, job: Job, day: int,
-             require_approval: bool = False) -> int:
+def _publish(
+    registry: Registry, adapter: Path, key: Ed25519PrivateKey, job: Job, day: int, require_approval: bool = False
+) -> int:
     identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
-    return registry.publish(adapter, signing_key=key, base_model=identity,
-                            lora={"r": job.lora.r, "alpha": job.lora.alpha, "dropout": job.lora.dropout,
-                                  "target_modules": list(job.lora.target_modules)},
-                            run={"name": f"run-{day}"}, sites={}, gate={"decision": "publish"}, expiry_days=30,
-                            require_approval=require_approval, now=NOW + timedelta(days=day))
+    return registry.publish(
+        adapter,
+        signing_key=key,
+        base_model=identity,
+        lora={
+            "r": job.lora.r,
+            "alpha": job.lora.alpha,
+            "dropout": job.lora.dropout,
+            "target_modules": list(job.lora.target_modules),
+        },
+        run={"name": f"run-{day}"},
+        sites={},
+        gate={"decision": "publish"},
+        expiry_days=30,
+        require_approval=require_approval,
+        now=NOW + timedelta(days=day),
+    )
 
 
 def _history(root: Path, adapters: list[Path], key: Ed25519PrivateKey, job: Job) -> Registry:
@@ -115,8 +129,11 @@ def _pointer_file(registry: Registry, number: int) -> Path:
 
 
 def _write_champion_copy(registry: Registry, version: int, reason: str = "publish", sequence=None) -> None:
-    (registry.root / "champion.json").write_text(json.dumps(
-        {"version": version, "set_at": "2026-01-01T00:00:00Z", "reason": reason, "rollback_sequence": sequence}))
+    (registry.root / "champion.json").write_text(
+        json.dumps(
+            {"version": version, "set_at": "2026-01-01T00:00:00Z", "reason": reason, "rollback_sequence": sequence}
+        )
+    )
 
 
 # -- the happy paths --------------------------------------------------------------------------------------------
@@ -131,7 +148,11 @@ def test_every_move_of_the_champion_appends_a_signed_linked_record(honest, keys,
 
     # Assert: publish 1, approve 2, publish 3, rollback to 2 (record 1), linked by hash, each for its manifest.
     assert [(r["sequence"], r["version"], r["reason"], r["rollback_sequence"]) for r in records] == [
-        (1, 1, "publish", None), (2, 2, "approve", None), (3, 3, "publish", None), (4, 2, "rollback", 1)]
+        (1, 1, "publish", None),
+        (2, 2, "approve", None),
+        (3, 3, "publish", None),
+        (4, 2, "rollback", 1),
+    ]
     assert records[0]["previous_sha256"] is None
     assert [r["previous_sha256"] for r in records[1:]] == [sha256_hex(p) for p in payloads[:-1]]
     assert [r["manifest_sha256"] for r in records] == [sha256_hex(manifests[v]) for v in (1, 2, 3, 2)]
@@ -228,8 +249,15 @@ def _reorder_records(registry: Registry, key) -> None:
 
 def _append_a_record_signed_by_another_key(registry: Registry, key) -> None:
     head = registry.pointers()[-1][1]
-    pointer = sign_pointer(Ed25519PrivateKey.generate(), sequence=5, version=1, reason="publish", created_at=NOW,
-                           manifest_bytes=(registry.version_dir(1) / "manifest.json").read_bytes(), previous=head)
+    pointer = sign_pointer(
+        Ed25519PrivateKey.generate(),
+        sequence=5,
+        version=1,
+        reason="publish",
+        created_at=NOW,
+        manifest_bytes=(registry.version_dir(1) / "manifest.json").read_bytes(),
+        previous=head,
+    )
     _pointer_file(registry, 5).write_bytes(pointer.payload_bytes)
     _pointer_file(registry, 5).with_suffix(".sig").write_bytes(pointer.signature)
     _write_champion_copy(registry, 1)
@@ -237,9 +265,15 @@ def _append_a_record_signed_by_another_key(registry: Registry, key) -> None:
 
 def _append_an_unsigned_record(registry: Registry, key) -> None:
     head = registry.pointers()[-1][1]
-    body = dict(head.record, sequence=5, version=3, reason="publish", rollback_sequence=None,
-                manifest_sha256=sha256_hex((registry.version_dir(3) / "manifest.json").read_bytes()),
-                previous_sha256=head.sha256)
+    body = dict(
+        head.record,
+        sequence=5,
+        version=3,
+        reason="publish",
+        rollback_sequence=None,
+        manifest_sha256=sha256_hex((registry.version_dir(3) / "manifest.json").read_bytes()),
+        previous_sha256=head.sha256,
+    )
     _pointer_file(registry, 5).write_bytes(canonical_json(body))
     _write_champion_copy(registry, 3)
 
@@ -300,8 +334,7 @@ def test_publish_and_the_cycle_baseline_refuse_a_tampered_chain(registry, adapte
 
 
 @pytest.mark.parametrize("attack", ["the pin swapped", "the pin deleted"])
-def test_a_swapped_or_deleted_pin_refuses_every_write_with_the_real_key(registry, adapters, keys, job,
-                                                                        attack) -> None:
+def test_a_swapped_or_deleted_pin_refuses_every_write_with_the_real_key(registry, adapters, keys, job, attack) -> None:
     ATTACKS[attack][0](registry, keys[0])
     before = _tree(registry.root)
 
@@ -312,8 +345,7 @@ def test_a_swapped_or_deleted_pin_refuses_every_write_with_the_real_key(registry
     assert _tree(registry.root) == before
 
 
-def test_a_registry_resigned_with_another_key_passes_only_without_pubkey(tmp_path, adapters, keys, job,
-                                                                         capsys) -> None:
+def test_a_registry_resigned_with_another_key_passes_only_without_pubkey(tmp_path, adapters, keys, job, capsys) -> None:
     # Prepare: the attacker rebuilds the same history with their own key and swaps it in.
     attacker = Ed25519PrivateKey.generate()
     forged = _history(tmp_path / "registry", adapters, attacker, job)
@@ -332,8 +364,12 @@ def test_the_installed_command_exits_non_zero(registry, keys) -> None:
     _swap_the_pin(registry, keys[0])
     command = Path(sys.executable).parent / "fedretrain"
 
-    proc = subprocess.run([str(command), "registry", "verify", "--root", str(registry.root), "--pubkey",
-                           str(keys[1])], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(command), "registry", "verify", "--root", str(registry.root), "--pubkey", str(keys[1])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
     assert proc.returncode == 1
     assert f"{registry.root}/registry.json pins signing key" in proc.stdout
@@ -363,14 +399,23 @@ def follower(tmp_path_factory, honest, keys, job) -> SiteConfig:
 
 def _site(root: Path, key: Path) -> SiteConfig:
     shutil.copytree(EXAMPLE, root / "site", dirs_exist_ok=True)
-    return SiteConfig(site_id="site-a", data_dir=str(root / "site"), epsilon_ceiling=8.0, delta=1e-5,
-                      coordinator_key=str(key), device="cpu")
+    return SiteConfig(
+        site_id="site-a",
+        data_dir=str(root / "site"),
+        epsilon_ceiling=8.0,
+        delta=1e-5,
+        coordinator_key=str(key),
+        device="cpu",
+    )
 
 
 def _delivered(registry: Registry, version: int, by_rollback: bool = False) -> VersionBundle:
     """``version`` as the coordinator sent it when it became champion (the last record naming it)."""
-    pointer = [p for _, p in registry.pointers()
-               if p.record["version"] == version and (p.record["reason"] == "rollback") == by_rollback][-1]
+    pointer = [
+        p
+        for _, p in registry.pointers()
+        if p.record["version"] == version and (p.record["reason"] == "rollback") == by_rollback
+    ][-1]
     return replace(registry.bundle(version), pointer=pointer)
 
 
@@ -384,13 +429,22 @@ def _site_attacks(honest: Registry, key: Ed25519PrivateKey, job: Job, tmp_path: 
     other = Ed25519PrivateKey.generate()
     forged = _history(tmp_path / "forged", [honest.version_dir(v) for v in (1, 2, 3)], other, job)
     edited = ChampionPointer(head.payload_bytes.replace(b'"version":2', b'"version":3'), head.signature)
-    by_other = sign_pointer(other, sequence=5, version=3, reason="publish", created_at=NOW,
-                            manifest_bytes=v3.manifest_bytes, previous=head)
+    by_other = sign_pointer(
+        other, sequence=5, version=3, reason="publish", created_at=NOW, manifest_bytes=v3.manifest_bytes, previous=head
+    )
     # A rollback to 1 whose pointer the real key signed but whose rollback record another key signed.
     body = dict(honest.latest_rollback().record, sequence=2, target_version=1, from_version=2)
     rollback = RollbackRecord(canonical_json(body), sign(other, canonical_json(body)))
-    rollback_pointer = sign_pointer(key, sequence=5, version=1, reason="rollback", created_at=NOW,
-                                    manifest_bytes=v1.manifest_bytes, previous=head, rollback_sequence=2)
+    rollback_pointer = sign_pointer(
+        key,
+        sequence=5,
+        version=1,
+        reason="rollback",
+        created_at=NOW,
+        manifest_bytes=v1.manifest_bytes,
+        previous=head,
+        rollback_sequence=2,
+    )
     return {
         # name: (bundle, rollback, the check that refuses)
         "an edited record": (_with(v3, edited), None, "signature"),
@@ -420,8 +474,9 @@ def test_a_site_refuses_pointers_not_signed_by_its_pin_or_not_newer(tmp_path, ho
         assert ModelStore(site.model_store_path).state().current == 2, name
 
 
-def test_a_site_accepts_the_same_champion_again_but_not_an_older_record_for_it(tmp_path, honest, keys, job,
-                                                                               follower) -> None:
+def test_a_site_accepts_the_same_champion_again_but_not_an_older_record_for_it(
+    tmp_path, honest, keys, job, follower
+) -> None:
     # Prepare
     site = replace(follower, data_dir=str(tmp_path / "site"))
     shutil.copytree(follower.data_dir, site.data_dir)

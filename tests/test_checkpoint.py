@@ -53,8 +53,13 @@ def test_a_checkpoint_round_trips_its_tensors_by_group_and_its_state(tmp_path):
         "strategy": {"moment": np.array([1e-8, 1e8], np.float64)},
         "rng": {"torch": np.array([0, 255, 17], np.uint8)},
     }
-    state = {"run_id": "cycle-1", "strategy": {"round_log": {"2": {"sampled": 3}}}, "gauss": None,
-             "random": [3, [1, 2, 3], 0.25], "sites": {"a": {"epsilon": 1.5}}}
+    state = {
+        "run_id": "cycle-1",
+        "strategy": {"round_log": {"2": {"sampled": 3}}},
+        "gauss": None,
+        "random": [3, [1, 2, 3], 0.25],
+        "sites": {"a": {"epsilon": 1.5}},
+    }
 
     # Execute
     path = write_checkpoint(tmp_path, 2, tensors, state)
@@ -71,8 +76,14 @@ def test_a_checkpoint_round_trips_its_tensors_by_group_and_its_state(tmp_path):
             assert back[key].dtype == value.dtype and back[key].shape == value.shape
             assert back[key].tobytes() == value.tobytes()
     assert loaded.group("adapter")["lora_A"].tolist() == [[0.5, -1.25]]  # not adapter2's [7, 8, 9]
-    assert loaded.state == {"round": 2, "run_id": "cycle-1", "strategy": {"round_log": {"2": {"sampled": 3}}},
-                            "gauss": None, "random": [3, [1, 2, 3], 0.25], "sites": {"a": {"epsilon": 1.5}}}
+    assert loaded.state == {
+        "round": 2,
+        "run_id": "cycle-1",
+        "strategy": {"round_log": {"2": {"sampled": 3}}},
+        "gauss": None,
+        "random": [3, [1, 2, 3], 0.25],
+        "sites": {"a": {"epsilon": 1.5}},
+    }
     assert sorted(p.name for p in path.iterdir()) == ["SHA256SUMS", "state.json", "tensors.safetensors"]
 
 
@@ -117,10 +128,14 @@ def copy_of_the_round_before(path: Path) -> None:
     shutil.copytree(path.parent / "round-0002", path)
 
 
-@pytest.mark.parametrize("damage", [flip_a_tensor_byte, truncate_state, remove_sums, copy_of_the_round_before],
-                         ids=["flipped-tensor-byte", "truncated-state", "missing-sums", "round-mismatch"])
-def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path, caplog,
-                                                                       damage: Callable[[Path], None]):
+@pytest.mark.parametrize(
+    "damage",
+    [flip_a_tensor_byte, truncate_state, remove_sums, copy_of_the_round_before],
+    ids=["flipped-tensor-byte", "truncated-state", "missing-sums", "round-mismatch"],
+)
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before(
+    tmp_path, caplog, damage: Callable[[Path], None]
+):
     # Prepare: rounds 1..3; round 3 damaged.
     write_rounds(tmp_path, range(1, 4))
     newest = checkpoint_dir(tmp_path) / "round-0003"

@@ -19,11 +19,11 @@ from flwr.supercore.task_identity import TaskIdentity
 import client.round.site
 from client.app import ERROR_CODES, make_client_app
 from client.round.site import evaluate_round, train_round
+from fedretrain.arrays import NOT_PRIVATE_EPSILON, AdapterSpec, from_array_record, to_array_record
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.errors import DataValidationError, PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
 from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.arrays import NOT_PRIVATE_EPSILON, AdapterSpec, from_array_record, to_array_record
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "site-a"
@@ -58,18 +58,17 @@ def test_a_round_trains_the_adapter_and_records_the_spend(tmp_path, job, initial
     assert outcome.metrics["epsilon"] == pytest.approx(ledger.epsilon())
     assert 0 < outcome.metrics["epsilon"] <= site.epsilon_ceiling
     # Nothing in the reply depends on the records: no count, no training loss.
-    assert set(outcome.metrics) == {"epsilon", "epsilon-ceiling", "delta", "noise-multiplier", "sample-rate",
-                                    "steps"}
+    assert set(outcome.metrics) == {"epsilon", "epsilon-ceiling", "delta", "noise-multiplier", "sample-rate", "steps"}
     assert outcome.metrics["sample-rate"] == job.privacy.sample_rate
 
 
-def test_the_site_refuses_before_crossing_its_ceiling_and_keeps_refusing_after_restart(tmp_path, job,
-                                                                                        initial_adapter):
+def test_the_site_refuses_before_crossing_its_ceiling_and_keeps_refusing_after_restart(tmp_path, job, initial_adapter):
     site = make_site(tmp_path)
     first = train_round(site, job, initial_adapter, server_round=1)
     # A ceiling just above what one round spent: the next round would cross it.
-    tight = SiteConfig(site_id="site-a", data_dir=site.data_dir, epsilon_ceiling=first.metrics["epsilon"] * 1.01,
-                       delta=1e-5)
+    tight = SiteConfig(
+        site_id="site-a", data_dir=site.data_dir, epsilon_ceiling=first.metrics["epsilon"] * 1.01, delta=1e-5
+    )
     with pytest.raises(PrivacyBudgetExceeded, match="ceiling"):
         train_round(tight, job, initial_adapter, server_round=2)
     # Nothing was recorded for the refused round; the ledger file is the site's memory.
@@ -128,7 +127,7 @@ def test_evaluation_sends_noised_sums_of_the_clipped_changes(tmp_path, job, init
     # LoRA starts with B = 0: the initial adapter is the base model exactly, every change is 0.
     scored = evaluate_round(site, job, initial_adapter, server_round=1).metrics
     # 3 statistics, z = 0.5, sensitivities 1, D = 1, D^2 = 1: std = 0.5 * sqrt(3) each.
-    std = 0.5 * 3 ** 0.5
+    std = 0.5 * 3**0.5
     assert scored["num-examples-std"] == scored["diff-sum-std"] == scored["diff-sumsq-std"] == pytest.approx(std)
     # 12 held-out records; the noise is within 6 standard deviations of the truth.
     assert abs(scored["num-examples"] - 12) < 6 * std
@@ -146,8 +145,9 @@ def instruction_identity(monkeypatch):
 
 def _call(app, site: SiteConfig, job: Job, adapter, message_type=MessageType.TRAIN) -> Message:
     config = ConfigRecord({**job.to_flat(), "server-round": 1})
-    msg = Message(RecordDict({"arrays": to_array_record(adapter), "config": config}), dst_node_id=7,
-                  message_type=message_type)
+    msg = Message(
+        RecordDict({"arrays": to_array_record(adapter), "config": config}), dst_node_id=7, message_type=message_type
+    )
     context = Context(run_id=1, node_id=7, node_config=site.to_node_config(), state=RecordDict(), run_config={})
     return app(msg, context)
 
@@ -174,10 +174,12 @@ def test_client_app_refuses_a_job_with_unknown_keys(tmp_path, job, initial_adapt
     site = make_site(tmp_path)
     bad_job = json.loads(json.dumps(job.to_flat()))
     bad_job["privacy.epsilon_ceiling"] = 1000.0  # a coordinator may not set a site's ceiling
-    msg = Message(RecordDict({"arrays": to_array_record(initial_adapter), "config": ConfigRecord(bad_job)}),
-                  dst_node_id=7, message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": to_array_record(initial_adapter), "config": ConfigRecord(bad_job)}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
     context = Context(run_id=1, node_id=7, node_config=site.to_node_config(), state=RecordDict(), run_config={})
     reply = make_client_app()(msg, context)
     assert reply.has_error() and "privacy.epsilon_ceiling" in reply.error.reason
     assert not site.ledger_path.exists()
-

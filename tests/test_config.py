@@ -18,8 +18,20 @@ from fedretrain.config import (
 )
 from fedretrain.errors import ConfigError
 
-GROUPS = ["model", "lora", "train", "privacy", "data", "strategy", "gate", "registry", "monitor", "trigger",
-          "scenario", "simulation"]
+GROUPS = [
+    "model",
+    "lora",
+    "train",
+    "privacy",
+    "data",
+    "strategy",
+    "gate",
+    "registry",
+    "monitor",
+    "trigger",
+    "scenario",
+    "simulation",
+]
 
 
 def _options(group: str) -> list[str]:
@@ -69,9 +81,9 @@ def test_config_is_frozen():
         ("privacy.enabled=1", "privacy.enabled"),
         ("train.optimizer=adagrad", "train.optimizer"),
         ("simulation.site_delta=0", "simulation.site_delta"),
-        ("privacy.tagret_epsilon=3", "privacy.tagret_epsilon"),      # typo: unknown key
-        ("+privacy.tagret_epsilon=3", "privacy.tagret_epsilon"),     # forced in, still unknown
-        ("model=hf", "model.name_or_path"),                          # mandatory value not given
+        ("privacy.tagret_epsilon=3", "privacy.tagret_epsilon"),  # typo: unknown key
+        ("+privacy.tagret_epsilon=3", "privacy.tagret_epsilon"),  # forced in, still unknown
+        ("model=hf", "model.name_or_path"),  # mandatory value not given
     ],
 )
 def test_bad_values_fail_naming_the_key(override, key):
@@ -103,8 +115,14 @@ def test_job_round_trips_through_a_flat_record_and_rejects_unknown_keys():
 
 
 def test_site_config_comes_from_node_config_with_kebab_keys(tmp_path):
-    node = {"site-id": "h1", "data-dir": str(tmp_path), "epsilon-ceiling": 8.0, "delta": 1e-5,
-            "partition-id": 0, "num-partitions": 3}
+    node = {
+        "site-id": "h1",
+        "data-dir": str(tmp_path),
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "partition-id": 0,
+        "num-partitions": 3,
+    }
     site = site_config_from_node_config(node)
     assert site == SiteConfig(site_id="h1", data_dir=str(tmp_path), epsilon_ceiling=8.0, delta=1e-5)
     assert site.ledger_path == tmp_path / ".fedretrain" / "privacy_ledger.json"
@@ -112,8 +130,13 @@ def test_site_config_comes_from_node_config_with_kebab_keys(tmp_path):
 
 @pytest.mark.parametrize(
     ("change", "key"),
-    [({"epsilon-ceiling": math.nan}, "epsilon-ceiling"), ({"delta": 1.5}, "delta"),
-     ({"site-id": ""}, "site-id"), ({"ceiling": 3.0}, "ceiling"), ({"epsilon_ceiling": 3.0}, "epsilon_ceiling")],
+    [
+        ({"epsilon-ceiling": math.nan}, "epsilon-ceiling"),
+        ({"delta": 1.5}, "delta"),
+        ({"site-id": ""}, "site-id"),
+        ({"ceiling": 3.0}, "ceiling"),
+        ({"epsilon_ceiling": 3.0}, "epsilon_ceiling"),
+    ],
 )
 def test_bad_site_config_names_the_key(tmp_path, change, key):
     node = {"site-id": "h1", "data-dir": str(tmp_path), "epsilon-ceiling": 8.0, "delta": 1e-5, **change}

@@ -34,8 +34,12 @@ def test_deliver_sorts_replies_into_installed_refused_and_silent():
     grid = Mock(spec=Grid)
     grid.get_node_ids.return_value = [4, 3, 2, 1]
     grid.send_and_receive.return_value = [
-        reply_from(1, RecordDict({"metrics": MetricRecord({"installed-version": 3}),
-                                  "site": ConfigRecord({"site-id": "site-a"})})),
+        reply_from(
+            1,
+            RecordDict(
+                {"metrics": MetricRecord({"installed-version": 3}), "site": ConfigRecord({"site-id": "site-a"})}
+            ),
+        ),
         reply_from(2, Error(code=4108, reason="VerificationError: hashes: mismatch")),
         reply_from(3, RecordDict({"metrics": MetricRecord({"installed-version": 3})})),
     ]

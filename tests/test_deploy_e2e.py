@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 
+from fedretrain.arrays import record_digest, to_array_record
 from fedretrain.deploy.flower import flower_env
 from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.arrays import record_digest, to_array_record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -73,13 +73,14 @@ class Bench:
     def start(self, name: str, command: str) -> subprocess.Popen:
         self.commands[name] = self.argv(command)
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(self.commands[name], cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            self.commands[name], cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs[name] = proc
         return proc
 
     def restart(self, name: str) -> None:
-        command = " ".join(shlex.quote(a) for a in ["fedretrain", *self.commands[name][len(FEDRETRAIN):]])
+        command = " ".join(shlex.quote(a) for a in ["fedretrain", *self.commands[name][len(FEDRETRAIN) :]])
         self.start(name, command)
 
     def log(self, name: str) -> str:
@@ -92,7 +93,7 @@ class Bench:
         proc.wait(timeout=30)
 
     def stop_all(self) -> None:
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
@@ -131,9 +132,15 @@ class Bench:
 
 
 def run_overrides(registry: str, *extra: str) -> list[str]:
-    return ["experiment=smoke", "strategy.min_sites=3", f"registry.root={registry}",
-            "registry.signing_key=keys/coordinator.key", "validation_path=data/coordinator/validation.jsonl",
-            *SHRINK, *extra]
+    return [
+        "experiment=smoke",
+        "strategy.min_sites=3",
+        f"registry.root={registry}",
+        "registry.signing_key=keys/coordinator.key",
+        "validation_path=data/coordinator/validation.jsonl",
+        *SHRINK,
+        *extra,
+    ]
 
 
 def finished(proc: subprocess.Popen, timeout: float = 900) -> None:
@@ -181,7 +188,9 @@ def test_the_readme_session_publishes_a_version_every_site_installs(bench):
     assert sorted(summary["publication"]["installed"]) == list(SITES)
     assert all(store_version(bench, site) == 1 for site in SITES)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
-    assert all(row["sites_accepted"] == 3 for row in map(json.loads, (run_dir / "metrics.jsonl").open()) if row["round"])
+    assert all(
+        row["sites_accepted"] == 3 for row in map(json.loads, (run_dir / "metrics.jsonl").open()) if row["round"]
+    )
     status = bench.outcome["fedretrain coordinator status"]
     assert all(re.search(rf"site {site}\s+node \d+\s+online", status) for site in SITES), status
 
@@ -199,11 +208,24 @@ def test_a_node_without_a_valid_identity_gets_no_work(bench):
     for name, command in cases.items():
         bench.start(name, command.replace(f"{link} ", f"{link} --port {free_port()} "))
     supernode = str(Path(sys.executable).parent / "flower-supernode")
-    no_key = subprocess.Popen([supernode, "--superlink", link, "--root-certificates", "keys/ca.pem", "--port",
-                               str(free_port()), "--max-retries", "2"], cwd=bench.root,
-                              env=flower_env(bench.root / "no-key-home"),
-                              stdout=open(bench.root / "no-key.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    no_key = subprocess.Popen(
+        [
+            supernode,
+            "--superlink",
+            link,
+            "--root-certificates",
+            "keys/ca.pem",
+            "--port",
+            str(free_port()),
+            "--max-retries",
+            "2",
+        ],
+        cwd=bench.root,
+        env=flower_env(bench.root / "no-key-home"),
+        stdout=open(bench.root / "no-key.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     bench.procs["no-key"] = no_key
 
     # Execute: each gives up (or is stopped after a minute and a half).
@@ -234,9 +256,10 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
     # copy of site-01's records) but says it is site-00. The SuperLink admits it: the key is valid.
     bench.kill("site-01")
     bench.wait_sites({"site-00", "site-02"})
-    shutil.copytree(bench.root / "data" / "site-01", bench.root / "data" / "impostor",
-                    ignore=shutil.ignore_patterns(".fedretrain"))
-    join = [("data/impostor" if arg == "data/site-01" else arg) for arg in bench.commands["site-01"][len(FEDRETRAIN):]]
+    shutil.copytree(
+        bench.root / "data" / "site-01", bench.root / "data" / "impostor", ignore=shutil.ignore_patterns(".fedretrain")
+    )
+    join = [("data/impostor" if arg == "data/site-01" else arg) for arg in bench.commands["site-01"][len(FEDRETRAIN) :]]
     assert "data/impostor" in join
     bench.start("impostor", shlex.join(["fedretrain", *join, "--site-id", "site-00"]))
     bench.wait_sites(set(SITES))  # listed by the key it proved: site-01, online
@@ -248,8 +271,11 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
     # Two sites' noised sums (eval-noise 4) leave the pooled interval too wide to decide on
     # (measured [-0.12, 0.76]); this test is about whose replies count, so the gate rests on
     # the validation set and each site's own check.
-    proc, run_dir = bench.submit(*run_overrides("registry", "strategy.quorum=2", "strategy.round_timeout_s=180",
-                                                "gate.require_federated_confidence=false"))
+    proc, run_dir = bench.submit(
+        *run_overrides(
+            "registry", "strategy.quorum=2", "strategy.round_timeout_s=180", "gate.require_federated_confidence=false"
+        )
+    )
     finished(proc)
 
     # Assert: in every round only the real site-00 and site-02 counted; the impostor's replies
@@ -278,8 +304,9 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
 
 def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
     # Prepare: a one-round cycle with a 180 s deadline and a quorum of 2.
-    proc, run_dir = bench.submit(*run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=180",
-                                                "strategy.quorum=2"))
+    proc, run_dir = bench.submit(
+        *run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=180", "strategy.quorum=2")
+    )
     deadline = time.monotonic() + 300
     while "Receiving: train message" not in bench.log("site-02"):
         assert time.monotonic() < deadline and proc.poll() is None, bench.log("site-02")[-2000:]
@@ -297,15 +324,20 @@ def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_lo
     assert (round1["sites_sampled"], round1["sites_accepted"]) == (3, 2)
     assert "site-02" not in round1["sites"] and not summary.get("aborted")
     # ... and the failure is site-02's, named by its site id and node id (not by the SuperLink's node 1).
-    assert [(r["site_id"], r["node_id"]) for r in round1["rejected"]] == [("site-02", registered_node(bench, "site-02"))]
+    assert [(r["site_id"], r["node_id"]) for r in round1["rejected"]] == [
+        ("site-02", registered_node(bench, "site-02"))
+    ]
     assert [(r["site_id"], r["round"]) for r in summary["refusals"]] == [("site-02", 1)]
-    print(f"site-02 reported offline {detected_s:.1f} s after SIGKILL "
-          f"(run finished {time.monotonic() - killed_at:.1f} s after it)")
+    print(
+        f"site-02 reported offline {detected_s:.1f} s after SIGKILL "
+        f"(run finished {time.monotonic() - killed_at:.1f} s after it)"
+    )
 
     # Execute: the same with a quorum of 3 while site-02 is away.
     versions_before = sorted(p.name for p in (bench.root / "reg-kill").glob("versions/*"))
-    proc, run_dir = bench.submit(*run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=20",
-                                                "strategy.quorum=3"))
+    proc, run_dir = bench.submit(
+        *run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=20", "strategy.quorum=3")
+    )
     finished(proc)
 
     # Assert: aborted at the deadline, nothing published, the reason in the summary and the output.
@@ -340,16 +372,20 @@ def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_sp
     # Prepare: the README's run is the uninterrupted one; this cycle is the same (same
     # seed, data and settings; a fresh registry, approval required so nothing installs).
     reference = Path(bench.outcome["fedretrain coordinator run"].split("run directory ")[1].split()[0])
-    proc, run_dir = bench.submit(*run_overrides("reg-resume", "gate.require_approval=true",
-                                                "strategy.round_timeout_s=600"))
+    proc, run_dir = bench.submit(
+        *run_overrides("reg-resume", "gate.require_approval=true", "strategy.round_timeout_s=600")
+    )
 
     # Execute: its ServerApp is SIGKILLed once round 1 is checkpointed, then resumed.
     deadline = time.monotonic() + 600
     while not (run_dir / "checkpoints" / "round-0001" / "SHA256SUMS").exists():
         assert time.monotonic() < deadline and proc.poll() is None, bench.log("coordinator")[-3000:]
         time.sleep(0.2)
-    serverapps = [p for p in psutil.Process(bench.procs["coordinator"].pid).children(recursive=True)
-                  if "flwr-serverapp" in " ".join(p.cmdline())]
+    serverapps = [
+        p
+        for p in psutil.Process(bench.procs["coordinator"].pid).children(recursive=True)
+        if "flwr-serverapp" in " ".join(p.cmdline())
+    ]
     assert serverapps, "no ServerApp process under the SuperLink"
     for p in serverapps:
         p.kill()
@@ -382,18 +418,24 @@ def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_sp
     rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["round"]]
     assert [r["sites_accepted"] for r in rows] == [3, 3]
     checkpointed = safetensors.numpy.load_file(run_dir / "checkpoints" / "round-0001" / "tensors.safetensors")
-    round_1 = record_digest(to_array_record({k.removeprefix("adapter/"): v for k, v in checkpointed.items()
-                                             if k.startswith("adapter/")}))
+    round_1 = record_digest(
+        to_array_record({k.removeprefix("adapter/"): v for k, v in checkpointed.items() if k.startswith("adapter/")})
+    )
     ref_id = json.loads((reference / "summary.json").read_text())["run_id"]
     for site in SITES:
         state = bench.root / "data" / site / ".fedretrain"
         ledger = PrivacyLedger.load(state / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5)
-        spent = {run: [(e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
-                       if e.run_id == run and e.kind == "train"] for run in (ref_id, summary["run_id"])}
+        spent = {
+            run: [
+                (e.round, e.noise_multiplier, e.sample_rate, e.steps)
+                for e in ledger.entries
+                if e.run_id == run and e.kind == "train"
+            ]
+            for run in (ref_id, summary["run_id"])
+        }
         assert [r[0] for r in spent[summary["run_id"]]] == [1, 2]  # each round spent once, none twice
         assert spent[summary["run_id"]] == spent[ref_id]  # sigma and rate do not depend on the data
         # The site's last round (round 2 of the resumed run) trained from the checkpoint's adapter.
         with (state / "last_train_reply.safetensors").open("rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
-        assert (header["run-id"], header["server-round"], header["global-hash"]) == (summary["run_id"], "2",
-                                                                                      round_1)
+        assert (header["run-id"], header["server-round"], header["global-hash"]) == (summary["run_id"], "2", round_1)

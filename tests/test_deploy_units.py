@@ -25,9 +25,15 @@ import client.join
 import fedretrain.deploy.flower
 import fedretrain.modeling.loading
 import server.deploy.coordinator
-from client.join import (ClientAppWatchdog, JoinSettings, mark_clientapp, node_config_path, prepare_site,
-                         supernode_command)
 from cli.main import main
+from client.join import (
+    ClientAppWatchdog,
+    JoinSettings,
+    mark_clientapp,
+    node_config_path,
+    prepare_site,
+    supernode_command,
+)
 from fedretrain.config import site_config_from_node_config
 from fedretrain.deploy.flower import split_address, toml_assignments, write_connection
 from fedretrain.errors import ConfigError, DeployError
@@ -45,6 +51,7 @@ def flag(argv: list[str], name: str) -> str:
 @pytest.fixture
 def no_processes(monkeypatch):
     """Anything that would start or wait for a Flower process (or build a model) fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a process would have been started")
 
@@ -77,18 +84,31 @@ def data_dir(tmp_path) -> Path:
 def test_absolute_paths_makes_the_coordinators_files_absolute_and_adds_an_output_dir(tmp_path):
     # Prepare: the CLI runs in <tmp>/work.
     cwd = (tmp_path / "work").resolve()
-    overrides = ["registry.root=reg", "+registry.signing_key=keys/coordinator.key", "validation_path=../val.jsonl",
-                 "rounds=3", "train.lr=0.01", "experiment=smoke", "model.name_or_path=models/tiny"]
+    overrides = [
+        "registry.root=reg",
+        "+registry.signing_key=keys/coordinator.key",
+        "validation_path=../val.jsonl",
+        "rounds=3",
+        "train.lr=0.01",
+        "experiment=smoke",
+        "model.name_or_path=models/tiny",
+    ]
 
     # Execute
     out = absolute_paths(overrides, cwd, default_output=tmp_path / "coord" / "runs")
 
     # Assert: the three path keys resolved against cwd ("../val.jsonl" -> <tmp>/val.jsonl);
     # the others, model path included, as given; output_dir appended.
-    assert out == [f"registry.root={cwd}/reg", f"+registry.signing_key={cwd}/keys/coordinator.key",
-                   f"validation_path={tmp_path.resolve()}/val.jsonl", "rounds=3", "train.lr=0.01",
-                   "experiment=smoke", "model.name_or_path=models/tiny",
-                   f"output_dir={tmp_path.resolve()}/coord/runs"]
+    assert out == [
+        f"registry.root={cwd}/reg",
+        f"+registry.signing_key={cwd}/keys/coordinator.key",
+        f"validation_path={tmp_path.resolve()}/val.jsonl",
+        "rounds=3",
+        "train.lr=0.01",
+        "experiment=smoke",
+        "model.name_or_path=models/tiny",
+        f"output_dir={tmp_path.resolve()}/coord/runs",
+    ]
 
 
 def test_absolute_paths_leaves_absolute_paths_and_null_alone_and_keeps_a_given_output_dir(tmp_path):
@@ -97,8 +117,12 @@ def test_absolute_paths_leaves_absolute_paths_and_null_alone_and_keeps_a_given_o
 
     out = absolute_paths(overrides, cwd, default_output=tmp_path / "coord" / "runs")
 
-    assert out == [f"output_dir={cwd}/out", "registry.root=/srv/registry", "registry.signing_key=null",
-                   "validation_path="]
+    assert out == [
+        f"output_dir={cwd}/out",
+        "registry.root=/srv/registry",
+        "registry.signing_key=null",
+        "validation_path=",
+    ]
 
 
 def test_absolute_paths_keeps_an_output_dir_given_as_null_or_with_a_plus(tmp_path):
@@ -111,9 +135,21 @@ def test_absolute_paths_keeps_an_output_dir_given_as_null_or_with_a_plus(tmp_pat
 
 def test_toml_assignments_parse_back_to_the_same_values():
     # Prepare
-    values = {"plain": "x", "tricky": 'say "hi" to C:\\new dir\\ \ttab', "empty": "", "accent": "données",
-              "flag": True, "off": False, "n": 3, "neg": -7, "f": 0.1, "tiny": 1e-5, "big": 1.5e300,
-              "a.b": "a dotted key is one key", "with space": 1}
+    values = {
+        "plain": "x",
+        "tricky": 'say "hi" to C:\\new dir\\ \ttab',
+        "empty": "",
+        "accent": "données",
+        "flag": True,
+        "off": False,
+        "n": 3,
+        "neg": -7,
+        "f": 0.1,
+        "tiny": 1e-5,
+        "big": 1.5e300,
+        "a.b": "a dotted key is one key",
+        "with space": 1,
+    }
 
     # Execute
     parsed = tomllib.loads(toml_assignments(values))
@@ -158,10 +194,15 @@ def test_write_connection_without_a_ca_is_insecure(tmp_path):
 # --- split_address --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("address, expected", [("coordinator.example.org:9093", ("coordinator.example.org", 9093)),
-                                               ("10.0.0.1:1", ("10.0.0.1", 1)),
-                                               ("[::1]:9093", ("::1", 9093)),
-                                               ("h:65535", ("h", 65535))])
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("coordinator.example.org:9093", ("coordinator.example.org", 9093)),
+        ("10.0.0.1:1", ("10.0.0.1", 1)),
+        ("[::1]:9093", ("::1", 9093)),
+        ("h:65535", ("h", 65535)),
+    ],
+)
 def test_split_address_accepts_host_and_port(address, expected):
     assert split_address(address) == expected
 
@@ -235,8 +276,16 @@ def test_superlink_command_refuses_a_bad_address(tmp_path):
 def test_prepare_site_writes_a_node_config_that_flower_reads_back(tmp_path, data_dir):
     # Prepare: a state directory with a space in its name.
     state = tmp_path / "state dir"
-    node_config = {"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8.0, "delta": 1e-5,
-                   "device": "cpu", "accountant": "rdp", "smoke-eval": True, "state-dir": str(state)}
+    node_config = {
+        "site-id": "site-a",
+        "data-dir": str(data_dir),
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "device": "cpu",
+        "accountant": "rdp",
+        "smoke-eval": True,
+        "state-dir": str(state),
+    }
 
     # Execute
     site = prepare_site(node_config)
@@ -245,19 +294,40 @@ def test_prepare_site_writes_a_node_config_that_flower_reads_back(tmp_path, data
     # Assert: the file is where the SuperNode is told to look, and holds every setting,
     # the defaults included, with its type.
     assert node_config_path(site) == state / "node-config.toml"
-    assert parsed == {"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8.0, "delta": 1e-5,
-                      "accountant": "rdp", "state-dir": str(state), "device": "cpu", "allow-non-private": False,
-                      "smoke-eval": True, "heldout-fraction": 0.2, "redact": False, "eval-noise": 4.0, "status-noise": 20.0, "status-interval-s": 3600.0,
-                      "eval-clip": 1.0, "share-evaluation": True, "share-drift-scores": False,
-                      "fit-sigma-to-ceiling": False, "allow-reproducible-noise": False}
+    assert parsed == {
+        "site-id": "site-a",
+        "data-dir": str(data_dir),
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "accountant": "rdp",
+        "state-dir": str(state),
+        "device": "cpu",
+        "allow-non-private": False,
+        "smoke-eval": True,
+        "heldout-fraction": 0.2,
+        "redact": False,
+        "eval-noise": 4.0,
+        "status-noise": 20.0,
+        "status-interval-s": 3600.0,
+        "eval-clip": 1.0,
+        "share-evaluation": True,
+        "share-drift-scores": False,
+        "fit-sigma-to-ceiling": False,
+        "allow-reproducible-noise": False,
+    }
     assert site_config_from_node_config(parsed) == site
 
 
 def test_prepare_site_makes_the_state_directory_private_under_umask_000(tmp_path, data_dir):
     # Prepare: a state directory (and its parent) that do not exist yet; the worst umask.
     state = tmp_path / "site" / "state"
-    node_config = {"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8.0, "delta": 1e-5,
-                   "state-dir": str(state)}
+    node_config = {
+        "site-id": "site-a",
+        "data-dir": str(data_dir),
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "state-dir": str(state),
+    }
     previous = os.umask(0)
     try:
         # Execute
@@ -271,8 +341,7 @@ def test_prepare_site_makes_the_state_directory_private_under_umask_000(tmp_path
 
 
 def test_prepare_site_refuses_a_missing_data_dir(tmp_path):
-    node_config = {"site-id": "site-a", "data-dir": str(tmp_path / "nowhere"), "epsilon-ceiling": 8.0,
-                   "delta": 1e-5}
+    node_config = {"site-id": "site-a", "data-dir": str(tmp_path / "nowhere"), "epsilon-ceiling": 8.0, "delta": 1e-5}
 
     with pytest.raises(DeployError) as missing:
         prepare_site(node_config)
@@ -299,8 +368,9 @@ def test_supernode_command_uses_tls_the_node_key_and_the_node_config(tmp_path, d
     key.touch()
 
     # Execute
-    argv = supernode_command(site, JoinSettings(superlink="coordinator.example.org:9093", ca=ca, key=key,
-                                                port=9095, max_retries=3))
+    argv = supernode_command(
+        site, JoinSettings(superlink="coordinator.example.org:9093", ca=ca, key=key, port=9095, max_retries=3)
+    )
 
     # Assert
     assert Path(argv[0]).name == "flower-supernode"
@@ -317,8 +387,9 @@ def test_supernode_command_refuses_a_missing_key_file_naming_the_flag(tmp_path, 
     (tmp_path / "ca.pem").touch()
 
     with pytest.raises(DeployError) as missing:
-        supernode_command(site, JoinSettings(superlink="h:9093", ca=tmp_path / "ca.pem",
-                                             key=tmp_path / "site-a.key", port=9094))
+        supernode_command(
+            site, JoinSettings(superlink="h:9093", ca=tmp_path / "ca.pem", key=tmp_path / "site-a.key", port=9094)
+        )
 
     assert str(missing.value) == f"--key: {tmp_path / 'site-a.key'} does not exist"
 
@@ -334,12 +405,28 @@ def test_supernode_command_refuses_a_bad_superlink_address(tmp_path, data_dir):
 
 
 @pytest.mark.usefixtures("no_processes", "cli_logging")
-@pytest.mark.parametrize("security", [[], ["--insecure", "--ca", "ca.pem"], ["--insecure", "--key", "a.key"]],
-                         ids=["neither", "insecure-and-ca", "insecure-and-key"])
+@pytest.mark.parametrize(
+    "security",
+    [[], ["--insecure", "--ca", "ca.pem"], ["--insecure", "--key", "a.key"]],
+    ids=["neither", "insecure-and-ca", "insecure-and-key"],
+)
 def test_site_join_refuses_to_run_without_a_clear_security_choice(capsys, data_dir, security):
     # Execute
-    code = main(["site", "join", "--superlink", "127.0.0.1:9093", "--data", str(data_dir), "--epsilon-ceiling",
-                 "8", "--site-id", "site-a", *security])
+    code = main(
+        [
+            "site",
+            "join",
+            "--superlink",
+            "127.0.0.1:9093",
+            "--data",
+            str(data_dir),
+            "--epsilon-ceiling",
+            "8",
+            "--site-id",
+            "site-a",
+            *security,
+        ]
+    )
 
     # Assert
     assert code == 2
@@ -354,8 +441,22 @@ def test_site_join_refuses_only_half_of_tls_and_node_authentication(capsys, tmp_
     path.touch()
 
     # Execute
-    code = main(["site", "join", "--superlink", "127.0.0.1:9093", "--data", str(data_dir), "--epsilon-ceiling",
-                 "8", "--site-id", "site-a", half, str(path)])
+    code = main(
+        [
+            "site",
+            "join",
+            "--superlink",
+            "127.0.0.1:9093",
+            "--data",
+            str(data_dir),
+            "--epsilon-ceiling",
+            "8",
+            "--site-id",
+            "site-a",
+            half,
+            str(path),
+        ]
+    )
 
     # Assert
     assert code == 2
@@ -365,8 +466,23 @@ def test_site_join_refuses_only_half_of_tls_and_node_authentication(capsys, tmp_
 @pytest.mark.usefixtures("no_processes", "cli_logging")
 @pytest.mark.parametrize("seconds", ["0", "-5", "nan"])
 def test_site_join_refuses_a_clientapp_watchdog_limit_that_is_not_positive(capsys, data_dir, seconds):
-    code = main(["site", "join", "--superlink", "127.0.0.1:9093", "--data", str(data_dir), "--epsilon-ceiling",
-                 "8", "--site-id", "site-a", "--insecure", "--clientapp-stuck-after", seconds])
+    code = main(
+        [
+            "site",
+            "join",
+            "--superlink",
+            "127.0.0.1:9093",
+            "--data",
+            str(data_dir),
+            "--epsilon-ceiling",
+            "8",
+            "--site-id",
+            "site-a",
+            "--insecure",
+            "--clientapp-stuck-after",
+            seconds,
+        ]
+    )
 
     assert code == 2
     assert "--clientapp-stuck-after: must be > 0 seconds" in capsys.readouterr().err
@@ -385,6 +501,7 @@ def test_coordinator_start_refuses_without_exactly_one_of_keys_and_insecure(caps
 
 
 # --- the ServerApp's run log ---------------------------------------------------------------
+
 
 def test_run_log_keeps_fedretrains_and_flowers_lines_and_lets_go(tmp_path):
     with run_log(tmp_path / "run") as path:

@@ -34,8 +34,13 @@ LENGTHS = [12, 9, 7, 12, 5, 10]  # real tokens per record; the rest is right pad
 def _base_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
     )
     return LlamaForCausalLM(config)
 
@@ -126,7 +131,7 @@ def test_dp_step_without_noise_or_clipping_equals_a_plain_step() -> None:
     params = TrainParams(local_steps=1, batch_size=len(data), lr=0.5, optimizer="sgd")
 
     with torch.no_grad():
-        hand_losses = [_record_loss_by_hand(plain, ids, n) for ids, n in zip(data[:][0], LENGTHS)]
+        hand_losses = [_record_loss_by_hand(plain, ids, n) for ids, n in zip(data[:][0], LENGTHS, strict=True)]
 
     # Execute: the same full batch once through opacus, once through plain SGD.
     result = train_lora(private, data, params, DPParams(True, 0.0, 1e6), seed=0)
@@ -199,9 +204,7 @@ def test_empty_poisson_batches_do_not_crash(mode: str, monkeypatch: pytest.Monke
     model, data = _lora(_base_model()), _padded_dataset()
     empties = []
     real = dp_module._empty_batch_gradients
-    monkeypatch.setattr(
-        dp_module, "_empty_batch_gradients", lambda ps: (empties.append(1), real(ps))
-    )
+    monkeypatch.setattr(dp_module, "_empty_batch_gradients", lambda ps: (empties.append(1), real(ps)))
     params = TrainParams(local_steps=12, batch_size=1, lr=0.01)
 
     # Execute
@@ -327,7 +330,4 @@ class _OracleStub(nn.Module):
 
 
 def _hook_count(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())

@@ -32,6 +32,7 @@ MIX = specialty_mix_for_site(0, dirichlet_alpha=0.5, seed=0)
 
 # --- token_js_divergence ----------------------------------------------------------------
 
+
 def test_identical_token_frequencies_score_zero():
     # Same frequencies, different records and order: JSD 0, and the bias term is clipped away.
     assert token_js_divergence([[1, 2, 2, 3]], [[3, 2], [1, 2]], vocab_size=5) == 0.0
@@ -65,6 +66,7 @@ def test_empty_samples_and_foreign_ids_are_refused(reference, new):
 
 # --- hidden_state_shift -----------------------------------------------------------------
 
+
 def test_hidden_shift_by_hand():
     # Reference: the corners of a 2x2 square, mean (1, 1), per-dimension variance 4/3, tr S = 8/3.
     # New: two copies of (4, 1): |mu_new - mu_ref|^2 = 9, tr S_new = 0.
@@ -87,6 +89,7 @@ def test_hidden_shift_refuses_mismatched_shapes():
 
 
 # --- mean_hidden_states and the scores on simulated notes --------------------------------
+
 
 @pytest.fixture(scope="module")
 def lm():
@@ -134,6 +137,7 @@ def test_scores_are_near_zero_without_drift_and_high_with_it(lm):
 
 # --- simulation/drift.py ----------------------------------------------------------------
 
+
 def test_arrivals_are_deterministic_with_fresh_ids_and_timestamps_in_their_step():
     first = step_arrivals(1, 4, 30, seed=7, drifted=False, mix=MIX, step_s=3600)
     assert first == step_arrivals(1, 4, 30, seed=7, drifted=False, mix=MIX, step_s=3600)
@@ -152,8 +156,10 @@ def test_drifted_notes_use_a_new_template_and_new_words():
     assert not old_headers & set(DRIFT_HEADERS)
     assert all(all(h in r["text"] for h in DRIFT_HEADERS) for r in drifted)
     assert all(DRIFT_HEADERS[0] not in r["text"] for r in plain)
-    assert rewrite_terminology("Start metoprolol 25 mg twice daily. Order ECG.") == \
-        "Commence cardiprexol 25 mg every 12 hours. Request 12-lead tracing."
+    assert (
+        rewrite_terminology("Start metoprolol 25 mg twice daily. Order ECG.")
+        == "Commence cardiprexol 25 mg every 12 hours. Request 12-lead tracing."
+    )
     # One pass: a replacement is never rewritten again, and parts of words are left alone.
     assert rewrite_terminology("daily Started HCT") == "once a day Started HCT"
 

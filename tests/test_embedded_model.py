@@ -121,7 +121,11 @@ def test_loads_back_as_a_frozen_tied_llama_with_its_tokenizer(loaded):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config.vocab_size == len(tokenizer)
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
-        "<s>", "</s>", "<pad>", "<unk>")
+        "<s>",
+        "</s>",
+        "<pad>",
+        "<unk>",
+    )
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert ids[0] == tokenizer.bos_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True) == text  # byte-level BPE is lossless
@@ -165,8 +169,12 @@ def test_two_processes_building_at_once_build_once_and_match_the_first_build(bui
     cache = tmp_path / "race"
 
     # Execute
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(cache)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [proc.communicate(timeout=600) for proc in procs]
 
     # Assert: one build, one directory, no temporary leftovers, and the same weights as the

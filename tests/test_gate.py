@@ -17,9 +17,10 @@ POLICY = GateConfig(margin=0.05, confidence=0.95, bootstrap_samples=1000, site_t
 
 def stats(losses, tokens=None) -> LossStats:
     tokens = tokens or [10] * len(losses)
-    loss = sum(l * t for l, t in zip(losses, tokens, strict=True)) / sum(tokens)
-    return LossStats(loss=loss, tokens=sum(tokens), examples=len(losses), example_losses=tuple(losses),
-                     example_tokens=tuple(tokens))
+    loss = sum(loss * t for loss, t in zip(losses, tokens, strict=True)) / sum(tokens)
+    return LossStats(
+        loss=loss, tokens=sum(tokens), examples=len(losses), example_losses=tuple(losses), example_tokens=tuple(tokens)
+    )
 
 
 def site(site_id, base, cand, n=50, spread=0.05, sum_std=0.0) -> SiteEvaluation:
@@ -63,8 +64,13 @@ def test_improvement_within_the_margin_is_refused():
     result = decide(POLICY, stats(BASE), stats(cand), [site("a", 5.0, 4.97), site("b", 5.0, 4.97)], seed=0)
 
     assert result.decision == REFUSE
-    assert result.figures["checks"] == {"margin": False, "confidence": True, "federated": True,
-                                        "sites": True, "coverage": True}
+    assert result.figures["checks"] == {
+        "margin": False,
+        "confidence": True,
+        "federated": True,
+        "sites": True,
+        "coverage": True,
+    }
 
 
 def test_better_on_average_but_one_site_regresses_is_refused():
@@ -76,8 +82,9 @@ def test_better_on_average_but_one_site_regresses_is_refused():
     assert result.decision == REFUSE
     assert result.figures["worst_site"] == "c"
     assert result.figures["worst_site_change"] == pytest.approx(0.05)
-    assert result.reasons == ("site c: held-out loss rises by at least 0.0500 (beyond its noise), "
-                              "more than the tolerance 0.0200",)
+    assert result.reasons == (
+        "site c: held-out loss rises by at least 0.0500 (beyond its noise), more than the tolerance 0.0200",
+    )
 
 
 def test_a_site_rise_within_its_noise_does_not_refuse():
@@ -126,8 +133,10 @@ def test_bootstrap_weights_records_by_tokens():
 def test_pooled_interval_from_sums_matches_the_records():
     # Records' differences: site a [-0.1, -0.3], site b [-0.2, 0.0, -0.4]
     diffs = np.array([-0.1, -0.3, -0.2, 0.0, -0.4])
-    sites = [SiteEvaluation("a", 2, diff_sum=-0.4, diff_sumsq=0.1, sum_std=0.0),
-             SiteEvaluation("b", 3, diff_sum=-0.6, diff_sumsq=0.2, sum_std=0.0)]
+    sites = [
+        SiteEvaluation("a", 2, diff_sum=-0.4, diff_sumsq=0.1, sum_std=0.0),
+        SiteEvaluation("b", 3, diff_sum=-0.6, diff_sumsq=0.2, sum_std=0.0),
+    ]
 
     pooled = pooled_interval(sites, 0.95)
 
@@ -142,8 +151,10 @@ def test_pooled_interval_widens_by_the_sites_noise():
     # The same records, each site's sum noised with std 0.3 and 0.4: the mean's noise variance
     # is (0.09 + 0.16) / 5^2 = 0.01, added to the records' var / n.
     diffs = np.array([-0.1, -0.3, -0.2, 0.0, -0.4])
-    sites = [SiteEvaluation("a", 2, diff_sum=-0.4, diff_sumsq=0.1, sum_std=0.3),
-             SiteEvaluation("b", 3, diff_sum=-0.6, diff_sumsq=0.2, sum_std=0.4)]
+    sites = [
+        SiteEvaluation("a", 2, diff_sum=-0.4, diff_sumsq=0.1, sum_std=0.3),
+        SiteEvaluation("b", 3, diff_sum=-0.6, diff_sumsq=0.2, sum_std=0.4),
+    ]
 
     pooled = pooled_interval(sites, 0.95)
 

@@ -16,8 +16,8 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedretrain.errors import DeployError
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
+from fedretrain.errors import DeployError
 from server.sites.grid import CLAIMS_ANOTHER_SITE, UNREGISTERED_NODE, BoundGrid
 from server.sites.roster import Roster, record_node
 from simulation.federation import FederationSites
@@ -25,8 +25,14 @@ from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RejectedReply
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"),))
-TRAIN_METRICS = {"epsilon": 1.0, "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1,
-                 "sample-rate": 0.05, "steps": 5}
+TRAIN_METRICS = {
+    "epsilon": 1.0,
+    "epsilon-ceiling": 8.0,
+    "delta": 1e-5,
+    "noise-multiplier": 1.1,
+    "sample-rate": 0.05,
+    "steps": 5,
+}
 ROSTER = Roster({11: "site-a", 12: "site-b", 13: "site-c"})
 
 
@@ -63,17 +69,22 @@ class ScriptedGrid:
 
 def train_reply(site_id: str, value: float):
     """A valid train reply claiming ``site_id`` with an adapter of ``value``s, from the addressed node."""
+
     def answer(instruction: Message) -> Message:
         config = instruction.content["config"]
-        content = RecordDict({
-            "arrays": to_array_record({"lora_A": np.full((1, 2), value, np.float32)}),
-            "metrics": MetricRecord(TRAIN_METRICS),
-            "site": ConfigRecord({"site-id": site_id, "server-round": config["server-round"],
-                                  "global-hash": config["global-hash"]}),
-        })
+        content = RecordDict(
+            {
+                "arrays": to_array_record({"lora_A": np.full((1, 2), value, np.float32)}),
+                "metrics": MetricRecord(TRAIN_METRICS),
+                "site": ConfigRecord(
+                    {"site-id": site_id, "server-round": config["server-round"], "global-hash": config["global-hash"]}
+                ),
+            }
+        )
         reply = Message(content, reply_to=instruction)
         reply.metadata.__dict__["_src_node_id"] = instruction.metadata.dst_node_id
         return reply
+
     return answer
 
 
@@ -85,8 +96,14 @@ def lost_by_superlink(instruction: Message) -> Message:
 
 
 def instructions(*nodes: int) -> list[Message]:
-    return [Message(RecordDict({"config": ConfigRecord({"server-round": 1, "global-hash": ""})}), dst_node_id=node,
-                    message_type=MessageType.TRAIN) for node in nodes]
+    return [
+        Message(
+            RecordDict({"config": ConfigRecord({"server-round": 1, "global-hash": ""})}),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN,
+        )
+        for node in nodes
+    ]
 
 
 def test_a_node_claiming_another_site_is_refused_and_the_log_names_both(caplog):
@@ -101,8 +118,9 @@ def test_a_node_claiming_another_site_is_refused_and_the_log_names_both(caplog):
     assert not honest.has_error() and honest.content["site"]["site-id"] == "site-a"
     assert posing.has_error() and posing.error.code == CLAIMS_ANOTHER_SITE
     assert posing.metadata.src_node_id == 12
-    assert posing.error.reason == ("node 12 holds site site-b's key but its reply claims site site-a: "
-                                   "not counted for either")
+    assert posing.error.reason == (
+        "node 12 holds site site-b's key but its reply claims site site-a: not counted for either"
+    )
     assert "site site-b's key but its reply claims site site-a" in caplog.text
 
 
@@ -146,9 +164,13 @@ def test_the_superlinks_error_for_a_lost_node_is_named_by_that_nodes_site():
     strategy.aggregate_train(1, grid.send_and_receive(messages))
 
     # Assert: recorded under site-c and node 13, not node 1.
-    assert strategy.round_log[1].rejected == [RejectedReply(
-        node_id=13, site_id="site-c",
-        reason="error reply (code 0): 'site site-c (node 13): Message delivery failed: the node is offline'")]
+    assert strategy.round_log[1].rejected == [
+        RejectedReply(
+            node_id=13,
+            site_id="site-c",
+            reason="error reply (code 0): 'site site-c (node 13): Message delivery failed: the node is offline'",
+        )
+    ]
 
 
 def test_a_reply_from_another_node_than_the_addressee_is_not_counted():
@@ -175,8 +197,14 @@ def test_pulling_replies_around_the_binding_is_refused():
 
 def test_a_deployments_roster_is_the_coordinators_sites_file(tmp_path):
     path = tmp_path / "sites.json"
-    path.write_text(json.dumps({"site-00": {"node_id": "4242", "public_key": "/k/site-00.pub"},
-                                "site-01": {"node_id": "77", "public_key": "/k/site-01.pub"}}))
+    path.write_text(
+        json.dumps(
+            {
+                "site-00": {"node_id": "4242", "public_key": "/k/site-00.pub"},
+                "site-01": {"node_id": "77", "public_key": "/k/site-01.pub"},
+            }
+        )
+    )
 
     roster = Roster.from_sites_file(path)
 
@@ -184,11 +212,14 @@ def test_a_deployments_roster_is_the_coordinators_sites_file(tmp_path):
     assert roster.node_of("site-01") == 77
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("{", "cannot read the registered sites"),
-    (json.dumps({"site-00": {"public_key": "k"}}), "KeyError"),
-    (json.dumps({"site-00": {"node_id": "5"}, "site-01": {"node_id": "5"}}), "node 5 is registered as two sites"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("{", "cannot read the registered sites"),
+        (json.dumps({"site-00": {"public_key": "k"}}), "KeyError"),
+        (json.dumps({"site-00": {"node_id": "5"}, "site-01": {"node_id": "5"}}), "node 5 is registered as two sites"),
+    ],
+)
 def test_a_broken_sites_file_is_refused_naming_it(tmp_path, text, expected):
     path = tmp_path / "sites.json"
     path.write_text(text)
@@ -218,8 +249,9 @@ def test_a_recorded_node_cannot_be_bound_to_another_site(tmp_path):
 def test_the_simulations_site_resolver_binds_a_node_by_its_partition_not_by_its_site_json(tmp_path):
     # Prepare: the virtual site in partition 1 (site-01) whose site.json claims site-00.
     (tmp_path / "site-01").mkdir()
-    (tmp_path / "site-01" / "site.json").write_text(json.dumps({"site-id": "site-00", "data-dir": str(tmp_path),
-                                                                  "epsilon-ceiling": 8.0, "delta": 1e-5}))
+    (tmp_path / "site-01" / "site.json").write_text(
+        json.dumps({"site-id": "site-00", "data-dir": str(tmp_path), "epsilon-ceiling": 8.0, "delta": 1e-5})
+    )
     context = type("Context", (), {"node_id": 9001, "node_config": {"partition-id": 1}})()
 
     # Execute
@@ -238,5 +270,6 @@ def test_the_summary_names_the_sites_left_out_of_a_round_that_lost_its_quorum():
     lost = RejectedReply(node_id=13, site_id="site-c", reason="no reply by the 60 s deadline")
     logs = {2: RoundLog(sampled=3, rejected=[lost]), 1: RoundLog(sampled=3)}
 
-    assert refusals(logs) == [{"node_id": 13, "site_id": "site-c", "reason": "no reply by the 60 s deadline",
-                               "round": 2}]
+    assert refusals(logs) == [
+        {"node_id": 13, "site_id": "site-c", "reason": "no reply by the 60 s deadline", "round": 2}
+    ]

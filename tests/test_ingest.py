@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from client.ingest.pipeline import IngestReport, ingest_file, ingest_inbox, ingest_records, recover_store
 from cli.main import main
+from client.ingest.pipeline import IngestReport, ingest_file, ingest_inbox, ingest_records, recover_store
 from fedretrain.config import SiteConfig
 from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError, DataValidationError
@@ -25,8 +25,13 @@ STAMP = "2026-03-01T12:00:00Z"
 
 
 def _site(tmp_path: Path, **overrides) -> SiteConfig:
-    values = {"site_id": "h1", "data_dir": str(tmp_path / "data"), "epsilon_ceiling": 8.0, "delta": 1e-5,
-              "heldout_fraction": 0.0} | overrides
+    values = {
+        "site_id": "h1",
+        "data_dir": str(tmp_path / "data"),
+        "epsilon_ceiling": 8.0,
+        "delta": 1e-5,
+        "heldout_fraction": 0.0,
+    } | overrides
     return SiteConfig(**values)
 
 
@@ -55,37 +60,64 @@ def test_good_bad_and_duplicate_records_land_where_they_should(tmp_path):
     site = _site(tmp_path)
     _write(site.train_path, _jsonl({"id": "a", "text": "Old note."}))
     _write(site.heldout_path, _jsonl({"text": "Held note."}))
-    batch = _write(tmp_path / "new.jsonl", _jsonl(
-        {"id": "a", "text": "Other text."},                                          # 1 dup id (store)
-        {"text": "Held note."},                                                      # 2 dup text (store)
-        {"id": "n1", "text": "New one.", "timestamp": "2026-01-02T08:00:00Z"},      # 3 stored
-        {"id": "n1", "text": "Again."},                                              # 4 dup id (batch)
-        {"text": "Fresh."},                                                          # 5 stored
-        {"text": "Fresh."},                                                          # 6 dup text (batch)
-        {"text": "  "},                                                              # 7 bad
-        {"text": "x", "id": True},                                                   # 8 bad
-        {"text": "y", "timestamp": "yesterday"},                                     # 9 bad
-    ).encode() + b'{"text": "broken"\n\n{"text": "caf\xe9"}\n')                     # 10 bad, 11 blank, 12 bad
+    batch = _write(
+        tmp_path / "new.jsonl",
+        _jsonl(
+            {"id": "a", "text": "Other text."},  # 1 dup id (store)
+            {"text": "Held note."},  # 2 dup text (store)
+            {"id": "n1", "text": "New one.", "timestamp": "2026-01-02T08:00:00Z"},  # 3 stored
+            {"id": "n1", "text": "Again."},  # 4 dup id (batch)
+            {"text": "Fresh."},  # 5 stored
+            {"text": "Fresh."},  # 6 dup text (batch)
+            {"text": "  "},  # 7 bad
+            {"text": "x", "id": True},  # 8 bad
+            {"text": "y", "timestamp": "yesterday"},  # 9 bad
+        ).encode()
+        + b'{"text": "broken"\n\n{"text": "caf\xe9"}\n',
+    )  # 10 bad, 11 blank, 12 bad
 
     # Execute
     report = ingest_file(site, batch, now=NOW)
 
     # Assert
-    assert report == IngestReport("new.jsonl", accepted=2, to_train=2, to_heldout=0, duplicates=4, quarantined=5,
-                                  redactions={"email": 0, "phone": 0, "record_number": 0})
+    assert report == IngestReport(
+        "new.jsonl",
+        accepted=2,
+        to_train=2,
+        to_heldout=0,
+        duplicates=4,
+        quarantined=5,
+        redactions={"email": 0, "phone": 0, "record_number": 0},
+    )
     assert _lines(site.train_path) == [
         {"id": "a", "text": "Old note."},
         {"id": "n1", "text": "New one.", "timestamp": "2026-01-02T08:00:00Z", "arrived": STAMP},
-        {"text": "Fresh.", "arrived": STAMP}]
+        {"text": "Fresh.", "arrived": STAMP},
+    ]
     assert _lines(site.heldout_path) == [{"text": "Held note."}]
     quarantined = _lines(site.quarantine_path)
-    assert [(q["line"], q["field"]) for q in quarantined] == [(7, "text"), (8, "id"), (9, "timestamp"),
-                                                              (10, None), (12, None)]
+    assert [(q["line"], q["field"]) for q in quarantined] == [
+        (7, "text"),
+        (8, "id"),
+        (9, "timestamp"),
+        (10, None),
+        (12, None),
+    ]
     assert [q["reason"] for q in quarantined] == [
-        "is empty", "must be a string or an integer, got bool", "must be an ISO 8601 string, got a string that is "
-        "not a date", "is not valid JSON (Expecting ',' delimiter)", "is not valid UTF-8"]
-    assert quarantined[0] == {"source": "new.jsonl", "line": 7, "field": "text", "reason": "is empty",
-                              "record": '{"text": "  "}', "quarantined_at": STAMP}
+        "is empty",
+        "must be a string or an integer, got bool",
+        "must be an ISO 8601 string, got a string that is not a date",
+        "is not valid JSON (Expecting ',' delimiter)",
+        "is not valid UTF-8",
+    ]
+    assert quarantined[0] == {
+        "source": "new.jsonl",
+        "line": 7,
+        "field": "text",
+        "reason": "is empty",
+        "record": '{"text": "  "}',
+        "quarantined_at": STAMP,
+    }
     assert quarantined[4]["record"] == '{"text": "caf\\xe9"}'
 
 
@@ -103,8 +135,7 @@ def test_held_out_share_follows_the_hash_of_id_or_text(tmp_path):
     assert 0 < len(expected_heldout) < len(records)  # both sides are exercised
     assert report.to_heldout == len(expected_heldout) and report.to_train == len(records) - len(expected_heldout)
     assert [r.get("id") or r["text"] for r in _lines(site.heldout_path)] == expected_heldout
-    assert [r.get("id") or r["text"] for r in _lines(site.train_path)] == [k for k in keys
-                                                                           if k not in expected_heldout]
+    assert [r.get("id") or r["text"] for r in _lines(site.train_path)] == [k for k in keys if k not in expected_heldout]
     assert len(read_records(site.train_path)) == report.to_train  # the schema accepts "arrived"
 
 
@@ -121,14 +152,17 @@ def test_records_in_memory_get_the_same_checks(tmp_path):
     assert _lines(site.train_path) == [{"id": "7", "text": "Int id.", "arrived": STAMP}]
     assert [(q["line"], q["field"], q["reason"]) for q in _lines(site.quarantine_path)] == [
         (2, None, "must be a mapping (JSON object), got list"),
-        (3, "text", "is not valid Unicode (it holds a lone surrogate)")]
+        (3, "text", "is not valid Unicode (it holds a lone surrogate)"),
+    ]
 
 
 def test_csv_input_is_ingested_and_bad_rows_keep_their_raw_lines(tmp_path):
     # Prepare: the second row spans lines 3-4 (a quoted newline); line 5 has an empty text.
     site = _site(tmp_path)
-    batch = _write(tmp_path / "export.csv",
-                   'id,text,timestamp\r\n1,Cough,2026-01-05T09:00:00Z\r\n2,"Line one\nline two",\r\n3,,\r\n')
+    batch = _write(
+        tmp_path / "export.csv",
+        'id,text,timestamp\r\n1,Cough,2026-01-05T09:00:00Z\r\n2,"Line one\nline two",\r\n3,,\r\n',
+    )
 
     # Execute
     report = ingest_file(site, batch, now=NOW)
@@ -137,7 +171,8 @@ def test_csv_input_is_ingested_and_bad_rows_keep_their_raw_lines(tmp_path):
     assert (report.source, report.accepted, report.quarantined) == ("export.csv", 2, 1)
     assert _lines(site.train_path) == [
         {"id": "1", "text": "Cough", "timestamp": "2026-01-05T09:00:00Z", "arrived": STAMP},
-        {"id": "2", "text": "Line one\nline two", "arrived": STAMP}]
+        {"id": "2", "text": "Line one\nline two", "arrived": STAMP},
+    ]
     [bad] = _lines(site.quarantine_path)
     assert (bad["line"], bad["field"], bad["reason"], bad["record"]) == (5, "text", "is empty", "3,,")
 
@@ -155,12 +190,15 @@ def test_a_csv_store_is_refused_naming_the_file(tmp_path):
 def test_a_redacting_site_stores_no_contact_details_or_record_numbers(tmp_path):
     # Prepare: the two id-less notes differ only in the e-mail address: after masking they are one.
     site = _site(tmp_path, redact=True, record_number_pattern=r"MRN-?[0-9]{6}")
-    batch = _write(tmp_path / "new.jsonl", _jsonl(
-        {"id": "1", "text": "MRN-123456: call (555) 123-4567, aspirin 81 mg."},
-        {"text": "Reply to a@example.org. BP 120/80."},
-        {"text": "Reply to b@example.org. BP 120/80."},
-        {"text": "", "note": "from jane@example.org"},
-    ))
+    batch = _write(
+        tmp_path / "new.jsonl",
+        _jsonl(
+            {"id": "1", "text": "MRN-123456: call (555) 123-4567, aspirin 81 mg."},
+            {"text": "Reply to a@example.org. BP 120/80."},
+            {"text": "Reply to b@example.org. BP 120/80."},
+            {"text": "", "note": "from jane@example.org"},
+        ),
+    )
 
     # Execute
     report = ingest_file(site, batch, now=NOW)
@@ -168,18 +206,23 @@ def test_a_redacting_site_stores_no_contact_details_or_record_numbers(tmp_path):
     # Assert
     assert (report.accepted, report.duplicates, report.quarantined) == (2, 1, 1)
     assert report.redactions == {"email": 2, "phone": 1, "record_number": 1}  # duplicates are not written
-    assert [r["text"] for r in _lines(site.train_path)] == ["[RECORD]: call [PHONE], aspirin 81 mg.",
-                                                            "Reply to [EMAIL]. BP 120/80."]
+    assert [r["text"] for r in _lines(site.train_path)] == [
+        "[RECORD]: call [PHONE], aspirin 81 mg.",
+        "Reply to [EMAIL]. BP 120/80.",
+    ]
     stored = site.train_path.read_text() + site.quarantine_path.read_text()
     assert "@" not in stored and "555" not in stored and "123456" not in stored
-    assert report.summary() == ("new.jsonl: 2 stored (2 train, 0 held-out), 1 duplicate dropped, 1 quarantined; "
-                                "redacted 2 e-mail, 1 phone, 1 record number")
+    assert report.summary() == (
+        "new.jsonl: 2 stored (2 train, 0 held-out), 1 duplicate dropped, 1 quarantined; "
+        "redacted 2 e-mail, 1 phone, 1 record number"
+    )
 
 
 def test_summary_is_one_line():
     report = IngestReport("new.jsonl", 38, 31, 7, 2, 1, {"email": 3, "phone": 1, "record_number": 0})
-    assert report.summary() == ("new.jsonl: 38 stored (31 train, 7 held-out), 2 duplicates dropped, 1 quarantined; "
-                                "redacted 3 e-mail, 1 phone")
+    assert report.summary() == (
+        "new.jsonl: 38 stored (31 train, 7 held-out), 2 duplicates dropped, 1 quarantined; redacted 3 e-mail, 1 phone"
+    )
 
 
 def test_logs_carry_counts_only(tmp_path):
@@ -234,8 +277,13 @@ ingest_file(SiteConfig(**json.loads(sys.argv[2])), sys.argv[3])
 
 
 def _crash_ingest(site: SiteConfig, batch: Path, seam: str) -> None:
-    done = subprocess.run([sys.executable, "-c", _CRASH, seam, json.dumps(site.__dict__), str(batch)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASH, seam, json.dumps(site.__dict__), str(batch)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr
 
 
@@ -243,8 +291,9 @@ def _store_with_batch(tmp_path: Path) -> tuple[SiteConfig, Path, list[Path]]:
     site = _site(tmp_path)
     _write(site.train_path, _jsonl({"id": "old", "text": "Old note."}))
     _write(site.quarantine_path, '{"source": "x", "line": 1}\n')
-    batch = _write(tmp_path / "new.jsonl", _jsonl({"id": "n1", "text": "One."}, {"id": "n2", "text": "Two."},
-                                                  {"text": ""}))
+    batch = _write(
+        tmp_path / "new.jsonl", _jsonl({"id": "n1", "text": "One."}, {"id": "n2", "text": "Two."}, {"text": ""})
+    )
     return site, batch, [site.train_path, site.heldout_path, site.quarantine_path]
 
 
@@ -316,8 +365,11 @@ def test_inbox_files_are_ingested_in_name_order_and_moved(tmp_path):
     reports = ingest_inbox(site, now=NOW)
 
     # Assert
-    assert [(r.source, r.accepted, r.error is None) for r in reports] == [("a.jsonl", 1, True), ("b.csv", 1, True),
-                                                                         ("c.csv", 0, False)]
+    assert [(r.source, r.accepted, r.error is None) for r in reports] == [
+        ("a.jsonl", 1, True),
+        ("b.csv", 1, True),
+        ("c.csv", 0, False),
+    ]
     assert "no 'text' column" in reports[2].summary()
     assert [r["id"] for r in _lines(site.train_path)] == ["1", "2"]
     assert sorted(p.name for p in (inbox / "done").iterdir()) == ["a.jsonl", "b.csv"]
@@ -345,8 +397,10 @@ def test_cli_ingests_a_file_and_prints_the_summary(tmp_path, capsys):
     # Assert
     out = capsys.readouterr().out.splitlines()
     assert code == 0
-    assert out == ["new.jsonl: 1 stored (1 train, 0 held-out), 1 duplicate dropped, 1 quarantined",
-                   f"quarantined records (reasons included) are in {site.quarantine_path}"]
+    assert out == [
+        "new.jsonl: 1 stored (1 train, 0 held-out), 1 duplicate dropped, 1 quarantined",
+        f"quarantined records (reasons included) are in {site.quarantine_path}",
+    ]
 
 
 def test_cli_inbox_watch_moves_files_to_done(tmp_path, capsys):

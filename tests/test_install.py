@@ -20,8 +20,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import ERROR_CODES, make_client_app
 from client.install.generate import generate
 from client.install.installer import receive_version
-from client.round.site import site_model
 from client.install.model_store import ModelStore
+from client.round.site import site_model
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.errors import RegistryError, VerificationError
 from fedretrain.modeling.loading import resolve_model_path
@@ -57,21 +57,40 @@ def coordinator(tmp_path_factory, job):
 def publish(registry: Registry, signing_key, job: Job, directory: Path, scale: float) -> int:
     lm = site_model(job, "cpu")
     rng = np.random.default_rng(int(scale * 1000))
-    load_adapter_arrays(lm, {k: (rng.standard_normal(shape) * scale).astype(np.float32)
-                             for k, shape, _ in lm.spec.entries})
+    load_adapter_arrays(
+        lm, {k: (rng.standard_normal(shape) * scale).astype(np.float32) for k, shape, _ in lm.spec.entries}
+    )
     lm.model.save_pretrained(str(directory))
     identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
-    return registry.publish(directory, signing_key=signing_key, base_model=identity,
-                            lora={"r": job.lora.r, "alpha": job.lora.alpha, "dropout": job.lora.dropout,
-                                  "target_modules": list(job.lora.target_modules)},
-                            run={"name": "test"}, sites={}, gate={"decision": "publish"}, expiry_days=30)
+    return registry.publish(
+        directory,
+        signing_key=signing_key,
+        base_model=identity,
+        lora={
+            "r": job.lora.r,
+            "alpha": job.lora.alpha,
+            "dropout": job.lora.dropout,
+            "target_modules": list(job.lora.target_modules),
+        },
+        run={"name": "test"},
+        sites={},
+        gate={"decision": "publish"},
+        expiry_days=30,
+    )
 
 
 def make_site(tmp_path: Path, key: Path | None, smoke_eval: bool = False) -> SiteConfig:
     data = tmp_path / "site"
     shutil.copytree(EXAMPLE, data, dirs_exist_ok=True)
-    return SiteConfig(site_id="site-a", data_dir=str(data), epsilon_ceiling=8.0, delta=1e-5,
-                      coordinator_key=None if key is None else str(key), smoke_eval=smoke_eval, device="cpu")
+    return SiteConfig(
+        site_id="site-a",
+        data_dir=str(data),
+        epsilon_ceiling=8.0,
+        delta=1e-5,
+        coordinator_key=None if key is None else str(key),
+        smoke_eval=smoke_eval,
+        device="cpu",
+    )
 
 
 def resigned(bundle: VersionBundle, signer, files=None, **edits) -> VersionBundle:
@@ -91,8 +110,15 @@ def delivered(registry: Registry, version: int) -> VersionBundle:
 def pointed(bundle: VersionBundle, signer, sequence: int) -> VersionBundle:
     """``bundle`` with a fresh pointer record for its manifest, signed by ``signer`` (the checks behind
     the pointer are what a case tests)."""
-    pointer = sign_pointer(signer, sequence=sequence, version=bundle.manifest["version"], reason="publish",
-                           created_at=datetime.now(UTC), manifest_bytes=bundle.manifest_bytes, previous=None)
+    pointer = sign_pointer(
+        signer,
+        sequence=sequence,
+        version=bundle.manifest["version"],
+        reason="publish",
+        created_at=datetime.now(UTC),
+        manifest_bytes=bundle.manifest_bytes,
+        previous=None,
+    )
     return dataclasses.replace(bundle, pointer=pointer)
 
 
@@ -115,8 +141,9 @@ def test_a_verified_version_is_installed_and_generates_text(tmp_path, job, coord
     store = ModelStore(site.model_store_path)
     assert outcome.metrics["installed-version"] == 1 and outcome.metrics["previous-version"] == 0
     assert store.state().current == 1
-    assert (store.version_dir(1) / "adapter_model.safetensors").read_bytes() == \
-        registry.bundle(1).files["adapter_model.safetensors"]
+    assert (store.version_dir(1) / "adapter_model.safetensors").read_bytes() == registry.bundle(1).files[
+        "adapter_model.safetensors"
+    ]
     # Sent again (the start-of-cycle sync): nothing to do.
     assert receive_version(site, job, delivered(registry, 1)).metrics["already-current"] == 1
     # The site uses what it installed: peft loads the version directory onto the base model.
@@ -129,29 +156,54 @@ def tamperings(registry: Registry, key) -> dict:
     other = Ed25519PrivateKey.generate()
     flipped = dict(v2.files)
     flipped["adapter_model.safetensors"] = flipped["adapter_model.safetensors"][:-1] + bytes(
-        [flipped["adapter_model.safetensors"][-1] ^ 1])
-    no_config_hash = {**v2.manifest, "files": {"adapter_model.safetensors": v2.manifest["files"][
-        "adapter_model.safetensors"]}}
+        [flipped["adapter_model.safetensors"][-1] ^ 1]
+    )
+    no_config_hash = {
+        **v2.manifest,
+        "files": {"adapter_model.safetensors": v2.manifest["files"]["adapter_model.safetensors"]},
+    }
     name = first_key(v2)
     return {
         "flipped bit in the adapter": (VersionBundle(v2.manifest_bytes, v2.signature, flipped), {}, "hashes"),
-        "edited manifest": (VersionBundle(v2.manifest_bytes.replace(b'"version":2', b'"version":3'),
-                                          v2.signature, v2.files), {}, "signature"),
+        "edited manifest": (
+            VersionBundle(v2.manifest_bytes.replace(b'"version":2', b'"version":3'), v2.signature, v2.files),
+            {},
+            "signature",
+        ),
         "signed by another key": (VersionBundle.signed(v2.manifest, v2.files, other), {}, "signature"),
         "expired": (v2, {"now": datetime.now(UTC) + timedelta(days=31)}, "expiry"),
         "manifest missing a file's hash": (VersionBundle.signed(no_config_hash, v2.files, key), {}, "hashes"),
-        "NaN in a tensor": (resigned(v2, key, tensors_changed(v2, lambda t: t[name].view(-1).__setitem__(
-            0, float("nan")))), {}, "finite"),
-        "wrong shape": (resigned(v2, key, tensors_changed(v2, lambda t: t.__setitem__(
-            name, t[name][:, :-1].contiguous()))), {}, "shapes"),
-        "another base model": (resigned(v2, key, base_model={"name": "embedded", "sha256": "ab" * 32}), {},
-                               "base_model"),
+        "NaN in a tensor": (
+            resigned(v2, key, tensors_changed(v2, lambda t: t[name].view(-1).__setitem__(0, float("nan")))),
+            {},
+            "finite",
+        ),
+        "wrong shape": (
+            resigned(v2, key, tensors_changed(v2, lambda t: t.__setitem__(name, t[name][:, :-1].contiguous()))),
+            {},
+            "shapes",
+        ),
+        "another base model": (
+            resigned(v2, key, base_model={"name": "embedded", "sha256": "ab" * 32}),
+            {},
+            "base_model",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["flipped bit in the adapter", "edited manifest", "signed by another key", "expired",
-                                  "manifest missing a file's hash", "NaN in a tensor", "wrong shape",
-                                  "another base model"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "flipped bit in the adapter",
+        "edited manifest",
+        "signed by another key",
+        "expired",
+        "manifest missing a file's hash",
+        "NaN in a tensor",
+        "wrong shape",
+        "another base model",
+    ],
+)
 def test_tampered_versions_are_refused_and_the_last_good_one_kept(tmp_path, job, coordinator, case):
     registry, key, public = coordinator
     site = make_site(tmp_path, public)
@@ -224,8 +276,9 @@ def test_smoke_evaluation_refuses_a_version_worse_on_heldout_data(tmp_path, job,
     loud = resigned(v2, key, tensors_changed(v2, lambda t: [x.fill_(3.0) for x in t.values()]), version=3)
 
     # LoRA B = 0: exactly the base model, so no worse than it.
-    neutral = resigned(v2, key, tensors_changed(v2, lambda t: [x.zero_() for n, x in t.items() if "lora_B" in n]),
-                       version=4)
+    neutral = resigned(
+        v2, key, tensors_changed(v2, lambda t: [x.zero_() for n, x in t.items() if "lora_B" in n]), version=4
+    )
 
     with pytest.raises(VerificationError, match="worse than the current") as refused:
         receive_version(site, job, pointed(loud, key, sequence=3))
@@ -315,11 +368,21 @@ def test_the_registry_refuses_to_roll_back_to_an_expired_version(tmp_path, job, 
     lm = site_model(job, "cpu")
     lm.model.save_pretrained(str(tmp_path / "adapter"))
     identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
-    fields = {"base_model": identity, "lora": {"r": job.lora.r, "alpha": job.lora.alpha, "dropout": job.lora.dropout,
-                                               "target_modules": list(job.lora.target_modules)},
-              "run": {"name": "t"}, "sites": {}, "gate": {"decision": "publish"}}
-    registry.publish(tmp_path / "adapter", signing_key=key, expiry_days=1,
-                     now=datetime.now(UTC) - timedelta(days=2), **fields)
+    fields = {
+        "base_model": identity,
+        "lora": {
+            "r": job.lora.r,
+            "alpha": job.lora.alpha,
+            "dropout": job.lora.dropout,
+            "target_modules": list(job.lora.target_modules),
+        },
+        "run": {"name": "t"},
+        "sites": {},
+        "gate": {"decision": "publish"},
+    }
+    registry.publish(
+        tmp_path / "adapter", signing_key=key, expiry_days=1, now=datetime.now(UTC) - timedelta(days=2), **fields
+    )
     registry.publish(tmp_path / "adapter", signing_key=key, expiry_days=30, **fields)
 
     with pytest.raises(RegistryError, match="expired"):

@@ -20,7 +20,7 @@ def readme_rule() -> dict[str, set[str]]:
     lines = (REPO / "README.md").read_text().splitlines()
     start = lines.index("| package | may import |")
     rule: dict[str, set[str]] = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         package, allowed = (cell.strip() for cell in line.strip("|").split("|"))
@@ -59,8 +59,20 @@ def test_the_readme_rule_covers_every_package_and_nothing_imports_the_command_li
 
 
 def test_promised_layout_exists():
-    for name in ("pyproject.toml", "README.md", "Makefile", ".ci/run", "server", "client", "strategies", "conf",
-                 "tests", "simulation", "fedretrain", "cli"):
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        "Makefile",
+        ".ci/run",
+        "server",
+        "client",
+        "strategies",
+        "conf",
+        "tests",
+        "simulation",
+        "fedretrain",
+        "cli",
+    ):
         assert (REPO / name).exists(), name
 
 

@@ -155,9 +155,7 @@ def test_corrupt_file_is_refused_naming_the_file(tmp_path: Path) -> None:
     ("field", "value"),
     [("delta", 1e-6), ("accountant", "prv"), ("site_id", "site-b")],
 )
-def test_ledger_of_other_settings_is_refused_naming_file_and_field(
-    tmp_path: Path, field: str, value: object
-) -> None:
+def test_ledger_of_other_settings_is_refused_naming_file_and_field(tmp_path: Path, field: str, value: object) -> None:
     # Prepare: a ledger written under other settings than this site now runs with.
     path = tmp_path / "ledger.json"
     _ledger_with(ROUNDS).save(path)

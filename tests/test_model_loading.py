@@ -29,14 +29,24 @@ from fedretrain.modeling.loading import (
 
 CPU = torch.device("cpu")
 # Tiny Llama: vocab V=64, hidden H=32, MLP I=64, L=2 layers, 4 heads of 8 (no grouped KV), tied embeddings.
-V, H, I, L = 64, 32, 64, 2
+V, H, I, L = 64, 32, 64, 2  # noqa: E741 (the usual names of these sizes)
 
 
 def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=None,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -48,8 +58,9 @@ def tiny_dir(tmp_path) -> Path:
     vocab = {"<unk>": 0, "</s>": 1, "<s>": 2, "hello": 3, "world": 4}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>",
-                            bos_token="<s>").save_pretrained(directory)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", bos_token="<s>"
+    ).save_pretrained(directory)
     return directory
 
 

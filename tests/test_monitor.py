@@ -13,19 +13,29 @@ import numpy as np
 import pytest
 import safetensors.torch
 
-from client.status import format_status, site_status
 from client.ingest.reference import save_reference
-from client.round.site import site_model
 from client.install.model_store import ModelStore
+from client.round.site import site_model
+from client.status import format_status, site_status
+from fedretrain.arrays import to_torch_state_dict
 from fedretrain.config import Job, MonitorConfig, SiteConfig, compose_config
 from fedretrain.modeling.lora_model import adapter_arrays
-from fedretrain.arrays import to_torch_state_dict
 from fedretrain.registry.bundle import VersionBundle
 from simulation.drift import step_arrivals
-from simulation.notes import site_notes, specialty_mix_for_site, site_style
+from simulation.notes import site_notes, site_style, specialty_mix_for_site
 
-BASE_KEYS = {"new-records", "reference-records", "has-reference", "train-records", "model-version",
-             "epsilon-spent", "epsilon-ceiling", "delta", "epsilon-projected", "can-afford"}
+BASE_KEYS = {
+    "new-records",
+    "reference-records",
+    "has-reference",
+    "train-records",
+    "model-version",
+    "epsilon-spent",
+    "epsilon-ceiling",
+    "delta",
+    "epsilon-projected",
+    "can-afford",
+}
 SCORE_KEYS = {"drift-js", "drift-hidden", "loss-new", "loss-reference"}
 MIX = specialty_mix_for_site(0, dirichlet_alpha=0.5, seed=0)
 MONITOR = MonitorConfig(sample_records=40, min_new_records=10)
@@ -49,8 +59,9 @@ def make_site(tmp_path: Path, **settings) -> SiteConfig:
     notes = site_notes(0, 60, MIX, 0, site_style(0, 0))
     _append(data / "train.jsonl", notes[:48])
     _append(data / "heldout.jsonl", notes[48:])
-    return SiteConfig(site_id="site-a", data_dir=str(data), epsilon_ceiling=settings.pop("ceiling", 8.0),
-                      delta=1e-5, **settings)
+    return SiteConfig(
+        site_id="site-a", data_dir=str(data), epsilon_ceiling=settings.pop("ceiling", 8.0), delta=1e-5, **settings
+    )
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -162,16 +173,20 @@ def test_a_charged_status_noises_the_counts_and_spends_exactly_one_release(tmp_p
     # Assert: the counts are noised ints >= 0 (they vary), the std is stated, no score leaves
     counts = [r["new-records"] for r in replies]
     assert all(type(c) is int and c >= 0 for c in counts) and len(set(counts)) > 1
-    assert replies[0]["count-std"] == pytest.approx(2.0 * 3 ** 0.5)
+    assert replies[0]["count-std"] == pytest.approx(2.0 * 3**0.5)
     assert not SCORE_KEYS & set(replies[0])
     # Six polls are six Gaussian releases of multiplier 2 in the ledger, and epsilon is theirs exactly.
     ledger = PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5)
-    assert [(e.kind, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries] == [("status", 2.0, 1.0, 1)] * 6
+    assert [(e.kind, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries] == [
+        ("status", 2.0, 1.0, 1)
+    ] * 6
     assert replies[-1]["epsilon-spent"] == pytest.approx(epsilon_for_history([(2.0, 1.0, 6)], 1e-5, "rdp"))
     # The site's own view (not charged) is exact and spends nothing.
     local = site_status(site, fixed_sigma, MONITOR)
-    assert local["new-records"] == 5 and len(PrivacyLedger.load(
-        site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5).entries) == 6
+    assert (
+        local["new-records"] == 5
+        and len(PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5).entries) == 6
+    )
 
 
 def test_polls_within_the_status_interval_get_the_same_counts_at_no_cost(tmp_path, fixed_sigma):
@@ -210,11 +225,21 @@ def test_the_status_reply_carries_scalars_and_the_site_id_only(tmp_path, fixed_s
     site = make_site(tmp_path, share_drift_scores=True)
     save_reference(site, "cycle-1", 0, 48, 12)
     arrive(site, 30, drifted=True)
-    texts = [json.loads(line)["text"] for path in (site.train_path, site.heldout_path)
-             for line in path.read_text().splitlines()]
-    msg = Message(RecordDict({"config": ConfigRecord(fixed_sigma.to_flat()),
-                              "monitor": ConfigRecord(dataclasses.asdict(MonitorConfig(sample_records=40)))}),
-                  dst_node_id=7, message_type="query.status")
+    texts = [
+        json.loads(line)["text"]
+        for path in (site.train_path, site.heldout_path)
+        for line in path.read_text().splitlines()
+    ]
+    msg = Message(
+        RecordDict(
+            {
+                "config": ConfigRecord(fixed_sigma.to_flat()),
+                "monitor": ConfigRecord(dataclasses.asdict(MonitorConfig(sample_records=40))),
+            }
+        ),
+        dst_node_id=7,
+        message_type="query.status",
+    )
     context = Context(run_id=1, node_id=7, node_config=site.to_node_config(), state=RecordDict(), run_config={})
 
     # Execute

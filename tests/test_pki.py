@@ -24,8 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cli.main import main
-from fedretrain.deploy.pki import (create_ca, create_site_keypair, issue_superlink_cert, load_ca,
-                                   ssh_fingerprint)
+from fedretrain.deploy.pki import create_ca, create_site_keypair, issue_superlink_cert, load_ca, ssh_fingerprint
 from fedretrain.errors import ConfigError, KeyFileError
 from fedretrain.registry.signing import generate_keypair
 
@@ -75,12 +74,11 @@ def test_create_ca_writes_a_p384_ca_certificate_and_a_key_only_its_owner_can_rea
     usage = _ext(cert, x509.KeyUsage)
     assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
     assert not usage.value.digital_signature
-    assert _ext(cert, x509.SubjectKeyIdentifier).value == x509.SubjectKeyIdentifier.from_public_key(
-        key.public_key())
+    assert _ext(cert, x509.SubjectKeyIdentifier).value == x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     # 30 days from now, plus the 5 minutes back-dated for clock skew.
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=30, minutes=5)
     digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    assert ca.fingerprint == ":".join(digest[i:i + 2] for i in range(0, 64, 2))
+    assert ca.fingerprint == ":".join(digest[i : i + 2] for i in range(0, 64, 2))
 
 
 @pytest.mark.parametrize("name", ["", "  ", "x" * 65])
@@ -150,19 +148,27 @@ def test_superlink_cert_chains_to_the_ca_and_names_exactly_the_given_hosts(ca_di
     files = issue_superlink_cert(ca_dir, tmp_path / "link", hosts, days=90)
 
     # Assert: files and modes.
-    assert (files.key_path, files.cert_path) == (tmp_path / "link" / "superlink.key",
-                                                 tmp_path / "link" / "superlink.pem")
+    assert (files.key_path, files.cert_path) == (
+        tmp_path / "link" / "superlink.key",
+        tmp_path / "link" / "superlink.pem",
+    )
     assert _mode(files.key_path) == 0o600 and _mode(files.cert_path) == 0o644
     assert files.hosts == tuple(hosts)
     # Assert: signed by the CA, and names it by its key identifier.
     ca, cert = _cert(ca_dir / "ca.pem"), _cert(files.cert_path)
     cert.verify_directly_issued_by(ca)
-    assert _ext(cert, x509.AuthorityKeyIdentifier).value.key_identifier == \
-        _ext(ca, x509.SubjectKeyIdentifier).value.key_identifier
+    assert (
+        _ext(cert, x509.AuthorityKeyIdentifier).value.key_identifier
+        == _ext(ca, x509.SubjectKeyIdentifier).value.key_identifier
+    )
     # Assert: each host once, in order, IPs as IPAddress and names as DNSName.
     sans = list(_ext(cert, x509.SubjectAlternativeName).value)
-    assert sans == [x509.DNSName("link.example.org"), x509.IPAddress(ipaddress.ip_address("10.0.0.5")),
-                    x509.IPAddress(ipaddress.ip_address("::1")), x509.DNSName("localhost")]
+    assert sans == [
+        x509.DNSName("link.example.org"),
+        x509.IPAddress(ipaddress.ip_address("10.0.0.5")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+        x509.DNSName("localhost"),
+    ]
     # Assert: an end-entity server certificate with a P-384 key matching superlink.key.
     constraints = _ext(cert, x509.BasicConstraints)
     assert constraints.critical and not constraints.value.ca
@@ -185,9 +191,22 @@ def test_superlink_cert_ends_no_later_than_the_ca(tmp_path) -> None:
     assert files.not_after == _cert(tmp_path / "ca.pem").not_valid_after_utc
 
 
-@pytest.mark.parametrize("host", ["", " ", "bad host", " link.example.org", "link.example.org:9093",
-                                  "https://link.example.org", "under_score.org", "-dash.org", "a..b",
-                                  "10.0.0.256", "fe80::1%eth0"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "",
+        " ",
+        "bad host",
+        " link.example.org",
+        "link.example.org:9093",
+        "https://link.example.org",
+        "under_score.org",
+        "-dash.org",
+        "a..b",
+        "10.0.0.256",
+        "fe80::1%eth0",
+    ],
+)
 def test_superlink_cert_refuses_a_bad_host_and_names_it(ca_dir, tmp_path, host) -> None:
     with pytest.raises(ConfigError, match=r"--host: " + repr(host).replace("\\", "\\\\").replace(".", r"\.")):
         issue_superlink_cert(ca_dir, tmp_path / "link", ["localhost", host])
@@ -221,16 +240,16 @@ def test_site_keypair_is_accepted_by_flowers_own_loaders(tmp_path) -> None:
     assert isinstance(private_key, ec.EllipticCurvePrivateKey) and private_key.curve.name == "secp384r1"
     # ... and `flwr supernode register` sends the same public key the SuperLink will check.
     registered = try_load_public_key(pair.public_path)
-    assert registered == public_key.public_bytes(serialization.Encoding.PEM,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert registered == public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     assert pair.fingerprint == ssh_fingerprint(pair.public_path.read_bytes())
     assert pair.fingerprint.startswith("SHA256:") and len(pair.fingerprint) == 7 + 43
 
 
 @pytest.mark.parametrize("site_id", ["", "a/b", "a\\b", "a b", "a\tb", "../up"])
 def test_site_keypair_refuses_a_site_id_that_is_not_a_plain_name(tmp_path, site_id) -> None:
-    with pytest.raises(ConfigError, match=r"site-id: .*got " + repr(site_id).replace("\\", "\\\\").replace(
-            ".", r"\.")):
+    with pytest.raises(ConfigError, match=r"site-id: .*got " + repr(site_id).replace("\\", "\\\\").replace(".", r"\.")):
         create_site_keypair(tmp_path / "keys", site_id)
     assert not (tmp_path / "keys").exists()
 
@@ -373,8 +392,10 @@ def test_keys_commands_create_the_files_and_refuse_a_second_run(tmp_path, capsys
 
     # Execute: the coordinator's CA and SuperLink certificate, a site's key pair.
     assert main(["keys", "ca", "--out", out, "--days", "100"]) == 0
-    assert main(["keys", "superlink", "--host", "127.0.0.1", "--host", "link.example.org",
-                 "--ca-dir", out, "--out", out]) == 0
+    assert (
+        main(["keys", "superlink", "--host", "127.0.0.1", "--host", "link.example.org", "--ca-dir", out, "--out", out])
+        == 0
+    )
     assert main(["keys", "site", "hospital-a", "--out", out]) == 0
 
     # Assert: the files, and the output says where each went and what to do with it.
@@ -387,8 +408,11 @@ def test_keys_commands_create_the_files_and_refuse_a_second_run(tmp_path, capsys
     _cert(Path(out) / "superlink.pem").verify_directly_issued_by(_cert(Path(out) / "ca.pem"))
 
     # Execute / Assert: a second run without --force exits 2 and says why.
-    for argv in (["keys", "ca", "--out", out], ["keys", "superlink", "--host", "x.org", "--ca-dir", out,
-                                                  "--out", out], ["keys", "site", "hospital-a", "--out", out]):
+    for argv in (
+        ["keys", "ca", "--out", out],
+        ["keys", "superlink", "--host", "x.org", "--ca-dir", out, "--out", out],
+        ["keys", "site", "hospital-a", "--out", out],
+    ):
         assert main(argv) == 2
         assert "already exists; pass --force" in capsys.readouterr().err
     assert main(["keys", "site", "hospital-a", "--out", out, "--force"]) == 0

@@ -42,8 +42,9 @@ def make_site(tmp_path: Path, name: str = "site", *, records: int | None = None,
     if records is not None:
         lines = (data / "train.jsonl").read_text().splitlines(keepends=True)
         (data / "train.jsonl").write_text("".join(lines[:records]))
-    return SiteConfig(site_id="site-a", data_dir=str(data), epsilon_ceiling=settings.pop("ceiling", 50.0),
-                      delta=1e-5, **settings)
+    return SiteConfig(
+        site_id="site-a", data_dir=str(data), epsilon_ceiling=settings.pop("ceiling", 50.0), delta=1e-5, **settings
+    )
 
 
 def ledger_of(site: SiteConfig) -> PrivacyLedger:
@@ -79,16 +80,26 @@ def test_reproducible_noise_is_a_simulated_sites_opt_in_only(tmp_path, job, init
         train_round(site, replayable, initial, server_round=1)
     assert not site.ledger_path.exists()
     # A deployed site's node config cannot opt in at all.
-    node_config = {"site-id": "h1", "data-dir": str(tmp_path), "epsilon-ceiling": 8.0, "delta": 1e-5,
-                   "allow-reproducible-noise": True}
+    node_config = {
+        "site-id": "h1",
+        "data-dir": str(tmp_path),
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "allow-reproducible-noise": True,
+    }
     with pytest.raises(ConfigError, match="allow-reproducible-noise: only a simulated site"):
         site_config_from_node_config(node_config)
     assert site_config_from_node_config(node_config, simulation=True).allow_reproducible_noise
     # In simulation, with the site's consent, the researcher's replay is exact.
     a = dataclasses.replace(make_site(tmp_path, "b"), allow_reproducible_noise=True)
     b = dataclasses.replace(make_site(tmp_path, "c"), allow_reproducible_noise=True)
-    assert max_diff(train_round(a, replayable, initial, server_round=1).adapter,
-                    train_round(b, replayable, initial, server_round=1).adapter) == 0.0
+    assert (
+        max_diff(
+            train_round(a, replayable, initial, server_round=1).adapter,
+            train_round(b, replayable, initial, server_round=1).adapter,
+        )
+        == 0.0
+    )
 
 
 # --- what a train reply discloses ---------------------------------------------------------------
@@ -124,9 +135,12 @@ def test_evaluate_answers_once_for_the_final_round_it_trained_and_charges_it(tmp
     first = evaluate_round(site, one_round, update, server_round=1).metrics
     ledger = ledger_of(site)
     assert [(e.kind, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries] == [
-        ("train", 1.0, job.privacy.sample_rate, 3), ("evaluate", 4.0, 1.0, 1)]
-    assert ledger.epsilon() == pytest.approx(epsilon_for_history([(1.0, job.privacy.sample_rate, 3),
-                                                                  (4.0, 1.0, 1)], 1e-5))
+        ("train", 1.0, job.privacy.sample_rate, 3),
+        ("evaluate", 4.0, 1.0, 1),
+    ]
+    assert ledger.epsilon() == pytest.approx(
+        epsilon_for_history([(1.0, job.privacy.sample_rate, 3), (4.0, 1.0, 1)], 1e-5)
+    )
     assert ledger.epsilon() > spent_training and first["epsilon"] == pytest.approx(ledger.epsilon())
     # The same candidate again: the same answer, no new spend, no fresh noise to average away.
     assert evaluate_round(site, one_round, update, server_round=1).metrics == first
@@ -207,16 +221,33 @@ def test_gaussian_release_scales_each_noise_by_its_sensitivity():
     rng = np.random.default_rng(0)
     draws = [gaussian_release({"n": 0.0, "s": 0.0}, {"n": 1.0, "s": 3.0}, 2.0, rng) for _ in range(4000)]
     # K = 2: std = 2 * sqrt(2) * sensitivity
-    assert draws[0].stds == pytest.approx({"n": 2 * 2 ** 0.5, "s": 6 * 2 ** 0.5})
-    assert np.std([d.values["s"] for d in draws]) == pytest.approx(6 * 2 ** 0.5, rel=0.05)
+    assert draws[0].stds == pytest.approx({"n": 2 * 2**0.5, "s": 6 * 2**0.5})
+    assert np.std([d.values["s"] for d in draws]) == pytest.approx(6 * 2**0.5, rel=0.05)
     with pytest.raises(ValueError, match="sensitivity"):
         gaussian_release({"n": 0.0}, {"n": 0.0}, 2.0)
 
 
 def test_a_ledger_of_schema_1_reads_as_training_rounds(tmp_path):
     path = tmp_path / "ledger.json"
-    path.write_text(json.dumps({"schema_version": 1, "site_id": "s", "accountant": "rdp", "delta": 1e-5,
-                                "entries": [{"run_id": "r", "round": 1, "noise_multiplier": 1.0,
-                                             "sample_rate": 0.05, "steps": 30, "recorded_at": "2026-01-01"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "site_id": "s",
+                "accountant": "rdp",
+                "delta": 1e-5,
+                "entries": [
+                    {
+                        "run_id": "r",
+                        "round": 1,
+                        "noise_multiplier": 1.0,
+                        "sample_rate": 0.05,
+                        "steps": 30,
+                        "recorded_at": "2026-01-01",
+                    }
+                ],
+            }
+        )
+    )
     ledger = PrivacyLedger.load(path, site_id="s", accountant="rdp", delta=1e-5)
     assert [e.kind for e in ledger.entries] == ["train"] and ledger.trained("r", 1)

@@ -24,8 +24,13 @@ SHRINK = ["rounds=1", "data.records_per_site=40", "data.validation_records=40", 
 # The publishing walkthrough trains for real (a shrunk run still has to beat the baseline, and
 # the second cycle version 1: with 80 held-out records a site, the sites' noised evaluations
 # can still confirm an improvement of a few tenths of a nat).
-WALKTHROUGH_SHRINK = ["rounds=2", "data.records_per_site=400", "data.validation_records=120",
-                      "train.local_steps=12", "output_dir=runs"]
+WALKTHROUGH_SHRINK = [
+    "rounds=2",
+    "data.records_per_site=400",
+    "data.validation_records=120",
+    "train.local_steps=12",
+    "output_dir=runs",
+]
 
 
 def readme_blocks() -> list[list[str]]:
@@ -56,14 +61,16 @@ def _run(args: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.Co
 
 
 def test_readme_has_only_commands_this_file_runs():
-    for command in (readme_commands() + walkthrough() + walkthrough(WATCH_WALKTHROUGH)
-                    + walkthrough(DEPLOY_WALKTHROUGH)):
+    for command in readme_commands() + walkthrough() + walkthrough(WATCH_WALKTHROUGH) + walkthrough(DEPLOY_WALKTHROUGH):
         # `make bench QUICK=1` is run by tests/test_bench_suite.py through the same entry point.
-        assert command in ("make demo", "make test", "make bench", "make bench QUICK=1") \
-            or command.startswith("fedretrain "), command
+        assert command in ("make demo", "make test", "make bench", "make bench QUICK=1") or command.startswith(
+            "fedretrain "
+        ), command
 
 
-@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith(("fedretrain data", "fedretrain config"))])
+@pytest.mark.parametrize(
+    "command", [c for c in readme_commands() if c.startswith(("fedretrain data", "fedretrain config"))]
+)
 def test_quick_readme_command(command):
     proc = _run(FEDRETRAIN + command.split()[1:])
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -71,8 +78,9 @@ def test_quick_readme_command(command):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [c for c in readme_commands()
-                                     if c.startswith("fedretrain simulate") and c != SCENARIO_COMMAND])
+@pytest.mark.parametrize(
+    "command", [c for c in readme_commands() if c.startswith("fedretrain simulate") and c != SCENARIO_COMMAND]
+)
 def test_readme_simulation_command(command, tmp_path):
     proc = _run(FEDRETRAIN + command.split()[1:] + SHRINK + [f"output_dir={tmp_path}"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -124,8 +132,9 @@ def test_readme_watch_walkthrough(tmp_path):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     outputs = []
     for command in walkthrough(WATCH_WALKTHROUGH):
-        proc = _run(FEDRETRAIN + shlex.split(command)[1:] + (["output_dir=runs"] if " watch " in command else []),
-                    cwd=tmp_path)
+        proc = _run(
+            FEDRETRAIN + shlex.split(command)[1:] + (["output_dir=runs"] if " watch " in command else []), cwd=tmp_path
+        )
         assert proc.returncode == 0, f"{command}\n" + (proc.stdout + proc.stderr)[-4000:]
         outputs.append(proc.stdout)
     watch = tmp_path / "fed" / "coordinator" / "registry" / "watch"
@@ -137,9 +146,13 @@ def test_readme_watch_walkthrough(tmp_path):
     assert cycles[0]["published_version"] == 1
     assert all(v["spent"] > 0 for v in cycles[1]["epsilon"].values())
     assert not list((watch / "requests").glob("*.json")) and len(list((watch / "requests" / "done").iterdir())) == 1
-    ingest_out = next(o for o, c in zip(outputs, walkthrough(WATCH_WALKTHROUGH)) if " ingest " in c)
-    assert "24 stored" in ingest_out and "2 duplicates dropped, 1 quarantined" in ingest_out and "redacted" not in ingest_out
-    status_out = next(o for o, c in zip(outputs, walkthrough(WATCH_WALKTHROUGH)) if " status " in c)
+    ingest_out = next(o for o, c in zip(outputs, walkthrough(WATCH_WALKTHROUGH), strict=True) if " ingest " in c)
+    assert (
+        "24 stored" in ingest_out
+        and "2 duplicates dropped, 1 quarantined" in ingest_out
+        and "redacted" not in ingest_out
+    )
+    status_out = next(o for o, c in zip(outputs, walkthrough(WATCH_WALKTHROUGH), strict=True) if " status " in c)
     assert "new records: " in status_out and "epsilon: spent" in status_out
 
 

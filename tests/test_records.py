@@ -10,7 +10,6 @@ import torch
 from flwr.app import Array, ArrayRecord
 from numpy.lib import format as npy_format
 
-from fedretrain.errors import AdapterMismatchError
 from fedretrain.arrays import (
     AdapterSpec,
     check_adapter,
@@ -18,6 +17,7 @@ from fedretrain.arrays import (
     to_array_record,
     to_torch_state_dict,
 )
+from fedretrain.errors import AdapterMismatchError
 
 
 def _npy_array(write) -> Array:
@@ -131,9 +131,7 @@ def test_fortran_ordered_payload_is_refused():
 def test_object_dtype_payload_is_refused_without_unpickling():
     # Prepare: a header declaring an object array, followed by 8 arbitrary bytes
     header = {"descr": "|O", "fortran_order": False, "shape": (1,)}
-    array = _npy_array(
-        lambda buf: (npy_format.write_array_header_1_0(buf, header), buf.write(b"\x80" * 8))
-    )
+    array = _npy_array(lambda buf: (npy_format.write_array_header_1_0(buf, header), buf.write(b"\x80" * 8)))
 
     # Execute / Assert
     with pytest.raises(AdapterMismatchError, match="'t'.*object"):

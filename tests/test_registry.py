@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cli.registry import add_keys_commands, add_registry_commands
 from fedretrain.errors import KeyFileError, RegistryError
 from fedretrain.registry.bundle import ADAPTER_FILES, verify_rollback
-from cli.registry import add_keys_commands, add_registry_commands
 from fedretrain.registry.signing import generate_keypair, key_id, load_private_key, verify_signature
 from fedretrain.registry.store import Registry
 
@@ -40,8 +40,16 @@ def key() -> Ed25519PrivateKey:
 
 
 def _publish(registry: Registry, adapter: Path, key: Ed25519PrivateKey, *, day: int = 0, **kwargs) -> int:
-    settings = {"base_model": BASE, "lora": LORA, "run": {"name": f"run-{day}"}, "sites": {},
-                "gate": {"decision": "publish"}, "expiry_days": 30, "now": NOW + timedelta(days=day), **kwargs}
+    settings = {
+        "base_model": BASE,
+        "lora": LORA,
+        "run": {"name": f"run-{day}"},
+        "sites": {},
+        "gate": {"decision": "publish"},
+        "expiry_days": 30,
+        "now": NOW + timedelta(days=day),
+        **kwargs,
+    }
     return registry.publish(adapter, signing_key=key, **settings)
 
 
@@ -69,7 +77,11 @@ def test_publish_twice_makes_a_chain_of_verified_versions(tmp_path, adapter_dir,
     for name in ADAPTER_FILES:  # byte-exact copies of what peft wrote
         assert (tmp_path / "registry/versions/000002" / name).read_bytes() == (adapter_dir / name).read_bytes()
     assert json.loads((tmp_path / "registry/champion.json").read_text()) == {
-        "version": 2, "set_at": "2026-11-22T10:00:00Z", "reason": "publish", "rollback_sequence": None}
+        "version": 2,
+        "set_at": "2026-11-22T10:00:00Z",
+        "reason": "publish",
+        "rollback_sequence": None,
+    }
     assert json.loads((tmp_path / "registry/registry.json").read_text())["key_id"] == key_id(key.public_key())
     assert registry.check().problems == ()
     # Each publish appended a signed pointer record; the verified chain's head is the champion.
@@ -98,8 +110,13 @@ def test_a_version_that_requires_approval_waits_until_approved(tmp_path, adapter
     assert registry.champion() == 2 and registry.status(2) == "champion"
     payload = (tmp_path / "versions/000002/approval.json").read_bytes()
     verify_signature(key.public_key(), payload, (tmp_path / "versions/000002/approval.sig").read_bytes())
-    assert json.loads(payload) == {"kind": "approval", "version": 2, "approver": "ana",
-                                   "created_at": "2026-11-23T10:00:00Z", "key_id": key_id(key.public_key())}
+    assert json.loads(payload) == {
+        "kind": "approval",
+        "version": 2,
+        "approver": "ana",
+        "created_at": "2026-11-23T10:00:00Z",
+        "key_id": key_id(key.public_key()),
+    }
     assert json.loads((tmp_path / "champion.json").read_text())["reason"] == "approve"
     with pytest.raises(RegistryError, match="champion"):
         registry.approve(2, signing_key=key, approver="ana")
@@ -120,8 +137,7 @@ def test_a_pending_version_overtaken_by_a_newer_champion_cannot_come_back(tmp_pa
         registry.rollback(2, signing_key=key, reason="try")
 
 
-def test_rollback_moves_the_champion_back_with_a_signed_record_and_deletes_nothing(tmp_path, adapter_dir,
-                                                                                   key) -> None:
+def test_rollback_moves_the_champion_back_with_a_signed_record_and_deletes_nothing(tmp_path, adapter_dir, key) -> None:
     # Prepare
     registry = Registry(tmp_path)
     for day in range(3):
@@ -136,9 +152,15 @@ def test_rollback_moves_the_champion_back_with_a_signed_record_and_deletes_nothi
     assert [registry.status(v) for v in (1, 2, 3)] == ["champion", "superseded", "rolled-back"]
     assert _tree(tmp_path / "versions") == before
     body = verify_rollback(record, registry.public_key(), last_sequence=None)
-    assert body == {"kind": "rollback", "sequence": 1, "target_version": 1, "from_version": 3,
-                    "created_at": "2026-11-26T10:00:00Z", "reason": "gate regression",
-                    "key_id": key_id(key.public_key())}
+    assert body == {
+        "kind": "rollback",
+        "sequence": 1,
+        "target_version": 1,
+        "from_version": 3,
+        "created_at": "2026-11-26T10:00:00Z",
+        "reason": "gate regression",
+        "key_id": key_id(key.public_key()),
+    }
     assert registry.latest_rollback() == record
     assert (tmp_path / "rollbacks/000001.json").read_bytes() == record.payload_bytes
     assert json.loads((tmp_path / "champion.json").read_text())["rollback_sequence"] == 1
@@ -218,9 +240,21 @@ def test_a_publish_killed_before_its_manifest_leaves_the_registry_intact(tmp_pat
     _publish(registry, adapter_dir, key)
 
     # Execute: a publisher killed between writing the adapter files and the manifest.
-    proc = subprocess.run([sys.executable, "-c", _CRASHING_PUBLISH, str(registry.root), str(adapter_dir),
-                           str(pair.private_path), json.dumps(BASE), json.dumps(LORA)],
-                          cwd=REPO, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CRASHING_PUBLISH,
+            str(registry.root),
+            str(adapter_dir),
+            str(pair.private_path),
+            json.dumps(BASE),
+            json.dumps(LORA),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
 
     # Assert: it died by SIGKILL; nothing a reader sees changed; the leftover is only a note.
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
@@ -253,7 +287,8 @@ store.Registry(root).publish(Path(adapter), signing_key=load_private_key(key), b
 
 
 def test_a_publish_killed_before_its_pointer_record_is_refused_until_its_version_is_moved_aside(
-        tmp_path, adapter_dir) -> None:
+    tmp_path, adapter_dir
+) -> None:
     # Prepare
     pair = generate_keypair(tmp_path / "keys")
     key = load_private_key(pair.private_path)
@@ -261,9 +296,21 @@ def test_a_publish_killed_before_its_pointer_record_is_refused_until_its_version
     _publish(registry, adapter_dir, key)
 
     # Execute: a publisher killed after its version is in place, before its pointer record.
-    proc = subprocess.run([sys.executable, "-c", _DYING_POINTER, str(registry.root), str(adapter_dir),
-                           str(pair.private_path), json.dumps(BASE), json.dumps(LORA)],
-                          cwd=REPO, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DYING_POINTER,
+            str(registry.root),
+            str(adapter_dir),
+            str(pair.private_path),
+            json.dumps(BASE),
+            json.dumps(LORA),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
 
     # Assert: version 2 exists but no record names it: the audit and the next publish refuse, naming it.
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
@@ -307,8 +354,10 @@ def test_decisions_and_pseudonyms(tmp_path) -> None:
     alias = registry.pseudonym("hospital-a")
 
     # Assert: decisions in order; the pseudonym is HMAC-SHA256 under the 0600 key file.
-    assert registry.decisions() == [{"round": 3, "decision": "publish"},
-                                    {"round": 4, "decision": "reject", "reason": "worse than champion"}]
+    assert registry.decisions() == [
+        {"round": 3, "decision": "publish"},
+        {"round": 4, "decision": "reject", "reason": "worse than champion"},
+    ]
     secret = (tmp_path / "pseudonym.key").read_bytes()
     assert len(secret) == 32
     assert stat.S_IMODE((tmp_path / "pseudonym.key").stat().st_mode) == 0o600
@@ -349,10 +398,14 @@ def test_the_commands(tmp_path, adapter_dir, capsys) -> None:
     assert '"parent": 1' in shown and shown.rstrip().endswith("status: champion")
 
     # Execute / Assert: approve, rollback, verify.
-    assert _cli("registry", "approve", "3", "--key", str(keys / "coordinator.key"), "--approver", "ana",
-                "--root", root) == 0
-    assert _cli("registry", "rollback", "1", "--key", str(keys / "coordinator.key"), "--reason", "bad",
-                "--root", root) == 0
+    assert (
+        _cli("registry", "approve", "3", "--key", str(keys / "coordinator.key"), "--approver", "ana", "--root", root)
+        == 0
+    )
+    assert (
+        _cli("registry", "rollback", "1", "--key", str(keys / "coordinator.key"), "--reason", "bad", "--root", root)
+        == 0
+    )
     assert registry.champion() == 1 and registry.latest_rollback().record["reason"] == "bad"
     capsys.readouterr()
     assert _cli("registry", "verify", "--root", root) == 0

@@ -12,24 +12,30 @@ from unittest.mock import Mock
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 import strategies.validation
 from client.round.site import train_round
+from fedretrain.arrays import AdapterSpec, record_digest, to_array_record
 from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
 from fedretrain.privacy.ledger import PrivacyLedger
-from fedretrain.arrays import AdapterSpec, record_digest, to_array_record
 from strategies import FedAvgLoRA
 from strategies.validation import max_reply_bytes
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "site-a"
-METRICS = {"epsilon": 2.0, "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1, "sample-rate": 0.05,
-           "steps": 5}
+METRICS = {
+    "epsilon": 2.0,
+    "epsilon-ceiling": 8.0,
+    "delta": 1e-5,
+    "noise-multiplier": 1.1,
+    "sample-rate": 0.05,
+    "steps": 5,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -46,18 +52,23 @@ def adapter(value: float) -> dict[str, np.ndarray]:
 def reply_to(instruction: Message, node_id: int, site_id: str, arrays: dict[str, np.ndarray]) -> Message:
     """What a site sends back: its adapter, metrics, and the echo of the instruction's round and digest."""
     config = instruction.content["config"]
-    content = RecordDict({
-        "arrays": to_array_record(arrays), "metrics": MetricRecord(METRICS),
-        "site": ConfigRecord({"site-id": site_id, "server-round": config["server-round"],
-                              "global-hash": config["global-hash"]}),
-    })
+    content = RecordDict(
+        {
+            "arrays": to_array_record(arrays),
+            "metrics": MetricRecord(METRICS),
+            "site": ConfigRecord(
+                {"site-id": site_id, "server-round": config["server-round"], "global-hash": config["global-hash"]}
+            ),
+        }
+    )
     reply = Message(content, reply_to=instruction)
     reply.metadata.__dict__["_src_node_id"] = node_id  # as the SuperLink stamps the replying node
     return reply
 
 
-def configured_round(strategy: FedAvgLoRA, server_round: int, global_adapter: dict[str, np.ndarray],
-                     nodes: list[int]) -> dict[int, Message]:
+def configured_round(
+    strategy: FedAvgLoRA, server_round: int, global_adapter: dict[str, np.ndarray], nodes: list[int]
+) -> dict[int, Message]:
     grid = Mock(spec=Grid)
     grid.get_node_ids.return_value = nodes
     messages = strategy.configure_train(server_round, to_array_record(global_adapter), ConfigRecord(), grid)

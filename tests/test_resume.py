@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from fedretrain.config import Job
 from fedretrain.errors import ResumeError
-from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from server.cycle.resume import CheckpointWriter, check_registry_pointer, privacy_totals, resume_point
 from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RejectedReply, RoundLog
@@ -21,11 +21,18 @@ SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "f
 JOB = Job(run_id="cycle-7", seed=0, rounds=3)
 
 
-
-
 def privacy(epsilon: float, node_id: int) -> dict[str, float | int]:
-    return {"node-id": node_id, "num-examples": 10, "data-size": 100, "train-loss": 1.0, "epsilon": epsilon,
-            "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1, "steps": 5}
+    return {
+        "node-id": node_id,
+        "num-examples": 10,
+        "data-size": 100,
+        "train-loss": 1.0,
+        "epsilon": epsilon,
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "noise-multiplier": 1.1,
+        "steps": 5,
+    }
 
 
 def adapter(a: float, b: float) -> dict[str, np.ndarray]:
@@ -38,8 +45,10 @@ def test_privacy_totals_give_each_sites_last_epsilon_and_its_rounds():
     round_log = {
         3: RoundLog(accepted={"a": privacy(2.5, 1)}),
         1: RoundLog(accepted={"a": privacy(1.0, 1)}),
-        2: RoundLog(accepted={"b": privacy(0.7, 2), "a": privacy(1.5, 1)},
-                    rejected=[RejectedReply(node_id=3, site_id="c", reason="stale")]),
+        2: RoundLog(
+            accepted={"b": privacy(0.7, 2), "a": privacy(1.5, 1)},
+            rejected=[RejectedReply(node_id=3, site_id="c", reason="stale")],
+        ),
     }
 
     # Execute
@@ -58,10 +67,15 @@ def test_privacy_totals_of_an_empty_log_are_empty():
 
 def round_log() -> dict[int, RoundLog]:
     return {
-        1: RoundLog(sampled=3, bytes_down=300, bytes_up=240, accepted={"a": privacy(1.0, 1), "b": privacy(0.5, 2)},
-                    rejected=[RejectedReply(node_id=3, site_id=None, reason="error reply (code 0): 'boom'")],
-                    evaluation={"a": {"node-id": 1, "num-examples": 5, "candidate-loss": 1.25}},
-                    evaluation_rejected=[RejectedReply(node_id=2, site_id="b", reason="stale or replayed reply")]),
+        1: RoundLog(
+            sampled=3,
+            bytes_down=300,
+            bytes_up=240,
+            accepted={"a": privacy(1.0, 1), "b": privacy(0.5, 2)},
+            rejected=[RejectedReply(node_id=3, site_id=None, reason="error reply (code 0): 'boom'")],
+            evaluation={"a": {"node-id": 1, "num-examples": 5, "candidate-loss": 1.25}},
+            evaluation_rejected=[RejectedReply(node_id=2, site_id="b", reason="stale or replayed reply")],
+        ),
         2: RoundLog(sampled=2, bytes_down=200, bytes_up=160, accepted={"a": privacy(1.75, 1), "b": privacy(0.5, 2)}),
     }
 
@@ -71,8 +85,9 @@ def test_a_written_checkpoint_restores_the_strategy_the_random_state_and_the_ada
     # Prepare: a strategy that has run two rounds; checkpoints after round 1 and round 2.
     strategy = FedAvgLoRA(spec=SPEC)
     strategy.round_log = round_log()
-    writer = CheckpointWriter(tmp_path / "run", strategy, JOB, num_rounds=3, registry_root=tmp_path / "registry",
-                              champion=4)
+    writer = CheckpointWriter(
+        tmp_path / "run", strategy, JOB, num_rounds=3, registry_root=tmp_path / "registry", champion=4
+    )
     writer.write(1, to_array_record(adapter(0.5, 0.25)))
     writer.write(2, to_array_record(adapter(1.5, -0.75)))
     # What the coordinator would have drawn next, had it gone on.
@@ -81,8 +96,9 @@ def test_a_written_checkpoint_restores_the_strategy_the_random_state_and_the_ada
     # Execute: a new process (a fresh strategy) resumes.
     checkpoint = resume_point(tmp_path / "run")
     fresh = FedAvgLoRA(spec=SPEC)
-    arrays = CheckpointWriter(tmp_path / "run", fresh, JOB, num_rounds=3, registry_root=tmp_path / "registry",
-                              champion=4).restore(checkpoint)
+    arrays = CheckpointWriter(
+        tmp_path / "run", fresh, JOB, num_rounds=3, registry_root=tmp_path / "registry", champion=4
+    ).restore(checkpoint)
 
     # Assert: round 2's adapter, exactly; the round log equal entry for entry, its
     # rejections RejectedReply again (not dicts); the random draws repeat.
@@ -106,8 +122,9 @@ def test_a_written_checkpoint_restores_the_strategy_the_random_state_and_the_ada
 def test_the_registry_pointer_passes_when_unchanged_and_refuses_a_new_champion(tmp_path):
     # Prepare
     strategy = FedAvgLoRA(spec=SPEC)
-    writer = CheckpointWriter(tmp_path / "run", strategy, JOB, num_rounds=3, registry_root=tmp_path / "registry",
-                              champion=4)
+    writer = CheckpointWriter(
+        tmp_path / "run", strategy, JOB, num_rounds=3, registry_root=tmp_path / "registry", champion=4
+    )
     writer.write(1, to_array_record(adapter(0.0, 0.0)))
     checkpoint = resume_point(tmp_path / "run")
 
@@ -127,8 +144,9 @@ def test_the_registry_pointer_passes_when_unchanged_and_refuses_a_new_champion(t
 
 
 def test_a_cycle_that_started_with_no_champion_resumes_with_none(tmp_path):
-    writer = CheckpointWriter(tmp_path / "run", FedAvgLoRA(spec=SPEC), JOB, num_rounds=3,
-                              registry_root=tmp_path / "registry", champion=None)
+    writer = CheckpointWriter(
+        tmp_path / "run", FedAvgLoRA(spec=SPEC), JOB, num_rounds=3, registry_root=tmp_path / "registry", champion=None
+    )
     writer.write(1, to_array_record(adapter(0.0, 0.0)))
 
     check_registry_pointer(resume_point(tmp_path / "run"), tmp_path / "registry", None)

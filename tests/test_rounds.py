@@ -18,18 +18,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedretrain.errors import QuorumLost
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
+from fedretrain.errors import QuorumLost
+from server.cycle.rounds import RoundPolicy, random_state, restore_random_state, run_rounds
 from server.sites.grid import BoundGrid
 from server.sites.roster import Roster
-from server.cycle.rounds import RoundPolicy, random_state, restore_random_state, run_rounds
 from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RejectedReply
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))
 # Every accepted site weighs the same; node n adds n to the global value it trains from.
-EVALUATE_METRICS = {"num-examples": 5.0, "diff-sum": -1.0, "diff-sumsq": 0.5, "num-examples-std": 1.0,
-                    "diff-sum-std": 1.0, "diff-sumsq-std": 1.0, "eval-clip": 1.0}
+EVALUATE_METRICS = {
+    "num-examples": 5.0,
+    "diff-sum": -1.0,
+    "diff-sumsq": 0.5,
+    "num-examples-std": 1.0,
+    "diff-sum-std": 1.0,
+    "diff-sumsq-std": 1.0,
+    "eval-clip": 1.0,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -45,11 +52,8 @@ def propagating_logs(monkeypatch):
     monkeypatch.setattr(logging.getLogger("fedretrain"), "propagate", True)
 
 
-
-
 def adapter(value: float) -> ArrayRecord:
-    return to_array_record({"lora_A": np.full((1, 2), value, np.float32),
-                            "lora_B": np.full((2, 1), value, np.float32)})
+    return to_array_record({"lora_A": np.full((1, 2), value, np.float32), "lora_B": np.full((2, 1), value, np.float32)})
 
 
 def value_of(arrays: ArrayRecord) -> float:
@@ -90,12 +94,19 @@ class FakeGrid:
     @staticmethod
     def answer(instruction: Message, node: int) -> Message:
         config = instruction.content["config"]
-        site = ConfigRecord({"site-id": f"site-{node}", "server-round": config["server-round"],
-                             "global-hash": config["global-hash"]})
+        site = ConfigRecord(
+            {"site-id": f"site-{node}", "server-round": config["server-round"], "global-hash": config["global-hash"]}
+        )
         if instruction.metadata.message_type == MessageType.TRAIN:
             trained = value_of(instruction.content["arrays"]) + node
-            metrics = {"epsilon": 1.0, "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1,
-                       "sample-rate": 0.05, "steps": 5}
+            metrics = {
+                "epsilon": 1.0,
+                "epsilon-ceiling": 8.0,
+                "delta": 1e-5,
+                "noise-multiplier": 1.1,
+                "sample-rate": 0.05,
+                "steps": 5,
+            }
             content = RecordDict({"arrays": adapter(trained), "metrics": MetricRecord(metrics), "site": site})
         else:
             content = RecordDict({"metrics": MetricRecord(EVALUATE_METRICS), "site": site})
@@ -119,13 +130,31 @@ class Recorder:
         self.ended.append((server_round, value_of(arrays)))
 
 
-def run(grid: FakeGrid, start: float, *, first_round: int, num_rounds: int, policy: RoundPolicy,
-        recorder: Recorder, strategy: FedAvgLoRA | None = None) -> ArrayRecord:
-    strategy = strategy or FedAvgLoRA(spec=SPEC, min_train_nodes=policy.quorum, min_evaluate_nodes=policy.quorum,
-                                      min_available_nodes=policy.quorum)
-    return run_rounds(grid, strategy, adapter(start), first_round=first_round, num_rounds=num_rounds,
-                      policy=policy, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
-                      evaluate_fn=recorder.evaluate, on_round_end=recorder.end)
+def run(
+    grid: FakeGrid,
+    start: float,
+    *,
+    first_round: int,
+    num_rounds: int,
+    policy: RoundPolicy,
+    recorder: Recorder,
+    strategy: FedAvgLoRA | None = None,
+) -> ArrayRecord:
+    strategy = strategy or FedAvgLoRA(
+        spec=SPEC, min_train_nodes=policy.quorum, min_evaluate_nodes=policy.quorum, min_available_nodes=policy.quorum
+    )
+    return run_rounds(
+        grid,
+        strategy,
+        adapter(start),
+        first_round=first_round,
+        num_rounds=num_rounds,
+        policy=policy,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=recorder.evaluate,
+        on_round_end=recorder.end,
+    )
 
 
 def test_a_fresh_run_scores_round_zero_then_each_round_and_reports_each_round_end():
@@ -142,11 +171,16 @@ def test_a_fresh_run_scores_round_zero_then_each_round_and_reports_each_round_en
     assert value_of(final) == 3.0
     # Each round trains on the old global at both nodes; only the final candidate goes to the
     # sites for evaluation (each evaluation is a charged release at every site).
-    assert sorted(grid.sent) == sorted([
-        (MessageType.TRAIN, 1, 1, 0.0), (MessageType.TRAIN, 1, 2, 0.0),
-        (MessageType.TRAIN, 2, 1, 1.5), (MessageType.TRAIN, 2, 2, 1.5),
-        (MessageType.EVALUATE, 2, 1, 3.0), (MessageType.EVALUATE, 2, 2, 3.0),
-    ])
+    assert sorted(grid.sent) == sorted(
+        [
+            (MessageType.TRAIN, 1, 1, 0.0),
+            (MessageType.TRAIN, 1, 2, 0.0),
+            (MessageType.TRAIN, 2, 1, 1.5),
+            (MessageType.TRAIN, 2, 2, 1.5),
+            (MessageType.EVALUATE, 2, 1, 3.0),
+            (MessageType.EVALUATE, 2, 2, 3.0),
+        ]
+    )
     assert [kind for kind, *_ in grid.sent[::2]] == [MessageType.TRAIN, MessageType.TRAIN, MessageType.EVALUATE]
 
 
@@ -170,8 +204,9 @@ def test_a_node_that_never_answers_costs_one_deadline_and_the_round_goes_on(capl
     grid, recorder = FakeGrid([1, 2, 3], silent={1: {3}}), Recorder()
     bound = BoundGrid(grid, Roster({1: "site-1", 2: "site-2", 3: "site-3"}))
     policy = RoundPolicy(deadline_s=8.0, quorum=2, wait_for=3)
-    strategy = FedAvgLoRA(spec=SPEC, site_of=bound.site_of, min_train_nodes=2, min_evaluate_nodes=2,
-                          min_available_nodes=2)
+    strategy = FedAvgLoRA(
+        spec=SPEC, site_of=bound.site_of, min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2
+    )
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="fedretrain.server"):
@@ -186,8 +221,11 @@ def test_a_node_that_never_answers_costs_one_deadline_and_the_round_goes_on(capl
     assert grid.timeouts == [8.0, 8.0]
     assert caplog.text.count("1 of 3 sites did not reply by the 8 s deadline (site site-3 (node 3))") == 2
     # ... and recorded under its site and node, in train and in evaluation.
-    silent = RejectedReply(node_id=3, site_id="site-3",
-                           reason="error reply (code 4203): 'site site-3 (node 3): no reply by the 8 s deadline'")
+    silent = RejectedReply(
+        node_id=3,
+        site_id="site-3",
+        reason="error reply (code 4203): 'site site-3 (node 3): no reply by the 8 s deadline'",
+    )
     assert strategy.round_log[1].rejected == [silent]
     assert strategy.round_log[1].evaluation_rejected == [silent]
 
@@ -258,8 +296,13 @@ def test_random_state_round_trips_through_json():
     state, tensors = random_state()
 
     def draws() -> tuple[float, ...]:
-        return (random.random(), random.gauss(0.0, 1.0), float(np.random.rand()), float(np.random.randn()),
-                float(torch.rand(1)))
+        return (
+            random.random(),
+            random.gauss(0.0, 1.0),
+            float(np.random.rand()),
+            float(np.random.randn()),
+            float(torch.rand(1)),
+        )
 
     first = draws()
     then = draws()

@@ -28,8 +28,12 @@ def test_drift_is_detected_retrained_published_and_recovers(tmp_path):
     assert SCENARIO_COMMAND in [c for block in readme_blocks() for c in block]
 
     # Execute
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *shlex.split(SCENARIO_COMMAND)[1:], *SHRINK,
-                           f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *shlex.split(SCENARIO_COMMAND)[1:], *SHRINK, f"output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
     # Assert
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -51,8 +55,10 @@ def test_drift_is_detected_retrained_published_and_recovers(tmp_path):
     assert drifted["loss_published"] < drifted["loss_never_retrained"]
     assert result["recovered_step"] == 2 and result["cycles"] == 2
     # Privacy across cycles: each cycle spent from the sites' lifetime ledgers.
-    cycles = [json.loads(line) for line in
-              (run_dir / "sites" / "coordinator" / "registry" / "watch" / "cycles.jsonl").read_text().splitlines()]
+    cycles = [
+        json.loads(line)
+        for line in (run_dir / "sites" / "coordinator" / "registry" / "watch" / "cycles.jsonl").read_text().splitlines()
+    ]
     for site, eps in cycles[1]["epsilon"].items():
         assert eps["spent"] > 0 and eps["after"] <= 8.0, site
     assert (run_dir / "drift.png").stat().st_size > 10_000

@@ -18,8 +18,11 @@ def _write(tmp_path, name, content: str | bytes):
 
 
 def test_good_jsonl_reads_every_record(tmp_path):
-    path = _write(tmp_path, "ok.jsonl",
-                  '{"text": "Pt seen.", "id": "a1", "timestamp": "2026-01-02T08:00:00Z"}\n\n{"text": "Second.", "id": 7}\n')
+    path = _write(
+        tmp_path,
+        "ok.jsonl",
+        '{"text": "Pt seen.", "id": "a1", "timestamp": "2026-01-02T08:00:00Z"}\n\n{"text": "Second.", "id": 7}\n',
+    )
     assert read_records(path) == [Record("Pt seen.", "a1", "2026-01-02T08:00:00Z"), Record("Second.", "7")]
 
 
@@ -31,7 +34,7 @@ def test_good_csv_reads_the_text_column(tmp_path):
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     # JSON allows U+2028, U+2029 and U+0085 raw inside a string; only "\n" ends a record.
     texts = ["Hx:\u2028cough", "Plan\u2029rest", "BP\x85120/80"]
-    content = "".join('{"text": "%s"}\r\n' % t for t in texts)
+    content = "".join('{"text": "' + t + '"}\r\n' for t in texts)
     path = _write(tmp_path, "seps.jsonl", content + '{"text": 1}\n')
     with pytest.raises(DataValidationError) as err:
         read_records(path)
@@ -64,8 +67,10 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path, content, line, field, wor
 
 @pytest.mark.parametrize(
     "content",
-    ['{"text": "a", "id": "MRN-4711"}\n{"text": "b", "id": "MRN-4711"}\n',
-     '{"text": "a", "timestamp": "MRN-4711 on 3rd May"}\n'],
+    [
+        '{"text": "a", "id": "MRN-4711"}\n{"text": "b", "id": "MRN-4711"}\n',
+        '{"text": "a", "timestamp": "MRN-4711 on 3rd May"}\n',
+    ],
     ids=["duplicate id", "bad timestamp"],
 )
 def test_errors_do_not_quote_record_values(tmp_path, content):
@@ -98,10 +103,12 @@ def test_csv_without_text_column_is_refused(tmp_path):
 def test_cli_validate_exits_nonzero_on_a_bad_file_and_names_it(tmp_path):
     good = _write(tmp_path, "good.jsonl", '{"text": "fine"}\n')
     bad = _write(tmp_path, "bad.jsonl", '{"text": "fine"}\n{"txt": "typo"}\n')
-    ok = subprocess.run([sys.executable, "-m", "cli.main", "data", "validate", str(good)],
-                        capture_output=True, text=True)
-    fail = subprocess.run([sys.executable, "-m", "cli.main", "data", "validate", str(good), str(bad)],
-                          capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "cli.main", "data", "validate", str(good)], capture_output=True, text=True
+    )
+    fail = subprocess.run(
+        [sys.executable, "-m", "cli.main", "data", "validate", str(good), str(bad)], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "1 records" in ok.stdout
     assert fail.returncode == 1
     assert f"{bad}:2: field 'text' is missing" in fail.stderr

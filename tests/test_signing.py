@@ -11,8 +11,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 
 from fedretrain.errors import KeyFileError, VerificationError
-from fedretrain.registry.signing import (canonical_json, generate_keypair, key_id, load_private_key,
-                                         load_public_key, sign, verify_signature)
+from fedretrain.registry.signing import (
+    canonical_json,
+    generate_keypair,
+    key_id,
+    load_private_key,
+    load_public_key,
+    sign,
+    verify_signature,
+)
 
 
 def _mode(path) -> int:
@@ -75,9 +82,11 @@ def test_sign_and_verify_round_trip_and_another_key_is_refused(tmp_path) -> None
     verify_signature(load_public_key(ours.public_path), payload, signature)
 
     # Assert: another key, an edited payload, a truncated signature: all refused as "signature".
-    for key, data, sig in [(theirs.public_path, payload, signature),
-                           (ours.public_path, canonical_json({"version": 2}), signature),
-                           (ours.public_path, payload, signature[:-1])]:
+    for key, data, sig in [
+        (theirs.public_path, payload, signature),
+        (ours.public_path, canonical_json({"version": 2}), signature),
+        (ours.public_path, payload, signature[:-1]),
+    ]:
         with pytest.raises(VerificationError) as err:
             verify_signature(load_public_key(key), data, sig)
         assert err.value.check == "signature"
@@ -86,10 +95,14 @@ def test_sign_and_verify_round_trip_and_another_key_is_refused(tmp_path) -> None
 def test_load_refuses_missing_garbage_and_wrong_key_type(tmp_path) -> None:
     # Prepare: a PEM key of another algorithm (P-256).
     ec_key = generate_private_key(SECP256R1())
-    (tmp_path / "ec.key").write_bytes(ec_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    (tmp_path / "ec.pub").write_bytes(ec_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "ec.key").write_bytes(
+        ec_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    (tmp_path / "ec.pub").write_bytes(
+        ec_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     (tmp_path / "junk.pub").write_text("not a key")
 
     # Execute / Assert: each error names the file.

@@ -26,8 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def simulate(*overrides: str, timeout: int = 420) -> tuple[Path, str]:
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "simulate", *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "simulate", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     run_dir = Path(output.split("fedretrain: run written to ")[-1].split()[0])
@@ -43,13 +48,18 @@ def federation(tmp_path_factory):
 def first_run(federation, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     # A ceiling of 16 leaves room for three cycles of the smoke run's epsilon 4.
-    return simulate("experiment=smoke", f"output_dir={out}", f"simulation.federation_dir={federation}",
-                    "simulation.site_epsilon_ceiling=16")
+    return simulate(
+        "experiment=smoke",
+        f"output_dir={out}",
+        f"simulation.federation_dir={federation}",
+        "simulation.site_epsilon_ceiling=16",
+    )
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def site_state(federation: Path, site: str) -> dict:
@@ -99,19 +109,35 @@ def test_first_cycle_publishes_version_1_and_every_site_installs_it(first_run, f
     assert all(site_state(federation, s)["current"] == 1 for s in ("site-00", "site-01", "site-02"))
     assert "gate: PUBLISH -> version 1" in output
     # The operator's view of the same registry, and a site using what it installed.
-    listing, verify = cli("registry", "list", "--root", str(registry)), cli("registry", "verify", "--root", str(registry))
+    listing, verify = (
+        cli("registry", "list", "--root", str(registry)),
+        cli("registry", "verify", "--root", str(registry)),
+    )
     assert listing.returncode == 0 and "champion" in listing.stdout
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    generated = cli("site", "generate", "--site-config", str(federation / "site-00" / "site.json"),
-                    "--prompt", "Patient presents with", "--max-new-tokens", "12")
+    generated = cli(
+        "site",
+        "generate",
+        "--site-config",
+        str(federation / "site-00" / "site.json"),
+        "--prompt",
+        "Patient presents with",
+        "--max-new-tokens",
+        "12",
+    )
     assert generated.returncode == 0, generated.stderr
     assert "[version 1," in generated.stdout and "Patient presents with" in generated.stdout
 
 
 def test_a_cycle_that_does_not_beat_version_1_publishes_nothing(first_run, federation, tmp_path):
     # A learning rate of 1e-6 leaves the adapter where version 1 put it: equal within the margin.
-    run_dir, output = simulate("experiment=smoke", f"output_dir={tmp_path}", f"simulation.federation_dir={federation}",
-                               "rounds=1", "train.lr=1e-6")
+    run_dir, output = simulate(
+        "experiment=smoke",
+        f"output_dir={tmp_path}",
+        f"simulation.federation_dir={federation}",
+        "rounds=1",
+        "train.lr=1e-6",
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
 
     assert summary["baseline_version"] == 1 and summary["published_version"] is None
@@ -121,16 +147,24 @@ def test_a_cycle_that_does_not_beat_version_1_publishes_nothing(first_run, feder
     assert sorted(summary["sync"]["installed"]) == ["site-00", "site-01", "site-02"]
     registry = federation / "coordinator" / "registry"
     assert sorted(p.name for p in (registry / "versions").iterdir()) == ["000001"]
-    assert [d["decision"] for d in map(json.loads, (registry / "decisions.jsonl").read_text().splitlines())] == \
-        ["publish", "refuse"]
+    assert [d["decision"] for d in map(json.loads, (registry / "decisions.jsonl").read_text().splitlines())] == [
+        "publish",
+        "refuse",
+    ]
     assert all(site_state(federation, s)["current"] == 1 for s in ("site-00", "site-01", "site-02"))
     assert "gate: REFUSE, nothing published (baseline: version 1)" in output
 
 
 def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
     # The smoke sizes, and the smoke's sampling rate (about 16 of 128 records per step).
-    run_dir, output = simulate("experiment=garbled", f"output_dir={tmp_path}", "data.records_per_site=160",
-                               "data.validation_records=120", "train.local_steps=12", "privacy.sample_rate=0.125")
+    run_dir, output = simulate(
+        "experiment=garbled",
+        f"output_dir={tmp_path}",
+        "data.records_per_site=160",
+        "data.validation_records=120",
+        "train.local_steps=12",
+        "privacy.sample_rate=0.125",
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
 
     # The sites' DP noise is their own (no run is replayable): garbled training may leave the
@@ -139,7 +173,8 @@ def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
     assert summary["gate"]["improvement"] < summary["gate"]["margin"]
     assert not summary["gate"]["checks"]["margin"]
     assert not (Path(summary["registry"]) / "versions").exists() or not any(
-        (Path(summary["registry"]) / "versions").iterdir())
+        (Path(summary["registry"]) / "versions").iterdir()
+    )
 
 
 def test_bad_data_is_refused_and_ledgers_persist_across_runs(first_run, federation, tmp_path):
@@ -150,8 +185,9 @@ def test_bad_data_is_refused_and_ledgers_persist_across_runs(first_run, federati
     lines[4] = json.dumps({"txt": "a typo in the field name"})
     bad.write_text("\n".join(lines) + "\n")
 
-    second_dir, output = simulate("experiment=smoke", f"output_dir={tmp_path}",
-                                  f"simulation.federation_dir={federation}")
+    second_dir, output = simulate(
+        "experiment=smoke", f"output_dir={tmp_path}", f"simulation.federation_dir={federation}"
+    )
     summary = json.loads((second_dir / "summary.json").read_text())
 
     # site-01 sent no update; its refusal, recorded under the site its node is bound to,
@@ -164,8 +200,9 @@ def test_bad_data_is_refused_and_ledgers_persist_across_runs(first_run, federati
     assert summary["candidate_loss"] < summary["baseline_loss"]
     # The other sites' ledgers kept the first run's spend: epsilon only grows.
     for site in ("site-00", "site-02"):
-        ledger = PrivacyLedger.load(federation / site / ".fedretrain" / "privacy_ledger.json",
-                                    site_id=site, accountant="rdp", delta=1e-5)
+        ledger = PrivacyLedger.load(
+            federation / site / ".fedretrain" / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5
+        )
         # Training: 2 rounds, then 1, then 2; each cycle ended with one charged evaluation.
         assert [e.kind for e in ledger.entries].count("train") == 5
         assert [e.kind for e in ledger.entries].count("evaluate") == 3

@@ -21,9 +21,18 @@ AFTER_FIRST = {"now": 1000.0, "last_cycle_at": 0.0, "champion_version": 1}
 
 def metrics(**overrides) -> dict:
     """A well-formed status reply; keyword ``new_records=5`` sets ``new-records``, None removes a key."""
-    base = {"new-records": 10, "reference-records": 100, "has-reference": 1, "train-records": 200,
-            "model-version": 1, "epsilon-spent": 2.0, "epsilon-ceiling": 8.0, "delta": 1e-5,
-            "epsilon-projected": 3.0, "can-afford": 1}
+    base = {
+        "new-records": 10,
+        "reference-records": 100,
+        "has-reference": 1,
+        "train-records": 200,
+        "model-version": 1,
+        "epsilon-spent": 2.0,
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "epsilon-projected": 3.0,
+        "can-afford": 1,
+    }
     for name, value in overrides.items():
         key = name.replace("_", "-")
         if value is None:
@@ -43,6 +52,7 @@ def fired(decision) -> list[str]:
 
 # --- initial --------------------------------------------------------------------------------------
 
+
 def test_initial_fires_when_nothing_is_published_and_no_cycle_ran():
     decision = evaluate_triggers(OFF, [status("a")], now=0.0, last_cycle_at=None, champion_version=None)
 
@@ -58,6 +68,7 @@ def test_initial_is_quiet_once_a_model_is_published_or_a_cycle_ran(last_cycle_at
 
 
 # --- new_records ----------------------------------------------------------------------------------
+
 
 def test_new_records_fires_at_the_threshold_summed_over_sites():
     cfg = replace(OFF, new_records=1000)
@@ -86,6 +97,7 @@ def test_new_records_null_is_off():
 
 
 # --- drift ----------------------------------------------------------------------------------------
+
 
 def test_drift_fires_at_the_js_threshold_and_lists_the_sites():
     sites = [status("a", drift_js=0.05), status("b", drift_js=0.049), status("c")]  # c sent no score
@@ -134,12 +146,15 @@ def test_drift_with_both_thresholds_null_is_off():
 
 # --- performance ----------------------------------------------------------------------------------
 
+
 def perf_sites(new_a: int = 30, new_b: int = 10) -> list[SiteStatus]:
     # a: loss rises by 0.5 on new data; b: falls by 0.25; c sent no losses and does not count.
     # (Binary fractions, so the gaps below are exact and "at the margin" means exactly at it.)
-    return [status("a", new_records=new_a, loss_new=2.5, loss_reference=2.0),
-            status("b", new_records=new_b, loss_new=1.75, loss_reference=2.0),
-            status("c", new_records=1000)]
+    return [
+        status("a", new_records=new_a, loss_new=2.5, loss_reference=2.0),
+        status("b", new_records=new_b, loss_new=1.75, loss_reference=2.0),
+        status("c", new_records=1000),
+    ]
 
 
 def test_performance_fires_above_the_margin_weighted_by_new_records():
@@ -176,6 +191,7 @@ def test_performance_null_or_no_scores_is_off():
 
 # --- schedule -------------------------------------------------------------------------------------
 
+
 def test_schedule_fires_when_the_period_has_passed():
     cfg = replace(OFF, schedule_s=3600.0)
 
@@ -195,6 +211,7 @@ def test_schedule_null_is_off():
 
 
 # --- operator, combinations, exclusions -----------------------------------------------------------
+
 
 def test_each_operator_request_is_one_alert_with_its_reason():
     decision = evaluate_triggers(OFF, [status("a")], operator_requests=["new guideline", "audit"], **AFTER_FIRST)
@@ -228,6 +245,7 @@ def test_a_site_out_of_budget_is_excluded_with_its_figures():
 
 # --- holds ----------------------------------------------------------------------------------------
 
+
 def test_rate_limit_holds_a_trigger_and_lifts_at_the_interval():
     cfg = replace(OFF, new_records=1, min_interval_s=3600.0)
 
@@ -242,16 +260,24 @@ def test_rate_limit_holds_a_trigger_and_lifts_at_the_interval():
 def test_an_operator_request_bypasses_the_rate_limit():
     cfg = replace(OFF, new_records=1, min_interval_s=3600.0)
 
-    decision = evaluate_triggers(cfg, [status("a")], now=1800.0, last_cycle_at=0.0, champion_version=1,
-                                 operator_requests=["urgent fix"])
+    decision = evaluate_triggers(
+        cfg, [status("a")], now=1800.0, last_cycle_at=0.0, champion_version=1, operator_requests=["urgent fix"]
+    )
 
     assert decision.start and decision.held is None
     assert fired(decision) == ["new_records", "operator"]
 
 
 def test_a_running_cycle_holds_everything_even_an_operator():
-    decision = evaluate_triggers(OFF, [status("a")], now=0.0, last_cycle_at=None, champion_version=None,
-                                 operator_requests=["now"], cycle_running=True)
+    decision = evaluate_triggers(
+        OFF,
+        [status("a")],
+        now=0.0,
+        last_cycle_at=None,
+        champion_version=None,
+        operator_requests=["now"],
+        cycle_running=True,
+    )
 
     assert fired(decision) == ["initial", "operator"] and not decision.start
     assert decision.held == "a cycle is already running"
@@ -284,6 +310,7 @@ def test_the_registry_names_every_trigger_in_order():
 
 # --- outputs --------------------------------------------------------------------------------------
 
+
 def test_to_dict_is_json_and_format_names_alerts_and_exclusions():
     cfg = replace(OFF, drift_js=0.05, min_interval_s=100.0)
     sites = [status("a", drift_js=0.1), status("b", can_afford=0)]
@@ -300,6 +327,7 @@ def test_to_dict_is_json_and_format_names_alerts_and_exclusions():
 
 # --- from_metrics ---------------------------------------------------------------------------------
 
+
 def test_from_metrics_converts_types_and_leaves_missing_scores_none():
     site = SiteStatus.from_metrics("a", 7, metrics(new_records=12.0, drift_js=0.02))
 
@@ -309,17 +337,20 @@ def test_from_metrics_converts_types_and_leaves_missing_scores_none():
     assert site.node_id == 7 and site.epsilon_ceiling == 8.0
 
 
-@pytest.mark.parametrize("overrides, key, words", [
-    ({"can_afford": None}, "can-afford", "missing"),
-    ({"epsilon_spent": "2.0"}, "epsilon-spent", "finite number"),
-    ({"delta": math.nan}, "delta", "finite number"),
-    ({"drift_js": math.inf}, "drift-js", "finite number"),
-    ({"loss_new": [1.0, 2.0]}, "loss-new", "finite number"),
-    ({"new_records": -3}, "new-records", "whole number >= 0"),
-    ({"train_records": 2.5}, "train-records", "whole number >= 0"),
-    ({"has_reference": 2}, "has-reference", "0 or 1"),
-    ({"epsilon_projected": -0.1}, "epsilon-projected", ">= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        ({"can_afford": None}, "can-afford", "missing"),
+        ({"epsilon_spent": "2.0"}, "epsilon-spent", "finite number"),
+        ({"delta": math.nan}, "delta", "finite number"),
+        ({"drift_js": math.inf}, "drift-js", "finite number"),
+        ({"loss_new": [1.0, 2.0]}, "loss-new", "finite number"),
+        ({"new_records": -3}, "new-records", "whole number >= 0"),
+        ({"train_records": 2.5}, "train-records", "whole number >= 0"),
+        ({"has_reference": 2}, "has-reference", "0 or 1"),
+        ({"epsilon_projected": -0.1}, "epsilon-projected", ">= 0"),
+    ],
+)
 def test_from_metrics_refuses_malformed_metrics_naming_the_key(overrides, key, words):
     with pytest.raises(ValueError) as caught:
         SiteStatus.from_metrics("a", 7, metrics(**overrides))

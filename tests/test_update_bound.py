@@ -16,17 +16,23 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from fedretrain.config import compose_config
 from fedretrain.config.schema import StrategyConfig
 from fedretrain.errors import ConfigError
-from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RoundLog
 from strategies.update_bound import bound_update_norms, update_norm
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))
-METRICS = {"epsilon": 1.0, "epsilon-ceiling": 8.0, "delta": 1e-5, "noise-multiplier": 1.1,
-           "sample-rate": 0.05, "steps": 5}
+METRICS = {
+    "epsilon": 1.0,
+    "epsilon-ceiling": 8.0,
+    "delta": 1e-5,
+    "noise-multiplier": 1.1,
+    "sample-rate": 0.05,
+    "steps": 5,
+}
 
 
 def adapter(a: list[float], b: list[float]) -> dict[str, np.ndarray]:
@@ -51,15 +57,22 @@ def train_round(strategy: FedAvgLoRA, global_value: float, sent: dict[int, tuple
     grid = Mock(spec=Grid)
     grid.get_node_ids.return_value = sorted(sent)
     strategy.min_train_nodes = strategy.min_available_nodes = len(sent)
-    instructions = {m.metadata.dst_node_id: m
-                    for m in strategy.configure_train(1, to_array_record(filled(global_value)), ConfigRecord(), grid)}
+    instructions = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(1, to_array_record(filled(global_value)), ConfigRecord(), grid)
+    }
     replies = []
     for node, (site_id, arrays, extra) in sent.items():
         echo = instructions[node].content["config"]
-        content = RecordDict({
-            "arrays": to_array_record(arrays), "metrics": MetricRecord({**METRICS, **extra}),
-            "site": ConfigRecord({"site-id": site_id, "server-round": echo["server-round"],
-                                  "global-hash": echo["global-hash"]})})
+        content = RecordDict(
+            {
+                "arrays": to_array_record(arrays),
+                "metrics": MetricRecord({**METRICS, **extra}),
+                "site": ConfigRecord(
+                    {"site-id": site_id, "server-round": echo["server-round"], "global-hash": echo["global-hash"]}
+                ),
+            }
+        )
         reply = Message(content, reply_to=instructions[node])
         reply.metadata.__dict__["_src_node_id"] = node  # as the SuperLink stamps the replying node
         replies.append(reply)
@@ -133,8 +146,9 @@ def test_bound_update_norms_refuses_keys_or_shapes_other_than_the_global_adapter
 def test_a_site_sending_99s_moves_the_average_by_at_most_its_capped_share(caplog):
     # Prepare: global 0; site-a and site-b send 1.0, site-z sends 99 (under max_abs_value=100).
     strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0, max_update_norm_ratio=3.0)
-    replies = train_round(strategy, 0.0, {1: ("site-a", filled(1.0), {}), 2: ("site-b", filled(1.0), {}),
-                                          3: ("site-z", filled(99.0), {})})
+    replies = train_round(
+        strategy, 0.0, {1: ("site-a", filled(1.0), {}), 2: ("site-b", filled(1.0), {}), 3: ("site-z", filled(99.0), {})}
+    )
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="flwr"):
@@ -159,8 +173,9 @@ def test_a_site_sending_99s_moves_the_average_by_at_most_its_capped_share(caplog
 def test_without_the_bound_the_same_attack_moves_the_average_to_a_third_of_99():
     # The control: max_update_norm_ratio=None -> (1 + 1 + 99) / 3 = 101/3 per value.
     strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0, max_update_norm_ratio=None)
-    replies = train_round(strategy, 0.0, {1: ("site-a", filled(1.0), {}), 2: ("site-b", filled(1.0), {}),
-                                          3: ("site-z", filled(99.0), {})})
+    replies = train_round(
+        strategy, 0.0, {1: ("site-a", filled(1.0), {}), 2: ("site-b", filled(1.0), {}), 3: ("site-z", filled(99.0), {})}
+    )
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(from_array_record(arrays)["lora_A"], [[101 / 3, 101 / 3]], rtol=1e-6)
     assert strategy.round_log[1].bounded == {}
@@ -169,8 +184,11 @@ def test_without_the_bound_the_same_attack_moves_the_average_to_a_third_of_99():
 def test_the_bound_is_centred_on_the_global_adapter_the_round_sent():
     # Prepare: global 10; honest sites at 11 (distance 2), site-z at 99 (distance 2 * 89 = 178).
     strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0)
-    replies = train_round(strategy, 10.0, {1: ("site-a", filled(11.0), {}), 2: ("site-b", filled(11.0), {}),
-                                           3: ("site-z", filled(99.0), {})})
+    replies = train_round(
+        strategy,
+        10.0,
+        {1: ("site-a", filled(11.0), {}), 2: ("site-b", filled(11.0), {}), 3: ("site-z", filled(99.0), {})},
+    )
 
     # Execute
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -184,8 +202,15 @@ def test_the_bound_is_centred_on_the_global_adapter_the_round_sent():
 def test_a_site_claiming_a_billion_records_gains_no_weight():
     # Prepare: site-z claims num-examples = 10^9 and sends 2.0, inside the bound (norm 4 <= 3 * 2).
     strategy = FedAvgLoRA(spec=SPEC, max_abs_value=100.0)
-    replies = train_round(strategy, 0.0, {1: ("site-a", filled(1.0), {}), 2: ("site-b", filled(1.0), {}),
-                                          3: ("site-z", filled(2.0), {"num-examples": 10**9})})
+    replies = train_round(
+        strategy,
+        0.0,
+        {
+            1: ("site-a", filled(1.0), {}),
+            2: ("site-b", filled(1.0), {}),
+            3: ("site-z", filled(2.0), {"num-examples": 10**9}),
+        },
+    )
 
     # Execute
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -202,8 +227,15 @@ def test_fedavg_lora_refuses_a_ratio_below_one():
 
 def test_a_round_log_without_bounded_updates_loads_as_before():
     # A checkpoint written before the bound existed has no "bounded" key.
-    old = {"sampled": 2, "bytes_down": 1, "bytes_up": 1, "accepted": {}, "rejected": [], "evaluation": {},
-           "evaluation_rejected": []}
+    old = {
+        "sampled": 2,
+        "bytes_down": 1,
+        "bytes_up": 1,
+        "accepted": {},
+        "rejected": [],
+        "evaluation": {},
+        "evaluation_rejected": [],
+    }
     entry = RoundLog.from_dict(old)
     assert entry.bounded == {}
     entry.bounded["site-z"] = {"node-id": 3, "norm": 198.0, "limit": 6.0, "factor": 1 / 33}

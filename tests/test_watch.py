@@ -21,11 +21,11 @@ from flwr.supercore.task_identity import TaskIdentity
 import server.watch.loop
 from fedretrain.config import compose_config
 from fedretrain.errors import CycleBusy
+from server.cycle.run import cycle_lock_path
 from server.sites.broadcast import broadcast
 from server.sites.grid import SiteSubset
-from server.watch.poll import STATUS_MESSAGE
-from server.cycle.run import cycle_lock_path
 from server.watch.loop import Watcher, request_retrain
+from server.watch.poll import STATUS_MESSAGE
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +36,18 @@ def instruction_identity(monkeypatch):
 
 
 def status(new=0, js=None, can_afford=1, spent=2.0) -> dict:
-    metrics = {"new-records": new, "reference-records": 100, "has-reference": 1, "train-records": 100,
-               "model-version": 1, "epsilon-spent": spent, "epsilon-ceiling": 8.0, "delta": 1e-5,
-               "epsilon-projected": spent + 2.0, "can-afford": can_afford}
+    metrics = {
+        "new-records": new,
+        "reference-records": 100,
+        "has-reference": 1,
+        "train-records": 100,
+        "model-version": 1,
+        "epsilon-spent": spent,
+        "epsilon-ceiling": 8.0,
+        "delta": 1e-5,
+        "epsilon-projected": spent + 2.0,
+        "can-afford": can_afford,
+    }
     if js is not None:
         metrics.update({"drift-js": js, "drift-hidden": 0.1, "loss-new": 3.0, "loss-reference": 3.0})
     return metrics
@@ -58,8 +67,12 @@ def status_grid(replies: dict[int, tuple[str, dict] | Error]) -> Mock:
                 out.append(Message(answer, reply_to=msg))
             else:
                 site, metrics = answer
-                out.append(Message(RecordDict({"metrics": MetricRecord(metrics),
-                                               "site": ConfigRecord({"site-id": site})}), reply_to=msg))
+                out.append(
+                    Message(
+                        RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site})}),
+                        reply_to=msg,
+                    )
+                )
         return out
 
     grid.send_and_receive.side_effect = send_and_receive
@@ -69,9 +82,16 @@ def status_grid(replies: dict[int, tuple[str, dict] | Error]) -> Mock:
 @pytest.fixture
 def cfg(tmp_path):
     (tmp_path / "registry").mkdir()
-    return compose_config(["experiment=smoke", f"registry.root={tmp_path / 'registry'}",
-                           "registry.signing_key=/unused.key", "trigger.drift_js=0.1",
-                           "trigger.min_interval_s=3600", "strategy.min_sites=2"])
+    return compose_config(
+        [
+            "experiment=smoke",
+            f"registry.root={tmp_path / 'registry'}",
+            "registry.signing_key=/unused.key",
+            "trigger.drift_js=0.1",
+            "trigger.min_interval_s=3600",
+            "strategy.min_sites=2",
+        ]
+    )
 
 
 @pytest.fixture
@@ -81,9 +101,13 @@ def cycles(monkeypatch):
 
     def fake_run(grid, cfg, run_dir, *, config_yaml, validation_path, train_nodes):
         calls.append({"train_nodes": sorted(train_nodes), "validation_path": validation_path})
-        return {"run_id": f"r{len(calls)}", "gate": {"decision": "publish", "reasons": ["better"]},
-                "published_version": len(calls), "pending_version": None,
-                "sites": {"site-a": {"epsilon": 4.0}, "site-b": {"epsilon": 4.5}}}
+        return {
+            "run_id": f"r{len(calls)}",
+            "gate": {"decision": "publish", "reasons": ["better"]},
+            "published_version": len(calls),
+            "pending_version": None,
+            "sites": {"site-a": {"epsilon": 4.0}, "site-b": {"epsilon": 4.5}},
+        }
 
     monkeypatch.setattr(server.watch.loop, "run_retraining", fake_run)
     return calls
@@ -97,16 +121,18 @@ def test_quiet_sites_start_nothing_but_drift_at_one_site_starts_one_cycle(tmp_pa
     # Prepare: three sites; a published champion exists (no "initial" trigger)
     watch_dir = Path(cfg.registry.root) / "watch"
     (Path(cfg.registry.root) / "champion.json").write_text('{"version": 1}')
-    quiet = status_grid({1: ("site-a", status(30, js=0.02)), 2: ("site-b", status(30, js=0.03)),
-                         3: ("site-c", status(30, js=0.01))})
+    quiet = status_grid(
+        {1: ("site-a", status(30, js=0.02)), 2: ("site-b", status(30, js=0.03)), 3: ("site-c", status(30, js=0.01))}
+    )
     watcher = Watcher(quiet, cfg, tmp_path / "runs", "yaml", "val.jsonl")
     watcher.state.last_cycle_at = 0.0
 
     # Execute: a quiet poll, then one where site-b drifted
     first = watcher.poll_once(10_000.0)
     cycles_after_first = list(cycles)
-    watcher.grid = status_grid({1: ("site-a", status(30, js=0.02)), 2: ("site-b", status(30, js=0.25)),
-                                3: ("site-c", status(30, js=0.01))})
+    watcher.grid = status_grid(
+        {1: ("site-a", status(30, js=0.02)), 2: ("site-b", status(30, js=0.25)), 3: ("site-c", status(30, js=0.01))}
+    )
     second = watcher.poll_once(20_000.0)
 
     # Assert: no alert, no cycle; then one drift alert with its figures and one cycle on all three
@@ -116,16 +142,16 @@ def test_quiet_sites_start_nothing_but_drift_at_one_site_starts_one_cycle(tmp_pa
     alerts = lines(watch_dir / "alerts.jsonl")
     assert [a["trigger"] for a in alerts] == ["drift"] and alerts[0]["started"] is True
     assert "site-b" in json.dumps(alerts[0]["figures"])
-    record, = lines(watch_dir / "cycles.jsonl")
+    (record,) = lines(watch_dir / "cycles.jsonl")
     assert record["triggers"] == ["drift"] and record["published_version"] == 1
     assert record["epsilon"]["site-a"] == {"before": 2.0, "after": 4.0, "spent": 2.0}
-    assert json.loads((watch_dir / "state.json").read_text()) == {"last_cycle_at": 20_000.0, "polls": 2,
-                                                                  "cycles": 1}
+    assert json.loads((watch_dir / "state.json").read_text()) == {"last_cycle_at": 20_000.0, "polls": 2, "cycles": 1}
 
 
 def test_a_site_out_of_budget_is_left_out_and_listed(tmp_path, cfg, cycles):
-    grid = status_grid({1: ("site-a", status(50)), 2: ("site-b", status(50, can_afford=0, spent=7.5)),
-                        3: ("site-c", status(50))})
+    grid = status_grid(
+        {1: ("site-a", status(50)), 2: ("site-b", status(50, can_afford=0, spent=7.5)), 3: ("site-c", status(50))}
+    )
     watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
 
     event = watcher.poll_once(0.0)  # nothing published, never trained: the initial cycle
@@ -133,7 +159,7 @@ def test_a_site_out_of_budget_is_left_out_and_listed(tmp_path, cfg, cycles):
     assert [a.trigger for a in event.decision.alerts] == ["initial"]
     assert cycles[0]["train_nodes"] == [1, 3]
     assert list(event.decision.excluded) == ["site-b"] and "7.50" in event.decision.excluded["site-b"]
-    record, = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
+    (record,) = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
     assert record["eligible"] == ["site-a", "site-c"] and list(record["excluded"]) == ["site-b"]
 
 
@@ -157,10 +183,18 @@ def test_a_cycle_holding_the_lock_in_another_process_holds_the_watch(tmp_path, c
     grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))})
     watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
     lock = cycle_lock_path(Path(cfg.registry.root))
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from fedretrain.atomic import file_lock\n"
-        f"with file_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(30)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from fedretrain.atomic import file_lock\n"
+                f"with file_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(30)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         event = watcher.poll_once(0.0)
@@ -177,8 +211,13 @@ def test_a_failed_cycle_is_recorded_and_the_watch_goes_on(tmp_path, cfg, monkeyp
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(server.watch.loop, "run_retraining", broken)
-    grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5)),
-                        3: Error(code=4101, reason="site site-c: DataValidationError: bad file")})
+    grid = status_grid(
+        {
+            1: ("site-a", status(5)),
+            2: ("site-b", status(5)),
+            3: Error(code=4101, reason="site site-c: DataValidationError: bad file"),
+        }
+    )
     watcher = Watcher(grid, cfg, tmp_path / "runs", "yaml")
 
     event = watcher.poll_once(0.0)
@@ -186,7 +225,7 @@ def test_a_failed_cycle_is_recorded_and_the_watch_goes_on(tmp_path, cfg, monkeyp
 
     assert event.failure == "RuntimeError: CUDA out of memory" and event.cycle is None
     assert [r["node_id"] for r in event.poll.refused] == [3]
-    record, = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
+    (record,) = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
     assert record["failure"].startswith("RuntimeError") and record["status_refused"][0]["node_id"] == 3
     assert watcher.state.cycles == 1 and not later.decision.start  # it ran (and failed): no second initial
 
@@ -197,8 +236,7 @@ def test_losing_the_race_for_the_cycle_lock_is_a_hold_not_a_cycle(tmp_path, cfg,
 
     monkeypatch.setattr(server.watch.loop, "run_retraining", busy)
     (Path(cfg.registry.root) / "champion.json").write_text('{"version": 1}')
-    watcher = Watcher(status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))}), cfg, tmp_path / "runs",
-                      "yaml")
+    watcher = Watcher(status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))}), cfg, tmp_path / "runs", "yaml")
     request = request_retrain(cfg.registry.root, "please")
 
     event = watcher.poll_once(100.0)

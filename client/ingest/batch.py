@@ -83,8 +83,14 @@ class Batch:
     def _quarantine(self, item: Incoming, err: DataValidationError) -> None:
         raw, counts = self._mask(item.raw)
         self._count(counts)
-        entry = {"source": self.source, "line": item.line, "field": err.field, "reason": err.reason,
-                 "record": raw, "quarantined_at": self.stamp}
+        entry = {
+            "source": self.source,
+            "line": item.line,
+            "field": err.field,
+            "reason": err.reason,
+            "record": raw,
+            "quarantined_at": self.stamp,
+        }
         self.quarantine.append(_json_line(entry))
 
     def _mask(self, text: str) -> tuple[str, dict[str, int]]:
@@ -105,8 +111,12 @@ def _stored_records(store: Path, content: bytes) -> Iterator[dict[str, Any]]:
         except ValueError:  # JSON and UTF-8 errors alike
             obj = None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise DataValidationError(str(store), number, None, "the store holds a line that is not a record; "
-                                      "fix it (fedretrain data validate) before ingesting")
+            raise DataValidationError(
+                str(store),
+                number,
+                None,
+                "the store holds a line that is not a record; fix it (fedretrain data validate) before ingesting",
+            )
         yield obj
 
 

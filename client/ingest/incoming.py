@@ -70,8 +70,9 @@ def from_mappings(records: Iterable[Any], source: str) -> Iterator[Incoming]:
     """Wrap records already in memory; the raw text of each is its JSON form."""
     for position, record in enumerate(records, start=1):
         if not isinstance(record, Mapping):
-            error = DataValidationError(source, position, None,
-                                        f"must be a mapping (JSON object), got {type(record).__name__}")
+            error = DataValidationError(
+                source, position, None, f"must be a mapping (JSON object), got {type(record).__name__}"
+            )
             yield Incoming(position, _as_json(record), None, error)
         else:
             yield Incoming(position, _as_json(dict(record)), record)
@@ -92,10 +93,11 @@ def _csv_items(path: Path, content: str) -> Iterator[Incoming]:
     # so each row's raw text is exactly the lines it spans.
     lines = io.StringIO(content, newline="").readlines()
     for first, last, fields in csv_rows(path, content):
-        text = "".join(lines[first - 1:last]).rstrip("\r\n")
+        text = "".join(lines[first - 1 : last]).rstrip("\r\n")
         if _UNDECODABLE.search(text):
-            yield Incoming(last, _printable(text), None,
-                           DataValidationError(str(path), last, None, "is not valid UTF-8"))
+            yield Incoming(
+                last, _printable(text), None, DataValidationError(str(path), last, None, "is not valid UTF-8")
+            )
         else:
             yield Incoming(last, text, fields)
 

@@ -96,12 +96,17 @@ def _read_journal(journal: Path, targets: Sequence[Path]) -> list[Path]:
     try:
         named = [Path(p) for p in json.loads(journal.read_text(encoding="utf-8"))["replace"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataValidationError(str(journal), None, None, f"is not a readable ingest journal ({err}); "
-                                  "the store was left as it is") from None
+        raise DataValidationError(
+            str(journal), None, None, f"is not a readable ingest journal ({err}); the store was left as it is"
+        ) from None
     outside = [str(p) for p in named if p not in targets]
     if outside:
-        raise DataValidationError(str(journal), None, None, f"names files outside the store ({', '.join(outside)}); "
-                                  "the store was left as it is")
+        raise DataValidationError(
+            str(journal),
+            None,
+            None,
+            f"names files outside the store ({', '.join(outside)}); the store was left as it is",
+        )
     return named
 
 

@@ -84,8 +84,10 @@ class IngestReport:
         if self.error is not None:
             return f"{self.source}: not ingested, moved to failed/ ({self.error})"
         dropped = "duplicate" if self.duplicates == 1 else "duplicates"
-        line = (f"{self.source}: {self.accepted} stored ({self.to_train} train, {self.to_heldout} held-out), "
-                f"{self.duplicates} {dropped} dropped, {self.quarantined} quarantined")
+        line = (
+            f"{self.source}: {self.accepted} stored ({self.to_train} train, {self.to_heldout} held-out), "
+            f"{self.duplicates} {dropped} dropped, {self.quarantined} quarantined"
+        )
         masked = [f"{n} {_KIND_NAMES.get(k, k)}" for k, n in self.redactions.items() if n]
         return line + ("; redacted " + ", ".join(masked) if masked else "")
 
@@ -103,14 +105,16 @@ def ingest_file(site: SiteConfig, path: str | Path, *, now: datetime | None = No
     return _ingest(site, read_incoming(path), path.name, now)
 
 
-def ingest_records(site: SiteConfig, records: Iterable[Mapping[str, Any]], *, source: str,
-                   now: datetime | None = None) -> IngestReport:
+def ingest_records(
+    site: SiteConfig, records: Iterable[Mapping[str, Any]], *, source: str, now: datetime | None = None
+) -> IngestReport:
     """Ingest records already in memory (same checks as a file; line = position from 1)."""
     return _ingest(site, from_mappings(records, source), source, now)
 
 
-def ingest_inbox(site: SiteConfig, inbox: str | Path | None = None, *,
-                 now: datetime | None = None) -> list[IngestReport]:
+def ingest_inbox(
+    site: SiteConfig, inbox: str | Path | None = None, *, now: datetime | None = None
+) -> list[IngestReport]:
     """Ingest every ``*.jsonl`` and ``*.csv`` file of an inbox directory, in name order.
 
     Each file is moved to ``<inbox>/done/`` once ingested, or to ``<inbox>/failed/``
@@ -128,8 +132,11 @@ def ingest_inbox(site: SiteConfig, inbox: str | Path | None = None, *,
     """
     folder = _inbox_dir(site, inbox)
     reports = []
-    for path in sorted(p for p in folder.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".jsonl", ".csv")):
+    for path in sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".jsonl", ".csv")
+    ):
         try:
             items = read_incoming(path)
         except DataValidationError as err:
@@ -166,8 +173,12 @@ def _ingest(site: SiteConfig, items: Iterable[Incoming], source: str, now: datet
     targets = _targets(site)
     for path in targets[:2]:
         if path.suffix.lower() != ".jsonl":
-            raise DataValidationError(str(path), None, None, "is a CSV store; ingestion appends to JSONL stores "
-                                      f"(convert it to {path.with_suffix('.jsonl').name})")
+            raise DataValidationError(
+                str(path),
+                None,
+                None,
+                f"is a CSV store; ingestion appends to JSONL stores (convert it to {path.with_suffix('.jsonl').name})",
+            )
     redactor = Redactor(site.record_number_pattern) if site.redact else None
     with store_lock(site):
         journal.recover(_journal_path(site), targets)
@@ -181,10 +192,23 @@ def _ingest(site: SiteConfig, items: Iterable[Incoming], source: str, now: datet
         changes = {path: _appended(old[path], lines) for path, lines in added.items() if lines}
         if changes:
             journal.commit(_journal_path(site), changes)
-    report = IngestReport(source, len(batch.train) + len(batch.heldout), len(batch.train), len(batch.heldout),
-                          batch.duplicates, len(batch.quarantine), dict(batch.redactions))
-    log.info("ingest: %d stored (%d train, %d held-out), %d duplicates dropped, %d quarantined",
-             report.accepted, report.to_train, report.to_heldout, report.duplicates, report.quarantined)
+    report = IngestReport(
+        source,
+        len(batch.train) + len(batch.heldout),
+        len(batch.train),
+        len(batch.heldout),
+        batch.duplicates,
+        len(batch.quarantine),
+        dict(batch.redactions),
+    )
+    log.info(
+        "ingest: %d stored (%d train, %d held-out), %d duplicates dropped, %d quarantined",
+        report.accepted,
+        report.to_train,
+        report.to_heldout,
+        report.duplicates,
+        report.quarantined,
+    )
     return report
 
 

@@ -27,8 +27,10 @@ from collections.abc import Callable
 KINDS = ("email", "phone", "record_number")
 MASKS = {"email": "[EMAIL]", "phone": "[PHONE]", "record_number": "[RECORD]"}
 
-_EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}(?![\w-])")
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[\w.%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}(?![\w-])"
+)
 
 # Not glued to a word, a slash (120/80), a plus, or a number with a separator before it.
 _START = r"(?<![\w/+])(?<!\d[.,:-])"
@@ -75,8 +77,9 @@ class Redactor:
         return text, counts
 
 
-def _mask(pattern: re.Pattern[str], text: str, kind: str, counts: dict[str, int],
-          accept: Callable[[str], bool] = bool) -> str:
+def _mask(
+    pattern: re.Pattern[str], text: str, kind: str, counts: dict[str, int], accept: Callable[[str], bool] = bool
+) -> str:
     def replace(match: re.Match[str]) -> str:
         found = match.group(0)
         if not accept(found):  # an empty match (a careless site pattern) is never masked

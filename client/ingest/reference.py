@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fedretrain.atomic import atomic_write_json
 from fedretrain.config import SiteConfig
@@ -48,9 +48,13 @@ def load_reference(site: SiteConfig) -> Reference | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        ref = Reference(run_id=str(raw["run_id"]), trained_at=str(raw["trained_at"]),
-                        train_start=int(raw["train_start"]), train_end=int(raw["train_end"]),
-                        heldout_end=int(raw["heldout_end"]))
+        ref = Reference(
+            run_id=str(raw["run_id"]),
+            trained_at=str(raw["trained_at"]),
+            train_start=int(raw["train_start"]),
+            train_end=int(raw["train_end"]),
+            heldout_end=int(raw["heldout_end"]),
+        )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataValidationError(str(path), None, None, f"is not a valid reference window ({err})") from None
     if not 0 <= ref.train_start <= ref.train_end or ref.heldout_end < 0:
@@ -58,11 +62,17 @@ def load_reference(site: SiteConfig) -> Reference | None:
     return ref
 
 
-def save_reference(site: SiteConfig, run_id: str, train_start: int, train_end: int, heldout_end: int,
-                   now: datetime | None = None) -> Reference:
+def save_reference(
+    site: SiteConfig, run_id: str, train_start: int, train_end: int, heldout_end: int, now: datetime | None = None
+) -> Reference:
     """Record the window a training round used (atomically)."""
-    moment = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    ref = Reference(run_id=run_id, trained_at=moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    train_start=train_start, train_end=train_end, heldout_end=heldout_end)
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    ref = Reference(
+        run_id=run_id,
+        trained_at=moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        train_start=train_start,
+        train_end=train_end,
+        heldout_end=heldout_end,
+    )
     atomic_write_json(site.reference_path, asdict(ref))
     return ref

@@ -25,13 +25,21 @@ from fedretrain.registry.signing import load_public_key
 
 @dataclass(frozen=True)
 class Generation:
-    text: str          # the prompt followed by the generated continuation
-    version: int       # the installed version that produced it
+    text: str  # the prompt followed by the generated continuation
+    version: int  # the installed version that produced it
     new_tokens: int
 
 
-def generate(store_dir: Path, prompt: str, *, coordinator_key: Path | None = None, max_new_tokens: int = 40,
-             temperature: float = 0.0, seed: int = 0, device: str = "auto") -> Generation:
+def generate(
+    store_dir: Path,
+    prompt: str,
+    *,
+    coordinator_key: Path | None = None,
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    seed: int = 0,
+    device: str = "auto",
+) -> Generation:
     """Generate a continuation of ``prompt`` with the site's current version.
 
     ``temperature`` 0 is greedy decoding; above 0, sampling seeded by ``seed``.
@@ -52,8 +60,13 @@ def generate(store_dir: Path, prompt: str, *, coordinator_key: Path | None = Non
     if coordinator_key is not None:
         # Expiry guards installation (a frozen coordinator cannot keep a site on an old
         # version); a version installed while valid stays usable until the next one.
-        verify_bundle(bundle, load_public_key(coordinator_key), now=datetime.now(UTC), check_expiry=False,
-                      base_model_sha256=base_model_identity(name, model_dir)["sha256"])
+        verify_bundle(
+            bundle,
+            load_public_key(coordinator_key),
+            now=datetime.now(UTC),
+            check_expiry=False,
+            base_model_sha256=base_model_identity(name, model_dir)["sha256"],
+        )
     dev = select_device(device)
     tokenizer = load_tokenizer(name)
     base = load_base_model(name, dev, select_dtype(dev, "auto"))
@@ -61,9 +74,15 @@ def generate(store_dir: Path, prompt: str, *, coordinator_key: Path | None = Non
     inputs = tokenizer(prompt, return_tensors="pt").to(dev)
     torch.manual_seed(seed)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id)
-    new = out[0, inputs["input_ids"].shape[1]:]
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[0, inputs["input_ids"].shape[1] :]
     text = prompt + tokenizer.decode(new, skip_special_tokens=True)
     return Generation(text=text, version=version, new_tokens=int(new.numel()))

@@ -37,16 +37,16 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client.round.site import site_model
 from client.install.model_store import ModelStore
+from client.round.site import site_model
+from fedretrain.arrays import from_torch_state_dict
+from fedretrain.atomic import atomic_write_json
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.notes import read_records
-from fedretrain.atomic import atomic_write_json
 from fedretrain.errors import KeyFileError, VerificationError
 from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
-from fedretrain.arrays import from_torch_state_dict
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle, verify_bundle, verify_rollback
 from fedretrain.registry.manifest import sha256_hex
@@ -62,8 +62,14 @@ class InstallOutcome:
     metrics: dict[str, float | int]
 
 
-def receive_version(site: SiteConfig, job: Job, bundle: VersionBundle, rollback: RollbackRecord | None = None,
-                    *, now: datetime | None = None) -> InstallOutcome:
+def receive_version(
+    site: SiteConfig,
+    job: Job,
+    bundle: VersionBundle,
+    rollback: RollbackRecord | None = None,
+    *,
+    now: datetime | None = None,
+) -> InstallOutcome:
     """Verify ``bundle`` (and ``rollback``) and install it; raise ``VerificationError`` to refuse."""
     now = now or datetime.now(UTC)
     key = _pinned_key(site)
@@ -77,18 +83,25 @@ def receive_version(site: SiteConfig, job: Job, bundle: VersionBundle, rollback:
         # The coordinator re-sends its champion (and the rollback that made it champion)
         # at the start of every cycle: a site already there has nothing to do.
         _remember_pointer(store, pointer)
-        return InstallOutcome({"installed-version": bundle.version, "previous-version": previous or 0,
-                               "already-current": 1})
+        return InstallOutcome(
+            {"installed-version": bundle.version, "previous-version": previous or 0, "already-current": 1}
+        )
     allow_version, sequence = None, None
     if rollback is not None:
         record = verify_rollback(rollback, key, last_sequence=state.rollback_sequence)
         if record["target_version"] != bundle.version:
-            raise VerificationError("rollback", f"the rollback record points at version {record['target_version']}, "
-                                                f"the bundle is version {bundle.version}")
+            raise VerificationError(
+                "rollback",
+                f"the rollback record points at version {record['target_version']}, "
+                f"the bundle is version {bundle.version}",
+            )
         if record["from_version"] < state.highest_accepted:
             # Issued before this site accepted a newer version: replaying it would downgrade the site.
-            raise VerificationError("rollback", f"the rollback from version {record['from_version']} predates "
-                                                f"version {state.highest_accepted}, accepted here since")
+            raise VerificationError(
+                "rollback",
+                f"the rollback from version {record['from_version']} predates "
+                f"version {state.highest_accepted}, accepted here since",
+            )
         allow_version, sequence = bundle.version, int(record["sequence"])
     # The signature before anything costly: unsigned junk must not make the site load or hash a model.
     verify_signature(key, bundle.manifest_bytes, bundle.signature)
@@ -96,7 +109,11 @@ def receive_version(site: SiteConfig, job: Job, bundle: VersionBundle, rollback:
     lm = site_model(job, site.device)
     identity = base_model_identity(job.model.name_or_path, Path(resolve_model_path(job.model.name_or_path)))
     tensors = verify_bundle(
-        bundle, key, now=now, last_accepted=state.highest_accepted or None, allow_version=allow_version,
+        bundle,
+        key,
+        now=now,
+        last_accepted=state.highest_accepted or None,
+        allow_version=allow_version,
         base_model_sha256=identity["sha256"],
         expected_shapes={name: shape for name, shape, _ in lm.spec.entries},
     )
@@ -112,33 +129,49 @@ def receive_version(site: SiteConfig, job: Job, bundle: VersionBundle, rollback:
 
 def _pinned_key(site: SiteConfig):  # noqa: ANN202 - an Ed25519PublicKey
     if not site.coordinator_key:
-        raise VerificationError("signature", f"site {site.site_id!r} pins no coordinator key (node_config "
-                                             "coordinator-key); it installs nothing it cannot verify")
+        raise VerificationError(
+            "signature",
+            f"site {site.site_id!r} pins no coordinator key (node_config "
+            "coordinator-key); it installs nothing it cannot verify",
+        )
     try:
         return load_public_key(Path(site.coordinator_key))
     except KeyFileError as err:
         raise VerificationError("signature", f"the pinned coordinator key is unusable: {err}") from err
 
 
-def _checked_pointer(store: ModelStore, bundle: VersionBundle, key: Ed25519PublicKey,
-                     rollback: RollbackRecord | None, *, resend_ok: bool) -> dict[str, Any]:
+def _checked_pointer(
+    store: ModelStore, bundle: VersionBundle, key: Ed25519PublicKey, rollback: RollbackRecord | None, *, resend_ok: bool
+) -> dict[str, Any]:
     """The verified pointer that makes ``bundle`` champion (VerificationError ``pointer`` otherwise)."""
     if bundle.pointer is None:
-        raise VerificationError("pointer", f"version {bundle.version} came without a signed champion pointer; "
-                                           "this site installs only what the coordinator's chain names")
+        raise VerificationError(
+            "pointer",
+            f"version {bundle.version} came without a signed champion pointer; "
+            "this site installs only what the coordinator's chain names",
+        )
     last = _last_pointer(store)
     body = verify_pointer(bundle.pointer, key)
     if body["version"] != bundle.version or body["manifest_sha256"] != sha256_hex(bundle.manifest_bytes):
-        raise VerificationError("pointer", f"the pointer record makes version {body['version']} champion, not "
-                                           f"the manifest of version {bundle.version} that came with it")
+        raise VerificationError(
+            "pointer",
+            f"the pointer record makes version {body['version']} champion, not "
+            f"the manifest of version {bundle.version} that came with it",
+        )
     same = body["sequence"] == last["sequence"] and bundle.pointer.sha256 == last["sha256"]
     if body["sequence"] <= last["sequence"] and not (same and resend_ok):
-        raise VerificationError("pointer", f"pointer sequence {body['sequence']} is not newer than "
-                                           f"{last['sequence']}, accepted here (a replayed pointer record)")
+        raise VerificationError(
+            "pointer",
+            f"pointer sequence {body['sequence']} is not newer than "
+            f"{last['sequence']}, accepted here (a replayed pointer record)",
+        )
     rollback_sequence = None if rollback is None else rollback.record.get("sequence")
     if body["rollback_sequence"] != rollback_sequence:
-        raise VerificationError("pointer", f"the pointer record names rollback {body['rollback_sequence']}, "
-                                           f"the delivery carries rollback {rollback_sequence}")
+        raise VerificationError(
+            "pointer",
+            f"the pointer record names rollback {body['rollback_sequence']}, "
+            f"the delivery carries rollback {rollback_sequence}",
+        )
     return {"sequence": body["sequence"], "sha256": bundle.pointer.sha256, "version": body["version"]}
 
 
@@ -161,11 +194,14 @@ def _remember_pointer(store: ModelStore, pointer: dict[str, Any]) -> None:
 
 def _same_as_stored(store: ModelStore, bundle: VersionBundle) -> bool:
     stored = store.stored_bundle(bundle.version)
-    return stored is not None and stored.manifest_bytes == bundle.manifest_bytes and stored.signature == bundle.signature
+    return (
+        stored is not None and stored.manifest_bytes == bundle.manifest_bytes and stored.signature == bundle.signature
+    )
 
 
-def _smoke_eval(site: SiteConfig, job: Job, lm: LoraModel, store: ModelStore, tensors: dict[str, torch.Tensor],
-                version: int) -> dict[str, float]:
+def _smoke_eval(
+    site: SiteConfig, job: Job, lm: LoraModel, store: ModelStore, tensors: dict[str, torch.Tensor], version: int
+) -> dict[str, float]:
     """Held-out loss of the new version against the current one; refuse if it is worse."""
     texts = [r.text for r in read_records(site.heldout_path)]
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
@@ -178,6 +214,9 @@ def _smoke_eval(site: SiteConfig, job: Job, lm: LoraModel, store: ModelStore, te
     load_adapter_arrays(lm, from_torch_state_dict(tensors))
     new_loss = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size).loss
     if not new_loss <= current_loss:
-        raise VerificationError("smoke_eval", f"version {version} scores {new_loss:.4f} on this site's held-out "
-                                              f"data, worse than the current {current_loss:.4f}")
+        raise VerificationError(
+            "smoke_eval",
+            f"version {version} scores {new_loss:.4f} on this site's held-out "
+            f"data, worse than the current {current_loss:.4f}",
+        )
     return {"smoke-new-loss": new_loss, "smoke-current-loss": current_loss}

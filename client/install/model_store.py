@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 
+from fedretrain.arrays import from_torch_state_dict
 from fedretrain.atomic import atomic_write_json, fsync_dir
 from fedretrain.errors import VerificationError
-from fedretrain.arrays import from_torch_state_dict
 from fedretrain.registry.bundle import VersionBundle
 
 
@@ -89,8 +89,11 @@ class ModelStore:
         if target.is_dir():
             stored = VersionBundle.from_dir(target)
             if stored.manifest_bytes != bundle.manifest_bytes:
-                raise VerificationError("version", f"version {bundle.version} is already stored with a different "
-                                                   "manifest; two different versions under one number are refused")
+                raise VerificationError(
+                    "version",
+                    f"version {bundle.version} is already stored with a different "
+                    "manifest; two different versions under one number are refused",
+                )
             if dict(stored.files) != dict(bundle.files) or stored.signature != bundle.signature:
                 # The copy at rest changed since it was installed: replace it with the verified bundle.
                 self._write_version(bundle, target, replace=True)
@@ -102,8 +105,14 @@ class ModelStore:
         state.highest_accepted = max(state.highest_accepted, bundle.version)
         if rollback_sequence is not None:
             state.rollback_sequence = rollback_sequence
-        state.history.append({"version": bundle.version, "previous": previous, "via": via,
-                              "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        state.history.append(
+            {
+                "version": bundle.version,
+                "previous": previous,
+                "via": via,
+                "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
         atomic_write_json(self.state_path, asdict(state))
         return state
 

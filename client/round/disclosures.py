@@ -62,8 +62,10 @@ class Disclosures:
             if data.get("schema_version") != SCHEMA_VERSION:
                 raise ValueError(f"schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
             trained = {str(k) for k in data["trained"]}
-            evaluated = {str(k): {"candidate": str(v["candidate"]), "metrics": dict(v["metrics"])}
-                         for k, v in data["evaluated"].items()}
+            evaluated = {
+                str(k): {"candidate": str(v["candidate"]), "metrics": dict(v["metrics"])}
+                for k, v in data["evaluated"].items()
+            }
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             # Refusing is safe; guessing could answer a question twice.
             raise LedgerError(f"{path}: unreadable record of evaluations ({err})") from None
@@ -82,5 +84,6 @@ class Disclosures:
         self.evaluated[_round_key(run_id, server_round)] = {"candidate": candidate, "metrics": dict(metrics)}
 
     def save(self) -> None:
-        atomic_write_json(self.path, {"schema_version": SCHEMA_VERSION, "trained": sorted(self.trained),
-                                      "evaluated": self.evaluated})
+        atomic_write_json(
+            self.path, {"schema_version": SCHEMA_VERSION, "trained": sorted(self.trained), "evaluated": self.evaluated}
+        )

@@ -42,8 +42,7 @@ class ReplyKey:
         return {"run-id": self.run_id, "server-round": str(self.server_round), "global-hash": self.global_hash}
 
 
-def save_reply(state_dir: Path, key: ReplyKey, adapter: dict[str, np.ndarray],
-               metrics: dict[str, float | int]) -> None:
+def save_reply(state_dir: Path, key: ReplyKey, adapter: dict[str, np.ndarray], metrics: dict[str, float | int]) -> None:
     """Keep ``adapter`` and ``metrics`` as the reply to ``key`` (replacing the previous one)."""
     metadata = {**key.as_metadata(), "metrics": json.dumps(metrics, sort_keys=True)}
     tensors = {name: np.ascontiguousarray(value) for name, value in adapter.items()}
@@ -58,8 +57,11 @@ def load_reply(state_dir: Path, key: ReplyKey) -> tuple[dict[str, np.ndarray], d
     try:
         data = path.read_bytes()
         metadata = _metadata(data)
-        if metadata.get("run-id") != key.run_id or metadata.get("server-round") != str(key.server_round) \
-                or metadata.get("global-hash") != key.global_hash:
+        if (
+            metadata.get("run-id") != key.run_id
+            or metadata.get("server-round") != str(key.server_round)
+            or metadata.get("global-hash") != key.global_hash
+        ):
             return None
         return dict(safetensors.numpy.load(data)), json.loads(metadata["metrics"])
     except (OSError, ValueError, KeyError) as err:  # a damaged cache is a miss, never a crash
@@ -70,5 +72,5 @@ def load_reply(state_dir: Path, key: ReplyKey) -> tuple[dict[str, np.ndarray], d
 def _metadata(data: bytes) -> dict[str, str]:
     # The safetensors header: 8-byte little-endian length, then JSON with "__metadata__".
     length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     return dict(header.get("__metadata__") or {})

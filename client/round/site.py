@@ -20,9 +20,10 @@ import numpy as np
 
 from client.ingest.pipeline import recover_store
 from client.ingest.reference import save_reference
+from client.install.model_store import ModelStore
 from client.round.disclosures import Disclosures, adapter_digest
 from client.round.replies import ReplyKey, load_reply, save_reply
-from client.install.model_store import ModelStore
+from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.notes import optional_texts, read_records
@@ -31,7 +32,6 @@ from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapt
 from fedretrain.privacy.accounting import HistoryEntry, epsilon_for_history, noise_multiplier_for_target, sigma_to_fit
 from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
 from fedretrain.privacy.release import RELEASE_SAMPLE_RATE, RELEASE_STEPS, gaussian_release
-from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.training.dp import DPParams, TrainParams, train_lora
 from fedretrain.training.evaluate import evaluate_loss
 
@@ -49,8 +49,9 @@ class EvaluateOutcome:
     metrics: dict[str, float | int]
 
 
-def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int,
-                global_hash: str | None = None) -> TrainOutcome:
+def train_round(
+    site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int, global_hash: str | None = None
+) -> TrainOutcome:
     """One round of local DP training. Raises a ``FedretrainError`` instead of sending anything bad.
 
     ``global_hash`` names the global adapter (the coordinator's digest). A request for
@@ -71,7 +72,8 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
         # Without DP a round has no finite epsilon: only the site itself may allow that.
         raise PrivacyBudgetExceeded(
             f"site {site.site_id!r} refuses non-private training (job privacy.enabled=false has no "
-            "finite epsilon); a site opts in with allow-non-private=true in its own node_config")
+            "finite epsilon); a site opts in with allow-non-private=true in its own node_config"
+        )
     # One round at a time per site: budget check, training, record and save run under one
     # lock, so two rounds at once (two runs on one site) cannot both pass the check or lose
     # each other's ledger entry.
@@ -80,8 +82,12 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
         # waits for it, then finds its reply instead of training (and spending) again.
         kept = load_reply(site.state_path, key) if key is not None else None
         if kept is not None:
-            log.info("site %s round %d of run %s: already trained; sending the same update again (no new spend)",
-                     site.site_id, server_round, job.run_id)
+            log.info(
+                "site %s round %d of run %s: already trained; sending the same update again (no new spend)",
+                site.site_id,
+                server_round,
+                job.run_id,
+            )
             return TrainOutcome(adapter=kept[0], metrics=kept[1])
         outcome = _train_and_record(site, job, global_adapter, server_round, texts)
         if key is not None:  # after the ledger recorded the spend (client/round/replies.py)
@@ -91,8 +97,9 @@ def train_round(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray
     return outcome
 
 
-def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int,
-                      texts: list[str]) -> TrainOutcome:
+def _train_and_record(
+    site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int, texts: list[str]
+) -> TrainOutcome:
     ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta)
     lm = site_model(job, site.device)
     load_adapter_arrays(lm, global_adapter)
@@ -107,14 +114,30 @@ def _train_and_record(site: SiteConfig, job: Job, global_adapter: dict[str, np.n
         if not ledger.trained(job.run_id):
             check_cycle_fits(site, job, ledger, sigma, server_round)
         projected = ledger.check_can_spend(sigma, sample_rate, job.train.local_steps, site.epsilon_ceiling)
-        log.info("site %s round %d: sigma=%.3f, epsilon %.3f -> %.3f of %.3f",
-                 site.site_id, server_round, sigma, ledger.epsilon(), projected, site.epsilon_ceiling)
+        log.info(
+            "site %s round %d: sigma=%.3f, epsilon %.3f -> %.3f of %.3f",
+            site.site_id,
+            server_round,
+            sigma,
+            ledger.epsilon(),
+            projected,
+            site.epsilon_ceiling,
+        )
 
     # 3. Train, then record the spend before anything is sent.
-    params = TrainParams(local_steps=job.train.local_steps, batch_size=job.train.batch_size,
-                         lr=job.train.lr, optimizer=job.train.optimizer)
-    dp = DPParams(enabled=job.privacy.enabled, noise_multiplier=sigma, max_grad_norm=job.privacy.max_grad_norm,
-                  grad_sample_mode=job.privacy.grad_sample_mode, sample_rate=sample_rate)
+    params = TrainParams(
+        local_steps=job.train.local_steps,
+        batch_size=job.train.batch_size,
+        lr=job.train.lr,
+        optimizer=job.train.optimizer,
+    )
+    dp = DPParams(
+        enabled=job.privacy.enabled,
+        noise_multiplier=sigma,
+        max_grad_norm=job.privacy.max_grad_norm,
+        grad_sample_mode=job.privacy.grad_sample_mode,
+        sample_rate=sample_rate,
+    )
     result = train_lora(lm.model, dataset, params, dp, seed=seed)
     if job.privacy.enabled:
         ledger.record(job.run_id, server_round, sigma, result.sample_rate, result.steps)
@@ -147,14 +170,22 @@ def _training_seed(site: SiteConfig, job: Job, server_round: int) -> int:
     if not job.privacy.reproducible_noise:
         return secrets.randbits(63)
     if not site.allow_reproducible_noise:
-        raise ConfigError(f"site {site.site_id!r} refuses privacy.reproducible_noise=true: the coordinator's seed "
-                          "would determine its DP noise (only a simulated site may allow it)")
+        raise ConfigError(
+            f"site {site.site_id!r} refuses privacy.reproducible_noise=true: the coordinator's seed "
+            "would determine its DP noise (only a simulated site may allow it)"
+        )
     # Stable across processes (unlike hash()), different per site and round.
     return zlib.crc32(f"{job.seed}:{site.site_id}:{server_round}".encode())
 
 
-def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
-                   baseline: dict[str, np.ndarray] | None = None, *, server_round: int) -> EvaluateOutcome:
+def evaluate_round(
+    site: SiteConfig,
+    job: Job,
+    candidate: dict[str, np.ndarray],
+    baseline: dict[str, np.ndarray] | None = None,
+    *,
+    server_round: int,
+) -> EvaluateOutcome:
     """Score the candidate against the installed version on held-out data; noised, charged sums only.
 
     The site answers only for the last round of ``job.run_id``, and only if it trained
@@ -185,21 +216,26 @@ def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
             if kept["candidate"] != digest:
                 raise EvaluationRefused(
                     f"round {server_round} of run {job.run_id}: the site already scored the round's candidate "
-                    f"{kept['candidate'][:12]}; it scores no other adapter ({digest[:12]}) for that round")
+                    f"{kept['candidate'][:12]}; it scores no other adapter ({digest[:12]}) for that round"
+                )
             return EvaluateOutcome(metrics=dict(kept["metrics"]))
         if server_round != job.rounds:
-            raise EvaluationRefused(f"round {server_round} is not the last round ({job.rounds}) of run {job.run_id}: "
-                                    "the site scores only the cycle's final candidate")
+            raise EvaluationRefused(
+                f"round {server_round} is not the last round ({job.rounds}) of run {job.run_id}: "
+                "the site scores only the cycle's final candidate"
+            )
         if not disclosures.has_trained(job.run_id, server_round):
-            raise EvaluationRefused(f"the site did not train in round {server_round} of run {job.run_id}: it scores "
-                                    "only the aggregate of a round it trained in")
+            raise EvaluationRefused(
+                f"the site did not train in round {server_round} of run {job.run_id}: it scores "
+                "only the aggregate of a round it trained in"
+            )
         _check_baseline(site, baseline)
-        ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant,
-                                    delta=site.delta)
+        ledger = PrivacyLedger.load(
+            site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta
+        )
         ledger.check_can_spend(site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, site.epsilon_ceiling)
         metrics = _noised_evaluation(site, job, candidate, baseline)
-        ledger.record(job.run_id, server_round, site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS,
-                      kind="evaluate")
+        ledger.record(job.run_id, server_round, site.eval_noise, RELEASE_SAMPLE_RATE, RELEASE_STEPS, kind="evaluate")
         ledger.save(site.ledger_path)  # the spend is on record before the figures can leave
         metrics["epsilon"] = ledger.epsilon()  # the site's total with this release: no data in it
         disclosures.bind(job.run_id, server_round, digest, metrics)
@@ -210,15 +246,21 @@ def evaluate_round(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
 def _check_baseline(site: SiteConfig, baseline: dict[str, np.ndarray] | None) -> None:
     installed = ModelStore(site.model_store_path).current_adapter()
     same = (baseline is None and installed is None) or (
-        baseline is not None and installed is not None and baseline.keys() == installed.keys()
-        and all(np.array_equal(baseline[k], installed[k]) for k in baseline))
+        baseline is not None
+        and installed is not None
+        and baseline.keys() == installed.keys()
+        and all(np.array_equal(baseline[k], installed[k]) for k in baseline)
+    )
     if not same:
-        raise EvaluationRefused("the baseline sent is not the version installed at this site "
-                                f"({'none' if installed is None else 'another adapter'} is installed)")
+        raise EvaluationRefused(
+            "the baseline sent is not the version installed at this site "
+            f"({'none' if installed is None else 'another adapter'} is installed)"
+        )
 
 
-def _noised_evaluation(site: SiteConfig, job: Job, candidate: dict[str, np.ndarray],
-                       baseline: dict[str, np.ndarray] | None) -> dict[str, float | int]:
+def _noised_evaluation(
+    site: SiteConfig, job: Job, candidate: dict[str, np.ndarray], baseline: dict[str, np.ndarray] | None
+) -> dict[str, float | int]:
     texts = [r.text for r in read_records(site.heldout_path)]
     lm = site_model(job, site.device)
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
@@ -234,8 +276,10 @@ def _noised_evaluation(site: SiteConfig, job: Job, candidate: dict[str, np.ndarr
     clip = site.eval_clip
     diffs = np.clip(np.asarray(cand.example_losses) - np.asarray(base.example_losses), -clip, clip)
     release = gaussian_release(
-        {"num-examples": float(len(diffs)), "diff-sum": float(diffs.sum()), "diff-sumsq": float((diffs ** 2).sum())},
-        {"num-examples": 1.0, "diff-sum": clip, "diff-sumsq": clip * clip}, site.eval_noise)
+        {"num-examples": float(len(diffs)), "diff-sum": float(diffs.sum()), "diff-sumsq": float((diffs**2).sum())},
+        {"num-examples": 1.0, "diff-sum": clip, "diff-sumsq": clip * clip},
+        site.eval_noise,
+    )
     metrics: dict[str, float | int] = dict(release.values)
     metrics.update({f"{key}-std": std for key, std in release.stds.items()})
     metrics["eval-clip"] = float(clip)
@@ -257,12 +301,22 @@ def noise_multiplier(job: Job, site: SiteConfig, ledger: PrivacyLedger) -> float
     else:
         # Sigma is derived so that the run's planned rounds spend target_epsilon at this site;
         # the site's own ceiling (not the coordinator's target) is what finally bounds it.
-        sigma = noise_multiplier_for_target(job.privacy.target_epsilon, site.delta, q, steps * job.rounds,
-                                            site.accountant)
+        sigma = noise_multiplier_for_target(
+            job.privacy.target_epsilon, site.delta, q, steps * job.rounds, site.accountant
+        )
     if site.fit_sigma_to_ceiling:
         before = tuple(h for h, e in zip(ledger.history, ledger.entries, strict=True) if e.run_id != job.run_id)
-        sigma = max(sigma, sigma_to_fit(before + _planned_releases(site), q, steps * job.rounds,
-                                        site.epsilon_ceiling, site.delta, site.accountant))
+        sigma = max(
+            sigma,
+            sigma_to_fit(
+                before + _planned_releases(site),
+                q,
+                steps * job.rounds,
+                site.epsilon_ceiling,
+                site.delta,
+                site.accountant,
+            ),
+        )
     return sigma
 
 
@@ -280,8 +334,11 @@ def check_cycle_fits(site: SiteConfig, job: Job, ledger: PrivacyLedger, sigma: f
     would have spent budget on rounds whose update is then never used.
     """
     rounds = max(1, job.rounds - server_round + 1)
-    planned = [*ledger.history, (sigma, job.privacy.sample_rate, job.train.local_steps * rounds),
-               *_planned_releases(site)]
+    planned = [
+        *ledger.history,
+        (sigma, job.privacy.sample_rate, job.train.local_steps * rounds),
+        *_planned_releases(site),
+    ]
     projected = epsilon_for_history(planned, site.delta, site.accountant)
     if projected > site.epsilon_ceiling:
         raise PrivacyBudgetExceeded(
@@ -289,7 +346,8 @@ def check_cycle_fits(site: SiteConfig, job: Job, ledger: PrivacyLedger, sigma: f
             f"{job.run_id} (sigma={sigma:g}, q={job.privacy.sample_rate:g}, {job.train.local_steps} steps each, and "
             f"the final evaluation) would bring it to {projected:.4f}, above the lifetime ceiling "
             f"{site.epsilon_ceiling:.4f}; the cycle is refused before any of it is spent"
-            + ("" if site.fit_sigma_to_ceiling else " (fit-sigma-to-ceiling=true would raise sigma to fit)"))
+            + ("" if site.fit_sigma_to_ceiling else " (fit-sigma-to-ceiling=true would raise sigma to fit)")
+        )
 
 
 def site_model(job: Job, device: str) -> LoraModel:

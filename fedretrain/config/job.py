@@ -33,8 +33,15 @@ class Job:
 
     @classmethod
     def from_config(cls, cfg: Config, run_id: str) -> Job:
-        return cls(run_id=run_id, seed=cfg.seed, rounds=cfg.rounds, model=cfg.model,
-                   lora=cfg.lora, train=cfg.train, privacy=cfg.privacy)
+        return cls(
+            run_id=run_id,
+            seed=cfg.seed,
+            rounds=cfg.rounds,
+            model=cfg.model,
+            lora=cfg.lora,
+            train=cfg.train,
+            privacy=cfg.privacy,
+        )
 
     def to_flat(self) -> dict[str, Any]:
         """Flat ``{"train.lr": 0.01, ...}``: the values a Flower ConfigRecord can carry."""

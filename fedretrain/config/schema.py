@@ -159,10 +159,13 @@ class StrategyConfig:
         if self.max_abs_value is not None:
             _positive("max_abs_value", self.max_abs_value)
         ratio = self.max_update_norm_ratio
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int | float)
-                                  or not math.isfinite(ratio) or ratio < 1):
-            raise ConfigError(f"max_update_norm_ratio: must be a number >= 1 (a multiple of the round's median "
-                              f"update norm), or null for no bound; got {ratio!r}")
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, int | float) or not math.isfinite(ratio) or ratio < 1
+        ):
+            raise ConfigError(
+                f"max_update_norm_ratio: must be a number >= 1 (a multiple of the round's median "
+                f"update norm), or null for no bound; got {ratio!r}"
+            )
         _fraction("fraction_train", self.fraction_train)
         _fraction("fraction_evaluate", self.fraction_evaluate)
         if self.min_sites < 1:
@@ -198,7 +201,7 @@ class GateConfig:
 class RegistryConfig:
     """The coordinator's signed registry of published versions (fedretrain/registry/)."""
 
-    root: str | None = None         # simulation: <federation>/coordinator/registry; deployment must set it
+    root: str | None = None  # simulation: <federation>/coordinator/registry; deployment must set it
     signing_key: str | None = None  # Ed25519 private key (fedretrain keys coordinator); <key>.pub beside it
     expiry_days: float = 90.0
     publish_timeout_s: float = 300.0
@@ -212,8 +215,8 @@ class RegistryConfig:
 class MonitorConfig:
     """What each site measures when the coordinator asks for its status (client/status.py)."""
 
-    sample_records: int = 200     # records drawn from each window (reference, new) for the scores
-    min_new_records: int = 20     # fewer new records than this: no drift or loss scores, only counts
+    sample_records: int = 200  # records drawn from each window (reference, new) for the scores
+    min_new_records: int = 20  # fewer new records than this: no drift or loss scores, only counts
     status_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
@@ -228,15 +231,15 @@ class MonitorConfig:
 class TriggerConfig:
     """When the coordinator starts a retraining cycle (server/watch/triggers.py). null turns a trigger off."""
 
-    new_records: int | None = None          # new records summed over the sites
-    drift_js: float | None = 0.03           # token Jensen-Shannon divergence (bits, 0..1) at a site ...
-    drift_hidden: float | None = 0.3        # ... or shift of the base model's mean hidden state ...
-    drift_min_sites: int = 1                # ... at this many sites or more
+    new_records: int | None = None  # new records summed over the sites
+    drift_js: float | None = 0.03  # token Jensen-Shannon divergence (bits, 0..1) at a site ...
+    drift_hidden: float | None = 0.3  # ... or shift of the base model's mean hidden state ...
+    drift_min_sites: int = 1  # ... at this many sites or more
     performance_margin: float | None = 0.1  # published model's loss on new data above its loss on reference (nats)
-    schedule_s: float | None = None         # a cycle every this many seconds
-    min_interval_s: float = 0.0             # rate limit: at least this long between cycle starts
-    poll_interval_s: float = 60.0           # `fedretrain coordinator watch`: seconds between polls
-    max_polls: int | None = None            # `fedretrain coordinator watch`: stop after this many polls
+    schedule_s: float | None = None  # a cycle every this many seconds
+    min_interval_s: float = 0.0  # rate limit: at least this long between cycle starts
+    poll_interval_s: float = 60.0  # `fedretrain coordinator watch`: seconds between polls
+    max_polls: int | None = None  # `fedretrain coordinator watch`: stop after this many polls
 
     def __post_init__(self) -> None:
         if self.new_records is not None and self.new_records < 1:
@@ -262,12 +265,12 @@ class ScenarioConfig:
     """Simulated time (simulation/scenario.py): records arrive at every step; at one step the data drifts."""
 
     name: str = "none"
-    steps: int = 8                 # time steps after step 0 (step 0: the first cycle publishes version 1)
-    drift_step: int = 3            # from this step on, new records are drifted
-    arrivals_per_step: int = 40    # new records per site per step
+    steps: int = 8  # time steps after step 0 (step 0: the first cycle publishes version 1)
+    drift_step: int = 3  # from this step on, new records are drifted
+    arrivals_per_step: int = 40  # new records per site per step
     drifted_sites: int | None = None  # how many sites drift (the first ones); null: all
-    probe_records: int = 120       # fresh records per step scored for the plot (the researcher's view)
-    step_s: float = 86400.0        # simulated seconds per step (the triggers' clock)
+    probe_records: int = 120  # fresh records per step scored for the plot (the researcher's view)
+    step_s: float = 86400.0  # simulated seconds per step (the triggers' clock)
 
     def __post_init__(self) -> None:
         _one_of("name", self.name, SCENARIOS)

@@ -5,8 +5,8 @@ Data location, site id, the lifetime epsilon ceiling and delta belong to the sit
 a site's ceiling would own the site's privacy budget.
 
 Deployment: ``flower-supernode --node-config "site-id='h1' data-dir='/srv/fedretrain'
-epsilon-ceiling=8.0 delta=1e-5 coordinator-key='/etc/fedretrain/coordinator.pub'"``. Simulation writes each virtual site's node_config
-to ``site.json`` in its directory.
+epsilon-ceiling=8.0 delta=1e-5 coordinator-key='/etc/fedretrain/coordinator.pub'"``.
+Simulation writes each virtual site's node_config to ``site.json`` in its directory.
 """
 
 from __future__ import annotations
@@ -154,8 +154,10 @@ def site_config_from_node_config(node_config: Mapping[str, Any], *, simulation: 
     if not simulation:
         for key in _SIMULATION_ONLY:
             if node_config.get(key):
-                raise ConfigError(f"{key}: only a simulated site may set it; a deployed site's DP noise "
-                                  "comes from its own OS and is never seeded by the coordinator")
+                raise ConfigError(
+                    f"{key}: only a simulated site may set it; a deployed site's DP noise "
+                    "comes from its own OS and is never seeded by the coordinator"
+                )
     try:
         return build(SiteConfig, values, "node_config")
     except ConfigError as err:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch.utils.data import TensorDataset
 
 
@@ -26,7 +25,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> TensorData
         return_tensors="pt",
         add_special_tokens=True,
     )
-    input_ids = batch["input_ids"].long()          # [N, T]
+    input_ids = batch["input_ids"].long()  # [N, T]
     attention_mask = batch["attention_mask"].long()  # [N, T], 0 on padding
     return TensorDataset(input_ids, attention_mask)
 
@@ -34,4 +33,3 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> TensorData
 def count_tokens(dataset: TensorDataset) -> int:
     """Real (non-padding) tokens in a dataset from ``encode_texts``."""
     return int(dataset.tensors[1].sum())
-

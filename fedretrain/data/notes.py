@@ -128,8 +128,7 @@ def csv_rows(path: str | Path, content: str) -> Iterator[tuple[int, int, dict[st
         previous = reader.line_num
 
 
-def validate_record(obj: Mapping[str, Any], path: str | Path, line: int,
-                    seen: dict[str, int] | None = None) -> Record:
+def validate_record(obj: Mapping[str, Any], path: str | Path, line: int, seen: dict[str, int] | None = None) -> Record:
     """Check one record against the schema; keys other than text, id and timestamp are ignored.
 
     Parameters

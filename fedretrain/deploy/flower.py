@@ -31,8 +31,9 @@ def flower_command(name: str) -> str:
     """The path of Flower's ``name`` command installed beside this interpreter."""
     path = Path(sys.executable).parent / name
     if not path.exists():
-        raise DeployError(f"{name}: not found beside {sys.executable}; install fedretrain's dependencies "
-                          "(flwr) into this environment")
+        raise DeployError(
+            f"{name}: not found beside {sys.executable}; install fedretrain's dependencies (flwr) into this environment"
+        )
     return str(path)
 
 
@@ -49,7 +50,13 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
 def write_connection(flwr_home: Path, address: str, root_certificates: Path | None) -> Path:
     """Write the flwr CLI's config: one SuperLink connection, TLS with ``root_certificates``
     (None: insecure, for a test bench only)."""
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(address)}"]
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f"address = {json.dumps(address)}",
+    ]
     if root_certificates is None:
         lines.append("insecure = true")
     else:
@@ -86,8 +93,9 @@ def run_flwr(flwr_home: Path, args: Sequence[str], *, timeout_s: float = 120.0, 
     """
     argv = [flower_command("flwr"), *args, "--format", "json"]
     try:
-        proc = subprocess.run(argv, env=flower_env(flwr_home), cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
+        proc = subprocess.run(
+            argv, env=flower_env(flwr_home), cwd=cwd, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
     except subprocess.TimeoutExpired:
         raise DeployError(f"flwr {' '.join(args[:2])}: no answer within {timeout_s:.0f} s") from None
     answer = _json_tail(proc.stdout)
@@ -134,6 +142,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 def supervise(proc: subprocess.Popen) -> int:
     """Wait for ``proc``; SIGINT and SIGTERM to this process stop it gracefully. Returns its code."""
+
     def forward(signum: int, _frame: Any) -> None:
         if proc.poll() is None:
             proc.send_signal(signum)

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -88,8 +88,9 @@ class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
-def create_ca(out_dir: str | os.PathLike[str], *, name: str = DEFAULT_CA_NAME, days: int = CA_DAYS,
-              force: bool = False) -> CaFiles:
+def create_ca(
+    out_dir: str | os.PathLike[str], *, name: str = DEFAULT_CA_NAME, days: int = CA_DAYS, force: bool = False
+) -> CaFiles:
     """Create a self-signed CA: ``ca.key`` (PKCS8 PEM, 0600) and ``ca.pem`` (0644) in ``out_dir`` (0700).
 
     The certificate is a CA (BasicConstraints CA=true, path length 0: it signs only
@@ -108,17 +109,22 @@ def create_ca(out_dir: str | os.PathLike[str], *, name: str = DEFAULT_CA_NAME, d
         raise ConfigError(f"--name: the CA's common name must be 1 to 64 characters, got {name!r}")
     _check_days(days)
     key_path, cert_path = Path(out_dir) / "ca.key", Path(out_dir) / "ca.pem"
-    _refuse_overwrite((key_path, cert_path), force, "every site that trusts the old ca.pem will refuse "
-                                                    "the SuperLink until it gets the new one")
+    _refuse_overwrite(
+        (key_path, cert_path),
+        force,
+        "every site that trusts the old ca.pem will refuse the SuperLink until it gets the new one",
+    )
     private_dir(out_dir)
     key = ec.generate_private_key(CURVE())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(timezone.utc)
-    cert = (_builder(subject, subject, key.public_key(), now - CLOCK_SKEW, now + timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(digital_signature=False, key_cert_sign=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA384()))
+    now = datetime.now(UTC)
+    cert = (
+        _builder(subject, subject, key.public_key(), now - CLOCK_SKEW, now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(digital_signature=False, key_cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
     _write_key_and_cert(key, key_path, cert, cert_path)
     return CaFiles(key_path, cert_path, cert_fingerprint(cert), cert.not_valid_after_utc)
 
@@ -145,17 +151,23 @@ def load_ca(ca_dir: str | os.PathLike[str]) -> CertificateAuthority:
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise KeyFileError(f"{key_path} holds a {type(key).__name__}, expected an EC or RSA CA key")
     if key.public_key() != cert.public_key():
-        raise KeyFileError(f"{key_path} does not match the certificate {cert_path} (a key or certificate "
-                           "from another CA?)")
+        raise KeyFileError(
+            f"{key_path} does not match the certificate {cert_path} (a key or certificate from another CA?)"
+        )
     _check_is_usable_ca(cert, cert_path)
     if Path(key_path).stat().st_mode & 0o077:
         logger.warning("CA key %s may be read by group or others (chmod 600 %s)", key_path, key_path)
     return CertificateAuthority(cert, key)
 
 
-def issue_superlink_cert(ca_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                         hosts: list[str] | tuple[str, ...], *, days: int = SUPERLINK_DAYS,
-                         force: bool = False) -> ServerCertFiles:
+def issue_superlink_cert(
+    ca_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    hosts: list[str] | tuple[str, ...],
+    *,
+    days: int = SUPERLINK_DAYS,
+    force: bool = False,
+) -> ServerCertFiles:
     """Issue the SuperLink's TLS key and certificate, signed by the CA in ``ca_dir``.
 
     Writes ``superlink.key`` (PKCS8 PEM, 0600) and ``superlink.pem`` (0644) in
@@ -180,18 +192,20 @@ def issue_superlink_cert(ca_dir: str | os.PathLike[str], out_dir: str | os.PathL
     ca = load_ca(ca_dir)
     private_dir(out_dir)
     key = ec.generate_private_key(CURVE())
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     not_after = min(now + timedelta(days=days), ca.cert.not_valid_after_utc)
     # Clients match the SANs only; a fixed common name avoids X.509's 64-character cap on it.
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedretrain SuperLink")])
-    cert = (_builder(subject, ca.cert.subject, key.public_key(), now - CLOCK_SKEW, not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(digital_signature=True, key_cert_sign=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(_authority_key_id(ca.cert), critical=False)
-            .sign(ca.key, hashes.SHA384()))
+    cert = (
+        _builder(subject, ca.cert.subject, key.public_key(), now - CLOCK_SKEW, not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True, key_cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_authority_key_id(ca.cert), critical=False)
+        .sign(ca.key, hashes.SHA384())
+    )
     _write_key_and_cert(key, key_path, cert, cert_path)
     return ServerCertFiles(key_path, cert_path, tuple(hosts), cert.not_valid_after_utc)
 
@@ -217,12 +231,12 @@ def create_site_keypair(out_dir: str | os.PathLike[str], site_id: str, *, force:
     """
     _check_site_id(site_id)
     private_path, public_path = Path(out_dir) / f"{site_id}.key", Path(out_dir) / f"{site_id}.pub"
-    _refuse_overwrite((private_path, public_path), force,
-                      "the coordinator must then register the new public key")
+    _refuse_overwrite((private_path, public_path), force, "the coordinator must then register the new public key")
     private_dir(out_dir)
     key = ec.generate_private_key(CURVE())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     atomic_write_bytes(private_path, private, mode=0o600)
     atomic_write_bytes(public_path, public + f" {site_id}\n".encode(), mode=0o644)
@@ -258,8 +272,10 @@ def parse_host(host: str) -> x509.GeneralName:
         return x509.IPAddress(address)
     labels = host.split(".")
     if len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels) or labels[-1].isdigit():
-        raise ConfigError(f"--host: {host!r} is neither an IP address nor a DNS name "
-                          "(letters, digits, '-' and '.'; no port or scheme)")
+        raise ConfigError(
+            f"--host: {host!r} is neither an IP address nor a DNS name "
+            "(letters, digits, '-' and '.'; no port or scheme)"
+        )
     return x509.DNSName(host)
 
 
@@ -300,24 +316,45 @@ def _check_is_usable_ca(cert: x509.Certificate, path: Path) -> None:
         is_ca = False
     if not is_ca:
         raise KeyFileError(f"{path} is not a CA certificate (BasicConstraints CA=true missing)")
-    if cert.not_valid_after_utc <= datetime.now(timezone.utc):
-        raise KeyFileError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; create a new CA "
-                           "(fedretrain keys ca --force) and give the new ca.pem to every site")
+    if cert.not_valid_after_utc <= datetime.now(UTC):
+        raise KeyFileError(
+            f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; create a new CA "
+            "(fedretrain keys ca --force) and give the new ca.pem to every site"
+        )
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
-             not_before: datetime, not_after: datetime) -> x509.CertificateBuilder:
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-            .serial_number(x509.random_serial_number()).not_valid_before(not_before)
-            .not_valid_after(not_after))
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
 
 
 def _key_usage(*, digital_signature: bool, key_cert_sign: bool) -> x509.KeyUsage:
     # An ECDSA server key only signs the handshake (digitalSignature); a CA key signs
     # certificates and CRLs. Nothing here is used for key encipherment.
-    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign,
-                         crl_sign=key_cert_sign, encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=key_cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -328,11 +365,11 @@ def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
-def _write_key_and_cert(key: ec.EllipticCurvePrivateKey, key_path: Path, cert: x509.Certificate,
-                        cert_path: Path) -> None:
+def _write_key_and_cert(
+    key: ec.EllipticCurvePrivateKey, key_path: Path, cert: x509.Certificate, cert_path: Path
+) -> None:
     # PKCS8 PEM ("BEGIN PRIVATE KEY") is what uvicorn's load_cert_chain and gRPC read.
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     atomic_write_bytes(key_path, pem, mode=0o600)
     atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
@@ -347,7 +384,8 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError as err:
-        raise KeyFileError(f"{path} does not exist (create the CA with: fedretrain keys ca --out "
-                           f"{path.parent})") from err
+        raise KeyFileError(
+            f"{path} does not exist (create the CA with: fedretrain keys ca --out {path.parent})"
+        ) from err
     except OSError as err:
         raise KeyFileError(f"cannot read {path}: {err.strerror or err}") from err

@@ -126,8 +126,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
                     _build_into_place(target, text, corpus_sha)
         except OSError as err:
             raise ModelLoadError(
-                f"cannot build the embedded model in {cache} ({err}); "
-                "set FEDRETRAIN_CACHE to a writable directory"
+                f"cannot build the embedded model in {cache} ({err}); set FEDRETRAIN_CACHE to a writable directory"
             ) from err
     _check_weights(target)
     return target
@@ -165,7 +164,8 @@ def _build_into_place(target: Path, text: str, corpus_sha: str) -> None:
         raise
     logger.info(
         "Built the embedded base model in %.1f s (final pretraining loss %.3f)",
-        recipe_record["build_seconds"], recipe_record["final_loss"],
+        recipe_record["build_seconds"],
+        recipe_record["final_loss"],
     )
 
 

@@ -132,8 +132,9 @@ def load_tokenizer(name_or_path: str, cache_dir: Path | None = None) -> PreTrain
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except _LOAD_ERRORS as err:
-        raise ModelLoadError(f"cannot load a tokenizer for model.name_or_path={name_or_path!r} "
-                             f"from {path}: {err}") from err
+        raise ModelLoadError(
+            f"cannot load a tokenizer for model.name_or_path={name_or_path!r} from {path}: {err}"
+        ) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"the tokenizer of {name_or_path!r} has neither a pad nor an eos token")
@@ -163,13 +164,19 @@ def load_base_model(
         with quiet_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except _LOAD_ERRORS as err:
-        raise ModelLoadError(f"cannot load a causal LM for model.name_or_path={name_or_path!r} "
-                             f"from {path}: {err}") from err
+        raise ModelLoadError(
+            f"cannot load a causal LM for model.name_or_path={name_or_path!r} from {path}: {err}"
+        ) from err
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    logger.info("Loaded base model %s (%d parameters, %s, %s)", name_or_path,
-                count_parameters(model)[1], device, str(dtype).removeprefix("torch."))
+    logger.info(
+        "Loaded base model %s (%d parameters, %s, %s)",
+        name_or_path,
+        count_parameters(model)[1],
+        device,
+        str(dtype).removeprefix("torch."),
+    )
     return model
 
 
@@ -196,8 +203,14 @@ def attach_lora(
         match no module of the model.
     """
     _single_device(model, "before attaching LoRA")
-    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(target_modules), bias="none")
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+    )
     # peft initialises the adapter on the CPU RNG before moving it to the base layer's device,
     # so the same seed gives the same adapter on CPU and GPU.
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+from fedretrain.arrays import AdapterSpec, check_adapter, from_torch_state_dict, to_torch_state_dict
 from fedretrain.config.schema import LoraSettings, ModelConfig
 from fedretrain.modeling.loading import (
     attach_lora,
@@ -22,7 +23,6 @@ from fedretrain.modeling.loading import (
     select_device,
     select_dtype,
 )
-from fedretrain.arrays import AdapterSpec, check_adapter, from_torch_state_dict, to_torch_state_dict
 
 
 @dataclass
@@ -30,8 +30,8 @@ class LoraModel:
     tokenizer: object
     model: torch.nn.Module  # a peft.PeftModel on `device`
     device: torch.device
-    spec: AdapterSpec       # keys, shapes and dtypes every adapter update must match
-    base_nbytes: int        # bytes of the full base model's parameters
+    spec: AdapterSpec  # keys, shapes and dtypes every adapter update must match
+    base_nbytes: int  # bytes of the full base model's parameters
 
 
 def load_lora_model(
@@ -48,8 +48,9 @@ def load_lora_model(
     tokenizer = load_tokenizer(model_cfg.name_or_path, cache_dir=cache_dir)
     base = load_base_model(model_cfg.name_or_path, dev, dtype, cache_dir=cache_dir)
     base_nbytes = model_nbytes(base)
-    model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), seed=seed)
+    model = attach_lora(
+        base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules), seed=seed
+    )
     spec = AdapterSpec.from_state_dict(adapter_arrays(model))
     return LoraModel(tokenizer=tokenizer, model=model, device=dev, spec=spec, base_nbytes=base_nbytes)
 

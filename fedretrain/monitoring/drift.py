@@ -146,7 +146,7 @@ def mean_hidden_states(model: nn.Module, dataset: TensorDataset, batch_size: int
             for input_ids, attention_mask in DataLoader(dataset, batch_size=batch_size):
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-                hidden = out.hidden_states[-1].float()                # [B, T, d]
+                hidden = out.hidden_states[-1].float()  # [B, T, d]
                 mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
                 means.append((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0))  # [B, d]
     finally:

@@ -45,9 +45,7 @@ def accountant_class(name: str) -> type[IAccountant]:
         raise ValueError(f"unknown accountant {name!r}; valid accountants: {valid}") from None
 
 
-def epsilon_for_history(
-    history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp"
-) -> float:
+def epsilon_for_history(history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp") -> float:
     """Epsilon of the whole composed ``history`` at ``delta``.
 
     Parameters
@@ -174,6 +172,7 @@ def sigma_to_fit(
     Bisection on the exact accountant, so the result is an upper bound like every
     epsilon here, never an approximation of one.
     """
+
     def fits(sigma: float) -> bool:
         return epsilon_for_history([*history, (sigma, sample_rate, steps)], delta, accountant) <= ceiling
 

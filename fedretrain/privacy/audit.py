@@ -153,13 +153,14 @@ def guesses_from_scores(scores: Sequence[float] | np.ndarray, k_plus: int, k_min
     if values.ndim != 1 or not np.isfinite(values).all():
         raise ValueError("scores must be a 1-D sequence of finite numbers")
     if k_plus < 0 or k_minus < 0 or k_plus + k_minus > len(values):
-        raise ValueError(f"need k_plus, k_minus >= 0 and k_plus + k_minus <= m={len(values)}, "
-                         f"got {k_plus} and {k_minus}")
+        raise ValueError(
+            f"need k_plus, k_minus >= 0 and k_plus + k_minus <= m={len(values)}, got {k_plus} and {k_minus}"
+        )
     order = np.argsort(-values, kind="stable")  # highest first; ties in canary order
     guesses = np.zeros(len(values), dtype=np.int8)
     guesses[order[:k_plus]] = 1
     if k_minus:
-        guesses[order[len(values) - k_minus:]] = -1
+        guesses[order[len(values) - k_minus :]] = -1
     return guesses
 
 
@@ -173,9 +174,14 @@ def count_guesses(guesses: np.ndarray, included: Sequence[bool] | np.ndarray) ->
     return int(made.sum()), int((guesses[made] == truth[made]).sum())
 
 
-def audit_scores(scores: Sequence[float] | np.ndarray, included: Sequence[bool] | np.ndarray,
-                 choices: Sequence[tuple[int, int]], *, confidence: float = 0.95,
-                 delta: float = 0.0) -> AuditBound:
+def audit_scores(
+    scores: Sequence[float] | np.ndarray,
+    included: Sequence[bool] | np.ndarray,
+    choices: Sequence[tuple[int, int]],
+    *,
+    confidence: float = 0.95,
+    delta: float = 0.0,
+) -> AuditBound:
     """The best bound over several ``(k_plus, k_minus)`` choices, valid at ``confidence``.
 
     Picking the best of ``T`` choices after seeing the guesses is a multiple test, so
@@ -195,8 +201,11 @@ def audit_scores(scores: Sequence[float] | np.ndarray, included: Sequence[bool] 
     for k_plus, k_minus in choices:
         r, v = count_guesses(guesses_from_scores(scores, k_plus, k_minus), included)
         epsilon = epsilon_lower_bound(m, r, v, confidence=per_choice, delta=delta)
-        bounds.append(AuditBound(m=m, r=r, v=v, k_plus=k_plus, k_minus=k_minus, confidence=confidence,
-                                 delta=delta, epsilon=epsilon))
+        bounds.append(
+            AuditBound(
+                m=m, r=r, v=v, k_plus=k_plus, k_minus=k_minus, confidence=confidence, delta=delta, epsilon=epsilon
+            )
+        )
     return max(bounds, key=lambda b: b.epsilon)  # the first of equals: choices order breaks ties
 
 

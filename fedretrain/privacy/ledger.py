@@ -94,9 +94,7 @@ class PrivacyLedger:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], *, site_id: str, accountant: str, delta: float
-    ) -> PrivacyLedger:
+    def load(cls, path: str | os.PathLike[str], *, site_id: str, accountant: str, delta: float) -> PrivacyLedger:
         """Read the ledger at ``path``; a missing file is an empty ledger.
 
         Raises
@@ -143,9 +141,7 @@ class PrivacyLedger:
         projected = [*self.history, (noise_multiplier, sample_rate, steps)]
         return epsilon_for_history(projected, self.delta, self.accountant)
 
-    def check_can_spend(
-        self, noise_multiplier: float, sample_rate: float, steps: int, ceiling: float
-    ) -> float:
+    def check_can_spend(self, noise_multiplier: float, sample_rate: float, steps: int, ceiling: float) -> float:
         """Return the projected epsilon if one more such round stays within ``ceiling``.
 
         Raises
@@ -170,8 +166,14 @@ class PrivacyLedger:
         return any(e.kind == "train" and e.run_id == run_id and round in (None, e.round) for e in self.entries)
 
     def record(
-        self, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
-        *, kind: str = "train",
+        self,
+        run_id: str,
+        round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        *,
+        kind: str = "train",
     ) -> None:
         """Append one spent release (in memory; call :meth:`save` to persist).
 
@@ -186,8 +188,7 @@ class PrivacyLedger:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
             raise ValueError(
-                f"noise_multiplier must be finite and > 0, got {noise_multiplier}; "
-                "non-private rounds are not recorded"
+                f"noise_multiplier must be finite and > 0, got {noise_multiplier}; non-private rounds are not recorded"
             )
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -256,9 +257,7 @@ def _parse_entry(path: Path, index: int, raw: Any) -> LedgerEntry:
     return entry
 
 
-def _check_fields(
-    path: Path, data: Any, fields: dict[str, tuple[type, ...]], *, where: str
-) -> None:
+def _check_fields(path: Path, data: Any, fields: dict[str, tuple[type, ...]], *, where: str) -> None:
     if not isinstance(data, dict):
         raise LedgerError(f"{path}: '{where.rstrip('.') or 'top level'}' must be a JSON object")
     for name, types in fields.items():

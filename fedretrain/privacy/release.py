@@ -39,8 +39,12 @@ class Release:
     noise_multiplier: float
 
 
-def gaussian_release(statistics: Mapping[str, float], sensitivities: Mapping[str, float],
-                     noise_multiplier: float, rng: np.random.Generator | None = None) -> Release:
+def gaussian_release(
+    statistics: Mapping[str, float],
+    sensitivities: Mapping[str, float],
+    noise_multiplier: float,
+    rng: np.random.Generator | None = None,
+) -> Release:
     """Noise ``statistics`` with the Gaussian mechanism of ``noise_multiplier`` (see the module docstring).
 
     Parameters

@@ -65,8 +65,10 @@ def inspect_version(registry: Registry, version: int, public_key: Ed25519PublicK
 def check_registry(registry: Registry, public_key: Ed25519PublicKey | None = None) -> CheckReport:
     """Audit every version, the champion chain, ``champion.json`` and every rollback record of ``registry``,
     against ``public_key`` (default: the key pinned in ``registry.json``)."""
-    notes = [f"{path} was left by an interrupted publish; readers ignore it, it can be removed"
-             for path in sorted((registry.root / "versions").glob(".staging-*"))]
+    notes = [
+        f"{path} was left by an interrupted publish; readers ignore it, it can be removed"
+        for path in sorted((registry.root / "versions").glob(".staging-*"))
+    ]
     if not registry.root.is_dir():
         return CheckReport((f"no registry at {registry.root}",), ())
     versions = registry.versions()

@@ -52,16 +52,31 @@ from fedretrain.registry.pointer import ChampionPointer
 from fedretrain.registry.signing import canonical_json, key_id, sign, verify_signature
 
 __all__ = [
-    "ADAPTER_FILES", "MANIFEST_FORMAT", "RollbackRecord", "VersionBundle", "base_model_identity",
-    "build_manifest", "format_time", "parse_time", "sha256_hex", "utc_now", "verify_bundle", "verify_rollback",
+    "ADAPTER_FILES",
+    "MANIFEST_FORMAT",
+    "RollbackRecord",
+    "VersionBundle",
+    "base_model_identity",
+    "build_manifest",
+    "format_time",
+    "parse_time",
+    "sha256_hex",
+    "utc_now",
+    "verify_bundle",
+    "verify_rollback",
 ]
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 MANIFEST_FILE, SIGNATURE_FILE = "manifest.json", "manifest.sig"
 
 _ROLLBACK_FIELDS: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "sequence": (int,), "target_version": (int,), "from_version": (int,),
-    "created_at": (str,), "reason": (str,), "key_id": (str,),
+    "kind": (str,),
+    "sequence": (int,),
+    "target_version": (int,),
+    "from_version": (int,),
+    "created_at": (str,),
+    "reason": (str,),
+    "key_id": (str,),
 }
 
 
@@ -76,8 +91,9 @@ class VersionBundle:
     pointer: ChampionPointer | None = None
 
     @classmethod
-    def signed(cls, manifest: Mapping[str, Any], files: Mapping[str, bytes],
-               private_key: Ed25519PrivateKey) -> VersionBundle:
+    def signed(
+        cls, manifest: Mapping[str, Any], files: Mapping[str, bytes], private_key: Ed25519PrivateKey
+    ) -> VersionBundle:
         """Serialise ``manifest`` canonically and sign it (ValueError on NaN/inf in it)."""
         manifest_bytes = canonical_json(dict(manifest))
         return cls(manifest_bytes, sign(private_key, manifest_bytes), dict(files))
@@ -139,8 +155,9 @@ class VersionBundle:
         """Inverse of :meth:`to_mapping`; other keys (a rollback record) are ignored."""
         manifest_bytes = _bytes_value(mapping, "manifest", "manifest")
         signature = _bytes_value(mapping, "signature", "signature")
-        files = {key[len("file:"):]: _bytes_value(mapping, key, "hashes")
-                 for key in mapping if key.startswith("file:")}
+        files = {
+            key[len("file:") :]: _bytes_value(mapping, key, "hashes") for key in mapping if key.startswith("file:")
+        }
         return cls(manifest_bytes, signature, files, ChampionPointer.from_mapping(mapping))
 
 
@@ -165,15 +182,22 @@ class RollbackRecord:
         """Inverse of :meth:`to_mapping`; None when the mapping carries no rollback."""
         if "rollback" not in mapping:
             return None
-        return cls(_bytes_value(mapping, "rollback", "rollback"),
-                   _bytes_value(mapping, "rollback-signature", "signature"))
+        return cls(
+            _bytes_value(mapping, "rollback", "rollback"), _bytes_value(mapping, "rollback-signature", "signature")
+        )
 
 
-def verify_bundle(bundle: VersionBundle, public_key: Ed25519PublicKey, *, now: datetime,
-                  last_accepted: int | None = None, allow_version: int | None = None,
-                  base_model_sha256: str | None = None,
-                  expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                  check_expiry: bool = True) -> dict[str, torch.Tensor]:
+def verify_bundle(
+    bundle: VersionBundle,
+    public_key: Ed25519PublicKey,
+    *,
+    now: datetime,
+    last_accepted: int | None = None,
+    allow_version: int | None = None,
+    base_model_sha256: str | None = None,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    check_expiry: bool = True,
+) -> dict[str, torch.Tensor]:
     """Run every check on ``bundle`` in order and return its adapter tensors.
 
     Checks: ``signature`` (with the pinned ``public_key``; then ``manifest``:
@@ -199,8 +223,11 @@ def verify_bundle(bundle: VersionBundle, public_key: Ed25519PublicKey, *, now: d
     if check_expiry and not now < parse_time(manifest["expires_at"]):
         raise VerificationError("expiry", f"version {version} expired at {manifest['expires_at']}")
     if base_model_sha256 is not None and manifest["base_model"]["sha256"] != base_model_sha256:
-        raise VerificationError("base_model", f"built on base model {manifest['base_model']['sha256'][:16]}..., "
-                                              f"this site has {base_model_sha256[:16]}...")
+        raise VerificationError(
+            "base_model",
+            f"built on base model {manifest['base_model']['sha256'][:16]}..., "
+            f"this site has {base_model_sha256[:16]}...",
+        )
     tensors = _load_tensors(bundle.files[ADAPTER_FILES[0]])
     if expected_shapes is not None:
         _check_shapes(tensors, expected_shapes)
@@ -208,8 +235,9 @@ def verify_bundle(bundle: VersionBundle, public_key: Ed25519PublicKey, *, now: d
     return tensors
 
 
-def verify_rollback(record: RollbackRecord, public_key: Ed25519PublicKey, *,
-                    last_sequence: int | None) -> dict[str, Any]:
+def verify_rollback(
+    record: RollbackRecord, public_key: Ed25519PublicKey, *, last_sequence: int | None
+) -> dict[str, Any]:
     """Check a rollback record's signature, form, and that its sequence is new; return it.
 
     Raises
@@ -227,8 +255,9 @@ def verify_rollback(record: RollbackRecord, public_key: Ed25519PublicKey, *,
     if body["sequence"] < 1 or body["target_version"] < 1:
         raise VerificationError("rollback", "sequence and target_version must be >= 1")
     if last_sequence is not None and body["sequence"] <= last_sequence:
-        raise VerificationError("rollback", f"sequence {body['sequence']} is not newer than {last_sequence} "
-                                            "(a replayed rollback)")
+        raise VerificationError(
+            "rollback", f"sequence {body['sequence']} is not newer than {last_sequence} (a replayed rollback)"
+        )
     return body
 
 
@@ -240,8 +269,9 @@ def _check_hashes(listed: dict[str, Any], shipped: Mapping[str, bytes]) -> None:
             raise VerificationError("hashes", f"{name} is listed in the manifest but was not shipped")
     unexpected = sorted((set(listed) | set(shipped)) - set(ADAPTER_FILES))
     if unexpected:
-        raise VerificationError("hashes", f"unexpected files {unexpected}; "
-                                          f"a version holds exactly {list(ADAPTER_FILES)}")
+        raise VerificationError(
+            "hashes", f"unexpected files {unexpected}; a version holds exactly {list(ADAPTER_FILES)}"
+        )
     for name in ADAPTER_FILES:
         if sha256_hex(shipped[name]) != listed[name]:
             raise VerificationError("hashes", f"{name} does not match its SHA-256 in the manifest")
@@ -272,8 +302,9 @@ def _check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tu
         if name not in tensors:
             raise VerificationError("shapes", f"missing tensor '{name}'")
         if tuple(tensors[name].shape) != tuple(expected[name]):
-            raise VerificationError("shapes", f"tensor '{name}' has shape {tuple(tensors[name].shape)}, "
-                                              f"expected {tuple(expected[name])}")
+            raise VerificationError(
+                "shapes", f"tensor '{name}' has shape {tuple(tensors[name].shape)}, expected {tuple(expected[name])}"
+            )
 
 
 def _bytes_value(mapping: Mapping[str, Any], key: str, check: str) -> bytes:

@@ -71,7 +71,8 @@ def verified_head(registry: Registry, public_key: Ed25519PublicKey) -> ChainHead
             f"{registry.root}/champion.json is not backed by a signed champion chain ({folder} is empty): "
             "the registry predates signed champion pointers, or its chain was deleted. There is no in-place "
             "migration: publish into a new registry folder (sites then clear their model store, since version "
-            "numbers start again at 1)")
+            "numbers start again at 1)"
+        )
     try:
         bodies = verify_chain(records, public_key, folder=str(folder))
     except VerificationError as err:
@@ -86,8 +87,9 @@ def verified_head(registry: Registry, public_key: Ed25519PublicKey) -> ChainHead
     return head
 
 
-def _check_record(registry: Registry, key: Ed25519PublicKey, where: str, body: dict[str, Any],
-                  previous: dict[str, Any] | None) -> None:
+def _check_record(
+    registry: Registry, key: Ed25519PublicKey, where: str, body: dict[str, Any], previous: dict[str, Any] | None
+) -> None:
     version, reason = body["version"], body["reason"]
     if version not in registry.versions():
         raise RegistryError(f"{where}: names version {version}, which does not exist")
@@ -103,8 +105,9 @@ def _check_record(registry: Registry, key: Ed25519PublicKey, where: str, body: d
         raise RegistryError(f"{where}: approves version {version}, which has no approval.json")
 
 
-def _check_rollback_record(registry: Registry, key: Ed25519PublicKey, where: str, body: dict[str, Any],
-                           before: int | None) -> None:
+def _check_rollback_record(
+    registry: Registry, key: Ed25519PublicKey, where: str, body: dict[str, Any], before: int | None
+) -> None:
     sequence = body["rollback_sequence"]
     record = dict(registry.rollbacks()).get(sequence)
     if record is None:
@@ -114,8 +117,10 @@ def _check_rollback_record(registry: Registry, key: Ed25519PublicKey, where: str
     except VerificationError as err:
         raise RegistryError(f"{registry.root}/rollbacks/{sequence:06d}.json: {err}") from err
     if (rollback["from_version"], rollback["target_version"]) != (before, body["version"]):
-        raise RegistryError(f"{where}: moves {before} -> {body['version']}, but rollback record {sequence} "
-                            f"moves {rollback['from_version']} -> {rollback['target_version']}")
+        raise RegistryError(
+            f"{where}: moves {before} -> {body['version']}, but rollback record {sequence} "
+            f"moves {rollback['from_version']} -> {rollback['target_version']}"
+        )
 
 
 def _check_coverage(registry: Registry, key: Ed25519PublicKey, bodies: list[dict[str, Any]]) -> None:
@@ -124,18 +129,23 @@ def _check_coverage(registry: Registry, key: Ed25519PublicKey, bodies: list[dict
     rolled = {body["rollback_sequence"] for body in bodies if body["reason"] == "rollback"}
     for sequence, _ in registry.rollbacks():
         if sequence not in rolled:
-            raise RegistryError(f"{registry.root}/rollbacks/{sequence:06d}.json has no pointer record in "
-                                f"{registry.root}/pointers (pointer records removed?)")
+            raise RegistryError(
+                f"{registry.root}/rollbacks/{sequence:06d}.json has no pointer record in "
+                f"{registry.root}/pointers (pointer records removed?)"
+            )
     for version in registry.versions():
         folder = registry.version_dir(version)
         if (folder / "approval.json").is_file() and ("approve", version) not in moved:
-            raise RegistryError(f"{folder}/approval.json has no pointer record in {registry.root}/pointers "
-                                "(pointer records removed?)")
+            raise RegistryError(
+                f"{folder}/approval.json has no pointer record in {registry.root}/pointers (pointer records removed?)"
+            )
         if not registry.approval_requested(version, key) and ("publish", version) not in moved:
-            raise RegistryError(f"version {version} was published straight to champion, but no record in "
-                                f"{registry.root}/pointers says so: pointer records were removed, or a publish "
-                                f"was interrupted after writing {folder} (then no site has it: move it out of "
-                                f"versions/, e.g. to {folder.parent}/.interrupted-{version:06d}, and publish again)")
+            raise RegistryError(
+                f"version {version} was published straight to champion, but no record in "
+                f"{registry.root}/pointers says so: pointer records were removed, or a publish "
+                f"was interrupted after writing {folder} (then no site has it: move it out of "
+                f"versions/, e.g. to {folder.parent}/.interrupted-{version:06d}, and publish again)"
+            )
 
 
 def _check_copy(registry: Registry, head: ChainHead | None) -> None:
@@ -148,9 +158,13 @@ def _check_copy(registry: Registry, head: ChainHead | None) -> None:
         if copy is not None:
             raise RegistryError(f"{path} names version {copy['version']}, but no pointer record exists")
         return
-    want = {"version": head.version, "reason": head.record["reason"],
-            "rollback_sequence": head.record["rollback_sequence"]}
+    want = {
+        "version": head.version,
+        "reason": head.record["reason"],
+        "rollback_sequence": head.record["rollback_sequence"],
+    }
     got = None if copy is None else {name: copy.get(name) for name in want}
     if got != want:
-        raise RegistryError(f"{path} says {got}, but the last signed pointer record "
-                            f"({head.record['sequence']:06d}) says {want}")
+        raise RegistryError(
+            f"{path} says {got}, but the last signed pointer record ({head.record['sequence']:06d}) says {want}"
+        )

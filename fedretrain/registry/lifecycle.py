@@ -24,8 +24,7 @@ from fedretrain.registry.bundle import RollbackRecord
 STATUSES = ("champion", "pending", "rolled-back", "approved", "superseded")
 
 
-def version_status(version: int, *, champion: int | None, approved: bool,
-                   rollbacks: Sequence[tuple[int, int]]) -> str:
+def version_status(version: int, *, champion: int | None, approved: bool, rollbacks: Sequence[tuple[int, int]]) -> str:
     """Return the status of ``version``.
 
     Parameters

@@ -34,9 +34,18 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _NUMBER = (int, float)
 # Field -> accepted JSON types. ``bool`` is always refused (Python counts it as an int).
 MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
-    "format": (str,), "version": (int,), "parent": (int, type(None)), "created_at": (str,),
-    "expires_at": (str,), "key_id": (str,), "files": (dict,), "base_model": (dict,), "lora": (dict,),
-    "run": (dict,), "sites": (dict,), "gate": (dict,),
+    "format": (str,),
+    "version": (int,),
+    "parent": (int, type(None)),
+    "created_at": (str,),
+    "expires_at": (str,),
+    "key_id": (str,),
+    "files": (dict,),
+    "base_model": (dict,),
+    "lora": (dict,),
+    "run": (dict,),
+    "sites": (dict,),
+    "gate": (dict,),
 }
 _NESTED_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "base_model": {"name": (str,), "sha256": (str,)},
@@ -72,16 +81,33 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def build_manifest(*, version: int, parent: int | None, created_at: datetime, expires_at: datetime,
-                   key_id: str, files: Mapping[str, bytes], base_model: Mapping[str, Any],
-                   lora: Mapping[str, Any], run: Mapping[str, Any], sites: Mapping[str, Any],
-                   gate: Mapping[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    *,
+    version: int,
+    parent: int | None,
+    created_at: datetime,
+    expires_at: datetime,
+    key_id: str,
+    files: Mapping[str, bytes],
+    base_model: Mapping[str, Any],
+    lora: Mapping[str, Any],
+    run: Mapping[str, Any],
+    sites: Mapping[str, Any],
+    gate: Mapping[str, Any],
+) -> dict[str, Any]:
     """Assemble a manifest dict; ``files`` maps each file name to its bytes (hashed here)."""
     return {
-        "format": MANIFEST_FORMAT, "version": version, "parent": parent,
-        "created_at": format_time(created_at), "expires_at": format_time(expires_at), "key_id": key_id,
+        "format": MANIFEST_FORMAT,
+        "version": version,
+        "parent": parent,
+        "created_at": format_time(created_at),
+        "expires_at": format_time(expires_at),
+        "key_id": key_id,
         "files": {name: sha256_hex(data) for name, data in files.items()},
-        "base_model": dict(base_model), "lora": dict(lora), "run": dict(run), "sites": dict(sites),
+        "base_model": dict(base_model),
+        "lora": dict(lora),
+        "run": dict(run),
+        "sites": dict(sites),
         "gate": dict(gate),
     }
 

@@ -35,8 +35,14 @@ from fedretrain.registry.signing import canonical_json, key_id, sign, verify_sig
 
 REASONS = ("publish", "approve", "rollback")
 _FIELDS: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "sequence": (int,), "version": (int,), "reason": (str,), "created_at": (str,),
-    "manifest_sha256": (str,), "previous_sha256": (str, type(None)), "rollback_sequence": (int, type(None)),
+    "kind": (str,),
+    "sequence": (int,),
+    "version": (int,),
+    "reason": (str,),
+    "created_at": (str,),
+    "manifest_sha256": (str,),
+    "previous_sha256": (str, type(None)),
+    "rollback_sequence": (int, type(None)),
     "key_id": (str,),
 }
 
@@ -73,22 +79,38 @@ class ChampionPointer:
         return cls(payload, signature)
 
 
-def sign_pointer(private_key: Ed25519PrivateKey, *, sequence: int, version: int, reason: str,
-                 created_at: datetime, manifest_bytes: bytes, previous: ChampionPointer | None,
-                 rollback_sequence: int | None = None) -> ChampionPointer:
+def sign_pointer(
+    private_key: Ed25519PrivateKey,
+    *,
+    sequence: int,
+    version: int,
+    reason: str,
+    created_at: datetime,
+    manifest_bytes: bytes,
+    previous: ChampionPointer | None,
+    rollback_sequence: int | None = None,
+) -> ChampionPointer:
     """Sign the record that makes ``version`` champion, linked to ``previous`` (None: the first)."""
     if reason not in REASONS:
         raise ValueError(f"reason must be one of {REASONS}, got {reason!r}")
-    body = {"kind": "champion", "sequence": sequence, "version": version, "reason": reason,
-            "created_at": format_time(created_at), "manifest_sha256": sha256_hex(manifest_bytes),
-            "previous_sha256": None if previous is None else previous.sha256,
-            "rollback_sequence": rollback_sequence, "key_id": key_id(private_key.public_key())}
+    body = {
+        "kind": "champion",
+        "sequence": sequence,
+        "version": version,
+        "reason": reason,
+        "created_at": format_time(created_at),
+        "manifest_sha256": sha256_hex(manifest_bytes),
+        "previous_sha256": None if previous is None else previous.sha256,
+        "rollback_sequence": rollback_sequence,
+        "key_id": key_id(private_key.public_key()),
+    }
     payload = canonical_json(body)
     return ChampionPointer(payload, sign(private_key, payload))
 
 
-def verify_pointer(pointer: ChampionPointer, public_key: Ed25519PublicKey, *,
-                   last_sequence: int | None = None) -> dict[str, Any]:
+def verify_pointer(
+    pointer: ChampionPointer, public_key: Ed25519PublicKey, *, last_sequence: int | None = None
+) -> dict[str, Any]:
     """Check one record's signature and form, and that its sequence is newer than ``last_sequence``.
 
     Raises
@@ -110,13 +132,15 @@ def verify_pointer(pointer: ChampionPointer, public_key: Ed25519PublicKey, *,
     if (body["reason"] == "rollback") != (body["rollback_sequence"] is not None):
         raise VerificationError("pointer", "a rollback pointer, and only one, names a rollback_sequence")
     if last_sequence is not None and body["sequence"] <= last_sequence:
-        raise VerificationError("pointer", f"sequence {body['sequence']} is not newer than {last_sequence} "
-                                           "(a replayed pointer record)")
+        raise VerificationError(
+            "pointer", f"sequence {body['sequence']} is not newer than {last_sequence} (a replayed pointer record)"
+        )
     return body
 
 
-def verify_chain(records: Sequence[tuple[int, ChampionPointer]], public_key: Ed25519PublicKey, *,
-                 folder: str = "pointers") -> list[dict[str, Any]]:
+def verify_chain(
+    records: Sequence[tuple[int, ChampionPointer]], public_key: Ed25519PublicKey, *, folder: str = "pointers"
+) -> list[dict[str, Any]]:
     """Verify a whole chain, given as ``(number in the file name, record)`` in file order.
 
     Every record verifies with ``public_key``; record ``i`` (from 1) is in file ``i``,
@@ -136,15 +160,16 @@ def verify_chain(records: Sequence[tuple[int, ChampionPointer]], public_key: Ed2
         except VerificationError as err:
             raise VerificationError(err.check, f"{where}: {err.reason}") from err
         if number != expected:
-            raise VerificationError("pointer", f"{where}: expected {expected:06d}.json before it "
-                                               "(a record is missing)")
+            raise VerificationError("pointer", f"{where}: expected {expected:06d}.json before it (a record is missing)")
         if body["sequence"] != number:
-            raise VerificationError("pointer", f"{where}: its body says sequence {body['sequence']} "
-                                               "(a replayed or moved record)")
+            raise VerificationError(
+                "pointer", f"{where}: its body says sequence {body['sequence']} (a replayed or moved record)"
+            )
         link = None if previous is None else previous.sha256
         if body["previous_sha256"] != link:
-            raise VerificationError("pointer", f"{where}: does not link to the record before it "
-                                               "(records removed, reordered or replaced)")
+            raise VerificationError(
+                "pointer", f"{where}: does not link to the record before it (records removed, reordered or replaced)"
+            )
         bodies.append(body)
         previous = pointer
     return bodies

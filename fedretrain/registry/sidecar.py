@@ -33,8 +33,15 @@ PSEUDONYM_KEY_BYTES = 32
 
 def write_pin(path: Path, public_key: Ed25519PublicKey) -> None:
     """Write ``registry.json`` pinning ``public_key``."""
-    atomic_write_json(path, {"format": REGISTRY_FORMAT, "key_id": key_id(public_key),
-                             "public_key_pem": public_key_pem(public_key).decode("ascii")}, mode=0o644)
+    atomic_write_json(
+        path,
+        {
+            "format": REGISTRY_FORMAT,
+            "key_id": key_id(public_key),
+            "public_key_pem": public_key_pem(public_key).decode("ascii"),
+        },
+        mode=0o644,
+    )
 
 
 def read_pin(path: Path) -> Ed25519PublicKey:

@@ -59,8 +59,7 @@ def canonical_json(obj: Any) -> bytes:
     return text.encode("utf-8")
 
 
-def generate_keypair(directory: str | os.PathLike[str], name: str = "coordinator", *,
-                     force: bool = False) -> KeyPair:
+def generate_keypair(directory: str | os.PathLike[str], name: str = "coordinator", *, force: bool = False) -> KeyPair:
     """Create ``<name>.key`` (private, 0600) and ``<name>.pub`` (public, 0644) in ``directory``.
 
     Raises
@@ -73,13 +72,16 @@ def generate_keypair(directory: str | os.PathLike[str], name: str = "coordinator
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
     for path in (private_path, public_path):
         if path.exists() and not force:
-            raise KeyFileError(f"{path} already exists; pass --force to replace it "
-                               "(sites that pinned the old public key will refuse new versions)")
+            raise KeyFileError(
+                f"{path} already exists; pass --force to replace it "
+                "(sites that pinned the old public key will refuse new versions)"
+            )
     if not directory.exists():  # a new key directory is the owner's alone, whatever the umask
         private_dir(directory)
     private_key = Ed25519PrivateKey.generate()
-    private_pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption())
+    private_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     # The temp file is created 0600 by mkstemp and renamed into place, so the key
     # is never readable by others, not even for an instant.
     atomic_write_bytes(private_path, private_pem, mode=0o600)
@@ -105,8 +107,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an Ed25519 private key")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        logger.warning("private key %s has mode %o: group or others may read it (chmod 600 %s)",
-                       path, mode, path)
+        logger.warning("private key %s has mode %o: group or others may read it (chmod 600 %s)", path, mode, path)
     return key
 
 
@@ -135,8 +136,7 @@ def public_key_from_pem(data: bytes, *, source: str) -> Ed25519PublicKey:
 
 def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
     """Return ``public_key`` as PEM SubjectPublicKeyInfo bytes."""
-    return public_key.public_bytes(serialization.Encoding.PEM,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:

@@ -104,8 +104,10 @@ class Registry:
 
     def pointers(self) -> list[tuple[int, ChampionPointer]]:
         """Every ``(number, record)`` in ``pointers/``, ascending; a missing .sig reads as b""."""
-        return [(number, ChampionPointer(payload, signature))
-                for number, payload, signature in _signed_files(self.root / "pointers")]
+        return [
+            (number, ChampionPointer(payload, signature))
+            for number, payload, signature in _signed_files(self.root / "pointers")
+        ]
 
     def approval_requested(self, version: int, public_key: Ed25519PublicKey) -> bool:
         """True if ``version`` carries an approval request signed with ``public_key``."""
@@ -134,8 +136,10 @@ class Registry:
 
     def rollbacks(self) -> list[tuple[int, RollbackRecord]]:
         """Every ``(sequence, record)`` in ``rollbacks/``, ascending; a missing .sig reads as b""."""
-        return [(sequence, RollbackRecord(payload, signature))
-                for sequence, payload, signature in _signed_files(self.root / "rollbacks")]
+        return [
+            (sequence, RollbackRecord(payload, signature))
+            for sequence, payload, signature in _signed_files(self.root / "rollbacks")
+        ]
 
     def status(self, version: int) -> str:
         """``champion``, ``pending``, ``rolled-back``, ``approved`` or ``superseded`` (see lifecycle),
@@ -154,8 +158,9 @@ class Registry:
             names = pointer.record.get("version")
         except ValueError:  # an unreadable record; a site refuses the bundle without it
             return bundle
-        return VersionBundle(bundle.manifest_bytes, bundle.signature, bundle.files,
-                             pointer if names == version else None)
+        return VersionBundle(
+            bundle.manifest_bytes, bundle.signature, bundle.files, pointer if names == version else None
+        )
 
     def manifest(self, version: int) -> dict[str, Any]:
         """The version's parsed manifest (unverified)."""
@@ -179,10 +184,20 @@ class Registry:
 
     # -- writing (one writer at a time) ---------------------------------------------------------
 
-    def publish(self, adapter_dir: str | os.PathLike[str], *, signing_key: Ed25519PrivateKey,
-                base_model: Mapping[str, Any], lora: Mapping[str, Any], run: Mapping[str, Any],
-                sites: Mapping[str, Any], gate: Mapping[str, Any], expiry_days: float,
-                require_approval: bool = False, now: datetime | None = None) -> int:
+    def publish(
+        self,
+        adapter_dir: str | os.PathLike[str],
+        *,
+        signing_key: Ed25519PrivateKey,
+        base_model: Mapping[str, Any],
+        lora: Mapping[str, Any],
+        run: Mapping[str, Any],
+        sites: Mapping[str, Any],
+        gate: Mapping[str, Any],
+        expiry_days: float,
+        require_approval: bool = False,
+        now: datetime | None = None,
+    ) -> int:
         """Sign and store the adapter in ``adapter_dir`` as the next version; return its number.
 
         The new version becomes champion unless ``require_approval``; then it waits,
@@ -203,9 +218,18 @@ class Registry:
             head = self.verified_champion(signing_key.public_key())
             version = max(self.versions(), default=0) + 1
             manifest = build_manifest(
-                version=version, parent=None if head is None else head.version, created_at=now,
-                expires_at=now + timedelta(days=expiry_days), key_id=key_id(signing_key.public_key()),
-                files=files, base_model=base_model, lora=lora, run=run, sites=sites, gate=gate)
+                version=version,
+                parent=None if head is None else head.version,
+                created_at=now,
+                expires_at=now + timedelta(days=expiry_days),
+                key_id=key_id(signing_key.public_key()),
+                files=files,
+                base_model=base_model,
+                lora=lora,
+                run=run,
+                sites=sites,
+                gate=gate,
+            )
             try:
                 bundle = VersionBundle.signed(manifest, files, signing_key)
                 verify_bundle(bundle, signing_key.public_key(), now=now)
@@ -217,8 +241,9 @@ class Registry:
                 self._move_champion(signing_key, head, version, "publish", None, now)
         return version
 
-    def approve(self, version: int, *, signing_key: Ed25519PrivateKey, approver: str,
-                now: datetime | None = None) -> None:
+    def approve(
+        self, version: int, *, signing_key: Ed25519PrivateKey, approver: str, now: datetime | None = None
+    ) -> None:
         """Sign an approval of a ``pending`` version and make it champion."""
         now = now or utc_now()
         with self._lock():
@@ -228,16 +253,22 @@ class Registry:
             if status != "pending":
                 raise RegistryError(f"version {version} is {status}; only a pending version can be approved")
             self._require_valid(version)
-            body = {"kind": "approval", "version": version, "approver": approver,
-                    "created_at": format_time(now), "key_id": key_id(signing_key.public_key())}
+            body = {
+                "kind": "approval",
+                "version": version,
+                "approver": approver,
+                "created_at": format_time(now),
+                "key_id": key_id(signing_key.public_key()),
+            }
             payload = canonical_json(body)
             # The signature first: approval.json alone is what marks a version approved.
             atomic_write_bytes(self._dir(version) / "approval.sig", sign(signing_key, payload), mode=0o644)
             atomic_write_bytes(self._dir(version) / "approval.json", payload, mode=0o644)
             self._move_champion(signing_key, head, version, "approve", None, now)
 
-    def rollback(self, version: int, *, signing_key: Ed25519PrivateKey, reason: str,
-                 now: datetime | None = None) -> RollbackRecord:
+    def rollback(
+        self, version: int, *, signing_key: Ed25519PrivateKey, reason: str, now: datetime | None = None
+    ) -> RollbackRecord:
         """Make an older, once-admitted ``version`` champion again, with a signed record."""
         now = now or utc_now()
         with self._lock():
@@ -252,12 +283,20 @@ class Registry:
             self._require_valid(version)
             if parse_time(self.manifest(version)["expires_at"]) <= now:
                 # Every site would refuse it, and the coordinator would keep re-sending it.
-                raise RegistryError(f"version {version} expired at {self.manifest(version)['expires_at']}; "
-                                    "roll back to a version that has not expired")
+                raise RegistryError(
+                    f"version {version} expired at {self.manifest(version)['expires_at']}; "
+                    "roll back to a version that has not expired"
+                )
             sequence = max((seq for seq, _ in self.rollbacks()), default=0) + 1
-            body = {"kind": "rollback", "sequence": sequence, "target_version": version,
-                    "from_version": champion, "created_at": format_time(now), "reason": reason,
-                    "key_id": key_id(signing_key.public_key())}
+            body = {
+                "kind": "rollback",
+                "sequence": sequence,
+                "target_version": version,
+                "from_version": champion,
+                "created_at": format_time(now),
+                "reason": reason,
+                "key_id": key_id(signing_key.public_key()),
+            }
             payload = canonical_json(body)
             record = RollbackRecord(payload, sign(signing_key, payload))
             stem = self.root / "rollbacks" / f"{sequence:06d}"
@@ -293,8 +332,12 @@ class Registry:
 
     def _status(self, version: int, champion: int | None) -> str:
         approved = (self.version_dir(version) / "approval.json").is_file()
-        return version_status(version, champion=champion, approved=approved,
-                              rollbacks=rollback_spans(record for _, record in self.rollbacks()))
+        return version_status(
+            version,
+            champion=champion,
+            approved=approved,
+            rollbacks=rollback_spans(record for _, record in self.rollbacks()),
+        )
 
     def _dir(self, version: int) -> Path:
         return self.root / "versions" / f"{version:06d}"
@@ -333,19 +376,39 @@ class Registry:
         os.rename(staging, self._dir(version))
         _sync_dir(folder)
 
-    def _move_champion(self, signing_key: Ed25519PrivateKey, head: ChainHead | None, version: int, reason: str,
-                       sequence: int | None, now: datetime) -> None:
+    def _move_champion(
+        self,
+        signing_key: Ed25519PrivateKey,
+        head: ChainHead | None,
+        version: int,
+        reason: str,
+        sequence: int | None,
+        now: datetime,
+    ) -> None:
         # The caller verified ``head`` under the lock; the new record links to it.
-        pointer = sign_pointer(signing_key, sequence=1 if head is None else head.record["sequence"] + 1,
-                               version=version, reason=reason, created_at=now,
-                               manifest_bytes=(self._dir(version) / "manifest.json").read_bytes(),
-                               previous=None if head is None else head.pointer, rollback_sequence=sequence)
+        pointer = sign_pointer(
+            signing_key,
+            sequence=1 if head is None else head.record["sequence"] + 1,
+            version=version,
+            reason=reason,
+            created_at=now,
+            manifest_bytes=(self._dir(version) / "manifest.json").read_bytes(),
+            previous=None if head is None else head.pointer,
+            rollback_sequence=sequence,
+        )
         stem = self.root / "pointers" / f"{pointer.record['sequence']:06d}"
         atomic_write_bytes(stem.with_suffix(".sig"), pointer.signature, mode=0o644)
         atomic_write_bytes(stem.with_suffix(".json"), pointer.payload_bytes, mode=0o644)
-        atomic_write_json(self.root / "champion.json", {
-            "version": version, "set_at": format_time(now), "reason": reason, "rollback_sequence": sequence,
-        }, mode=0o644)
+        atomic_write_json(
+            self.root / "champion.json",
+            {
+                "version": version,
+                "set_at": format_time(now),
+                "reason": reason,
+                "rollback_sequence": sequence,
+            },
+            mode=0o644,
+        )
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -372,8 +435,10 @@ def _numbered(folder: Path, *, want_dirs: bool) -> list[int]:
 
 def _signed_files(folder: Path) -> list[tuple[int, bytes, bytes]]:
     # ``000001.json`` + ``000001.sig`` pairs (rollbacks, pointers); a missing .sig reads as b"".
-    return [(number, (folder / f"{number:06d}.json").read_bytes(), _read_or_empty(folder / f"{number:06d}.sig"))
-            for number in _numbered(folder, want_dirs=False)]
+    return [
+        (number, (folder / f"{number:06d}.json").read_bytes(), _read_or_empty(folder / f"{number:06d}.sig"))
+        for number in _numbered(folder, want_dirs=False)
+    ]
 
 
 def _read_or_empty(path: Path) -> bytes:

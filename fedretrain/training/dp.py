@@ -34,6 +34,7 @@ from fedretrain.training.params import (  # noqa: F401 - re-exported: the traini
     poisson_sample_rate,
 )
 
+
 def train_lora(
     model: nn.Module,
     dataset: TensorDataset,
@@ -108,23 +109,29 @@ class _Run:
 
 
 def _train_plain(
-    model: nn.Module, optimizer: torch.optim.Optimizer, dataset: TensorDataset,
-    params: TrainParams, data_seed: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: TensorDataset,
+    params: TrainParams,
+    data_seed: int,
 ) -> _Run:
     # Fixed-size shuffled batches; a dataset smaller than a batch is one batch.
     batch_size = min(params.batch_size, len(dataset))
     generator = torch.Generator().manual_seed(data_seed)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
     run = _Run(sample_rate=batch_size / len(dataset))
     _run_steps(model, optimizer, loader, RecordLoss(), params.local_steps, run)
     return run
 
 
 def _train_private(
-    model: nn.Module, optimizer: torch.optim.Optimizer, dataset: TensorDataset,
-    params: TrainParams, dp: DPParams, data_seed: int, noise_seed: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: TensorDataset,
+    params: TrainParams,
+    dp: DPParams,
+    data_seed: int,
+    noise_seed: int,
 ) -> _Run:
     generator = torch.Generator().manual_seed(data_seed)
     if dp.sample_rate is None:
@@ -158,8 +165,12 @@ def _train_private(
 
 
 def _make_private(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, dp: DPParams,
-    *, noise_generator: torch.Generator | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    dp: DPParams,
+    *,
+    noise_generator: torch.Generator | None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[..., torch.Tensor], DataLoader]:
     """Wrap with opacus; returns ``(module, optimizer, criterion, loader)`` to train with.
 
@@ -196,8 +207,12 @@ def _make_private(
 
 
 def _run_steps(
-    module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-    criterion: Callable[..., torch.Tensor], steps: int, run: _Run,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    criterion: Callable[..., torch.Tensor],
+    steps: int,
+    run: _Run,
 ) -> None:
     """Take optimizer steps until ``run.steps == steps``, re-iterating ``loader``."""
     module.train()

@@ -73,15 +73,13 @@ def token_losses(
     targets = input_ids[:, 1:]  # [B, T-1]
     counted = (attention_mask[:, :-1] != 0) & (attention_mask[:, 1:] != 0)  # [B, T-1]
     # float32 softmax: half-precision logits lose too much in log-sum-exp.
-    ce = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, vocab), targets.reshape(-1), reduction="none"
-    ).view(batch, length - 1)
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), targets.reshape(-1), reduction="none").view(
+        batch, length - 1
+    )
     return ce * counted, counted
 
 
-def record_losses(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def record_losses(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each record over its counted predictions, ``[B]``.
 
     The privacy unit is one record, so each record's loss depends on that
@@ -108,9 +106,7 @@ class RecordLoss(nn.Module):
         super().__init__()
         self.reduction = "mean"
 
-    def forward(
-        self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         losses = record_losses(logits, input_ids, attention_mask)  # [B]
         return losses if self.reduction == "none" else losses.mean()
 

@@ -56,15 +56,16 @@ class Checkpoint:
     def group(self, prefix: str) -> dict[str, np.ndarray]:
         """The tensors saved under ``<prefix>/``, keyed without the prefix."""
         head = prefix + "/"
-        return {k[len(head):]: v for k, v in self.tensors.items() if k.startswith(head)}
+        return {k[len(head) :]: v for k, v in self.tensors.items() if k.startswith(head)}
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def write_checkpoint(run_dir: Path, server_round: int, tensors: dict[str, dict[str, np.ndarray]],
-                     state: dict[str, Any]) -> Path:
+def write_checkpoint(
+    run_dir: Path, server_round: int, tensors: dict[str, dict[str, np.ndarray]], state: dict[str, Any]
+) -> Path:
     """Write round ``server_round``'s checkpoint atomically; return its directory.
 
     ``tensors`` maps a group name ("adapter", "strategy", "rng") to arrays; ``state``
@@ -72,11 +73,15 @@ def write_checkpoint(run_dir: Path, server_round: int, tensors: dict[str, dict[s
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    flat = {f"{group}/{key}": np.ascontiguousarray(value)
-            for group, arrays in tensors.items() for key, value in arrays.items()}
-    blobs = {"tensors.safetensors": safetensors.numpy.save(flat),
-             "state.json": json.dumps({"round": server_round, **state}, sort_keys=True,
-                                      allow_nan=False).encode()}
+    flat = {
+        f"{group}/{key}": np.ascontiguousarray(value)
+        for group, arrays in tensors.items()
+        for key, value in arrays.items()
+    }
+    blobs = {
+        "tensors.safetensors": safetensors.numpy.save(flat),
+        "state.json": json.dumps({"round": server_round, **state}, sort_keys=True, allow_nan=False).encode(),
+    }
     sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in blobs.items())
     staging = Path(tempfile.mkdtemp(prefix=f".round-{server_round:04d}.", dir=root))
     try:
@@ -127,8 +132,12 @@ def _load(path: Path, server_round: int) -> Checkpoint:
     state = json.loads(blobs["state.json"])
     if state.get("round") != server_round:
         raise ValueError(f"state.json says round {state.get('round')!r}, the directory round {server_round}")
-    return Checkpoint(server_round=server_round, tensors=dict(safetensors.numpy.load(blobs["tensors.safetensors"])),
-                      state=state, path=path)
+    return Checkpoint(
+        server_round=server_round,
+        tensors=dict(safetensors.numpy.load(blobs["tensors.safetensors"])),
+        state=state,
+        path=path,
+    )
 
 
 def _rounds(root: Path) -> list[tuple[int, Path]]:

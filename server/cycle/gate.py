@@ -80,8 +80,9 @@ class GateResult:
         return {"decision": self.decision, "reasons": list(self.reasons), **self.figures}
 
 
-def decide(policy: GateConfig, baseline: LossStats, candidate: LossStats, sites: Sequence[SiteEvaluation],
-           *, seed: int) -> GateResult:
+def decide(
+    policy: GateConfig, baseline: LossStats, candidate: LossStats, sites: Sequence[SiteEvaluation], *, seed: int
+) -> GateResult:
     """Apply ``policy`` to the scores of ``baseline`` and ``candidate``.
 
     ``baseline`` and ``candidate`` must be scored on the same validation records in
@@ -110,26 +111,38 @@ def decide(policy: GateConfig, baseline: LossStats, candidate: LossStats, sites:
         decision = REFUSE
     else:
         decision = PENDING if policy.require_approval else PUBLISH
-        reasons.append(f"validation loss {baseline.loss:.4f} -> {candidate.loss:.4f} "
-                       f"(improvement {improvement:.4f}, {policy.confidence:.0%} interval [{low:.4f}, {high:.4f}])")
+        reasons.append(
+            f"validation loss {baseline.loss:.4f} -> {candidate.loss:.4f} "
+            f"(improvement {improvement:.4f}, {policy.confidence:.0%} interval [{low:.4f}, {high:.4f}])"
+        )
         if policy.require_approval:
             reasons.append("the policy requires an operator's approval: fedretrain registry approve VERSION")
     figures = {
-        "metric": "validation_loss", "baseline": baseline.loss, "candidate": candidate.loss,
-        "improvement": improvement, "margin": policy.margin, "confidence": policy.confidence,
-        "ci_low": low, "ci_high": high, "bootstrap_samples": policy.bootstrap_samples,
+        "metric": "validation_loss",
+        "baseline": baseline.loss,
+        "candidate": candidate.loss,
+        "improvement": improvement,
+        "margin": policy.margin,
+        "confidence": policy.confidence,
+        "ci_low": low,
+        "ci_high": high,
+        "bootstrap_samples": policy.bootstrap_samples,
         "validation_examples": baseline.examples,
         "federated": federated,
-        "sites": {s.site_id: {"change": s.change, "change_noise_std": s.change_std, "examples": s.examples}
-                  for s in sites},
-        "worst_site": worst, "worst_site_change": changes[worst] if worst else None,
-        "site_tolerance": policy.site_tolerance, "checks": checks,
+        "sites": {
+            s.site_id: {"change": s.change, "change_noise_std": s.change_std, "examples": s.examples} for s in sites
+        },
+        "worst_site": worst,
+        "worst_site_change": changes[worst] if worst else None,
+        "site_tolerance": policy.site_tolerance,
+        "checks": checks,
     }
     return GateResult(decision=decision, reasons=tuple(reasons), figures=figures)
 
 
-def paired_bootstrap(baseline: LossStats, candidate: LossStats, confidence: float, samples: int,
-                     seed: int) -> tuple[float, float]:
+def paired_bootstrap(
+    baseline: LossStats, candidate: LossStats, confidence: float, samples: int, seed: int
+) -> tuple[float, float]:
     """Percentile interval of the token-weighted loss improvement, resampling records.
 
     Each resample draws records with replacement and recomputes
@@ -148,7 +161,7 @@ def paired_bootstrap(baseline: LossStats, candidate: LossStats, confidence: floa
     stats = np.empty(samples)
     for start in range(0, samples, rows):
         idx = rng.integers(0, len(b), size=(min(rows, samples - start), len(b)))
-        stats[start:start + len(idx)] = gain[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
+        stats[start : start + len(idx)] = gain[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
     alpha = 1 - confidence
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
@@ -168,29 +181,42 @@ def pooled_interval(sites: Sequence[SiteEvaluation], confidence: float) -> dict[
         return None
     mean = math.fsum(s.diff_sum for s in sites) / n
     var = max(math.fsum(s.diff_sumsq for s in sites) - n * mean * mean, 0.0) / (n - 1)
-    noise = math.fsum(s.sum_std ** 2 for s in sites) / (n * n)
+    noise = math.fsum(s.sum_std**2 for s in sites) / (n * n)
     half = NormalDist().inv_cdf(0.5 + confidence / 2) * math.sqrt(var / n + noise)
     return {"examples": n, "improvement": -mean, "ci_low": -mean - half, "ci_high": -mean + half}
 
 
-def _reasons(policy: GateConfig, checks: dict[str, bool], improvement: float, interval: tuple[float, float],
-             federated: dict[str, Any] | None, changes: dict[str, float], evaluated: int) -> list[str]:
+def _reasons(
+    policy: GateConfig,
+    checks: dict[str, bool],
+    improvement: float,
+    interval: tuple[float, float],
+    federated: dict[str, Any] | None,
+    changes: dict[str, float],
+    evaluated: int,
+) -> list[str]:
     reasons = []
     if not checks["margin"]:
         reasons.append(f"validation loss improved by {improvement:.4f}, less than the margin {policy.margin:.4f}")
     if not checks["confidence"]:
-        reasons.append(f"the {policy.confidence:.0%} bootstrap interval of the improvement "
-                       f"[{interval[0]:.4f}, {interval[1]:.4f}] does not lie above 0")
+        reasons.append(
+            f"the {policy.confidence:.0%} bootstrap interval of the improvement "
+            f"[{interval[0]:.4f}, {interval[1]:.4f}] does not lie above 0"
+        )
     if not checks["federated"]:
         if federated is None:
             reasons.append("no federated evaluation to confirm the improvement at the sites")
         else:
-            reasons.append(f"at the sites, the {policy.confidence:.0%} interval of the improvement "
-                           f"[{federated['ci_low']:.4f}, {federated['ci_high']:.4f}] does not lie above 0")
+            reasons.append(
+                f"at the sites, the {policy.confidence:.0%} interval of the improvement "
+                f"[{federated['ci_low']:.4f}, {federated['ci_high']:.4f}] does not lie above 0"
+            )
     for site, change in sorted(changes.items()):
         if change > policy.site_tolerance:
-            reasons.append(f"site {site}: held-out loss rises by at least {change:.4f} (beyond its noise), "
-                           f"more than the tolerance {policy.site_tolerance:.4f}")
+            reasons.append(
+                f"site {site}: held-out loss rises by at least {change:.4f} (beyond its noise), "
+                f"more than the tolerance {policy.site_tolerance:.4f}"
+            )
     if not checks["coverage"]:
         reasons.append(f"{evaluated} site(s) evaluated the candidate; the policy needs {policy.min_sites}")
     return reasons

@@ -21,17 +21,17 @@ import safetensors.torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedretrain.arrays import from_torch_state_dict
 from fedretrain.config import Config, Job
 from fedretrain.errors import ConfigError, RegistryError
 from fedretrain.modeling.loading import resolve_model_path
-from fedretrain.arrays import from_torch_state_dict
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
-from server.sites.broadcast import broadcast
-from server.cycle.gate import GateResult, PENDING
+from server.cycle.gate import PENDING, GateResult
 from server.cycle.report import finite_or_null
+from server.sites.broadcast import broadcast
 
 log = logging.getLogger("fedretrain.server")
 
@@ -83,8 +83,9 @@ def champion_adapter(handle: RegistryHandle) -> Champion | None:
     version = head.version
     problems = registry.verify(version, public_key)
     if problems:
-        raise RegistryError(f"{registry.root}: the champion version {version} fails verification: "
-                            + "; ".join(problems))
+        raise RegistryError(
+            f"{registry.root}: the champion version {version} fails verification: " + "; ".join(problems)
+        )
     files = registry.bundle(version)
     bundle = VersionBundle(files.manifest_bytes, files.signature, files.files, head.pointer)
     arrays = from_torch_state_dict(safetensors.torch.load(bundle.files["adapter_model.safetensors"]))
@@ -94,8 +95,14 @@ def champion_adapter(handle: RegistryHandle) -> Champion | None:
     return Champion(version=version, arrays=arrays, bundle=bundle, rollback=rollback)
 
 
-def publish_candidate(handle: RegistryHandle, cfg: Config, adapter_dir: Path, result: GateResult,
-                      run: dict[str, Any], sites: dict[str, dict[str, Any]]) -> int:
+def publish_candidate(
+    handle: RegistryHandle,
+    cfg: Config,
+    adapter_dir: Path,
+    result: GateResult,
+    run: dict[str, Any],
+    sites: dict[str, dict[str, Any]],
+) -> int:
     """Write the candidate as a new signed version; it becomes champion unless approval is required."""
     registry = handle.registry
     model_dir = Path(resolve_model_path(cfg.model.name_or_path))
@@ -105,27 +112,47 @@ def publish_candidate(handle: RegistryHandle, cfg: Config, adapter_dir: Path, re
     if gate.get("worst_site"):
         gate["worst_site"] = registry.pseudonym(gate["worst_site"])
     return registry.publish(
-        adapter_dir, signing_key=handle.signing_key,
+        adapter_dir,
+        signing_key=handle.signing_key,
         base_model=base_model_identity(cfg.model.name_or_path, model_dir),
-        lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-              "target_modules": list(cfg.lora.target_modules)},
+        lora={
+            "r": cfg.lora.r,
+            "alpha": cfg.lora.alpha,
+            "dropout": cfg.lora.dropout,
+            "target_modules": list(cfg.lora.target_modules),
+        },
         run=finite_or_null(run),
         sites={registry.pseudonym(s): finite_or_null(v) for s, v in sites.items()},
-        gate=gate, expiry_days=handle.expiry_days, require_approval=result.decision == PENDING,
+        gate=gate,
+        expiry_days=handle.expiry_days,
+        require_approval=result.decision == PENDING,
     )
 
 
-def deliver(grid: Grid, bundle: VersionBundle, rollback: RollbackRecord | None, job: Job,
-            timeout_s: float, min_nodes: int = 0) -> dict[str, Any]:
+def deliver(
+    grid: Grid, bundle: VersionBundle, rollback: RollbackRecord | None, job: Job, timeout_s: float, min_nodes: int = 0
+) -> dict[str, Any]:
     """Send ``bundle`` to every connected site; return who installed it and who refused, and why."""
     payload = dict(bundle.to_mapping())
     if rollback is not None:
         payload.update(rollback.to_mapping())
     content = RecordDict({"version": ConfigRecord(payload), "config": ConfigRecord(job.to_flat())})
-    sent = broadcast(grid, content, PUBLISH_MESSAGE, timeout_s, lambda _s, _n, reply: dict(reply["metrics"]),
-                     what=f"version {bundle.version}", min_nodes=min_nodes)
+    sent = broadcast(
+        grid,
+        content,
+        PUBLISH_MESSAGE,
+        timeout_s,
+        lambda _s, _n, reply: dict(reply["metrics"]),
+        what=f"version {bundle.version}",
+        min_nodes=min_nodes,
+    )
     installed = {site: {"node_id": node, **metrics} for site, (node, metrics) in sent.answered.items()}
     total = len(installed) + len(sent.refused) + len(sent.no_reply)
     log.info("version %d: installed at %d of %d sites", bundle.version, len(installed), total)
-    return {"version": bundle.version, "rollback": rollback is not None, "installed": installed,
-            "refused": sent.refused, "no_reply": sent.no_reply}
+    return {
+        "version": bundle.version,
+        "rollback": rollback is not None,
+        "installed": installed,
+        "refused": sent.refused,
+        "no_reply": sent.no_reply,
+    }

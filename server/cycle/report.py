@@ -56,11 +56,18 @@ class RunRecorder:
         ax_val.legend()
         for site in sorted({s for r in self.rounds for s in r.get("evaluation", {})}):
             pts = [(r["round"], r["evaluation"][site]) for r in self.rounds if site in r.get("evaluation", {})]
-            ax_sites.errorbar([p[0] for p in pts], [p[1]["change"] for p in pts],
-                              yerr=[p[1]["change_noise_std"] for p in pts], fmt="o-", capsize=3, label=site)
+            ax_sites.errorbar(
+                [p[0] for p in pts],
+                [p[1]["change"] for p in pts],
+                yerr=[p[1]["change_noise_std"] for p in pts],
+                fmt="o-",
+                capsize=3,
+                label=site,
+            )
         ax_sites.axhline(0.0, color="k", linestyle="--", linewidth=0.8)
-        ax_sites.set(title="Sites' held-out data (noised; bars: noise std)", xlabel="round",
-                     ylabel="loss change vs baseline")
+        ax_sites.set(
+            title="Sites' held-out data (noised; bars: noise std)", xlabel="round", ylabel="loss change vs baseline"
+        )
         if ax_sites.lines:
             ax_sites.legend(fontsize=8)
         for ax in (ax_val, ax_sites):
@@ -113,8 +120,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     for refusal in summary.get("refusals", []):
         lines.append(f"  round {refusal['round']}: {_who(refusal)} left out: {refusal['reason']}")
     for bounded in summary.get("bounded", []):
-        lines.append(f"  round {bounded['round']}: {_who(bounded)}'s update scaled by {bounded['factor']:.3g} "
-                     f"to the norm bound {bounded['limit']:.4g}")
+        lines.append(
+            f"  round {bounded['round']}: {_who(bounded)}'s update scaled by {bounded['factor']:.3g} "
+            f"to the norm bound {bounded['limit']:.4g}"
+        )
     if summary.get("gate"):
         lines += ["", *format_gate(summary)]
     comm = summary["communication"]
@@ -139,23 +148,32 @@ def format_gate(summary: dict[str, Any]) -> list[str]:
         head = f"gate: PASSED -> version {summary['pending_version']} awaits approval (baseline: {against})"
     else:
         head = f"gate: REFUSE, nothing published (baseline: {against})"
-    lines = [head, f"  validation improvement {_num(gate['improvement'])} nats "
-                   f"({gate['confidence']:.0%} bootstrap interval [{_num(gate['ci_low'])}, {_num(gate['ci_high'])}]), "
-                   f"margin {gate['margin']:.4f}"]
+    lines = [
+        head,
+        f"  validation improvement {_num(gate['improvement'])} nats "
+        f"({gate['confidence']:.0%} bootstrap interval [{_num(gate['ci_low'])}, {_num(gate['ci_high'])}]), "
+        f"margin {gate['margin']:.4f}",
+    ]
     fed = gate.get("federated")
     if fed:
-        lines.append(f"  at the sites: improvement {_num(fed['improvement'])} over about {fed['examples']:.0f} "
-                     f"records, noised (interval [{_num(fed['ci_low'])}, {_num(fed['ci_high'])}])")
+        lines.append(
+            f"  at the sites: improvement {_num(fed['improvement'])} over about {fed['examples']:.0f} "
+            f"records, noised (interval [{_num(fed['ci_low'])}, {_num(fed['ci_high'])}])"
+        )
     if gate.get("worst_site"):
-        lines.append(f"  worst site {gate['worst_site']}: held-out loss change {gate['worst_site_change']:+.4f} "
-                     f"(tolerance {gate['site_tolerance']:.4f})")
+        lines.append(
+            f"  worst site {gate['worst_site']}: held-out loss change {gate['worst_site_change']:+.4f} "
+            f"(tolerance {gate['site_tolerance']:.4f})"
+        )
     if gate["decision"] == "refuse":
         lines += [f"  refused: {reason}" for reason in gate["reasons"]]
     for name, delivery in (("sync", summary.get("sync")), ("publication", summary.get("publication"))):
         if delivery:
             sent = len(delivery["installed"]) + len(delivery["refused"]) + len(delivery["no_reply"])
-            lines.append(f"  {name} of version {delivery['version']}: installed at {len(delivery['installed'])}/{sent} "
-                         f"sites" + "".join(f"; {_who(r)} refused: {r['reason']}" for r in delivery["refused"]))
+            lines.append(
+                f"  {name} of version {delivery['version']}: installed at {len(delivery['installed'])}/{sent} "
+                f"sites" + "".join(f"; {_who(r)} refused: {r['reason']}" for r in delivery["refused"])
+            )
     lines.append(f"  registry: {summary['registry']}")
     return lines
 

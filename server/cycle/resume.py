@@ -21,9 +21,9 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
+from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.config import Job
 from fedretrain.errors import ResumeError
-from fedretrain.arrays import from_array_record, to_array_record
 from server.cycle.checkpoint import Checkpoint, load_latest, write_checkpoint
 from server.cycle.rounds import random_state, restore_random_state
 
@@ -33,8 +33,9 @@ log = logging.getLogger("fedretrain.server")
 class CheckpointWriter:
     """Writes one checkpoint per complete round of one cycle."""
 
-    def __init__(self, run_dir: Path, strategy: Any, job: Job, num_rounds: int, registry_root: Path,
-                 champion: int | None) -> None:
+    def __init__(
+        self, run_dir: Path, strategy: Any, job: Job, num_rounds: int, registry_root: Path, champion: int | None
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.strategy = strategy
         self.job = job
@@ -44,8 +45,14 @@ class CheckpointWriter:
     def write(self, server_round: int, arrays: ArrayRecord) -> None:
         strategy_state, strategy_tensors = self.strategy.state_dict()
         rng_state, rng_tensors = random_state()
-        state = {"run_id": self.job.run_id, "num_rounds": self.num_rounds, "strategy": strategy_state,
-                 "random": rng_state, "sites": privacy_totals(self.strategy.round_log), "registry": self.registry}
+        state = {
+            "run_id": self.job.run_id,
+            "num_rounds": self.num_rounds,
+            "strategy": strategy_state,
+            "random": rng_state,
+            "sites": privacy_totals(self.strategy.round_log),
+            "registry": self.registry,
+        }
         tensors = {"adapter": from_array_record(arrays), "strategy": strategy_tensors, "rng": rng_tensors}
         path = write_checkpoint(self.run_dir, server_round, tensors, state)
         log.info("round %d/%d: checkpoint %s", server_round, self.num_rounds, path)
@@ -54,8 +61,13 @@ class CheckpointWriter:
         """Put the strategy and the random state back; return the global adapter to go on from."""
         self.strategy.load_state_dict(checkpoint.state["strategy"], checkpoint.group("strategy"))
         restore_random_state(checkpoint.state["random"], checkpoint.group("rng"))
-        log.info("resuming run %s after round %d of %d (checkpoint %s)", self.job.run_id,
-                 checkpoint.server_round, self.num_rounds, checkpoint.path)
+        log.info(
+            "resuming run %s after round %d of %d (checkpoint %s)",
+            self.job.run_id,
+            checkpoint.server_round,
+            self.num_rounds,
+            checkpoint.path,
+        )
         return to_array_record(checkpoint.group("adapter"))
 
 
@@ -65,8 +77,12 @@ def privacy_totals(round_log: dict[int, Any]) -> dict[str, dict[str, float | int
     for server_round in sorted(round_log):
         for site, metrics in round_log[server_round].accepted.items():
             seen = totals.setdefault(site, {"rounds": 0})
-            seen.update(epsilon=float(metrics["epsilon"]), epsilon_ceiling=float(metrics["epsilon-ceiling"]),
-                        delta=float(metrics["delta"]), rounds=int(seen["rounds"]) + 1)
+            seen.update(
+                epsilon=float(metrics["epsilon"]),
+                epsilon_ceiling=float(metrics["epsilon-ceiling"]),
+                delta=float(metrics["delta"]),
+                rounds=int(seen["rounds"]) + 1,
+            )
     return totals
 
 
@@ -87,6 +103,8 @@ def check_registry_pointer(checkpoint: Checkpoint, registry_root: Path, champion
     saved = checkpoint.state["registry"]
     now = {"root": str(Path(registry_root).resolve()), "champion": champion}
     if saved != now:
-        raise ResumeError(f"{checkpoint.path}: the cycle started from registry {saved['root']} with champion "
-                          f"{saved['champion']}; it is now {now['root']} with champion {now['champion']}. "
-                          "Start a new cycle instead")
+        raise ResumeError(
+            f"{checkpoint.path}: the cycle started from registry {saved['root']} with champion "
+            f"{saved['champion']}; it is now {now['root']} with champion {now['champion']}. "
+            "Start a new cycle instead"
+        )

@@ -58,9 +58,19 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundEnd = Callable[[int, ArrayRecord], None]
 
 
-def run_rounds(grid: Grid, strategy: Any, arrays: ArrayRecord, *, first_round: int, num_rounds: int,
-               policy: RoundPolicy, train_config: ConfigRecord, evaluate_config: ConfigRecord,
-               evaluate_fn: EvaluateFn, on_round_end: RoundEnd) -> ArrayRecord:
+def run_rounds(
+    grid: Grid,
+    strategy: Any,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    num_rounds: int,
+    policy: RoundPolicy,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    evaluate_fn: EvaluateFn,
+    on_round_end: RoundEnd,
+) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` from ``arrays``; return the final global adapter.
 
     ``evaluate_fn(0, arrays)`` scores the starting point when ``first_round`` is 1, and
@@ -78,22 +88,27 @@ def run_rounds(grid: Grid, strategy: Any, arrays: ArrayRecord, *, first_round: i
     for server_round in range(first_round, num_rounds + 1):
         nodes = wait_for_nodes(grid, max(policy.wait_for, policy.quorum), policy.deadline_s)
         if len(nodes) < policy.quorum:
-            raise QuorumLost(f"round {server_round}: {len(nodes)} site(s) connected after {policy.deadline_s:.0f} s, "
-                             f"the quorum is {policy.quorum}")
+            raise QuorumLost(
+                f"round {server_round}: {len(nodes)} site(s) connected after {policy.deadline_s:.0f} s, "
+                f"the quorum is {policy.quorum}"
+            )
         # The strategy samples from this round's snapshot, so its sampling never waits.
         round_grid = SiteSubset(grid, nodes)
         replies = _exchange(grid, strategy.configure_train(server_round, arrays, train_config, round_grid), policy)
         new_arrays, metrics = strategy.aggregate_train(server_round, replies)
         accepted = int(metrics["accepted-replies"]) if metrics is not None else 0
         if new_arrays is None or accepted < policy.quorum:
-            raise QuorumLost(f"round {server_round}: {accepted} accepted train repl{'y' if accepted == 1 else 'ies'} "
-                             f"by the {policy.deadline_s:.0f} s deadline, the quorum is {policy.quorum}")
+            raise QuorumLost(
+                f"round {server_round}: {accepted} accepted train repl{'y' if accepted == 1 else 'ies'} "
+                f"by the {policy.deadline_s:.0f} s deadline, the quorum is {policy.quorum}"
+            )
         arrays = new_arrays
         if server_round == num_rounds:
             # Sites score only the cycle's final candidate, the one the gate decides on: each
             # evaluation is a noised release charged to their budgets (client/round/site.py).
-            replies = _exchange(grid, strategy.configure_evaluate(server_round, arrays, evaluate_config,
-                                                                  round_grid), policy)
+            replies = _exchange(
+                grid, strategy.configure_evaluate(server_round, arrays, evaluate_config, round_grid), policy
+            )
             strategy.aggregate_evaluate(server_round, replies)
         evaluate_fn(server_round, arrays)
         on_round_end(server_round, arrays)
@@ -114,19 +129,34 @@ def _exchange(grid: Grid, messages: Iterable[Message], policy: RoundPolicy) -> l
     answered = {reply.metadata.reply_to_message_id for reply in replies}
     silent = [msg for msg in messages if msg.metadata.message_id not in answered]
     if silent:
-        log.warning("%d of %d sites did not reply by the %.0f s deadline (%s); the round goes on without them",
-                    len(silent), len(messages), policy.deadline_s,
-                    ", ".join(node_name(grid, msg.metadata.dst_node_id) for msg in silent))
-    return replies + [Message(Error(code=NO_REPLY, reason=f"{node_name(grid, msg.metadata.dst_node_id)}: no reply "
-                                    f"by the {policy.deadline_s:.0f} s deadline"), reply_to=msg) for msg in silent]
+        log.warning(
+            "%d of %d sites did not reply by the %.0f s deadline (%s); the round goes on without them",
+            len(silent),
+            len(messages),
+            policy.deadline_s,
+            ", ".join(node_name(grid, msg.metadata.dst_node_id) for msg in silent),
+        )
+    return replies + [
+        Message(
+            Error(
+                code=NO_REPLY,
+                reason=f"{node_name(grid, msg.metadata.dst_node_id)}: no reply "
+                f"by the {policy.deadline_s:.0f} s deadline",
+            ),
+            reply_to=msg,
+        )
+        for msg in silent
+    ]
 
 
 def random_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The coordinator process's random state: JSON parts, and torch's as a tensor."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss],
-             "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+    }
     return state, {"torch": torch.get_rng_state().numpy()}
 
 

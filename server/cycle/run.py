@@ -21,22 +21,22 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from fedretrain.arrays import from_array_record, to_array_record
+from fedretrain.atomic import file_lock
 from fedretrain.config import Config, Job
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.notes import read_records
-from fedretrain.atomic import file_lock
 from fedretrain.errors import ConfigError, CycleBusy, QuorumLost
 from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays, load_lora_model
-from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.training.evaluate import LossStats, evaluate_loss
 from server.cycle.checkpoint import Checkpoint
 from server.cycle.gate import PENDING, PUBLISH, SiteEvaluation, decide
 from server.cycle.publish import RegistryHandle, champion_adapter, deliver, open_registry, publish_candidate
-from server.sites.grid import SiteSubset, bound_site
 from server.cycle.report import RunRecorder, finite_or_null, format_summary
 from server.cycle.resume import CheckpointWriter, check_registry_pointer, resume_point
 from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.summary import build_summary, round_entry
+from server.sites.grid import SiteSubset, bound_site
 from strategies import build_strategy
 
 log = logging.getLogger("fedretrain.server")
@@ -48,9 +48,17 @@ class _Progress:
     last: float
 
 
-def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
-                   validation_path: str | None = None, run_id: str | None = None,
-                   train_nodes: Collection[int] | None = None, resume: bool = False) -> dict[str, Any]:
+def run_retraining(
+    grid: Grid,
+    cfg: Config,
+    run_dir: Path,
+    *,
+    config_yaml: str,
+    validation_path: str | None = None,
+    run_id: str | None = None,
+    train_nodes: Collection[int] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Run one cycle on ``grid``: ``cfg.rounds`` rounds, the gate, and publication when it passes.
 
     ``train_nodes`` limits training and evaluation to those nodes (the watcher leaves out
@@ -64,8 +72,17 @@ def run_retraining(grid: Grid, cfg: Config, run_dir: Path, *, config_yaml: str,
     with file_lock(cycle_lock_path(registry.registry.root), wait=False) as locked:
         if not locked:
             raise CycleBusy(f"{registry.registry.root}: another retraining cycle is running on this registry")
-        return _run_cycle(grid, cfg, run_dir, registry, config_yaml=config_yaml, validation_path=validation_path,
-                          run_id=run_id, train_nodes=train_nodes, resume=resume)
+        return _run_cycle(
+            grid,
+            cfg,
+            run_dir,
+            registry,
+            config_yaml=config_yaml,
+            validation_path=validation_path,
+            run_id=run_id,
+            train_nodes=train_nodes,
+            resume=resume,
+        )
 
 
 def cycle_lock_path(registry_root: Path) -> Path:
@@ -73,9 +90,18 @@ def cycle_lock_path(registry_root: Path) -> Path:
     return Path(registry_root) / "watch" / "cycle"
 
 
-def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle, *, config_yaml: str,
-               validation_path: str | None, run_id: str | None, train_nodes: Collection[int] | None,
-               resume: bool) -> dict[str, Any]:
+def _run_cycle(
+    grid: Grid,
+    cfg: Config,
+    run_dir: Path,
+    registry: RegistryHandle,
+    *,
+    config_yaml: str,
+    validation_path: str | None,
+    run_id: str | None,
+    train_nodes: Collection[int] | None,
+    resume: bool,
+) -> dict[str, Any]:
     started = time.perf_counter()
     checkpoint = resume_point(run_dir) if resume else None
     run_id = checkpoint.state["run_id"] if checkpoint else (run_id or uuid.uuid4().hex[:12])
@@ -93,47 +119,68 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
         check_registry_pointer(checkpoint, registry.registry.root, champion.version if champion else None)
     if champion is not None:
         load_adapter_arrays(lm, champion.arrays)
-    baseline = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
-                             use_adapter=champion is not None)
-    log.info("run %s: baseline %s, validation loss %.4f (perplexity %.2f) on %d records", run_id,
-             f"version {champion.version}" if champion else "the base model", baseline.loss,
-             baseline.perplexity, baseline.examples)
+    baseline = evaluate_loss(
+        lm.model, validation, batch_size=cfg.train.eval_batch_size, use_adapter=champion is not None
+    )
+    log.info(
+        "run %s: baseline %s, validation loss %.4f (perplexity %.2f) on %d records",
+        run_id,
+        f"version {champion.version}" if champion else "the base model",
+        baseline.loss,
+        baseline.perplexity,
+        baseline.examples,
+    )
     # Sites that missed the champion (new, offline, or before a rollback or approval) catch up first.
     # It waits for the sites no longer than a round would: a site that is away is caught up later.
-    sync = (deliver(grid, champion.bundle, champion.rollback, job,
-                    min(cfg.registry.publish_timeout_s, cfg.strategy.round_timeout_s),
-                    min_nodes=cfg.strategy.min_sites) if champion is not None else None)
+    sync = (
+        deliver(
+            grid,
+            champion.bundle,
+            champion.rollback,
+            job,
+            min(cfg.registry.publish_timeout_s, cfg.strategy.round_timeout_s),
+            min_nodes=cfg.strategy.min_sites,
+        )
+        if champion is not None
+        else None
+    )
 
     strategy = build_strategy(
-        cfg.strategy.name, spec=lm.spec,
-        max_abs_value=cfg.strategy.max_abs_value, max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
+        cfg.strategy.name,
+        spec=lm.spec,
+        max_abs_value=cfg.strategy.max_abs_value,
+        max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
         site_of=functools.partial(bound_site, grid),
         baseline=to_array_record(champion.arrays) if champion is not None else None,
-        fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
+        fraction_train=cfg.strategy.fraction_train,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
         # Rounds sample from the sites connected at their start (server/cycle/rounds.py waits
         # for them up to the deadline), so sampling itself never waits: quorum suffices.
-        min_train_nodes=cfg.strategy.quorum, min_evaluate_nodes=cfg.strategy.quorum,
+        min_train_nodes=cfg.strategy.quorum,
+        min_evaluate_nodes=cfg.strategy.quorum,
         min_available_nodes=cfg.strategy.quorum,
     )
     train_grid = grid if train_nodes is None else SiteSubset(grid, train_nodes)
-    writer = CheckpointWriter(Path(run_dir), strategy, job, cfg.rounds, registry.registry.root,
-                              champion.version if champion else None)
+    writer = CheckpointWriter(
+        Path(run_dir), strategy, job, cfg.rounds, registry.registry.root, champion.version if champion else None
+    )
     try:
-        candidate = _train(train_grid, cfg, strategy, lm, validation, baseline, recorder, writer, started,
-                           checkpoint)
+        candidate = _train(train_grid, cfg, strategy, lm, validation, baseline, recorder, writer, started, checkpoint)
     except QuorumLost as err:
         return _aborted(cfg, run_id, recorder, strategy, baseline, lm, started, err, champion, sync)
 
     # evaluate_fn ran last on the final global adapter, so lm holds it now.
     adapter_dir = Path(run_dir) / "candidate_adapter"
     lm.model.save_pretrained(str(adapter_dir))
-    summary = build_summary(cfg, run_id, Path(run_dir), recorder.rounds, strategy.round_log, baseline,
-                            candidate, lm, wall_time_s=0.0)
+    summary = build_summary(
+        cfg, run_id, Path(run_dir), recorder.rounds, strategy.round_log, baseline, candidate, lm, wall_time_s=0.0
+    )
     summary["baseline_version"] = champion.version if champion is not None else None
     summary["sync"] = sync
     summary["resumed_after_round"] = checkpoint.server_round if checkpoint is not None else None
-    summary.update(_gate_and_publish(grid, cfg, registry, strategy, summary, baseline, candidate, adapter_dir, job,
-                                     champion))
+    summary.update(
+        _gate_and_publish(grid, cfg, registry, strategy, summary, baseline, candidate, adapter_dir, job, champion)
+    )
     summary["wall_time_s"] = round(time.perf_counter() - started, 3)
     recorder.write_summary(summary)
     recorder.plot()
@@ -141,9 +188,18 @@ def _run_cycle(grid: Grid, cfg: Config, run_dir: Path, registry: RegistryHandle,
     return summary
 
 
-def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, baseline: LossStats,
-           recorder: RunRecorder, writer: CheckpointWriter, started: float,
-           checkpoint: Checkpoint | None) -> LossStats:
+def _train(
+    grid: Grid,
+    cfg: Config,
+    strategy: Any,
+    lm: Any,
+    validation: Any,
+    baseline: LossStats,
+    recorder: RunRecorder,
+    writer: CheckpointWriter,
+    started: float,
+    checkpoint: Checkpoint | None,
+) -> LossStats:
     """The round loop (server/cycle/rounds.py); after each round the candidate is scored on the
     validation set and a checkpoint is written. A resumed cycle starts after its checkpoint."""
     progress = _Progress(started=started, last=started)
@@ -157,12 +213,17 @@ def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, bas
             candidate = baseline
         else:
             load_adapter_arrays(lm, from_array_record(arrays))
-            candidate = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
-                                      use_adapter=True)
+            candidate = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size, use_adapter=True)
         final["candidate"] = candidate
         now = time.perf_counter()
-        entry = round_entry(server_round, candidate, baseline, strategy.round_log.get(server_round),
-                            round_s=now - progress.last, elapsed_s=now - started)
+        entry = round_entry(
+            server_round,
+            candidate,
+            baseline,
+            strategy.round_log.get(server_round),
+            round_s=now - progress.last,
+            elapsed_s=now - started,
+        )
         progress.last = now
         recorder.record_round(entry)
         _log_progress(entry, cfg.rounds)
@@ -175,59 +236,133 @@ def _train(grid: Grid, cfg: Config, strategy: Any, lm: Any, validation: Any, bas
             # Every round ran before the crash: the checkpoint's adapter is the candidate
             # (otherwise the next round's evaluate_fn scores the candidate anyway).
             load_adapter_arrays(lm, from_array_record(arrays))
-            final["candidate"] = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size,
-                                               use_adapter=True)
+            final["candidate"] = evaluate_loss(
+                lm.model, validation, batch_size=cfg.train.eval_batch_size, use_adapter=True
+            )
     flat = ConfigRecord(writer.job.to_flat())
-    policy = RoundPolicy(deadline_s=cfg.strategy.round_timeout_s, quorum=cfg.strategy.quorum,
-                         wait_for=cfg.strategy.min_sites)
-    run_rounds(grid, strategy, arrays, first_round=checkpoint.server_round + 1 if checkpoint else 1,
-               num_rounds=cfg.rounds, policy=policy, train_config=flat, evaluate_config=flat,
-               evaluate_fn=evaluate_fn, on_round_end=writer.write)
+    policy = RoundPolicy(
+        deadline_s=cfg.strategy.round_timeout_s, quorum=cfg.strategy.quorum, wait_for=cfg.strategy.min_sites
+    )
+    run_rounds(
+        grid,
+        strategy,
+        arrays,
+        first_round=checkpoint.server_round + 1 if checkpoint else 1,
+        num_rounds=cfg.rounds,
+        policy=policy,
+        train_config=flat,
+        evaluate_config=flat,
+        evaluate_fn=evaluate_fn,
+        on_round_end=writer.write,
+    )
     return final["candidate"]
 
 
-def _aborted(cfg: Config, run_id: str, recorder: RunRecorder, strategy: Any, baseline: LossStats, lm: Any,
-             started: float, err: QuorumLost, champion: Any, sync: Any) -> dict[str, Any]:
+def _aborted(
+    cfg: Config,
+    run_id: str,
+    recorder: RunRecorder,
+    strategy: Any,
+    baseline: LossStats,
+    lm: Any,
+    started: float,
+    err: QuorumLost,
+    champion: Any,
+    sync: Any,
+) -> dict[str, Any]:
     """The summary of a cycle whose round lost its quorum: no gate, nothing published."""
     log.warning("cycle %s aborted, nothing published: %s", run_id, err)
     last = recorder.rounds[-1]["validation"]["candidate_loss"] if recorder.rounds else baseline.loss
     candidate = LossStats(loss=last, tokens=0, examples=0, example_losses=())
-    summary = build_summary(cfg, run_id, recorder.run_dir, recorder.rounds, strategy.round_log, baseline,
-                            candidate, lm, wall_time_s=round(time.perf_counter() - started, 3))
-    summary.update({"baseline_version": champion.version if champion is not None else None, "sync": sync,
-                    "aborted": str(err), "gate": None, "published_version": None, "pending_version": None,
-                    "publication": None})
+    summary = build_summary(
+        cfg,
+        run_id,
+        recorder.run_dir,
+        recorder.rounds,
+        strategy.round_log,
+        baseline,
+        candidate,
+        lm,
+        wall_time_s=round(time.perf_counter() - started, 3),
+    )
+    summary.update(
+        {
+            "baseline_version": champion.version if champion is not None else None,
+            "sync": sync,
+            "aborted": str(err),
+            "gate": None,
+            "published_version": None,
+            "pending_version": None,
+            "publication": None,
+        }
+    )
     recorder.write_summary(summary)
     return summary
 
 
-def _gate_and_publish(grid: Grid, cfg: Config, registry: RegistryHandle, strategy: Any, summary: dict[str, Any],
-                      baseline: LossStats, candidate: LossStats, adapter_dir: Path, job: Job,
-                      champion: Any) -> dict[str, Any]:
+def _gate_and_publish(
+    grid: Grid,
+    cfg: Config,
+    registry: RegistryHandle,
+    strategy: Any,
+    summary: dict[str, Any],
+    baseline: LossStats,
+    candidate: LossStats,
+    adapter_dir: Path,
+    job: Job,
+    champion: Any,
+) -> dict[str, Any]:
     """Score the final candidate with the gate; publish and deliver it when it passes."""
     last = strategy.round_log.get(cfg.rounds)
-    sites = [SiteEvaluation(site, float(m["num-examples"]), float(m["diff-sum"]), float(m["diff-sumsq"]),
-                            float(m["diff-sum-std"]))
-             for site, m in sorted((last.evaluation if last else {}).items())]
+    sites = [
+        SiteEvaluation(
+            site, float(m["num-examples"]), float(m["diff-sum"]), float(m["diff-sumsq"]), float(m["diff-sum-std"])
+        )
+        for site, m in sorted((last.evaluation if last else {}).items())
+    ]
     result = decide(cfg.gate, baseline, candidate, sites, seed=cfg.seed)
     version = None
     if result.passed:
-        run = {"run_id": summary["run_id"], "name": cfg.name, "rounds": cfg.rounds, "seed": cfg.seed,
-               "baseline_version": summary["baseline_version"]}
-        site_figures = {s: {"epsilon": v["epsilon"], "epsilon_ceiling": v["epsilon_ceiling"], "delta": v["delta"],
-                            "rounds": v["rounds_participated"]} for s, v in summary["sites"].items()}
+        run = {
+            "run_id": summary["run_id"],
+            "name": cfg.name,
+            "rounds": cfg.rounds,
+            "seed": cfg.seed,
+            "baseline_version": summary["baseline_version"],
+        }
+        site_figures = {
+            s: {
+                "epsilon": v["epsilon"],
+                "epsilon_ceiling": v["epsilon_ceiling"],
+                "delta": v["delta"],
+                "rounds": v["rounds_participated"],
+            }
+            for s, v in summary["sites"].items()
+        }
         version = publish_candidate(registry, cfg, adapter_dir, result, run, site_figures)
-    registry.registry.record_decision(finite_or_null({
-        "run_id": summary["run_id"], "name": cfg.name, "version": version,
-        "baseline_version": summary["baseline_version"], **result.to_dict()}))
+    registry.registry.record_decision(
+        finite_or_null(
+            {
+                "run_id": summary["run_id"],
+                "name": cfg.name,
+                "version": version,
+                "baseline_version": summary["baseline_version"],
+                **result.to_dict(),
+            }
+        )
+    )
     log.info("gate: %s%s. %s", result.decision, f" (version {version})" if version else "", " ".join(result.reasons))
     published = version if result.decision == PUBLISH else None
     delivery = None
     if published is not None:
         delivery = deliver(grid, registry.registry.bundle(published), None, job, cfg.registry.publish_timeout_s)
-    return {"gate": result.to_dict(), "published_version": published,
-            "pending_version": version if result.decision == PENDING else None,
-            "registry": str(registry.registry.root), "publication": delivery}
+    return {
+        "gate": result.to_dict(),
+        "published_version": published,
+        "pending_version": version if result.decision == PENDING else None,
+        "registry": str(registry.registry.root),
+        "publication": delivery,
+    }
 
 
 def _log_progress(entry: dict[str, Any], rounds: int) -> None:
@@ -239,8 +374,14 @@ def _log_progress(entry: dict[str, Any], rounds: int) -> None:
     log.info(
         "round %d/%d: %d/%d sites accepted, validation loss %.4f (baseline %.4f), "
         "max epsilon %s, %d B down / %d B up, %.1f s",
-        entry["round"], rounds, entry["sites_accepted"], entry["sites_sampled"],
-        val["candidate_loss"], val["baseline_loss"], f"{max(eps):.3f}" if eps else "-",
-        entry["bytes_down"], entry["bytes_up"], entry["round_s"],
+        entry["round"],
+        rounds,
+        entry["sites_accepted"],
+        entry["sites_sampled"],
+        val["candidate_loss"],
+        val["baseline_loss"],
+        f"{max(eps):.3f}" if eps else "-",
+        entry["bytes_down"],
+        entry["bytes_up"],
+        entry["round_s"],
     )
-

@@ -17,4 +17,3 @@ def new_run_dir(output_dir: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a run directory below {output_dir}")
-

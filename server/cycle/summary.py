@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.config import Config
 from fedretrain.modeling.lora_model import LoraModel
-from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.training.evaluate import LossStats
 
 
@@ -16,42 +16,70 @@ def _epsilon(value: float | None) -> float | None:
     return None if value is None or value == NOT_PRIVATE_EPSILON else float(value)
 
 
-def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, round_log: Any,
-                *, round_s: float, elapsed_s: float) -> dict[str, Any]:
+def round_entry(
+    server_round: int, candidate: LossStats, baseline: LossStats, round_log: Any, *, round_s: float, elapsed_s: float
+) -> dict[str, Any]:
     """One line of metrics.jsonl. Round 0 is the starting point (before any training)."""
     entry: dict[str, Any] = {
         "round": server_round,
         "validation": {
-            "candidate_loss": candidate.loss, "baseline_loss": baseline.loss,
-            "candidate_perplexity": candidate.perplexity, "baseline_perplexity": baseline.perplexity,
+            "candidate_loss": candidate.loss,
+            "baseline_loss": baseline.loss,
+            "candidate_perplexity": candidate.perplexity,
+            "baseline_perplexity": baseline.perplexity,
         },
-        "sites_sampled": 0, "sites_accepted": 0,
-        "sites": {}, "evaluation": {}, "rejected": [], "bounded": {},
-        "bytes_down": 0, "bytes_up": 0,
-        "round_s": round(round_s, 3), "elapsed_s": round(elapsed_s, 3),
+        "sites_sampled": 0,
+        "sites_accepted": 0,
+        "sites": {},
+        "evaluation": {},
+        "rejected": [],
+        "bounded": {},
+        "bytes_down": 0,
+        "bytes_up": 0,
+        "round_s": round(round_s, 3),
+        "elapsed_s": round(elapsed_s, 3),
     }
     if round_log is None:
         return entry
     # A train reply carries nothing that depends on the site's records (client/round/site.py).
     sites = {
-        site: {"epsilon": _epsilon(m["epsilon"]), "epsilon_ceiling": float(m["epsilon-ceiling"]),
-               "delta": float(m["delta"]), "noise_multiplier": float(m["noise-multiplier"]),
-               "sample_rate": float(m["sample-rate"]), "steps": int(m["steps"])}
+        site: {
+            "epsilon": _epsilon(m["epsilon"]),
+            "epsilon_ceiling": float(m["epsilon-ceiling"]),
+            "delta": float(m["delta"]),
+            "noise_multiplier": float(m["noise-multiplier"]),
+            "sample_rate": float(m["sample-rate"]),
+            "steps": int(m["steps"]),
+        }
         for site, m in round_log.accepted.items()
     }
     entry.update(
-        sites_sampled=round_log.sampled, sites_accepted=len(sites), sites=sites,
+        sites_sampled=round_log.sampled,
+        sites_accepted=len(sites),
+        sites=sites,
         # Noised at the site: the mean held-out loss change per record and its noise's std.
-        evaluation={site: {"change": float(m["diff-sum"]) / max(float(m["num-examples"]), 1.0),
-                           "change_noise_std": float(m["diff-sum-std"]) / max(float(m["num-examples"]), 1.0),
-                           "num_examples": float(m["num-examples"]),
-                           "epsilon": _epsilon(m.get("epsilon"))}
-                    for site, m in round_log.evaluation.items()},
+        evaluation={
+            site: {
+                "change": float(m["diff-sum"]) / max(float(m["num-examples"]), 1.0),
+                "change_noise_std": float(m["diff-sum-std"]) / max(float(m["num-examples"]), 1.0),
+                "num_examples": float(m["num-examples"]),
+                "epsilon": _epsilon(m.get("epsilon")),
+            }
+            for site, m in round_log.evaluation.items()
+        },
         rejected=[dataclasses.asdict(r) for r in round_log.rejected],
         # Updates scaled back to the round's norm bound (strategies/update_bound.py).
-        bounded={site: {"node_id": int(b["node-id"]), "norm": float(b["norm"]), "limit": float(b["limit"]),
-                        "factor": float(b["factor"])} for site, b in round_log.bounded.items()},
-        bytes_down=int(round_log.bytes_down), bytes_up=int(round_log.bytes_up),
+        bounded={
+            site: {
+                "node_id": int(b["node-id"]),
+                "norm": float(b["norm"]),
+                "limit": float(b["limit"]),
+                "factor": float(b["factor"]),
+            }
+            for site, b in round_log.bounded.items()
+        },
+        bytes_down=int(round_log.bytes_down),
+        bytes_up=int(round_log.bytes_up),
     )
     return entry
 
@@ -59,19 +87,34 @@ def round_entry(server_round: int, candidate: LossStats, baseline: LossStats, ro
 def refusals(round_logs: dict[int, Any]) -> list[dict[str, Any]]:
     """Every train reply left out, by round: from the strategy's round logs, so a round that
     lost its quorum (never scored, so not in metrics.jsonl) still names the sites that failed."""
-    return [dict(dataclasses.asdict(r), round=server_round)
-            for server_round, entry in sorted(round_logs.items()) for r in entry.rejected]
+    return [
+        dict(dataclasses.asdict(r), round=server_round)
+        for server_round, entry in sorted(round_logs.items())
+        for r in entry.rejected
+    ]
 
 
-def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str, Any]], round_logs: dict[int, Any],
-                  baseline: LossStats, candidate: LossStats, lm: LoraModel, *, wall_time_s: float) -> dict[str, Any]:
+def build_summary(
+    cfg: Config,
+    run_id: str,
+    run_dir: Path,
+    rounds: list[dict[str, Any]],
+    round_logs: dict[int, Any],
+    baseline: LossStats,
+    candidate: LossStats,
+    lm: LoraModel,
+    *,
+    wall_time_s: float,
+) -> dict[str, Any]:
     """summary.json: the figures a coordinator or researcher reads first."""
     sites: dict[str, dict[str, Any]] = {}
     for entry in rounds:  # later rounds overwrite earlier ones: the last word per site wins
         for site, s in entry["sites"].items():
             prev = sites.get(site, {})
             sites[site] = {
-                "epsilon": s["epsilon"], "epsilon_ceiling": s["epsilon_ceiling"], "delta": s["delta"],
+                "epsilon": s["epsilon"],
+                "epsilon_ceiling": s["epsilon_ceiling"],
+                "delta": s["delta"],
                 "noise_multiplier": s["noise_multiplier"],
                 "rounds_participated": prev.get("rounds_participated", 0) + 1,
                 "heldout_change": prev.get("heldout_change"),
@@ -87,20 +130,29 @@ def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str
     up = [r["bytes_up"] for r in trained]
     sampled = sum(r["sites_sampled"] for r in trained) or 1
     return {
-        "name": cfg.name, "run_id": run_id, "run_dir": str(run_dir),
+        "name": cfg.name,
+        "run_id": run_id,
+        "run_dir": str(run_dir),
         "rounds": cfg.rounds,
-        "baseline_loss": baseline.loss, "candidate_loss": candidate.loss,
-        "baseline_perplexity": baseline.perplexity, "candidate_perplexity": candidate.perplexity,
+        "baseline_loss": baseline.loss,
+        "candidate_loss": candidate.loss,
+        "baseline_perplexity": baseline.perplexity,
+        "candidate_perplexity": candidate.perplexity,
         "improved": candidate.loss < baseline.loss,
         "validation_examples": baseline.examples,
         "sites": sites,
         "refusals": refusals(round_logs),
-        "bounded": [dict(b, site_id=site, round=e["round"]) for e in trained
-                    for site, b in e.get("bounded", {}).items()],
-        "privacy": {"enabled": cfg.privacy.enabled, "target_epsilon": cfg.privacy.target_epsilon,
-                    "max_grad_norm": cfg.privacy.max_grad_norm},
+        "bounded": [
+            dict(b, site_id=site, round=e["round"]) for e in trained for site, b in e.get("bounded", {}).items()
+        ],
+        "privacy": {
+            "enabled": cfg.privacy.enabled,
+            "target_epsilon": cfg.privacy.target_epsilon,
+            "max_grad_norm": cfg.privacy.max_grad_norm,
+        },
         "communication": {
-            "adapter_bytes": lm.spec.nbytes, "full_model_bytes": lm.base_nbytes,
+            "adapter_bytes": lm.spec.nbytes,
+            "full_model_bytes": lm.base_nbytes,
             "adapter_to_model_ratio": lm.spec.nbytes / lm.base_nbytes if lm.base_nbytes else 0.0,
             "bytes_down_per_round": sum(down) / len(down) if down else 0.0,
             "bytes_up_per_round": sum(up) / len(up) if up else 0.0,
@@ -109,4 +161,3 @@ def build_summary(cfg: Config, run_id: str, run_dir: Path, rounds: list[dict[str
         },
         "wall_time_s": round(wall_time_s, 3),
     }
-

@@ -33,8 +33,16 @@ from typing import Any
 from fedretrain.atomic import atomic_write_json, atomic_write_text
 from fedretrain.config import compose_config
 from fedretrain.deploy.filemodes import PRIVATE_FILE, private_dir, private_file
-from fedretrain.deploy.flower import (CONNECTION, flower_command, flower_env, run_flwr, split_address,
-                                      toml_assignments, wait_for_port, write_connection)
+from fedretrain.deploy.flower import (
+    CONNECTION,
+    flower_command,
+    flower_env,
+    run_flwr,
+    split_address,
+    toml_assignments,
+    wait_for_port,
+    write_connection,
+)
 from fedretrain.errors import DeployError
 from server.cycle.rundir import new_run_dir
 
@@ -66,8 +74,9 @@ class Coordinator:
     def settings(self) -> dict[str, Any]:
         path = self.root / "superlink.json"
         if not path.exists():
-            raise DeployError(f"{path}: no SuperLink settings; start one with `fedretrain coordinator start "
-                              f"--dir {self.root}`")
+            raise DeployError(
+                f"{path}: no SuperLink settings; start one with `fedretrain coordinator start --dir {self.root}`"
+            )
         return json.loads(path.read_text())
 
     def sites(self) -> dict[str, dict[str, str]]:
@@ -78,19 +87,36 @@ def superlink_command(coord: Coordinator, address: str, keys: Path | None) -> li
     """``flower-superlink`` with TLS from ``keys`` (ca.pem, superlink.pem, superlink.key), node
     authentication and a database; ``keys=None`` runs it insecure (a test bench only)."""
     host, port = split_address(address)
-    argv = [flower_command("flower-superlink"), "--host", host, "--port", str(port),
-            "--database", str(coord.database.resolve()),
-            # Apps run with what this environment has installed; nothing is fetched at run time.
-            "--disable-runtime-dependency-installation"]
+    argv = [
+        flower_command("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(coord.database.resolve()),
+        # Apps run with what this environment has installed; nothing is fetched at run time.
+        "--disable-runtime-dependency-installation",
+    ]
     if keys is None:
         return [*argv, "--insecure"]
     files = {name: (keys / name).resolve() for name in ("ca.pem", "superlink.pem", "superlink.key")}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
-        raise DeployError(f"missing {', '.join(missing)}: create them with `fedretrain keys ca --out {keys}` and "
-                          f"`fedretrain keys superlink --host NAME --ca-dir {keys} --out {keys}`")
-    return [*argv, "--ssl-ca-certfile", str(files["ca.pem"]), "--ssl-certfile", str(files["superlink.pem"]),
-            "--ssl-keyfile", str(files["superlink.key"]), "--enable-supernode-auth"]
+        raise DeployError(
+            f"missing {', '.join(missing)}: create them with `fedretrain keys ca --out {keys}` and "
+            f"`fedretrain keys superlink --host NAME --ca-dir {keys} --out {keys}`"
+        )
+    return [
+        *argv,
+        "--ssl-ca-certfile",
+        str(files["ca.pem"]),
+        "--ssl-certfile",
+        str(files["superlink.pem"]),
+        "--ssl-keyfile",
+        str(files["superlink.key"]),
+        "--enable-supernode-auth",
+    ]
 
 
 def prepare_private_state(coord: Coordinator) -> None:
@@ -103,8 +129,9 @@ def prepare_private_state(coord: Coordinator) -> None:
             os.chmod(companion, PRIVATE_FILE)
 
 
-def start_superlink(coord: Coordinator, address: str, keys: Path | None, *, connect: str | None = None,
-                    timeout_s: float = 60.0) -> subprocess.Popen:
+def start_superlink(
+    coord: Coordinator, address: str, keys: Path | None, *, connect: str | None = None, timeout_s: float = 60.0
+) -> subprocess.Popen:
     """Start the SuperLink, wait until it answers, write the flwr CLI's connection; return the process.
 
     ``connect`` is the address the coordinator's own CLI uses (default: ``address``;
@@ -115,8 +142,10 @@ def start_superlink(coord: Coordinator, address: str, keys: Path | None, *, conn
     connect = connect or address
     ca = (keys / "ca.pem").resolve() if keys is not None else None
     write_connection(coord.flwr_home, connect, ca)
-    atomic_write_json(coord.root / "superlink.json", {"address": address, "connect": connect,
-                                                       "ca": str(ca) if ca else None, "insecure": keys is None})
+    atomic_write_json(
+        coord.root / "superlink.json",
+        {"address": address, "connect": connect, "ca": str(ca) if ca else None, "insecure": keys is None},
+    )
     proc = subprocess.Popen(argv, env=flower_env(coord.flwr_home), cwd=coord.root)
     host, port = split_address(connect)
     wait_for_port(host, port, timeout_s, proc)
@@ -153,13 +182,16 @@ def app_dir() -> Path:
     """The Flower app to submit: this project (its pyproject.toml names the apps)."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "pyproject.toml").is_file():
-        raise DeployError(f"{root}: no pyproject.toml; `coordinator run` submits the fedretrain project "
-                          "directory as its Flower app, so run it from a source checkout (pip install -e .)")
+        raise DeployError(
+            f"{root}: no pyproject.toml; `coordinator run` submits the fedretrain project "
+            "directory as its Flower app, so run it from a source checkout (pip install -e .)"
+        )
     return root
 
 
-def submit_run(coord: Coordinator, overrides: list[str], *, resume: Path | None = None,
-               cwd: Path | None = None) -> tuple[str, Path]:
+def submit_run(
+    coord: Coordinator, overrides: list[str], *, resume: Path | None = None, cwd: Path | None = None
+) -> tuple[str, Path]:
     """Submit a cycle with ``flwr run``; returns (Flower run id, run directory).
 
     A fresh cycle's config is composed and checked here first (a bad key fails before
@@ -187,8 +219,9 @@ def submit_run(coord: Coordinator, overrides: list[str], *, resume: Path | None 
     values["sites-file"] = str(coord.sites_file.resolve()) if coord.sites_file.exists() else ""
     run_config = coord.flwr_home / f"run-config-{run_dir.name}.toml"
     atomic_write_text(run_config, toml_assignments(values))
-    answer = run_flwr(coord.flwr_home, ["run", str(app_dir()), CONNECTION, "--run-config", str(run_config)],
-                      timeout_s=300)
+    answer = run_flwr(
+        coord.flwr_home, ["run", str(app_dir()), CONNECTION, "--run-config", str(run_config)], timeout_s=300
+    )
     log.info("submitted Flower run %s; run directory %s", answer["run-id"], run_dir)
     return str(answer["run-id"]), run_dir
 
@@ -226,8 +259,12 @@ def wait_for_run(coord: Coordinator, run_id: str, timeout_s: float, poll_s: floa
 def status(coord: Coordinator) -> dict[str, Any]:
     """The registered sites with their connection state, and the runs with theirs."""
     nodes = {n["node-id"]: n for n in run_flwr(coord.flwr_home, ["supernode", "ls", CONNECTION])["nodes"]}
-    sites = {site: {"node_id": info["node_id"], "status": nodes.get(info["node_id"], {}).get("status", "unknown")}
-             for site, info in sorted(coord.sites().items())}
-    runs = [{"run_id": r["run-id"], "status": r["status"], "elapsed": r["elapsed"]}
-            for r in run_flwr(coord.flwr_home, ["ls", CONNECTION])["runs"]]
+    sites = {
+        site: {"node_id": info["node_id"], "status": nodes.get(info["node_id"], {}).get("status", "unknown")}
+        for site, info in sorted(coord.sites().items())
+    }
+    runs = [
+        {"run_id": r["run-id"], "status": r["status"], "elapsed": r["elapsed"]}
+        for r in run_flwr(coord.flwr_home, ["ls", CONNECTION])["runs"]
+    ]
     return {"superlink": coord.settings()["address"], "sites": sites, "runs": runs}

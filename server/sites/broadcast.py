@@ -35,9 +35,17 @@ class Broadcast(Generic[T]):
     no_reply: list[int] = field(default_factory=list)
 
 
-def broadcast(grid: Grid, content: RecordDict, message_type: str, timeout_s: float,
-              parse: Callable[[str, int, RecordDict], T], *, what: str,
-              node_ids: Iterable[int] | None = None, min_nodes: int = 0) -> Broadcast[T]:
+def broadcast(
+    grid: Grid,
+    content: RecordDict,
+    message_type: str,
+    timeout_s: float,
+    parse: Callable[[str, int, RecordDict], T],
+    *,
+    what: str,
+    node_ids: Iterable[int] | None = None,
+    min_nodes: int = 0,
+) -> Broadcast[T]:
     """Send ``content`` to ``node_ids`` (default: every connected node) and parse each reply.
 
     Without ``node_ids`` it first waits, up to ``timeout_s``, for ``min_nodes`` nodes to
@@ -77,4 +85,3 @@ def broadcast(grid: Grid, content: RecordDict, message_type: str, timeout_s: flo
     for node in outcome.no_reply:
         log.warning("%s: %s did not answer within %.0f s", what, node_name(grid, node), timeout_s)
     return outcome
-

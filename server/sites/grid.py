@@ -15,11 +15,10 @@ import time
 from collections.abc import Collection, Iterable
 
 from flwr.app import Error, Message
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from server.sites.roster import Roster
-
 
 log = logging.getLogger("fedretrain.server")
 
@@ -41,8 +40,9 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, *, poll_s: float 
     while len(nodes := sorted(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
         time.sleep(poll_s)
     if len(nodes) < minimum:
-        log.warning("%d of the %d expected sites connected within %.0f s; going on with them",
-                    len(nodes), minimum, timeout_s)
+        log.warning(
+            "%d of the %d expected sites connected within %.0f s; going on with them", len(nodes), minimum, timeout_s
+        )
     return nodes
 
 
@@ -123,8 +123,9 @@ class BoundGrid(_GridView):
         for reply in replies:
             instruction = sent.pop(reply.metadata.reply_to_message_id, None)
             if instruction is None:  # Flower's grids return only replies to what was sent; never counted
-                log.warning("a reply from node %d answers no message of this exchange: dropped",
-                            reply.metadata.src_node_id)
+                log.warning(
+                    "a reply from node %d answers no message of this exchange: dropped", reply.metadata.src_node_id
+                )
                 continue
             bound.append(self._bind(reply, instruction))
         return bound
@@ -132,27 +133,35 @@ class BoundGrid(_GridView):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         # A pulled reply has no instruction at hand to bind it by: replies come through
         # send_and_receive (Flower's strategies and fedretrain use nothing else).
-        raise TypeError("BoundGrid binds replies to their sites only in send_and_receive; "
-                        "pull_messages would bypass that")
+        raise TypeError(
+            "BoundGrid binds replies to their sites only in send_and_receive; pull_messages would bypass that"
+        )
 
     def _bind(self, reply: Message, instruction: Message) -> Message:
         node = instruction.metadata.dst_node_id
         site = self.site_of(node)
         if site is None:
-            return _refused(instruction, UNREGISTERED_NODE,
-                            f"node {node} is not registered as any site: its reply is not counted")
+            return _refused(
+                instruction, UNREGISTERED_NODE, f"node {node} is not registered as any site: its reply is not counted"
+            )
         if reply.metadata.src_node_id not in (node, SUPERLINK_NODE_ID):  # Flower's SuperLink refuses these already
-            return _refused(instruction, CLAIMS_ANOTHER_SITE,
-                            f"a reply to site {site} (node {node}) came from node {reply.metadata.src_node_id}: "
-                            "not counted")
+            return _refused(
+                instruction,
+                CLAIMS_ANOTHER_SITE,
+                f"a reply to site {site} (node {node}) came from node {reply.metadata.src_node_id}: not counted",
+            )
         if reply.has_error():
-            return Message(Error(code=reply.error.code, reason=f"site {site} (node {node}): {reply.error.reason}"),
-                           reply_to=instruction)
+            return Message(
+                Error(code=reply.error.code, reason=f"site {site} (node {node}): {reply.error.reason}"),
+                reply_to=instruction,
+            )
         claimed = _claimed_site(reply)
         if claimed is not None and claimed != site:
-            return _refused(instruction, CLAIMS_ANOTHER_SITE,
-                            f"node {node} holds site {site}'s key but its reply claims site {claimed}: "
-                            "not counted for either")
+            return _refused(
+                instruction,
+                CLAIMS_ANOTHER_SITE,
+                f"node {node} holds site {site}'s key but its reply claims site {claimed}: not counted for either",
+            )
         return reply
 
 

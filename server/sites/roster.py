@@ -97,8 +97,10 @@ class Roster:
         seen: dict[str, int] = {}
         for node, site in self._nodes.items():
             if site in seen:
-                raise DeployError(f"site {site} is bound to two nodes ({seen[site]} and {node}): the roster is "
-                                  "inconsistent; re-register the site's key")
+                raise DeployError(
+                    f"site {site} is bound to two nodes ({seen[site]} and {node}): the roster is "
+                    "inconsistent; re-register the site's key"
+                )
             seen[site] = node
 
 

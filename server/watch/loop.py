@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,9 @@ from fedretrain.config import Config, Job
 from fedretrain.errors import ConfigError, CycleBusy
 from fedretrain.registry.store import Registry
 from server.cycle.report import finite_or_null
-from server.watch.poll import StatusPoll, poll_status
-from server.cycle.rundir import new_run_dir
 from server.cycle.run import cycle_lock_path, run_retraining
+from server.cycle.rundir import new_run_dir
+from server.watch.poll import StatusPoll, poll_status
 from server.watch.triggers import TriggerDecision, evaluate_triggers, format_decision
 
 log = logging.getLogger("fedretrain.server")
@@ -49,7 +49,7 @@ def request_retrain(registry_root: str | Path, reason: str, *, now: datetime | N
     """Queue an operator's request for a cycle; the watch starts it at its next poll."""
     if not Path(registry_root).is_dir():
         raise ConfigError(f"registry.root: {registry_root} is not a registry directory")
-    moment = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
     path = watch_dir(registry_root) / "requests" / f"{moment:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}.json"
     atomic_write_json(path, {"reason": reason or "operator request", "requested_at": moment.isoformat()})
     return path
@@ -68,8 +68,9 @@ class WatchState:
         try:
             raw = json.loads(path.read_text())
             last = raw["last_cycle_at"]
-            return cls(last_cycle_at=None if last is None else float(last), polls=int(raw["polls"]),
-                       cycles=int(raw["cycles"]))
+            return cls(
+                last_cycle_at=None if last is None else float(last), polls=int(raw["polls"]), cycles=int(raw["cycles"])
+            )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{path}: not a valid watch state ({err}); move it aside to start afresh") from None
 
@@ -107,20 +108,27 @@ class Watcher:
         """StatusPoll, decide, and run a cycle if the triggers call for one. ``now`` is the triggers' clock (s)."""
         if self.state.last_cycle_at is not None and self.state.last_cycle_at > now:
             # State written under another clock (a simulated scenario on the same registry).
-            log.warning("watch state: the last cycle is in the future (%.0f > %.0f); ignoring it",
-                        self.state.last_cycle_at, now)
+            log.warning(
+                "watch state: the last cycle is in the future (%.0f > %.0f); ignoring it", self.state.last_cycle_at, now
+            )
             self.state.last_cycle_at = None
         job = Job.from_config(self.cfg, run_id=f"status-{self.state.polls + 1}")
-        poll = poll_status(self.grid, job, self.cfg.monitor,
-                           min_nodes=self.expected_sites or self.cfg.strategy.min_sites)
+        poll = poll_status(
+            self.grid, job, self.cfg.monitor, min_nodes=self.expected_sites or self.cfg.strategy.min_sites
+        )
         requests = sorted((self.dir / "requests").glob("*.json"))
         with file_lock(cycle_lock_path(Path(self.cfg.registry.root)), wait=False) as free:
             running = not free
         decision = evaluate_triggers(
-            self.cfg.trigger, poll.statuses, now=now, last_cycle_at=self.state.last_cycle_at,
+            self.cfg.trigger,
+            poll.statuses,
+            now=now,
+            last_cycle_at=self.state.last_cycle_at,
             champion_version=Registry(Path(self.cfg.registry.root)).champion(),
-            operator_requests=[_reason(p) for p in requests], cycle_running=running,
-            min_sites=self.cfg.strategy.min_sites)
+            operator_requests=[_reason(p) for p in requests],
+            cycle_running=running,
+            min_sites=self.cfg.strategy.min_sites,
+        )
         self.state.polls += 1
         log.info("%s", format_decision(decision))
         self._log_alerts(now, decision)
@@ -131,8 +139,13 @@ class Watcher:
         self.events.append(event)
         return event
 
-    def run(self, *, max_polls: int | None = None, clock: Callable[[], float] = time.time,
-            sleep: Callable[[float], None] = time.sleep) -> list[WatchEvent]:
+    def run(
+        self,
+        *,
+        max_polls: int | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> list[WatchEvent]:
         """StatusPoll every ``trigger.poll_interval_s`` until stopped (or ``max_polls``)."""
         polls = 0
         while max_polls is None or polls < max_polls:
@@ -142,14 +155,20 @@ class Watcher:
             polls += 1
         return self.events
 
-    def _cycle(self, now: float, poll: StatusPoll, decision: TriggerDecision, requests: list[Path],
-               validation_path: str | None) -> WatchEvent:
+    def _cycle(
+        self, now: float, poll: StatusPoll, decision: TriggerDecision, requests: list[Path], validation_path: str | None
+    ) -> WatchEvent:
         nodes = [s.node_id for s in poll.statuses if s.site_id in decision.eligible]
         before = {s.site_id: s.epsilon_spent for s in poll.statuses}
         number = self.state.cycles + 1
         run_dir = new_run_dir(self.runs_dir, f"{self.cfg.name}-cycle{number}")
-        log.info("cycle %d: %s; %d sites take part, %d left out", number,
-                 ", ".join(sorted({a.trigger for a in decision.alerts})), len(nodes), len(decision.excluded))
+        log.info(
+            "cycle %d: %s; %d sites take part, %d left out",
+            number,
+            ", ".join(sorted({a.trigger for a in decision.alerts})),
+            len(nodes),
+            len(decision.excluded),
+        )
         # The rate limit counts from this start, and is on disk before the cycle runs: a watch
         # that crashes in a long cycle does not start another one at once when it comes back.
         previous = self.state.last_cycle_at
@@ -157,13 +176,24 @@ class Watcher:
         atomic_write_json(self.dir / "state.json", self.state.__dict__)
         summary, failure = None, None
         try:
-            summary = run_retraining(self.grid, self.cfg, run_dir, config_yaml=self.config_yaml,
-                                     validation_path=validation_path, train_nodes=nodes)
+            summary = run_retraining(
+                self.grid,
+                self.cfg,
+                run_dir,
+                config_yaml=self.config_yaml,
+                validation_path=validation_path,
+                train_nodes=nodes,
+            )
         except CycleBusy as err:  # another process started a cycle first: this one never ran
             self.state.last_cycle_at, self.state.cycles = previous, number - 1
             log.warning("cycle %d not started: %s", number, err)
-            held = TriggerDecision(start=False, alerts=decision.alerts, eligible=decision.eligible,
-                                   excluded=decision.excluded, held="a cycle is already running")
+            held = TriggerDecision(
+                start=False,
+                alerts=decision.alerts,
+                eligible=decision.eligible,
+                excluded=decision.excluded,
+                held="a cycle is already running",
+            )
             return WatchEvent(at=now, poll=poll, decision=held)
         except Exception as err:  # noqa: BLE001 - a failed cycle is recorded; the watch goes on
             failure = f"{type(err).__name__}: {err}"
@@ -177,9 +207,17 @@ class Watcher:
 
     def _log_alerts(self, now: float, decision: TriggerDecision) -> None:
         for alert in decision.alerts:
-            self._append("alerts.jsonl", {"at": now, "trigger": alert.trigger, "message": alert.message,
-                                          "figures": alert.figures, "started": decision.start,
-                                          "held": decision.held})
+            self._append(
+                "alerts.jsonl",
+                {
+                    "at": now,
+                    "trigger": alert.trigger,
+                    "message": alert.message,
+                    "figures": alert.figures,
+                    "started": decision.start,
+                    "held": decision.held,
+                },
+            )
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         # Appends of one line each: a crash loses at most the line being written.
@@ -191,15 +229,33 @@ class Watcher:
 
 def write_watch_summary(run_dir: Path, events: list[WatchEvent]) -> Path:
     """``summary.json`` of a watch: every poll, its alerts, and the cycles it ran."""
-    polls = [{"at": e.at, "sites": len(e.poll.statuses), "refused": len(e.poll.refused),
-              "no_reply": len(e.poll.no_reply), **e.decision.to_dict(),
-              "cycle": None if e.cycle is None else {"run_id": e.cycle["run_id"],
-                                                     "decision": e.cycle["gate"]["decision"],
-                                                     "published_version": e.cycle["published_version"]},
-              "failure": e.failure} for e in events]
-    summary = {"polls": polls, "cycles": sum(1 for e in events if e.decision.start),
-               "published_versions": [e.cycle["published_version"] for e in events
-                                      if e.cycle is not None and e.cycle["published_version"] is not None]}
+    polls = [
+        {
+            "at": e.at,
+            "sites": len(e.poll.statuses),
+            "refused": len(e.poll.refused),
+            "no_reply": len(e.poll.no_reply),
+            **e.decision.to_dict(),
+            "cycle": None
+            if e.cycle is None
+            else {
+                "run_id": e.cycle["run_id"],
+                "decision": e.cycle["gate"]["decision"],
+                "published_version": e.cycle["published_version"],
+            },
+            "failure": e.failure,
+        }
+        for e in events
+    ]
+    summary = {
+        "polls": polls,
+        "cycles": sum(1 for e in events if e.decision.start),
+        "published_versions": [
+            e.cycle["published_version"]
+            for e in events
+            if e.cycle is not None and e.cycle["published_version"] is not None
+        ],
+    }
     path = Path(run_dir) / "summary.json"
     atomic_write_json(path, finite_or_null(summary))
     return path
@@ -212,19 +268,45 @@ def _reason(path: Path) -> str:
         return "operator request"
 
 
-def _cycle_record(number: int, now: float, decision: TriggerDecision, poll: StatusPoll, run_dir: Path,
-                  summary: dict[str, Any] | None, failure: str | None, before: dict[str, float]) -> dict[str, Any]:
-    record: dict[str, Any] = {"cycle": number, "at": now, "triggers": sorted({a.trigger for a in decision.alerts}),
-                              "eligible": list(decision.eligible), "excluded": decision.excluded,
-                              # Sites whose status was refused or never came are not in this cycle either.
-                              "status_refused": list(poll.refused), "status_no_reply": list(poll.no_reply),
-                              "run_dir": str(run_dir), "failure": failure}
+def _cycle_record(
+    number: int,
+    now: float,
+    decision: TriggerDecision,
+    poll: StatusPoll,
+    run_dir: Path,
+    summary: dict[str, Any] | None,
+    failure: str | None,
+    before: dict[str, float],
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "cycle": number,
+        "at": now,
+        "triggers": sorted({a.trigger for a in decision.alerts}),
+        "eligible": list(decision.eligible),
+        "excluded": decision.excluded,
+        # Sites whose status was refused or never came are not in this cycle either.
+        "status_refused": list(poll.refused),
+        "status_no_reply": list(poll.no_reply),
+        "run_dir": str(run_dir),
+        "failure": failure,
+    }
     if summary is not None:
         sites = summary.get("sites", {})
         record.update(
-            run_id=summary["run_id"], decision=summary["gate"]["decision"], reasons=summary["gate"]["reasons"],
-            published_version=summary["published_version"], pending_version=summary["pending_version"],
-            epsilon={s: {"before": before.get(s), "after": v.get("epsilon"),
-                         "spent": None if v.get("epsilon") is None or before.get(s) is None
-                         else round(v["epsilon"] - before[s], 6)} for s, v in sites.items()})
+            run_id=summary["run_id"],
+            decision=summary["gate"]["decision"],
+            reasons=summary["gate"]["reasons"],
+            published_version=summary["published_version"],
+            pending_version=summary["pending_version"],
+            epsilon={
+                s: {
+                    "before": before.get(s),
+                    "after": v.get("epsilon"),
+                    "spent": None
+                    if v.get("epsilon") is None or before.get(s) is None
+                    else round(v["epsilon"] - before[s], 6),
+                }
+                for s, v in sites.items()
+            },
+        )
     return record

@@ -30,20 +30,30 @@ class StatusPoll:
     no_reply: tuple[int, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sites": {s.site_id: dataclasses.asdict(s) for s in self.statuses},
-                "refused": list(self.refused), "no_reply": list(self.no_reply)}
+        return {
+            "sites": {s.site_id: dataclasses.asdict(s) for s in self.statuses},
+            "refused": list(self.refused),
+            "no_reply": list(self.no_reply),
+        }
 
 
-def poll_status(grid: Grid, job: Job, monitor: MonitorConfig, node_ids: Iterable[int] | None = None, *,
-                min_nodes: int = 0) -> StatusPoll:
+def poll_status(
+    grid: Grid, job: Job, monitor: MonitorConfig, node_ids: Iterable[int] | None = None, *, min_nodes: int = 0
+) -> StatusPoll:
     """Ask every connected site (or ``node_ids``) for its status; wait ``monitor.status_timeout_s``.
 
     ``min_nodes``: sites expected to be connected; the poll waits for them, up to the timeout.
     """
-    content = RecordDict({"config": ConfigRecord(job.to_flat()),
-                          "monitor": ConfigRecord(dataclasses.asdict(monitor))})
-    sent = broadcast(grid, content, STATUS_MESSAGE, monitor.status_timeout_s,
-                     lambda site, node, reply: SiteStatus.from_metrics(site, node, dict(reply["metrics"])),
-                     what="status", node_ids=node_ids, min_nodes=min_nodes)
+    content = RecordDict({"config": ConfigRecord(job.to_flat()), "monitor": ConfigRecord(dataclasses.asdict(monitor))})
+    sent = broadcast(
+        grid,
+        content,
+        STATUS_MESSAGE,
+        monitor.status_timeout_s,
+        lambda site, node, reply: SiteStatus.from_metrics(site, node, dict(reply["metrics"])),
+        what="status",
+        node_ids=node_ids,
+        min_nodes=min_nodes,
+    )
     statuses = tuple(status for _, (_, status) in sorted(sent.answered.items()))
     return StatusPoll(statuses=statuses, refused=tuple(sent.refused), no_reply=tuple(sent.no_reply))

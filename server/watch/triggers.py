@@ -78,8 +78,9 @@ class SiteStatus:
             values[key] = _number(site_id, key, metrics[key])
         for key in _COUNTS:
             if values[key] < 0 or not float(values[key]).is_integer():
-                raise ReplyRejected(f"site {site_id}: status key '{key}' must be a whole number >= 0, "
-                                    f"got {values[key]!r}")
+                raise ReplyRejected(
+                    f"site {site_id}: status key '{key}' must be a whole number >= 0, got {values[key]!r}"
+                )
             values[key] = int(values[key])
         for key in _FLAGS:
             if values[key] not in (0, 1):
@@ -124,8 +125,13 @@ class TriggerDecision:
     held: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "alerts": [asdict(a) for a in self.alerts], "eligible": list(self.eligible),
-                "excluded": dict(self.excluded), "held": self.held}
+        return {
+            "start": self.start,
+            "alerts": [asdict(a) for a in self.alerts],
+            "eligible": list(self.eligible),
+            "excluded": dict(self.excluded),
+            "held": self.held,
+        }
 
 
 @dataclass(frozen=True)
@@ -151,10 +157,13 @@ def _new_records(cfg: TriggerConfig, poll: Poll) -> list[Alert]:
     total = sum(s.new_records for s in poll.statuses)
     if total < cfg.new_records:
         return []
-    return [Alert("new_records", f"{total} new records at {len(poll.statuses)} site(s), "
-                                 f"threshold {cfg.new_records}",
-                  {"total": total, "threshold": cfg.new_records,
-                   "sites": {s.site_id: s.new_records for s in poll.statuses}})]
+    return [
+        Alert(
+            "new_records",
+            f"{total} new records at {len(poll.statuses)} site(s), threshold {cfg.new_records}",
+            {"total": total, "threshold": cfg.new_records, "sites": {s.site_id: s.new_records for s in poll.statuses}},
+        )
+    ]
 
 
 def _drift(cfg: TriggerConfig, poll: Poll) -> list[Alert]:
@@ -164,18 +173,29 @@ def _drift(cfg: TriggerConfig, poll: Poll) -> list[Alert]:
         return []
     drifted: dict[str, dict[str, float]] = {}
     for s in poll.statuses:
-        over = {name: getattr(s, name) for name, limit in limits.items()
-                if getattr(s, name) is not None and getattr(s, name) >= limit}
+        over = {
+            name: getattr(s, name)
+            for name, limit in limits.items()
+            if getattr(s, name) is not None and getattr(s, name) >= limit
+        }
         if over:
             drifted[s.site_id] = over
     if len(drifted) < cfg.drift_min_sites:
         return []
-    described = "; ".join(f"{site}: " + ", ".join(f"{name.removeprefix('drift_')} {score:.4f} >= {limits[name]:.4f}"
-                                                   for name, score in scores.items())
-                          for site, scores in drifted.items())
-    return [Alert("drift", f"drift at {len(drifted)} site(s), {cfg.drift_min_sites} needed ({described})",
-                  {"sites": drifted, "count": len(drifted), "min_sites": cfg.drift_min_sites,
-                   "thresholds": limits})]
+    described = "; ".join(
+        f"{site}: "
+        + ", ".join(
+            f"{name.removeprefix('drift_')} {score:.4f} >= {limits[name]:.4f}" for name, score in scores.items()
+        )
+        for site, scores in drifted.items()
+    )
+    return [
+        Alert(
+            "drift",
+            f"drift at {len(drifted)} site(s), {cfg.drift_min_sites} needed ({described})",
+            {"sites": drifted, "count": len(drifted), "min_sites": cfg.drift_min_sites, "thresholds": limits},
+        )
+    ]
 
 
 def _performance(cfg: TriggerConfig, poll: Poll) -> list[Alert]:
@@ -191,27 +211,44 @@ def _performance(cfg: TriggerConfig, poll: Poll) -> list[Alert]:
     gap = math.fsum(w * g for w, g in zip(weights, gaps.values(), strict=True)) / math.fsum(weights)
     if gap <= cfg.performance_margin:
         return []
-    return [Alert("performance", f"loss on new data {gap:.4f} nats above loss on reference data "
-                                 f"(mean over {len(scored)} site(s)), margin {cfg.performance_margin:.4f}",
-                  {"gap": gap, "margin": cfg.performance_margin, "sites": gaps})]
+    return [
+        Alert(
+            "performance",
+            f"loss on new data {gap:.4f} nats above loss on reference data "
+            f"(mean over {len(scored)} site(s)), margin {cfg.performance_margin:.4f}",
+            {"gap": gap, "margin": cfg.performance_margin, "sites": gaps},
+        )
+    ]
 
 
 def _schedule(cfg: TriggerConfig, poll: Poll) -> list[Alert]:
     if cfg.schedule_s is None:
         return []
     if poll.last_cycle_at is None:
-        return [Alert("schedule", f"no cycle has run yet and one is due every {cfg.schedule_s:g} s",
-                      {"elapsed_s": None, "schedule_s": cfg.schedule_s})]
+        return [
+            Alert(
+                "schedule",
+                f"no cycle has run yet and one is due every {cfg.schedule_s:g} s",
+                {"elapsed_s": None, "schedule_s": cfg.schedule_s},
+            )
+        ]
     elapsed = poll.now - poll.last_cycle_at
     if elapsed < cfg.schedule_s:
         return []
-    return [Alert("schedule", f"{elapsed:g} s since the last cycle, one is due every {cfg.schedule_s:g} s",
-                  {"elapsed_s": elapsed, "schedule_s": cfg.schedule_s})]
+    return [
+        Alert(
+            "schedule",
+            f"{elapsed:g} s since the last cycle, one is due every {cfg.schedule_s:g} s",
+            {"elapsed_s": elapsed, "schedule_s": cfg.schedule_s},
+        )
+    ]
 
 
 def _operator(cfg: TriggerConfig, poll: Poll) -> list[Alert]:
-    return [Alert("operator", f"an operator asked for a cycle: {reason}", {"reason": reason})
-            for reason in poll.operator_requests]
+    return [
+        Alert("operator", f"an operator asked for a cycle: {reason}", {"reason": reason})
+        for reason in poll.operator_requests
+    ]
 
 
 TRIGGERS: dict[str, Callable[[TriggerConfig, Poll], list[Alert]]] = {
@@ -224,10 +261,17 @@ TRIGGERS: dict[str, Callable[[TriggerConfig, Poll], list[Alert]]] = {
 }
 
 
-def evaluate_triggers(cfg: TriggerConfig, statuses: Sequence[SiteStatus], *, now: float,
-                      last_cycle_at: float | None, champion_version: int | None,
-                      operator_requests: Sequence[str] = (), cycle_running: bool = False,
-                      min_sites: int = 1) -> TriggerDecision:
+def evaluate_triggers(
+    cfg: TriggerConfig,
+    statuses: Sequence[SiteStatus],
+    *,
+    now: float,
+    last_cycle_at: float | None,
+    champion_version: int | None,
+    operator_requests: Sequence[str] = (),
+    cycle_running: bool = False,
+    min_sites: int = 1,
+) -> TriggerDecision:
     """Run every trigger in ``TRIGGERS`` on one poll and decide whether a cycle starts.
 
     ``statuses`` are the sites that answered (refused replies left out); ``now`` and
@@ -248,15 +292,21 @@ def evaluate_triggers(cfg: TriggerConfig, statuses: Sequence[SiteStatus], *, now
     poll = Poll(statuses, now, last_cycle_at, champion_version, tuple(operator_requests))
     alerts = tuple(alert for trigger in TRIGGERS.values() for alert in trigger(cfg, poll))
     eligible = tuple(s.site_id for s in statuses if s.can_afford)
-    excluded = {s.site_id: f"epsilon {s.epsilon_spent:.2f} spent, {s.epsilon_projected:.2f} after another cycle, "
-                           f"ceiling {s.epsilon_ceiling:.2f}" for s in statuses if not s.can_afford}
+    excluded = {
+        s.site_id: f"epsilon {s.epsilon_spent:.2f} spent, {s.epsilon_projected:.2f} after another cycle, "
+        f"ceiling {s.epsilon_ceiling:.2f}"
+        for s in statuses
+        if not s.can_afford
+    }
     held = _held(cfg, poll, alerts, len(eligible), cycle_running, min_sites) if alerts else None
-    return TriggerDecision(start=bool(alerts) and held is None, alerts=alerts, eligible=eligible,
-                           excluded=excluded, held=held)
+    return TriggerDecision(
+        start=bool(alerts) and held is None, alerts=alerts, eligible=eligible, excluded=excluded, held=held
+    )
 
 
-def _held(cfg: TriggerConfig, poll: Poll, alerts: tuple[Alert, ...], eligible: int, cycle_running: bool,
-          min_sites: int) -> str | None:
+def _held(
+    cfg: TriggerConfig, poll: Poll, alerts: tuple[Alert, ...], eligible: int, cycle_running: bool, min_sites: int
+) -> str | None:
     if cycle_running:
         return "a cycle is already running"
     operator = any(a.trigger == "operator" for a in alerts)
