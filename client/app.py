@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -105,7 +106,7 @@ def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -
     outcome = train_round(
         site,
         job,
-        from_array_record(content["arrays"]),
+        from_array_record(content.array_records["arrays"]),
         server_round,
         global_hash=str(global_hash) if global_hash else None,
     )
@@ -117,7 +118,7 @@ def _evaluate(site: SiteConfig, job: Job, server_round: int, content: RecordDict
     outcome = evaluate_round(
         site,
         job,
-        from_array_record(content["arrays"]),
+        from_array_record(content.array_records["arrays"]),
         None if baseline is None else from_array_record(baseline),
         server_round=server_round,
     )
@@ -151,7 +152,7 @@ def _unpack(msg: Message, context: Context, resolve_site: SiteResolver) -> tuple
     return site, Job.from_flat(config), echo
 
 
-def _reply(site: SiteConfig, arrays: ArrayRecord | None, metrics: dict[str, float | int]) -> RecordDict:
+def _reply(site: SiteConfig, arrays: ArrayRecord | None, metrics: dict[str, Any]) -> RecordDict:
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
     if arrays is not None:
         content["arrays"] = arrays

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -321,9 +321,9 @@ class FedAvgLoRA(FedAvg):
         )
         return to_array_record(average), metrics
 
-    def _bounded(self, server_round: int, accepted: list[AcceptedReply]) -> list[dict[str, np.ndarray]]:
+    def _bounded(self, server_round: int, accepted: list[AcceptedReply]) -> list[Mapping[str, np.ndarray]]:
         """The accepted updates with the norm bound applied; each scaled one logged and recorded."""
-        updates = [reply.arrays for reply in accepted]
+        updates: list[Mapping[str, np.ndarray]] = [reply.arrays for reply in accepted]
         if self.max_update_norm_ratio is None:
             return updates
         if self._global is not None and self._global[0] == server_round:

@@ -84,5 +84,5 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
         )
     new = out[0, inputs["input_ids"].shape[1] :]
-    text = prompt + tokenizer.decode(new, skip_special_tokens=True)
+    text = prompt + str(tokenizer.decode(new, skip_special_tokens=True))
     return Generation(text=text, version=version, new_tokens=int(new.numel()))

@@ -45,7 +45,7 @@ def compose_raw(overrides: Sequence[str] = (), directory: Path | None = None) ->
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_hydra_message(err)) from None
     assert isinstance(raw, dict)  # a config.yaml mapping always composes to a dict
-    return raw
+    return {str(key): value for key, value in raw.items()}
 
 
 def compose_config(overrides: Sequence[str] = (), directory: Path | None = None) -> Config:

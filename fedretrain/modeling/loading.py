@@ -167,7 +167,7 @@ def load_base_model(
         raise ModelLoadError(
             f"cannot load a causal LM for model.name_or_path={name_or_path!r} from {path}: {err}"
         ) from err
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' typing of .to() rejects a torch.device
     model.eval()
     model.requires_grad_(False)
     logger.info(

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedTokenizerBase
 
 from fedretrain.arrays import AdapterSpec, check_adapter, from_torch_state_dict, to_torch_state_dict
 from fedretrain.config.schema import LoraSettings, ModelConfig
@@ -27,8 +28,8 @@ from fedretrain.modeling.loading import (
 
 @dataclass
 class LoraModel:
-    tokenizer: object
-    model: torch.nn.Module  # a peft.PeftModel on `device`
+    tokenizer: PreTrainedTokenizerBase
+    model: PeftModel  # on `device`
     device: torch.device
     spec: AdapterSpec  # keys, shapes and dtypes every adapter update must match
     base_nbytes: int  # bytes of the full base model's parameters

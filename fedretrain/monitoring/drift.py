@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from peft import PeftModel
 from scipy.spatial.distance import jensenshannon
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -118,12 +118,12 @@ def hidden_state_shift(reference: np.ndarray, new: np.ndarray) -> float:
     return math.sqrt(excess / max(spread_ref, 1e-12))
 
 
-def mean_hidden_states(model: nn.Module, dataset: TensorDataset, batch_size: int) -> np.ndarray:
+def mean_hidden_states(model: PeftModel, dataset: TensorDataset, batch_size: int) -> np.ndarray:
     """Per-record mean of the base model's last hidden state over real tokens.
 
     Parameters
     ----------
-    model : nn.Module
+    model : PeftModel
         A peft ``PeftModel`` (causal LM); its LoRA adapter is disabled here, so the
         result depends on the base model only.
     dataset : TensorDataset

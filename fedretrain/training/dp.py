@@ -151,13 +151,13 @@ def _train_private(
         if dp.sample_rate is not None:
             # make_private reads 1 / len(loader) as the rate for its (discarded) accountant and
             # the mean's divisor; the divisor only scales the step, never the privacy.
-            dp_optimizer.expected_batch_size = max(1.0, len(dataset) * dp.sample_rate)
+            dp_optimizer.expected_batch_size = max(1.0, len(dataset) * dp.sample_rate)  # type: ignore[attr-defined]
         if not math.isclose(getattr(dp_loader, "sample_rate", math.nan), expected, rel_tol=1e-12):
             raise TrainingError(
-                f"opacus samples at rate {dp_loader.sample_rate}, expected {expected}; "
+                f"opacus samples at rate {getattr(dp_loader, 'sample_rate', None)}, expected {expected}; "
                 "the ledger would record the wrong rate"
             )
-        run = _Run(sample_rate=float(dp_loader.sample_rate))
+        run = _Run(sample_rate=float(dp_loader.sample_rate))  # type: ignore[attr-defined]  # a DPDataLoader
         _run_steps(module, dp_optimizer, dp_loader, criterion, params.local_steps, run)
     finally:
         _release(module, model)
@@ -247,7 +247,7 @@ def _empty_batch_gradients(params: list[nn.Parameter]) -> None:
     # per-record gradients of shape [0, *p.shape] (hooks, functorch, ew) and a
     # zero clipped sum in p.grad (ghost clipping reads p.grad).
     for p in params:
-        p.grad_sample = p.new_zeros((0, *p.shape))
+        p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]  # opacus reads it
         p.grad = torch.zeros_like(p)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -112,7 +113,7 @@ class RecordLoss(nn.Module):
 
 
 def evaluate_loss(
-    model: nn.Module, dataset: TensorDataset, *, batch_size: int = 32, use_adapter: bool = True
+    model: PeftModel, dataset: TensorDataset, *, batch_size: int = 32, use_adapter: bool = True
 ) -> LossStats:
     """Loss of ``model`` over every record of ``dataset``, without gradients.
 

@@ -133,7 +133,7 @@ def deliver(
     grid: Grid, bundle: VersionBundle, rollback: RollbackRecord | None, job: Job, timeout_s: float, min_nodes: int = 0
 ) -> dict[str, Any]:
     """Send ``bundle`` to every connected site; return who installed it and who refused, and why."""
-    payload = dict(bundle.to_mapping())
+    payload: dict[str, Any] = dict(bundle.to_mapping())
     if rollback is not None:
         payload.update(rollback.to_mapping())
     content = RecordDict({"version": ConfigRecord(payload), "config": ConfigRecord(job.to_flat())})

@@ -180,7 +180,7 @@ def register_site(coord: Coordinator, public_key: Path) -> str:
 
 def app_dir() -> Path:
     """The Flower app to submit: this project (its pyproject.toml names the apps)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file():
         raise DeployError(
             f"{root}: no pyproject.toml; `coordinator run` submits the fedretrain project "

@@ -101,7 +101,8 @@ class Watcher:
     def __post_init__(self) -> None:
         if not self.cfg.registry.root:
             raise ConfigError("registry.root: the watch keeps its state in the coordinator's registry; set it")
-        self.dir = watch_dir(self.cfg.registry.root)
+        self.registry_root = Path(self.cfg.registry.root)
+        self.dir = watch_dir(self.registry_root)
         self.state = WatchState.load(self.dir / "state.json")
 
     def poll_once(self, now: float, *, validation_path: str | None = None) -> WatchEvent:
@@ -117,14 +118,14 @@ class Watcher:
             self.grid, job, self.cfg.monitor, min_nodes=self.expected_sites or self.cfg.strategy.min_sites
         )
         requests = sorted((self.dir / "requests").glob("*.json"))
-        with file_lock(cycle_lock_path(Path(self.cfg.registry.root)), wait=False) as free:
+        with file_lock(cycle_lock_path(self.registry_root), wait=False) as free:
             running = not free
         decision = evaluate_triggers(
             self.cfg.trigger,
             poll.statuses,
             now=now,
             last_cycle_at=self.state.last_cycle_at,
-            champion_version=Registry(Path(self.cfg.registry.root)).champion(),
+            champion_version=Registry(self.registry_root).champion(),
             operator_requests=[_reason(p) for p in requests],
             cycle_running=running,
             min_sites=self.cfg.strategy.min_sites,
