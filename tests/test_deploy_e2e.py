@@ -38,6 +38,9 @@ FIRST = "fedretrain data synthesize"
 # The README's run, shrunk in time (its rounds and sites stay): fewer steps, smaller splits.
 SHRINK = ["train.local_steps=4", "train.batch_size=8", "train.eval_batch_size=32", "model.max_length=64"]
 SITES = ("site-00", "site-01", "site-02")
+# The sites' ClientApp watchdog, shrunk like the run: a ClientApp that got no message this
+# long after it started is stopped (the README's sites keep the default, 300 s).
+STUCK_AFTER_S = 60
 
 
 def deploy_block() -> list[str]:
@@ -155,7 +158,10 @@ def bench(tmp_path_factory):
         for command in deploy_block():
             if command.endswith("&"):
                 name = "coordinator" if " coordinator start " in command else command.split("--key keys/")[1][:7]
-                bench.start(name, command.rstrip("& "))
+                command = command.rstrip("& ")
+                if name != "coordinator":
+                    command += f" --clientapp-stuck-after {STUCK_AFTER_S}"
+                bench.start(name, command)
                 if name == "coordinator":
                     deadline = time.monotonic() + 180
                     while "SuperLink listening on" not in bench.log(name):
@@ -303,9 +309,9 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
 
 
 def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
-    # Prepare: a one-round cycle with a 180 s deadline and a quorum of 2.
+    # Prepare: a one-round cycle with a 100 s deadline (a shrunk round takes about 50 s) and a quorum of 2.
     proc, run_dir = bench.submit(
-        *run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=180", "strategy.quorum=2")
+        *run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=100", "strategy.quorum=2")
     )
     deadline = time.monotonic() + 300
     while "Receiving: train message" not in bench.log("site-02"):
@@ -396,14 +402,14 @@ def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_sp
     resumed = bench.run(f"fedretrain coordinator run --dir coord --wait --resume {run_dir}", timeout=900)
 
     # No ClientApp of the failed run outlives it: those stuck waiting for a message the dead
-    # ServerApp never finished sending are stopped by their site's watchdog (after 300 s).
+    # ServerApp never finished sending are stopped by their site's watchdog (after STUCK_AFTER_S).
     def ended(p) -> bool:
         try:  # a zombie has exited; Flower's SuperExec reaps it at its next launch
             return p.status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return True
 
-    while not all(map(ended, working)) and time.monotonic() < killed_at + 300 + 120:
+    while not all(map(ended, working)) and time.monotonic() < killed_at + STUCK_AFTER_S + 120:
         time.sleep(2)
     assert all(map(ended, working)), [(p.pid, p.cmdline()) for p in working if not ended(p)]
     stuck = sum(bench.log(site).count("got no message in") for site in SITES)
