@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -84,21 +82,4 @@ def test_run_rows_are_ratios_of_the_same_timings(capsys) -> None:
     assert "(c) ours, aggregate_train" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_quick_run_writes_ratio_rows(repo: Path, tmp_path: Path) -> None:
-    out = tmp_path / "agg.json"
-    command = [
-        sys.executable,
-        str(repo / "benchmarks" / "bench_aggregation.py"),
-        "--quick",
-        "--reps",
-        "1",
-        "--json",
-        str(out),
-    ]
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    assert rows and all({"name", "value", "limit_or_peer", "ratio"} <= set(row) <= set(KEYS) for row in rows)
-    assert all(row["ratio"] is None or row["ratio"] > 0 for row in rows)
-    assert "agg_ours_vs_flower_gbps_without_checks" in {row["name"] for row in rows}
+# Its quick run end to end: tests/test_bench_suite.py (bench_suite.py --quick runs it with the same flags).

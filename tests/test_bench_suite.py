@@ -65,6 +65,17 @@ def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) ->
     } <= names
     by_name = {row["name"]: row for row in rows}
     assert by_name["eps_ours_rdp_vs_opacus_rdp"]["ratio"] == pytest.approx(1.0, abs=1e-9)
+    # The quick DP overhead run (bench_dp_overhead.py --quick --steps 3): hooks only, at B=16,
+    # the ratio of medians carrying the paired spread and no target; no ghost or B=64 rows.
+    step = by_name["dp_step_ms_hooks_b16"]
+    assert step["value"] > 0 and step["limit_or_peer"] > 0
+    assert step["target"] is None and "median of 3 paired ratios" in step["note"]
+    assert by_name["grad_sample_floor_bytes_b16"]["value"] == 8192 * 16 * 4  # r=8 on q,v of 2 layers
+    assert all(by_name.get(name, {}).get("value") is None for name in ("dp_step_ms_ghost_b16", "dp_step_ms_hooks_b64"))
+    # The quick aggregation run (bench_aggregation.py --quick --reps 1): positive ratios.
+    agg = [row for row in rows if row["name"].startswith("agg_") and row["value"] is not None]
+    assert "agg_ours_vs_flower_gbps_without_checks" in {row["name"] for row in agg}
+    assert all(row["ratio"] is None or row["ratio"] > 0 for row in agg)
 
 
 def test_finish_rows_recomputes_ratios_and_judges_targets() -> None:

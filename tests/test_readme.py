@@ -1,7 +1,10 @@
-"""Every command in the README is run here (``make test`` is CI's own command).
+"""Every command in the README is run here (``make test`` is CI's own command), or by the
+test named beside it.
 
 Simulations run as written plus overrides that shrink them to seconds, the way a
-test fixture shrinks a real config; ``make demo`` runs at full size.
+test fixture shrinks a real config; ``make demo`` runs at full size. A README simulation
+whose path another simulation already takes is checked by composing its config as written
+(what the command does first), and run for real by the test that takes that path.
 """
 
 from __future__ import annotations
@@ -76,12 +79,37 @@ def test_quick_readme_command(command):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+SIMULATE_COMMANDS = [c for c in readme_commands() if c.startswith("fedretrain simulate") and c != SCENARIO_COMMAND]
+# Where each README simulation runs for real: here, or by the test that takes its path.
+SIMULATION_RUN_BY = {
+    "fedretrain simulate simulation.num_sites=8 privacy.target_epsilon=4": "test_make_demo: the demo's path",
+    "fedretrain simulate experiment=nonprivate": "here: the one path without DP",
+    "fedretrain simulate experiment=garbled": "tests/test_simulation_e2e.py::"
+    "test_the_gate_refuses_a_candidate_trained_on_garbled_notes",
+}
+
+
+@pytest.mark.parametrize("command", SIMULATE_COMMANDS)
+def test_readme_simulation_command_composes_as_written(command):
+    from fedretrain.config import compose_config
+
+    overrides = shlex.split(command)[2:]
+    cfg = compose_config(overrides)
+    assert command in SIMULATION_RUN_BY, f"{command}: say which test runs it"
+    for override in overrides:
+        key, value = override.split("=", 1)
+        if key == "experiment":
+            assert cfg.name == value
+        else:
+            section, name = key.split(".")
+            assert getattr(getattr(cfg, section), name) == json.loads(value)
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "command", [c for c in readme_commands() if c.startswith("fedretrain simulate") and c != SCENARIO_COMMAND]
-)
+@pytest.mark.parametrize("command", [c for c, where in SIMULATION_RUN_BY.items() if where.startswith("here")])
 def test_readme_simulation_command(command, tmp_path):
+    assert command in SIMULATE_COMMANDS
     proc = _run(FEDRETRAIN + command.split()[1:] + SHRINK + [f"output_dir={tmp_path}"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     (summary_path,) = tmp_path.glob("*/summary.json")
@@ -93,12 +121,23 @@ def test_readme_simulation_command(command, tmp_path):
 AUDIT_SHRINK = ["--canaries", "16", "--rounds", "1", "train.local_steps=20"]
 
 
+AUDIT_COMMANDS = [c for c in readme_commands() if c.startswith("fedretrain privacy audit")]
+
+
+@pytest.mark.parametrize("command", AUDIT_COMMANDS)
+def test_readme_audit_command_parses_as_written(command):
+    from cli.main import _parser
+
+    args = _parser().parse_args(shlex.split(command)[1:])
+    assert args.func.__name__ == "_privacy_audit" and args.canaries == 64
+
+
+# One audit through the command line; tests/test_audit.py audits with and without DP in-process.
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith("fedretrain privacy audit")])
-def test_readme_audit_command(command):
-    args = shlex.split(command)[1:]
-    proc = _run(FEDRETRAIN + args + AUDIT_SHRINK)
+def test_readme_audit_command():
+    (command,) = [c for c in AUDIT_COMMANDS if "--no-dp" not in c]
+    proc = _run(FEDRETRAIN + shlex.split(command)[1:] + AUDIT_SHRINK)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "canaries" in proc.stdout and "ledger epsilon" in proc.stdout
 
