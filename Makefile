@@ -1,5 +1,8 @@
 # make demo   sets up on first use, then runs the default federated retraining simulation
-# make test   sets up on first use, then runs the whole test suite (slow and e2e included)
+# make test   sets up on first use, then runs the linters and the whole test suite (slow and e2e
+#             included): the quick tier on every core (pytest-xdist), then the slow tier one test at
+#             a time, with the ten slowest tests printed at the end
+# make lint   ruff (lint and format) on the whole tree, mypy on the core, strategies, server, client
 # make bench  sets up on first use, then runs every benchmark into one table and
 #             benchmarks/results/latest.json (15-30 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
 
@@ -8,7 +11,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedretrain-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -24,11 +27,20 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/fedretrain simulate experiment=demo $(ARGS)
 
-test: setup
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy fedretrain strategies server client
+
+# The quick tier is independent tests (tmp_path each, no ports, no fixed paths), so xdist
+# spreads it over the cores; the slow tier starts simulations and servers that use every
+# core themselves, so it runs one test at a time.
+test: setup lint
+	$(BIN)/python -m pytest -q -rs -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -m "slow or e2e" --durations=10 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_suite.py $(if $(QUICK),--quick) $(if $(BENCH_OUT),--out $(BENCH_OUT))

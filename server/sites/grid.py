@@ -66,7 +66,7 @@ class _GridView(Grid):
     def run(self) -> Run:
         return self._grid.run
 
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[override]
+    def create_message(self, *args, **kwargs) -> Message:
         return self._grid.create_message(*args, **kwargs)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
