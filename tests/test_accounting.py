@@ -12,12 +12,8 @@ import math
 
 import pytest
 
-from fedretrain.privacy.accounting import (
-    ACCOUNTANTS,
-    accountant_class,
-    epsilon_for_history,
-    noise_multiplier_for_target,
-)
+from fedretrain.privacy.accountants import ACCOUNTANTS, accountant_class
+from fedretrain.privacy.accounting import epsilon_for_history, noise_multiplier_for_target
 
 
 def test_rdp_epsilon_matches_opacus_golden_value() -> None:

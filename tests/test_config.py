@@ -143,3 +143,27 @@ def test_bad_site_config_names_the_key(tmp_path, change, key):
     with pytest.raises(ConfigError) as err:
         site_config_from_node_config(node)
     assert key in str(err.value)
+
+
+def test_each_option_list_is_its_registry_and_composing_loads_no_torch():
+    import subprocess
+    import sys
+
+    from fedretrain.privacy.accountants import ACCOUNTANTS
+    from fedretrain.training.params import GRAD_SAMPLE_MODES, OPTIMIZERS
+
+    # Every name a registry holds is accepted by the config, and nothing else is.
+    for key, names in (
+        ("train.optimizer", OPTIMIZERS),
+        ("privacy.grad_sample_mode", GRAD_SAMPLE_MODES),
+        ("simulation.site_accountant", ACCOUNTANTS),
+    ):
+        for name in names:
+            compose_config([f"{key}={name}"])
+        with pytest.raises(ConfigError, match=key.split(".")[1]):
+            compose_config([f"{key}=bogus"])
+    # The config reads the names without building anything: torch and opacus stay unloaded.
+    code = "import sys; from fedretrain.config import compose_config; compose_config([]); "
+    code += "print('torch' in sys.modules, 'opacus' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -7,13 +7,13 @@ group so the user reads the dotted key (``privacy.target_epsilon: ...``).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from fedretrain.errors import ConfigError
+from fedretrain.privacy.accountants import ACCOUNTANTS
+from fedretrain.training.params import GRAD_SAMPLE_MODES, OPTIMIZERS
 
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")
-OPTIMIZERS = ("adamw", "sgd")
-ACCOUNTANTS = ("rdp", "prv")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 CORRUPTIONS = ("none", "garble")
@@ -32,7 +32,7 @@ def _fraction(key: str, value: float, *, open_low: bool = True) -> None:
         raise ConfigError(f"{key}: must be {bounds}, got {value!r}")
 
 
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def _one_of(key: str, value: str, allowed: Collection[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fedretrain.config.parse import build
-from fedretrain.config.schema import ACCOUNTANTS, DEVICES, _one_of, _positive
+from fedretrain.config.schema import DEVICES, _one_of, _positive
 from fedretrain.errors import ConfigError
+from fedretrain.privacy.accountants import ACCOUNTANTS
 
 # Keys Flower itself puts into node_config (simulation); they are not the site's settings.
 _FLOWER_KEYS = {"partition-id", "num-partitions"}

@@ -6,9 +6,7 @@ Poisson-subsampled Gaussian steps. The functions here never keep state; the
 site's ledger (``fedretrain.privacy.ledger``) owns the lifetime history and asks
 this module for the epsilon of all of it at once.
 
-Only accountants that give an upper bound are offered: RDP and PRV. Opacus' GDP
-accountant is a CLT approximation and is not a guarantee, so a publish or spend
-gate must never use it.
+The accountants offered are those of ``fedretrain.privacy.accountants``.
 """
 
 from __future__ import annotations
@@ -16,33 +14,14 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from fedretrain.privacy.accountants import accountant_class
 
 # One entry of a history: (noise_multiplier, sample_rate, steps), as in opacus.
 HistoryEntry = tuple[float, float, int]
-
-ACCOUNTANTS: Mapping[str, type[IAccountant]] = {
-    "rdp": RDPAccountant,
-    "prv": PRVAccountant,
-}
-
-
-def accountant_class(name: str) -> type[IAccountant]:
-    """Return the opacus accountant class registered under ``name``.
-
-    Raises
-    ------
-    ValueError
-        If ``name`` is not registered; the message lists the valid names.
-    """
-    try:
-        return ACCOUNTANTS[name]
-    except KeyError:
-        valid = ", ".join(sorted(ACCOUNTANTS))
-        raise ValueError(f"unknown accountant {name!r}; valid accountants: {valid}") from None
 
 
 def epsilon_for_history(history: Sequence[HistoryEntry], delta: float, accountant: str = "rdp") -> float:
@@ -56,7 +35,7 @@ def epsilon_for_history(history: Sequence[HistoryEntry], delta: float, accountan
     delta
         Target delta, in (0, 1).
     accountant
-        A name from :data:`ACCOUNTANTS`.
+        A name from ``fedretrain.privacy.accountants.ACCOUNTANTS``.
 
     Returns
     -------

@@ -31,7 +31,8 @@ from typing import Any
 
 from fedretrain.atomic import atomic_write_json, file_lock
 from fedretrain.errors import LedgerError, PrivacyBudgetExceeded
-from fedretrain.privacy.accounting import HistoryEntry, accountant_class, epsilon_for_history
+from fedretrain.privacy.accountants import accountant_class
+from fedretrain.privacy.accounting import HistoryEntry, epsilon_for_history
 
 SCHEMA_VERSION = 2
 _READABLE_VERSIONS = (1, 2)

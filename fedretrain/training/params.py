@@ -5,14 +5,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+# The optimizers and per-sample gradient modes a job may name: the one list of each, which
+# the config validates against too. torch is imported only when an optimizer is built, so
+# composing a config does not load it.
+def _adamw(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    import torch
+
+    # No weight decay: it would pull LoRA weights toward 0 even without data.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def _sgd(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.SGD(params, lr=lr)
+
 
 OPTIMIZERS: Mapping[str, Callable[[list[nn.Parameter], float], torch.optim.Optimizer]] = {
-    # No weight decay: it would pull LoRA weights toward 0 even without data.
-    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "adamw": _adamw,
+    "sgd": _sgd,
 }
 # opacus' per-sample gradient back-ends; all give the same clipped gradient for LoRA.
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
