@@ -38,10 +38,10 @@ from fedretrain.errors import ReplyRejected
 from strategies.aggregation import weighted_average
 from strategies.update_bound import bound_update_norms
 from strategies.validation import (
-    AcceptedEvaluation,
     AcceptedReply,
     Metrics,
     RoundTag,
+    SiteEvaluation,
     site_id_of,
     validate_evaluate_reply,
     validate_train_reply,
@@ -76,8 +76,8 @@ class RoundLog:
         site-id -> train metrics of the reply, plus ``"node-id"``.
     rejected : list[RejectedReply]
         Train replies left out.
-    evaluation : dict[str, dict]
-        site-id -> evaluate metrics of the reply, plus ``"node-id"``.
+    evaluation : dict[str, SiteEvaluation]
+        site-id -> the site's accepted evaluate reply, typed (the gate decides on these).
     evaluation_rejected : list[RejectedReply]
         Evaluate replies left out.
     bounded : dict[str, dict]
@@ -90,20 +90,33 @@ class RoundLog:
     bytes_up: int = 0
     accepted: dict[str, Metrics] = field(default_factory=dict)
     rejected: list[RejectedReply] = field(default_factory=list)
-    evaluation: dict[str, Metrics] = field(default_factory=dict)
+    evaluation: dict[str, SiteEvaluation] = field(default_factory=dict)
     evaluation_rejected: list[RejectedReply] = field(default_factory=list)
     bounded: dict[str, Metrics] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready copy."""
-        return dataclasses.asdict(self)
+        """JSON-ready copy; an evaluation as its reply's metrics plus ``"node-id"``."""
+        data = dataclasses.asdict(self)
+        data["evaluation"] = {site: {"node-id": e.node_id, **e.metrics} for site, e in self.evaluation.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoundLog:
         """Undo :meth:`to_dict` (a checkpoint's round log)."""
         rejected = [RejectedReply(**r) for r in data.get("rejected", [])]
         evaluation_rejected = [RejectedReply(**r) for r in data.get("evaluation_rejected", [])]
-        return cls(**{**data, "rejected": rejected, "evaluation_rejected": evaluation_rejected})
+        evaluation = {
+            site: SiteEvaluation.from_metrics(site, int(m["node-id"]), {k: v for k, v in m.items() if k != "node-id"})
+            for site, m in data.get("evaluation", {}).items()
+        }
+        return cls(
+            **{
+                **data,
+                "rejected": rejected,
+                "evaluation_rejected": evaluation_rejected,
+                "evaluation": evaluation,
+            }
+        )
 
 
 def _content_bytes(msg: Message) -> int:
@@ -360,9 +373,9 @@ class FedAvgLoRA(FedAvg):
             }
         return list(bounded)
 
-    def _accept_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[AcceptedEvaluation]:
+    def _accept_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[SiteEvaluation]:
         entry = self._round(server_round)
-        accepted: list[AcceptedEvaluation] = []
+        accepted: list[SiteEvaluation] = []
         for msg in replies:
             try:
                 result = validate_evaluate_reply(msg, expected=self._tags.get(("evaluate", server_round)))
@@ -372,7 +385,7 @@ class FedAvgLoRA(FedAvg):
                 self._reject(server_round, msg, str(err), entry.evaluation_rejected, "evaluate reply")
                 continue
             accepted.append(result)
-            entry.evaluation[result.site_id] = {"node-id": result.node_id, **result.metrics}
+            entry.evaluation[result.site_id] = result
         return accepted
 
     def aggregate_evaluate(

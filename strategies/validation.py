@@ -24,7 +24,7 @@ The arrays are sized before they are parsed: a reply larger than the adapter plu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -234,25 +234,63 @@ def validate_train_reply(
 
 
 @dataclass(frozen=True)
-class AcceptedEvaluation:
-    """An evaluate reply that passed every check.
+class SiteEvaluation:
+    """One site's accepted evaluate reply: noised sums over its held-out records of
+    (candidate loss - baseline loss). The strategy records it, the gate decides on it.
 
     Attributes
     ----------
-    node_id : int
-        Flower node that sent it.
     site_id : str
-        The site's pseudonymous id.
+        The site the runtime bound the reply's node to.
+    examples, diff_sum, diff_sumsq : float
+        The noised count, sum and sum of squares of each record's clipped loss change.
+    sum_std : float
+        The standard deviation of the noise on ``diff_sum``.
+    node_id : int
+        Flower node that sent it (0: built by hand).
     metrics : dict[str, int | float]
-        All scalar metrics of the reply: noised sums and their noise's std.
+        Every scalar metric of the reply, for the run's log.
     """
 
-    node_id: int
     site_id: str
-    metrics: Metrics
+    examples: float
+    diff_sum: float
+    diff_sumsq: float
+    sum_std: float
+    node_id: int = 0
+    metrics: Metrics = field(default_factory=dict)
+
+    @classmethod
+    def from_metrics(cls, site_id: str, node_id: int, metrics: Metrics) -> SiteEvaluation:
+        """Build one from a reply's checked metrics (or a round log's copy of them)."""
+        return cls(
+            site_id=site_id,
+            examples=float(metrics["num-examples"]),
+            diff_sum=float(metrics["diff-sum"]),
+            diff_sumsq=float(metrics["diff-sumsq"]),
+            sum_std=float(metrics["diff-sum-std"]),
+            node_id=int(node_id),
+            metrics=dict(metrics),
+        )
+
+    @property
+    def change(self) -> float:
+        """Mean loss change per record (negative: the candidate is better)."""
+        return self.diff_sum / max(self.examples, 1.0)
+
+    @property
+    def change_std(self) -> float:
+        """Standard deviation of the noise on :attr:`change`."""
+        return self.sum_std / max(self.examples, 1.0)
+
+    @property
+    def epsilon(self) -> float | None:
+        """The site's epsilon after this evaluation's charge, when it reported one."""
+        value = self.metrics.get("epsilon")
+        return None if value is None else float(value)
 
 
-def validate_evaluate_reply(msg: Message, expected: RoundTag | None = None) -> AcceptedEvaluation:
+def validate_evaluate_reply(msg: Message, expected: RoundTag | None = None) -> SiteEvaluation:
     """Check one evaluate reply: a ``"metrics"`` MetricRecord with the
     :data:`EVALUATE_METRICS` keys (finite; every ``*-std`` and ``eval-clip`` > 0) and a
     ``"site"`` ConfigRecord with ``"site-id"``.
@@ -271,4 +309,4 @@ def validate_evaluate_reply(msg: Message, expected: RoundTag | None = None) -> A
     for key in ("num-examples-std", "diff-sum-std", "diff-sumsq-std", "eval-clip"):
         if not metrics[key] > 0:
             raise ReplyRejected(f"{key} must be > 0, got {metrics[key]!r}")
-    return AcceptedEvaluation(node_id=msg.metadata.src_node_id, site_id=site_id, metrics=metrics)
+    return SiteEvaluation.from_metrics(site_id, msg.metadata.src_node_id, metrics)

@@ -10,7 +10,8 @@ import pytest
 
 from fedretrain.config.schema import GateConfig
 from fedretrain.training.evaluate import LossStats
-from server.cycle.gate import PENDING, PUBLISH, REFUSE, SiteEvaluation, decide, paired_bootstrap, pooled_interval
+from server.cycle.gate import PENDING, PUBLISH, REFUSE, decide, paired_bootstrap, pooled_interval
+from strategies.validation import SiteEvaluation
 
 POLICY = GateConfig(margin=0.05, confidence=0.95, bootstrap_samples=1000, site_tolerance=0.02, min_sites=2)
 

@@ -16,6 +16,7 @@ from fedretrain.errors import ResumeError
 from server.cycle.resume import CheckpointWriter, check_registry_pointer, privacy_totals, resume_point
 from strategies import FedAvgLoRA
 from strategies.fedavg_lora import RejectedReply, RoundLog
+from strategies.validation import SiteEvaluation
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))
 JOB = Job(run_id="cycle-7", seed=0, rounds=3)
@@ -73,7 +74,11 @@ def round_log() -> dict[int, RoundLog]:
             bytes_up=240,
             accepted={"a": privacy(1.0, 1), "b": privacy(0.5, 2)},
             rejected=[RejectedReply(node_id=3, site_id=None, reason="error reply (code 0): 'boom'")],
-            evaluation={"a": {"node-id": 1, "num-examples": 5, "candidate-loss": 1.25}},
+            evaluation={
+                "a": SiteEvaluation.from_metrics(
+                    "a", 1, {"num-examples": 5, "diff-sum": -1.5, "diff-sumsq": 0.75, "diff-sum-std": 0.25}
+                )
+            },
             evaluation_rejected=[RejectedReply(node_id=2, site_id="b", reason="stale or replayed reply")],
         ),
         2: RoundLog(sampled=2, bytes_down=200, bytes_up=160, accepted={"a": privacy(1.75, 1), "b": privacy(0.5, 2)}),
@@ -109,6 +114,7 @@ def test_a_written_checkpoint_restores_the_strategy_the_random_state_and_the_ada
     assert fresh.round_log == round_log()
     assert isinstance(fresh.round_log[1].rejected[0], RejectedReply)
     assert isinstance(fresh.round_log[1].evaluation_rejected[0], RejectedReply)
+    assert fresh.round_log[1].evaluation["a"].change == -1.5 / 5  # typed again, not a dict
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
     # The state names the run, the rounds, the privacy totals and the registry pointer.
     assert checkpoint.state["run_id"] == "cycle-7" and checkpoint.state["num_rounds"] == 3

@@ -19,13 +19,14 @@ it states (client/round/site.py); the intervals below widen by that noise. The p
 
 A candidate that passes becomes ``publish``, or ``pending_approval`` when the policy
 asks for an operator (``fedretrain registry approve VERSION``). Everything here is
-plain arithmetic on plain numbers: no Flower, no torch.
+plain arithmetic on plain numbers: no Flower, no torch. The sites' figures arrive as the
+strategy recorded them (``strategies.validation.SiteEvaluation``), typed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -34,34 +35,9 @@ import numpy as np
 
 from fedretrain.config.schema import GateConfig
 from fedretrain.training.evaluate import LossStats
+from strategies.validation import SiteEvaluation
 
 PUBLISH, REFUSE, PENDING = "publish", "refuse", "pending_approval"
-
-
-@dataclass(frozen=True)
-class SiteEvaluation:
-    """One site's noised sums over its held-out records of (candidate loss - baseline loss).
-
-    ``examples``, ``diff_sum`` and ``diff_sumsq`` are the noised count, sum and sum of
-    squares of each record's clipped loss change; ``sum_std`` is the standard deviation
-    of the noise on ``diff_sum``.
-    """
-
-    site_id: str
-    examples: float
-    diff_sum: float
-    diff_sumsq: float
-    sum_std: float
-
-    @property
-    def change(self) -> float:
-        """Mean loss change per record (negative: the candidate is better)."""
-        return self.diff_sum / max(self.examples, 1.0)
-
-    @property
-    def change_std(self) -> float:
-        """Standard deviation of the noise on :attr:`change`."""
-        return self.sum_std / max(self.examples, 1.0)
 
 
 @dataclass(frozen=True)
@@ -76,8 +52,14 @@ class GateResult:
     def passed(self) -> bool:
         return self.decision != REFUSE
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"decision": self.decision, "reasons": list(self.reasons), **self.figures}
+    def to_dict(self, site_name: Callable[[str], str] | None = None) -> dict[str, Any]:
+        """JSON-ready; ``site_name`` renames the sites (the manifest names them by pseudonym)."""
+        data = {"decision": self.decision, "reasons": list(self.reasons), **self.figures}
+        if site_name is not None:
+            data["sites"] = {site_name(s): v for s, v in data.get("sites", {}).items()}
+            if data.get("worst_site"):
+                data["worst_site"] = site_name(data["worst_site"])
+        return data
 
 
 def decide(

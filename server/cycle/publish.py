@@ -11,7 +11,9 @@ and collects what each site did with it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
 from server.cycle.gate import PENDING, GateResult
 from server.cycle.report import finite_or_null
+from server.cycle.summary import SiteOutcome
 from server.sites.broadcast import broadcast
 
 log = logging.getLogger("fedretrain.server")
@@ -95,22 +98,32 @@ def champion_adapter(handle: RegistryHandle) -> Champion | None:
     return Champion(version=version, arrays=arrays, bundle=bundle, rollback=rollback)
 
 
+@dataclass(frozen=True)
+class RunFigures:
+    """The run a published version came from, as its manifest records it."""
+
+    run_id: str
+    name: str
+    rounds: int
+    seed: int
+    baseline_version: int | None
+
+
 def publish_candidate(
     handle: RegistryHandle,
     cfg: Config,
     adapter_dir: Path,
     result: GateResult,
-    run: dict[str, Any],
-    sites: dict[str, dict[str, Any]],
+    run: RunFigures,
+    sites: Mapping[str, SiteOutcome],
 ) -> int:
-    """Write the candidate as a new signed version; it becomes champion unless approval is required."""
+    """Write the candidate as a new signed version; it becomes champion unless approval is required.
+
+    Every site receives the manifest, so it names sites by pseudonym only.
+    """
     registry = handle.registry
     model_dir = Path(resolve_model_path(cfg.model.name_or_path))
-    gate = finite_or_null(result.to_dict())
-    # Every site receives the manifest: it names sites by pseudonym only.
-    gate["sites"] = {registry.pseudonym(s): v for s, v in gate.get("sites", {}).items()}
-    if gate.get("worst_site"):
-        gate["worst_site"] = registry.pseudonym(gate["worst_site"])
+    gate = finite_or_null(result.to_dict(site_name=registry.pseudonym))
     return registry.publish(
         adapter_dir,
         signing_key=handle.signing_key,
@@ -121,8 +134,8 @@ def publish_candidate(
             "dropout": cfg.lora.dropout,
             "target_modules": list(cfg.lora.target_modules),
         },
-        run=finite_or_null(run),
-        sites={registry.pseudonym(s): finite_or_null(v) for s, v in sites.items()},
+        run=finite_or_null(dataclasses.asdict(run)),
+        sites={registry.pseudonym(s): finite_or_null(v.manifest_figures()) for s, v in sites.items()},
         gate=gate,
         expiry_days=handle.expiry_days,
         require_approval=result.decision == PENDING,

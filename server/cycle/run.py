@@ -20,6 +20,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from torch.utils.data import TensorDataset
 
 from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.atomic import file_lock
@@ -27,17 +28,26 @@ from fedretrain.config import Config, Job
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError, CycleBusy, QuorumLost
-from fedretrain.modeling.lora_model import adapter_arrays, load_adapter_arrays, load_lora_model
+from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.training.evaluate import LossStats, evaluate_loss
 from server.cycle.checkpoint import Checkpoint
-from server.cycle.gate import PENDING, PUBLISH, SiteEvaluation, decide
-from server.cycle.publish import RegistryHandle, champion_adapter, deliver, open_registry, publish_candidate
+from server.cycle.gate import PENDING, PUBLISH, GateResult, decide
+from server.cycle.publish import (
+    Champion,
+    RegistryHandle,
+    RunFigures,
+    champion_adapter,
+    deliver,
+    open_registry,
+    publish_candidate,
+)
 from server.cycle.report import RunRecorder, finite_or_null, format_summary
 from server.cycle.resume import CheckpointWriter, check_registry_pointer, resume_point
 from server.cycle.rounds import RoundPolicy, run_rounds
-from server.cycle.summary import build_summary, round_entry
+from server.cycle.summary import SiteOutcome, build_summary, round_entry, site_outcomes
 from server.sites.grid import SiteSubset, bound_site
 from strategies import build_strategy
+from strategies.fedavg_lora import FedAvgLoRA
 
 log = logging.getLogger("fedretrain.server")
 
@@ -72,17 +82,8 @@ def run_retraining(
     with file_lock(cycle_lock_path(registry.registry.root), wait=False) as locked:
         if not locked:
             raise CycleBusy(f"{registry.registry.root}: another retraining cycle is running on this registry")
-        return _run_cycle(
-            grid,
-            cfg,
-            run_dir,
-            registry,
-            config_yaml=config_yaml,
-            validation_path=validation_path,
-            run_id=run_id,
-            train_nodes=train_nodes,
-            resume=resume,
-        )
+        cycle = _start(cfg, Path(run_dir), registry, config_yaml, validation_path, run_id, resume)
+        return _run_cycle(grid, cycle, train_nodes)
 
 
 def cycle_lock_path(registry_root: Path) -> Path:
@@ -90,18 +91,81 @@ def cycle_lock_path(registry_root: Path) -> Path:
     return Path(registry_root) / "watch" / "cycle"
 
 
-def _run_cycle(
-    grid: Grid,
+@dataclass
+class Cycle:
+    """What every step of one cycle reads, set up once by :func:`_start`.
+
+    ``lm`` holds the champion's adapter (or a fresh one) after the start, then each
+    round's candidate as it is scored; ``champion`` is None until something is published.
+    """
+
+    cfg: Config
+    run_dir: Path
+    registry: RegistryHandle
+    run_id: str
+    job: Job
+    lm: LoraModel
+    validation: TensorDataset
+    recorder: RunRecorder
+    champion: Champion | None
+    checkpoint: Checkpoint | None
+    started: float
+
+    @property
+    def champion_version(self) -> int | None:
+        return self.champion.version if self.champion is not None else None
+
+
+def _run_cycle(grid: Grid, cycle: Cycle, train_nodes: Collection[int] | None) -> dict[str, Any]:
+    """The steps of a cycle, in order: score the baseline, catch sites up to it, train, gate, publish."""
+    baseline = _score_baseline(cycle)
+    sync = _catch_up(grid, cycle)
+    strategy = _build_strategy(grid, cycle)
+    writer = CheckpointWriter(
+        cycle.run_dir, strategy, cycle.job, cycle.cfg.rounds, cycle.registry.registry.root, cycle.champion_version
+    )
+    train_grid = grid if train_nodes is None else SiteSubset(grid, train_nodes)
+    try:
+        candidate = _train(train_grid, cycle, strategy, baseline, writer)
+    except QuorumLost as err:
+        return _aborted(cycle, strategy, baseline, err, sync)
+
+    # evaluate_fn ran last on the final global adapter, so lm holds it now.
+    adapter_dir = cycle.run_dir / "candidate_adapter"
+    cycle.lm.model.save_pretrained(str(adapter_dir))
+    summary = build_summary(
+        cycle.cfg,
+        cycle.run_id,
+        cycle.run_dir,
+        cycle.recorder.rounds,
+        strategy.round_log,
+        baseline,
+        candidate,
+        cycle.lm,
+        wall_time_s=0.0,
+    )
+    summary["baseline_version"] = cycle.champion_version
+    summary["sync"] = sync
+    summary["resumed_after_round"] = cycle.checkpoint.server_round if cycle.checkpoint is not None else None
+    result = _gate(cycle, strategy, baseline, candidate)
+    summary.update(_publish(grid, cycle, result, adapter_dir, site_outcomes(cycle.recorder.rounds)))
+    summary["wall_time_s"] = round(time.perf_counter() - cycle.started, 3)
+    cycle.recorder.write_summary(summary)
+    cycle.recorder.plot()
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _start(
     cfg: Config,
     run_dir: Path,
     registry: RegistryHandle,
-    *,
     config_yaml: str,
     validation_path: str | None,
     run_id: str | None,
-    train_nodes: Collection[int] | None,
     resume: bool,
-) -> dict[str, Any]:
+) -> Cycle:
+    """The cycle's run id (a resumed one keeps its own), model, validation set and champion."""
     started = time.perf_counter()
     checkpoint = resume_point(run_dir) if resume else None
     run_id = checkpoint.state["run_id"] if checkpoint else (run_id or uuid.uuid4().hex[:12])
@@ -111,43 +175,69 @@ def _run_cycle(
     recorder = RunRecorder(run_dir, config_yaml, keep_rounds=checkpoint.server_round if checkpoint else None)
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device=cfg.model.device)
     validation = encode_texts(lm.tokenizer, [r.text for r in read_records(validation_path)], cfg.model.max_length)
-    job = Job.from_config(cfg, run_id)
-
     # The baseline is the version sites use now; a cycle also starts training from it.
     champion = champion_adapter(registry)
     if checkpoint is not None:
         check_registry_pointer(checkpoint, registry.registry.root, champion.version if champion else None)
     if champion is not None:
         load_adapter_arrays(lm, champion.arrays)
+    return Cycle(
+        cfg=cfg,
+        run_dir=run_dir,
+        registry=registry,
+        run_id=run_id,
+        job=Job.from_config(cfg, run_id),
+        lm=lm,
+        validation=validation,
+        recorder=recorder,
+        champion=champion,
+        checkpoint=checkpoint,
+        started=started,
+    )
+
+
+def _score_baseline(cycle: Cycle) -> LossStats:
+    """The validation loss of the version sites use now (the bare base model before any)."""
     baseline = evaluate_loss(
-        lm.model, validation, batch_size=cfg.train.eval_batch_size, use_adapter=champion is not None
+        cycle.lm.model,
+        cycle.validation,
+        batch_size=cycle.cfg.train.eval_batch_size,
+        use_adapter=cycle.champion is not None,
     )
     log.info(
         "run %s: baseline %s, validation loss %.4f (perplexity %.2f) on %d records",
-        run_id,
-        f"version {champion.version}" if champion else "the base model",
+        cycle.run_id,
+        f"version {cycle.champion.version}" if cycle.champion else "the base model",
         baseline.loss,
         baseline.perplexity,
         baseline.examples,
     )
-    # Sites that missed the champion (new, offline, or before a rollback or approval) catch up first.
-    # It waits for the sites no longer than a round would: a site that is away is caught up later.
-    sync = (
-        deliver(
-            grid,
-            champion.bundle,
-            champion.rollback,
-            job,
-            min(cfg.registry.publish_timeout_s, cfg.strategy.round_timeout_s),
-            min_nodes=cfg.strategy.min_sites,
-        )
-        if champion is not None
-        else None
+    return baseline
+
+
+def _catch_up(grid: Grid, cycle: Cycle) -> dict[str, Any] | None:
+    """Sites that missed the champion (new, offline, or before a rollback or approval) get it first.
+
+    It waits for the sites no longer than a round would: a site that is away is caught up later.
+    """
+    if cycle.champion is None:
+        return None
+    cfg = cycle.cfg
+    return deliver(
+        grid,
+        cycle.champion.bundle,
+        cycle.champion.rollback,
+        cycle.job,
+        min(cfg.registry.publish_timeout_s, cfg.strategy.round_timeout_s),
+        min_nodes=cfg.strategy.min_sites,
     )
 
-    strategy = build_strategy(
+
+def _build_strategy(grid: Grid, cycle: Cycle) -> FedAvgLoRA:
+    cfg, champion = cycle.cfg, cycle.champion
+    return build_strategy(
         cfg.strategy.name,
-        spec=lm.spec,
+        spec=cycle.lm.spec,
         max_abs_value=cfg.strategy.max_abs_value,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
         site_of=functools.partial(bound_site, grid),
@@ -160,60 +250,24 @@ def _run_cycle(
         min_evaluate_nodes=cfg.strategy.quorum,
         min_available_nodes=cfg.strategy.quorum,
     )
-    train_grid = grid if train_nodes is None else SiteSubset(grid, train_nodes)
-    writer = CheckpointWriter(
-        Path(run_dir), strategy, job, cfg.rounds, registry.registry.root, champion.version if champion else None
-    )
-    try:
-        candidate = _train(train_grid, cfg, strategy, lm, validation, baseline, recorder, writer, started, checkpoint)
-    except QuorumLost as err:
-        return _aborted(cfg, run_id, recorder, strategy, baseline, lm, started, err, champion, sync)
-
-    # evaluate_fn ran last on the final global adapter, so lm holds it now.
-    adapter_dir = Path(run_dir) / "candidate_adapter"
-    lm.model.save_pretrained(str(adapter_dir))
-    summary = build_summary(
-        cfg, run_id, Path(run_dir), recorder.rounds, strategy.round_log, baseline, candidate, lm, wall_time_s=0.0
-    )
-    summary["baseline_version"] = champion.version if champion is not None else None
-    summary["sync"] = sync
-    summary["resumed_after_round"] = checkpoint.server_round if checkpoint is not None else None
-    summary.update(
-        _gate_and_publish(grid, cfg, registry, strategy, summary, baseline, candidate, adapter_dir, job, champion)
-    )
-    summary["wall_time_s"] = round(time.perf_counter() - started, 3)
-    recorder.write_summary(summary)
-    recorder.plot()
-    print(format_summary(summary), flush=True)
-    return summary
 
 
-def _train(
-    grid: Grid,
-    cfg: Config,
-    strategy: Any,
-    lm: Any,
-    validation: Any,
-    baseline: LossStats,
-    recorder: RunRecorder,
-    writer: CheckpointWriter,
-    started: float,
-    checkpoint: Checkpoint | None,
-) -> LossStats:
+def _train(grid: Grid, cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, writer: CheckpointWriter) -> LossStats:
     """The round loop (server/cycle/rounds.py); after each round the candidate is scored on the
     validation set and a checkpoint is written. A resumed cycle starts after its checkpoint."""
-    progress = _Progress(started=started, last=started)
+    cfg, lm, checkpoint = cycle.cfg, cycle.lm, cycle.checkpoint
+    progress = _Progress(started=cycle.started, last=cycle.started)
     final: dict[str, LossStats] = {}
 
+    def score(arrays: ArrayRecord) -> LossStats:
+        load_adapter_arrays(lm, from_array_record(arrays))
+        return evaluate_loss(lm.model, cycle.validation, batch_size=cfg.train.eval_batch_size, use_adapter=True)
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        if server_round == 0:
-            # Round 0's adapter is the baseline's: the champion's, or a fresh LoRA adapter whose
-            # B matrices are zero (peft's default init), which adds exactly nothing to the base
-            # model. Scoring it again cost a whole pass over the validation set per cycle.
-            candidate = baseline
-        else:
-            load_adapter_arrays(lm, from_array_record(arrays))
-            candidate = evaluate_loss(lm.model, validation, batch_size=cfg.train.eval_batch_size, use_adapter=True)
+        # Round 0's adapter is the baseline's: the champion's, or a fresh LoRA adapter whose
+        # B matrices are zero (peft's default init), which adds exactly nothing to the base
+        # model. Scoring it again cost a whole pass over the validation set per cycle.
+        candidate = baseline if server_round == 0 else score(arrays)
         final["candidate"] = candidate
         now = time.perf_counter()
         entry = round_entry(
@@ -222,10 +276,10 @@ def _train(
             baseline,
             strategy.round_log.get(server_round),
             round_s=now - progress.last,
-            elapsed_s=now - started,
+            elapsed_s=now - cycle.started,
         )
         progress.last = now
-        recorder.record_round(entry)
+        cycle.recorder.record_round(entry)
         _log_progress(entry, cfg.rounds)
         return MetricRecord({"candidate-loss": candidate.loss, "baseline-loss": baseline.loss})
 
@@ -235,10 +289,7 @@ def _train(
         if checkpoint.server_round >= cfg.rounds:
             # Every round ran before the crash: the checkpoint's adapter is the candidate
             # (otherwise the next round's evaluate_fn scores the candidate anyway).
-            load_adapter_arrays(lm, from_array_record(arrays))
-            final["candidate"] = evaluate_loss(
-                lm.model, validation, batch_size=cfg.train.eval_batch_size, use_adapter=True
-            )
+            final["candidate"] = score(arrays)
     flat = ConfigRecord(writer.job.to_flat())
     policy = RoundPolicy(
         deadline_s=cfg.strategy.round_timeout_s, quorum=cfg.strategy.quorum, wait_for=cfg.strategy.min_sites
@@ -259,35 +310,27 @@ def _train(
 
 
 def _aborted(
-    cfg: Config,
-    run_id: str,
-    recorder: RunRecorder,
-    strategy: Any,
-    baseline: LossStats,
-    lm: Any,
-    started: float,
-    err: QuorumLost,
-    champion: Any,
-    sync: Any,
+    cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, err: QuorumLost, sync: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The summary of a cycle whose round lost its quorum: no gate, nothing published."""
-    log.warning("cycle %s aborted, nothing published: %s", run_id, err)
-    last = recorder.rounds[-1]["validation"]["candidate_loss"] if recorder.rounds else baseline.loss
+    log.warning("cycle %s aborted, nothing published: %s", cycle.run_id, err)
+    rounds = cycle.recorder.rounds
+    last = rounds[-1]["validation"]["candidate_loss"] if rounds else baseline.loss
     candidate = LossStats(loss=last, tokens=0, examples=0, example_losses=())
     summary = build_summary(
-        cfg,
-        run_id,
-        recorder.run_dir,
-        recorder.rounds,
+        cycle.cfg,
+        cycle.run_id,
+        cycle.recorder.run_dir,
+        rounds,
         strategy.round_log,
         baseline,
         candidate,
-        lm,
-        wall_time_s=round(time.perf_counter() - started, 3),
+        cycle.lm,
+        wall_time_s=round(time.perf_counter() - cycle.started, 3),
     )
     summary.update(
         {
-            "baseline_version": champion.version if champion is not None else None,
+            "baseline_version": cycle.champion_version,
             "sync": sync,
             "aborted": str(err),
             "gate": None,
@@ -296,57 +339,40 @@ def _aborted(
             "publication": None,
         }
     )
-    recorder.write_summary(summary)
+    cycle.recorder.write_summary(summary)
     return summary
 
 
-def _gate_and_publish(
-    grid: Grid,
-    cfg: Config,
-    registry: RegistryHandle,
-    strategy: Any,
-    summary: dict[str, Any],
-    baseline: LossStats,
-    candidate: LossStats,
-    adapter_dir: Path,
-    job: Job,
-    champion: Any,
+def _gate(cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, candidate: LossStats) -> GateResult:
+    """The gate's decision on the final candidate: the validation set and the sites' evaluations
+    of the last round, as the strategy accepted them."""
+    last = strategy.round_log.get(cycle.cfg.rounds)
+    sites = sorted(last.evaluation.values(), key=lambda e: e.site_id) if last else []
+    return decide(cycle.cfg.gate, baseline, candidate, sites, seed=cycle.cfg.seed)
+
+
+def _publish(
+    grid: Grid, cycle: Cycle, result: GateResult, adapter_dir: Path, sites: dict[str, SiteOutcome]
 ) -> dict[str, Any]:
-    """Score the final candidate with the gate; publish and deliver it when it passes."""
-    last = strategy.round_log.get(cfg.rounds)
-    sites = [
-        SiteEvaluation(
-            site, float(m["num-examples"]), float(m["diff-sum"]), float(m["diff-sumsq"]), float(m["diff-sum-std"])
-        )
-        for site, m in sorted((last.evaluation if last else {}).items())
-    ]
-    result = decide(cfg.gate, baseline, candidate, sites, seed=cfg.seed)
+    """Record the decision; when it passed, publish the candidate and deliver it to every site."""
+    cfg, registry = cycle.cfg, cycle.registry.registry
     version = None
     if result.passed:
-        run = {
-            "run_id": summary["run_id"],
-            "name": cfg.name,
-            "rounds": cfg.rounds,
-            "seed": cfg.seed,
-            "baseline_version": summary["baseline_version"],
-        }
-        site_figures = {
-            s: {
-                "epsilon": v["epsilon"],
-                "epsilon_ceiling": v["epsilon_ceiling"],
-                "delta": v["delta"],
-                "rounds": v["rounds_participated"],
-            }
-            for s, v in summary["sites"].items()
-        }
-        version = publish_candidate(registry, cfg, adapter_dir, result, run, site_figures)
-    registry.registry.record_decision(
+        run = RunFigures(
+            run_id=cycle.run_id,
+            name=cfg.name,
+            rounds=cfg.rounds,
+            seed=cfg.seed,
+            baseline_version=cycle.champion_version,
+        )
+        version = publish_candidate(cycle.registry, cfg, adapter_dir, result, run, sites)
+    registry.record_decision(
         finite_or_null(
             {
-                "run_id": summary["run_id"],
+                "run_id": cycle.run_id,
                 "name": cfg.name,
                 "version": version,
-                "baseline_version": summary["baseline_version"],
+                "baseline_version": cycle.champion_version,
                 **result.to_dict(),
             }
         )
@@ -355,12 +381,12 @@ def _gate_and_publish(
     published = version if result.decision == PUBLISH else None
     delivery = None
     if published is not None:
-        delivery = deliver(grid, registry.registry.bundle(published), None, job, cfg.registry.publish_timeout_s)
+        delivery = deliver(grid, registry.bundle(published), None, cycle.job, cfg.registry.publish_timeout_s)
     return {
         "gate": result.to_dict(),
         "published_version": published,
         "pending_version": version if result.decision == PENDING else None,
-        "registry": str(registry.registry.root),
+        "registry": str(registry.root),
         "publication": delivery,
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,12 @@ def round_entry(
         # Noised at the site: the mean held-out loss change per record and its noise's std.
         evaluation={
             site: {
-                "change": float(m["diff-sum"]) / max(float(m["num-examples"]), 1.0),
-                "change_noise_std": float(m["diff-sum-std"]) / max(float(m["num-examples"]), 1.0),
-                "num_examples": float(m["num-examples"]),
-                "epsilon": _epsilon(m.get("epsilon")),
+                "change": e.change,
+                "change_noise_std": e.change_std,
+                "num_examples": e.examples,
+                "epsilon": _epsilon(e.epsilon),
             }
-            for site, m in round_log.evaluation.items()
+            for site, e in round_log.evaluation.items()
         },
         rejected=[dataclasses.asdict(r) for r in round_log.rejected],
         # Updates scaled back to the round's norm bound (strategies/update_bound.py).
@@ -94,6 +95,56 @@ def refusals(round_logs: dict[int, Any]) -> list[dict[str, Any]]:
     ]
 
 
+@dataclass(frozen=True)
+class SiteOutcome:
+    """What one site spent and scored over a cycle: its last word in the run's rounds."""
+
+    epsilon: float | None
+    epsilon_ceiling: float
+    delta: float
+    noise_multiplier: float
+    rounds_participated: int
+    heldout_change: float | None = None
+    heldout_change_noise_std: float | None = None
+
+    def manifest_figures(self) -> dict[str, Any]:
+        """What a published version's manifest records of the site (under its pseudonym)."""
+        return {
+            "epsilon": self.epsilon,
+            "epsilon_ceiling": self.epsilon_ceiling,
+            "delta": self.delta,
+            "rounds": self.rounds_participated,
+        }
+
+
+def site_outcomes(rounds: list[dict[str, Any]]) -> dict[str, SiteOutcome]:
+    """Each site's outcome from the run's metrics.jsonl rows (a resumed run's too): later rounds
+    overwrite earlier ones; the final evaluation's charge is part of the cycle's spend."""
+    sites: dict[str, SiteOutcome] = {}
+    for entry in rounds:
+        for site, s in entry["sites"].items():
+            prev = sites.get(site)
+            sites[site] = SiteOutcome(
+                epsilon=s["epsilon"],
+                epsilon_ceiling=s["epsilon_ceiling"],
+                delta=s["delta"],
+                noise_multiplier=s["noise_multiplier"],
+                rounds_participated=(prev.rounds_participated if prev else 0) + 1,
+                heldout_change=prev.heldout_change if prev else None,
+                heldout_change_noise_std=prev.heldout_change_noise_std if prev else None,
+            )
+        for site, e in entry["evaluation"].items():
+            if site in sites:
+                epsilon = e["epsilon"] if e.get("epsilon") is not None else sites[site].epsilon
+                sites[site] = dataclasses.replace(
+                    sites[site],
+                    heldout_change=e["change"],
+                    heldout_change_noise_std=e["change_noise_std"],
+                    epsilon=epsilon,
+                )
+    return sites
+
+
 def build_summary(
     cfg: Config,
     run_id: str,
@@ -107,24 +158,7 @@ def build_summary(
     wall_time_s: float,
 ) -> dict[str, Any]:
     """summary.json: the figures a coordinator or researcher reads first."""
-    sites: dict[str, dict[str, Any]] = {}
-    for entry in rounds:  # later rounds overwrite earlier ones: the last word per site wins
-        for site, s in entry["sites"].items():
-            prev = sites.get(site, {})
-            sites[site] = {
-                "epsilon": s["epsilon"],
-                "epsilon_ceiling": s["epsilon_ceiling"],
-                "delta": s["delta"],
-                "noise_multiplier": s["noise_multiplier"],
-                "rounds_participated": prev.get("rounds_participated", 0) + 1,
-                "heldout_change": prev.get("heldout_change"),
-                "heldout_change_noise_std": prev.get("heldout_change_noise_std"),
-            }
-        for site, e in entry["evaluation"].items():
-            if site in sites:
-                sites[site].update(heldout_change=e["change"], heldout_change_noise_std=e["change_noise_std"])
-                if e.get("epsilon") is not None:  # the final evaluation's charge is part of the cycle's spend
-                    sites[site]["epsilon"] = e["epsilon"]
+    sites = {site: dataclasses.asdict(outcome) for site, outcome in site_outcomes(rounds).items()}
     trained = [r for r in rounds if r["round"] > 0]
     down = [r["bytes_down"] for r in trained]
     up = [r["bytes_up"] for r in trained]
