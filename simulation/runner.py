@@ -6,6 +6,7 @@ are virtual: each is a directory written by ``simulation.federation``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,8 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import make_client_app
-from fedretrain.config import Config, compose_raw, to_yaml
-from fedretrain.config.parse import build
+from fedretrain.config import Config, compose_config, flatten, to_yaml, unflatten
 from fedretrain.errors import ConfigError, SimulationFailed
 from fedretrain.modeling.loading import resolve_model_path
 from server.app import bind_sites, make_server_app
@@ -59,12 +59,7 @@ def watch(overrides: Sequence[str] = (), *, verbose: bool = False) -> Path:
     when their operators run ``fedretrain site ingest``); the watch stops after
     ``trigger.max_polls`` polls, or when interrupted.
     """
-    if not build(Config, compose_raw(overrides)).simulation.federation_dir:
-        raise ConfigError(
-            "simulation.federation_dir: the watch needs standing sites whose data grows between "
-            "polls; name their directory (it is generated on first use)"
-        )
-    run = _prepare(overrides, name_suffix="watch")
+    run = _prepare(overrides, name_suffix="watch", standing_sites=True)
     server_app = ServerApp()
 
     @server_app.main()
@@ -100,21 +95,29 @@ class _Prepared:
         return Roster.from_directory(self.roster_dir)
 
 
-def _prepare(overrides: Sequence[str], name_suffix: str = "") -> _Prepared:
-    raw = compose_raw(overrides)
-    cfg = build(Config, raw)
+def _prepare(overrides: Sequence[str], name_suffix: str = "", standing_sites: bool = False) -> _Prepared:
+    """Compose and check the config (once), make the run directory and the federation."""
+    cfg = compose_config(overrides)
+    if standing_sites and not cfg.simulation.federation_dir:
+        raise ConfigError(
+            "simulation.federation_dir: the watch needs standing sites whose data grows between "
+            "polls; name their directory (it is generated on first use)"
+        )
     run_dir = new_run_dir(Path(cfg.output_dir), f"{cfg.name}-{name_suffix}" if name_suffix else cfg.name)
     fed_root = Path(cfg.simulation.federation_dir) if cfg.simulation.federation_dir else run_dir / "sites"
     fed = build_federation(cfg, fed_root, device="cuda" if _client_gpus(cfg) > 0 else "cpu")
     # The coordinator of a simulated federation keeps its registry and key beside its sites,
     # unless the config names its own.
-    raw["registry"]["root"] = raw["registry"]["root"] or str(fed.registry_root.resolve())
-    raw["registry"]["signing_key"] = raw["registry"]["signing_key"] or str(fed.signing_key.resolve())
-    cfg = build(Config, raw)
+    registry = dataclasses.replace(
+        cfg.registry,
+        root=cfg.registry.root or str(fed.registry_root.resolve()),
+        signing_key=cfg.registry.signing_key or str(fed.signing_key.resolve()),
+    )
+    cfg = dataclasses.replace(cfg, registry=registry)
     log.info("run directory %s; %d sites in %s", run_dir, len(fed.sites), fed.root)
     # Build (or find) the base model once here, before Ray's client actors all ask for it.
     resolve_model_path(cfg.model.name_or_path)
-    return _Prepared(cfg=cfg, run_dir=run_dir, fed=fed, config_yaml=to_yaml(raw))
+    return _Prepared(cfg=cfg, run_dir=run_dir, fed=fed, config_yaml=to_yaml(unflatten(flatten(cfg))))
 
 
 def _run(run: _Prepared, server_app: ServerApp, verbose: bool) -> Path:

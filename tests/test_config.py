@@ -167,3 +167,16 @@ def test_each_option_list_is_its_registry_and_composing_loads_no_torch():
     code += "print('torch' in sys.modules, 'opacus' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("experiment", ["demo", "smoke", "drift", "nonprivate", "garbled"])
+def test_a_runs_config_yaml_builds_back_to_the_same_config(experiment):
+    import yaml
+
+    from fedretrain.config import flatten, to_yaml, unflatten
+    from fedretrain.config.parse import build
+
+    # A simulation writes its typed config (registry filled in) as <run>/config.yaml; a resumed
+    # run builds its config from that file.
+    cfg = compose_config([f"experiment={experiment}", "registry.root=/srv/registry"])
+    assert build(Config, yaml.safe_load(to_yaml(unflatten(flatten(cfg))))) == cfg
