@@ -1,7 +1,7 @@
 # make demo   sets up on first use, then runs the default federated retraining simulation
 # make test   sets up on first use, then runs the linters and the whole test suite (slow and e2e
-#             included): the quick tier on every core (pytest-xdist), then the slow tier one test at
-#             a time, with the ten slowest tests printed at the end
+#             included): the quick tier on every core (pytest-xdist), then the slow tier two files
+#             at a time, with the ten slowest tests printed at the end
 # make lint   ruff (lint and format) on the whole tree, mypy on the core, strategies, server, client
 # make bench  sets up on first use, then runs every benchmark into one table and
 #             benchmarks/results/latest.json (15-30 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
@@ -32,12 +32,13 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy fedretrain strategies server client
 
-# The quick tier is independent tests (tmp_path each, no ports, no fixed paths), so xdist
-# spreads it over the cores; the slow tier starts simulations and servers that use every
-# core themselves, so it runs one test at a time.
+# The quick tier is independent tests (tmp_path each, free ports, no fixed paths), so xdist
+# spreads it over the cores. The slow tier runs two files at a time (--dist loadfile keeps a
+# file's tests, and a module fixture such as the deployment's processes, on one worker): the
+# deployment's tests mostly wait on deadlines and heartbeats while the simulations compute.
 test: setup lint
 	$(BIN)/python -m pytest -q -rs -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -q -rs -m "slow or e2e" --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "slow or e2e" --durations=10 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
