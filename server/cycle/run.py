@@ -133,22 +133,11 @@ def _run_cycle(grid: Grid, cycle: Cycle, train_nodes: Collection[int] | None) ->
     # evaluate_fn ran last on the final global adapter, so lm holds it now.
     adapter_dir = cycle.run_dir / "candidate_adapter"
     cycle.lm.model.save_pretrained(str(adapter_dir))
-    summary = build_summary(
-        cycle.cfg,
-        cycle.run_id,
-        cycle.run_dir,
-        cycle.recorder.rounds,
-        strategy.round_log,
-        baseline,
-        candidate,
-        cycle.lm,
-        wall_time_s=0.0,
-    )
-    summary["baseline_version"] = cycle.champion_version
-    summary["sync"] = sync
+    sites = site_outcomes(cycle.recorder.rounds)
+    summary = _summary(cycle, strategy, baseline, candidate, sites, sync)
     summary["resumed_after_round"] = cycle.checkpoint.server_round if cycle.checkpoint is not None else None
     result = _gate(cycle, strategy, baseline, candidate)
-    summary.update(_publish(grid, cycle, result, adapter_dir, site_outcomes(cycle.recorder.rounds)))
+    summary.update(_publish(grid, cycle, result, adapter_dir, sites))
     summary["wall_time_s"] = round(time.perf_counter() - cycle.started, 3)
     cycle.recorder.write_summary(summary)
     cycle.recorder.plot()
@@ -317,21 +306,9 @@ def _aborted(
     rounds = cycle.recorder.rounds
     last = rounds[-1]["validation"]["candidate_loss"] if rounds else baseline.loss
     candidate = LossStats(loss=last, tokens=0, examples=0, example_losses=())
-    summary = build_summary(
-        cycle.cfg,
-        cycle.run_id,
-        cycle.recorder.run_dir,
-        rounds,
-        strategy.round_log,
-        baseline,
-        candidate,
-        cycle.lm,
-        wall_time_s=round(time.perf_counter() - cycle.started, 3),
-    )
+    summary = _summary(cycle, strategy, baseline, candidate, site_outcomes(rounds), sync)
     summary.update(
         {
-            "baseline_version": cycle.champion_version,
-            "sync": sync,
             "aborted": str(err),
             "gate": None,
             "published_version": None,
@@ -340,6 +317,32 @@ def _aborted(
         }
     )
     cycle.recorder.write_summary(summary)
+    return summary
+
+
+def _summary(
+    cycle: Cycle,
+    strategy: FedAvgLoRA,
+    baseline: LossStats,
+    candidate: LossStats,
+    sites: dict[str, SiteOutcome],
+    sync: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """summary.json's figures so far, and the version the cycle started from."""
+    summary = build_summary(
+        cycle.cfg,
+        cycle.run_id,
+        cycle.run_dir,
+        cycle.recorder.rounds,
+        strategy.round_log,
+        baseline,
+        candidate,
+        cycle.lm,
+        sites,
+        wall_time_s=round(time.perf_counter() - cycle.started, 3),
+    )
+    summary["baseline_version"] = cycle.champion_version
+    summary["sync"] = sync
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,12 @@ def build_summary(
     baseline: LossStats,
     candidate: LossStats,
     lm: LoraModel,
+    sites: Mapping[str, SiteOutcome],
     *,
     wall_time_s: float,
 ) -> dict[str, Any]:
-    """summary.json: the figures a coordinator or researcher reads first."""
-    sites = {site: dataclasses.asdict(outcome) for site, outcome in site_outcomes(rounds).items()}
+    """summary.json: the figures a coordinator or researcher reads first; ``sites`` is
+    :func:`site_outcomes` of ``rounds``."""
     trained = [r for r in rounds if r["round"] > 0]
     down = [r["bytes_down"] for r in trained]
     up = [r["bytes_up"] for r in trained]
@@ -174,7 +176,7 @@ def build_summary(
         "candidate_perplexity": candidate.perplexity,
         "improved": candidate.loss < baseline.loss,
         "validation_examples": baseline.examples,
-        "sites": sites,
+        "sites": {site: dataclasses.asdict(outcome) for site, outcome in sites.items()},
         "refusals": refusals(round_logs),
         "bounded": [
             dict(b, site_id=site, round=e["round"]) for e in trained for site, b in e.get("bounded", {}).items()
