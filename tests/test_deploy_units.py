@@ -404,6 +404,12 @@ def test_supernode_command_refuses_a_bad_superlink_address(tmp_path, data_dir):
 # --- the CLI's refusals -------------------------------------------------------------------
 
 
+def site_join(data_dir, *extra: str) -> list[str]:
+    """``fedretrain site join`` for site-a on 127.0.0.1, plus ``extra``."""
+    return ["site", "join", "--superlink", "127.0.0.1:9093", "--data", str(data_dir), "--epsilon-ceiling", "8",
+            "--site-id", "site-a", *extra]  # fmt: skip
+
+
 @pytest.mark.usefixtures("no_processes", "cli_logging")
 @pytest.mark.parametrize(
     "security",
@@ -412,21 +418,7 @@ def test_supernode_command_refuses_a_bad_superlink_address(tmp_path, data_dir):
 )
 def test_site_join_refuses_to_run_without_a_clear_security_choice(capsys, data_dir, security):
     # Execute
-    code = main(
-        [
-            "site",
-            "join",
-            "--superlink",
-            "127.0.0.1:9093",
-            "--data",
-            str(data_dir),
-            "--epsilon-ceiling",
-            "8",
-            "--site-id",
-            "site-a",
-            *security,
-        ]
-    )
+    code = main(site_join(data_dir, *security))
 
     # Assert
     assert code == 2
@@ -441,22 +433,7 @@ def test_site_join_refuses_only_half_of_tls_and_node_authentication(capsys, tmp_
     path.touch()
 
     # Execute
-    code = main(
-        [
-            "site",
-            "join",
-            "--superlink",
-            "127.0.0.1:9093",
-            "--data",
-            str(data_dir),
-            "--epsilon-ceiling",
-            "8",
-            "--site-id",
-            "site-a",
-            half,
-            str(path),
-        ]
-    )
+    code = main(site_join(data_dir, half, str(path)))
 
     # Assert
     assert code == 2
@@ -466,23 +443,7 @@ def test_site_join_refuses_only_half_of_tls_and_node_authentication(capsys, tmp_
 @pytest.mark.usefixtures("no_processes", "cli_logging")
 @pytest.mark.parametrize("seconds", ["0", "-5", "nan"])
 def test_site_join_refuses_a_clientapp_watchdog_limit_that_is_not_positive(capsys, data_dir, seconds):
-    code = main(
-        [
-            "site",
-            "join",
-            "--superlink",
-            "127.0.0.1:9093",
-            "--data",
-            str(data_dir),
-            "--epsilon-ceiling",
-            "8",
-            "--site-id",
-            "site-a",
-            "--insecure",
-            "--clientapp-stuck-after",
-            seconds,
-        ]
-    )
+    code = main(site_join(data_dir, "--insecure", "--clientapp-stuck-after", seconds))
 
     assert code == 2
     assert "--clientapp-stuck-after: must be > 0 seconds" in capsys.readouterr().err
