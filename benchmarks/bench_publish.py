@@ -45,12 +45,7 @@ def measure(reps: int) -> list[dict]:
     lm = load_lora_model(ModelConfig(max_length=256), lora, seed=0, device="cpu")
     key = Ed25519PrivateKey.generate()
     identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
-    lora_fields = {
-        "r": lora.r,
-        "alpha": lora.alpha,
-        "dropout": lora.dropout,
-        "target_modules": list(lora.target_modules),
-    }
+    lora_fields = lora.to_manifest()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"
         lm.model.save_pretrained(str(adapter))

@@ -75,12 +75,7 @@ def _publish(
         adapter,
         signing_key=key,
         base_model=identity,
-        lora={
-            "r": job.lora.r,
-            "alpha": job.lora.alpha,
-            "dropout": job.lora.dropout,
-            "target_modules": list(job.lora.target_modules),
-        },
+        lora=job.lora.to_manifest(),
         run={"name": f"run-{day}"},
         sites={},
         gate={"decision": "publish"},

@@ -66,12 +66,7 @@ def publish(registry: Registry, signing_key, job: Job, directory: Path, scale: f
         directory,
         signing_key=signing_key,
         base_model=identity,
-        lora={
-            "r": job.lora.r,
-            "alpha": job.lora.alpha,
-            "dropout": job.lora.dropout,
-            "target_modules": list(job.lora.target_modules),
-        },
+        lora=job.lora.to_manifest(),
         run={"name": "test"},
         sites={},
         gate={"decision": "publish"},
@@ -370,12 +365,7 @@ def test_the_registry_refuses_to_roll_back_to_an_expired_version(tmp_path, job, 
     identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
     fields = {
         "base_model": identity,
-        "lora": {
-            "r": job.lora.r,
-            "alpha": job.lora.alpha,
-            "dropout": job.lora.dropout,
-            "target_modules": list(job.lora.target_modules),
-        },
+        "lora": job.lora.to_manifest(),
         "run": {"name": "t"},
         "sites": {},
         "gate": {"decision": "publish"},

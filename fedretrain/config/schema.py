@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedretrain.errors import ConfigError
 from fedretrain.privacy.accountants import ACCOUNTANTS
@@ -68,6 +69,10 @@ class LoraSettings:
         _fraction("dropout", self.dropout, open_low=False)
         if not self.target_modules:
             raise ConfigError("target_modules: name at least one module (e.g. [q_proj, v_proj])")
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The LoRA settings a published version's manifest records (sites check theirs against it)."""
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules)}
 
 
 @dataclass(frozen=True)

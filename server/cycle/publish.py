@@ -128,12 +128,7 @@ def publish_candidate(
         adapter_dir,
         signing_key=handle.signing_key,
         base_model=base_model_identity(cfg.model.name_or_path, model_dir),
-        lora={
-            "r": cfg.lora.r,
-            "alpha": cfg.lora.alpha,
-            "dropout": cfg.lora.dropout,
-            "target_modules": list(cfg.lora.target_modules),
-        },
+        lora=cfg.lora.to_manifest(),
         run=finite_or_null(dataclasses.asdict(run)),
         sites={registry.pseudonym(s): finite_or_null(v.manifest_figures()) for s, v in sites.items()},
         gate=gate,
