@@ -85,6 +85,7 @@ def child(overrides: list[str], t0: float, out: Path) -> None:
     """Run one simulation with the wrappers; write its clocks and run directory to ``out``."""
     import server.cycle.run
     import simulation.runner
+    import simulation.session
 
     events = str(out.with_suffix(".events.jsonl"))
     clock = _RoundClock()
@@ -104,7 +105,7 @@ def child(overrides: list[str], t0: float, out: Path) -> None:
             server_evals.append((start, time.time()))
 
     server.cycle.run.evaluate_loss = timed_scoring
-    simulation.runner.make_client_app = _timed_client_app(simulation.runner.make_client_app, events)
+    simulation.session.make_client_app = _timed_client_app(simulation.session.make_client_app, events)
     run_dir = simulation.runner.simulate(overrides)
     client = [json.loads(line) for line in Path(events).read_text().splitlines()] if Path(events).exists() else []
     out.write_text(

@@ -38,6 +38,20 @@ def test_prv_epsilon_matches_opacus_golden_value() -> None:
     assert epsilon == pytest.approx(6.777395712150674, abs=1e-4)
 
 
+def test_rdp_with_kept_per_step_curves_is_opacus_rdp_to_the_last_bit() -> None:
+    # A ledger's mixed history (train rounds, evaluations, a release without sampling),
+    # asked twice so the second answer comes from the kept curves.
+    from opacus.accountants import RDPAccountant
+
+    history = [(1.1, 0.125, 12), (0.9, 0.1, 24), (8.0, 1.0, 1), (1.1, 0.125, 7)]
+    direct = RDPAccountant()
+    direct.history = [(1.1, 0.125, 19), (0.9, 0.1, 24), (8.0, 1.0, 1)]
+
+    first, second = (epsilon_for_history(history, delta=1e-5) for _ in range(2))
+
+    assert first == second == direct.get_epsilon(delta=1e-5)
+
+
 def test_split_history_composes_to_the_same_epsilon_as_one_entry() -> None:
     # Prepare: the golden run of 2250 steps, cut into three rounds in mixed order.
     split = [(1.5, 0.04, 1000), (1.5, 0.04, 250), (1.5, 0.04, 1000)]
