@@ -58,3 +58,14 @@ def keep_global_random_state():
     random.setstate(saved[0])
     np.random.set_state(saved[1])
     torch.set_rng_state(saved[2])
+
+
+@pytest.fixture
+def instruction_identity(monkeypatch):
+    """What Flower's ServerApp runtime sets before an instruction Message can be built."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

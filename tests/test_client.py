@@ -1,5 +1,8 @@
 """A site's round: data checked first, budget checked before training, spend recorded after,
 and every refusal answered as an error reply with its reason (never a crash, never an update).
+A deployed site's messages go to its warm worker, a real process: the ClientApp Flower starts
+per message only forwards; the worker keeps the model loaded, answers refusals as error
+replies, is restarted when it dies, and ignores garbage.
 """
 
 from __future__ import annotations
@@ -9,19 +12,23 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 import client.round.site
-from client.app import ERROR_CODES, make_client_app
+from client.app import WORKER_UNAVAILABLE, make_client_app
+from client.handlers import ERROR_CODES
+from client.join import node_config_path, prepare_site
 from client.round.site import evaluate_round, train_round
+from client.worker import WorkerAddress, WorkerProcess, ask
 from fedretrain.arrays import NOT_PRIVATE_EPSILON, AdapterSpec, from_array_record, to_array_record
 from fedretrain.config import Job, SiteConfig, compose_config
-from fedretrain.errors import DataValidationError, PrivacyBudgetExceeded
+from fedretrain.errors import ConfigError, DataValidationError, PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
 from fedretrain.privacy.ledger import PrivacyLedger
 
@@ -135,16 +142,8 @@ def test_evaluation_sends_noised_sums_of_the_clipped_changes(tmp_path, job, init
     assert scored["eval-clip"] == 1.0
 
 
-@pytest.fixture
-def instruction_identity(monkeypatch):
-    # Flower builds an instruction Message from the ServerApp runtime's TaskIdentity.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-def _call(app, site: SiteConfig, job: Job, adapter, message_type=MessageType.TRAIN) -> Message:
-    config = ConfigRecord({**job.to_flat(), "server-round": 1})
+def _call(app, site: SiteConfig, job: Job, adapter, message_type=MessageType.TRAIN, server_round=1) -> Message:
+    config = ConfigRecord({**job.to_flat(), "server-round": server_round})
     msg = Message(
         RecordDict({"arrays": to_array_record(adapter), "config": config}), dst_node_id=7, message_type=message_type
     )
@@ -183,3 +182,110 @@ def test_client_app_refuses_a_job_with_unknown_keys(tmp_path, job, initial_adapt
     reply = make_client_app()(msg, context)
     assert reply.has_error() and "privacy.epsilon_ceiling" in reply.error.reason
     assert not site.ledger_path.exists()
+
+
+# --- a deployed site: the ClientApp forwards to the site's warm worker (client/worker.py) ----
+
+DEPLOYED = make_client_app(use_worker=True)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worker")
+    site = make_site(root)
+    prepare_site(site.to_node_config())
+    log = open(root / "worker.log", "wb")  # noqa: SIM115 - closed below
+    process = WorkerProcess(site, node_config_path(site), output=log)
+    process.start()
+    process.keep_running(interval_s=0.5)
+    yield site, process, root / "worker.log"
+    process.stop()
+    log.close()
+
+
+def _answered(log: Path, what: str) -> int:
+    return log.read_text().count(f"site worker: {what} answered")
+
+
+def test_rounds_are_answered_by_one_warm_worker(worker, job, initial_adapter, instruction_identity):
+    site, process, log = worker
+    pid = process.proc.pid
+    replies = [_call(DEPLOYED, site, job, initial_adapter, server_round=r) for r in (1, 2)]
+
+    assert all(not reply.has_error() for reply in replies), [r.error for r in replies if r.has_error()]
+    assert all(reply.content["site"]["site-id"] == "site-a" for reply in replies)
+    assert [reply.content["site"]["server-round"] for reply in replies] == [1, 2]
+    # The worker trained both rounds in the one process, and its spend is in the site's ledger.
+    assert _answered(log, "train") == 2 and process.proc.pid == pid
+    ledger = PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5)
+    assert [e.round for e in ledger.entries] == [1, 2]
+    assert replies[1].content["metrics"]["epsilon"] == pytest.approx(ledger.epsilon())
+
+
+def test_a_refusal_at_the_worker_is_an_error_reply_without_paths(tmp_path, job, initial_adapter, instruction_identity):
+    # A second site, whose data is broken, with its own worker.
+    site = make_site(tmp_path)
+    prepare_site(site.to_node_config())
+    Path(site.data_dir, "train.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    process = WorkerProcess(site, node_config_path(site), output=open(os.devnull, "wb"))  # noqa: SIM115
+    process.start()
+    try:
+        reply = _call(DEPLOYED, site, job, initial_adapter)
+    finally:
+        process.stop()
+    assert reply.has_error() and reply.error.code == ERROR_CODES[DataValidationError]
+    assert "train.jsonl:2: field 'text' is missing" in reply.error.reason
+    assert site.data_dir not in reply.error.reason
+    assert not WorkerAddress.read(site.state_path)  # a stopped worker leaves no address behind
+
+
+def test_garbage_on_the_socket_is_dropped_and_the_worker_keeps_answering(
+    worker, job, initial_adapter, instruction_identity
+):
+    site, process, log = worker
+    address = WorkerAddress.read(site.state_path)
+    for garbage in (b"\xff\xff\xff\xff" + b"x" * 16, b"\x00\x00\x00\x02[]" + b"\x00" * 8, b"\x00\x00"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(address.socket))
+            sock.sendall(garbage)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                answer = sock.recv(1)
+            except ConnectionResetError:  # closed with the rest of the garbage unread
+                answer = b""
+            assert answer == b""  # dropped without an answer
+    # A message type the site does not answer (Flower's ClientApp would not even pass it on).
+    config = ConfigRecord({**job.to_flat(), "server-round": 1})
+    code, reason = ask(address, "query.nonsense", RecordDict({"config": config}))
+    assert code == ERROR_CODES[ConfigError] and "this site answers train, evaluate" in reason
+    assert "malformed request was dropped" in log.read_text() and process.proc.pid == address.pid
+
+
+def test_a_killed_worker_is_an_error_reply_then_a_new_worker_answers(
+    worker, job, initial_adapter, instruction_identity, caplog
+):
+    site, process, log = worker
+    old = process.proc.pid
+    os.kill(old, signal.SIGKILL)
+    process.proc.wait()
+    reply = _call(DEPLOYED, site, job, initial_adapter, server_round=3)
+    assert reply.has_error() and reply.error.code == WORKER_UNAVAILABLE
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        address = WorkerAddress.read(site.state_path)
+        if address is not None and address.pid != old:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the keeper did not start a new worker")
+    reply = _call(DEPLOYED, site, job, initial_adapter, server_round=3)
+    assert not reply.has_error(), reply.error
+    assert f"the site worker exited with code {-signal.SIGKILL}; starting a new one" in caplog.text
+
+
+def test_without_a_worker_the_client_app_answers_itself(tmp_path, job, initial_adapter, instruction_identity, caplog):
+    site = make_site(tmp_path)
+    reply = _call(DEPLOYED, site, job, initial_adapter)
+    assert not reply.has_error(), reply.error
+    assert "no site worker runs for site-a" in caplog.text

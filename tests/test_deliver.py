@@ -7,20 +7,13 @@ from unittest.mock import Mock
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedretrain.config import Job, compose_config
 from fedretrain.registry.bundle import VersionBundle
 from server.cycle.publish import PUBLISH_MESSAGE, deliver
 
-
-@pytest.fixture(autouse=True)
-def instruction_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("instruction_identity")
 
 
 def reply_from(node_id: int, content: RecordDict | Error) -> Message:

@@ -14,10 +14,9 @@ import pytest
 import safetensors.torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import ERROR_CODES, make_client_app
+from client.app import make_client_app
+from client.handlers import ERROR_CODES
 from client.install.generate import generate
 from client.install.installer import receive_version
 from client.install.model_store import ModelStore
@@ -282,13 +281,6 @@ def test_smoke_evaluation_refuses_a_version_worse_on_heldout_data(tmp_path, job,
     assert refused.value.check == "smoke_eval"
     assert good.metrics["smoke-new-loss"] == pytest.approx(good.metrics["smoke-current-loss"], abs=1e-9)
     assert ModelStore(site.model_store_path).state().current == 4
-
-
-@pytest.fixture
-def instruction_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def test_the_client_app_answers_a_publish_message(tmp_path, job, coordinator, instruction_identity):

@@ -14,9 +14,7 @@ from unittest.mock import Mock
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 import server.watch.loop
 from fedretrain.config import compose_config
@@ -27,12 +25,7 @@ from server.sites.grid import SiteSubset
 from server.watch.loop import Watcher, request_retrain
 from server.watch.poll import STATUS_MESSAGE
 
-
-@pytest.fixture(autouse=True)
-def instruction_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("instruction_identity")
 
 
 def status(new=0, js=None, can_afford=1, spent=2.0) -> dict:

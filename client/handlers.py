@@ -1,0 +1,131 @@
+"""What a site does with each message: unpack the job, run the site's core, pack the reply.
+
+The same code answers in a simulation's ClientApp (in the Ray actor) and in a deployed
+site's worker (client/worker.py). A failure the site means (bad data, budget spent, a
+malformed job) is raised as a :class:`fedretrain.errors.FedretrainError`; :func:`refusal`
+turns any failure into the code and reason of an error reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.install.installer import receive_version
+from client.reasons import without_paths
+from client.round.site import evaluate_round, train_round
+from client.status import site_status
+from fedretrain import errors
+from fedretrain.arrays import from_array_record, to_array_record
+from fedretrain.config import Job, MonitorConfig, SiteConfig, build
+from fedretrain.registry.bundle import RollbackRecord, VersionBundle
+
+log = logging.getLogger("fedretrain.client")
+
+# Error codes in error replies; the coordinator logs code and reason.
+ERROR_CODES: dict[type[Exception], int] = {
+    errors.DataValidationError: 4101,
+    errors.PrivacyBudgetExceeded: 4102,
+    errors.LedgerError: 4103,
+    errors.ModelLoadError: 4104,
+    errors.AdapterMismatchError: 4105,
+    errors.ConfigError: 4106,
+    errors.TrainingError: 4107,
+    errors.VerificationError: 4108,
+    errors.EvaluationRefused: 4109,
+}
+UNEXPECTED_ERROR = 4199
+
+Core = Callable[[SiteConfig, Job, int, RecordDict], RecordDict]
+
+# Keys of an instruction's config that are not part of the job: the round (added by
+# Flower's FedAvg) and the global adapter's digest (strategies/fedavg_lora.py); both
+# are echoed back in the reply.
+_ECHOED = ("server-round", "global-hash")
+
+
+def answer(site: SiteConfig, message_type: str, content: RecordDict) -> RecordDict:
+    """The site's reply to a message of ``message_type`` with ``content``.
+
+    The reply echoes the instruction's round and global adapter digest, so the
+    coordinator can tell a reply to this round from a stale or replayed one.
+    """
+    try:
+        core = CORES[message_type]
+    except KeyError:
+        raise errors.ConfigError(f"message type {message_type!r}: this site answers {', '.join(CORES)}") from None
+    config = dict(content.config_records["config"])
+    echo = {key: config.pop(key) for key in _ECHOED if key in config}
+    server_round = echo.get("server-round", 0)
+    if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 0:
+        raise errors.ConfigError(f"server-round: a round number, got {server_round!r}")
+    reply = core(site, Job.from_flat(config), server_round, content)
+    reply["site"] = ConfigRecord({"site-id": site.site_id, **echo})
+    return reply
+
+
+def refusal(message_type: str, err: Exception) -> tuple[int, str]:
+    """The error reply's code and reason for ``err`` (logged here, with paths; the reason has none).
+
+    The reason does not name the site: the coordinator names it by the node whose key
+    it proved (server/sites/grid.py), not by what the site says.
+    """
+    if isinstance(err, errors.FedretrainError):
+        log.warning("%s refused: %s", message_type, err)
+        code = next((c for t, c in ERROR_CODES.items() if isinstance(err, t)), UNEXPECTED_ERROR)
+    else:
+        log.error("%s failed", message_type, exc_info=err)
+        code = UNEXPECTED_ERROR
+    return code, without_paths(f"{type(err).__name__}: {err}")
+
+
+def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    global_hash = content["config"].get("global-hash")
+    outcome = train_round(
+        site,
+        job,
+        from_array_record(content.array_records["arrays"]),
+        server_round,
+        global_hash=str(global_hash) if global_hash else None,
+    )
+    return _reply(site, to_array_record(outcome.adapter), outcome.metrics)
+
+
+def _evaluate(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    baseline = content.array_records.get("baseline")
+    outcome = evaluate_round(
+        site,
+        job,
+        from_array_record(content.array_records["arrays"]),
+        None if baseline is None else from_array_record(baseline),
+        server_round=server_round,
+    )
+    return _reply(site, None, outcome.metrics)
+
+
+def _publish(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # A signed version (and, for a rollback, the signed record) as bytes in "version".
+    payload = dict(content["version"])
+    outcome = receive_version(site, job, VersionBundle.from_mapping(payload), RollbackRecord.from_mapping(payload))
+    return _reply(site, None, outcome.metrics)
+
+
+def _status(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # Noised counts (charged to the ledger), privacy totals, and drift scores only where the
+    # site opted in: no record, token or identifier of a patient leaves in a status reply.
+    monitor = build(MonitorConfig, dict(content["monitor"]), "monitor")
+    return _reply(site, None, site_status(site, job, monitor, charge=True))
+
+
+# Flower's message types (client/app.py registers one function for each).
+CORES: dict[str, Core] = {"train": _train, "evaluate": _evaluate, "query.publish": _publish, "query.status": _status}
+
+
+def _reply(site: SiteConfig, arrays: ArrayRecord | None, metrics: dict[str, Any]) -> RecordDict:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return content
