@@ -119,7 +119,15 @@ def _add_join(site_subparsers: Any) -> None:
 
 
 def _site_join(args: argparse.Namespace) -> int:
-    from client.join import ClientAppWatchdog, JoinSettings, node_config_path, prepare_site, start_supernode
+    from client.join import (
+        ClientAppWatchdog,
+        JoinSettings,
+        check_site,
+        claim_state,
+        node_config_path,
+        prepare_site,
+        start_supernode,
+    )
     from client.worker import WorkerProcess
     from fedretrain.deploy.flower import supervise
     from fedretrain.modeling.loading import resolve_model_path
@@ -144,27 +152,29 @@ def _site_join(args: argparse.Namespace) -> int:
         node_config["coordinator-key"] = str(args.coordinator_key.resolve())
     if args.state_dir:
         node_config["state-dir"] = str(args.state_dir.resolve())
-    site = prepare_site(node_config)
-    resolve_model_path(args.model)
-    # The worker first: the SuperNode's first message already finds it listening.
-    worker = WorkerProcess(site, node_config_path(site))
-    worker.start()
-    try:
-        worker.keep_running()
-        proc = start_supernode(
-            site,
-            JoinSettings(
-                superlink=args.superlink, ca=args.ca, key=args.key, port=args.port, max_retries=args.max_retries
-            ),
-        )
-        watchdog = ClientAppWatchdog(proc.pid, site.state_path, args.clientapp_stuck_after)
-        watchdog.start()
+    # Claimed before anything is written: a second join on this state changes nothing of the first's.
+    with claim_state(check_site(node_config)):
+        site = prepare_site(node_config)
+        resolve_model_path(args.model)
+        # The worker first: the SuperNode's first message already finds it listening.
+        worker = WorkerProcess(site, node_config_path(site))
+        worker.start()
         try:
-            return supervise(proc)
+            worker.keep_running()
+            proc = start_supernode(
+                site,
+                JoinSettings(
+                    superlink=args.superlink, ca=args.ca, key=args.key, port=args.port, max_retries=args.max_retries
+                ),
+            )
+            watchdog = ClientAppWatchdog(proc.pid, site.state_path, args.clientapp_stuck_after)
+            watchdog.start()
+            try:
+                return supervise(proc)
+            finally:
+                watchdog.stop()
         finally:
-            watchdog.stop()
-    finally:
-        worker.stop()
+            worker.stop()
 
 
 def _site_ingest(args: argparse.Namespace) -> int:

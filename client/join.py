@@ -10,6 +10,8 @@ the coordinator can neither see nor change them.
     <state-dir>/node-config.toml   the node config, as the SuperNode reads it
     <state-dir>/flwr/              the SuperNode's FLWR_HOME (the apps it was sent)
     <state-dir>/clientapps/        one mark per ClientApp process that got its message
+    <state-dir>/join.lock          held by the one ``site join`` that runs on this state
+    <state-dir>/worker.json        where the site worker listens (client/worker.py)
 
 While the SuperNode runs, a watchdog stops ClientApp processes stuck waiting for a
 message that will never arrive (see :class:`ClientAppWatchdog`).
@@ -21,11 +23,14 @@ the installed models.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,17 +55,50 @@ class JoinSettings:
     max_retries: int | None = None
 
 
-def prepare_site(node_config: dict[str, Any]) -> SiteConfig:
-    """Check the site's settings (an error names the key) and write its node config file."""
+def check_site(node_config: dict[str, Any]) -> SiteConfig:
+    """The site's settings, checked (an error names the key); its data must be there."""
     site = site_config_from_node_config(node_config)
     if not site.train_path.exists():
         raise DeployError(
             f"{site.train_path}: the site's data is missing (data-dir must hold train.jsonl "
             "and heldout.jsonl, or .csv with a text column)"
         )
+    return site
+
+
+def prepare_site(node_config: dict[str, Any]) -> SiteConfig:
+    """Check the site's settings and write its node config file."""
+    site = check_site(node_config)
     private_dir(site.state_path)
     atomic_write_text(node_config_path(site), toml_assignments(site.to_node_config()))
     return site
+
+
+@contextlib.contextmanager
+def claim_state(site: SiteConfig) -> Iterator[None]:
+    """Hold the site's state directory for this ``site join`` (a second one is refused).
+
+    Two SuperNodes on one state would each start a worker and take each other's address,
+    and answer for one site twice: the lock (``flock``, released by the kernel when the
+    process ends, however it ends) makes the second fail at once, naming the first.
+    """
+    private_dir(site.state_path)
+    path = site.state_path / "join.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise DeployError(
+                f"{site.state_path}: another `site join` (pid {holder}) runs on this site's state; "
+                "stop it first, or give this one its own --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def node_config_path(site: SiteConfig) -> Path:

@@ -199,6 +199,11 @@ def test_the_readme_session_publishes_a_version_every_site_installs(bench):
     )
     status = bench.outcome["fedretrain coordinator status"]
     assert all(re.search(rf"site {site}\s+node \d+\s+online", status) for site in SITES), status
+    # Each site's worker answered every message (train twice, evaluate, publish), in one process.
+    for site in SITES:
+        log = bench.log(site)
+        assert log.count("site worker: train answered") == 2 and "query.publish answered" in log
+        assert log.count(f"site worker for {site} ready") == 1 and "no site worker runs" not in log
 
 
 def test_a_node_without_a_valid_identity_gets_no_work(bench):
@@ -206,7 +211,8 @@ def test_a_node_without_a_valid_identity_gets_no_work(bench):
     assert bench.run("fedretrain keys site rogue --out rogue").returncode == 0
     assert bench.run("fedretrain keys ca --out other-ca").returncode == 0
     link = f"127.0.0.1:{bench.ports['9093']}"
-    common = "--data data/site-00 --epsilon-ceiling 1 --max-retries 2"
+    # site-00's data, with a state of its own: a second join on site-00's state is refused first.
+    common = "--data data/site-00 --state-dir rogue-state --epsilon-ceiling 1 --max-retries 2"
     cases = {
         "unregistered": f"fedretrain site join --superlink {link} --ca keys/ca.pem --key rogue/rogue.key {common}",
         "other-ca": f"fedretrain site join --superlink {link} --ca other-ca/ca.pem --key keys/site-00.key {common}",
@@ -311,9 +317,9 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
 
 
 def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
-    # Prepare: a one-round cycle with a 100 s deadline (a shrunk round takes about 50 s) and a quorum of 2.
+    # Prepare: a one-round cycle with a 60 s deadline (a shrunk round takes about 20 s) and a quorum of 2.
     proc, run_dir = bench.submit(
-        *run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=100", "strategy.quorum=2")
+        *run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=60", "strategy.quorum=2")
     )
     deadline = time.monotonic() + 300
     while "Receiving: train message" not in bench.log("site-02"):

@@ -29,6 +29,8 @@ from cli.main import main
 from client.join import (
     ClientAppWatchdog,
     JoinSettings,
+    check_site,
+    claim_state,
     mark_clientapp,
     node_config_path,
     prepare_site,
@@ -447,6 +449,23 @@ def test_site_join_refuses_a_clientapp_watchdog_limit_that_is_not_positive(capsy
 
     assert code == 2
     assert "--clientapp-stuck-after: must be > 0 seconds" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_processes", "cli_logging")
+def test_a_second_site_join_on_the_same_state_is_refused_before_it_writes(capsys, data_dir):
+    # Prepare: a first join holds the state (as a running `site join` does) with its settings.
+    first = {"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8.0, "delta": 1e-5}
+    with claim_state(check_site(first)):
+        site = prepare_site(first)
+        written = node_config_path(site).read_text()
+
+        # Execute: a second join for the same data, with another ceiling.
+        code = main(site_join(data_dir, "--insecure", "--epsilon-ceiling", "1"))
+
+    # Assert: refused, naming the first; the first's node config is as it wrote it.
+    assert code == 2
+    assert f"another `site join` (pid {os.getpid()}) runs on this site's state" in capsys.readouterr().err
+    assert node_config_path(site).read_text() == written
 
 
 @pytest.mark.usefixtures("no_processes", "cli_logging")
