@@ -211,14 +211,14 @@ def test_a_node_without_a_valid_identity_gets_no_work(bench):
     assert bench.run("fedretrain keys site rogue --out rogue").returncode == 0
     assert bench.run("fedretrain keys ca --out other-ca").returncode == 0
     link = f"127.0.0.1:{bench.ports['9093']}"
-    # site-00's data, with a state of its own: a second join on site-00's state is refused first.
-    common = "--data data/site-00 --state-dir rogue-state --epsilon-ceiling 1 --max-retries 2"
+    # site-00's data, each with a state of its own: a second join on one state is refused first.
+    common = "--data data/site-00 --epsilon-ceiling 1 --max-retries 2"
     cases = {
         "unregistered": f"fedretrain site join --superlink {link} --ca keys/ca.pem --key rogue/rogue.key {common}",
         "other-ca": f"fedretrain site join --superlink {link} --ca other-ca/ca.pem --key keys/site-00.key {common}",
     }
     for name, command in cases.items():
-        bench.start(name, command.replace(f"{link} ", f"{link} --port {free_port()} "))
+        bench.start(name, command.replace(f"{link} ", f"{link} --port {free_port()} --state-dir state-{name} "))
     supernode = str(Path(sys.executable).parent / "flower-supernode")
     no_key = subprocess.Popen(
         [
