@@ -147,4 +147,12 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  site {site:<16} node {info['node_id']:<22} {info['status']}")
     for run in report["runs"]:
         print(f"  run {run['run_id']:<22} {run['status']:<22} {run['elapsed']}")
+    watch = report.get("watch")
+    if watch:
+        state = "running" if watch["running"] else "not running"
+        doing = watch.get("phase", "?") + (f" (Flower run {watch['flower_run']})" if watch.get("flower_run") else "")
+        print(
+            f"watch: {state}, pid {watch.get('pid')}, {doing}; {watch.get('polls', 0)} polls, "
+            f"{watch.get('cycles', 0)} cycles; records in {watch.get('registry')}/watch"
+        )
     return 0

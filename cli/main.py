@@ -146,10 +146,14 @@ def _add_coordinator_commands(subparsers: Any) -> None:
     watch = commands.add_parser(
         "watch",
         help="poll the sites, check the triggers, run a cycle when one fires",
-        description="Watches the simulated federation in simulation.federation_dir until stopped or "
-        "trigger.max_polls polls, e.g.: fedretrain coordinator watch experiment=smoke "
-        "simulation.federation_dir=fed trigger.poll_interval_s=600",
+        description="With --dir: the standing watch on the deployment whose SuperLink that coordinator "
+        "directory runs (until SIGTERM or trigger.max_polls polls; each poll and each cycle is a Flower "
+        "run), e.g. fedretrain coordinator watch --dir coord experiment=smoke registry.root=registry "
+        "registry.signing_key=keys/coordinator.key validation_path=data/coordinator/validation.jsonl. "
+        "Without: the simulated federation in simulation.federation_dir, e.g. fedretrain coordinator "
+        "watch experiment=smoke simulation.federation_dir=fed trigger.poll_interval_s=600",
     )
+    watch.add_argument("--dir", type=Path, help="the coordinator directory of a running deployment")
     watch.add_argument("overrides", nargs="*", help="Hydra overrides (key=value, group=option)")
     watch.set_defaults(func=_coordinator_watch)
     retrain = commands.add_parser("retrain", help="ask the watch for a retraining cycle at its next poll")
@@ -164,6 +168,14 @@ def _add_coordinator_commands(subparsers: Any) -> None:
 
 def _coordinator_watch(args: argparse.Namespace) -> int:
     import json
+
+    if args.dir is not None:
+        from server.deploy.coordinator import Coordinator
+        from server.watch.service import watch_service
+
+        watcher = watch_service(Coordinator(args.dir), list(args.overrides))
+        print(f"fedretrain: the watch stopped after {watcher.state.polls} polls and {watcher.state.cycles} cycles")
+        return 0
 
     from simulation.runner import watch
 

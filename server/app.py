@@ -16,13 +16,15 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedretrain.config import Config, compose_raw, overrides_from_run_config, to_yaml
+from fedretrain.atomic import atomic_write_json
+from fedretrain.config import Config, Job, compose_raw, overrides_from_run_config, to_yaml
 from fedretrain.config.parse import build
-from fedretrain.errors import ResumeError
+from fedretrain.errors import ConfigError, ResumeError
 from server.cycle.run import run_retraining
 from server.cycle.rundir import new_run_dir
 from server.sites.grid import BoundGrid
 from server.sites.roster import Roster
+from server.watch.poll import poll_status
 
 log = logging.getLogger("fedretrain.server")
 
@@ -71,6 +73,14 @@ def main(grid: Grid, context: Context) -> None:
     coordinator's ``sites.json``: a reply counts only for the site whose registered key
     its node proved (server/sites/roster.py).
     """
+    sites_file = str(context.run_config.get("sites-file", "") or "").strip()
+    roster = Roster.from_sites_file(Path(sites_file)) if sites_file else None
+    mode = str(context.run_config.get("mode", "cycle") or "cycle")
+    if mode == "poll":
+        _poll(bind_sites(grid, roster), context)
+        return
+    if mode != "cycle":
+        raise ConfigError(f"run_config: mode {mode!r} is neither 'cycle' nor 'poll'")
     given = str(context.run_config.get("run-dir", "") or "").strip()
     resume = bool(context.run_config.get("resume", False))
     if resume and not given:
@@ -80,9 +90,36 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(given) if given else new_run_dir(Path(cfg.output_dir), cfg.name)
     with run_log(run_dir):
         log.info("run directory: %s", run_dir)
-        sites_file = str(context.run_config.get("sites-file", "") or "").strip()
-        roster = Roster.from_sites_file(Path(sites_file)) if sites_file else None
-        run_retraining(bind_sites(grid, roster), cfg, run_dir, config_yaml=to_yaml(raw), resume=resume)
+        run_retraining(
+            bind_sites(grid, roster),
+            cfg,
+            run_dir,
+            config_yaml=to_yaml(raw),
+            resume=resume,
+            train_nodes=_node_ids(context.run_config.get("train-nodes", "")),
+        )
+
+
+def _node_ids(value: object) -> list[int] | None:
+    """``train-nodes`` ("1 2 3"): those node ids; empty: None (every connected site)."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    try:
+        return [int(n) for n in text.split()]
+    except ValueError:
+        raise ConfigError(f"run_config: train-nodes {text!r} is not a list of node ids") from None
+
+
+def _poll(grid: Grid, context: Context) -> None:
+    """Poll mode: every site's status, written to ``poll-file`` for the standing watch."""
+    target = str(context.run_config.get("poll-file", "") or "").strip()
+    if not target:
+        raise ConfigError("run_config: mode 'poll' needs poll-file, where the replies go")
+    cfg = build(Config, compose_raw(overrides_from_run_config(context.run_config)))
+    job = Job.from_config(cfg, run_id=f"status-{context.run_id}")
+    poll = poll_status(grid, job, cfg.monitor, min_nodes=cfg.strategy.min_sites)
+    atomic_write_json(Path(target), poll.to_dict())
 
 
 @contextmanager

@@ -453,3 +453,50 @@ def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_sp
         with (state / "last_train_reply.safetensors").open("rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
         assert (header["run-id"], header["server-round"], header["global-hash"]) == (summary["run_id"], "2", round_1)
+
+
+def test_the_standing_watch_runs_a_cycle_survives_a_kill_mid_cycle_and_stops_on_sigterm(bench):
+    # Prepare: a fresh registry (the first poll fires "initial"); a small target epsilon, so the
+    # sites can still pay after the cycles above; approval required, so nothing installs.
+    registry = bench.root / "reg-watch"
+    command = "fedretrain coordinator watch --dir coord " + " ".join(
+        run_overrides(
+            "reg-watch", "privacy.target_epsilon=1", "gate.require_approval=true", "trigger.poll_interval_s=5"
+        )
+    )
+    bench.start("watch", command)
+    inflight = registry / "watch" / "inflight.json"
+    deadline = time.monotonic() + 300
+    while not (inflight.exists() and json.loads(inflight.read_text()).get("flower_run_id")):
+        assert time.monotonic() < deadline and bench.procs["watch"].poll() is None, bench.log("watch")[-3000:]
+        time.sleep(0.5)
+    cycle_run = json.loads(inflight.read_text())["flower_run_id"]
+
+    # Execute: the watch is SIGKILLed while its cycle runs, then started again.
+    bench.kill("watch")
+    assert [r for r in bench.status()["runs"] if r["run_id"] == cycle_run][0]["status"] == "running"
+    bench.start("watch-again", command)
+    cycles = registry / "watch" / "cycles.jsonl"
+    deadline = time.monotonic() + 600
+    while not cycles.exists():
+        assert time.monotonic() < deadline and bench.procs["watch-again"].poll() is None, bench.log("watch-again")
+        time.sleep(1)
+    working = bench.status()["watch"]
+    os.kill(bench.procs["watch-again"].pid, signal.SIGTERM)
+    code = bench.procs["watch-again"].wait(timeout=120)
+
+    # Assert: one cycle, recorded once, from the one Flower run; each site spent each round once.
+    (record,) = [json.loads(line) for line in cycles.read_text().splitlines()]
+    assert record["triggers"] == ["initial"] and record["failure"] is None, record
+    assert record["decision"] == "pending_approval" and record["pending_version"] == 1
+    assert sorted(record["eligible"]) == list(SITES) and not inflight.exists()
+    assert f"cycle run {cycle_run} is still running: waiting for it" in bench.log("watch-again")
+    for site in SITES:
+        state = bench.root / "data" / site / ".fedretrain"
+        ledger = PrivacyLedger.load(state / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5)
+        rounds = [e.round for e in ledger.entries if e.run_id == record["run_id"] and e.kind == "train"]
+        assert rounds == [1, 2], (site, rounds)
+    # ... the service said what it was doing, and stopped cleanly on SIGTERM.
+    assert working["running"] and working["cycles"] == 1
+    assert code == 0 and "the watch stopped after" in bench.log("watch-again")
+    assert bench.status()["watch"]["phase"] == "stopped" and not bench.status()["watch"]["running"]

@@ -92,7 +92,7 @@ def cycles(monkeypatch):
     """Record the cycles the watch starts instead of training."""
     calls = []
 
-    def fake_run(grid, cfg, run_dir, *, config_yaml, validation_path, train_nodes):
+    def fake_run(grid, cfg, run_dir, *, config_yaml, validation_path, train_nodes, resume=False):
         calls.append({"train_nodes": sorted(train_nodes), "validation_path": validation_path})
         return {
             "run_id": f"r{len(calls)}",
@@ -285,3 +285,58 @@ def test_a_poll_waits_for_sites_still_connecting_but_not_forever():
     absent = Mock(spec=Grid)
     absent.get_node_ids.return_value = [4]
     assert wait_for_nodes(absent, 3, timeout_s=0.05, poll_s=0.01) == [4]
+
+
+def test_a_watch_that_dies_in_a_cycle_finishes_it_at_its_next_start_and_records_it_once(tmp_path, cfg, monkeypatch):
+    # Prepare: the watch process dies (SystemExit stands for the kill) while its cycle runs.
+    calls = []
+
+    def dies(grid, cfg, run_dir, *, config_yaml, validation_path, train_nodes, resume=False):
+        calls.append({"train_nodes": sorted(train_nodes), "resume": resume, "run_dir": run_dir})
+        if not resume:
+            raise SystemExit("killed")
+        return {
+            "run_id": "r1",
+            "gate": {"decision": "publish", "reasons": ["better"]},
+            "published_version": 1,
+            "pending_version": None,
+            "sites": {"site-a": {"epsilon": 4.0}, "site-b": {"epsilon": 4.5}},
+        }
+
+    monkeypatch.setattr(server.watch.loop, "run_retraining", dies)
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))})
+    request = request_retrain(cfg.registry.root, "new guideline")
+    watch_dir = Path(cfg.registry.root) / "watch"
+    with pytest.raises(SystemExit):
+        Watcher(grid, cfg, tmp_path / "runs", "yaml", "val.jsonl").poll_once(100.0)
+    assert (watch_dir / "inflight.json").exists() and not (watch_dir / "cycles.jsonl").exists()
+
+    # Execute: a new watch starts (and is asked for no poll).
+    Watcher(grid, cfg, tmp_path / "runs", "yaml").run(max_polls=0)
+
+    # Assert: the same cycle (same run directory and sites) resumed, recorded once, the request used up.
+    assert [c["resume"] for c in calls] == [False, True] and calls[0]["run_dir"] == calls[1]["run_dir"]
+    assert calls[1]["train_nodes"] == [1, 2]
+    (record,) = lines(watch_dir / "cycles.jsonl")
+    assert record["cycle"] == 1 and set(record["triggers"]) == {"initial", "operator"}
+    assert record["published_version"] == 1 and record["epsilon"]["site-a"] == {
+        "before": 2.0,
+        "after": 4.0,
+        "spent": 2.0,
+    }
+    assert not (watch_dir / "inflight.json").exists() and not request.exists()
+
+
+def test_an_aborted_cycle_is_recorded_as_aborted(tmp_path, cfg, monkeypatch):
+    def aborted(*args, **kwargs):
+        return {"run_id": "r1", "gate": None, "aborted": "round 1: 1 site(s) accepted; the quorum is 2",
+                "published_version": None, "pending_version": None, "sites": {}}  # fmt: skip
+
+    monkeypatch.setattr(server.watch.loop, "run_retraining", aborted)
+    watcher = Watcher(status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))}), cfg, tmp_path / "runs", "yaml")
+
+    event = watcher.poll_once(0.0)
+
+    (record,) = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
+    assert record["decision"] == "aborted" and "the quorum is 2" in record["reasons"][0]
+    assert event.failure is None

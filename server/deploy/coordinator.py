@@ -26,6 +26,7 @@ import os
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,13 +191,21 @@ def app_dir() -> Path:
 
 
 def submit_run(
-    coord: Coordinator, overrides: list[str], *, resume: Path | None = None, cwd: Path | None = None
+    coord: Coordinator,
+    overrides: list[str],
+    *,
+    resume: Path | None = None,
+    cwd: Path | None = None,
+    run_dir: Path | None = None,
+    train_nodes: list[int] | None = None,
 ) -> tuple[str, Path]:
     """Submit a cycle with ``flwr run``; returns (Flower run id, run directory).
 
     A fresh cycle's config is composed and checked here first (a bad key fails before
-    anything is sent) and its run directory is created here; ``resume`` names the run
-    directory of a cycle to continue from its last complete round, under its own config.
+    anything is sent) and its run directory is created here (or ``run_dir`` is used);
+    ``resume`` names the run directory of a cycle to continue from its last complete
+    round, under its own config. ``train_nodes`` limits training and evaluation to those
+    nodes (the watch's eligible sites).
     """
     cwd = Path(cwd or Path.cwd())
     if resume is not None:
@@ -212,18 +221,34 @@ def submit_run(
         overrides = absolute_paths(overrides, cwd, default_output=coord.root / "runs")
         cfg = compose_config(overrides)
         resolve_model_path(cfg.model.name_or_path)  # the embedded model is built once, here, not in every app
-        run_dir = new_run_dir(Path(cfg.output_dir), cfg.name).resolve()
+        run_dir = (Path(run_dir) if run_dir else new_run_dir(Path(cfg.output_dir), cfg.name)).resolve()
         values = {"experiment": "", "overrides": shlex.join(overrides), "run-dir": str(run_dir), "resume": False}
+    if train_nodes is not None:
+        values["train-nodes"] = " ".join(str(n) for n in train_nodes)
+    run_id = _flwr_run(coord, values, f"run-config-{run_dir.name}.toml")
+    log.info("submitted Flower run %s; run directory %s", run_id, run_dir)
+    return run_id, run_dir
+
+
+def submit_poll(coord: Coordinator, overrides: list[str], poll_file: Path) -> str:
+    """Submit a status poll with ``flwr run`` (the ServerApp in poll mode); returns the Flower run id.
+
+    The ServerApp asks every site for its status and writes what came back to ``poll_file``.
+    """
+    values = {"experiment": "", "overrides": shlex.join(overrides), "mode": "poll", "poll-file": str(poll_file)}
+    return _flwr_run(coord, values, "run-config-poll.toml")
+
+
+def _flwr_run(coord: Coordinator, values: dict[str, Any], config_name: str) -> str:
     # The ServerApp binds each node to the site whose key it proved (server/sites/roster.py); an
     # insecure bench registers no keys and has no sites file.
     values["sites-file"] = str(coord.sites_file.resolve()) if coord.sites_file.exists() else ""
-    run_config = coord.flwr_home / f"run-config-{run_dir.name}.toml"
+    run_config = coord.flwr_home / config_name
     atomic_write_text(run_config, toml_assignments(values))
     answer = run_flwr(
         coord.flwr_home, ["run", str(app_dir()), CONNECTION, "--run-config", str(run_config)], timeout_s=300
     )
-    log.info("submitted Flower run %s; run directory %s", answer["run-id"], run_dir)
-    return str(answer["run-id"]), run_dir
+    return str(answer["run-id"])
 
 
 def absolute_paths(overrides: list[str], cwd: Path, default_output: Path) -> list[str]:
@@ -245,14 +270,23 @@ def run_status(coord: Coordinator, run_id: str) -> str:
     return str(answer["runs"][0]["status"])
 
 
-def wait_for_run(coord: Coordinator, run_id: str, timeout_s: float, poll_s: float = 2.0) -> str:
-    """Poll until the run finishes; returns its final status (DeployError after ``timeout_s``)."""
+def wait_for_run(
+    coord: Coordinator,
+    run_id: str,
+    timeout_s: float,
+    poll_s: float = 2.0,
+    sleep: Callable[[float], object] = time.sleep,
+) -> str:
+    """Poll until the run finishes; returns its final status (DeployError after ``timeout_s``).
+
+    ``sleep`` waits between checks (a service passes one that raises when it is stopped).
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = run_status(coord, run_id)
         if status.startswith("finished"):
             return status
-        time.sleep(poll_s)
+        sleep(poll_s)
     raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f} s (`fedretrain coordinator status`)")
 
 
@@ -267,4 +301,28 @@ def status(coord: Coordinator) -> dict[str, Any]:
         {"run_id": r["run-id"], "status": r["status"], "elapsed": r["elapsed"]}
         for r in run_flwr(coord.flwr_home, ["ls", CONNECTION])["runs"]
     ]
-    return {"superlink": coord.settings()["address"], "sites": sites, "runs": runs}
+    return {"superlink": coord.settings()["address"], "sites": sites, "runs": runs, "watch": watch_status(coord)}
+
+
+def watch_status(coord: Coordinator) -> dict[str, Any] | None:
+    """What the standing watch (``coordinator watch --dir``) said it was doing last, and whether it runs."""
+    path = coord.root / "watch.json"
+    try:
+        report: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return {"phase": f"unreadable ({err})", "running": False}
+    pid = report.get("pid")
+    report["running"] = report.get("phase") != "stopped" and isinstance(pid, int) and _alive(pid)
+    return report
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -12,6 +12,13 @@ goes on where it stopped:
     <registry>/watch/cycles.jsonl      every cycle: why, who took part, who was left out, the outcome
     <registry>/watch/requests/         operator requests (`fedretrain coordinator retrain`), then done/
     <registry>/watch/cycle.lock        held while a cycle runs: never two at once
+    <registry>/watch/inflight.json     the cycle under way (its record so far); a watch that
+                                       starts and finds it finishes that cycle first
+
+How a poll reaches the sites and how a cycle runs is the only difference between the watch in
+one ServerApp (a simulation: :class:`Watcher` on the ServerApp's grid) and the standing
+service on a deployment, where each poll and each cycle is a Flower run of its own
+(server/watch/service.py).
 """
 
 from __future__ import annotations
@@ -88,9 +95,13 @@ class WatchEvent:
 
 @dataclass
 class Watcher:
-    """Polls the sites on ``grid`` and runs the cycles ``cfg.trigger`` calls for."""
+    """Polls the sites on ``grid`` and runs the cycles ``cfg.trigger`` calls for.
 
-    grid: Grid
+    A subclass that reaches the sites another way overrides :meth:`poll` and
+    :meth:`run_cycle` (server/watch/service.py; ``grid`` is then None).
+    """
+
+    grid: Grid | None
     cfg: Config
     runs_dir: Path
     config_yaml: str
@@ -114,9 +125,7 @@ class Watcher:
             )
             self.state.last_cycle_at = None
         job = Job.from_config(self.cfg, run_id=f"status-{self.state.polls + 1}")
-        poll = poll_status(
-            self.grid, job, self.cfg.monitor, min_nodes=self.expected_sites or self.cfg.strategy.min_sites
-        )
+        poll = self.poll(job, min_nodes=self.expected_sites or self.cfg.strategy.min_sites)
         requests = sorted((self.dir / "requests").glob("*.json"))
         with file_lock(cycle_lock_path(self.registry_root), wait=False) as free:
             running = not free
@@ -140,21 +149,67 @@ class Watcher:
         self.events.append(event)
         return event
 
+    def poll(self, job: Job, *, min_nodes: int) -> StatusPoll:
+        """Ask every site for its status (the ``query.status`` message on ``grid``)."""
+        assert self.grid is not None
+        return poll_status(self.grid, job, self.cfg.monitor, min_nodes=min_nodes)
+
+    def run_cycle(
+        self, run_dir: Path, nodes: list[int], validation_path: str | None, *, resume: bool = False
+    ) -> dict[str, Any]:
+        """Run one retraining cycle with ``nodes`` (on ``grid``); its summary."""
+        assert self.grid is not None
+        return run_retraining(
+            self.grid,
+            self.cfg,
+            run_dir,
+            config_yaml=self.config_yaml,
+            validation_path=validation_path,
+            train_nodes=nodes,
+            resume=resume,
+        )
+
     def run(
         self,
         *,
         max_polls: int | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> list[WatchEvent]:
-        """StatusPoll every ``trigger.poll_interval_s`` until stopped (or ``max_polls``)."""
+        """StatusPoll every ``trigger.poll_interval_s`` until ``stopping()`` (or ``max_polls``).
+
+        A cycle a previous watch left under way (``inflight.json``) is finished first.
+        """
+        self.finish_inflight()
         polls = 0
-        while max_polls is None or polls < max_polls:
+        while (max_polls is None or polls < max_polls) and not stopping():
             if polls:
                 sleep(self.cfg.trigger.poll_interval_s)
+                if stopping():
+                    break
             self.poll_once(clock())
             polls += 1
         return self.events
+
+    def finish_inflight(self) -> dict[str, Any] | None:
+        """Finish the cycle an earlier watch started and did not record; its record, or None."""
+        path = self.dir / INFLIGHT
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            run_dir, nodes = Path(record["run_dir"]), [int(n) for n in record["nodes"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path}: not a cycle record ({err}); move it aside to start afresh") from None
+        log.info("cycle %s was under way when the watch stopped: finishing it (%s)", record["cycle"], run_dir)
+        summary, failure = None, None
+        try:
+            summary = self.run_cycle(run_dir, nodes, record.get("validation_path"), resume=True)
+        except Exception as err:  # noqa: BLE001 - a failed cycle is recorded; the watch goes on
+            failure = f"{type(err).__name__}: {err}"
+            log.exception("cycle %s failed", record["cycle"])
+        return self._finish(record, summary, failure)
 
     def _cycle(
         self, now: float, poll: StatusPoll, decision: TriggerDecision, requests: list[Path], validation_path: str | None
@@ -175,17 +230,19 @@ class Watcher:
         previous = self.state.last_cycle_at
         self.state.last_cycle_at, self.state.cycles = now, number
         atomic_write_json(self.dir / "state.json", self.state.__dict__)
+        record = {
+            **_cycle_record(number, now, decision, poll, run_dir),
+            "nodes": nodes,
+            "validation_path": validation_path,
+            "requests": [str(p) for p in requests],
+            "epsilon_before": before,
+        }
+        atomic_write_json(self.dir / INFLIGHT, record)
         summary, failure = None, None
         try:
-            summary = run_retraining(
-                self.grid,
-                self.cfg,
-                run_dir,
-                config_yaml=self.config_yaml,
-                validation_path=validation_path,
-                train_nodes=nodes,
-            )
+            summary = self.run_cycle(run_dir, nodes, validation_path)
         except CycleBusy as err:  # another process started a cycle first: this one never ran
+            (self.dir / INFLIGHT).unlink(missing_ok=True)
             self.state.last_cycle_at, self.state.cycles = previous, number - 1
             log.warning("cycle %d not started: %s", number, err)
             held = TriggerDecision(
@@ -199,12 +256,25 @@ class Watcher:
         except Exception as err:  # noqa: BLE001 - a failed cycle is recorded; the watch goes on
             failure = f"{type(err).__name__}: {err}"
             log.exception("cycle %d failed", number)
-        for request in requests:  # the cycle they asked for has run
-            done = request.parent / "done" / request.name
-            done.parent.mkdir(parents=True, exist_ok=True)
-            request.replace(done)
-        self._append("cycles.jsonl", _cycle_record(number, now, decision, poll, run_dir, summary, failure, before))
+        self._finish(record, summary, failure)
         return WatchEvent(at=now, poll=poll, decision=decision, cycle=summary, failure=failure)
+
+    def _finish(self, record: dict[str, Any], summary: dict[str, Any] | None, failure: str | None) -> dict[str, Any]:
+        # The operator requests are done, the cycle is recorded, and only then is it no
+        # longer in flight: a crash in between records it twice at worst, never loses it.
+        for name in record.pop("requests", []):
+            request = Path(name)
+            if request.exists():
+                done = request.parent / "done" / request.name
+                done.parent.mkdir(parents=True, exist_ok=True)
+                request.replace(done)
+        before = record.pop("epsilon_before", {})
+        for key in ("nodes", "validation_path"):
+            record.pop(key, None)
+        record = _with_outcome(record, summary, failure, before)
+        self._append("cycles.jsonl", record)
+        (self.dir / INFLIGHT).unlink(missing_ok=True)
+        return record
 
     def _log_alerts(self, now: float, decision: TriggerDecision) -> None:
         for alert in decision.alerts:
@@ -241,7 +311,7 @@ def write_watch_summary(run_dir: Path, events: list[WatchEvent]) -> Path:
             if e.cycle is None
             else {
                 "run_id": e.cycle["run_id"],
-                "decision": e.cycle["gate"]["decision"],
+                "decision": (e.cycle.get("gate") or {"decision": "aborted"})["decision"],
                 "published_version": e.cycle["published_version"],
             },
             "failure": e.failure,
@@ -269,17 +339,13 @@ def _reason(path: Path) -> str:
         return "operator request"
 
 
+INFLIGHT = "inflight.json"
+
+
 def _cycle_record(
-    number: int,
-    now: float,
-    decision: TriggerDecision,
-    poll: StatusPoll,
-    run_dir: Path,
-    summary: dict[str, Any] | None,
-    failure: str | None,
-    before: dict[str, float],
+    number: int, now: float, decision: TriggerDecision, poll: StatusPoll, run_dir: Path
 ) -> dict[str, Any]:
-    record: dict[str, Any] = {
+    return {
         "cycle": number,
         "at": now,
         "triggers": sorted({a.trigger for a in decision.alerts}),
@@ -289,14 +355,20 @@ def _cycle_record(
         "status_refused": list(poll.refused),
         "status_no_reply": list(poll.no_reply),
         "run_dir": str(run_dir),
-        "failure": failure,
     }
+
+
+def _with_outcome(
+    record: dict[str, Any], summary: dict[str, Any] | None, failure: str | None, before: dict[str, float]
+) -> dict[str, Any]:
+    record = {**record, "failure": failure}
     if summary is not None:
         sites = summary.get("sites", {})
+        gate = summary.get("gate") or {"decision": "aborted", "reasons": [summary.get("aborted")]}
         record.update(
             run_id=summary["run_id"],
-            decision=summary["gate"]["decision"],
-            reasons=summary["gate"]["reasons"],
+            decision=gate["decision"],
+            reasons=gate["reasons"],
             published_version=summary["published_version"],
             pending_version=summary["pending_version"],
             epsilon={

@@ -36,6 +36,28 @@ class StatusPoll:
             "no_reply": list(self.no_reply),
         }
 
+    @classmethod
+    def from_dict(cls, raw: Any) -> StatusPoll:
+        """The poll :meth:`to_dict` wrote (a deployed poll run's file). ValueError names what is wrong."""
+        try:
+            # Each status checked again, as a site's reply is (SiteStatus.from_metrics).
+            statuses = tuple(
+                SiteStatus.from_metrics(
+                    str(values["site_id"]),
+                    int(values["node_id"]),
+                    {
+                        key.replace("_", "-"): value
+                        for key, value in values.items()
+                        if key not in ("site_id", "node_id") and value is not None
+                    },
+                )
+                for values in raw["sites"].values()
+            )
+            no_reply = tuple(int(n) for n in raw["no_reply"])
+            return cls(statuses=statuses, refused=tuple(raw["refused"]), no_reply=no_reply)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"not a status poll ({type(err).__name__}: {err})") from None
+
 
 def poll_status(
     grid: Grid, job: Job, monitor: MonitorConfig, node_ids: Iterable[int] | None = None, *, min_nodes: int = 0
