@@ -1,11 +1,15 @@
-"""What TLS and node authentication cost a deployed round, measured side by side.
+"""What a deployed round costs: TLS and node authentication, and everything beyond the sites' compute.
 
 The same small cycle (three sites, 2 rounds) runs on a SuperLink with TLS and SuperNode
 authentication and on an insecure one, alternately, ``--pairs`` times, all on
 127.0.0.1 with the real commands (``fedretrain coordinator start``, ``site join``,
-``coordinator run``). The figure is the ratio of the mean round times (from each run's
-metrics.jsonl), so a noisy machine slows both sides alike. Every process is started
-in its own session here and stopped here.
+``coordinator run``). The first figure is the ratio of the mean round times (from each
+run's metrics.jsonl), so a noisy machine slows both sides alike. The second is the
+cycle's rounds against the sites' own compute in them: for each site, the time its worker
+took to answer the cycle's train and evaluate messages (its log's "answered in" lines),
+the slowest site counted; the rest is Flower's per-message ClientApp processes, polling
+and the coordinator's work. Every process is started in its own session here and stopped
+here.
 
     python benchmarks/bench_deploy.py [--pairs 2] [--json out.json]
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,8 +72,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def one_cycle(root: Path, secure: bool, tag: str) -> list[float]:
-    """Start a federation (secure or not), run one cycle, stop it; the cycle's round times."""
+def site_compute_s(log: str) -> float:
+    """Seconds the site's worker spent answering train and evaluate messages (its log)."""
+    found = re.findall(r"site worker: (?:train|evaluate) answered in ([0-9.]+) s", log)
+    return sum(float(x) for x in found)
+
+
+def one_cycle(root: Path, secure: bool, tag: str) -> tuple[list[float], float]:
+    """Start a federation (secure or not), run one cycle, stop it; the round times and the
+    slowest site's compute in them."""
     coord, link = root / f"coord-{tag}", f"127.0.0.1:{_port()}"
     ident = ["--keys", "keys", *[f"--site=keys/{s}.pub" for s in SITES]] if secure else ["--insecure"]
     procs = [_start(root, f"coord-{tag}", "coordinator", "start", "--dir", str(coord), "--address", link, *ident)]
@@ -113,7 +125,8 @@ def one_cycle(root: Path, secure: bool, tag: str) -> list[float]:
         )
         run_dir = Path(out.split("run directory ")[1].split()[0])
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [row["round_s"] for row in rows if row["round"] > 0]
+        compute = max(site_compute_s((root / f"{site}-{tag}.log").read_text(errors="replace")) for site in SITES)
+        return [row["round_s"] for row in rows if row["round"] > 0], compute
     finally:
         _stop(procs)
 
@@ -131,15 +144,21 @@ def main() -> None:
     for site in SITES:
         _cli(root, "keys", "site", site, "--out", "keys")
     times: dict[str, list[float]] = {"secure": [], "insecure": []}
+    compute: dict[str, list[float]] = {"secure": [], "insecure": []}
     for pair in range(args.pairs):
         order = ("secure", "insecure") if pair % 2 == 0 else ("insecure", "secure")  # alternate who goes first
         for mode in order:
-            times[mode] += one_cycle(root, mode == "secure", f"{mode}-{pair}")
+            rounds, site_s = one_cycle(root, mode == "secure", f"{mode}-{pair}")
+            times[mode] += rounds
+            compute[mode].append(site_s)
     mean = {mode: sum(v) / len(v) for mode, v in times.items()}
     result = {
         "round_s": times,
         "mean_round_s": mean,
         "ratio_secure_over_insecure": mean["secure"] / mean["insecure"],
+        "site_compute_s": compute,
+        # All of the cycles' round time over all of the slowest sites' compute in them.
+        "ratio_rounds_over_site_compute": sum(sum(v) for v in times.values()) / sum(sum(v) for v in compute.values()),
         "workdir": str(root),
     }
     print(json.dumps(result, indent=2))

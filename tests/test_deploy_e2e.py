@@ -118,7 +118,7 @@ class Bench:
             sites = self.status()["sites"]
             if {s for s, v in sites.items() if v["status"] == "online"} == online:
                 return time.monotonic() - start
-            time.sleep(1)
+            time.sleep(3)  # a status is two flwr CLI calls, ~3 s of CPU: every second would take a core
         raise AssertionError(f"sites online never became {sorted(online)}: {self.status()['sites']}")
 
     def submit(self, *overrides: str) -> tuple[subprocess.Popen, Path]:
