@@ -84,4 +84,17 @@ def test_flower_components_point_at_the_apps():
     from fedretrain.config.compose import RUN_CONFIG_KEYS
 
     # The app's run_config is exactly what the ServerApp reads: nothing else reaches it.
-    assert set(app["config"]) == set(RUN_CONFIG_KEYS) == {"experiment", "overrides", "run-dir", "resume", "sites-file"}
+    assert (
+        set(app["config"])
+        == set(RUN_CONFIG_KEYS)
+        == {
+            "experiment",
+            "overrides",
+            "run-dir",
+            "resume",
+            "sites-file",
+            "mode",
+            "poll-file",
+            "train-nodes",
+        }
+    )

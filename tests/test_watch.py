@@ -340,3 +340,34 @@ def test_an_aborted_cycle_is_recorded_as_aborted(tmp_path, cfg, monkeypatch):
     (record,) = lines(Path(cfg.registry.root) / "watch" / "cycles.jsonl")
     assert record["decision"] == "aborted" and "the quorum is 2" in record["reasons"][0]
     assert event.failure is None
+
+
+def test_the_deployed_server_app_in_poll_mode_writes_every_sites_status_for_the_service(tmp_path):
+    from flwr.app import Context
+
+    import server.app
+    from server.watch.poll import StatusPoll
+
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(7, js=0.2))})
+    target = tmp_path / "last_poll.json"
+    run_config = {
+        **dict.fromkeys(("experiment", "run-dir", "sites-file", "train-nodes"), ""),
+        "overrides": "experiment=smoke strategy.min_sites=2",
+        "resume": False,
+        "mode": "poll",
+        "poll-file": str(target),
+    }
+
+    server.app.main(grid, Context(run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+    poll = StatusPoll.from_dict(json.loads(target.read_text()))
+    assert [(s.site_id, s.node_id, s.new_records) for s in poll.statuses] == [("site-a", 1, 5), ("site-b", 2, 7)]
+    assert poll.statuses[1].drift_js == 0.2 and poll.statuses[0].drift_js is None
+
+
+def test_a_poll_file_that_claims_nonsense_is_refused(tmp_path):
+    from server.watch.poll import StatusPoll
+
+    with pytest.raises(ValueError, match="not a status poll"):
+        StatusPoll.from_dict({"sites": {"a": {"site_id": "a", "node_id": 1, "new_records": -3}}, "refused": [],
+                              "no_reply": []})  # fmt: skip

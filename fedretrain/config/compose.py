@@ -60,7 +60,7 @@ def to_yaml(raw: Mapping[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(dict(raw)))
 
 
-RUN_CONFIG_KEYS = ("experiment", "overrides", "run-dir", "resume", "sites-file")
+RUN_CONFIG_KEYS = ("experiment", "overrides", "run-dir", "resume", "sites-file", "mode", "poll-file", "train-nodes")
 
 
 def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
