@@ -4,8 +4,10 @@ authentication, three SuperNodes, runs submitted with ``flwr run``, all on 127.0
 The module runs the README's commands in order, in a fresh directory (ports moved to
 free ones, the run shrunk in time like every README test), then drives the failures a
 deployment meets: nodes without a valid identity, a site killed mid-round, a lost
-quorum, and a ServerApp killed after round 1 and resumed. Every process is started in
-its own session by this module and stopped by it.
+quorum, and a ServerApp killed after round 1 and resumed; last, the README's standing watch
+(`coordinator watch --dir coord`, shrunk likewise) runs an operator's cycle, is killed in
+it, restarted, and stopped with SIGTERM. Every process is started in its own session by
+this module and stopped by it.
 """
 
 from __future__ import annotations
