@@ -292,7 +292,7 @@ def test_a_watch_that_dies_in_a_cycle_finishes_it_at_its_next_start_and_records_
     calls = []
 
     def dies(grid, cfg, run_dir, *, config_yaml, validation_path, train_nodes, resume=False):
-        calls.append({"train_nodes": sorted(train_nodes), "resume": resume, "run_dir": run_dir})
+        calls.append({"train_nodes": train_nodes and sorted(train_nodes), "resume": resume, "run_dir": run_dir})
         if not resume:
             raise SystemExit("killed")
         return {
@@ -316,7 +316,8 @@ def test_a_watch_that_dies_in_a_cycle_finishes_it_at_its_next_start_and_records_
 
     # Assert: the same cycle (same run directory and sites) resumed, recorded once, the request used up.
     assert [c["resume"] for c in calls] == [False, True] and calls[0]["run_dir"] == calls[1]["run_dir"]
-    assert calls[1]["train_nodes"] == [1, 2]
+    # Resumed with every connected site (node ids do not survive a simulation; sites refuse what they cannot pay).
+    assert calls[0]["train_nodes"] == [1, 2] and calls[1]["train_nodes"] is None
     (record,) = lines(watch_dir / "cycles.jsonl")
     assert record["cycle"] == 1 and set(record["triggers"]) == {"initial", "operator"}
     assert record["published_version"] == 1 and record["epsilon"]["site-a"] == {
@@ -371,3 +372,53 @@ def test_a_poll_file_that_claims_nonsense_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a status poll"):
         StatusPoll.from_dict({"sites": {"a": {"site_id": "a", "node_id": 1, "new_records": -3}}, "refused": [],
                               "no_reply": []})  # fmt: skip
+
+
+def test_a_deployed_watch_that_loses_sight_of_its_cycle_keeps_it_in_flight_then_records_it_once(
+    tmp_path, cfg, monkeypatch
+):
+    import server.watch.service as service
+    from fedretrain.errors import DeployError
+    from server.deploy.coordinator import Coordinator
+    from server.watch.poll import poll_status
+
+    # Prepare: the SuperLink stops answering while the cycle's Flower run (77) runs.
+    submitted = []
+    monkeypatch.setattr(service, "submit_run", lambda coord, overrides, **kw: submitted.append(kw) or ("77", None))
+
+    def superlink_gone(*args, **kwargs):
+        raise DeployError("flwr ls: connection refused")
+
+    monkeypatch.setattr(service, "wait_for_run", superlink_gone)
+    coord = Coordinator(tmp_path / "coord")
+    coord.root.mkdir()
+    grid = status_grid({1: ("site-a", status(5)), 2: ("site-b", status(5))})
+
+    def watcher() -> service.DeployedWatcher:
+        w = service.DeployedWatcher(None, cfg, tmp_path / "runs", "yaml", "val.jsonl", coord=coord)
+        monkeypatch.setattr(w, "poll", lambda job, min_nodes: poll_status(grid, job, cfg.monitor, min_nodes=min_nodes))
+        return w
+
+    inflight = Path(cfg.registry.root) / "watch" / "inflight.json"
+    cycles_file = Path(cfg.registry.root) / "watch" / "cycles.jsonl"
+
+    # Execute: the cycle starts and is lost sight of; a stop while waiting is a stop.
+    first = watcher()
+    event = first.poll_once(0.0)
+    lost_record = json.loads(inflight.read_text())
+    first.stop.set()
+    with pytest.raises(service.Stopping):
+        first.finish_inflight()
+
+    # ... then the SuperLink is back and the run finished: a new watch records it.
+    run_dir = Path(lost_record["run_dir"])
+    outcome = {"run_id": "c1", "gate": {"decision": "refuse", "reasons": []}, "sites": {}}
+    (run_dir / "summary.json").write_text(json.dumps({**outcome, "published_version": None, "pending_version": None}))
+    monkeypatch.setattr(service, "run_status", lambda coord, run_id: "finished:completed")
+    record = watcher().finish_inflight()
+
+    # Assert: nothing recorded while the run was out of sight; recorded once after, from run 77.
+    assert event.failure is None and event.cycle is None and lost_record["flower_run_id"] == "77"
+    assert submitted == [{"run_dir": run_dir, "train_nodes": [1, 2]}]
+    assert record["run_id"] == "c1" and record["failure"] is None and record["flower_run_id"] == "77"
+    assert len(cycles_file.read_text().splitlines()) == 1 and not inflight.exists()

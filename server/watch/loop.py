@@ -48,6 +48,14 @@ from server.watch.triggers import TriggerDecision, evaluate_triggers, format_dec
 log = logging.getLogger("fedretrain.server")
 
 
+class CycleUnfollowed(Exception):  # noqa: N818 - not the cycle's failure: the watch lost sight of it
+    """The watch cannot tell how a cycle under way is doing (its SuperLink does not answer).
+
+    The cycle is not recorded, neither as finished nor as failed: ``inflight.json`` stays,
+    and the watch follows the cycle again later.
+    """
+
+
 def watch_dir(registry_root: str | Path) -> Path:
     return Path(registry_root) / "watch"
 
@@ -157,7 +165,11 @@ class Watcher:
     def run_cycle(
         self, run_dir: Path, nodes: list[int], validation_path: str | None, *, resume: bool = False
     ) -> dict[str, Any]:
-        """Run one retraining cycle with ``nodes`` (on ``grid``); its summary."""
+        """Run one retraining cycle with ``nodes`` (on ``grid``); its summary.
+
+        Resumed, the cycle trains with every connected site: a simulation's virtual nodes get
+        new ids in every run, and a site that cannot pay refuses its round itself.
+        """
         assert self.grid is not None
         return run_retraining(
             self.grid,
@@ -165,7 +177,7 @@ class Watcher:
             run_dir,
             config_yaml=self.config_yaml,
             validation_path=validation_path,
-            train_nodes=nodes,
+            train_nodes=None if resume else nodes,
             resume=resume,
         )
 
@@ -206,6 +218,8 @@ class Watcher:
         summary, failure = None, None
         try:
             summary = self.run_cycle(run_dir, nodes, record.get("validation_path"), resume=True)
+        except CycleUnfollowed:
+            raise  # not recorded: followed again later
         except Exception as err:  # noqa: BLE001 - a failed cycle is recorded; the watch goes on
             failure = f"{type(err).__name__}: {err}"
             log.exception("cycle %s failed", record["cycle"])
@@ -241,6 +255,9 @@ class Watcher:
         summary, failure = None, None
         try:
             summary = self.run_cycle(run_dir, nodes, validation_path)
+        except CycleUnfollowed as err:
+            log.error("cycle %d: %s; it is followed again at the next poll", number, err)
+            return WatchEvent(at=now, poll=poll, decision=decision)
         except CycleBusy as err:  # another process started a cycle first: this one never ran
             (self.dir / INFLIGHT).unlink(missing_ok=True)
             self.state.last_cycle_at, self.state.cycles = previous, number - 1

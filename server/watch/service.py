@@ -5,18 +5,19 @@ sites' budgets, the records below ``<registry>/watch/``), reaching the sites thr
 running SuperLink: each status poll is a Flower run of this project's ServerApp in poll mode
 (every site's ``query.status`` reply, bound to the site whose key its node proved, written
 to ``<registry>/watch/last_poll.json``), and each cycle a Flower run of its own, with the
-eligible sites' nodes only. The service waits for every run it submits, so two never run
-at once (and a cycle also holds the registry's cycle lock).
+eligible sites' nodes only. The service waits for every run it submits, so two cycles never
+run at once (and a cycle also holds the registry's cycle lock).
 
 It is a service: its state is on disk, so a restarted watch goes on where it stopped. A
 cycle under way when it stopped (``inflight.json``, with the Flower run's id) is finished
 first: waited for if its run still runs, resumed from its last checkpoint if its ServerApp
 died (a site asked again for a round it trained sends the same update, spending nothing
 twice). SIGTERM or SIGINT stops it between two waits; a cycle run keeps running on the
-SuperLink and the next start waits for it. A poll or cycle that fails (a SuperLink
-restarting, a site that cannot be reached, a malformed reply) is logged and recorded, and
-the watch goes on at its next poll. What it is doing is in ``<dir>/watch.json``, which
-``fedretrain coordinator status`` prints.
+SuperLink and the next start waits for it. A poll that fails (a SuperLink restarting, a
+site that cannot be reached, a malformed reply) is logged and the watch polls again at its
+next interval; a cycle it cannot follow (its SuperLink does not answer) stays in flight,
+unrecorded, and is followed again before the next poll; a cycle that fails is recorded.
+What it is doing is in ``<dir>/watch.json``, which ``fedretrain coordinator status`` prints.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -43,7 +45,7 @@ from server.deploy.coordinator import (
     submit_run,
     wait_for_run,
 )
-from server.watch.loop import INFLIGHT, Watcher
+from server.watch.loop import INFLIGHT, CycleUnfollowed, Watcher
 from server.watch.poll import StatusPoll
 
 log = logging.getLogger("fedretrain.server")
@@ -72,8 +74,9 @@ class DeployedWatcher(Watcher):
 
     def poll(self, job: Job, *, min_nodes: int) -> StatusPoll:
         assert self.coord is not None
-        target = self.dir / "last_poll.json"
-        target.unlink(missing_ok=True)
+        # A file of this poll's own: a poll run left behind by a stopped watch cannot write into it.
+        target = self.dir / "polls" / f"{secrets.token_hex(8)}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
         run_id = submit_poll(self.coord, self.overrides, target.resolve())
         self._phase("polling", run_id)
         final = wait_for_run(
@@ -82,16 +85,22 @@ class DeployedWatcher(Watcher):
         if final != "finished:completed" or not target.exists():
             raise DeployError(f"status poll (Flower run {run_id}) ended {final} without replies; see `flwr log`")
         try:
-            return StatusPoll.from_dict(json.loads(target.read_text()))
+            poll = StatusPoll.from_dict(json.loads(target.read_text()))
         except ValueError as err:
             raise DeployError(f"{target}: {err}") from None
+        target.replace(self.dir / "last_poll.json")  # what the operator reads
+        return poll
 
     def run_cycle(
         self, run_dir: Path, nodes: list[int], validation_path: str | None, *, resume: bool = False
     ) -> dict[str, Any]:
         assert self.coord is not None
         run_id = self._inflight_run_id() if resume else None
-        if run_id is not None and not run_status(self.coord, run_id).startswith("finished"):
+        try:
+            still_running = run_id is not None and not run_status(self.coord, run_id).startswith("finished")
+        except DeployError as err:
+            raise self._unfollowed(run_id, err) from None
+        if still_running:
             log.info("cycle run %s is still running: waiting for it", run_id)
         elif resume and (run_dir / "summary.json").exists():
             run_id = None  # it finished while the watch was away
@@ -105,7 +114,10 @@ class DeployedWatcher(Watcher):
         if run_id is not None:
             self._remember_run(run_id)
             self._phase("cycle", run_id, run_dir=str(run_dir))
-            final = wait_for_run(self.coord, run_id, self._cycle_timeout_s(), sleep=self._sleep_or_stop)
+            try:
+                final = wait_for_run(self.coord, run_id, self._cycle_timeout_s(), sleep=self._sleep_or_stop)
+            except DeployError as err:
+                raise self._unfollowed(run_id, err) from None
             log.info("cycle run %s: %s", run_id, final)
         summary = run_dir / "summary.json"
         if not summary.exists():
@@ -124,9 +136,16 @@ class DeployedWatcher(Watcher):
                     self._phase("sleeping")
                     if self.stop.wait(self.cfg.trigger.poll_interval_s):
                         break
+                if (self.dir / INFLIGHT).exists():
+                    self._finish_inflight_or_log()  # a cycle it lost sight of: followed again first
+                    if (self.dir / INFLIGHT).exists():
+                        polls += 1
+                        continue
                 try:
                     self.poll_once(time.time())
                 except DeployError as err:
+                    if self.stop.is_set():
+                        break
                     log.error("poll %d failed: %s; the watch goes on", self.state.polls + 1, err)
                 polls += 1
         except Stopping:
@@ -134,11 +153,18 @@ class DeployedWatcher(Watcher):
         finally:
             self._phase("stopped")
 
+    def _unfollowed(self, run_id: str | None, err: DeployError) -> BaseException:
+        # A stop kills the flwr CLI call in hand too (systemd and Ctrl-C signal the whole
+        # group): that is the stop, not a lost SuperLink.
+        if self.stop.is_set():
+            return Stopping()
+        return CycleUnfollowed(f"cannot follow the cycle's Flower run {run_id} ({err})")
+
     def _finish_inflight_or_log(self) -> None:
         try:
             self.finish_inflight()
-        except DeployError as err:
-            log.error("the cycle under way could not be finished: %s; it is tried again at the next start", err)
+        except (CycleUnfollowed, DeployError) as err:
+            log.error("the cycle under way could not be followed: %s; the watch tries again at its next poll", err)
 
     def _sleep_or_stop(self, seconds: float) -> None:
         if self.stop.wait(seconds):
@@ -203,7 +229,12 @@ def watch_service(coord: Coordinator, overrides: list[str]) -> DeployedWatcher:
             coord=coord,
             overrides=overrides,
         )
-        previous = {sig: signal.signal(sig, lambda *_: watcher.stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def request_stop(*_: Any) -> None:
+            # From another thread: Event.set here could wait on a lock this thread holds.
+            threading.Thread(target=watcher.stop.set, daemon=True).start()
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             log.info("watching %s: a poll every %.0f s", coord.root, cfg.trigger.poll_interval_s)
             watcher.serve(max_polls=cfg.trigger.max_polls)
