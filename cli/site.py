@@ -153,7 +153,7 @@ def _site_join(args: argparse.Namespace) -> int:
     if args.state_dir:
         node_config["state-dir"] = str(args.state_dir.resolve())
     # Claimed before anything is written: a second join on this state changes nothing of the first's.
-    with claim_state(check_site(node_config)):
+    with claim_state(check_site(node_config)) as state_lock:
         site = prepare_site(node_config)
         resolve_model_path(args.model)
         # The worker first: the SuperNode's first message already finds it listening.
@@ -166,6 +166,7 @@ def _site_join(args: argparse.Namespace) -> int:
                 JoinSettings(
                     superlink=args.superlink, ca=args.ca, key=args.key, port=args.port, max_retries=args.max_retries
                 ),
+                state_lock,
             )
             watchdog = ClientAppWatchdog(proc.pid, site.state_path, args.clientapp_stuck_after)
             watchdog.start()

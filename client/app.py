@@ -6,8 +6,10 @@ every message; there the ClientApp forwards the message to the site's worker, th
 long-lived process ``site join`` runs beside the SuperNode with the model and libraries
 loaded (client/worker.py), and answers with what the worker says. This module imports
 neither torch nor the site's training code, so a forwarding process starts in about a
-second. Without a worker (a SuperNode started by hand), the ClientApp computes the answer
-itself, as in a simulation, paying the imports and the model load for every message.
+second. While ``site join`` runs and its worker is starting, the answer is an error reply
+(code 4110): the site's own install answers, or nothing does. Without ``site join`` (a
+SuperNode started by hand), the ClientApp computes the answer itself, as in a simulation,
+paying the imports and the model load for every message.
 
 A site's failure (bad data, budget spent, a malformed job) becomes an error reply with
 its reason; the coordinator logs it and the round goes on without this site.
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.join import mark_clientapp
+from client.join import join_running, mark_clientapp
 from client.reasons import without_paths
 from client.worker import WorkerAddress, WorkerUnavailable, ask
 from fedretrain.config import SiteConfig, site_config_from_node_config
@@ -85,6 +87,9 @@ def _handle(
         worker = WorkerAddress.read(site.state_path) if use_worker else None
         if worker is not None:
             answer = ask(worker, message_type, msg.content)
+        elif use_worker and join_running(site):
+            # `site join` runs and its worker is (re)starting: the site's own code answers, or none.
+            raise WorkerUnavailable("the site worker is starting")
         else:
             if use_worker:
                 log.warning("no site worker runs for %s: answering %s in this process", site.site_id, message_type)

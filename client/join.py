@@ -75,12 +75,15 @@ def prepare_site(node_config: dict[str, Any]) -> SiteConfig:
 
 
 @contextlib.contextmanager
-def claim_state(site: SiteConfig) -> Iterator[None]:
-    """Hold the site's state directory for this ``site join`` (a second one is refused).
+def claim_state(site: SiteConfig) -> Iterator[int]:
+    """Hold the site's state directory for this ``site join`` (a second one is refused);
+    yields the lock's file descriptor.
 
     Two SuperNodes on one state would each start a worker and take each other's address,
-    and answer for one site twice: the lock (``flock``, released by the kernel when the
-    process ends, however it ends) makes the second fail at once, naming the first.
+    and answer for one site twice: the lock (``flock``, released by the kernel when every
+    process holding it has ended, however it ended) makes the second fail at once, naming
+    the first. The SuperNode inherits the descriptor, so a SuperNode left running by a
+    ``site join`` killed outright still holds the state.
     """
     private_dir(site.state_path)
     path = site.state_path / "join.lock"
@@ -96,7 +99,7 @@ def claim_state(site: SiteConfig) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -128,11 +131,33 @@ def supernode_command(site: SiteConfig, join: JoinSettings) -> list[str]:
     return argv
 
 
-def start_supernode(site: SiteConfig, join: JoinSettings) -> subprocess.Popen:
-    """Start the site's SuperNode (its FLWR_HOME below the site's state directory)."""
+def start_supernode(site: SiteConfig, join: JoinSettings, state_lock: int | None = None) -> subprocess.Popen:
+    """Start the site's SuperNode (its FLWR_HOME below the site's state directory); it
+    inherits ``state_lock`` (:func:`claim_state`)."""
     argv = supernode_command(site, join)
     log.info("site %s joining %s", site.site_id, join.superlink)
-    return subprocess.Popen(argv, env=flower_env(site.state_path / "flwr"), cwd=site.state_path)
+    return subprocess.Popen(
+        argv,
+        env=flower_env(site.state_path / "flwr"),
+        cwd=site.state_path,
+        pass_fds=() if state_lock is None else (state_lock,),
+    )
+
+
+def join_running(site: SiteConfig) -> bool:
+    """Whether a ``site join`` (or the SuperNode it started) holds this site's state."""
+    path = site.state_path / "join.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a shared lock taken here
+    return False
 
 
 def _existing(path: Path, flag: str) -> Path:

@@ -186,17 +186,22 @@ class _Server(socketserver.UnixStreamServer):
 def serve(site: SiteConfig, parent_pid: int | None = None) -> None:
     """Answer the site's messages until SIGTERM or SIGINT, or until ``parent_pid`` (``site
     join``) is gone; the message in hand is finished first."""
-    import client.handlers  # noqa: F401 - the libraries load now, not at the first message
-
-    directory = Path(tempfile.mkdtemp(prefix="fr-site-"))  # 0700, created by this user
-    server = _Server(str(directory / "worker.sock"), site)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
-        stop.set()
+        # From another thread: Event.set here could wait on a lock this thread holds.
+        threading.Thread(target=stop.set, daemon=True).start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
+    import client.handlers  # noqa: F401 - the libraries load now, not at the first message
+
+    if stop.is_set():
+        return
+    # 0700, created by this user; in the user's runtime directory where there is one (no
+    # tmp cleaner removes a socket from it while the worker runs).
+    directory = Path(tempfile.mkdtemp(prefix="fr-site-", dir=os.environ.get("XDG_RUNTIME_DIR") or None))
+    server = _Server(str(directory / "worker.sock"), site)
     thread = threading.Thread(target=server.serve_forever, name="site-worker", daemon=True)
     thread.start()
     if parent_pid is not None:
@@ -246,7 +251,15 @@ def read_node_config(path: Path) -> SiteConfig:
 class WorkerProcess:
     """The site worker as a child of ``site join``: started, waited for, restarted when it dies."""
 
-    def __init__(self, site: SiteConfig, node_config: Path, ready_timeout_s: float = 300.0, output: Any = None) -> None:
+    def __init__(
+        self,
+        site: SiteConfig,
+        node_config: Path,
+        ready_timeout_s: float = 300.0,
+        output: Any = None,
+        stop_grace_s: float = 300.0,
+    ) -> None:
+        self.stop_grace_s = stop_grace_s  # how long a stop waits for the message in hand
         self.site = site
         self.output = output  # the worker's stdout and stderr (default: this process's)
         self.node_config = node_config
@@ -261,6 +274,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # not this directory first: the installed code (and PYTHONPATH) only
                 "-m",
                 "client.worker",
                 "--node-config",
@@ -277,6 +291,8 @@ class WorkerProcess:
             address = WorkerAddress.read(self.site.state_path)
             if address is not None and address.pid == self.proc.pid:
                 return
+            if self._stop.is_set():  # site join is stopping: stop() ends this one
+                return
             if self.proc.poll() is not None:
                 raise DeployError(f"the site worker exited with code {self.proc.returncode} before it was ready")
             time.sleep(0.2)
@@ -284,15 +300,11 @@ class WorkerProcess:
         raise DeployError(f"the site worker was not ready after {self.ready_timeout_s:.0f} s")
 
     def keep_running(self, interval_s: float = 2.0) -> None:
-        """Restart the worker whenever it fails, until :meth:`stop` (a daemon thread).
-
-        A worker that exits 0 was asked to stop (a signal to the whole process group, as
-        Ctrl-C sends): ``site join`` is stopping too, and it is not restarted.
-        """
+        """Restart the worker whenever it exits, until :meth:`stop` (a daemon thread)."""
 
         def watch() -> None:
             while not self._stop.wait(interval_s):
-                if self.proc is not None and self.proc.poll() not in (None, 0):
+                if self.proc is not None and self.proc.poll() is not None:
                     log.error("the site worker exited with code %s; starting a new one", self.proc.returncode)
                     try:
                         self.start()
@@ -303,8 +315,8 @@ class WorkerProcess:
         self._thread = threading.Thread(target=watch, name="site-worker-keeper", daemon=True)
         self._thread.start()
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM (the message in hand is finished), SIGKILL after ``grace_s``."""
+    def stop(self) -> None:
+        """SIGTERM (the message in hand is finished), SIGKILL after ``stop_grace_s``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -312,7 +324,7 @@ class WorkerProcess:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(grace_s)
+            self.proc.wait(self.stop_grace_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -84,16 +84,16 @@ def ray_while_importing(module: str) -> Iterator[None]:
         loader = threading.Thread(target=load, name="fedretrain-imports", daemon=True)
         loader.start()
         try:
-            # What Flower's RayBackend.init_ray passes, minus the runtime environment.
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.ERROR)
-        finally:
-            loader.join()
-        try:
+            try:
+                # What Flower's RayBackend.init_ray passes, minus the runtime environment.
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.ERROR)
+            finally:
+                loader.join()
             if failures:
                 raise failures[0]
             yield
         finally:
-            if ray.is_initialized():
+            if ray.is_initialized():  # also after a failed start: what it started goes too
                 ray.shutdown()
 
 

@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 import client.round.site
 from client.app import WORKER_UNAVAILABLE, make_client_app
 from client.handlers import ERROR_CODES
-from client.join import node_config_path, prepare_site
+from client.join import claim_state, node_config_path, prepare_site
 from client.round.site import evaluate_round, train_round
 from client.worker import WorkerAddress, WorkerProcess, ask
 from fedretrain.arrays import NOT_PRIVATE_EPSILON, AdapterSpec, from_array_record, to_array_record
@@ -282,6 +282,17 @@ def test_a_killed_worker_is_an_error_reply_then_a_new_worker_answers(
     reply = _call(DEPLOYED, site, job, initial_adapter, server_round=3)
     assert not reply.has_error(), reply.error
     assert f"the site worker exited with code {-signal.SIGKILL}; starting a new one" in caplog.text
+
+
+def test_while_site_join_runs_and_its_worker_starts_the_answer_is_an_error_reply(
+    tmp_path, job, initial_adapter, instruction_identity
+):
+    # site join holds the state (its worker has not written its address yet).
+    site = make_site(tmp_path)
+    with claim_state(site):
+        reply = _call(DEPLOYED, site, job, initial_adapter)
+    assert reply.has_error() and reply.error.code == WORKER_UNAVAILABLE
+    assert not site.ledger_path.exists()  # nothing trained here, in the bundle's code
 
 
 def test_without_a_worker_the_client_app_answers_itself(tmp_path, job, initial_adapter, instruction_identity, caplog):
