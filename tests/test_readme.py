@@ -25,11 +25,14 @@ SHRINK = ["rounds=1", "data.records_per_site=40", "data.validation_records=40", 
 
 
 # The publishing walkthrough trains for real (a shrunk run still has to beat the baseline, and
-# the second cycle version 1: with 80 held-out records a site, the sites' noised evaluations
-# can still confirm an improvement of a few tenths of a nat).
+# the second cycle version 1). The second cycle's gain is about 0.1-0.2 nat, and the sites'
+# DP noise on their evaluation sums is fixed, so the held-out records decide whether they can
+# confirm it: with 80 a site the interval crossed 0 in 1 of the last 3 CI runs ([-0.006,
+# 0.200]); 320 a site (half of 640) cut that noise 4x, with the same 320 training records.
 WALKTHROUGH_SHRINK = [
     "rounds=2",
-    "data.records_per_site=400",
+    "data.records_per_site=640",
+    "data.heldout_fraction=0.5",
     "data.validation_records=120",
     "train.local_steps=12",
     "output_dir=runs",
