@@ -55,6 +55,11 @@ log = logging.getLogger("fedretrain.server")
 RUN_SLACK_S = 600.0
 
 
+# How often the watch asks the SuperLink whether a cycle's run has finished: each check is a
+# flwr CLI process (about 1.5 s of CPU), and a cycle lasts minutes.
+CYCLE_CHECK_S = 10.0
+
+
 class Stopping(BaseException):  # noqa: N818 - not an error: the service was asked to stop
     """Raised out of a wait when the service is asked to stop (not an Exception: a cycle in
     flight is left to finish, not recorded as failed)."""
@@ -115,7 +120,9 @@ class DeployedWatcher(Watcher):
             self._remember_run(run_id)
             self._phase("cycle", run_id, run_dir=str(run_dir))
             try:
-                final = wait_for_run(self.coord, run_id, self._cycle_timeout_s(), sleep=self._sleep_or_stop)
+                final = wait_for_run(
+                    self.coord, run_id, self._cycle_timeout_s(), poll_s=CYCLE_CHECK_S, sleep=self._sleep_or_stop
+                )
             except DeployError as err:
                 raise self._unfollowed(run_id, err) from None
             log.info("cycle run %s: %s", run_id, final)
