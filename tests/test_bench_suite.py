@@ -72,10 +72,13 @@ def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) ->
     assert step["target"] is None and "median of 3 paired ratios" in step["note"]
     assert by_name["grad_sample_floor_bytes_b16"]["value"] == 8192 * 16 * 4  # r=8 on q,v of 2 layers
     assert all(by_name.get(name, {}).get("value") is None for name in ("dp_step_ms_ghost_b16", "dp_step_ms_hooks_b64"))
-    # The quick aggregation run (bench_aggregation.py --quick --reps 1): positive ratios.
-    agg = [row for row in rows if row["name"].startswith("agg_") and row["value"] is not None]
-    assert "agg_ours_vs_flower_gbps_without_checks" in {row["name"] for row in agg}
-    assert all(row["ratio"] is None or row["ratio"] > 0 for row in agg)
+    # The quick aggregation run (bench_aggregation.py --quick --reps 1): positive speed ratios; the
+    # difference from Flower's result and aggregation's own extra bytes may be exactly 0 (a CI run
+    # came out bit-identical to Flower's average), never negative.
+    agg = {row["name"]: row for row in rows if row["name"].startswith("agg_") and row["value"] is not None}
+    assert "agg_ours_vs_flower_gbps_without_checks" in agg
+    assert all(row["ratio"] > 0 for name, row in agg.items() if name.startswith("agg_ours_vs_"))
+    assert all(row["ratio"] is None or row["ratio"] >= 0 for row in agg.values())
 
 
 def test_finish_rows_recomputes_ratios_and_judges_targets() -> None:
