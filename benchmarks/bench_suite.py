@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from suite_rows import DEMO_ROW_NAMES, finish_rows, machine, placeholder_rows
+from suite_rows import DEMO_ROW_NAMES, DEPLOY_ROW_NAMES, finish_rows, machine, placeholder_rows
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -51,7 +51,14 @@ SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
     ("bench_accounting.py", [], []),
     # One-run privacy audit (Steinke et al. 2023): 256 canaries, DP on and off: 7-10 min on 2 shared cores.
     ("bench_audit.py", [], ["--quick"]),
+    # A real deployment on 127.0.0.1 (SuperLink, three SuperNodes with their workers, the
+    # standing watch): 4 cycles and a watch's cycle, 10-15 min on 2 cores; not in quick mode.
+    ("bench_deploy.py", ["--pairs", "2"], None),
 ]
+
+
+# The rows a section would have written, listed with null figures when it is skipped or fails.
+PLACEHOLDERS = {"bench_demo.py": DEMO_ROW_NAMES, "bench_deploy.py": DEPLOY_ROW_NAMES}
 
 
 def run_section(script: str, args: list[str], scratch: Path) -> list[dict] | None:
@@ -85,13 +92,13 @@ def run_all(quick: bool, only: list[str] | None = None) -> tuple[list[dict], lis
         for script, full_args, quick_args in SECTIONS:
             if only and script not in only:
                 continue
+            names = PLACEHOLDERS.get(script, (f"{Path(script).stem}_failed",))
             if quick and quick_args is None:
-                rows += placeholder_rows(DEMO_ROW_NAMES, "skipped in quick mode (needs the ~70 s demo)")
+                rows += placeholder_rows(names, f"skipped in quick mode ({script} takes minutes)")
                 continue
             got = run_section(script, quick_args if quick else full_args, Path(tmp))
             if got is None:
                 failed.append(script)
-                names = DEMO_ROW_NAMES if script == "bench_demo.py" else (f"{Path(script).stem}_failed",)
                 got = placeholder_rows(names, f"{script} failed; see its output")
             rows += got
     return rows, failed

@@ -56,6 +56,13 @@ ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
     (r"ttv_", ("7 Time to value", "", None, "lower", "")),
     (r"eps_", ("8 Privacy accounting", "epsilon", None, "lower", "")),
     (
+        r"deploy_round_s_over_site_compute",
+        ("9 Deployment", "s", 1.25, "lower", "a deployed round vs the sites' own compute in it"),
+    ),
+    (r"deploy_round_s_secure", ("9 Deployment", "s", None, "lower", "TLS and node authentication vs insecure")),
+    (r"deploy_new_data", ("9 Deployment", "s", None, "lower", "new records at the sites -> installed everywhere")),
+    (r"deploy_status_poll", ("9 Deployment", "s", None, "lower", "a standing watch's status poll")),
+    (
         r"sigma_fit_s_",
         ("8 Privacy accounting", "s", 1.0, "lower", "a round's sigma fit: ours vs the same bisection on opacus"),
     ),
@@ -72,6 +79,14 @@ DEMO_ROW_NAMES = (
     "ttv_rounds_to_beat_baseline",
     "ttv_bytes_to_beat_baseline",
     "demo_bytes_per_client_round",
+)
+
+
+DEPLOY_ROW_NAMES = (
+    "deploy_round_s_over_site_compute",
+    "deploy_round_s_secure_vs_insecure",
+    "deploy_new_data_to_installed_s",
+    "deploy_status_poll_s",
 )
 
 

@@ -78,21 +78,37 @@ def _add_join(site_subparsers: Any) -> None:
         action="store_true",
         help="no TLS and no node key: a test bench on one machine only, never a hospital",
     )
-    join.add_argument("--data", required=True, type=Path, help="holds train.jsonl and heldout.jsonl")
-    join.add_argument("--epsilon-ceiling", required=True, type=float, help="the site's lifetime epsilon budget")
+    join.add_argument(
+        "--site-config",
+        type=Path,
+        help="the site's settings as JSON (node-config keys: data-dir, epsilon-ceiling, share-drift-scores, "
+        "status-noise, ...); a flag given here wins over the same key in it",
+    )
+    join.add_argument("--data", type=Path, help="holds train.jsonl and heldout.jsonl (or data-dir in --site-config)")
+    join.add_argument(
+        "--epsilon-ceiling", type=float, help="the site's lifetime epsilon budget (or epsilon-ceiling in --site-config)"
+    )
     join.add_argument("--site-id", help="the site's pseudonymous name (default: the key file's name)")
-    join.add_argument("--delta", type=float, default=1e-5)
+    join.add_argument("--delta", type=float, help="default 1e-5")
+    join.add_argument(
+        "--share-drift-scores",
+        action="store_true",
+        default=None,
+        help="send the drift and loss scores of a status reply to the coordinator, un-noised, so its "
+        "drift and performance triggers can fire (see the README's 'What a site discloses')",
+    )
     join.add_argument(
         "--coordinator-key",
         type=Path,
         help="the coordinator's public signing key (coordinator.pub); without it nothing is installed",
     )
     join.add_argument("--state-dir", type=Path, help="privacy ledger and model store (default: DATA/.fedretrain)")
-    join.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    join.add_argument("--accountant", default="rdp", choices=("rdp", "prv"))
+    join.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    join.add_argument("--accountant", choices=("rdp", "prv"), help="default rdp")
     join.add_argument(
         "--smoke-eval",
         action="store_true",
+        default=None,
         help="score a published version on held-out data before installing it; refuse a worse one",
     )
     join.add_argument(
@@ -135,23 +151,9 @@ def _site_join(args: argparse.Namespace) -> int:
     secure = bool(args.ca and args.key)
     if args.insecure == secure or (args.insecure and (args.ca or args.key)):
         raise FedretrainError("give --ca and --key (TLS and node authentication), or --insecure for a test bench")
-    if not args.site_id and not args.key:
-        raise FedretrainError("--site-id: required without --key (the site id defaults to the key file's name)")
     if not args.clientapp_stuck_after > 0:
         raise FedretrainError(f"--clientapp-stuck-after: must be > 0 seconds, got {args.clientapp_stuck_after}")
-    node_config = {
-        "site-id": args.site_id or args.key.stem,
-        "data-dir": str(args.data.resolve()),
-        "epsilon-ceiling": args.epsilon_ceiling,
-        "delta": args.delta,
-        "device": args.device,
-        "accountant": args.accountant,
-        "smoke-eval": args.smoke_eval,
-    }
-    if args.coordinator_key:
-        node_config["coordinator-key"] = str(args.coordinator_key.resolve())
-    if args.state_dir:
-        node_config["state-dir"] = str(args.state_dir.resolve())
+    node_config = _join_node_config(args)
     # Claimed before anything is written: a second join on this state changes nothing of the first's.
     with claim_state(check_site(node_config)) as state_lock:
         site = prepare_site(node_config)
@@ -176,6 +178,60 @@ def _site_join(args: argparse.Namespace) -> int:
                 watchdog.stop()
         finally:
             worker.stop()
+
+
+# Settings that name files: resolved against where `site join` is typed, since the
+# SuperNode and the worker may run elsewhere.
+_PATH_KEYS = ("data-dir", "state-dir", "coordinator-key", "inbox-dir")
+
+
+def _join_node_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The site's node config: ``--site-config``'s keys, then the flags given, then defaults."""
+    node_config: dict[str, Any] = dict(_read_settings(args.site_config)) if args.site_config else {}
+    flags = {
+        "site-id": args.site_id,
+        "data-dir": args.data,
+        "epsilon-ceiling": args.epsilon_ceiling,
+        "delta": args.delta,
+        "device": args.device,
+        "accountant": args.accountant,
+        "smoke-eval": args.smoke_eval,
+        "share-drift-scores": args.share_drift_scores,
+        "coordinator-key": args.coordinator_key,
+        "state-dir": args.state_dir,
+    }
+    node_config.update({key: value for key, value in flags.items() if value is not None})
+    if "site-id" not in node_config and args.key:
+        node_config["site-id"] = args.key.stem
+    node_config.setdefault("delta", 1e-5)
+    where = f" in {args.site_config}" if args.site_config else ""
+    for key, flag in (("site-id", "--site-id"), ("data-dir", "--data"), ("epsilon-ceiling", "--epsilon-ceiling")):
+        if key not in node_config:
+            raise FedretrainError(
+                f"site join: give {flag}, or {key}{where or ' in --site-config'}"
+                + (" (the site id defaults to the key file's name)" if key == "site-id" else "")
+            )
+    for key in _PATH_KEYS:
+        if key in node_config:
+            node_config[key] = str(Path(str(node_config[key])).resolve())
+    return node_config
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """A site's settings file: JSON (a simulated site's ``site.json``, or the operator's own),
+    or the ``node-config.toml`` that ``site join`` writes into the site's state directory."""
+    import tomllib
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        settings = tomllib.loads(text) if Path(path).suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as err:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise FedretrainError(f"{path}: cannot read the site's config: {err}") from None
+    if not isinstance(settings, dict):
+        raise FedretrainError(
+            f"{path}: cannot read the site's config: expected an object, got {type(settings).__name__}"
+        )
+    return settings
 
 
 def _site_ingest(args: argparse.Namespace) -> int:
@@ -234,12 +290,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def _read_site(path: str) -> SiteConfig:
     from fedretrain.config import site_config_from_node_config
 
+    node_config = _read_settings(Path(path))
     try:
-        node_config = json.loads(Path(path).read_text())
-        if not isinstance(node_config, dict):
-            raise ValueError(f"expected a JSON object, got {type(node_config).__name__}")
         # These commands never train, and only training reads allow-reproducible-noise: a
         # simulated site's site.json is read as it is.
         return site_config_from_node_config(node_config, simulation=True)
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         raise FedretrainError(f"{path}: cannot read the site's config: {err}") from None

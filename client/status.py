@@ -29,6 +29,7 @@ ledger and the job's fixed sampling rate).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -116,7 +117,12 @@ def site_status(
         and len(reference) >= 2
         and ref.heldout_end
     ):
-        status.update(_scores(site, job, monitor, reference, heldout[: ref.heldout_end], new_texts, rng))
+        key = _scores_key(site, job, monitor, ref, len(train), len(heldout), seed)
+        scores = _kept_scores(site, key)
+        if scores is None:
+            scores = _scores(site, job, monitor, reference, heldout[: ref.heldout_end], new_texts, rng)
+            atomic_write_json(site.state_path / SCORES_FILE, {"key": key, "scores": scores})
+        status.update(scores)
     status["model-version"] = _installed_version(site)
     status.update(_privacy(site, job))
     return status
@@ -164,6 +170,42 @@ def _recent_counts(site: SiteConfig) -> dict[str, float | int] | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # unreadable: release afresh (charged), never guess
     return counts if 0 <= age < site.status_interval_s else None
+
+
+# The last drift and loss scores and what they were computed from. The coordinator may poll
+# every minute; with nothing changed the site answers the same scores without loading a model.
+SCORES_FILE = "last_scores.json"
+
+
+def _scores_key(
+    site: SiteConfig, job: Job, monitor: MonitorConfig, ref: Reference, num_train: int, num_heldout: int, seed: int
+) -> dict:
+    """What the scores depend on. The store is append-only (an ingest appends, a replaced or
+    truncated store changes its size), and an installed version never changes, so the
+    files' sizes and record counts, the reference window, the installed version and the
+    job's model and sampling settings decide them."""
+    sizes = [path.stat().st_size if path.exists() else 0 for path in (site.train_path, site.heldout_path)]
+    return {
+        "files": sizes,
+        "records": [num_train, num_heldout],
+        "reference": [ref.run_id, ref.train_start, ref.train_end, ref.heldout_end],
+        "model-version": _installed_version(site),
+        "model": json.loads(json.dumps(dataclasses.asdict(job.model), default=str)),
+        "eval-batch-size": job.train.eval_batch_size,
+        "sample-records": monitor.sample_records,
+        "seed": seed,
+        "device": site.device,
+    }
+
+
+def _kept_scores(site: SiteConfig, key: dict) -> dict[str, float] | None:
+    path = site.state_path / SCORES_FILE
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        scores = {k: float(kept["scores"][k]) for k in SCORE_KEYS}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or unreadable: compute afresh
+    return scores if kept.get("key") == key else None
 
 
 def _usable_reference(site: SiteConfig, num_train: int, num_heldout: int) -> Reference | None:

@@ -20,7 +20,6 @@ from fedretrain.atomic import atomic_write_json
 from fedretrain.config import Config, Job, compose_raw, overrides_from_run_config, to_yaml
 from fedretrain.config.parse import build
 from fedretrain.errors import ConfigError, ResumeError
-from server.cycle.run import run_retraining
 from server.cycle.rundir import new_run_dir
 from server.sites.grid import BoundGrid
 from server.sites.roster import Roster
@@ -37,6 +36,8 @@ def make_server_app(
     ``roster`` binds the nodes to their sites (a simulation's roster directory); without
     one, replies count for the site they name.
     """
+    from server.cycle.run import run_retraining
+
     app = ServerApp()
 
     @app.main()
@@ -81,6 +82,10 @@ def main(grid: Grid, context: Context) -> None:
         return
     if mode != "cycle":
         raise ConfigError(f"run_config: mode {mode!r} is neither 'cycle' nor 'poll'")
+    # Imported here, not at the top: a status poll (the standing watch's, every
+    # poll_interval_s) needs no torch, and the cycle's imports cost ~7 s a run.
+    from server.cycle.run import run_retraining
+
     given = str(context.run_config.get("run-dir", "") or "").strip()
     resume = bool(context.run_config.get("resume", False))
     if resume and not given:

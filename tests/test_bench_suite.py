@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from demo_figures import demo_rows, first_beating_round, union_in  # noqa: E402
-from suite_rows import DEMO_ROW_NAMES, KEYS, finish_rows  # noqa: E402
+from suite_rows import DEMO_ROW_NAMES, DEPLOY_ROW_NAMES, KEYS, finish_rows  # noqa: E402
 
 SECTIONS = {
     "1 DP overhead",
@@ -27,6 +27,7 @@ SECTIONS = {
     "6 Start-up",
     "7 Time to value",
     "8 Privacy accounting",
+    "9 Deployment",
 }
 
 
@@ -54,7 +55,7 @@ def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) ->
         else:
             assert ratio is None, row["name"]
     names = {row["name"] for row in rows}
-    assert set(DEMO_ROW_NAMES) <= names  # listed, with null values, though quick mode skips the demo
+    assert set(DEMO_ROW_NAMES) | set(DEPLOY_ROW_NAMES) <= names  # listed, null, though quick mode skips them
     assert {
         "dp_step_ms_hooks_b16",
         "agg_ours_vs_copy_gbps",

@@ -4,9 +4,10 @@ authentication, three SuperNodes, runs submitted with ``flwr run``, all on 127.0
 The module runs the README's commands in order, in a fresh directory (ports moved to
 free ones, the run shrunk in time like every README test), then drives the failures a
 deployment meets: nodes without a valid identity, a site killed mid-round, a lost
-quorum, and a ServerApp killed after round 1 and resumed; last, the README's standing watch
-(`coordinator watch --dir coord`, shrunk likewise) runs an operator's cycle, is killed in
-it, restarted, and stopped with SIGTERM. Every process is started in its own session by
+quorum, and a ServerApp killed after round 1 and resumed; last, the README's standing watch:
+the sites ingest notes in a new template, the watch (`coordinator watch --dir coord`, shrunk
+likewise) fires on their drift, is killed in its cycle, restarted, sees the new version
+installed at every site, and stops on SIGTERM. Every process is started in its own session by
 this module and stopped by it.
 """
 
@@ -45,10 +46,14 @@ SITES = ("site-00", "site-01", "site-02")
 STUCK_AFTER_S = 60
 
 
-def deploy_block() -> list[str]:
+# The README's standing watch on this deployment: the sites ingest new notes, the watch starts.
+WATCH_FIRST = "fedretrain site ingest examples/new-notes.jsonl --site-config data/"
+
+
+def deploy_block(first: str = FIRST) -> list[str]:
     blocks = re.findall(r"```sh\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
     lines = [[c for c in (line.split(" # ")[0].strip() for line in b.splitlines()) if c] for b in blocks]
-    (block,) = [b for b in lines if b[0].startswith(FIRST)]
+    (block,) = [b for b in lines if b[0].startswith(first)]
     return block
 
 
@@ -457,15 +462,28 @@ def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_sp
         assert (header["run-id"], header["server-round"], header["global-hash"]) == (summary["run_id"], "2", round_1)
 
 
-def test_the_standing_watch_runs_a_cycle_survives_a_kill_mid_cycle_and_stops_on_sigterm(bench):
-    # Prepare: an operator asks for a cycle on the README's registry (the version the sites run);
-    # a small target epsilon, so the sites can still pay after the cycles above; approval
-    # required, so nothing installs.
+def test_the_standing_watch_retrains_on_drift_installs_everywhere_survives_a_kill_and_stops_on_sigterm(bench):
+    # Prepare: the README's standing watch. Each site ingests the notes in a new template
+    # through its joined settings; the watch is shrunk like the README's run (a poll every
+    # 5 s, a smaller target epsilon, so the sites can still pay after the cycles above). The
+    # gate rests on the validation set and each site's own check: three sites' noised sums
+    # cannot confirm a shrunk cycle's gain (see the impostor test).
+    shutil.copytree(REPO / "examples", bench.root / "examples")
     registry = bench.root / "registry"
-    asked = bench.run("fedretrain coordinator retrain --root registry --reason 'e2e: the standing watch'")
-    assert asked.returncode == 0, asked.stderr
-    command = "fedretrain coordinator watch --dir coord " + " ".join(
-        run_overrides("registry", "privacy.target_epsilon=1", "gate.require_approval=true", "trigger.poll_interval_s=5")
+    before = json.loads((registry / "champion.json").read_text())["version"]
+    *ingests, watch, status = deploy_block(WATCH_FIRST)
+    for command in ingests:
+        ingested = bench.run(command)
+        assert ingested.returncode == 0 and "24 stored" in ingested.stdout, ingested.stdout + ingested.stderr
+    arrived = time.monotonic()
+    command = " ".join(
+        [
+            watch.rstrip("& ").replace("trigger.poll_interval_s=600", "trigger.poll_interval_s=5"),
+            "strategy.min_sites=3",
+            "privacy.target_epsilon=1",
+            "gate.require_federated_confidence=false",
+            *SHRINK,
+        ]
     )
     bench.start("watch", command)
     inflight = registry / "watch" / "inflight.json"
@@ -474,6 +492,7 @@ def test_the_standing_watch_runs_a_cycle_survives_a_kill_mid_cycle_and_stops_on_
         assert time.monotonic() < deadline and bench.procs["watch"].poll() is None, bench.log("watch")[-3000:]
         time.sleep(0.5)
     cycle_run = json.loads(inflight.read_text())["flower_run_id"]
+    started_s = time.monotonic() - arrived
 
     # Execute: the watch is SIGKILLed while its cycle runs, then started again.
     bench.kill("watch")
@@ -484,17 +503,20 @@ def test_the_standing_watch_runs_a_cycle_survives_a_kill_mid_cycle_and_stops_on_
     while not cycles.exists():
         assert time.monotonic() < deadline and bench.procs["watch-again"].poll() is None, bench.log("watch-again")
         time.sleep(1)
-    working = bench.status()["watch"]
+    installed_s = time.monotonic() - arrived
+    shown = bench.run(status)
     os.kill(bench.procs["watch-again"].pid, signal.SIGTERM)
     code = bench.procs["watch-again"].wait(timeout=120)
 
-    # Assert: one cycle, recorded once, from the one Flower run; each site spent each round once.
+    # Assert: drift and performance fired at the first poll; one cycle, recorded once, from the
+    # one Flower run, published and installed at every site; each site spent each round once.
     (record,) = [json.loads(line) for line in cycles.read_text().splitlines()]
-    assert record["triggers"] == ["operator"] and record["failure"] is None, record
-    # The gate decides on the sites' noised scores: either outcome is this test's, none installs.
-    assert record["decision"] in ("pending_approval", "refuse") and record["published_version"] is None
-    assert sorted(record["eligible"]) == list(SITES) and not inflight.exists()
-    assert not list((registry / "watch" / "requests").glob("*.json"))  # the request is used up
+    print(f"new notes -> cycle submitted {started_s:.1f} s -> installed everywhere {installed_s:.1f} s: {record}")
+    assert {"drift", "performance"} <= set(record["triggers"]) and record["failure"] is None, record
+    assert record["decision"] == "publish" and record["published_version"] == before + 1, record["reasons"]
+    assert record["installed"] == list(SITES) and sorted(record["eligible"]) == list(SITES)
+    assert all(store_version(bench, site) == before + 1 for site in SITES)
+    assert not inflight.exists()
     assert f"cycle run {cycle_run} is still running: waiting for it" in bench.log("watch-again")
     for site in SITES:
         state = bench.root / "data" / site / ".fedretrain"
@@ -502,6 +524,6 @@ def test_the_standing_watch_runs_a_cycle_survives_a_kill_mid_cycle_and_stops_on_
         rounds = [e.round for e in ledger.entries if e.run_id == record["run_id"] and e.kind == "train"]
         assert rounds == [1, 2], (site, rounds)
     # ... the service said what it was doing, and stopped cleanly on SIGTERM.
-    assert working["running"] and working["cycles"] == 1
+    assert shown.returncode == 0 and "watch:" in shown.stdout, shown.stdout + shown.stderr
     assert code == 0 and "the watch stopped after" in bench.log("watch-again")
     assert bench.status()["watch"]["phase"] == "stopped" and not bench.status()["watch"]["running"]

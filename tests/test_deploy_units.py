@@ -6,6 +6,7 @@ process are replaced by ones that fail the test.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -449,6 +450,67 @@ def test_site_join_refuses_a_clientapp_watchdog_limit_that_is_not_positive(capsy
 
     assert code == 2
     assert "--clientapp-stuck-after: must be > 0 seconds" in capsys.readouterr().err
+
+
+def test_site_join_takes_the_site_settings_file_and_the_flags_given_win(tmp_path, data_dir, monkeypatch):
+    # Prepare: the site's settings file, with a relative data-dir and settings no flag sets.
+    from cli.main import _parser
+    from cli.site import _join_node_config
+
+    monkeypatch.chdir(data_dir.parent)
+    settings = tmp_path / "site.json"
+    settings.write_text(
+        json.dumps(
+            {
+                "site-id": "site-a",
+                "data-dir": data_dir.name,
+                "epsilon-ceiling": 16,
+                "share-drift-scores": True,
+                "status-noise": 30.0,
+            }
+        )
+    )
+    argv = ["site", "join", "--superlink", "127.0.0.1:9093", "--insecure", "--site-config", str(settings)]
+
+    # Execute: the file alone, then with a lower ceiling on the command line.
+    alone = _join_node_config(_parser().parse_args(argv))
+    flagged = _join_node_config(_parser().parse_args([*argv, "--epsilon-ceiling", "4"]))
+
+    # Assert: the file's keys, paths made absolute, defaults where neither says; the flag wins.
+    site = site_config_from_node_config(alone)
+    assert (site.data_dir, site.epsilon_ceiling, site.delta) == (str(data_dir.resolve()), 16, 1e-5)
+    assert site.share_drift_scores and site.status_noise == 30.0 and not site.smoke_eval
+    assert flagged["epsilon-ceiling"] == 4.0 and flagged["share-drift-scores"] is True
+
+
+@pytest.mark.usefixtures("no_processes", "cli_logging")
+def test_site_join_without_data_or_a_ceiling_names_the_flag_and_the_file(capsys, tmp_path):
+    settings = tmp_path / "site.json"
+    settings.write_text(json.dumps({"site-id": "site-a", "data-dir": str(tmp_path)}))
+
+    code = main(["site", "join", "--superlink", "127.0.0.1:9093", "--insecure", "--site-config", str(settings)])
+
+    assert code == 2
+    assert f"give --epsilon-ceiling, or epsilon-ceiling in {settings}" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_a_joined_sites_node_config_toml_is_a_site_config_for_ingest(capsys, tmp_path, data_dir):
+    # Prepare: the settings `site join` wrote into the site's state (node-config.toml), and new records.
+    site = prepare_site({"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8.0, "delta": 1e-5})
+    new = tmp_path / "new.jsonl"
+    new.write_text("".join(json.dumps({"id": f"n{i}", "text": f"a new note {i}"}) + "\n" for i in range(3)))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("site-id = \n")
+
+    # Execute
+    code = main(["site", "ingest", str(new), "--site-config", str(node_config_path(site))])
+    bad = main(["site", "ingest", str(new), "--site-config", str(broken)])
+
+    # Assert: stored at the joined site; a file that is not TOML is named.
+    assert code == 0 and bad == 2
+    out = capsys.readouterr()
+    assert "3 stored" in out.out and f"{broken}: cannot read the site's config" in out.err
 
 
 @pytest.mark.usefixtures("no_processes", "cli_logging")

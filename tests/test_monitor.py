@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 
+import client.status
 from client.ingest.reference import save_reference
 from client.install.model_store import ModelStore
 from client.round.site import site_model
@@ -116,6 +117,34 @@ def test_scores_appear_only_with_enough_new_records(tmp_path, fixed_sigma):
     assert site_status(site, windowed, MONITOR)["train-records"] == 50
 
 
+def test_a_poll_with_nothing_changed_answers_the_kept_scores_without_loading_a_model(
+    tmp_path, fixed_sigma, monkeypatch
+):
+    # Prepare: a site with enough new records, scored once.
+    job = fixed_sigma
+    site = make_site(tmp_path)
+    save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
+    arrive(site, 25, drifted=True)
+    first = site_status(site, job, MONITOR)
+    loads = []
+
+    def no_model(*args, **kwargs):
+        loads.append(args)
+        raise AssertionError("the model was loaded for unchanged data")
+
+    monkeypatch.setattr(client.status, "site_model", no_model)
+
+    # Execute: the same data again; then one record more (the model is needed again).
+    again = site_status(site, job, MONITOR)
+    arrive(site, 1, drifted=True, step=2)
+    with pytest.raises(AssertionError, match="loaded for unchanged"):
+        site_status(site, job, MONITOR)
+
+    # Assert: the same scores with no model loaded; a changed store is scored afresh.
+    assert {k: again[k] for k in SCORE_KEYS} == {k: first[k] for k in SCORE_KEYS}
+    assert len(loads) == 1
+
+
 def test_drifted_arrivals_score_higher_than_undrifted_ones(tmp_path, fixed_sigma):
     job = fixed_sigma
     statuses = {}
@@ -200,6 +229,50 @@ def test_polls_within_the_status_interval_get_the_same_counts_at_no_cost(tmp_pat
     keys = ("new-records", "reference-records", "train-records", "count-std")
     assert [again[k] for k in keys] == [first[k] for k in keys]
     assert len(PrivacyLedger.load(site.ledger_path, site_id="site-a", accountant="rdp", delta=1e-5).entries) == 1
+
+
+def test_a_full_disk_at_a_site_refuses_the_poll_and_leaves_its_ledger_and_counts_as_they_were(
+    tmp_path, fixed_sigma, monkeypatch
+):
+    import errno
+    import os
+
+    from client.handlers import refusal
+
+    # Prepare: a site that answered one charged poll; then new records, and a full disk.
+    site = make_site(tmp_path, status_noise=2.0, ceiling=50.0, status_interval_s=0.0)
+    save_reference(site, "r1", train_start=0, train_end=48, heldout_end=12)
+    site_status(site, fixed_sigma, MONITOR, charge=True)
+    kept = {path: path.read_bytes() for path in (site.ledger_path, site.state_path / "last_status.json")}
+    arrive(site, 5, drifted=False)
+    opened = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(opened(fd, *a, **k)))
+
+    # Execute
+    with pytest.raises(OSError, match="No space left on device") as failed:
+        site_status(site, fixed_sigma, MONITOR, charge=True)
+    monkeypatch.undo()
+
+    # Assert: nothing half-written (no temporary file left either), nothing spent for the
+    # reply that never left, and the error reply says why without a path of the site's.
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert not list(site.state_path.glob(".*.tmp"))
+    code, reason = refusal("query.status", failed.value)
+    assert code == 4199 and "No space left on device" in reason and str(tmp_path) not in reason
 
 
 def test_a_status_poll_past_the_ceiling_is_refused_and_spends_nothing(tmp_path, fixed_sigma):

@@ -51,14 +51,21 @@ def walkthrough(first: str = "fedretrain keys") -> list[str]:
 
 
 WATCH_WALKTHROUGH = "fedretrain coordinator watch"
-# Run by tests/test_deploy_e2e.py against real SuperLink and SuperNode processes.
+# Run by tests/test_deploy_e2e.py against real SuperLink and SuperNode processes: the session,
+# then the standing watch on it.
 DEPLOY_WALKTHROUGH = "fedretrain data synthesize"
+DEPLOY_WATCH = "fedretrain site ingest examples/new-notes.jsonl --site-config data/"
 # Run by tests/test_scenario_e2e.py, shrunk in time.
 SCENARIO_COMMAND = "fedretrain simulate experiment=drift"
 
 
 def readme_commands() -> list[str]:
-    walkthroughs = (walkthrough(), walkthrough(WATCH_WALKTHROUGH), walkthrough(DEPLOY_WALKTHROUGH))
+    walkthroughs = (
+        walkthrough(),
+        walkthrough(WATCH_WALKTHROUGH),
+        walkthrough(DEPLOY_WALKTHROUGH),
+        walkthrough(DEPLOY_WATCH),
+    )
     return [c for block in readme_blocks() if block not in walkthroughs for c in block]
 
 
@@ -67,7 +74,8 @@ def _run(args: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.Co
 
 
 def test_readme_has_only_commands_this_file_runs():
-    for command in readme_commands() + walkthrough() + walkthrough(WATCH_WALKTHROUGH) + walkthrough(DEPLOY_WALKTHROUGH):
+    walkthroughs = [*walkthrough(), *walkthrough(WATCH_WALKTHROUGH), *walkthrough(DEPLOY_WALKTHROUGH)]
+    for command in readme_commands() + walkthroughs + walkthrough(DEPLOY_WATCH):
         # `make bench QUICK=1` is run by tests/test_bench_suite.py through the same entry point.
         assert command in ("make demo", "make test", "make bench", "make bench QUICK=1") or command.startswith(
             "fedretrain "

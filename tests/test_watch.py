@@ -6,6 +6,7 @@ recorded, not run, so the watch's own decisions can be checked in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -422,3 +423,50 @@ def test_a_deployed_watch_that_loses_sight_of_its_cycle_keeps_it_in_flight_then_
     assert submitted == [{"run_dir": run_dir, "train_nodes": [1, 2]}]
     assert record["run_id"] == "c1" and record["failure"] is None and record["flower_run_id"] == "77"
     assert len(cycles_file.read_text().splitlines()) == 1 and not inflight.exists()
+
+
+def test_a_deployed_poll_names_every_site_it_did_not_count_and_a_garbled_poll_leaves_the_watch_going(
+    tmp_path, cfg, monkeypatch, caplog
+):
+    import server.watch.service as service
+    from server.deploy.coordinator import Coordinator
+
+    # Prepare: four registered sites. The poll run's file: site-a answered, site-b's reply was
+    # garbage (refused by the poll run), site-c's node never answered, site-d is not connected.
+    coord = Coordinator(tmp_path / "coord")
+    coord.root.mkdir()
+    registered = {s: {"node_id": str(n)} for s, n in (("site-a", 1), ("site-b", 2), ("site-c", 3), ("site-d", 4))}
+    coord.sites_file.write_text(json.dumps(registered))
+    answered = {"site_id": "site-a", "node_id": 1, **{k.replace("-", "_"): v for k, v in status(5).items()}}
+    polls = [
+        {
+            "sites": {"site-a": answered},
+            "refused": [{"node_id": 2, "site_id": "site-b", "reason": "new-records: not a finite number"}],
+            "no_reply": [3],
+        },
+        "not a poll at all",
+    ]
+
+    def submit_poll(coord, overrides, target):
+        target.write_text(json.dumps(polls.pop(0)))
+        return "5"
+
+    monkeypatch.setattr(service, "submit_poll", submit_poll)
+    monkeypatch.setattr(service, "wait_for_run", lambda *a, **k: "finished:completed")
+    (Path(cfg.registry.root) / "champion.json").write_text('{"version": 1}')
+    at_once = dataclasses.replace(cfg, trigger=dataclasses.replace(cfg.trigger, poll_interval_s=0.01))
+    watcher = service.DeployedWatcher(None, at_once, tmp_path / "runs", "yaml", "val.jsonl", coord=coord)
+
+    # Execute: two polls, the second of which the poll run garbled.
+    with caplog.at_level("WARNING", logger="fedretrain.server"):
+        watcher.serve(max_polls=2)
+
+    # Assert: each site not counted is named with its node and why; the garbled poll is
+    # logged and the watch went on to its end (nothing half-written: no cycle, no state lost).
+    text = caplog.text
+    assert "site site-b (node 2) refused: new-records: not a finite number" in text
+    assert "site site-c (node 3) did not answer in time" in text
+    assert "site site-d (node 4) is not connected" in text
+    assert "poll 2 failed" in text and "not a status poll" in text and "the watch goes on" in text
+    assert watcher.state.polls == 1 and not (Path(cfg.registry.root) / "watch" / "inflight.json").exists()
+    assert json.loads((coord.root / "watch.json").read_text())["phase"] == "stopped"

@@ -388,6 +388,7 @@ def _with_outcome(
             reasons=gate["reasons"],
             published_version=summary["published_version"],
             pending_version=summary["pending_version"],
+            installed=sorted((summary.get("publication") or {}).get("installed") or []),
             epsilon={
                 s: {
                     "before": before.get(s),

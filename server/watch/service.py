@@ -82,6 +82,7 @@ class DeployedWatcher(Watcher):
         # A file of this poll's own: a poll run left behind by a stopped watch cannot write into it.
         target = self.dir / "polls" / f"{secrets.token_hex(8)}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
         run_id = submit_poll(self.coord, self.overrides, target.resolve())
         self._phase("polling", run_id)
         final = wait_for_run(
@@ -94,7 +95,34 @@ class DeployedWatcher(Watcher):
         except ValueError as err:
             raise DeployError(f"{target}: {err}") from None
         target.replace(self.dir / "last_poll.json")  # what the operator reads
+        log.info(
+            "status poll (Flower run %s): %d sites answered, %d refused, in %.1f s",
+            run_id,
+            len(poll.statuses),
+            len(poll.refused),
+            time.monotonic() - started,
+        )
+        self._log_missing(poll)
         return poll
+
+    def _log_missing(self, poll: StatusPoll) -> None:
+        """Name every registered site the poll did not count, and why (the poll run's own log
+        is not the operator's)."""
+        assert self.coord is not None
+        registered = {site: str(v.get("node_id", "?")) for site, v in self.coord.sites().items()}
+        by_node = {node: site for site, node in registered.items()}
+        seen = {s.site_id for s in poll.statuses}
+        for refused in poll.refused:
+            site = refused.get("site_id") or by_node.get(str(refused.get("node_id")), "an unregistered site")
+            seen.add(str(site))
+            node, reason = refused.get("node_id"), refused.get("reason")
+            log.warning("status poll: site %s (node %s) refused: %s", site, node, reason)
+        for node in poll.no_reply:
+            site = by_node.get(str(node), "an unregistered site")
+            seen.add(site)
+            log.warning("status poll: site %s (node %s) did not answer in time", site, node)
+        for site in sorted(set(registered) - seen):
+            log.warning("status poll: site %s (node %s) is not connected", site, registered[site])
 
     def run_cycle(
         self, run_dir: Path, nodes: list[int], validation_path: str | None, *, resume: bool = False
