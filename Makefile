@@ -4,7 +4,7 @@
 #             at a time, with the ten slowest tests printed at the end
 # make lint   ruff (lint and format) on the whole tree, mypy on the core, strategies, server, client
 # make bench  sets up on first use, then runs every benchmark into one table and
-#             benchmarks/results/latest.json (15-30 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
+#             benchmarks/results/latest.json (25-40 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
 
 PYTHON ?= python3
 VENV   := .venv

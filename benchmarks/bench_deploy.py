@@ -122,6 +122,8 @@ def one_cycle(root: Path, secure: bool, tag: str, watch: bool = False) -> tuple[
                     "--epsilon-ceiling",
                     "1000",
                     "--share-drift-scores",
+                    "--coordinator-key",
+                    "keys/coordinator.pub",
                     "--state-dir",
                     f"state-{tag}/{site}",
                     "--port",
