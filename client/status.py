@@ -90,6 +90,9 @@ def site_status(
         With ``charge``, when one more release would cross the site's ceiling.
     """
     recover_store(site)  # an ingest interrupted by a crash is completed (or undone) first
+    # Sizes before the records are read: an ingest appending meanwhile makes the next poll's
+    # sizes differ, so kept scores are never taken for more records than they saw.
+    sizes = _store_sizes(site)
     train = [r.text for r in read_records(site.train_path)]
     heldout = optional_texts(site.heldout_path)
     ref = _usable_reference(site, len(train), len(heldout))
@@ -117,7 +120,7 @@ def site_status(
         and len(reference) >= 2
         and ref.heldout_end
     ):
-        key = _scores_key(site, job, monitor, ref, len(train), len(heldout), seed)
+        key = _scores_key(site, job, monitor, ref, sizes, len(train), len(heldout), seed)
         scores = _kept_scores(site, key)
         if scores is None:
             scores = _scores(site, job, monitor, reference, heldout[: ref.heldout_end], new_texts, rng)
@@ -177,14 +180,24 @@ def _recent_counts(site: SiteConfig) -> dict[str, float | int] | None:
 SCORES_FILE = "last_scores.json"
 
 
+def _store_sizes(site: SiteConfig) -> list[int]:
+    return [path.stat().st_size if path.exists() else 0 for path in (site.train_path, site.heldout_path)]
+
+
 def _scores_key(
-    site: SiteConfig, job: Job, monitor: MonitorConfig, ref: Reference, num_train: int, num_heldout: int, seed: int
+    site: SiteConfig,
+    job: Job,
+    monitor: MonitorConfig,
+    ref: Reference,
+    sizes: list[int],
+    num_train: int,
+    num_heldout: int,
+    seed: int,
 ) -> dict:
     """What the scores depend on. The store is append-only (an ingest appends, a replaced or
     truncated store changes its size), and an installed version never changes, so the
     files' sizes and record counts, the reference window, the installed version and the
     job's model and sampling settings decide them."""
-    sizes = [path.stat().st_size if path.exists() else 0 for path in (site.train_path, site.heldout_path)]
     return {
         "files": sizes,
         "records": [num_train, num_heldout],
