@@ -252,9 +252,9 @@ def rows_of(
             "name": "deploy_status_poll_s",
             "value": poll,
             "limit_or_peer": site,
-            "ratio": poll / site,
+            "ratio": poll / site if site > 0 else None,
             "note": f"median of {len(watch['poll_s'])} watch polls (a Flower run each) vs the sites' median "
-            "query.status work",
+            "query.status work (the first poll scores the new records, the one after the cycle has none)",
         },
     ]
 

@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         "again against the pinned coordinator key) and continues a prompt.",
     )
     where = generate.add_mutually_exclusive_group(required=True)
-    where.add_argument("--site-config", help="the site's node_config as JSON (simulation: <site>/site.json)")
+    where.add_argument(
+        "--site-config",
+        help="the site's node_config as JSON (simulation: <site>/site.json), or a joined site's node-config.toml",
+    )
     where.add_argument("--store", help="the site's model store directory (<state-dir>/models)")
     generate.add_argument("--coordinator-key", help="with --store: the pinned coordinator public key (PEM)")
     generate.add_argument("--prompt", required=True)
@@ -205,16 +208,18 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _site_generate(args: argparse.Namespace) -> int:
-    import json
 
     from client.install.generate import generate
     from fedretrain.config import site_config_from_node_config
 
     if args.site_config:
+        from cli.site import _read_settings
+
+        settings = _read_settings(Path(args.site_config))
         try:
             # Generation never trains: a simulated site's site.json is read as it is.
-            site = site_config_from_node_config(json.loads(Path(args.site_config).read_text()), simulation=True)
-        except (OSError, ValueError) as err:
+            site = site_config_from_node_config(settings, simulation=True)
+        except ValueError as err:
             raise FedretrainError(f"{args.site_config}: cannot read the site's config: {err}") from None
         store, key, device = site.model_store_path, site.coordinator_key, site.device
     else:

@@ -31,7 +31,10 @@ def add_site_commands(site_subparsers: Any) -> None:
     )
     ingest.add_argument("paths", nargs="*", metavar="PATH", help="JSONL or CSV files to ingest")
     ingest.add_argument(
-        "--site-config", required=True, help="the site's node_config as JSON (simulation: <site>/site.json)"
+        "--site-config",
+        required=True,
+        help="the site's node_config as JSON (simulation: <site>/site.json), or a joined site's "
+        "<state-dir>/node-config.toml",
     )
     ingest.add_argument(
         "--inbox",
@@ -55,7 +58,10 @@ def add_site_commands(site_subparsers: Any) -> None:
         "model's loss on new records, privacy totals) and prints it; nothing is sent.",
     )
     status.add_argument(
-        "--site-config", required=True, help="the site's node_config as JSON (simulation: <site>/site.json)"
+        "--site-config",
+        required=True,
+        help="the site's node_config as JSON (simulation: <site>/site.json), or a joined site's "
+        "<state-dir>/node-config.toml",
     )
     status.add_argument("overrides", nargs="*", help="Hydra overrides for the job (model, train, privacy, monitor)")
     status.set_defaults(func=_site_status)
@@ -92,7 +98,7 @@ def _add_join(site_subparsers: Any) -> None:
     join.add_argument("--delta", type=float, help="default 1e-5")
     join.add_argument(
         "--share-drift-scores",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="send the drift and loss scores of a status reply to the coordinator, un-noised, so its "
         "drift and performance triggers can fire (see the README's 'What a site discloses')",
@@ -107,7 +113,7 @@ def _add_join(site_subparsers: Any) -> None:
     join.add_argument("--accountant", choices=("rdp", "prv"), help="default rdp")
     join.add_argument(
         "--smoke-eval",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="score a published version on held-out data before installing it; refuse a worse one",
     )
@@ -154,8 +160,15 @@ def _site_join(args: argparse.Namespace) -> int:
     if not args.clientapp_stuck_after > 0:
         raise FedretrainError(f"--clientapp-stuck-after: must be > 0 seconds, got {args.clientapp_stuck_after}")
     node_config = _join_node_config(args)
+    try:
+        checked = check_site(node_config)
+    except FedretrainError as err:
+        if not args.site_config:
+            raise
+        raise FedretrainError(f"{args.site_config}: {err}") from None
+    print(_disclosure(checked), flush=True)
     # Claimed before anything is written: a second join on this state changes nothing of the first's.
-    with claim_state(check_site(node_config)) as state_lock:
+    with claim_state(checked) as state_lock:
         site = prepare_site(node_config)
         resolve_model_path(args.model)
         # The worker first: the SuperNode's first message already finds it listening.
@@ -187,7 +200,9 @@ _PATH_KEYS = ("data-dir", "state-dir", "coordinator-key", "inbox-dir")
 
 def _join_node_config(args: argparse.Namespace) -> dict[str, Any]:
     """The site's node config: ``--site-config``'s keys, then the flags given, then defaults."""
-    node_config: dict[str, Any] = dict(_read_settings(args.site_config)) if args.site_config else {}
+    settings = _read_settings(args.site_config) if args.site_config else {}
+    # A key set to null in the file is unset, as everywhere else a site's config is read.
+    node_config: dict[str, Any] = {key: value for key, value in settings.items() if value is not None}
     flags = {
         "site-id": args.site_id,
         "data-dir": args.data,
@@ -213,8 +228,24 @@ def _join_node_config(args: argparse.Namespace) -> dict[str, Any]:
             )
     for key in _PATH_KEYS:
         if key in node_config:
-            node_config[key] = str(Path(str(node_config[key])).resolve())
+            value = node_config[key]
+            if not (isinstance(value, (str, Path)) and str(value).strip()):
+                raise FedretrainError(f"{key}{where or ''}: must be a path, got {value!r}")
+            node_config[key] = str(Path(value).resolve())
     return node_config
+
+
+def _disclosure(site: SiteConfig) -> str:
+    """What this site lets leave, in one line, printed when it joins: a settings file can
+    carry opt-ins (a simulated site's site.json shares drift scores) the operator should see."""
+    evaluation = f"noised z={site.eval_noise:g}" if site.share_evaluation else "not answered"
+    return (
+        f"site {site.site_id}: epsilon ceiling {site.epsilon_ceiling:g} (delta {site.delta:g}); "
+        f"drift and loss scores {'SHARED un-noised' if site.share_drift_scores else 'kept at the site'}; "
+        f"status counts noised z={site.status_noise:g}, charged at most every {site.status_interval_s:g} s; "
+        f"evaluation {evaluation}; "
+        f"non-private rounds {'ALLOWED' if site.allow_non_private else 'refused'}"
+    )
 
 
 def _read_settings(path: Path) -> dict[str, Any]:

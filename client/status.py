@@ -124,7 +124,12 @@ def site_status(
         scores = _kept_scores(site, key)
         if scores is None:
             scores = _scores(site, job, monitor, reference, heldout[: ref.heldout_end], new_texts, rng)
-            atomic_write_json(site.state_path / SCORES_FILE, {"key": key, "scores": scores})
+            try:
+                atomic_write_json(site.state_path / SCORES_FILE, {"key": key, "scores": scores})
+            except OSError as err:  # a cache: the reply (maybe already charged) goes out without it
+                log.warning(
+                    "site %s: could not keep the status scores (%s); they are computed again", site.site_id, err
+                )
         status.update(scores)
     status["model-version"] = _installed_version(site)
     status.update(_privacy(site, job))
@@ -180,8 +185,18 @@ def _recent_counts(site: SiteConfig) -> dict[str, float | int] | None:
 SCORES_FILE = "last_scores.json"
 
 
-def _store_sizes(site: SiteConfig) -> list[int]:
-    return [path.stat().st_size if path.exists() else 0 for path in (site.train_path, site.heldout_path)]
+def _store_sizes(site: SiteConfig) -> list[list[int]]:
+    """Each store file's size, modification time and inode: an append, a rewrite in place
+    (even one that keeps the size) or a replaced file changes them."""
+    out = []
+    for path in (site.train_path, site.heldout_path):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            out.append([0, 0, 0])
+            continue
+        out.append([st.st_size, st.st_mtime_ns, st.st_ino])
+    return out
 
 
 def _scores_key(
@@ -189,21 +204,21 @@ def _scores_key(
     job: Job,
     monitor: MonitorConfig,
     ref: Reference,
-    sizes: list[int],
+    sizes: list[list[int]],
     num_train: int,
     num_heldout: int,
     seed: int,
 ) -> dict:
-    """What the scores depend on. The store is append-only (an ingest appends, a replaced or
-    truncated store changes its size), and an installed version never changes, so the
-    files' sizes and record counts, the reference window, the installed version and the
-    job's model and sampling settings decide them."""
+    """What the scores depend on: the store's files (size, modification time, inode) and
+    record counts, the reference window, the installed version (a version never changes),
+    the job's model, adapter and sampling settings, and the device."""
     return {
         "files": sizes,
         "records": [num_train, num_heldout],
         "reference": [ref.run_id, ref.train_start, ref.train_end, ref.heldout_end],
         "model-version": _installed_version(site),
         "model": json.loads(json.dumps(dataclasses.asdict(job.model), default=str)),
+        "lora": json.loads(json.dumps(dataclasses.asdict(job.lora), default=str)),
         "eval-batch-size": job.train.eval_batch_size,
         "sample-records": monitor.sample_records,
         "seed": seed,

@@ -483,6 +483,49 @@ def test_site_join_takes_the_site_settings_file_and_the_flags_given_win(tmp_path
     assert flagged["epsilon-ceiling"] == 4.0 and flagged["share-drift-scores"] is True
 
 
+def test_site_join_flags_turn_a_files_opt_ins_off_and_null_is_unset(tmp_path, data_dir):
+    # Prepare: a simulated site's site.json opts in to sharing drift scores; state-dir is null.
+    from cli.main import _parser
+    from cli.site import _disclosure, _join_node_config
+
+    settings = tmp_path / "site.json"
+    settings.write_text(
+        json.dumps({"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8, "share-drift-scores": True,
+                    "smoke-eval": True, "state-dir": None})
+    )  # fmt: skip
+    argv = ["site", "join", "--superlink", "127.0.0.1:9093", "--insecure", "--site-config", str(settings)]
+
+    # Execute
+    as_filed = _join_node_config(_parser().parse_args(argv))
+    turned_off = _join_node_config(_parser().parse_args([*argv, "--no-share-drift-scores", "--no-smoke-eval"]))
+
+    # Assert: the file's opt-in is shown at join and a flag turns it off; null leaves the default state.
+    assert "SHARED un-noised" in _disclosure(site_config_from_node_config(as_filed))
+    assert "state-dir" not in as_filed
+    assert site_config_from_node_config(as_filed).state_path == data_dir.resolve() / ".fedretrain"
+    assert turned_off["share-drift-scores"] is False and turned_off["smoke-eval"] is False
+    assert "kept at the site" in _disclosure(site_config_from_node_config(turned_off))
+
+
+@pytest.mark.usefixtures("no_processes", "cli_logging")
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"state-dir": ""}, "state-dir in {file}: must be a path, got ''"),
+        ({"delta": 2.0}, "{file}: node-config.delta: must be in"),
+    ],
+    ids=["empty-path", "bad-value"],
+)
+def test_site_join_names_the_settings_file_of_a_bad_value(capsys, tmp_path, data_dir, extra, message):
+    settings = tmp_path / "site.json"
+    settings.write_text(json.dumps({"site-id": "site-a", "data-dir": str(data_dir), "epsilon-ceiling": 8, **extra}))
+
+    code = main(["site", "join", "--superlink", "127.0.0.1:9093", "--insecure", "--site-config", str(settings)])
+
+    assert code == 2
+    assert message.format(file=settings) in capsys.readouterr().err
+
+
 @pytest.mark.usefixtures("no_processes", "cli_logging")
 def test_site_join_without_data_or_a_ceiling_names_the_flag_and_the_file(capsys, tmp_path):
     settings = tmp_path / "site.json"

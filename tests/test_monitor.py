@@ -134,15 +134,25 @@ def test_a_poll_with_nothing_changed_answers_the_kept_scores_without_loading_a_m
 
     monkeypatch.setattr(client.status, "site_model", no_model)
 
-    # Execute: the same data again; then one record more (the model is needed again).
+    # Execute: the same data again; then the same data with another adapter scaling, a record
+    # rewritten in place at the same size, and one record more (each needs the model again).
     again = site_status(site, job, MONITOR)
+    rescaled = dataclasses.replace(job, lora=dataclasses.replace(job.lora, alpha=job.lora.alpha * 2))
+    with pytest.raises(AssertionError, match="loaded for unchanged"):
+        site_status(site, rescaled, MONITOR)
+    *kept, last = site.train_path.read_text().splitlines()
+    record = json.loads(last)
+    record["text"] = ("X" if record["text"][0] != "X" else "Y") + record["text"][1:]  # same size
+    site.train_path.write_text("\n".join([*kept, json.dumps(record)]) + "\n")
+    with pytest.raises(AssertionError, match="loaded for unchanged"):
+        site_status(site, job, MONITOR)
     arrive(site, 1, drifted=True, step=2)
     with pytest.raises(AssertionError, match="loaded for unchanged"):
         site_status(site, job, MONITOR)
 
-    # Assert: the same scores with no model loaded; a changed store is scored afresh.
+    # Assert: the same scores with no model loaded; a changed job or store is scored afresh.
     assert {k: again[k] for k in SCORE_KEYS} == {k: first[k] for k in SCORE_KEYS}
-    assert len(loads) == 1
+    assert len(loads) == 3
 
 
 def test_drifted_arrivals_score_higher_than_undrifted_ones(tmp_path, fixed_sigma):
