@@ -208,19 +208,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _site_generate(args: argparse.Namespace) -> int:
-
     from client.install.generate import generate
-    from fedretrain.config import site_config_from_node_config
 
     if args.site_config:
-        from cli.site import _read_settings
+        from cli.site import read_site_config
 
-        settings = _read_settings(Path(args.site_config))
-        try:
-            # Generation never trains: a simulated site's site.json is read as it is.
-            site = site_config_from_node_config(settings, simulation=True)
-        except ValueError as err:
-            raise FedretrainError(f"{args.site_config}: cannot read the site's config: {err}") from None
+        site = read_site_config(args.site_config)
         store, key, device = site.model_store_path, site.coordinator_key, site.device
     else:
         store, key, device = Path(args.store), args.coordinator_key, "auto"

@@ -269,7 +269,7 @@ def _site_ingest(args: argparse.Namespace) -> int:
     from client.ingest.pipeline import ingest_file
 
     _check_arguments(args)
-    site = _read_site(args.site_config)
+    site = read_site_config(args.site_config)
     reports: list[IngestReport] = []
     for path in args.paths:
         reports.append(ingest_file(site, path))
@@ -288,7 +288,7 @@ def _site_status(args: argparse.Namespace) -> int:
     from client.status import format_status, site_status
     from fedretrain.config import Job, compose_config
 
-    site = _read_site(args.site_config)
+    site = read_site_config(args.site_config)
     cfg = compose_config(args.overrides)
     print(format_status(site.site_id, site_status(site, Job.from_config(cfg, run_id="status"), cfg.monitor)))
     return 0
@@ -318,7 +318,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise FedretrainError("--max-polls: needs --watch and a count >= 1")
 
 
-def _read_site(path: str) -> SiteConfig:
+def read_site_config(path: str | Path) -> SiteConfig:
     from fedretrain.config import site_config_from_node_config
 
     node_config = _read_settings(Path(path))

@@ -212,18 +212,19 @@ def _scores_key(
     """What the scores depend on: the store's files (size, modification time, inode) and
     record counts, the reference window, the installed version (a version never changes),
     the job's model, adapter and sampling settings, and the device."""
-    return {
+    key = {
         "files": sizes,
         "records": [num_train, num_heldout],
         "reference": [ref.run_id, ref.train_start, ref.train_end, ref.heldout_end],
         "model-version": _installed_version(site),
-        "model": json.loads(json.dumps(dataclasses.asdict(job.model), default=str)),
-        "lora": json.loads(json.dumps(dataclasses.asdict(job.lora), default=str)),
+        "model": dataclasses.asdict(job.model),
+        "lora": dataclasses.asdict(job.lora),
         "eval-batch-size": job.train.eval_batch_size,
         "sample-records": monitor.sample_records,
         "seed": seed,
         "device": site.device,
     }
+    return json.loads(json.dumps(key, default=str))  # as it reads back from the kept file
 
 
 def _kept_scores(site: SiteConfig, key: dict) -> dict[str, float] | None:

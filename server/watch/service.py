@@ -89,11 +89,13 @@ class DeployedWatcher(Watcher):
             self.coord, run_id, self.cfg.monitor.status_timeout_s + RUN_SLACK_S, sleep=self._sleep_or_stop
         )
         if final != "finished:completed" or not target.exists():
+            target.unlink(missing_ok=True)
             raise DeployError(f"status poll (Flower run {run_id}) ended {final} without replies; see `flwr log`")
         try:
             poll = StatusPoll.from_dict(json.loads(target.read_text()))
         except ValueError as err:
-            raise DeployError(f"{target}: {err}") from None
+            target.unlink()  # refused, as a site's garbled reply is: nothing of it is kept
+            raise DeployError(f"{target.name}: {err}") from None
         target.replace(self.dir / "last_poll.json")  # what the operator reads
         log.info(
             "status poll (Flower run %s): %d sites answered, %d refused, in %.1f s",
