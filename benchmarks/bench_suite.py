@@ -52,7 +52,8 @@ SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
     # One-run privacy audit (Steinke et al. 2023): 256 canaries, DP on and off: 7-10 min on 2 shared cores.
     ("bench_audit.py", [], ["--quick"]),
     # A real deployment on 127.0.0.1 (SuperLink, three SuperNodes with their workers, the
-    # standing watch): 4 cycles and a watch's cycle, 10-15 min on 2 cores; not in quick mode.
+    # standing watch): 4 shrunk cycles, the watch's cycle and the demo's cycle, about 13 min
+    # on 2 cores (775 s measured); not in quick mode.
     ("bench_deploy.py", ["--pairs", "2"], None),
 ]
 
