@@ -38,7 +38,7 @@ from client.join import (
     supernode_command,
 )
 from fedretrain.config import site_config_from_node_config
-from fedretrain.deploy.flower import split_address, toml_assignments, write_connection
+from fedretrain.deploy.flower import CONNECTION, ControlApi, run_flwr, split_address, toml_assignments, write_connection
 from fedretrain.errors import ConfigError, DeployError
 from server.app import run_log
 from server.deploy.coordinator import Coordinator, absolute_paths, superlink_command
@@ -215,6 +215,40 @@ def test_split_address_refuses_a_bad_address_naming_it(address):
     with pytest.raises(DeployError) as bad:
         split_address(address)
     assert repr(address) in str(bad.value)
+
+
+# --- ControlApi: what `flwr ls` asks, from this process ------------------------------------
+
+
+def test_the_control_api_answers_as_the_flwr_cli_does_and_names_a_superlink_that_is_gone(tmp_path):
+    # Prepare: a real SuperLink (insecure: a bench), with no runs and no nodes.
+    coord = Coordinator(tmp_path / "coord")
+    port = _free_port()
+    proc = server.deploy.coordinator.start_superlink(coord, f"127.0.0.1:{port}", None)
+    try:
+        # Execute / Assert: one client answers as `flwr ls` and `flwr supernode ls` do, again and again.
+        with ControlApi(coord.flwr_home) as api:
+            for _ in range(3):
+                assert api.runs() == run_flwr(coord.flwr_home, ["ls", CONNECTION])["runs"] == []
+                assert api.nodes() == []
+            # ... and an unknown run is Flower's own refusal, in Flower's words.
+            with pytest.raises(DeployError, match=r"flwr ls failed: \[code: \d+\] Run ID not found"):
+                api.runs("12345")
+            assert server.deploy.coordinator.status(coord)["runs"] == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # A SuperLink that is gone is named as such, not as a crash.
+    with ControlApi(coord.flwr_home) as api, pytest.raises(DeployError, match="flwr supernode ls failed"):
+        api.nodes()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # --- superlink_command ----------------------------------------------------------------

@@ -36,6 +36,7 @@ from fedretrain.config import compose_config
 from fedretrain.deploy.filemodes import PRIVATE_FILE, private_dir, private_file
 from fedretrain.deploy.flower import (
     CONNECTION,
+    ControlApi,
     flower_command,
     flower_env,
     run_flwr,
@@ -152,14 +153,15 @@ def start_superlink(
     wait_for_port(host, port, timeout_s, proc)
     # The port opens before the Control API answers; a listing is the real readiness check.
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            run_flwr(coord.flwr_home, ["supernode", "ls", CONNECTION], timeout_s=30)
-            return proc
-        except DeployError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    with ControlApi(coord.flwr_home) as api:
+        while True:
+            try:
+                api.nodes()
+                return proc
+            except DeployError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 def register_site(coord: Coordinator, public_key: Path) -> str:
@@ -264,10 +266,12 @@ def absolute_paths(overrides: list[str], cwd: Path, default_output: Path) -> lis
     return out
 
 
-def run_status(coord: Coordinator, run_id: str) -> str:
+def run_status(coord: Coordinator, run_id: str, api: ControlApi | None = None) -> str:
     """Flower's status of a run, e.g. ``running`` or ``finished:completed``."""
-    answer = run_flwr(coord.flwr_home, ["ls", CONNECTION, "--run-id", run_id])
-    return str(answer["runs"][0]["status"])
+    if api is None:
+        with ControlApi(coord.flwr_home) as api:
+            return run_status(coord, run_id, api)
+    return str(api.runs(run_id)[0]["status"])
 
 
 def wait_for_run(
@@ -280,27 +284,27 @@ def wait_for_run(
     """Poll until the run finishes; returns its final status (DeployError after ``timeout_s``).
 
     ``sleep`` waits between checks (a service passes one that raises when it is stopped).
+    Each check is one request on one Control API client (see ``ControlApi``).
     """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = run_status(coord, run_id)
-        if status.startswith("finished"):
-            return status
-        sleep(poll_s)
+    with ControlApi(coord.flwr_home) as api:
+        while time.monotonic() < deadline:
+            status = run_status(coord, run_id, api)
+            if status.startswith("finished"):
+                return status
+            sleep(poll_s)
     raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f} s (`fedretrain coordinator status`)")
 
 
 def status(coord: Coordinator) -> dict[str, Any]:
     """The registered sites with their connection state, and the runs with theirs."""
-    nodes = {n["node-id"]: n for n in run_flwr(coord.flwr_home, ["supernode", "ls", CONNECTION])["nodes"]}
+    with ControlApi(coord.flwr_home) as api:
+        nodes = {n["node-id"]: n for n in api.nodes()}
+        runs = [{"run_id": r["run-id"], "status": r["status"], "elapsed": r["elapsed"]} for r in api.runs()]
     sites = {
         site: {"node_id": info["node_id"], "status": nodes.get(info["node_id"], {}).get("status", "unknown")}
         for site, info in sorted(coord.sites().items())
     }
-    runs = [
-        {"run_id": r["run-id"], "status": r["status"], "elapsed": r["elapsed"]}
-        for r in run_flwr(coord.flwr_home, ["ls", CONNECTION])["runs"]
-    ]
     return {"superlink": coord.settings()["address"], "sites": sites, "runs": runs, "watch": watch_status(coord)}
 
 
