@@ -1,7 +1,8 @@
 """The embedded base model: built once into a fresh cache, deterministic, reused, and actually pretrained.
 
-The module fixture builds the model into a temporary cache (about 25 s on two cores);
-the slow test builds it a second time, from two processes at once.
+The module's model is the one every test uses, from the shared cache (``FEDRETRAIN_CACHE``,
+set by conftest: built at most once per machine, about 25 s); the slow test builds it afresh
+into an empty cache, from two processes at once, and checks it matches byte for byte.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from simulation.notes import general_corpus, validation_notes
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    cache_dir = tmp_path_factory.mktemp("fedretrain-cache")
+def cache() -> Path:
+    cache_dir = default_cache_dir()
     embedded_model_dir(cache_dir)
     return cache_dir
 
@@ -79,7 +80,7 @@ def test_build_leaves_a_complete_save_pretrained_directory(cache, built):
     for name in ("config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json", RECIPE_FILE):
         assert (built / name).is_file(), name
     assert built.parent == cache and built.name == f"{EMBEDDED_NAME}-{_cache_key(RECIPE, corpus_sha)}"
-    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [built.name]
+    assert not list(cache.glob(f".{built.name}.*.tmp"))
     assert record["recipe"]["steps"] == RECIPE.steps and record["corpus_sha256"] == corpus_sha
     assert record["weights_sha256"] == hashlib.sha256((built / WEIGHTS_FILE).read_bytes()).hexdigest()
     assert record["build_seconds"] > 0
@@ -177,11 +178,12 @@ def test_two_processes_building_at_once_build_once_and_match_the_first_build(bui
     ]
     results = [proc.communicate(timeout=600) for proc in procs]
 
-    # Assert: one build, one directory, no temporary leftovers, and the same weights as the
-    # module's build in another directory and process (the build is deterministic).
+    # Assert: one build, one complete directory, no temporary leftovers, and the same weights as
+    # the shared cache's build, made in another directory and process (the build is deterministic).
     assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in results]
     assert {out.strip() for out, _ in results} == {str(cache / built.name)}
     assert sum(err.count("Building the embedded base model") for _, err in results) == 1
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [built.name]
+    assert sorted(p.name for p in (cache / built.name).iterdir()) == sorted(p.name for p in built.iterdir())
     first = json.loads((built / RECIPE_FILE).read_text())["weights_sha256"]
     assert json.loads((cache / built.name / RECIPE_FILE).read_text())["weights_sha256"] == first
