@@ -110,6 +110,23 @@ def test_noisy_improvement_whose_interval_spans_zero_is_refused():
     assert result.decision == REFUSE and not result.figures["checks"]["confidence"]
 
 
+def test_sites_whose_noised_sums_cannot_confirm_the_gain_refuse_unless_the_policy_rests_on_validation():
+    # Prepare: clearly better on validation; at the sites 0.1 better but each sum noised with
+    # std 10 over 50 records (noise std of the pooled mean ~0.14): the pooled interval spans 0.
+    cand = [b - 0.5 for b in BASE]
+    sites = [site("a", 5.0, 4.9, sum_std=10.0), site("b", 5.0, 4.9, sum_std=10.0)]
+
+    # Execute
+    strict = decide(POLICY, stats(BASE), stats(cand), sites, seed=0)
+    on_validation = GateConfig(margin=0.05, min_sites=2, require_federated_confidence=False)
+    lenient = decide(on_validation, stats(BASE), stats(cand), sites, seed=0)
+
+    # Assert
+    assert strict.decision == REFUSE and not strict.figures["checks"]["federated"]
+    assert strict.figures["federated"]["ci_low"] < 0 < strict.figures["federated"]["ci_high"]
+    assert lenient.decision == PUBLISH and lenient.figures["checks"]["federated"]
+
+
 def test_too_few_sites_and_approval_policy():
     cand = [b - 0.5 for b in BASE]
     one_site = decide(POLICY, stats(BASE), stats(cand), [site("a", 5.0, 4.6)], seed=0)
