@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -249,6 +250,52 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- supervise: a signal reaches the child once ---------------------------------------------
+
+# A child that exits as Flower's processes do: its first SIGTERM restores the default action,
+# then it takes a moment to leave (a SuperNode tells the SuperLink), then writes "left".
+FLOWER_LIKE_CHILD = """
+import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+def leave(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(1.0)
+    out.joinpath("left").write_text("graceful")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, leave)
+out.joinpath("ready").write_text("")
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("to_group", [True, False], ids=["the-whole-group", "the-supervisor-only"])
+def test_a_stopped_supervisor_lets_its_child_leave_gracefully(tmp_path, to_group):
+    # Prepare: `supervise` over a Flower-like child, in a session of their own.
+    (tmp_path / "child.py").write_text(FLOWER_LIKE_CHILD)
+    code = (
+        "import subprocess, sys; from fedretrain.deploy.flower import supervise; "
+        f"sys.exit(supervise(subprocess.Popen([sys.executable, {str(tmp_path / 'child.py')!r}, {str(tmp_path)!r}]), "
+        "grace_s=2.0))"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert parent.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+    # Execute: SIGTERM as systemd or Ctrl-C sends it (everyone), or to the supervisor alone.
+    if to_group:
+        os.killpg(parent.pid, signal.SIGTERM)
+    else:
+        parent.send_signal(signal.SIGTERM)
+
+    # Assert: the child got one SIGTERM, finished leaving, and its code is the supervisor's.
+    assert parent.wait(timeout=30) == 0
+    assert (tmp_path / "left").read_text() == "graceful"
 
 
 # --- superlink_command ----------------------------------------------------------------

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -235,12 +236,32 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def supervise(proc: subprocess.Popen) -> int:
-    """Wait for ``proc``; SIGINT and SIGTERM to this process stop it gracefully. Returns its code."""
+# How long a child has to act on a signal that reached it too before it is passed on.
+FORWARD_GRACE_S = 5.0
+
+
+def supervise(proc: subprocess.Popen, grace_s: float = FORWARD_GRACE_S) -> int:
+    """Wait for ``proc``; SIGINT and SIGTERM to this process stop it gracefully. Returns its code.
+
+    A signal meant for the whole group (Ctrl-C at a terminal, systemd stopping the unit,
+    ``kill -- -PGID``) reaches the child too, and Flower's processes restore the default
+    action after their first SIGINT or SIGTERM: a second copy from here killed the SuperNode
+    in the middle of its graceful exit, before it told the SuperLink it leaves, so the site
+    stayed listed online (and could not rejoin, Flower's code 2004) until its heartbeats
+    lapsed, a minute later. So the signal is passed on only to a child still running
+    ``grace_s`` after it arrived here.
+    """
+
+    def pass_on(signum: int) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+            return
+        if proc.poll() is None:
+            proc.send_signal(signum)
 
     def forward(signum: int, _frame: Any) -> None:
         if proc.poll() is None:
-            proc.send_signal(signum)
+            threading.Thread(target=pass_on, args=(signum,), daemon=True).start()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
