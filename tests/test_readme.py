@@ -180,7 +180,7 @@ def test_readme_publishing_walkthrough(tmp_path):
 
 # The watch session's cycles, shrunk in time: what it shows is which triggers start a cycle and
 # that the sites pay for it, not how much it learns.
-WATCH_SHRINK = ["train.local_steps=6", "data.validation_records=40", "output_dir=runs"]
+WATCH_SHRINK = ["rounds=1", "train.local_steps=6", "data.validation_records=40", "output_dir=runs"]
 
 
 @pytest.mark.e2e
