@@ -45,7 +45,7 @@ def measure(reps: int) -> list[dict]:
     lm = load_lora_model(ModelConfig(max_length=256), lora, seed=0, device="cpu")
     key = Ed25519PrivateKey.generate()
     identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
-    lora_fields = lora.to_manifest()
+    lora_fields = lora.to_manifest(lm.target_modules)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"
         lm.model.save_pretrained(str(adapter))

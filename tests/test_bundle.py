@@ -395,6 +395,24 @@ def test_base_model_identity_hashes_config_and_weights_by_name(tmp_path) -> None
     assert base_model_identity("tiny", tmp_path)["sha256"] not in (expected, renamed)
 
 
+def test_a_seed_for_missing_parameters_is_part_of_the_base_model_identity(tmp_path) -> None:
+    # Prepare
+    (tmp_path / "config.json").write_bytes(b"{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    plain = base_model_identity("tiny", tmp_path)["sha256"]
+    lines = "".join(
+        f"{name}\0{hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()}\n"
+        for name in ("config.json", "model.safetensors")
+    )
+
+    # Execute
+    seeded = {seed: base_model_identity("tiny", tmp_path, init_missing_seed=seed)["sha256"] for seed in (0, 1)}
+
+    # Assert: by hand, one more line after the files; each seed is another model.
+    assert seeded[0] == hashlib.sha256(f"{lines}init_missing_seed\x000\n".encode()).hexdigest()
+    assert len({plain, seeded[0], seeded[1]}) == 3
+
+
 def test_base_model_identity_refuses_a_directory_without_weights(tmp_path) -> None:
     # Prepare
     (tmp_path / "config.json").write_text("{}")

@@ -75,7 +75,7 @@ def _publish(
         adapter,
         signing_key=key,
         base_model=identity,
-        lora=job.lora.to_manifest(),
+        lora=job.lora.to_manifest(site_model(job, "cpu").target_modules),
         run={"name": f"run-{day}"},
         sites={},
         gate={"decision": "publish"},

@@ -65,7 +65,7 @@ def publish(registry: Registry, signing_key, job: Job, directory: Path, scale: f
         directory,
         signing_key=signing_key,
         base_model=identity,
-        lora=job.lora.to_manifest(),
+        lora=job.lora.to_manifest(lm.target_modules),
         run={"name": "test"},
         sites={},
         gate={"decision": "publish"},
@@ -357,7 +357,7 @@ def test_the_registry_refuses_to_roll_back_to_an_expired_version(tmp_path, job, 
     identity = base_model_identity("embedded", Path(resolve_model_path("embedded")))
     fields = {
         "base_model": identity,
-        "lora": job.lora.to_manifest(),
+        "lora": job.lora.to_manifest(lm.target_modules),
         "run": {"name": "t"},
         "sites": {},
         "gate": {"decision": "publish"},

@@ -107,7 +107,8 @@ def receive_version(
     verify_signature(key, bundle.manifest_bytes, bundle.signature)
 
     lm = site_model(job, site.device)
-    identity = base_model_identity(job.model.name_or_path, Path(resolve_model_path(job.model.name_or_path)))
+    model_dir = Path(resolve_model_path(job.model.name_or_path))
+    identity = base_model_identity(job.model.name_or_path, model_dir, job.model.init_missing_seed)
     tensors = verify_bundle(
         bundle,
         key,

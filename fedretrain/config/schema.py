@@ -7,7 +7,7 @@ group so the user reads the dotted key (``privacy.target_epsilon: ...``).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +44,15 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_length: int = 128
+    # A checkpoint missing some of its model's parameters is refused; this seed opts in to
+    # initialising them, the same in every process, and becomes part of the model's identity.
+    init_missing_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name_or_path.strip():
             raise ConfigError("name_or_path: must name a local directory, a hub id or 'embedded'")
+        if self.init_missing_seed is not None and self.init_missing_seed < 0:
+            raise ConfigError(f"init_missing_seed: must be >= 0 or null, got {self.init_missing_seed}")
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
         if self.max_length < 8:
@@ -59,7 +64,9 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # null: chosen from the architecture (peft's defaults for its model_type, else every
+    # linear layer of the attention blocks; fedretrain/modeling/targets.py).
+    target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -67,12 +74,12 @@ class LoraSettings:
         if self.alpha < 1:
             raise ConfigError(f"alpha: must be >= 1, got {self.alpha}")
         _fraction("dropout", self.dropout, open_low=False)
-        if not self.target_modules:
-            raise ConfigError("target_modules: name at least one module (e.g. [q_proj, v_proj])")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules: name at least one module (e.g. [q_proj, v_proj]), or null for auto")
 
-    def to_manifest(self) -> dict[str, Any]:
-        """The LoRA settings a published version's manifest records (sites check theirs against it)."""
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules)}
+    def to_manifest(self, target_modules: Sequence[str]) -> dict[str, Any]:
+        """The LoRA settings a published version's manifest records, with the targets as resolved."""
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(target_modules)}
 
 
 @dataclass(frozen=True)

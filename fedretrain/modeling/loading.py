@@ -20,6 +20,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from huggingface_hub import snapshot_download
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from fedretrain.errors import ModelLoadError
 from fedretrain.modeling.embedded import EMBEDDED_NAME, embedded_model_dir, quiet_progress_bars
+from fedretrain.modeling.targets import resolve_target_modules, targets_transposed
 
 logger = logging.getLogger("fedretrain")
 
@@ -36,6 +38,7 @@ DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # What from_pretrained raises for a missing, partial or unreadable model (hub errors are OSErrors
 # or ValueErrors; ImportError when the model needs an optional package that is not installed).
 _LOAD_ERRORS = (OSError, ValueError, ImportError)
+_SHOWN = 8  # parameter names an error lists before "and N more"
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -144,9 +147,22 @@ def load_tokenizer(name_or_path: str, cache_dir: Path | None = None) -> PreTrain
 
 
 def load_base_model(
-    name_or_path: str, device: torch.device, dtype: torch.dtype, cache_dir: Path | None = None
+    name_or_path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache_dir: Path | None = None,
+    *,
+    init_missing_seed: int | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM, move it to ``device``, switch to eval mode and freeze it.
+
+    A checkpoint that lacks some of the model's parameters (a BERT saved without its
+    LM-head transform, a Llama saved without its untied ``lm_head``) is refused:
+    transformers would initialise them at random, differently in every process, so
+    the coordinator and each site would score a different model. With
+    ``init_missing_seed`` they are initialised from that seed instead, the same
+    values in every process (the seed is then part of the base model's identity,
+    see ``fedretrain.registry.base_model``). A tied head is not missing.
 
     Returns
     -------
@@ -157,16 +173,25 @@ def load_base_model(
     Raises
     ------
     ModelLoadError
-        The model cannot be found, or its directory is not a loadable causal LM.
+        The model cannot be found, its directory is not a loadable causal LM, or it
+        lacks parameters and ``init_missing_seed`` is None.
     """
     path = resolve_model_path(name_or_path, cache_dir)
     try:
-        with quiet_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        # Missing parameters are drawn from torch's global generator while loading: seeded
+        # here, on the CPU (the load happens there), and the caller's state put back after.
+        with quiet_progress_bars(), torch.random.fork_rng(devices=[]):
+            if init_missing_seed is not None:
+                torch.manual_seed(init_missing_seed)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, local_files_only=True, output_loading_info=True
+            )
     except _LOAD_ERRORS as err:
         raise ModelLoadError(
             f"cannot load a causal LM for model.name_or_path={name_or_path!r} from {path}: {err}"
         ) from err
+    model, info = cast(tuple[PreTrainedModel, dict[str, Any]], loaded)
+    _check_complete(name_or_path, path, type(model).__name__, info, init_missing_seed)
     model.to(device)  # type: ignore[arg-type]  # transformers' typing of .to() rejects a torch.device
     model.eval()
     model.requires_grad_(False)
@@ -178,6 +203,34 @@ def load_base_model(
         str(dtype).removeprefix("torch."),
     )
     return model
+
+
+def _check_complete(name_or_path: str, path: str, arch: str, info: dict[str, Any], seed: int | None) -> None:
+    """Refuse a load that initialised parameters at random, unless a seed made them deterministic."""
+    fresh = sorted({*info.get("missing_keys", ()), *(_key(k) for k in info.get("mismatched_keys", ()))})
+    if not fresh:
+        return
+    shown = ", ".join(fresh[:_SHOWN]) + (f" and {len(fresh) - _SHOWN} more" if len(fresh) > _SHOWN else "")
+    if seed is None:
+        raise ModelLoadError(
+            f"model.name_or_path={name_or_path!r}: the checkpoint in {path} lacks {len(fresh)} parameter(s) of "
+            f"{arch} that transformers would initialise at random, differently in every process: "
+            f"{shown}. Fix: point model.name_or_path at a complete checkpoint of a causal LM, or set "
+            f"model.init_missing_seed=<int> to initialise them from that seed, the same in every process (the "
+            f"seed becomes part of the base model's identity)"
+        )
+    logger.warning(
+        "Base model %s: %d parameter(s) missing from the checkpoint, initialised from model.init_missing_seed=%d: %s",
+        name_or_path,
+        len(fresh),
+        seed,
+        shown,
+    )
+
+
+def _key(entry: Any) -> str:
+    # transformers reports a mismatched key as (name, checkpoint shape, model shape).
+    return str(entry[0] if isinstance(entry, tuple) else entry)
 
 
 def attach_lora(
@@ -199,16 +252,19 @@ def attach_lora(
     Raises
     ------
     ModelLoadError
-        The model's parameters span several devices, or ``target_modules``
-        match no module of the model.
+        The model's parameters span several devices, or a name in ``target_modules``
+        matches no module of the model (the message lists its linear modules).
     """
     _single_device(model, "before attaching LoRA")
+    targets = resolve_target_modules(model, target_modules).modules
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules),
+        target_modules=list(targets),
+        # GPT-2's Conv1D stores its weight transposed; saying so spares peft's warning in every worker.
+        fan_in_fan_out=targets_transposed(model, targets),
         bias="none",
     )
     # peft initialises the adapter on the CPU RNG before moving it to the base layer's device,
@@ -221,7 +277,7 @@ def attach_lora(
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as err:
-            raise ModelLoadError(f"cannot attach LoRA to target modules {list(target_modules)}: {err}") from err
+            raise ModelLoadError(f"cannot attach LoRA to target modules {list(targets)}: {err}") from err
     _single_device(peft_model, "after attaching LoRA")
     stray = [name for name, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in name]
     if stray:

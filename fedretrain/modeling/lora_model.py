@@ -6,6 +6,7 @@ bit-identical, and both load and read adapter tensors through these two function
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from fedretrain.modeling.loading import (
     select_device,
     select_dtype,
 )
+from fedretrain.modeling.targets import resolve_target_modules
+
+logger = logging.getLogger("fedretrain")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class LoraModel:
     device: torch.device
     spec: AdapterSpec  # keys, shapes and dtypes every adapter update must match
     base_nbytes: int  # bytes of the full base model's parameters
+    target_modules: tuple[str, ...]  # the LoRA targets as resolved for this architecture
 
 
 def load_lora_model(
@@ -43,17 +48,32 @@ def load_lora_model(
     device: str = "auto",
     cache_dir: Path | None = None,
 ) -> LoraModel:
-    """Load the base model on its device, then attach LoRA (in that order: opacus#820)."""
+    """Load the base model on its device, then attach LoRA (in that order: opacus#820).
+
+    ``lora.target_modules`` None chooses the targets from the architecture
+    (``fedretrain.modeling.targets``); the targets used are logged and kept in
+    ``LoraModel.target_modules``, which a published manifest records.
+    """
     dev = select_device(device)
     dtype = select_dtype(dev, model_cfg.dtype)
-    tokenizer = load_tokenizer(model_cfg.name_or_path, cache_dir=cache_dir)
-    base = load_base_model(model_cfg.name_or_path, dev, dtype, cache_dir=cache_dir)
+    name = model_cfg.name_or_path
+    tokenizer = load_tokenizer(name, cache_dir=cache_dir)
+    base = load_base_model(name, dev, dtype, cache_dir=cache_dir, init_missing_seed=model_cfg.init_missing_seed)
     base_nbytes = model_nbytes(base)
+    targets = resolve_target_modules(base, lora.target_modules, where=f"model.name_or_path={name!r}")
+    logger.info("LoRA targets of %s: %s (%s)", name, ", ".join(targets.modules), targets.source)
     model = attach_lora(
-        base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules), seed=seed
+        base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets.modules, seed=seed
     )
     spec = AdapterSpec.from_state_dict(adapter_arrays(model))
-    return LoraModel(tokenizer=tokenizer, model=model, device=dev, spec=spec, base_nbytes=base_nbytes)
+    return LoraModel(
+        tokenizer=tokenizer,
+        model=model,
+        device=dev,
+        spec=spec,
+        base_nbytes=base_nbytes,
+        target_modules=targets.modules,
+    )
 
 
 def adapter_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:

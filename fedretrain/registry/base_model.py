@@ -6,6 +6,10 @@ trained against. The identity hashes ``config.json`` and every ``*.safetensors``
 weights, sharded or not), in sorted name order, as
 ``sha256("name\\0<file sha256 hex>\\n" for each file)``: renaming a file changes it.
 Tokenizer files are left out: they do not change what the adapter was fitted to.
+
+A model loaded with ``model.init_missing_seed`` (parameters its checkpoint lacks,
+initialised from that seed) is another model for every seed, so the seed is hashed
+too, as a last line ``"init_missing_seed\0<seed>\n"``; without it the identity is as above.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ _CHUNK = 1 << 20
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def base_model_identity(name: str, model_dir: str | os.PathLike[str]) -> dict[str, str]:
+def base_model_identity(
+    name: str, model_dir: str | os.PathLike[str], init_missing_seed: int | None = None
+) -> dict[str, str]:
     """Return ``{"name": name, "sha256": <identity of the weights in model_dir>}``.
+
+    ``init_missing_seed`` is the config's ``model.init_missing_seed``: when set, part of the identity.
 
     Raises
     ------
@@ -41,6 +49,8 @@ def base_model_identity(name: str, model_dir: str | os.PathLike[str]) -> dict[st
     digest = hashlib.sha256()
     for rel in sorted(["config.json", *weights]):
         digest.update(f"{rel}\0{_file_sha256(model_dir / rel)}\n".encode())
+    if init_missing_seed is not None:
+        digest.update(f"init_missing_seed\0{init_missing_seed}\n".encode())
     return {"name": name, "sha256": digest.hexdigest()}
 
 

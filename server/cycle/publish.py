@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +116,12 @@ def publish_candidate(
     result: GateResult,
     run: RunFigures,
     sites: Mapping[str, SiteOutcome],
+    target_modules: Sequence[str],
 ) -> int:
     """Write the candidate as a new signed version; it becomes champion unless approval is required.
 
-    Every site receives the manifest, so it names sites by pseudonym only.
+    Every site receives the manifest, so it names sites by pseudonym only. ``target_modules``
+    are the LoRA targets as resolved for the base model (``LoraModel.target_modules``).
     """
     registry = handle.registry
     model_dir = Path(resolve_model_path(cfg.model.name_or_path))
@@ -127,8 +129,8 @@ def publish_candidate(
     return registry.publish(
         adapter_dir,
         signing_key=handle.signing_key,
-        base_model=base_model_identity(cfg.model.name_or_path, model_dir),
-        lora=cfg.lora.to_manifest(),
+        base_model=base_model_identity(cfg.model.name_or_path, model_dir, cfg.model.init_missing_seed),
+        lora=cfg.lora.to_manifest(target_modules),
         run=finite_or_null(dataclasses.asdict(run)),
         sites={registry.pseudonym(s): finite_or_null(v.manifest_figures()) for s, v in sites.items()},
         gate=gate,

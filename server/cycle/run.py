@@ -368,7 +368,7 @@ def _publish(
             seed=cfg.seed,
             baseline_version=cycle.champion_version,
         )
-        version = publish_candidate(cycle.registry, cfg, adapter_dir, result, run, sites)
+        version = publish_candidate(cycle.registry, cfg, adapter_dir, result, run, sites, cycle.lm.target_modules)
     registry.record_decision(
         finite_or_null(
             {
