@@ -1,8 +1,9 @@
 """The embedded base model: built once into a fresh cache, deterministic, reused, and actually pretrained.
 
 The module's model is the one every test uses, from the shared cache (``FEDRETRAIN_CACHE``,
-set by conftest: built at most once per machine, about 25 s); the slow test builds it afresh
-into an empty cache, from two processes at once, and checks it matches byte for byte.
+set by conftest: built at most once per machine, about 25 s). The build itself is tested at a
+few pretraining steps: from two processes at once into an empty cache, matching byte for byte
+a build made in another directory and process.
 """
 
 from __future__ import annotations
@@ -160,14 +161,22 @@ def test_a_corrupted_cached_model_is_reported_not_loaded(built, tmp_path):
         embedded_model_dir(tmp_path / "cache")
 
 
-@pytest.mark.slow
-def test_two_processes_building_at_once_build_once_and_match_the_first_build(built, tmp_path):
-    # Prepare: two fresh processes race for the same empty cache.
+# The build itself, at a few pretraining steps (the same code as RECIPE's 200, in seconds).
+SMALL = replace(RECIPE, steps=6, warmup_steps=2)
+
+
+def test_two_processes_building_at_once_build_once_and_match_a_build_elsewhere(tmp_path):
+    # Prepare: two fresh processes race for the same empty cache; this process builds the same
+    # recipe into a cache of its own.
     code = (
-        "import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO); "
-        "from fedretrain.modeling.embedded import embedded_model_dir; print(embedded_model_dir(Path(sys.argv[1])))"
+        "import logging, sys; from dataclasses import replace; from pathlib import Path; "
+        "logging.basicConfig(level=logging.INFO); "
+        "from fedretrain.modeling.embedded import RECIPE, embedded_model_dir; "
+        f"print(embedded_model_dir(Path(sys.argv[1]), replace(RECIPE, steps={SMALL.steps}, "
+        f"warmup_steps={SMALL.warmup_steps})))"
     )
     cache = tmp_path / "race"
+    elsewhere = embedded_model_dir(tmp_path / "elsewhere", SMALL)
 
     # Execute
     procs = [
@@ -179,11 +188,13 @@ def test_two_processes_building_at_once_build_once_and_match_the_first_build(bui
     results = [proc.communicate(timeout=600) for proc in procs]
 
     # Assert: one build, one complete directory, no temporary leftovers, and the same weights as
-    # the shared cache's build, made in another directory and process (the build is deterministic).
+    # the build made in another directory and process (the build is deterministic).
     assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in results]
-    assert {out.strip() for out, _ in results} == {str(cache / built.name)}
+    assert {out.strip() for out, _ in results} == {str(cache / elsewhere.name)}
     assert sum(err.count("Building the embedded base model") for _, err in results) == 1
-    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [built.name]
-    assert sorted(p.name for p in (cache / built.name).iterdir()) == sorted(p.name for p in built.iterdir())
-    first = json.loads((built / RECIPE_FILE).read_text())["weights_sha256"]
-    assert json.loads((cache / built.name / RECIPE_FILE).read_text())["weights_sha256"] == first
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [elsewhere.name]
+    built = cache / elsewhere.name
+    assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in elsewhere.iterdir())
+    record = json.loads((built / RECIPE_FILE).read_text())
+    assert record["recipe"]["steps"] == SMALL.steps
+    assert record["weights_sha256"] == json.loads((elsewhere / RECIPE_FILE).read_text())["weights_sha256"]

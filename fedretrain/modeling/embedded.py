@@ -91,13 +91,16 @@ def corpus_text() -> str:
         ) from err
 
 
-def embedded_model_dir(cache_dir: Path | None = None) -> Path:
+def embedded_model_dir(cache_dir: Path | None = None, recipe: Recipe = RECIPE) -> Path:
     """Return the embedded model's directory, building it on first use.
 
     Parameters
     ----------
     cache_dir : Path | None
         Where built models live; ``default_cache_dir()`` when None.
+    recipe : Recipe
+        The build's settings: fedretrain's ``RECIPE`` (another one, e.g. a few
+        pretraining steps, is for tests of the build itself).
 
     Returns
     -------
@@ -115,7 +118,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     text = corpus_text()
     corpus_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    key = _cache_key(RECIPE, corpus_sha)
+    key = _cache_key(recipe, corpus_sha)
     target = cache / f"{EMBEDDED_NAME}-{key}"
     if not (target / RECIPE_FILE).is_file():
         try:
@@ -123,7 +126,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
             with _exclusive(cache / f".{EMBEDDED_NAME}-{key}.lock"):
                 # Another process may have finished the build while we waited for the lock.
                 if not (target / RECIPE_FILE).is_file():
-                    _build_into_place(target, text, corpus_sha)
+                    _build_into_place(target, text, corpus_sha, recipe)
         except OSError as err:
             raise ModelLoadError(
                 f"cannot build the embedded model in {cache} ({err}); set FEDRETRAIN_CACHE to a writable directory"
@@ -148,7 +151,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _build_into_place(target: Path, text: str, corpus_sha: str) -> None:
+def _build_into_place(target: Path, text: str, corpus_sha: str, recipe: Recipe) -> None:
     # Called with the lock held: leftovers of a crashed build of this key are nobody's, so remove them.
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -157,7 +160,7 @@ def _build_into_place(target: Path, text: str, corpus_sha: str) -> None:
     logger.info("Building the embedded base model in %s (first use only; about 25 s on one CPU core)", target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        recipe_record = _build(tmp, text, corpus_sha)
+        recipe_record = _build(tmp, text, corpus_sha, recipe)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,20 +192,20 @@ def _sha256_file(path: Path) -> str:
         return "missing"
 
 
-def _build(directory: Path, text: str, corpus_sha: str) -> dict:
+def _build(directory: Path, text: str, corpus_sha: str, recipe: Recipe) -> dict:
     """Train tokenizer and model into ``directory``; return the recipe record written beside them."""
     # Imported here: the heavy libraries load only when a build actually happens.
     from fedretrain.modeling.pretrain import pretrain, train_tokenizer
 
     started = time.perf_counter()
     documents = [doc for doc in text.split("\n\n") if doc.strip()]
-    tokenizer = train_tokenizer(documents, RECIPE.vocab_size, SPECIAL_TOKENS, RECIPE.max_position_embeddings)
-    model, final_loss = pretrain(documents, tokenizer, RECIPE)
+    tokenizer = train_tokenizer(documents, recipe.vocab_size, SPECIAL_TOKENS, recipe.max_position_embeddings)
+    model, final_loss = pretrain(documents, tokenizer, recipe)
     with quiet_progress_bars():
         model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     record = {
-        "recipe": asdict(RECIPE),
+        "recipe": asdict(recipe),
         "corpus_sha256": corpus_sha,
         "weights_sha256": _sha256_file(directory / WEIGHTS_FILE),
         "tokenizer_vocab_size": len(tokenizer),
