@@ -294,7 +294,11 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
     # the validation set and each site's own check.
     proc, run_dir = bench.submit(
         *run_overrides(
-            "registry", "strategy.quorum=2", "strategy.round_timeout_s=180", "gate.require_federated_confidence=false"
+            "registry",
+            "rounds=1",  # refused in every exchange: catch-up delivery, training, evaluation, publication
+            "strategy.quorum=2",
+            "strategy.round_timeout_s=180",
+            "gate.require_federated_confidence=false",
         )
     )
     finished(proc)
@@ -465,7 +469,7 @@ def test_a_serverapp_killed_after_round_1_resumes_from_its_checkpoint_without_sp
 def test_the_standing_watch_retrains_on_drift_installs_everywhere_survives_a_kill_and_stops_on_sigterm(bench):
     # Prepare: the README's standing watch. Each site ingests the notes in a new template
     # through its joined settings; the watch is shrunk like the README's run (a poll every
-    # 5 s, a smaller target epsilon, so the sites can still pay after the cycles above). The
+    # 5 s, one round, a smaller target epsilon, so the sites can still pay after the cycles above). The
     # gate rests on the validation set and each site's own check: three sites' noised sums
     # cannot confirm a shrunk cycle's gain (see the impostor test).
     shutil.copytree(REPO / "examples", bench.root / "examples")
@@ -480,6 +484,7 @@ def test_the_standing_watch_retrains_on_drift_installs_everywhere_survives_a_kil
         [
             watch.rstrip("& ").replace("trigger.poll_interval_s=600", "trigger.poll_interval_s=5"),
             "strategy.min_sites=3",
+            "rounds=1",
             "privacy.target_epsilon=1",
             "gate.require_federated_confidence=false",
             *SHRINK,
@@ -523,7 +528,7 @@ def test_the_standing_watch_retrains_on_drift_installs_everywhere_survives_a_kil
         state = bench.root / "data" / site / ".fedretrain"
         ledger = PrivacyLedger.load(state / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5)
         rounds = [e.round for e in ledger.entries if e.run_id == record["run_id"] and e.kind == "train"]
-        assert rounds == [1, 2], (site, rounds)
+        assert rounds == [1], (site, rounds)
     # ... the service said what it was doing, and stopped cleanly on SIGTERM.
     assert shown.returncode == 0 and "watch:" in shown.stdout, shown.stdout + shown.stderr
     assert code == 0 and "the watch stopped after" in bench.log("watch-again")

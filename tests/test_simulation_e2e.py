@@ -1,12 +1,12 @@
 """End to end through Flower's real simulation engine (Ray backend) and the real CLI.
 
-One federation directory is reused across three cycles, as a researcher would with
+One federation directory is reused across two cycles, as a researcher would with
 ``simulation.federation_dir``: the first is the 2-round, 3-site smoke run, which passes
-the gate and publishes version 1 to every site; the second does not beat version 1 and
-publishes nothing; before the third, one site's data file is broken. The third shows the
-bad site refusing with its file, line and field named while the others still aggregate,
-and the privacy ledgers carrying their history across runs. A separate federation trains
-on garbled notes and the gate refuses the worse candidate.
+the gate and publishes version 1 to every site. Before the second, one site's data file
+is broken; the second does not beat version 1 and publishes nothing, and shows the bad
+site refusing with its file, line and field named while the others still aggregate, and
+the privacy ledgers carrying their history across runs. A separate federation trains on
+garbled notes and the gate refuses the worse candidate.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def federation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(federation, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    # A ceiling of 16 leaves room for three cycles of the smoke run's epsilon 4.
+    # A ceiling of 16 leaves room for both cycles of about epsilon 4 each.
     return simulate(
         "experiment=smoke",
         f"output_dir={out}",
@@ -129,22 +129,35 @@ def test_first_cycle_publishes_version_1_and_every_site_installs_it(first_run, f
     assert "[version 1," in generated.stdout and "Patient presents with" in generated.stdout
 
 
-def test_a_cycle_that_does_not_beat_version_1_publishes_nothing(first_run, federation, tmp_path):
-    # A learning rate of 1e-6 leaves the adapter where version 1 put it: equal within the margin.
-    run_dir, output = simulate(
+@pytest.fixture(scope="module")
+def second_run(first_run, federation, tmp_path_factory):
+    """The second cycle: site-01's training file broken (line 5 misnames its field), and a
+    learning rate of 1e-6, which leaves the adapter where version 1 put it; one round."""
+    run_dir, _ = first_run
+    before = json.loads((run_dir / "summary.json").read_text())["sites"]
+    bad = federation / "site-01" / "train.jsonl"
+    lines = bad.read_text().splitlines()
+    lines[4] = json.dumps({"txt": "a typo in the field name"})
+    bad.write_text("\n".join(lines) + "\n")
+    second_dir, output = simulate(
         "experiment=smoke",
-        f"output_dir={tmp_path}",
+        f"output_dir={tmp_path_factory.mktemp('runs')}",
         f"simulation.federation_dir={federation}",
         "rounds=1",
         "train.lr=1e-6",
     )
+    return second_dir, output, before, bad
+
+
+def test_a_cycle_that_does_not_beat_version_1_publishes_nothing(second_run, federation):
+    run_dir, output, _, _ = second_run
     summary = json.loads((run_dir / "summary.json").read_text())
 
     assert summary["baseline_version"] == 1 and summary["published_version"] is None
     assert summary["gate"]["decision"] == "refuse"
     assert abs(summary["gate"]["improvement"]) < summary["gate"]["margin"]
     assert any("less than the margin" in reason for reason in summary["gate"]["reasons"])
-    assert sorted(summary["sync"]["installed"]) == ["site-00", "site-01", "site-02"]
+    assert {"site-00", "site-02"} <= set(summary["sync"]["installed"])
     registry = federation / "coordinator" / "registry"
     assert sorted(p.name for p in (registry / "versions").iterdir()) == ["000001"]
     assert [d["decision"] for d in map(json.loads, (registry / "decisions.jsonl").read_text().splitlines())] == [
@@ -153,6 +166,30 @@ def test_a_cycle_that_does_not_beat_version_1_publishes_nothing(first_run, feder
     ]
     assert all(site_state(federation, s)["current"] == 1 for s in ("site-00", "site-01", "site-02"))
     assert "gate: REFUSE, nothing published (baseline: version 1)" in output
+
+
+def test_bad_data_is_refused_and_ledgers_persist_across_runs(second_run, federation):
+    run_dir, output, before, bad = second_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    # site-01 sent no update; its refusal, recorded under the site its node is bound to,
+    # names file, line and field, but not where the site keeps its files.
+    assert set(summary["sites"]) == {"site-00", "site-02"}
+    assert {r["site_id"] for r in summary["refusals"]} == {"site-01"}
+    reasons = [r["reason"] for r in summary["refusals"]]
+    assert len(reasons) == 1 and all(f" {bad.name}:5: field 'text' is missing" in r for r in reasons)
+    assert not any(str(bad.parent) in r for r in reasons)
+    # The other sites' ledgers kept the first run's spend: epsilon only grows.
+    for site in ("site-00", "site-02"):
+        ledger = PrivacyLedger.load(
+            federation / site / ".fedretrain" / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5
+        )
+        # Training: 2 rounds, then 1; each cycle ended with one charged evaluation.
+        assert [e.kind for e in ledger.entries].count("train") == 3
+        assert [e.kind for e in ledger.entries].count("evaluate") == 2
+        assert summary["sites"][site]["epsilon"] > before[site]["epsilon"]
+        assert summary["sites"][site]["epsilon"] == pytest.approx(ledger.epsilon())
+    assert "left out" in output
 
 
 def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
@@ -176,38 +213,3 @@ def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
     assert not (Path(summary["registry"]) / "versions").exists() or not any(
         (Path(summary["registry"]) / "versions").iterdir()
     )
-
-
-def test_bad_data_is_refused_and_ledgers_persist_across_runs(first_run, federation, tmp_path):
-    run_dir, _ = first_run
-    before = json.loads((run_dir / "summary.json").read_text())["sites"]
-    bad = federation / "site-01" / "train.jsonl"
-    lines = bad.read_text().splitlines()
-    lines[4] = json.dumps({"txt": "a typo in the field name"})
-    bad.write_text("\n".join(lines) + "\n")
-
-    # One round: the refusal and the ledgers are the point, not how much the others learn.
-    second_dir, output = simulate(
-        "experiment=smoke", f"output_dir={tmp_path}", f"simulation.federation_dir={federation}", "rounds=1"
-    )
-    summary = json.loads((second_dir / "summary.json").read_text())
-
-    # site-01 sent no update; its refusal, recorded under the site its node is bound to,
-    # names file, line and field, but not where the site keeps its files.
-    assert set(summary["sites"]) == {"site-00", "site-02"}
-    assert {r["site_id"] for r in summary["refusals"]} == {"site-01"}
-    reasons = [r["reason"] for r in summary["refusals"]]
-    assert len(reasons) == 1 and all(f" {bad.name}:5: field 'text' is missing" in r for r in reasons)
-    assert not any(str(bad.parent) in r for r in reasons)
-    assert summary["candidate_loss"] < summary["baseline_loss"]
-    # The other sites' ledgers kept the first run's spend: epsilon only grows.
-    for site in ("site-00", "site-02"):
-        ledger = PrivacyLedger.load(
-            federation / site / ".fedretrain" / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5
-        )
-        # Training: 2 rounds, then 1, then 1; each cycle ended with one charged evaluation.
-        assert [e.kind for e in ledger.entries].count("train") == 4
-        assert [e.kind for e in ledger.entries].count("evaluate") == 3
-        assert summary["sites"][site]["epsilon"] > before[site]["epsilon"]
-        assert summary["sites"][site]["epsilon"] == pytest.approx(ledger.epsilon())
-    assert "left out" in output
