@@ -21,7 +21,7 @@ from fedretrain.config import Config, Job, compose_raw, overrides_from_run_confi
 from fedretrain.config.parse import build
 from fedretrain.errors import ConfigError, ResumeError
 from server.cycle.rundir import new_run_dir
-from server.sites.grid import BoundGrid
+from server.sites.grid import BoundGrid, PromptGrid
 from server.sites.roster import Roster
 from server.watch.poll import poll_status
 
@@ -76,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     """
     sites_file = str(context.run_config.get("sites-file", "") or "").strip()
     roster = Roster.from_sites_file(Path(sites_file)) if sites_file else None
+    grid = PromptGrid(grid)  # replies looked for every 0.5 s, not Flower's 3 s (server/sites/grid.py)
     mode = str(context.run_config.get("mode", "cycle") or "cycle")
     if mode == "poll":
         _poll(bind_sites(grid, roster), context)

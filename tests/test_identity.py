@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from fedretrain.errors import DeployError
-from server.sites.grid import CLAIMS_ANOTHER_SITE, UNREGISTERED_NODE, BoundGrid
+from server.sites.grid import CLAIMS_ANOTHER_SITE, UNREGISTERED_NODE, BoundGrid, PromptGrid
 from server.sites.roster import Roster, record_node
 from simulation.federation import FederationSites
 from strategies import FedAvgLoRA
@@ -273,3 +274,42 @@ def test_the_summary_names_the_sites_left_out_of_a_round_that_lost_its_quorum():
     assert refusals(logs) == [
         {"node_id": 13, "site_id": "site-c", "reason": "no reply by the 60 s deadline", "round": 2}
     ]
+
+
+class PushPullGrid:
+    """Flower's push/pull: node ``n``'s reply can be pulled ``delays[n]`` s after the push (None: never)."""
+
+    def __init__(self, delays) -> None:
+        self.delays, self.ready, self.pulls = delays, {}, 0
+
+    def push_messages(self, messages):
+        pushed = time.monotonic()
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            delay = self.delays[msg.metadata.dst_node_id]
+            if delay is not None:
+                self.ready[msg.metadata.message_id] = (pushed + delay, train_reply("site-a", 1.0)(msg))
+        return [f"m{i}" for i in range(len(messages))]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        now = time.monotonic()
+        return [reply for mid, (at, reply) in self.ready.items() if mid in set(message_ids) and at <= now]
+
+
+def test_the_deployed_grid_looks_for_replies_every_check_and_stops_at_the_last_or_the_deadline():
+    # Prepare: two nodes answer after 0.1 and 0.3 s; a third never does.
+    answering = PushPullGrid({11: 0.1, 12: 0.3})
+    silent = PushPullGrid({11: 0.1, 13: None})
+
+    # Execute
+    started = time.monotonic()
+    replies = list(PromptGrid(answering, check_s=0.05).send_and_receive(instructions(11, 12), timeout=30))
+    took = time.monotonic() - started
+    partial = list(PromptGrid(silent, check_s=0.05).send_and_receive(instructions(11, 13), timeout=0.4))
+
+    # Assert: both replies, back within a check of the last one (Flower's own loop waits 3 s);
+    # at the deadline, the replies that came and no more.
+    assert sorted(r.metadata.src_node_id for r in replies) == [11, 12]
+    assert 0.3 <= took < 1.0 and answering.pulls >= 3
+    assert [r.metadata.src_node_id for r in partial] == [11]

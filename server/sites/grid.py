@@ -79,6 +79,36 @@ class _GridView(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
+# Flower's deployed grid (flwr/superlink/grid/http_grid.py) looks for replies every 3 s, so
+# each exchange with the sites (a delivery, a training round, an evaluation, a publication:
+# five or more a cycle) waited up to 3 s past its last reply, 1.5 s on average. One look is
+# one request to the SuperLink, so the deployed ServerApp looks every half second. (The
+# simulation's grid looks every 0.1 s already.)
+REPLY_CHECK_S = 0.5
+
+
+class PromptGrid(_GridView):
+    """``grid`` whose ``send_and_receive`` is Flower's loop (push, then pull until every
+    message is answered or ``timeout`` has passed), looking every ``check_s`` seconds."""
+
+    def __init__(self, grid: Grid, check_s: float = REPLY_CHECK_S) -> None:
+        super().__init__(grid)
+        self.check_s = check_s
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        waiting = set(self._grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while timeout is None or time.time() < end:
+            got = list(self._grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting.difference_update(reply.metadata.reply_to_message_id for reply in got)
+            if not waiting:
+                break
+            time.sleep(self.check_s)
+        return replies
+
+
 class SiteSubset(_GridView):
     """``grid`` with ``get_node_ids`` limited to ``node_ids`` (those still connected)."""
 
