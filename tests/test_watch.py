@@ -70,6 +70,18 @@ def status_grid(replies: dict[int, tuple[str, dict] | Error]) -> Mock:
         return out
 
     grid.send_and_receive.side_effect = send_and_receive
+    # Flower's push and pull, as the deployed ServerApp's grid uses them (server.sites.grid.PromptGrid).
+    answered: dict[str, Message] = {}
+
+    def push_messages(messages):
+        messages = list(messages)
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(answered)}"
+            (answered[msg.metadata.message_id],) = send_and_receive([msg], None)
+        return [msg.metadata.message_id for msg in messages]
+
+    grid.push_messages.side_effect = push_messages
+    grid.pull_messages.side_effect = lambda ids: [answered.pop(i) for i in list(ids) if i in answered]
     return grid
 
 
