@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from fedretrain.errors import ModelLoadError
 from fedretrain.modeling.embedded import EMBEDDED_NAME, embedded_model_dir, quiet_progress_bars
-from fedretrain.modeling.targets import resolve_target_modules, targets_transposed
+from fedretrain.modeling.targets import targets_transposed
 
 logger = logging.getLogger("fedretrain")
 
@@ -249,14 +249,17 @@ def attach_lora(
     initial adapters from the same ``seed``. The caller's global RNG state is
     left as it was.
 
+    ``target_modules`` are taken as given: ``load_lora_model`` resolves and checks them
+    first (``fedretrain.modeling.targets.resolve_target_modules``).
+
     Raises
     ------
     ModelLoadError
-        The model's parameters span several devices, or a name in ``target_modules``
-        matches no module of the model (the message lists its linear modules).
+        The model's parameters span several devices, or peft matches no module to
+        ``target_modules``.
     """
     _single_device(model, "before attaching LoRA")
-    targets = resolve_target_modules(model, target_modules).modules
+    targets = tuple(target_modules)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=r,
