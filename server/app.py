@@ -20,7 +20,7 @@ from fedretrain.atomic import atomic_write_json
 from fedretrain.config import Config, Job, compose_raw, overrides_from_run_config, to_yaml
 from fedretrain.config.parse import build
 from fedretrain.errors import ConfigError, ResumeError
-from server.cycle.rundir import new_run_dir
+from server.cycle.rundir import cycle_lock, new_run_dir
 from server.sites.grid import BoundGrid, PromptGrid
 from server.sites.roster import Roster
 from server.watch.poll import poll_status
@@ -94,7 +94,7 @@ def main(grid: Grid, context: Context) -> None:
     raw = load_run_config(Path(given)) if resume else compose_raw(overrides_from_run_config(context.run_config))
     cfg = build(Config, raw)
     run_dir = Path(given) if given else new_run_dir(Path(cfg.output_dir), cfg.name)
-    with run_log(run_dir):
+    with run_log(run_dir), cycle_lock(run_dir):
         log.info("run directory: %s", run_dir)
         run_retraining(
             bind_sites(grid, roster),

@@ -40,9 +40,10 @@ from client.join import (
 )
 from fedretrain.config import site_config_from_node_config
 from fedretrain.deploy.flower import CONNECTION, ControlApi, run_flwr, split_address, toml_assignments, write_connection
-from fedretrain.errors import ConfigError, DeployError
+from fedretrain.errors import ConfigError, DeployError, ResumeError
 from server.app import run_log
-from server.deploy.coordinator import Coordinator, absolute_paths, superlink_command
+from server.cycle.rundir import cycle_lock, cycle_running
+from server.deploy.coordinator import Coordinator, absolute_paths, submit_run, superlink_command
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "site-a"
 
@@ -483,6 +484,45 @@ def test_supernode_command_refuses_a_bad_superlink_address(tmp_path, data_dir):
 
     with pytest.raises(DeployError, match="'h:x'"):
         supernode_command(site, JoinSettings(superlink="h:x", ca=None, key=None, port=9094))
+
+
+HOLD_CYCLE = """
+import sys, time
+from pathlib import Path
+from server.cycle.rundir import cycle_lock
+with cycle_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_cycle_resumes_as_soon_as_its_serverapp_is_gone_and_never_while_it_lives(tmp_path):
+    # Prepare: a run directory, and a process holding it as a ServerApp running its cycle does.
+    run_dir = tmp_path / "runs" / "20261204-120000-smoke"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: smoke\n")
+    repo = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_CYCLE, str(run_dir)], cwd=repo, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+
+        # Execute and assert: while it lives, no second ServerApp and no resume.
+        assert cycle_running(run_dir)
+        with pytest.raises(ResumeError, match="another ServerApp is running this cycle"), cycle_lock(run_dir):
+            pass
+        with pytest.raises(DeployError, match="its ServerApp is still running this cycle"):
+            submit_run(Coordinator(tmp_path / "coord"), [], resume=run_dir)
+    finally:
+        holder.kill()  # SIGKILL: as a crashed ServerApp ends
+        holder.wait(timeout=30)
+
+    # Once it is gone, at once (Flower would list its run as running for about a minute).
+    assert not cycle_running(run_dir)
+    with cycle_lock(run_dir):
+        assert cycle_running(run_dir)
+    assert not cycle_running(run_dir)
 
 
 # --- the CLI's refusals -------------------------------------------------------------------

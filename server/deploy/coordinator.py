@@ -46,7 +46,7 @@ from fedretrain.deploy.flower import (
     write_connection,
 )
 from fedretrain.errors import DeployError
-from server.cycle.rundir import new_run_dir
+from server.cycle.rundir import cycle_running, new_run_dir
 
 log = logging.getLogger("fedretrain.server")
 
@@ -206,7 +206,8 @@ def submit_run(
     A fresh cycle's config is composed and checked here first (a bad key fails before
     anything is sent) and its run directory is created here (or ``run_dir`` is used);
     ``resume`` names the run directory of a cycle to continue from its last complete
-    round, under its own config. ``train_nodes`` limits training and evaluation to those
+    round, under its own config: at once after its ServerApp died (Flower may still list
+    that run as running for a minute), refused while it lives. ``train_nodes`` limits training and evaluation to those
     nodes (the watch's eligible sites).
     """
     cwd = Path(cwd or Path.cwd())
@@ -216,6 +217,11 @@ def submit_run(
         run_dir = Path(resume).resolve()
         if not (run_dir / "config.yaml").exists():
             raise DeployError(f"{run_dir}: not a run directory (no config.yaml)")
+        if cycle_running(run_dir):
+            raise DeployError(
+                f"{run_dir}: its ServerApp is still running this cycle; resume it once that has stopped "
+                "(`fedretrain coordinator status` lists the runs)"
+            )
         values = {"experiment": "", "overrides": "", "run-dir": str(run_dir), "resume": True}
     else:
         from fedretrain.modeling.loading import resolve_model_path  # torch: only for a run
