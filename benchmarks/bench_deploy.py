@@ -64,9 +64,9 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _cli(root: Path, *args: str, timeout: float = 900) -> str:
+def _cli(root: Path, *args: str, timeout: float = 900, ok: tuple[int, ...] = (0,)) -> str:
     proc = subprocess.run(FEDRETRAIN + list(args), cwd=root, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise RuntimeError(f"fedretrain {' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout
 
@@ -145,7 +145,8 @@ def one_cycle(
             "registry.signing_key=keys/coordinator.key",
             f"validation_path={data}/coordinator/validation.jsonl",
         ]
-        out = _cli(root, "coordinator", "run", "--dir", str(coord), "--wait", *overrides)
+        # Timed whatever the gate decides: a refused candidate exits 4 (README: Exit codes).
+        out = _cli(root, "coordinator", "run", "--dir", str(coord), "--wait", *overrides, ok=(0, 4))
         run_dir = Path(out.split("run directory ")[1].split()[0])
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         compute = max(site_compute_s((root / f"{site}-{tag}.log").read_text(errors="replace")) for site in SITES)

@@ -63,7 +63,11 @@ def add_deploy_commands(commands: Any) -> None:
     )
     _dir(run)
     run.add_argument("--resume", type=Path, metavar="RUN", help="the run directory of a cycle to continue")
-    run.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it completed")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the run to finish; the exit status says how it ended (README: Exit codes)",
+    )
     run.add_argument("--timeout", type=float, default=3600.0, help="with --wait: give up after this many seconds")
     run.add_argument("overrides", nargs="*", help="Hydra overrides (key=value, group=option)")
     run.set_defaults(func=_run)
@@ -123,7 +127,9 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_dir / "summary.json"
     outcome = json.loads(summary.read_text()) if summary.exists() else {}
     print(f"run {run_id}: {final}; " + _outcome(outcome))
-    return 0 if final == "finished:completed" else 1
+    from cli.exits import FAILED, cycle_exit_code
+
+    return cycle_exit_code(outcome) if final == "finished:completed" else FAILED
 
 
 def _outcome(summary: dict[str, Any]) -> str:

@@ -200,11 +200,19 @@ def _coordinator_retrain(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from cli.exits import OK, cycle_exit_code
     from simulation.runner import simulate
 
     run_dir = simulate(args.overrides, verbose=args.verbose)
     print(f"fedretrain: run written to {run_dir}")
-    return 0
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    code = cycle_exit_code(summary)
+    if code != OK:
+        print(f"fedretrain: nothing published (exit status {code}, see the README's 'Exit codes')", file=sys.stderr)
+    return code
 
 
 def _site_generate(args: argparse.Namespace) -> int:

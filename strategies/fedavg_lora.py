@@ -54,11 +54,12 @@ _FIXED_OPTIONS = ("weighted_by_key", "train_metrics_aggr_fn", "evaluate_metrics_
 
 @dataclass
 class RejectedReply:
-    """A reply left out of a round, and why."""
+    """A reply left out of a round, and why (``code``: the error reply's code, if it was one)."""
 
     node_id: int
     site_id: str | None
     reason: str
+    code: int | None = None
 
 
 @dataclass
@@ -242,7 +243,8 @@ class FedAvgLoRA(FedAvg):
             reason,
         )
         site_id = bound if self.site_of is not None else site_id_of(msg)
-        into.append(RejectedReply(node_id=node_id, site_id=site_id, reason=reason))
+        code = int(msg.error.code) if msg.has_error() else None
+        into.append(RejectedReply(node_id=node_id, site_id=site_id, reason=reason, code=code))
 
     def _tag(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ConfigRecord:
         """A copy of ``config`` naming the global adapter; its replies must echo round and digest."""

@@ -220,6 +220,8 @@ def test_aggregate_train_leaves_out_bad_replies_and_averages_the_rest(caplog):
     for node, reason in expected.items():
         prefix = f"round 1: reply from node {node} left out: "
         assert any(line.startswith(prefix) and reason in line for line in lines), (node, lines)
+    # An error reply keeps its code in the round log (the command's exit status reads it).
+    assert {r.node_id: r.code for r in strategy.round_log[1].rejected} == {3: None, 4: None, 5: None, 6: None, 7: 0}
 
 
 def test_aggregate_train_keeps_a_plain_data_round_log():

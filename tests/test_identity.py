@@ -170,6 +170,7 @@ def test_the_superlinks_error_for_a_lost_node_is_named_by_that_nodes_site():
             node_id=13,
             site_id="site-c",
             reason="error reply (code 0): 'site site-c (node 13): Message delivery failed: the node is offline'",
+            code=0,
         )
     ]
 
@@ -272,7 +273,7 @@ def test_the_summary_names_the_sites_left_out_of_a_round_that_lost_its_quorum():
     logs = {2: RoundLog(sampled=3, rejected=[lost]), 1: RoundLog(sampled=3)}
 
     assert refusals(logs) == [
-        {"node_id": 13, "site_id": "site-c", "reason": "no reply by the 60 s deadline", "round": 2}
+        {"node_id": 13, "site_id": "site-c", "reason": "no reply by the 60 s deadline", "code": None, "round": 2}
     ]
 
 

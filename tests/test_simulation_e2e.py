@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.exits import GATE_REFUSED, OK
 from fedretrain.privacy.ledger import PrivacyLedger
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def simulate(*overrides: str, timeout: int = 420) -> tuple[Path, str]:
+def simulate(*overrides: str, timeout: int = 420, status: int = OK) -> tuple[Path, str]:
+    """``fedretrain simulate`` as a user runs it, expected to exit with ``status``."""
     proc = subprocess.run(
         [sys.executable, "-m", "cli.main", "simulate", *overrides],
         cwd=REPO,
@@ -35,7 +37,7 @@ def simulate(*overrides: str, timeout: int = 420) -> tuple[Path, str]:
         timeout=timeout,
     )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
+    assert proc.returncode == status, output[-4000:]
     run_dir = Path(output.split("fedretrain: run written to ")[-1].split()[0])
     return run_dir, output
 
@@ -150,6 +152,7 @@ def second_run(first_run, federation, tmp_path_factory):
         "rounds=1",
         "train.lr=1e-6",
         "model.max_length=64",  # a quarter of the compute; what it shows does not need long notes
+        status=GATE_REFUSED,  # the gate refuses: nothing published, and the exit status says so
     )
     return second_dir, output, before, bad
 
@@ -207,6 +210,7 @@ def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
         "data.validation_records=120",
         "train.local_steps=12",
         "privacy.sample_rate=0.125",
+        status=GATE_REFUSED,
     )
     summary = json.loads((run_dir / "summary.json").read_text())
 
