@@ -225,6 +225,7 @@ def test_a_node_that_never_answers_costs_one_deadline_and_the_round_goes_on(capl
         node_id=3,
         site_id="site-3",
         reason="error reply (code 4203): 'site site-3 (node 3): no reply by the 8 s deadline'",
+        code=4203,
     )
     assert strategy.round_log[1].rejected == [silent]
     assert strategy.round_log[1].evaluation_rejected == [silent]
