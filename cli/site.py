@@ -166,6 +166,7 @@ def _site_join(args: argparse.Namespace) -> int:
         if not args.site_config:
             raise
         raise FedretrainError(f"{args.site_config}: {err}") from None
+    _check_data(checked)
     print(_disclosure(checked), flush=True)
     # Claimed before anything is written: a second join on this state changes nothing of the first's.
     with claim_state(checked) as state_lock:
@@ -233,6 +234,21 @@ def _join_node_config(args: argparse.Namespace) -> dict[str, Any]:
                 raise FedretrainError(f"{key}{where or ''}: must be a path, got {value!r}")
             node_config[key] = str(Path(value).resolve())
     return node_config
+
+
+def _check_data(site: SiteConfig) -> None:
+    """Refuse to join with a data file the site would refuse at every round (checked as
+    ``fedretrain data validate`` checks it: the file, line and field, never a record's values)."""
+    from fedretrain.data.notes import read_records
+    from fedretrain.errors import DataValidationError
+
+    for path in (site.train_path, site.heldout_path):
+        if not path.exists():  # ingestion may write it later; a round refuses while it is missing
+            continue
+        try:
+            read_records(path)
+        except DataValidationError as err:
+            raise FedretrainError(f"site join: {err}; fix the file, then join (nothing was started)") from None
 
 
 def _disclosure(site: SiteConfig) -> str:

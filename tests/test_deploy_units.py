@@ -573,6 +573,22 @@ def test_site_join_refuses_a_clientapp_watchdog_limit_that_is_not_positive(capsy
     assert "--clientapp-stuck-after: must be > 0 seconds" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("no_processes", "cli_logging")
+def test_site_join_refuses_a_data_file_it_would_refuse_at_every_round(capsys, data_dir):
+    # Prepare: a training file with a byte that is not UTF-8 on line 2.
+    train = data_dir / "train.jsonl"
+    lines = train.read_bytes().splitlines(keepends=True)
+    train.write_bytes(lines[0] + b'{"text": "caf\xe9"}\n' + b"".join(lines[1:]))
+
+    # Execute
+    code = main(site_join(data_dir, "--insecure"))
+
+    # Assert: refused before anything starts or is written, naming the file and the line.
+    err = capsys.readouterr().err
+    assert code == 2 and "train.jsonl" in err and ":2" in err and "nothing was started" in err, err
+    assert not (data_dir / ".fedretrain").exists()
+
+
 def test_site_join_takes_the_site_settings_file_and_the_flags_given_win(tmp_path, data_dir, monkeypatch):
     # Prepare: the site's settings file, with a relative data-dir and settings no flag sets.
     from cli.main import _parser
