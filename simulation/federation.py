@@ -22,6 +22,8 @@ from typing import Any
 
 from fedretrain.atomic import atomic_write_json, atomic_write_text
 from fedretrain.config import Config, SiteConfig, site_config_from_node_config
+from fedretrain.data.notes import read_records
+from fedretrain.errors import ConfigError
 from fedretrain.registry.signing import generate_keypair
 from server.sites.roster import record_node
 from simulation.notes import site_notes, site_style, specialty_mix_for_site, validation_notes
@@ -48,7 +50,13 @@ def site_id(index: int) -> str:
 
 
 def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation:
-    """Write (or reuse, when the same settings made it) the federation below ``root``."""
+    """Write (or reuse, when the same settings made it) the federation below ``root``.
+
+    ``root`` is fedretrain's own: a new or empty folder, or one it made before (it holds
+    ``federation.json``); any other folder is refused, so a researcher's data is never
+    written over. With ``simulation.sites_dir`` the sites are the researcher's folders,
+    read where they are: ``root`` gets each site's settings and state, never its data.
+    """
     root = Path(root)
     recipe = _recipe(cfg)
     manifest = root / "federation.json"
@@ -60,13 +68,43 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
                 "choose another simulation.federation_dir or delete it"
             )
         return _load(root, existing)
-    sim, data = cfg.simulation, cfg.data
-    validation_path = root / "coordinator" / "validation.jsonl"
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root}: not empty, and not a federation fedretrain made (no federation.json); fedretrain writes "
+            "its virtual sites only into a new or empty folder (to train on data of your own, give "
+            "simulation.sites_dir=DIR with one folder per site, and validation_path=FILE)"
+        )
     if cfg.registry.signing_key:  # the config names the coordinator's key: its .pub sits beside it
         public_key = Path(cfg.registry.signing_key).with_suffix(".pub")
     else:
         public_key = generate_keypair(root / "coordinator" / "keys", "coordinator").public_path
-    write_jsonl(validation_path, validation_notes(data.validation_records, seed=cfg.seed, num_sites=sim.num_sites))
+    if cfg.simulation.sites_dir:
+        sites, validation_path = _own_sites(cfg, root, public_key, device)
+        mixes: dict[str, dict[str, float]] = {}
+    else:
+        sites, validation_path, mixes = _synthetic_sites(cfg, root, public_key, device)
+    atomic_write_json(
+        manifest,
+        {
+            "recipe": recipe,
+            "sites": [s.site_id for s in sites],
+            "mixes": mixes,
+            "validation_path": str(validation_path),
+        },
+    )
+    return Federation(root=root, sites=tuple(sites), validation_path=validation_path, mixes=mixes)
+
+
+def _synthetic_sites(
+    cfg: Config, root: Path, public_key: Path, device: str
+) -> tuple[list[SiteConfig], Path, dict[str, dict[str, float]]]:
+    """Generate every virtual site's notes below ``root``, and the validation set unless the config names one."""
+    sim, data = cfg.simulation, cfg.data
+    if cfg.validation_path:
+        validation_path = _checked_file(Path(cfg.validation_path), "validation_path")
+    else:
+        validation_path = root / "coordinator" / "validation.jsonl"
+        write_jsonl(validation_path, validation_notes(data.validation_records, seed=cfg.seed, num_sites=sim.num_sites))
     sites, mixes = [], {}
     for index in range(sim.num_sites):
         sid = site_id(index)
@@ -79,31 +117,84 @@ def build_federation(cfg: Config, root: Path, device: str = "cpu") -> Federation
             train = garble_records(train, seed=cfg.seed * 1000 + index)
         write_jsonl(site_dir / "train.jsonl", train)
         write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
-        node_config = {
-            "site-id": sid,
-            "data-dir": str(site_dir.resolve()),
-            "device": device,
-            "epsilon-ceiling": sim.site_epsilon_ceiling,
-            "delta": sim.site_delta,
-            "accountant": sim.site_accountant,
-            # A virtual site allows non-private rounds only for a run that asks for them.
-            "allow-non-private": not cfg.privacy.enabled,
-            # Each hospital pins the coordinator's public key and installs nothing else.
-            "coordinator-key": str(public_key.resolve()),
-            "smoke-eval": sim.site_smoke_eval,
-            # A researcher's replay (privacy.reproducible_noise) needs the site's consent:
-            # a virtual site gives it only for a run that asks for it.
-            "allow-reproducible-noise": cfg.privacy.reproducible_noise,
-            # The simulated drift scenario triggers on drift scores: a research sandbox.
-            "share-drift-scores": True,
-            # Simulated time runs faster than the clock: every poll is answered afresh.
-            "status-interval-s": 0.0,
-        }
+        node_config = _node_config(cfg, sid, site_dir, public_key, device)
         atomic_write_json(site_dir / "site.json", node_config)
         sites.append(site_config_from_node_config(node_config, simulation=True))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}
-    atomic_write_json(manifest, {"recipe": recipe, "sites": [s.site_id for s in sites], "mixes": mixes})
-    return Federation(root=root, sites=tuple(sites), validation_path=validation_path, mixes=mixes)
+    return sites, validation_path, mixes
+
+
+def _own_sites(cfg: Config, root: Path, public_key: Path, device: str) -> tuple[list[SiteConfig], Path]:
+    """The researcher's sites: each sub-folder of ``simulation.sites_dir``, checked and read in place.
+
+    Every file is checked before anything is written (a bad one is named with its line);
+    each site's settings and state (ledger, model store) go to ``<root>/<site>/``.
+    """
+    sites_dir = Path(str(cfg.simulation.sites_dir)).expanduser().resolve()
+    if not sites_dir.is_dir():
+        raise ConfigError(f"simulation.sites_dir: {sites_dir} is not a directory")
+    folders = sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ConfigError(
+            f"simulation.sites_dir: {sites_dir} has no site folders (one per site, each with train and heldout files)"
+        )
+    if not cfg.validation_path:
+        raise ConfigError("simulation.sites_dir: give validation_path too, the coordinator's validation set")
+    validation_path = _checked_file(Path(cfg.validation_path), "validation_path")
+    configs = []
+    for folder in folders:
+        node_config = _node_config(cfg, folder.name, folder, public_key, device, state_dir=root / folder.name / "state")
+        try:
+            site = site_config_from_node_config(node_config, simulation=True)
+        except ConfigError as err:
+            raise ConfigError(f"simulation.sites_dir: site folder {folder}: {err}") from None
+        for path, what in ((site.train_path, "train"), (site.heldout_path, "heldout")):
+            if not path.exists():
+                raise ConfigError(f"simulation.sites_dir: {folder} has no {what}.jsonl or {what}.csv")
+            read_records(path)  # a bad file fails here, named with its line and field
+        configs.append((node_config, site))
+    for node_config, _ in configs:
+        atomic_write_json(root / str(node_config["site-id"]) / "site.json", node_config)
+    return [site for _, site in configs], validation_path
+
+
+def _checked_file(path: Path, key: str) -> Path:
+    """A data file given by the config, resolved and read through once (a bad one is named)."""
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} does not exist")
+    read_records(path)
+    return path
+
+
+def _node_config(
+    cfg: Config, sid: str, data_dir: Path, public_key: Path, device: str, state_dir: Path | None = None
+) -> dict[str, Any]:
+    """A virtual site's own settings (its node_config, written as ``site.json``)."""
+    sim = cfg.simulation
+    node_config: dict[str, Any] = {
+        "site-id": sid,
+        "data-dir": str(data_dir.resolve()),
+        "device": device,
+        "epsilon-ceiling": sim.site_epsilon_ceiling,
+        "delta": sim.site_delta,
+        "accountant": sim.site_accountant,
+        # A virtual site allows non-private rounds only for a run that asks for them.
+        "allow-non-private": not cfg.privacy.enabled,
+        # Each hospital pins the coordinator's public key and installs nothing else.
+        "coordinator-key": str(public_key.resolve()),
+        "smoke-eval": sim.site_smoke_eval,
+        # A researcher's replay (privacy.reproducible_noise) needs the site's consent:
+        # a virtual site gives it only for a run that asks for it.
+        "allow-reproducible-noise": cfg.privacy.reproducible_noise,
+        # The simulated drift scenario triggers on drift scores: a research sandbox.
+        "share-drift-scores": True,
+        # Simulated time runs faster than the clock: every poll is answered afresh.
+        "status-interval-s": 0.0,
+    }
+    if state_dir is not None:  # the site's ledger and model store, away from the data folder
+        node_config["state-dir"] = str(state_dir.resolve())
+    return node_config
 
 
 class FederationSites:
@@ -120,9 +211,10 @@ class FederationSites:
     def __init__(self, root: Path, roster_dir: Path | None = None) -> None:
         self.root = Path(root).resolve()
         self.roster_dir = None if roster_dir is None else Path(roster_dir).resolve()
+        self.site_ids: list[str] = json.loads((self.root / "federation.json").read_text())["sites"]
 
     def __call__(self, context: Any) -> SiteConfig:
-        sid = site_id(int(context.node_config["partition-id"]))
+        sid = self.site_ids[int(context.node_config["partition-id"])]
         if self.roster_dir is not None:
             record_node(self.roster_dir, int(context.node_id), sid)
         node_config = json.loads((self.root / sid / "site.json").read_text())
@@ -131,6 +223,12 @@ class FederationSites:
 
 def _recipe(cfg: Config) -> dict[str, Any]:
     d, s = cfg.data, cfg.simulation
+    if s.sites_dir:  # the researcher's data: where it is, not how it was made
+        return {
+            "sites_dir": str(Path(s.sites_dir).expanduser().resolve()),
+            "validation_path": str(Path(cfg.validation_path).expanduser().resolve()) if cfg.validation_path else None,
+            "site_smoke_eval": s.site_smoke_eval,
+        }
     return {
         "seed": cfg.seed,
         "num_sites": s.num_sites,
@@ -140,6 +238,8 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "dirichlet_alpha": d.dirichlet_alpha,
         "train_corruption": d.train_corruption,
         "site_smoke_eval": s.site_smoke_eval,
+        # A validation set of the researcher's own, when the config names one.
+        **({"validation_path": str(Path(cfg.validation_path).expanduser().resolve())} if cfg.validation_path else {}),
     }
 
 
@@ -148,9 +248,8 @@ def _load(root: Path, manifest: dict[str, Any]) -> Federation:
         site_config_from_node_config(json.loads((root / sid / "site.json").read_text()), simulation=True)
         for sid in manifest["sites"]
     )
-    return Federation(
-        root=root, sites=sites, validation_path=root / "coordinator" / "validation.jsonl", mixes=manifest["mixes"]
-    )
+    validation_path = Path(manifest.get("validation_path") or root / "coordinator" / "validation.jsonl")
+    return Federation(root=root, sites=sites, validation_path=validation_path, mixes=manifest["mixes"])
 
 
 def garble_records(records: list[dict], seed: int) -> list[dict]:

@@ -22,7 +22,7 @@ from flwr.simulation import run_simulation
 
 from client.app import make_client_app
 from fedretrain.config import Config, flatten, to_yaml, unflatten
-from fedretrain.errors import SimulationFailed
+from fedretrain.errors import ConfigError, SimulationFailed
 from fedretrain.modeling.loading import resolve_model_path
 from server.app import bind_sites, make_server_app
 from server.cycle.rundir import new_run_dir
@@ -36,6 +36,10 @@ log = logging.getLogger("fedretrain.simulation")
 def simulate(cfg: Config, *, verbose: bool = False) -> Path:
     """Generate the federation, run one retraining cycle (or with ``scenario=drift``
     simulated time with drift, simulation/scenario.py); return the run directory."""
+    if cfg.scenario.name == "drift" and cfg.simulation.sites_dir:
+        raise ConfigError(
+            "scenario=drift writes the notes that arrive at its sites; it does not run on simulation.sites_dir"
+        )
     run = _prepare(cfg)
     if run.cfg.scenario.name == "drift":
         from simulation.scenario import run_drift_scenario
@@ -94,6 +98,8 @@ def _prepare(cfg: Config, name_suffix: str = "") -> _Prepared:
     run_dir = new_run_dir(Path(cfg.output_dir), f"{cfg.name}-{name_suffix}" if name_suffix else cfg.name)
     fed_root = Path(cfg.simulation.federation_dir) if cfg.simulation.federation_dir else run_dir / "sites"
     fed = build_federation(cfg, fed_root, device="cuda" if _client_gpus(cfg) > 0 else "cpu")
+    if cfg.simulation.sites_dir:  # the researcher's sites are the folders found there
+        cfg = dataclasses.replace(cfg, simulation=dataclasses.replace(cfg.simulation, num_sites=len(fed.sites)))
     # The coordinator of a simulated federation keeps its registry and key beside its sites,
     # unless the config names its own.
     registry = dataclasses.replace(

@@ -107,6 +107,8 @@ SIMULATE_COMMANDS = [c for c in readme_commands() if c.startswith("fedretrain si
 SIMULATION_RUN_BY = {
     "fedretrain simulate simulation.num_sites=8 privacy.target_epsilon=4": "the demo's path (test_simulation_e2e)",
     "fedretrain simulate experiment=nonprivate": "here: the one path without DP",
+    "fedretrain simulate simulation.sites_dir=examples/sites validation_path=examples/validation.jsonl": "here: "
+    "a researcher's own data, read in place",
     "fedretrain simulate experiment=garbled": "tests/test_simulation_e2e.py::"
     "test_the_gate_refuses_a_candidate_trained_on_garbled_notes",
 }
@@ -123,9 +125,19 @@ def test_readme_simulation_command_composes_as_written(command):
         key, value = override.split("=", 1)
         if key == "experiment":
             assert cfg.name == value
-        else:
+        elif "." in key:
             section, name = key.split(".")
-            assert getattr(getattr(cfg, section), name) == json.loads(value)
+            assert getattr(getattr(cfg, section), name) == _yaml_value(value)
+        else:
+            assert getattr(cfg, key) == _yaml_value(value)
+
+
+def _yaml_value(text: str):
+    """An override's value as Hydra reads it (a number or a bool; anything else a string)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @pytest.mark.e2e
@@ -133,11 +145,23 @@ def test_readme_simulation_command_composes_as_written(command):
 @pytest.mark.parametrize("command", [c for c, where in SIMULATION_RUN_BY.items() if where.startswith("here")])
 def test_readme_simulation_command(command, tmp_path):
     assert command in SIMULATE_COMMANDS
+    examples = _digests(REPO / "examples")
     proc = _run(FEDRETRAIN + command.split()[1:] + SHRINK + [f"output_dir={tmp_path}"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     (summary_path,) = tmp_path.glob("*/summary.json")
     summary = json.loads(summary_path.read_text())
     assert summary["rounds"] == 1 and summary["sites"]
+    if "sites_dir=" in command:  # the folders are the sites, and not a byte of them changed
+        assert sorted(summary["sites"]) == ["hospital-a", "hospital-b"]
+        assert _digests(REPO / "examples") == examples
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """Every file below ``root`` (hidden ones too) with its SHA-256."""
+    import hashlib
+
+    files = (p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 # The README's audits, shrunk: fewer canaries and steps (the flags given last win).

@@ -308,6 +308,10 @@ class SimulationConfig:
     site_accountant: str = "rdp"
     site_smoke_eval: bool = True
     federation_dir: str | None = None
+    # A researcher's own data: each sub-folder a site with its train and heldout files (JSONL
+    # or CSV). The sites are these folders (num_sites is their count); fedretrain reads them
+    # and writes nothing there (each site's state goes below the run's federation folder).
+    sites_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_sites < 1:
