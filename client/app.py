@@ -72,6 +72,10 @@ def make_client_app(
     def status(msg: Message, context: Context) -> Message:
         return handle(msg, context)
 
+    @app.query("ready")
+    def ready(msg: Message, context: Context) -> Message:
+        return handle(msg, context)
+
     return app
 
 

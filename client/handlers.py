@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.install.installer import receive_version
 from client.reasons import without_paths
-from client.round.site import evaluate_round, train_round
+from client.round.site import check_ready, evaluate_round, train_round
 from client.status import site_status
 from fedretrain import errors
 from fedretrain.arrays import from_array_record, to_array_record
@@ -120,8 +120,19 @@ def _status(site: SiteConfig, job: Job, server_round: int, content: RecordDict) 
     return _reply(site, None, site_status(site, job, monitor, charge=True))
 
 
+def _ready(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # Data and budget checked, nothing spent: the coordinator trains only the sites that are ready.
+    return _reply(site, None, check_ready(site, job, server_round))
+
+
 # Flower's message types (client/app.py registers one function for each).
-CORES: dict[str, Core] = {"train": _train, "evaluate": _evaluate, "query.publish": _publish, "query.status": _status}
+CORES: dict[str, Core] = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "query.publish": _publish,
+    "query.status": _status,
+    "query.ready": _ready,
+}
 
 
 def _reply(site: SiteConfig, arrays: ArrayRecord | None, metrics: dict[str, Any]) -> RecordDict:

@@ -24,7 +24,7 @@ import client.round.site
 from client.app import WORKER_UNAVAILABLE, make_client_app
 from client.handlers import ERROR_CODES
 from client.join import claim_state, node_config_path, prepare_site
-from client.round.site import evaluate_round, train_round
+from client.round.site import check_ready, evaluate_round, train_round
 from client.worker import WorkerAddress, WorkerProcess, ask
 from fedretrain.arrays import NOT_PRIVATE_EPSILON, AdapterSpec, from_array_record, to_array_record
 from fedretrain.config import Job, SiteConfig, compose_config
@@ -124,6 +124,22 @@ def test_bad_data_stops_the_round_before_any_spend(tmp_path, job, initial_adapte
     with pytest.raises(DataValidationError, match=r"train.jsonl:2: field 'text' is empty"):
         train_round(site, job, initial_adapter, server_round=1)
     assert not site.ledger_path.exists()
+
+
+def test_the_ready_check_refuses_what_a_round_would_and_spends_nothing(tmp_path, job):
+    # A site with good data and budget is ready; nothing is written to its ledger.
+    site = make_site(tmp_path / "good")
+    assert check_ready(site, job, server_round=1) == {"ready": 1}
+    assert not site.ledger_path.exists()
+    # A bad file, and a ceiling the cycle's rounds would cross: refused as a round would be.
+    bad = make_site(tmp_path / "bad")
+    Path(bad.data_dir, "train.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    with pytest.raises(DataValidationError, match=r"train.jsonl:2: field 'text' is missing"):
+        check_ready(bad, job, server_round=1)
+    poor = make_site(tmp_path / "poor", ceiling=0.5)
+    with pytest.raises(PrivacyBudgetExceeded, match="above the lifetime ceiling"):
+        check_ready(poor, job, server_round=1)
+    assert not bad.ledger_path.exists() and not poor.ledger_path.exists()
 
 
 def test_evaluation_sends_noised_sums_of_the_clipped_changes(tmp_path, job, initial_adapter):

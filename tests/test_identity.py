@@ -250,6 +250,7 @@ def test_a_recorded_node_cannot_be_bound_to_another_site(tmp_path):
 
 def test_the_simulations_site_resolver_binds_a_node_by_its_partition_not_by_its_site_json(tmp_path):
     # Prepare: the virtual site in partition 1 (site-01) whose site.json claims site-00.
+    (tmp_path / "federation.json").write_text(json.dumps({"sites": ["site-00", "site-01"]}))
     (tmp_path / "site-01").mkdir()
     (tmp_path / "site-01" / "site.json").write_text(
         json.dumps({"site-id": "site-00", "data-dir": str(tmp_path), "epsilon-ceiling": 8.0, "delta": 1e-5})

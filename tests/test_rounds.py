@@ -14,7 +14,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -284,6 +284,83 @@ def test_too_few_connected_sites_lose_the_round_before_anything_is_sent():
     assert "the quorum is 2" in str(lost.value)
     assert grid.sent == [] and grid.timeouts == []
     assert recorder.ended == []
+
+
+class ReadyGrid(FakeGrid):
+    """FakeGrid whose sites also answer the ready check: ``refuse[n]`` is node n's error code,
+    ``absent`` never answer it."""
+
+    def __init__(self, nodes: list[int], refuse: dict[int, int], absent: set[int]) -> None:
+        super().__init__(nodes)
+        self.refuse, self.absent, self.asked = refuse, absent, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if not messages or messages[0].metadata.message_type != "query.ready":
+            return super().send_and_receive(messages, timeout=timeout)
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.asked.append((node, int(msg.content["config"]["server-round"])))
+            if node in self.absent:
+                continue
+            if node in self.refuse:
+                refusal = Error(code=self.refuse[node], reason="DataValidationError: train.jsonl:5")
+                reply = Message(refusal, reply_to=msg)
+            else:
+                site = ConfigRecord({"site-id": f"site-{node}", "server-round": msg.content["config"]["server-round"]})
+                reply = Message(RecordDict({"metrics": MetricRecord({"ready": 1}), "site": site}), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def run_ready(grid: ReadyGrid, policy: RoundPolicy, strategy: FedAvgLoRA) -> ArrayRecord:
+    return run_rounds(
+        grid,
+        strategy,
+        adapter(0.0),
+        first_round=1,
+        num_rounds=1,
+        policy=policy,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=Recorder().evaluate,
+        on_round_end=Recorder().end,
+        ready_config=ConfigRecord({"run-id": "r1"}),
+    )
+
+
+def test_only_the_sites_ready_to_train_are_trained_and_the_rest_are_recorded_with_their_codes():
+    # Prepare: node 3's data is bad (4101), node 4 does not answer the ready check.
+    grid = ReadyGrid([1, 2, 3, 4], refuse={3: 4101}, absent={4})
+    policy = RoundPolicy(deadline_s=0.2, quorum=2, wait_for=4)
+    strategy = FedAvgLoRA(spec=SPEC, min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+
+    # Execute
+    arrays = run_ready(grid, policy, strategy)
+
+    # Assert: asked once each for round 1; only 1 and 2 trained ((0 + 1 + 0 + 2) / 2 = 1.5),
+    # and the round waited for no more than them.
+    assert sorted(grid.asked) == [(1, 1), (2, 1), (3, 1), (4, 1)]
+    assert sorted(node for kind, _, node, _ in grid.sent if kind == MessageType.TRAIN) == [1, 2]
+    assert value_of(arrays) == pytest.approx(1.5)
+    assert [(r.node_id, r.code) for r in strategy.round_log[1].rejected] == [(3, 4101), (4, None)]
+
+
+def test_too_few_ready_sites_abort_the_cycle_before_any_site_trains():
+    # Prepare: two of three sites refuse (budget), the quorum is 2.
+    grid = ReadyGrid([1, 2, 3], refuse={2: 4102, 3: 4102}, absent=set())
+    policy = RoundPolicy(deadline_s=0.2, quorum=2, wait_for=3)
+    strategy = FedAvgLoRA(spec=SPEC, min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+
+    # Execute
+    with pytest.raises(QuorumLost, match=r"before round 1: 1 site\(s\) ready to train .* the quorum is 2; no site"):
+        run_ready(grid, policy, strategy)
+
+    # Assert: no train message went out; both refusals are on record, with their codes.
+    assert grid.sent == []
+    assert [(r.node_id, r.code) for r in strategy.round_log[1].rejected] == [(2, 4102), (3, 4102)]
 
 
 @pytest.mark.usefixtures("keep_global_random_state")

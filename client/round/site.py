@@ -15,6 +15,7 @@ import logging
 import secrets
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,12 +69,7 @@ def train_round(
     start = 0 if job.train.window is None else max(0, len(texts) - job.train.window)
     window = (start, len(texts))
     texts = texts[start:]
-    if not job.privacy.enabled and not site.allow_non_private:
-        # Without DP a round has no finite epsilon: only the site itself may allow that.
-        raise PrivacyBudgetExceeded(
-            f"site {site.site_id!r} refuses non-private training (job privacy.enabled=false has no "
-            "finite epsilon); a site opts in with allow-non-private=true in its own node_config"
-        )
+    _check_private(site, job)
     # One round at a time per site: budget check, training, record and save run under one
     # lock, so two rounds at once (two runs on one site) cannot both pass the check or lose
     # each other's ledger entry.
@@ -95,6 +91,37 @@ def train_round(
     # What this cycle trained on is the reference its drift is measured against (client/status.py).
     save_reference(site, job.run_id, *window, heldout)
     return outcome
+
+
+def check_ready(site: SiteConfig, job: Job, server_round: int) -> dict[str, Any]:
+    """Whether this site can train the job from ``server_round`` on: its data and its budget.
+
+    Nothing is trained, spent or recorded. The coordinator asks every site before a cycle's
+    first round, so a cycle that too few sites can join stops before any site spends: one
+    site's bad file would otherwise cost the others the epsilon of a round that is then
+    thrown away. Raises what :func:`train_round` would raise for the same cause.
+    """
+    recover_store(site)
+    read_records(site.train_path)
+    optional_texts(site.heldout_path)
+    _check_private(site, job)
+    _training_seed(site, job, server_round)
+    if job.privacy.enabled:
+        ledger = PrivacyLedger.load(
+            site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta
+        )
+        if not ledger.trained(job.run_id):
+            check_cycle_fits(site, job, ledger, noise_multiplier(job, site, ledger), server_round)
+    return {"ready": 1}
+
+
+def _check_private(site: SiteConfig, job: Job) -> None:
+    if not job.privacy.enabled and not site.allow_non_private:
+        # Without DP a round has no finite epsilon: only the site itself may allow that.
+        raise PrivacyBudgetExceeded(
+            f"site {site.site_id!r} refuses non-private training (job privacy.enabled=false has no "
+            "finite epsilon); a site opts in with allow-non-private=true in its own node_config"
+        )
 
 
 def _train_and_record(

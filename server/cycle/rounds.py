@@ -17,6 +17,7 @@ is still the strategy's, and messages still travel through Flower's Grid:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -25,13 +26,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedretrain.errors import QuorumLost
-from server.sites.grid import NO_REPLY, SiteSubset, node_name, wait_for_nodes
+from server.sites.grid import NO_REPLY, SiteSubset, bound_site, node_name, wait_for_nodes
+from strategies.fedavg_lora import RejectedReply, RoundLog
 
 log = logging.getLogger("fedretrain.server")
+
+# Asked of every site before a cycle's first round (client/handlers.py answers it).
+READY_MESSAGE = "query.ready"
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,13 @@ def run_rounds(
     evaluate_config: ConfigRecord,
     evaluate_fn: EvaluateFn,
     on_round_end: RoundEnd,
+    ready_config: ConfigRecord | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` from ``arrays``; return the final global adapter.
+
+    With ``ready_config`` (the job), every site is first asked whether it can train the
+    cycle (``query.ready``: its data and its budget, nothing spent); only the sites that
+    are ready train, and too few of them abort the cycle before any site trains.
 
     ``evaluate_fn(0, arrays)`` scores the starting point when ``first_round`` is 1, and
     ``evaluate_fn(r, arrays)`` each round's candidate on the coordinator's own data. The
@@ -85,6 +95,8 @@ def run_rounds(
     """
     if first_round == 1:
         evaluate_fn(0, arrays)
+    if ready_config is not None and first_round <= num_rounds:
+        grid, policy = _ready_sites(grid, strategy, first_round, ready_config, policy)
     for server_round in range(first_round, num_rounds + 1):
         nodes = wait_for_nodes(grid, max(policy.wait_for, policy.quorum), policy.deadline_s)
         if len(nodes) < policy.quorum:
@@ -113,6 +125,44 @@ def run_rounds(
         evaluate_fn(server_round, arrays)
         on_round_end(server_round, arrays)
     return arrays
+
+
+def _ready_sites(
+    grid: Grid, strategy: Any, first_round: int, job: ConfigRecord, policy: RoundPolicy
+) -> tuple[Grid, RoundPolicy]:
+    """The sites ready to train (a view of ``grid``), and the policy waiting for no more than them.
+
+    A site that refuses (a bad data file, a cycle its budget cannot pay for) or does not
+    answer by the deadline is left out of the cycle's training, recorded as a refusal of
+    ``first_round``.
+
+    Raises
+    ------
+    QuorumLost
+        Fewer than ``policy.quorum`` sites are ready: no site has trained or spent.
+    """
+    from server.sites.broadcast import broadcast
+
+    nodes = wait_for_nodes(grid, max(policy.wait_for, policy.quorum), policy.deadline_s)
+    content = RecordDict({"config": ConfigRecord({**dict(job), "server-round": first_round})})
+    sent = broadcast(
+        grid, content, READY_MESSAGE, policy.deadline_s, lambda site, node, reply: node, what="ready", node_ids=nodes
+    )
+    log_entry = strategy.round_log.setdefault(first_round, RoundLog())
+    for refused in sent.refused:
+        log.warning("%s left out of this cycle's training: %s", node_name(grid, refused["node_id"]), refused["reason"])
+        log_entry.rejected.append(RejectedReply(**refused))
+    for node in sent.no_reply:
+        reason = f"no answer to the ready check within {policy.deadline_s:.0f} s"
+        log.warning("%s left out of this cycle's training: %s", node_name(grid, node), reason)
+        log_entry.rejected.append(RejectedReply(node_id=node, site_id=bound_site(grid, node), reason=reason))
+    ready = sorted(node for node, _ in sent.answered.values())
+    if len(ready) < policy.quorum:
+        raise QuorumLost(
+            f"before round {first_round}: {len(ready)} site(s) ready to train (valid data, budget for the cycle), "
+            f"the quorum is {policy.quorum}; no site trained"
+        )
+    return SiteSubset(grid, ready), dataclasses.replace(policy, wait_for=min(policy.wait_for, len(ready)))
 
 
 def _exchange(grid: Grid, messages: Iterable[Message], policy: RoundPolicy) -> list[Message]:

@@ -294,6 +294,7 @@ def _train(grid: Grid, cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, 
         evaluate_config=flat,
         evaluate_fn=evaluate_fn,
         on_round_end=writer.write,
+        ready_config=flat,  # no site trains unless a quorum can: data and budget checked first
     )
     return final["candidate"]
 

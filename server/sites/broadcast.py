@@ -73,7 +73,8 @@ def broadcast(
         except (KeyError, TypeError, ValueError) as err:
             reason = str(err) if reply.has_error() else f"malformed reply ({type(err).__name__}: {err})"
             log.warning("%s: %s refused: %s", what, node_name(grid, node), reason)
-            outcome.refused.append({"node_id": node, "site_id": bound_site(grid, node), "reason": reason})
+            code = int(reply.error.code) if reply.has_error() else None
+            outcome.refused.append({"node_id": node, "site_id": bound_site(grid, node), "reason": reason, "code": code})
     for site, claimants in claimed.items():
         if len(claimants) > 1:  # two nodes speaking for one site: neither is trusted
             outcome.answered.pop(site, None)
