@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.install.installer import receive_version
 from client.reasons import without_paths
-from client.round.site import check_ready, evaluate_round, train_round
+from client.round.site import base_identity, check_ready, evaluate_round, train_round
 from client.status import site_status
 from fedretrain import errors
 from fedretrain.arrays import from_array_record, to_array_record
@@ -121,8 +121,11 @@ def _status(site: SiteConfig, job: Job, server_round: int, content: RecordDict) 
 
 
 def _ready(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
-    # Data and budget checked, nothing spent: the coordinator trains only the sites that are ready.
-    return _reply(site, None, check_ready(site, job, server_round))
+    # Data and budget checked, nothing spent: the coordinator trains only the sites that are
+    # ready, and only those whose base model is its own (the identity of the site's files).
+    reply = _reply(site, None, check_ready(site, job, server_round))
+    reply["base-model"] = ConfigRecord({"sha256": base_identity(job)})
+    return reply
 
 
 # Flower's message types (client/app.py registers one function for each).

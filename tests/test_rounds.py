@@ -288,11 +288,11 @@ def test_too_few_connected_sites_lose_the_round_before_anything_is_sent():
 
 class ReadyGrid(FakeGrid):
     """FakeGrid whose sites also answer the ready check: ``refuse[n]`` is node n's error code,
-    ``absent`` never answer it."""
+    ``absent`` never answer it, ``other_base`` report another base model than the coordinator's ("B")."""
 
-    def __init__(self, nodes: list[int], refuse: dict[int, int], absent: set[int]) -> None:
+    def __init__(self, nodes: list[int], refuse: dict[int, int], absent: set[int], other_base: set[int] = frozenset()):
         super().__init__(nodes)
-        self.refuse, self.absent, self.asked = refuse, absent, []
+        self.refuse, self.absent, self.other_base, self.asked = refuse, absent, other_base, []
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -309,7 +309,9 @@ class ReadyGrid(FakeGrid):
                 reply = Message(refusal, reply_to=msg)
             else:
                 site = ConfigRecord({"site-id": f"site-{node}", "server-round": msg.content["config"]["server-round"]})
-                reply = Message(RecordDict({"metrics": MetricRecord({"ready": 1}), "site": site}), reply_to=msg)
+                base = ConfigRecord({"sha256": "A" * 64 if node in self.other_base else "B" * 64})
+                content = RecordDict({"metrics": MetricRecord({"ready": 1}), "site": site, "base-model": base})
+                reply = Message(content, reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         return replies
@@ -328,13 +330,15 @@ def run_ready(grid: ReadyGrid, policy: RoundPolicy, strategy: FedAvgLoRA) -> Arr
         evaluate_fn=Recorder().evaluate,
         on_round_end=Recorder().end,
         ready_config=ConfigRecord({"run-id": "r1"}),
+        base_sha256="B" * 64,
     )
 
 
 def test_only_the_sites_ready_to_train_are_trained_and_the_rest_are_recorded_with_their_codes():
-    # Prepare: node 3's data is bad (4101), node 4 does not answer the ready check.
-    grid = ReadyGrid([1, 2, 3, 4], refuse={3: 4101}, absent={4})
-    policy = RoundPolicy(deadline_s=0.2, quorum=2, wait_for=4)
+    # Prepare: node 3's data is bad (4101), node 4 does not answer the ready check, node 5 has
+    # another base model than the coordinator's.
+    grid = ReadyGrid([1, 2, 3, 4, 5], refuse={3: 4101}, absent={4}, other_base={5})
+    policy = RoundPolicy(deadline_s=0.2, quorum=2, wait_for=5)
     strategy = FedAvgLoRA(spec=SPEC, min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
 
     # Execute
@@ -342,10 +346,12 @@ def test_only_the_sites_ready_to_train_are_trained_and_the_rest_are_recorded_wit
 
     # Assert: asked once each for round 1; only 1 and 2 trained ((0 + 1 + 0 + 2) / 2 = 1.5),
     # and the round waited for no more than them.
-    assert sorted(grid.asked) == [(1, 1), (2, 1), (3, 1), (4, 1)]
+    assert sorted(grid.asked) == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]
     assert sorted(node for kind, _, node, _ in grid.sent if kind == MessageType.TRAIN) == [1, 2]
     assert value_of(arrays) == pytest.approx(1.5)
-    assert [(r.node_id, r.code) for r in strategy.round_log[1].rejected] == [(3, 4101), (4, None)]
+    rejected = {r.node_id: r for r in strategy.round_log[1].rejected}
+    assert {n: r.code for n, r in rejected.items()} == {3: 4101, 4: None, 5: None}
+    assert "its base model (AAAAAAAAAAAA) is not the coordinator's (BBBBBBBBBBBB)" in rejected[5].reason
 
 
 def test_too_few_ready_sites_abort_the_cycle_before_any_site_trains():

@@ -115,6 +115,15 @@ def check_ready(site: SiteConfig, job: Job, server_round: int) -> dict[str, Any]
     return {"ready": 1}
 
 
+def base_identity(job: Job) -> str:
+    """The identity (sha256) of the base model this site would train and score: its own files."""
+    from fedretrain.modeling.loading import resolve_model_path
+    from fedretrain.registry.base_model import base_model_identity
+
+    model_dir = resolve_model_path(job.model.name_or_path)
+    return base_model_identity(job.model.name_or_path, model_dir, job.model.init_missing_seed)["sha256"]
+
+
 def _check_private(site: SiteConfig, job: Job) -> None:
     if not job.privacy.enabled and not site.allow_non_private:
         # Without DP a round has no finite epsilon: only the site itself may allow that.

@@ -76,12 +76,15 @@ def run_rounds(
     evaluate_fn: EvaluateFn,
     on_round_end: RoundEnd,
     ready_config: ConfigRecord | None = None,
+    base_sha256: str | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` from ``arrays``; return the final global adapter.
 
     With ``ready_config`` (the job), every site is first asked whether it can train the
-    cycle (``query.ready``: its data and its budget, nothing spent); only the sites that
-    are ready train, and too few of them abort the cycle before any site trains.
+    cycle (``query.ready``: its data and its budget, nothing spent), and which base model
+    it has; only the sites that are ready, with ``base_sha256`` (the coordinator's base
+    model identity) as theirs, train, and too few of them abort the cycle before any site
+    trains.
 
     ``evaluate_fn(0, arrays)`` scores the starting point when ``first_round`` is 1, and
     ``evaluate_fn(r, arrays)`` each round's candidate on the coordinator's own data. The
@@ -96,7 +99,7 @@ def run_rounds(
     if first_round == 1:
         evaluate_fn(0, arrays)
     if ready_config is not None and first_round <= num_rounds:
-        grid, policy = _ready_sites(grid, strategy, first_round, ready_config, policy)
+        grid, policy = _ready_sites(grid, strategy, first_round, ready_config, policy, base_sha256)
     for server_round in range(first_round, num_rounds + 1):
         nodes = wait_for_nodes(grid, max(policy.wait_for, policy.quorum), policy.deadline_s)
         if len(nodes) < policy.quorum:
@@ -128,13 +131,14 @@ def run_rounds(
 
 
 def _ready_sites(
-    grid: Grid, strategy: Any, first_round: int, job: ConfigRecord, policy: RoundPolicy
+    grid: Grid, strategy: Any, first_round: int, job: ConfigRecord, policy: RoundPolicy, base_sha256: str | None
 ) -> tuple[Grid, RoundPolicy]:
     """The sites ready to train (a view of ``grid``), and the policy waiting for no more than them.
 
-    A site that refuses (a bad data file, a cycle its budget cannot pay for) or does not
-    answer by the deadline is left out of the cycle's training, recorded as a refusal of
-    ``first_round``.
+    A site that refuses (a bad data file, a cycle its budget cannot pay for), does not
+    answer by the deadline, or has another base model than ``base_sha256`` (its scores
+    would be of another model than the coordinator's) is left out of the cycle's training,
+    recorded as a refusal of ``first_round``.
 
     Raises
     ------
@@ -146,9 +150,23 @@ def _ready_sites(
     nodes = wait_for_nodes(grid, max(policy.wait_for, policy.quorum), policy.deadline_s)
     content = RecordDict({"config": ConfigRecord({**dict(job), "server-round": first_round})})
     sent = broadcast(
-        grid, content, READY_MESSAGE, policy.deadline_s, lambda site, node, reply: node, what="ready", node_ids=nodes
+        grid,
+        content,
+        READY_MESSAGE,
+        policy.deadline_s,
+        lambda site, node, reply: str(reply["base-model"]["sha256"]),
+        what="ready",
+        node_ids=nodes,
     )
     log_entry = strategy.round_log.setdefault(first_round, RoundLog())
+    for site, (node, theirs) in list(sent.answered.items()):
+        if base_sha256 is not None and theirs != base_sha256:
+            del sent.answered[site]
+            reason = (
+                f"its base model ({theirs[:12]}) is not the coordinator's ({base_sha256[:12]}): "
+                "its training and scores would be of another model"
+            )
+            sent.refused.append({"node_id": node, "site_id": bound_site(grid, node), "reason": reason, "code": None})
     for refused in sent.refused:
         log.warning("%s left out of this cycle's training: %s", node_name(grid, refused["node_id"]), refused["reason"])
         log_entry.rejected.append(RejectedReply(**refused))

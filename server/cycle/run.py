@@ -28,7 +28,9 @@ from fedretrain.config import Config, Job
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError, CycleBusy, QuorumLost
+from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
+from fedretrain.registry.base_model import base_model_identity
 from fedretrain.training.evaluate import LossStats, evaluate_loss
 from server.cycle.checkpoint import Checkpoint
 from server.cycle.gate import PENDING, PUBLISH, GateResult, decide
@@ -241,6 +243,12 @@ def _build_strategy(grid: Grid, cycle: Cycle) -> FedAvgLoRA:
     )
 
 
+def _base_sha256(cfg: Config) -> str:
+    """The identity of the coordinator's base model (what every version is bound to)."""
+    model_dir = resolve_model_path(cfg.model.name_or_path)
+    return base_model_identity(cfg.model.name_or_path, model_dir, cfg.model.init_missing_seed)["sha256"]
+
+
 def _train(grid: Grid, cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, writer: CheckpointWriter) -> LossStats:
     """The round loop (server/cycle/rounds.py); after each round the candidate is scored on the
     validation set and a checkpoint is written. A resumed cycle starts after its checkpoint."""
@@ -294,7 +302,8 @@ def _train(grid: Grid, cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, 
         evaluate_config=flat,
         evaluate_fn=evaluate_fn,
         on_round_end=writer.write,
-        ready_config=flat,  # no site trains unless a quorum can: data and budget checked first
+        ready_config=flat,  # no site trains unless a quorum can: data, budget and base model checked first
+        base_sha256=_base_sha256(cfg),
     )
     return final["candidate"]
 
