@@ -55,6 +55,23 @@ def _parser() -> argparse.ArgumentParser:
     synthesize.add_argument("--out", type=Path, required=True, help="directory to write into")
     synthesize.add_argument("overrides", nargs="*", help="Hydra overrides (simulation.num_sites=3, seed=0, ...)")
     synthesize.set_defaults(func=_data_synthesize)
+    part = data.add_parser(
+        "partition",
+        help="split one data set into site folders (by a column, or Dirichlet skew) for simulation.sites_dir",
+        description="Writes OUT/<site>/train.jsonl and heldout.jsonl, every record as it was. --by COLUMN: one "
+        "site per value of the column. --sites N: Dirichlet skew with --alpha over --label COLUMN's classes "
+        "(without --label: over the text-length quartiles). The input is only read.",
+    )
+    part.add_argument("path", type=Path, help="a JSONL or CSV file of records (text, and any other columns)")
+    part.add_argument("--out", type=Path, required=True, help="a new or empty directory")
+    how = part.add_mutually_exclusive_group(required=True)
+    how.add_argument("--by", metavar="COLUMN", help="one site per distinct value of this column")
+    how.add_argument("--sites", type=int, metavar="N", help="N sites with Dirichlet skew")
+    part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (small: more skew)")
+    part.add_argument("--label", metavar="COLUMN", help="the class column to skew by (default: text length)")
+    part.add_argument("--heldout", type=float, default=0.2, help="fraction of each site's records held out")
+    part.add_argument("--seed", type=int, default=0)
+    part.set_defaults(func=_data_partition)
 
     site = sub.add_parser("site", help="tools for a site (hospital)").add_subparsers(dest="site_command", required=True)
     generate = site.add_parser(
@@ -253,6 +270,24 @@ def _data_validate(args: argparse.Namespace) -> int:
         else:
             print(f"OK {path}: {len(records)} records")
     return 1 if failed else 0
+
+
+def _data_partition(args: argparse.Namespace) -> int:
+    from simulation.partition import partition
+
+    counts = partition(
+        args.path,
+        args.out,
+        by=args.by,
+        sites=args.sites,
+        alpha=args.alpha,
+        label=args.label,
+        heldout_fraction=args.heldout,
+        seed=args.seed,
+    )
+    for site, (train, heldout) in counts.items():
+        print(f"site {site}: {train} train, {heldout} held-out records in {args.out / site}")
+    return 0
 
 
 def _data_synthesize(args: argparse.Namespace) -> int:

@@ -97,8 +97,10 @@ def test_readme_has_only_commands_this_file_runs():
 @pytest.mark.parametrize(
     "command", [c for c in readme_commands() if c.startswith(("fedretrain data", "fedretrain config"))]
 )
-def test_quick_readme_command(command):
-    proc = _run(FEDRETRAIN + command.split()[1:])
+def test_quick_readme_command(command, tmp_path):
+    # In a fresh directory with the examples, as a new user would try them.
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    proc = _run(FEDRETRAIN + shlex.split(command)[1:], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
