@@ -14,6 +14,7 @@ every family's candidate improves and is published.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -195,4 +196,14 @@ def test_a_bert_without_its_lm_head_transform_runs_once_opted_in_and_its_seed_is
     )
     identity = Registry(Path(summary["registry"])).bundle(1).manifest["base_model"]
     assert identity == base_model_identity(str(model_dir), model_dir, init_missing_seed=5)
-    assert identity != base_model_identity(str(model_dir), model_dir)
+    assert identity["init_missing_seed"] == 5
+    assert identity["sha256"] != base_model_identity(str(model_dir), model_dir)["sha256"]
+    # ... and a site generates with the version it installed: the manifest carries the seed.
+    from client.install.generate import generate
+    from fedretrain.config import site_config_from_node_config
+
+    site_json = json.loads((tmp_path / "sites" / "site-00" / "site.json").read_text())
+    site = site_config_from_node_config(site_json, simulation=True)
+    key = Path(str(site.coordinator_key))
+    result = generate(site.model_store_path, "Patient presents with", coordinator_key=key, max_new_tokens=4)
+    assert result.version == 1 and result.text.startswith("Patient presents with")

@@ -56,6 +56,8 @@ def generate(
     version_dir = store.version_dir(version)
     bundle = VersionBundle.from_dir(version_dir)
     name = bundle.manifest["base_model"]["name"]
+    # The seed that built the parameters the base checkpoint lacks, when the version was trained so.
+    init_seed = bundle.manifest["base_model"].get("init_missing_seed")
     model_dir = Path(resolve_model_path(name))
     if coordinator_key is not None:
         # Expiry guards installation (a frozen coordinator cannot keep a site on an old
@@ -65,11 +67,11 @@ def generate(
             load_public_key(coordinator_key),
             now=datetime.now(UTC),
             check_expiry=False,
-            base_model_sha256=base_model_identity(name, model_dir)["sha256"],
+            base_model_sha256=base_model_identity(name, model_dir, init_seed)["sha256"],
         )
     dev = select_device(device)
     tokenizer = load_tokenizer(name)
-    base = load_base_model(name, dev, select_dtype(dev, "auto"))
+    base = load_base_model(name, dev, select_dtype(dev, "auto"), init_missing_seed=init_seed)
     model = PeftModel.from_pretrained(base, str(version_dir), is_trainable=False).eval()
     inputs = tokenizer(prompt, return_tensors="pt").to(dev)
     torch.manual_seed(seed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 from fedretrain.errors import RegistryError
 
@@ -30,10 +31,12 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 def base_model_identity(
     name: str, model_dir: str | os.PathLike[str], init_missing_seed: int | None = None
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """Return ``{"name": name, "sha256": <identity of the weights in model_dir>}``.
 
-    ``init_missing_seed`` is the config's ``model.init_missing_seed``: when set, part of the identity.
+    ``init_missing_seed`` is the config's ``model.init_missing_seed``: when set, part of the
+    identity, and recorded beside it (``"init_missing_seed"``) so that whoever loads the
+    version (``site generate``) builds the same model.
 
     Raises
     ------
@@ -49,9 +52,10 @@ def base_model_identity(
     digest = hashlib.sha256()
     for rel in sorted(["config.json", *weights]):
         digest.update(f"{rel}\0{_file_sha256(model_dir / rel)}\n".encode())
-    if init_missing_seed is not None:
-        digest.update(f"init_missing_seed\0{init_missing_seed}\n".encode())
-    return {"name": name, "sha256": digest.hexdigest()}
+    if init_missing_seed is None:
+        return {"name": name, "sha256": digest.hexdigest()}
+    digest.update(f"init_missing_seed\0{init_missing_seed}\n".encode())
+    return {"name": name, "sha256": digest.hexdigest(), "init_missing_seed": init_missing_seed}
 
 
 def _file_sha256(path: Path) -> str:

@@ -7,7 +7,7 @@ A manifest is a JSON object, signed as the exact bytes of
      "created_at": "2026-11-21T10:00:00Z", "expires_at": "2026-12-21T10:00:00Z",
      "key_id": "<16 hex: the signing key>",
      "files": {"adapter_model.safetensors": "<sha256 hex>", "adapter_config.json": "<sha256 hex>"},
-     "base_model": {"name": str, "sha256": "<base_model_identity>"},
+     "base_model": {"name": str, "sha256": "<base_model_identity>"[, "init_missing_seed": int]},
      "lora": {"r": int, "alpha": int, "dropout": float, "target_modules": [str, ...]},
      "run": {...}, "sites": {"s-<pseudonym>": {"epsilon": ...}}, "gate": {...}}
 
@@ -47,6 +47,8 @@ MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
     "sites": (dict,),
     "gate": (dict,),
 }
+# Present only when it applies: a base model loaded with model.init_missing_seed.
+_OPTIONAL_NESTED: dict[str, dict[str, tuple[type, ...]]] = {"base_model": {"init_missing_seed": (int,)}}
 _NESTED_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "base_model": {"name": (str,), "sha256": (str,)},
     "lora": {"r": (int,), "alpha": _NUMBER, "dropout": _NUMBER, "target_modules": (list,)},
@@ -147,7 +149,7 @@ def check_manifest(manifest: dict[str, Any], signer: str) -> None:
     if manifest["format"] != MANIFEST_FORMAT:
         raise VerificationError("manifest", f"unknown format {manifest['format']!r}, expected {MANIFEST_FORMAT}")
     for name, fields in _NESTED_FIELDS.items():
-        check_fields(manifest[name], fields, "manifest", f"manifest '{name}'")
+        check_fields(manifest[name], fields, "manifest", f"manifest '{name}'", _OPTIONAL_NESTED.get(name, {}))
     if not all(isinstance(module, str) for module in manifest["lora"]["target_modules"]):
         raise VerificationError("manifest", "lora.target_modules must be a list of strings")
     version, parent = manifest["version"], manifest["parent"]
@@ -163,12 +165,20 @@ def check_manifest(manifest: dict[str, Any], signer: str) -> None:
         raise VerificationError("manifest", "expires_at is not after created_at")
 
 
-def check_fields(obj: dict[str, Any], fields: Mapping[str, tuple[type, ...]], check: str, what: str) -> None:
-    """Require exactly ``fields``, each of one of its JSON types (never a bool)."""
-    if set(obj) != set(fields):
-        missing, extra = sorted(set(fields) - set(obj)), sorted(set(obj) - set(fields))
+def check_fields(
+    obj: dict[str, Any],
+    fields: Mapping[str, tuple[type, ...]],
+    check: str,
+    what: str,
+    optional: Mapping[str, tuple[type, ...]] | None = None,
+) -> None:
+    """Require exactly ``fields`` (and allow ``optional``), each of one of its JSON types (never a bool)."""
+    optional = optional or {}
+    if not set(fields) <= set(obj) <= set(fields) | set(optional):
+        missing = sorted(set(fields) - set(obj))
+        extra = sorted(set(obj) - set(fields) - set(optional))
         raise VerificationError(check, f"{what}: missing fields {missing}, unexpected fields {extra}")
-    for name, types in fields.items():
+    for name, types in {**fields, **{k: v for k, v in optional.items() if k in obj}}.items():
         value = obj[name]
         if isinstance(value, bool) or not isinstance(value, types):
             allowed = "/".join(t.__name__ for t in types)
