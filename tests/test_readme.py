@@ -2,8 +2,9 @@
 test named beside it.
 
 Simulations run as written plus overrides that shrink them to seconds, the way a
-test fixture shrinks a real config; ``make demo`` runs at full size, as the first cycle of
-tests/test_simulation_e2e.py (which builds on its federation). A README simulation
+test fixture shrinks a real config; ``make demo`` runs as the first cycle of
+tests/test_simulation_e2e.py (which builds on its federation), and at full size in
+``make bench`` (benchmarks/bench_demo.py), which measures the figures the README gives. A README simulation
 whose path another simulation already takes is checked by composing its config as written
 (what the command does first), and run for real by the test that takes that path.
 """

@@ -1,13 +1,13 @@
 """End to end through Flower's real simulation engine (Ray backend) and the real CLI.
 
 One federation directory is reused across two cycles, as a researcher would with
-``simulation.federation_dir``: the first is ``make demo`` itself, at full size (the README's
-first command, and the figures it reports), which passes the gate and publishes version 1 to
-every site. Before the second, one site's data file is broken; the second does not beat
-version 1 and publishes nothing, and shows the bad site refusing with its file, line and
-field named while the others still aggregate, and the privacy ledgers carrying their history
-across runs. A separate federation trains on garbled notes and the gate refuses the worse
-candidate.
+``simulation.federation_dir``: the first is ``make demo`` itself (the README's first
+command), shrunk in size like every simulation here (its full-size figures are ``make
+bench``'s, benchmarks/bench_demo.py), which passes the gate and publishes version 1 to every
+site. Before the second, one site's data file is broken; the second does not beat version 1
+and publishes nothing, and shows the bad site refused with its file, line and field named
+while the others still aggregate, and the privacy ledgers carrying their history across
+runs. A separate federation trains on garbled notes and the gate refuses the worse candidate.
 """
 
 from __future__ import annotations
@@ -47,13 +47,28 @@ def federation(tmp_path_factory):
     return tmp_path_factory.mktemp("fed")
 
 
+# The demo's federation and cycle at the sizes of experiment=smoke: 2 rounds of 12 steps at
+# a rate of 0.125 over 128 training records a site, 120 validation records. Large enough for
+# the sites' pooled interval to confirm the gain (the gate's federated check), a third of
+# the full demo's compute.
+DEMO_SHRINK = [
+    "rounds=2",
+    "data.records_per_site=160",
+    "data.validation_records=120",
+    "train.local_steps=12",
+    "privacy.sample_rate=0.125",
+]
+
+
 @pytest.fixture(scope="module")
 def first_run(federation, tmp_path_factory):
-    # ``make demo`` as a user types it, plus where to write. A ceiling of 16 leaves room for
-    # the second cycle; sigma comes from the run's target epsilon, not the ceiling, so the
-    # demo trains exactly as it does with its default ceiling of 8.
+    # ``make demo`` as a user types it, shrunk, plus where to write. A ceiling of 16 leaves
+    # room for the second cycle; sigma comes from the run's target epsilon, not the ceiling.
     out = tmp_path_factory.mktemp("runs")
-    args = f"output_dir={out} simulation.federation_dir={federation} simulation.site_epsilon_ceiling=16"
+    args = " ".join(
+        [f"output_dir={out}", f"simulation.federation_dir={federation}", "simulation.site_epsilon_ceiling=16"]
+        + DEMO_SHRINK
+    )
     proc = subprocess.run(["make", "demo", f"ARGS={args}"], cwd=REPO, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
@@ -75,7 +90,7 @@ def test_make_demo_beats_the_baseline_within_every_ceiling(first_run):
     run_dir, output = first_run
     summary = json.loads((run_dir / "summary.json").read_text())
     # The candidate fine-tuned with DP at three sites beats the base model on the validation set.
-    assert run_dir.name.endswith("-demo") and summary["rounds"] == 3
+    assert run_dir.name.endswith("-demo") and summary["rounds"] == 2
     assert summary["candidate_loss"] < summary["baseline_loss"]
     assert set(summary["sites"]) == {"site-00", "site-01", "site-02"}
     for site in summary["sites"].values():
@@ -84,16 +99,16 @@ def test_make_demo_beats_the_baseline_within_every_ceiling(first_run):
         assert "num_examples" not in site  # a site's record count never reaches the coordinator
     # Only the adapter travels: far fewer bytes than the model.
     assert summary["communication"]["adapter_to_model_ratio"] < 0.05
-    assert "round 3/3" in output and "validation perplexity" in output  # progress, then the summary table
+    assert "round 2/2" in output and "validation perplexity" in output  # progress, then the summary table
 
 
 def test_run_directory_holds_every_promised_file(first_run):
     run_dir, _ = first_run
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines] == [0, 1, 2, 3]
+    assert [x["round"] for x in lines] == [0, 1, 2]
     assert all(x["sites_accepted"] == 3 for x in lines[1:])
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "rounds: 3" in (run_dir / "config.yaml").read_text()
+    assert "rounds: 2" in (run_dir / "config.yaml").read_text()
     assert (run_dir / "candidate_adapter" / "adapter_model.safetensors").exists()
     for site in ("site-00", "site-01", "site-02"):
         assert json.loads((run_dir / "ledgers" / f"{site}.json").read_text())["site_id"] == site
@@ -149,6 +164,7 @@ def second_run(first_run, federation, tmp_path_factory):
         "experiment=demo",  # the federation make demo generated
         f"output_dir={tmp_path_factory.mktemp('runs')}",
         f"simulation.federation_dir={federation}",
+        *DEMO_SHRINK,
         "rounds=1",
         "train.lr=1e-6",
         "model.max_length=64",  # a quarter of the compute; what it shows does not need long notes
@@ -192,8 +208,8 @@ def test_bad_data_is_refused_and_ledgers_persist_across_runs(second_run, federat
         ledger = PrivacyLedger.load(
             federation / site / ".fedretrain" / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5
         )
-        # Training: 3 rounds, then 1; each cycle ended with one charged evaluation.
-        assert [e.kind for e in ledger.entries].count("train") == 4
+        # Training: 2 rounds, then 1; each cycle ended with one charged evaluation.
+        assert [e.kind for e in ledger.entries].count("train") == 3
         assert [e.kind for e in ledger.entries].count("evaluate") == 2
         assert summary["sites"][site]["epsilon"] > before[site]["epsilon"]
         assert summary["sites"][site]["epsilon"] == pytest.approx(ledger.epsilon())
