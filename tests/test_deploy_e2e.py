@@ -336,11 +336,13 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
 
 def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
     # Prepare: a one-round cycle with a 60 s deadline (a shrunk round takes about 20 s) and a quorum of 2.
+    # site-02's log holds earlier cycles: wait for this one's train message (after its ready check).
+    trained_before = bench.log("site-02").count("Receiving: train message")
     proc, run_dir = bench.submit(
         *run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=60", "strategy.quorum=2")
     )
     deadline = time.monotonic() + 300
-    while "Receiving: train message" not in bench.log("site-02"):
+    while bench.log("site-02").count("Receiving: train message") == trained_before:
         assert time.monotonic() < deadline and proc.poll() is None, bench.log("site-02")[-2000:]
         time.sleep(0.5)
 
