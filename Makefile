@@ -1,7 +1,7 @@
 # make demo   sets up on first use, then runs the default federated retraining simulation
 # make test   sets up on first use, then runs the linters and the whole test suite (slow and e2e
-#             included): the quick tier on every core (pytest-xdist), then the slow tier two files
-#             at a time, with the ten slowest tests printed at the end
+#             included): the quick tier on every core (pytest-xdist), then the slow tier (the
+#             deployment's tests beside the simulations), with the slowest tests printed
 # make lint   ruff (lint and format) on the whole tree, mypy on the core, strategies, server, client
 # make bench  sets up on first use, then runs every benchmark into one table and
 #             benchmarks/results/latest.json (25-40 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
@@ -33,12 +33,19 @@ lint: setup
 	$(BIN)/mypy fedretrain strategies server client
 
 # The quick tier is independent tests (tmp_path each, free ports, no fixed paths), so xdist
-# spreads it over the cores. The slow tier runs two files at a time (--dist loadfile keeps a
-# file's tests, and a module fixture such as the deployment's processes, on one worker): the
-# deployment's tests mostly wait on deadlines and heartbeats while the simulations compute.
+# spreads it over the cores. In the slow tier the deployment's tests (one SuperLink and its
+# sites, in a module fixture) mostly wait on deadlines and heartbeats: they run in a process
+# of their own, beside the simulations on two workers (--dist loadfile keeps a file's tests
+# on one worker), and their report follows the simulations'. Either failing fails the target.
+DEPLOY_TESTS := tests/test_deploy_e2e.py
+
 test: setup lint
 	$(BIN)/python -m pytest -q -rs -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "slow or e2e" --durations=10 $(PYTEST_ARGS)
+	@log=$$(mktemp); \
+	$(BIN)/python -m pytest -q -rs -m "slow or e2e" --durations=10 $(PYTEST_ARGS) $(DEPLOY_TESTS) >$$log 2>&1 & deploy=$$!; \
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "slow or e2e" --ignore=$(DEPLOY_TESTS) --durations=10 $(PYTEST_ARGS); rest=$$?; \
+	wait $$deploy; deployed=$$?; echo "--- $(DEPLOY_TESTS) (run beside the above) ---"; cat $$log; rm -f $$log; \
+	test $$rest -eq 0 -a $$deployed -eq 0
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
