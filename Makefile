@@ -37,11 +37,16 @@ lint: setup
 # sites, in a module fixture) mostly wait on deadlines and heartbeats: they run in a process
 # of their own, beside the simulations on two workers (--dist loadfile keeps a file's tests
 # on one worker), and their report follows the simulations'. Either failing fails the target.
+# Every test process computes on one thread (OMP_NUM_THREADS=1; Ray's actors already do):
+# the suite runs more processes than cores, and torch's second OpenMP thread then spins
+# waiting for a descheduled peer. Measured in one CI run with the default two threads: the
+# quick privacy audit (benchmarks/bench_audit.py) took 117 core-s against 20-35 alone, and
+# tests/test_audit.py 274 s. Code that sets its own threads (pretraining) still does.
 DEPLOY_TESTS := tests/test_deploy_e2e.py
 
 test: setup lint
-	$(BIN)/python -m pytest -q -rs -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
-	@log=$$(mktemp); \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
+	@log=$$(mktemp); export OMP_NUM_THREADS=1; \
 	$(BIN)/python -m pytest -q -rs -m "slow or e2e" --durations=10 $(PYTEST_ARGS) $(DEPLOY_TESTS) >$$log 2>&1 & deploy=$$!; \
 	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "slow or e2e" --ignore=$(DEPLOY_TESTS) --durations=10 $(PYTEST_ARGS); rest=$$?; \
 	wait $$deploy; deployed=$$?; echo "--- $(DEPLOY_TESTS) (run beside the above) ---"; cat $$log; rm -f $$log; \
