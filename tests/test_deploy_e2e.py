@@ -298,7 +298,7 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
     # installed, so the honest sites can score against it), quorum 2, all three sites asked.
     # Two sites' noised sums (eval-noise 4) leave the pooled interval too wide to decide on
     # (measured [-0.12, 0.76]); this test is about whose replies count, so the gate rests on
-    # the validation set and each site's own check.
+    # the validation set, and each site's own check allows 1 nat (as the watch test's does).
     proc, run_dir = bench.submit(
         *run_overrides(
             "registry",
@@ -306,6 +306,7 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
             "strategy.quorum=2",
             "strategy.round_timeout_s=180",
             "gate.require_federated_confidence=false",
+            "gate.site_tolerance=1",
         )
     )
     finished(proc)
@@ -493,8 +494,10 @@ def test_the_standing_watch_retrains_on_drift_installs_everywhere_survives_a_kil
     # Prepare: the README's standing watch. Each site ingests the notes in a new template
     # through its joined settings; the watch is shrunk like the README's run (a poll every
     # 5 s, one round, a smaller target epsilon, so the sites can still pay after the cycles above). The
-    # gate rests on the validation set and each site's own check: three sites' noised sums
-    # cannot confirm a shrunk cycle's gain (see the impostor test).
+    # gate rests on the validation set: three sites' noised sums cannot confirm a shrunk cycle's
+    # gain (see the impostor test), and one round at epsilon 1 moves a site's held-out loss by
+    # about its noise (a CI run refused for site-02's +0.073 against the 0.02 tolerance), so the
+    # sites' own check allows 1 nat. What this test shows is the service, not the gate.
     shutil.copytree(REPO / "examples", bench.root / "examples")
     registry = bench.root / "registry"
     before = json.loads((registry / "champion.json").read_text())["version"]
@@ -510,6 +513,7 @@ def test_the_standing_watch_retrains_on_drift_installs_everywhere_survives_a_kil
             "rounds=1",
             "privacy.target_epsilon=1",
             "gate.require_federated_confidence=false",
+            "gate.site_tolerance=1",
             *SHRINK,
         ]
     )
