@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedretrain.atomic import atomic_write_text
+from fedretrain.atomic import atomic_write_text, lock_held
 from fedretrain.config import SiteConfig, site_config_from_node_config
 from fedretrain.deploy.filemodes import private_dir
 from fedretrain.deploy.flower import flower_command, flower_env, split_address, toml_assignments
@@ -146,18 +146,7 @@ def start_supernode(site: SiteConfig, join: JoinSettings, state_lock: int | None
 
 def join_running(site: SiteConfig) -> bool:
     """Whether a ``site join`` (or the SuperNode it started) holds this site's state."""
-    path = site.state_path / "join.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a shared lock taken here
-    return False
+    return lock_held(site.state_path / "join.lock")
 
 
 def _existing(path: Path, flag: str) -> Path:

@@ -68,6 +68,21 @@ def file_lock(path: str | os.PathLike[str], *, wait: bool = True) -> Iterator[bo
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def lock_held(path: str | os.PathLike[str]) -> bool:
+    """Whether another open file holds an flock on ``path`` (False if it does not exist)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a shared lock taken here
+    return False
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable (best effort where the OS refuses)."""
     # The rename is durable only once the directory entry is on disk.

@@ -510,8 +510,8 @@ def test_a_cycle_resumes_as_soon_as_its_serverapp_is_gone_and_never_while_it_liv
 
         # Execute and assert: while it lives, no second ServerApp and no resume.
         assert cycle_running(run_dir)
-        with pytest.raises(ResumeError, match="another ServerApp is running this cycle"), cycle_lock(run_dir):
-            pass
+        with pytest.raises(ResumeError, match="another ServerApp is running this cycle"):
+            cycle_lock(run_dir).__enter__()
         with pytest.raises(DeployError, match="its ServerApp is still running this cycle"):
             submit_run(Coordinator(tmp_path / "coord"), [], resume=run_dir)
     finally:

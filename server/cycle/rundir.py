@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fedretrain.atomic import lock_held
 from fedretrain.errors import ResumeError
 
 # Held (flock) by the ServerApp running the cycle in a run directory.
@@ -50,14 +51,4 @@ def cycle_lock(run_dir: Path) -> Iterator[None]:
 
 def cycle_running(run_dir: Path) -> bool:
     """Whether a live ServerApp holds ``run_dir`` (:func:`cycle_lock`)."""
-    try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # a shared lock taken here goes with it
-    return False
+    return lock_held(Path(run_dir) / LOCK_NAME)
