@@ -369,6 +369,20 @@ def test_too_few_ready_sites_abort_the_cycle_before_any_site_trains():
     assert [(r.node_id, r.code) for r in strategy.round_log[1].rejected] == [(2, 4102), (3, 4102)]
 
 
+def test_too_few_connected_sites_abort_the_cycle_without_a_ready_check():
+    # Prepare: one node connected, the quorum is 2, a short deadline to wait for the other.
+    grid = ReadyGrid([1], refuse={}, absent=set())
+    policy = RoundPolicy(deadline_s=0.2, quorum=2, wait_for=2)
+    strategy = FedAvgLoRA(spec=SPEC, min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
+
+    # Execute
+    with pytest.raises(QuorumLost, match=r"^before round 1: 1 site\(s\) connected after 0 s, the quorum is 2; no site"):
+        run_ready(grid, policy, strategy)
+
+    # Assert: the connected site was not asked to check anything, nor to train.
+    assert grid.asked == [] and grid.sent == []
+
+
 @pytest.mark.usefixtures("keep_global_random_state")
 def test_random_state_round_trips_through_json():
     # Prepare: leave a cached Gaussian in Python's and NumPy's generators, so those parts count too.

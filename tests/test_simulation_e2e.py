@@ -1,23 +1,28 @@
 """End to end through Flower's real simulation engine (Ray backend) and the real CLI.
 
-One federation directory is reused across two cycles, as a researcher would with
-``simulation.federation_dir``: the first is ``make demo`` itself (the README's first
-command), shrunk in size like every simulation here (its full-size figures are ``make
-bench``'s, benchmarks/bench_demo.py), which passes the gate and publishes version 1 to every
-site. Before the second, one site's data file is broken; the second does not beat version 1
-and publishes nothing, and shows the bad site refused with its file, line and field named
-while the others still aggregate, and the privacy ledgers carrying their history across
-runs. A separate federation trains on garbled notes and the gate refuses the worse candidate.
+The README's coordinator session (its "Publishing" walkthrough) runs in one fresh
+directory, and its first cycle is ``make demo`` itself (the README's first command: the
+walkthrough's first ``simulate`` is ``make demo``'s command with a federation folder and a
+signing key), shrunk in size like every simulation here (its full-size figures are ``make
+bench``'s, benchmarks/bench_demo.py). It passes the gate and publishes version 1 to every
+site; the second cycle waits for the operator's approval, who approves it and rolls back to
+version 1. Before a third cycle one site's data file is broken; the third does not beat
+version 1 and publishes nothing, and shows the bad site refused with its file, line and
+field named while the others still aggregate, and the privacy ledgers carrying their
+history across runs. A separate federation trains on garbled notes and the gate refuses
+the worse candidate.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_readme import walkthrough
 
 from cli.exits import GATE_REFUSED, OK
 from fedretrain.privacy.ledger import PrivacyLedger
@@ -43,9 +48,21 @@ def simulate(*overrides: str, timeout: int = 420, status: int = OK) -> tuple[Pat
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    return tmp_path_factory.mktemp("fed")
+def session(tmp_path_factory):
+    """The fresh directory the README's coordinator session runs in."""
+    return tmp_path_factory.mktemp("session")
 
+
+@pytest.fixture(scope="module")
+def federation(session):
+    return session / "fed"
+
+
+# The README's "Publishing" walkthrough: keys, make demo's cycle, the operator's look at the
+# registry, a cycle that waits for approval, approve, show, rollback.
+PUBLISHING = walkthrough()
+MAKE_DEMO = "fedretrain simulate experiment=demo"  # what `make demo` runs (Makefile), before its ARGS
+PATHS = ("simulation.federation_dir", "registry.signing_key")  # relative to the session's directory
 
 # The demo's federation and cycle at the sizes of experiment=smoke: 2 rounds of 12 steps at
 # a rate of 0.125 over 128 training records a site, 120 validation records. Large enough for
@@ -58,17 +75,40 @@ DEMO_SHRINK = [
     "train.local_steps=12",
     "privacy.sample_rate=0.125",
 ]
+# The approval cycle shows the registry's workflow (pending, approve, rollback), so its gate
+# rests on the validation set and each site's own check: the sites' pooled interval needs
+# hundreds of held-out records a site to confirm a second cycle's 0.1-0.2 nat. Notes cut to
+# 64 tokens: a quarter of the compute, and the registry does not care how long they were.
+APPROVAL_SHRINK = [*DEMO_SHRINK, "model.max_length=64", "gate.require_federated_confidence=false"]
+
+
+def fedretrain(cwd: Path, command: str, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """A README command as written (``fedretrain ...``), run in ``cwd``, expected to succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *shlex.split(command)[1:], *extra],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{command}\n" + (proc.stdout + proc.stderr)[-4000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
-def first_run(federation, tmp_path_factory):
-    # ``make demo`` as a user types it, shrunk, plus where to write. A ceiling of 16 leaves
-    # room for the second cycle; sigma comes from the run's target epsilon, not the ceiling.
-    out = tmp_path_factory.mktemp("runs")
-    args = " ".join(
-        [f"output_dir={out}", f"simulation.federation_dir={federation}", "simulation.site_epsilon_ceiling=16"]
-        + DEMO_SHRINK
-    )
+def first_run(session, tmp_path_factory):
+    # The walkthrough's keys, then its first cycle: ``make demo`` as a user types it with the
+    # walkthrough's overrides (their paths in the session's directory), shrunk, plus where to
+    # write. A ceiling of 16 leaves room for the later cycles; sigma comes from each run's
+    # target epsilon, not the ceiling.
+    keys, demo = PUBLISHING[:2]
+    fedretrain(session, keys)
+    assert demo.startswith(MAKE_DEMO + " "), demo
+    overrides = [
+        f"{key}={session / value}" if key in PATHS else f"{key}={value}"
+        for key, value in (o.split("=", 1) for o in demo[len(MAKE_DEMO) :].split())
+    ]
+    args = " ".join([*overrides, f"output_dir={session / 'runs'}", "simulation.site_epsilon_ceiling=16", *DEMO_SHRINK])
     proc = subprocess.run(["make", "demo", f"ARGS={args}"], cwd=REPO, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
@@ -76,10 +116,9 @@ def first_run(federation, tmp_path_factory):
     return run_dir, output
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+def written_to(proc: subprocess.CompletedProcess[str], cwd: Path) -> Path:
+    """The run directory a ``simulate`` run in ``cwd`` printed."""
+    return cwd / (proc.stdout + proc.stderr).split("fedretrain: run written to ")[-1].split()[0]
 
 
 def site_state(federation: Path, site: str) -> dict:
@@ -128,33 +167,44 @@ def test_first_cycle_publishes_version_1_and_every_site_installs_it(first_run, f
     assert sorted(summary["publication"]["installed"]) == ["site-00", "site-01", "site-02"]
     assert all(site_state(federation, s)["current"] == 1 for s in ("site-00", "site-01", "site-02"))
     assert "gate: PUBLISH -> version 1" in output
-    # The operator's view of the same registry, and a site using what it installed.
-    listing, verify = (
-        cli("registry", "list", "--root", str(registry)),
-        cli("registry", "verify", "--root", str(registry)),
-    )
-    assert listing.returncode == 0 and "champion" in listing.stdout
-    assert verify.returncode == 0, verify.stdout + verify.stderr
-    generated = cli(
-        "site",
-        "generate",
-        "--site-config",
-        str(federation / "site-00" / "site.json"),
-        "--prompt",
-        "Patient presents with",
-        "--max-new-tokens",
-        "12",
-    )
-    assert generated.returncode == 0, generated.stderr
+
+
+def test_the_operator_lists_verifies_and_uses_version_1(first_run, session):
+    # The walkthrough's next three commands, as written: the registry as the operator sees
+    # it, verified against the coordinator's own public key, and a site using what it installed.
+    listing, verify, generated = (fedretrain(session, command) for command in PUBLISHING[2:5])
+    assert "champion" in listing.stdout and "1" in listing.stdout
+    assert "NOT AUTHENTICATED" not in verify.stdout
     assert "[version 1," in generated.stdout and "Patient presents with" in generated.stdout
+    assert (session / "keys" / "coordinator.key").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.fixture(scope="module")
-def second_run(first_run, federation, tmp_path_factory):
-    """The second cycle: site-01's training file broken (line 5 misnames its field), and a
-    learning rate of 1e-6, which leaves the adapter where version 1 put it; one round, on
-    notes cut to 64 tokens."""
-    run_dir, _ = first_run
+def approval_run(first_run, session):
+    """The walkthrough's second cycle (it waits for an operator), then approve, show and rollback, as written."""
+    command, *operator = PUBLISHING[5:]
+    assert "gate.require_approval=true" in command and len(operator) == 3
+    cycle = fedretrain(session, command, *APPROVAL_SHRINK, timeout=900)
+    return cycle, [fedretrain(session, c) for c in operator]
+
+
+def test_a_cycle_waiting_for_approval_is_approved_then_rolled_back(approval_run, session, federation):
+    cycle, (approved, shown, rolled_back) = approval_run
+    registry = federation / "coordinator" / "registry"
+    summary = json.loads((written_to(cycle, session) / "summary.json").read_text())
+    assert summary["gate"]["decision"] == "pending_approval"
+    assert summary["pending_version"] == 2 and summary["baseline_version"] == 1
+    champion = json.loads((registry / "champion.json").read_text())
+    assert champion["version"] == 1 and champion["reason"] == "rollback"
+    assert "2" in shown.stdout
+
+
+@pytest.fixture(scope="module")
+def second_run(approval_run, session, federation, tmp_path_factory):
+    """The third cycle, against version 1 (rolled back to): site-01's training file broken
+    (line 5 misnames its field), and a learning rate of 1e-6, which leaves the adapter where
+    version 1 put it; one round, on notes cut to 64 tokens."""
+    run_dir = written_to(approval_run[0], session)
     before = json.loads((run_dir / "summary.json").read_text())["sites"]
     bad = federation / "site-01" / "train.jsonl"
     lines = bad.read_text().splitlines()
@@ -164,6 +214,7 @@ def second_run(first_run, federation, tmp_path_factory):
         "experiment=demo",  # the federation make demo generated
         f"output_dir={tmp_path_factory.mktemp('runs')}",
         f"simulation.federation_dir={federation}",
+        f"registry.signing_key={session / 'keys' / 'coordinator.key'}",
         *DEMO_SHRINK,
         "rounds=1",
         "train.lr=1e-6",
@@ -183,9 +234,10 @@ def test_a_cycle_that_does_not_beat_version_1_publishes_nothing(second_run, fede
     assert any("less than the margin" in reason for reason in summary["gate"]["reasons"])
     assert {"site-00", "site-02"} <= set(summary["sync"]["installed"])
     registry = federation / "coordinator" / "registry"
-    assert sorted(p.name for p in (registry / "versions").iterdir()) == ["000001"]
+    assert sorted(p.name for p in (registry / "versions").iterdir()) == ["000001", "000002"]
     assert [d["decision"] for d in map(json.loads, (registry / "decisions.jsonl").read_text().splitlines())] == [
         "publish",
+        "pending_approval",
         "refuse",
     ]
     assert all(site_state(federation, s)["current"] == 1 for s in ("site-00", "site-01", "site-02"))
@@ -203,14 +255,14 @@ def test_bad_data_is_refused_and_ledgers_persist_across_runs(second_run, federat
     reasons = [r["reason"] for r in summary["refusals"]]
     assert len(reasons) == 1 and all(f" {bad.name}:5: field 'text' is missing" in r for r in reasons)
     assert not any(str(bad.parent) in r for r in reasons)
-    # The other sites' ledgers kept the first run's spend: epsilon only grows.
+    # The other sites' ledgers kept the earlier runs' spend: epsilon only grows.
     for site in ("site-00", "site-02"):
         ledger = PrivacyLedger.load(
             federation / site / ".fedretrain" / "privacy_ledger.json", site_id=site, accountant="rdp", delta=1e-5
         )
-        # Training: 2 rounds, then 1; each cycle ended with one charged evaluation.
-        assert [e.kind for e in ledger.entries].count("train") == 3
-        assert [e.kind for e in ledger.entries].count("evaluate") == 2
+        # Training: 2 rounds, 2, then 1; each cycle ended with one charged evaluation.
+        assert [e.kind for e in ledger.entries].count("train") == 5
+        assert [e.kind for e in ledger.entries].count("evaluate") == 3
         assert summary["sites"][site]["epsilon"] > before[site]["epsilon"]
         assert summary["sites"][site]["epsilon"] == pytest.approx(ledger.epsilon())
     assert "left out" in output

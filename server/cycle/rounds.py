@@ -143,11 +143,17 @@ def _ready_sites(
     Raises
     ------
     QuorumLost
-        Fewer than ``policy.quorum`` sites are ready: no site has trained or spent.
+        Fewer than ``policy.quorum`` sites are connected by the deadline (none is
+        asked) or ready: no site has trained or spent.
     """
     from server.sites.broadcast import broadcast
 
     nodes = wait_for_nodes(grid, max(policy.wait_for, policy.quorum), policy.deadline_s)
+    if len(nodes) < policy.quorum:  # asking would cost the sites a check and change nothing
+        raise QuorumLost(
+            f"before round {first_round}: {len(nodes)} site(s) connected after {policy.deadline_s:.0f} s, "
+            f"the quorum is {policy.quorum}; no site was asked to train"
+        )
     content = RecordDict({"config": ConfigRecord({**dict(job), "server-round": first_round})})
     sent = broadcast(
         grid,
