@@ -1,7 +1,7 @@
 # make demo   sets up on first use, then runs the default federated retraining simulation
 # make test   sets up on first use, then runs the linters and the whole test suite (slow and e2e
-#             included): the deployment's tests from the start, beside the quick tier on every
-#             core (pytest-xdist), then the simulations, with the slowest tests printed
+#             included): the quick tier on every core (pytest-xdist), then the slow tier (the
+#             deployment's tests beside the simulations), with the slowest tests printed
 # make lint   ruff (lint and format) on the whole tree, mypy on the core, strategies, server, client
 # make bench  sets up on first use, then runs every benchmark into one table and
 #             benchmarks/results/latest.json (25-40 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
@@ -33,11 +33,12 @@ lint: setup
 	$(BIN)/mypy fedretrain strategies server client
 
 # The quick tier is independent tests (tmp_path each, free ports, no fixed paths), so xdist
-# spreads it over the cores; then the slow tier's simulations run on two workers (--dist
-# loadfile keeps a file's tests on one worker). The deployment's tests (one SuperLink and its
-# sites, in a module fixture) mostly wait on deadlines and heartbeats: they run in a process of
-# their own from the start, beside both, and their report follows the others'. Any of them
-# failing fails the target.
+# spreads it over the cores. In the slow tier the deployment's tests (one SuperLink and its
+# sites, in a module fixture) mostly wait on deadlines and heartbeats: they run in a process
+# of their own, beside the simulations on two workers (--dist loadfile keeps a file's tests
+# on one worker), and their report follows the simulations'. Either failing fails the target.
+# (Started beside the quick tier instead, they slowed it by 40 s and the simulations by more:
+# the machine's two cores are busy throughout, 936 s in all against 929 s.)
 # Every test process computes on one thread (OMP_NUM_THREADS=1; Ray's actors already do):
 # the suite runs more processes than cores, and torch's second OpenMP thread then spins
 # waiting for a descheduled peer. Measured in one CI run with the default two threads: the
@@ -51,11 +52,11 @@ BUILD_MODEL := from fedretrain.modeling.embedded import embedded_model_dir; embe
 test: setup
 	@FEDRETRAIN_CACHE=$(CURDIR)/.cache/fedretrain $(BIN)/python -c "$(BUILD_MODEL)" & built=$$!; \
 	$(MAKE) --no-print-directory lint; linted=$$?; wait $$built && test $$linted -eq 0
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
 	@log=$$(mktemp); export OMP_NUM_THREADS=1; \
 	$(BIN)/python -m pytest -q -rs -m "slow or e2e" --durations=10 $(PYTEST_ARGS) $(DEPLOY_TESTS) >$$log 2>&1 & deploy=$$!; \
-	$(BIN)/python -m pytest -q -rs -n auto -m "not slow and not e2e" $(PYTEST_ARGS) && \
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "slow or e2e" --ignore=$(DEPLOY_TESTS) --durations=10 $(PYTEST_ARGS); \
-	rest=$$?; wait $$deploy; deployed=$$?; echo "--- $(DEPLOY_TESTS) (run beside the above) ---"; cat $$log; rm -f $$log; \
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "slow or e2e" --ignore=$(DEPLOY_TESTS) --durations=10 $(PYTEST_ARGS); rest=$$?; \
+	wait $$deploy; deployed=$$?; echo "--- $(DEPLOY_TESTS) (run beside the above) ---"; cat $$log; rm -f $$log; \
 	test $$rest -eq 0 -a $$deployed -eq 0
 
 test-fast: setup

@@ -99,7 +99,7 @@ SIMULATION_RUN_BY = {
     "fedretrain simulate experiment=nonprivate": "here: the one path without DP",
     "fedretrain simulate simulation.sites_dir=examples/sites validation_path=examples/validation.jsonl": "here: "
     "a researcher's own data, read in place",
-    "fedretrain simulate experiment=garbled": "tests/test_simulation_e2e.py::"
+    "fedretrain simulate experiment=garbled": "tests/test_garbled_e2e.py::"
     "test_the_gate_refuses_a_candidate_trained_on_garbled_notes",
 }
 
