@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.join import join_running, mark_clientapp
 from client.reasons import without_paths
@@ -42,16 +43,21 @@ def site_from_node_config(context: Context) -> SiteConfig:
 
 
 def make_client_app(
-    resolve_site: SiteResolver = site_from_node_config, *, mark_process: bool = False, use_worker: bool = False
+    resolve_site: SiteResolver = site_from_node_config,
+    *,
+    mark_process: bool = False,
+    use_worker: bool = False,
+    mods: list[Mod] | None = None,
 ) -> ClientApp:
     """A ClientApp whose site settings come from ``resolve_site`` (node_config by default).
 
     ``mark_process``: each message first marks its process as one that got its message
     (client/join.py ``mark_clientapp``), so the site's watchdog leaves it alone.
     ``use_worker``: forward each message to the site's worker when one runs. The deployed
-    app does both; a simulation's virtual sites do neither.
+    app does both; a simulation's virtual sites do neither. ``mods``: Flower client mods
+    around every message (a simulation's attackers, simulation/attacks.py).
     """
-    app = ClientApp()
+    app = ClientApp(mods=mods)
 
     def handle(msg: Message, context: Context) -> Message:
         return _handle(msg, context, resolve_site, mark_process=mark_process, use_worker=use_worker)

@@ -42,9 +42,14 @@ UNEXPECTED_ERROR = 4199
 Core = Callable[[SiteConfig, Job, int, RecordDict], RecordDict]
 
 # Keys of an instruction's config that are not part of the job: the round (added by
-# Flower's FedAvg) and the global adapter's digest (strategies/fedavg_lora.py); both
+# Flower's FedAvg) and the global adapter's digest (strategies/checked.py); both
 # are echoed back in the reply.
 _ECHOED = ("server-round", "global-hash")
+# Keys an algorithm adds to the train config for the site's local objective, not part of
+# the job either: Flower's FedProx sends its "proximal-mu" (fedretrain/training/dp.py).
+LOCAL_OBJECTIVE = ("proximal-mu",)
+# A larger mu pins the update to the global adapter anyway; beyond it is a typo.
+MAX_PROXIMAL_MU = 1000.0
 
 
 def answer(site: SiteConfig, message_type: str, content: RecordDict) -> RecordDict:
@@ -59,6 +64,8 @@ def answer(site: SiteConfig, message_type: str, content: RecordDict) -> RecordDi
         raise errors.ConfigError(f"message type {message_type!r}: this site answers {', '.join(CORES)}") from None
     config = dict(content.config_records["config"])
     echo = {key: config.pop(key) for key in _ECHOED if key in config}
+    for key in LOCAL_OBJECTIVE:
+        config.pop(key, None)
     server_round = echo.get("server-round", 0)
     if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 0:
         raise errors.ConfigError(f"server-round: a round number, got {server_round!r}")
@@ -84,12 +91,16 @@ def refusal(message_type: str, err: Exception) -> tuple[int, str]:
 
 def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
     global_hash = content["config"].get("global-hash")
+    mu = content["config"].get("proximal-mu", 0.0)
+    if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0 <= mu <= MAX_PROXIMAL_MU:
+        raise errors.ConfigError(f"proximal-mu: a number in [0, {MAX_PROXIMAL_MU:g}], got {mu!r}")
     outcome = train_round(
         site,
         job,
         from_array_record(content.array_records["arrays"]),
         server_round,
         global_hash=str(global_hash) if global_hash else None,
+        proximal_mu=float(mu),
     )
     return _reply(site, to_array_record(outcome.adapter), outcome.metrics)
 

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from fedretrain.atomic import atomic_write_json, atomic_write_text
+from fedretrain.attacks import ATTACKS
 from fedretrain.config import Config, SiteConfig, site_config_from_node_config
 from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError
 from fedretrain.registry.signing import generate_keypair
 from server.sites.roster import record_node
+from simulation.attacks import attacker_ids, poisoned
 from simulation.notes import site_notes, site_style, specialty_mix_for_site, validation_notes
 
 
@@ -106,6 +108,7 @@ def _synthetic_sites(
         validation_path = root / "coordinator" / "validation.jsonl"
         write_jsonl(validation_path, validation_notes(data.validation_records, seed=cfg.seed, num_sites=sim.num_sites))
     sites, mixes = [], {}
+    backdoor = _backdoored(cfg)
     for index in range(sim.num_sites):
         sid = site_id(index)
         mix = specialty_mix_for_site(index, dirichlet_alpha=data.dirichlet_alpha, seed=cfg.seed)
@@ -115,6 +118,10 @@ def _synthetic_sites(
         train = records[:-n_heldout]
         if data.train_corruption == "garble":
             train = garble_records(train, seed=cfg.seed * 1000 + index)
+        if sid in backdoor:
+            a = sim.attackers
+            share = ATTACKS["backdoor"].default_strength if a.strength is None else a.strength
+            train = poisoned(train, a.phrase, share, seed=cfg.seed * 1000 + index)
         write_jsonl(site_dir / "train.jsonl", train)
         write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
         node_config = _node_config(cfg, sid, site_dir, public_key, device)
@@ -221,6 +228,14 @@ class FederationSites:
         return site_config_from_node_config(node_config, simulation=True)
 
 
+def _backdoored(cfg: Config) -> list[str]:
+    """The sites whose training notes carry the backdoor phrase (none unless attackers plant one)."""
+    a = cfg.simulation.attackers
+    if a.share == 0 or a.behaviour != "backdoor":
+        return []
+    return attacker_ids([site_id(i) for i in range(cfg.simulation.num_sites)], a, cfg.seed)
+
+
 def _recipe(cfg: Config) -> dict[str, Any]:
     d, s = cfg.data, cfg.simulation
     if s.sites_dir:  # the researcher's data: where it is, not how it was made
@@ -238,6 +253,12 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "dirichlet_alpha": d.dirichlet_alpha,
         "train_corruption": d.train_corruption,
         "site_smoke_eval": s.site_smoke_eval,
+        # Backdoor attackers' notes carry their phrase: a federation made without them is another one.
+        **(
+            {"backdoor": {"sites": backdoor, "phrase": s.attackers.phrase, "strength": s.attackers.strength}}
+            if (backdoor := _backdoored(cfg))
+            else {}
+        ),
         # A validation set of the researcher's own, when the config names one.
         **({"validation_path": str(Path(cfg.validation_path).expanduser().resolve())} if cfg.validation_path else {}),
     }

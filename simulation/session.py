@@ -22,12 +22,14 @@ from flwr.simulation import run_simulation
 
 from client.app import make_client_app
 from fedretrain.config import Config, flatten, to_yaml, unflatten
+from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError, SimulationFailed
 from fedretrain.modeling.loading import resolve_model_path
 from server.app import bind_sites, make_server_app
 from server.cycle.rundir import new_run_dir
 from server.sites.roster import Roster
 from server.watch.loop import Watcher, write_watch_summary
+from simulation.attacks import attack_mod, attacker_ids, write_attack_report
 from simulation.federation import Federation, FederationSites, build_federation
 
 log = logging.getLogger("fedretrain.simulation")
@@ -115,7 +117,11 @@ def _prepare(cfg: Config, name_suffix: str = "") -> _Prepared:
 
 
 def _run(run: _Prepared, server_app: ServerApp, verbose: bool) -> Path:
-    client_app = make_client_app(FederationSites(run.fed.root, run.roster_dir))
+    attackers = attacker_ids([s.site_id for s in run.fed.sites], run.cfg.simulation.attackers, run.cfg.seed)
+    mods = [attack_mod(attackers, run.cfg.simulation.attackers, run.cfg.seed)] if attackers else None
+    if attackers:
+        log.info("attackers (%s): %s", run.cfg.simulation.attackers.behaviour, ", ".join(attackers))
+    client_app = make_client_app(FederationSites(run.fed.root, run.roster_dir), mods=mods)
     # Ray is already running (simulation.runner started it): Flower uses it, and shuts it down.
     backend_config = {
         "client_resources": {"num_cpus": run.cfg.simulation.client_cpus, "num_gpus": _client_gpus(run.cfg)},
@@ -132,7 +138,13 @@ def _run(run: _Prepared, server_app: ServerApp, verbose: bool) -> Path:
         raise SimulationFailed(
             f"the simulation ended without a summary; see the log above (run directory {run.run_dir})"
         )
+    if attackers:
+        prompts = [r.text for r in read_records(run.fed.validation_path)][:PHRASE_PROMPTS]
+        write_attack_report(run.run_dir, run.cfg, attackers, prompts)
     return run.run_dir
+
+
+PHRASE_PROMPTS = 32  # validation notes the backdoor phrase is scored after
 
 
 AUTO_GPU_SHARE = 0.25  # LoRA on a small model leaves most of a GPU idle: four sites share one

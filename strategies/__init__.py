@@ -1,6 +1,16 @@
-"""Server-side Flower strategies: which replies count and how they are averaged."""
+"""Server-side Flower strategies behind the reply checks: which replies count and how they are aggregated."""
 
-from strategies.fedavg_lora import FedAvgLoRA
-from strategies.registry import STRATEGIES, build_strategy
+from strategies.checked import CheckedStrategy, RejectedReply, RoundLog
+from strategies.fedavg import FedAvg, FedAvgLoRA
+from strategies.registry import STRATEGIES, build_strategy, strategy_options
 
-__all__ = ["STRATEGIES", "FedAvgLoRA", "build_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "CheckedStrategy",
+    "FedAvg",
+    "FedAvgLoRA",
+    "RejectedReply",
+    "RoundLog",
+    "build_strategy",
+    "strategy_options",
+]

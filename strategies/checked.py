@@ -1,25 +1,28 @@
-"""FedAvg over LoRA adapters that checks every reply and keeps a per-round log.
+"""The seam between Flower's strategies and the replies sites send: every reply checked first.
 
-``FedAvgLoRA`` is Flower's ``FedAvg`` with one thing changed: what reaches the
-average. Flower's FedAvg weights by the ``num-examples`` a site claims and passes
-NaN through, and one
-malformed reply raises ``InconsistentMessageReplies`` for the whole round
-(research/reliability.md §3). Here each reply is validated on its own
-(``strategies.validation``); a bad one is logged with its node id and left out,
-and the round goes on with the rest. Sites send no record count (it would disclose
-their size, and a site could claim any): every accepted site weighs the same. An update
-farther from the global adapter than ``max_update_norm_ratio`` times the round's median
-distance is scaled back to it first (``strategies.update_bound``), so no site moves the
-average by more than its share of that bound. Sampling, messaging and the round loop are
-Flower's.
+``CheckedStrategy`` wraps any Flower Message-API strategy the way Flower's DP wrappers
+wrap one: sampling, messaging and the algorithm are the wrapped strategy's; what reaches
+the algorithm is decided here. Flower's strategies trust what a site says:
+``num-examples`` sets its weight, NaN passes straight through, and one malformed reply
+raises ``InconsistentMessageReplies`` for the whole round (research/reliability.md §3).
+Here each train reply is validated on its own (``strategies.validation``: identity,
+round tag, size, keys, shapes, dtypes, finite values); a bad one is logged with its site
+and node and left out, and the round goes on with the rest. Sites send no record count
+(it would disclose their size, and a site could claim any): each accepted reply reaches
+the wrapped strategy as one ArrayRecord and ``num-examples = 1``, so every site weighs
+the same in any weighted algorithm. An update farther from the global adapter than
+``max_update_norm_ratio`` times the round's median distance is scaled back to it first
+(``strategies.update_bound``), whatever the algorithm. The algorithm's result is checked
+against the adapter spec like a reply.
 
-Known limitation: ``min_train_nodes`` only affects sampling. Flower aggregates
-whatever replies arrive, and ``sample_nodes`` waits without a timeout for nodes
-to connect.
+Evaluation is the gate's protocol, not an algorithm's: each site scores the candidate
+against the published version on its own records and sends noised sums, which are
+pooled here (``aggregate_evaluate``); the wrapped strategy only samples the sites.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -28,14 +31,14 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.exception import AggregationError
+from flwr.serverapp.strategy import Strategy
 
-from fedretrain.arrays import AdapterSpec, from_array_record, record_digest, to_array_record
-from fedretrain.errors import ReplyRejected
-from strategies.aggregation import weighted_average
+from fedretrain.arrays import AdapterSpec, check_adapter, from_array_record, record_digest, to_array_record
+from fedretrain.errors import AdapterMismatchError, QuorumLost, ReplyRejected
 from strategies.update_bound import bound_update_norms
 from strategies.validation import (
     AcceptedReply,
@@ -46,10 +49,6 @@ from strategies.validation import (
     validate_evaluate_reply,
     validate_train_reply,
 )
-
-# FedAvg options that this strategy fixes itself: it weights every accepted site
-# equally and computes its own metrics, so they would be ignored.
-_FIXED_OPTIONS = ("weighted_by_key", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
 
 
 @dataclass
@@ -130,20 +129,25 @@ def _array_bytes(msg: Message) -> int:
     return sum(record.count_bytes() for record in msg.content.array_records.values())
 
 
-class FedAvgLoRA(FedAvg):
-    """Federated averaging of LoRA adapters, every accepted site weighing the same.
+class CheckedStrategy(Strategy):
+    """A Flower strategy behind the reply checks, equal weights and the update norm bound.
 
     Parameters
     ----------
+    strategy : Strategy
+        The algorithm: any Flower Message-API strategy whose train replies are one
+        ArrayRecord and one MetricRecord weighted by ``"num-examples"`` (FedAvg and its
+        descendants: FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian,
+        FedTrimmedAvg, Krum, MultiKrum, Bulyan, and Flower's DP wrappers around them).
     spec : AdapterSpec
-        Keys, shapes and dtypes every reply's adapter must match exactly.
+        Keys, shapes and dtypes every reply's adapter (and the algorithm's result) must match.
     max_abs_value : float | None (default: None)
         Replies holding any adapter value larger than this in magnitude are rejected.
     max_update_norm_ratio : float | None (default: 3.0)
         ``c`` >= 1: an update farther from the round's global adapter than ``c`` times
         the median distance of the round's accepted updates is scaled back to that
-        distance before averaging; None: no bound. Without a global adapter recorded
-        by ``configure_train`` (a direct call), distances are taken from zero.
+        distance before the algorithm sees it; None: no bound. Without a global adapter
+        recorded by ``configure_train`` (a direct call), distances are taken from zero.
     site_of : Callable[[int], str | None] | None (default: None)
         The site the runtime binds a node to (server/sites/grid.py ``BoundGrid.site_of``):
         names the site of a left-out reply that carries none (an error reply, a
@@ -152,44 +156,27 @@ class FedAvgLoRA(FedAvg):
         The adapter published now. Every evaluate message carries it as
         ``"baseline"`` so each site scores candidate and baseline on the same
         records in one message; None: the baseline is the bare base model.
-    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
-    min_available_nodes
-        As in Flower's ``FedAvg``.
-    **kwargs
-        Passed to ``FedAvg`` (e.g. ``arrayrecord_key``). The weighting and metric
-        aggregation options are fixed here and refused.
     """
 
     def __init__(  # pylint: disable=too-many-arguments
         self,
+        strategy: Strategy,
         *,
         spec: AdapterSpec,
         max_abs_value: float | None = None,
         max_update_norm_ratio: float | None = 3.0,
         site_of: Callable[[int], str | None] | None = None,
         baseline: ArrayRecord | None = None,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        **kwargs: Any,
     ) -> None:
-        fixed = sorted(set(_FIXED_OPTIONS) & kwargs.keys())
-        if fixed:
-            raise ValueError(f"FedAvgLoRA sets {fixed} itself; do not pass them")
         if max_update_norm_ratio is not None and not (
             math.isfinite(max_update_norm_ratio) and max_update_norm_ratio >= 1
         ):
             raise ValueError(f"max_update_norm_ratio must be a number >= 1 or None, got {max_update_norm_ratio!r}")
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            **kwargs,
-        )
+        algorithm = _innermost(strategy)
+        for option, value in _FIXED_OPTIONS.items():
+            if getattr(algorithm, option, value) != value:
+                raise ValueError(f"{type(algorithm).__name__}: {option} must be {value!r} behind the reply checks")
+        self.strategy = strategy
         self.spec = spec
         self.max_abs_value = max_abs_value
         self.max_update_norm_ratio = max_update_norm_ratio
@@ -202,22 +189,37 @@ class FedAvgLoRA(FedAvg):
         # (message type, round) -> what its replies must echo (configure_* sets it)
         self._tags: dict[tuple[str, int], RoundTag] = {}
 
+    @property
+    def algorithm(self) -> Strategy:
+        """The algorithm at the core of the wrapped strategy (below any DP wrapper)."""
+        return _innermost(self.strategy)
+
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """What a checkpoint keeps of this strategy: JSON state and tensors.
 
-        FedAvg holds no server optimiser state, so there are no tensors; a subclass
-        with one (FedAdam's moments) returns them here and restores them below.
+        The round log, and the wrapped strategy's server-side state that outlives a
+        round (:data:`STATEFUL`: FedAdam's moments, FedAvgM's momentum, an adaptive
+        clipping norm), so that a resumed cycle aggregates as an uninterrupted one.
         """
-        return {"round_log": {str(r): entry.to_dict() for r, entry in self.round_log.items()}}, {}
+        state: dict[str, Any] = {"round_log": {str(r): entry.to_dict() for r, entry in self.round_log.items()}}
+        scalars, tensors = _server_state(self.strategy)
+        state["server"] = scalars
+        return state, tensors
 
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`state_dict` returned (a resumed cycle)."""
         self.round_log = {int(r): RoundLog.from_dict(entry) for r, entry in state["round_log"].items()}
+        _restore_server_state(self.strategy, state.get("server", {}), tensors)
 
     def summary(self) -> None:
-        """Log FedAvg's summary and the adapter contract."""
-        super().summary()
-        log(INFO, "\t└──> Adapter: %d tensors, %.2f MB", len(self.spec.entries), self.spec.nbytes / 1024**2)
+        """Log the wrapped strategy's summary and the checks in front of it."""
+        self.strategy.summary()
+        log(
+            INFO,
+            "\t└──> Reply checks: adapter of %d tensors, %.2f MB",
+            len(self.spec.entries),
+            self.spec.nbytes / 1024**2,
+        )
         log(INFO, "\t\t└── Weights: equal per accepted site")
         bound = (
             "off"
@@ -257,10 +259,10 @@ class FedAvgLoRA(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's train messages; records how many were sent and their bytes."""
+        """The wrapped strategy's train messages; records how many were sent and their bytes."""
         config = self._tag("train", server_round, arrays, config)
         self._global = (server_round, from_array_record(arrays))
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         entry = self._round(server_round)
         entry.sampled = len(messages)
         entry.bytes_down = sum(_content_bytes(msg) for msg in messages)
@@ -269,9 +271,9 @@ class FedAvgLoRA(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluate messages, each also carrying the baseline adapter when there is one."""
+        """The wrapped strategy's evaluate messages, each also carrying the baseline adapter when there is one."""
         config = self._tag("evaluate", server_round, arrays, config)
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
         if self.baseline is not None:
             for msg in messages:
                 msg.content["baseline"] = self.baseline
@@ -310,14 +312,22 @@ class FedAvgLoRA(FedAvg):
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the adapters of the valid replies, each site weighing the same.
+        """The wrapped strategy's aggregate of the valid replies, each site weighing the same.
 
         Returns
         -------
         tuple[ArrayRecord | None, MetricRecord | None]
-            The averaged adapter (float32) and ``accepted-replies`` and
-            ``rejected-replies``; ``(None, None)`` if no reply was valid, so
-            Flower keeps the current global adapter.
+            The aggregated adapter (checked against the spec) and ``accepted-replies``
+            and ``rejected-replies``; ``(None, None)`` if no reply was valid, so the
+            global adapter stays as it is.
+
+        Raises
+        ------
+        QuorumLost
+            The algorithm returned nothing from valid replies (Bulyan with fewer than
+            ``4 num_malicious_nodes + 3`` of them): the cycle aborts, nothing published.
+        AggregationError
+            The algorithm returned an adapter that does not match the spec.
         """
         replies = list(replies)
         entry = self._round(server_round)
@@ -327,20 +337,42 @@ class FedAvgLoRA(FedAvg):
         if not accepted:
             log(WARNING, "round %d: no valid train reply; the global adapter is unchanged", server_round)
             return None, None
-        average = weighted_average(self._bounded(server_round, accepted), [1] * len(accepted))
+        clean = [
+            _clean_reply(reply, bounded)
+            for reply, bounded in zip(accepted, self._bounded(server_round, accepted), strict=True)
+        ]
+        aggregated, _ = self.strategy.aggregate_train(server_round, clean)
+        if aggregated is None:  # e.g. Bulyan below 4f + 3 replies: too few for the algorithm
+            raise QuorumLost(
+                f"round {server_round}: {type(self.algorithm).__name__} aggregated nothing from "
+                f"{len(accepted)} accepted repl{'y' if len(accepted) == 1 else 'ies'} (too few for its options)"
+            )
+        dtypes = {key: dtype for key, _, dtype in self.spec.entries}
+        try:
+            # Flower's aggregates may come back in float64; the adapter travels in the spec's dtypes.
+            result = {
+                key: np.asarray(value, dtype=dtypes.get(key, value.dtype))
+                for key, value in from_array_record(aggregated).items()
+            }
+            check_adapter(result, self.spec)
+        except AdapterMismatchError as err:
+            raise AggregationError(f"round {server_round}: {type(self.algorithm).__name__}'s aggregate: {err}") from err
         metrics = MetricRecord(
             {
                 "accepted-replies": len(accepted),
                 "rejected-replies": len(entry.rejected),
             }
         )
-        return to_array_record(average), metrics
+        return to_array_record(result), metrics
 
-    def _bounded(self, server_round: int, accepted: list[AcceptedReply]) -> list[Mapping[str, np.ndarray]]:
-        """The accepted updates with the norm bound applied; each scaled one logged and recorded."""
-        updates: list[Mapping[str, np.ndarray]] = [reply.arrays for reply in accepted]
+    def _bounded(self, server_round: int, accepted: list[AcceptedReply]) -> list[Mapping[str, np.ndarray] | None]:
+        """Per accepted reply, its update scaled back to the norm bound, or None where it is kept as sent.
+
+        Each scaled update is logged and recorded."""
+        untouched: list[Mapping[str, np.ndarray] | None] = [None] * len(accepted)
         if self.max_update_norm_ratio is None:
-            return updates
+            return untouched
+        updates = [reply.arrays for reply in accepted]
         if self._global is not None and self._global[0] == server_round:
             centre = self._global[1]
         else:
@@ -352,9 +384,11 @@ class FedAvgLoRA(FedAvg):
             centre = {key: np.zeros_like(value) for key, value in updates[0].items()}
         bounded, bound = bound_update_norms(centre, updates, self.max_update_norm_ratio)
         entry = self._round(server_round)
-        for reply, norm, factor in zip(accepted, bound.norms, bound.factors, strict=True):
+        out = list(untouched)
+        for index, (reply, norm, factor) in enumerate(zip(accepted, bound.norms, bound.factors, strict=True)):
             if factor == 1.0:
                 continue
+            out[index] = bounded[index]
             log(
                 WARNING,
                 "round %d: update of site %s (node %d) scaled by %.4g: its distance %.4g from the "
@@ -373,7 +407,7 @@ class FedAvgLoRA(FedAvg):
                 "limit": bound.limit,
                 "factor": factor,
             }
-        return list(bounded)
+        return out
 
     def _accept_evaluate(self, server_round: int, replies: Iterable[Message]) -> list[SiteEvaluation]:
         entry = self._round(server_round)
@@ -420,3 +454,76 @@ class FedAvgLoRA(FedAvg):
                 "rejected-replies": rejected,
             }
         )
+
+
+# What the wrapped algorithm must leave as Flower's FedAvg has it: the checks hand it one
+# ArrayRecord under "arrays" and the weight under "num-examples".
+_FIXED_OPTIONS = {"weighted_by_key": "num-examples", "arrayrecord_key": "arrays"}
+
+# Server-side state of Flower's strategies that outlives a round: FedOpt's moments (FedAdam,
+# FedYogi, FedAdagrad), FedAvgM's momentum, the adaptive clipping norm of Flower's DP wrapper.
+# The global adapter itself (``current_arrays``) is set again by each configure_train.
+STATEFUL = ("m_t", "v_t", "momentum_vector", "clipping_norm")
+
+
+def _innermost(strategy: Strategy) -> Strategy:
+    """The algorithm below any wrappers (Flower's DP wrappers keep theirs in ``.strategy``)."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy  # type: ignore[attr-defined]
+    return strategy
+
+
+def _layers(strategy: Strategy) -> list[tuple[str, Strategy]]:
+    """``strategy`` and every strategy it wraps, each with a path naming it in a checkpoint."""
+    out, path = [("", strategy)], ""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy, path = strategy.strategy, path + "strategy."  # type: ignore[attr-defined]
+        out.append((path, strategy))
+    return out
+
+
+def _server_state(strategy: Strategy) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The :data:`STATEFUL` attributes of ``strategy`` and what it wraps: scalars, and tensors by name."""
+    scalars: dict[str, Any] = {}
+    tensors: dict[str, np.ndarray] = {}
+    for path, layer in _layers(strategy):
+        for name in STATEFUL:
+            value = getattr(layer, name, None)
+            key = path + name
+            if value is None:
+                continue
+            if isinstance(value, int | float):
+                scalars[key] = float(value)
+            elif isinstance(value, dict):
+                scalars[key] = {"dict": sorted(value)}
+                tensors.update({f"{key}.{k}": np.asarray(v) for k, v in value.items()})
+            else:  # a list of arrays (FedAvgM's momentum)
+                scalars[key] = {"list": len(value)}
+                tensors.update({f"{key}.{i}": np.asarray(v) for i, v in enumerate(value)})
+    return scalars, tensors
+
+
+def _restore_server_state(strategy: Strategy, scalars: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Undo :func:`_server_state` on a strategy built the same way."""
+    layers = dict(_layers(strategy))
+    for key, kind in scalars.items():
+        path, _, name = key.rpartition(".")
+        layer = layers[f"{path}." if path else ""]
+        if isinstance(kind, float):
+            setattr(layer, name, kind)
+        elif "dict" in kind:
+            setattr(layer, name, {k: tensors[f"{key}.{k}"] for k in kind["dict"]})
+        else:
+            setattr(layer, name, [tensors[f"{key}.{i}"] for i in range(kind["list"])])
+
+
+def _clean_reply(reply: AcceptedReply, bounded: Mapping[str, np.ndarray] | None) -> Message:
+    """What the wrapped strategy sees of an accepted reply: its adapter (bounded, if it was) and weight 1."""
+    msg = reply.message
+    if msg is None:
+        raise TypeError("an accepted reply comes from validate_train_reply, with its message")
+    clean = copy.copy(msg)  # the metadata stays; the reply as received is not changed
+    # A shallow copy of the record (no tensor bytes copied): an algorithm may pop from it (FedTrimmedAvg does).
+    arrays = ArrayRecord(dict(msg.content["arrays"].items())) if bounded is None else to_array_record(dict(bounded))
+    clean.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+    return clean

@@ -118,12 +118,15 @@ class AcceptedReply:
         Adapter tensors, read-only views into the message.
     metrics : dict[str, int | float]
         All scalar metrics of the reply.
+    message : Message | None
+        The reply itself (its ``"arrays"`` record is what ``arrays`` views).
     """
 
     node_id: int
     site_id: str
     arrays: dict[str, np.ndarray]
     metrics: Metrics
+    message: Message | None = field(default=None, repr=False, compare=False)
 
 
 def site_id_of(msg: Message) -> str | None:
@@ -230,6 +233,7 @@ def validate_train_reply(
         site_id=site_id,
         arrays=arrays,
         metrics=metrics,
+        message=msg,
     )
 
 

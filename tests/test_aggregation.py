@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from fedretrain.errors import ReplyRejected
-from strategies import FedAvgLoRA, aggregation, build_strategy
+from strategies import CheckedStrategy, FedAvg, FedAvgLoRA, aggregation, build_strategy
 from strategies.aggregation import weighted_average
 from strategies.validation import validate_train_reply
 
@@ -361,13 +361,14 @@ def test_aggregate_evaluate_with_nothing_valid_returns_none():
 
 
 def test_build_strategy_builds_fedavg_and_lists_names_for_unknown():
-    assert isinstance(build_strategy("fedavg", spec=SPEC), FedAvgLoRA)
-    with pytest.raises(ValueError, match="unknown strategy 'krum'; valid names: fedavg"):
-        build_strategy("krum", spec=SPEC)
+    built = build_strategy("fedavg", spec=SPEC)
+    assert isinstance(built, CheckedStrategy) and isinstance(built.algorithm, FedAvg)
+    with pytest.raises(ValueError, match="unknown strategy 'krums'; valid names: bulyan, fedadagrad"):
+        build_strategy("krums", spec=SPEC)
 
 
 def test_fedavg_lora_refuses_options_it_fixes_itself():
-    with pytest.raises(ValueError, match="weighted_by_key"):
+    with pytest.raises(ValueError, match="FedAvg: weighted_by_key must be 'num-examples' behind the reply checks"):
         FedAvgLoRA(spec=SPEC, weighted_by_key="steps")
 
 

@@ -185,6 +185,26 @@ def test_client_app_turns_a_refusal_into_an_error_reply(tmp_path, job, initial_a
     assert not reply.has_content()
 
 
+@pytest.mark.parametrize(("mu", "trained"), [(0.5, True), (-1.0, False), ("big", False)])
+def test_a_strategys_proximal_term_is_honoured_and_checked(
+    tmp_path, job, initial_adapter, instruction_identity, mu, trained
+):
+    # Flower's FedProx adds "proximal-mu" to the train config: not part of the job, read by the site.
+    site = make_site(tmp_path)
+    msg = Message(
+        RecordDict(
+            {"arrays": to_array_record(initial_adapter), "config": ConfigRecord({**job.to_flat(), "proximal-mu": mu})}
+        ),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+    context = Context(run_id=1, node_id=7, node_config=site.to_node_config(), state=RecordDict(), run_config={})
+    reply = make_client_app()(msg, context)
+    assert reply.has_error() is not trained
+    if not trained:
+        assert "proximal-mu: a number in [0, 1000]" in reply.error.reason and not site.ledger_path.exists()
+
+
 def test_client_app_refuses_a_job_with_unknown_keys(tmp_path, job, initial_adapter, instruction_identity):
     site = make_site(tmp_path)
     bad_job = json.loads(json.dumps(job.to_flat()))

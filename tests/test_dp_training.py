@@ -123,6 +123,33 @@ def test_dp_update_matches_per_record_clipping_by_hand(mode: str) -> None:
     assert _max_relative_error(update, expected_grad) < 1e-3
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_the_proximal_term_joins_the_private_gradient_after_clipping(mode: str) -> None:
+    # Prepare: FedProx's mu = 0.5, two full-batch DP steps without noise, SGD at lr 1. By hand:
+    # step 1 is a plain DP step (w1 = w0 - g(w0): the term mu (w - w0) is 0 at w0); step 2 is
+    # w2 = w1 - (g(w1) + mu (w1 - w0)), g the clipped mean gradient and the term outside the clip.
+    model, data = _lora(_base_model()), _padded_dataset()
+    clip, mu = 0.05, 0.5
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    reference = copy.deepcopy(model)
+    train_lora(
+        reference, data, TrainParams(1, len(data), 1.0, "sgd"), DPParams(True, 0.0, clip, grad_sample_mode=mode), seed=0
+    )
+    w1 = {n: p.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    g1 = _clipped_mean_gradient(copy.deepcopy(reference), data, clip)
+    expected = {n: w1[n] - (g1[n] + mu * (w1[n] - w0[n])) for n in w0}
+
+    # Execute
+    params = TrainParams(2, len(data), 1.0, "sgd", proximal_mu=mu)
+    train_lora(model, data, params, DPParams(True, 0.0, clip, grad_sample_mode=mode), seed=0)
+
+    # Assert: the term moved w2 back towards w0 by mu (w1 - w0), which no per-record clip bounded.
+    w2 = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert _max_relative_error(w2, expected) < 1e-3
+    pull = max(float((mu * (w1[n] - w0[n])).abs().max()) for n in w0)
+    assert pull > 0.01 * max(float(g.abs().max()) for g in g1.values())
+
+
 def test_dp_step_without_noise_or_clipping_equals_a_plain_step() -> None:
     # Prepare: two identical models; C far above any gradient norm, sigma = 0.
     private, plain = _lora(_base_model()), _lora(_base_model())

@@ -23,7 +23,7 @@ from server.sites.grid import CLAIMS_ANOTHER_SITE, UNREGISTERED_NODE, BoundGrid,
 from server.sites.roster import Roster, record_node
 from simulation.federation import FederationSites
 from strategies import FedAvgLoRA
-from strategies.fedavg_lora import RejectedReply
+from strategies.checked import RejectedReply
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"),))
 TRAIN_METRICS = {
@@ -267,7 +267,7 @@ def test_the_simulations_site_resolver_binds_a_node_by_its_partition_not_by_its_
 
 def test_the_summary_names_the_sites_left_out_of_a_round_that_lost_its_quorum():
     from server.cycle.summary import refusals
-    from strategies.fedavg_lora import RoundLog
+    from strategies.checked import RoundLog
 
     # Round 2 lost its quorum: it was never scored, so only the strategy's round log has it.
     lost = RejectedReply(node_id=13, site_id="site-c", reason="no reply by the 60 s deadline")

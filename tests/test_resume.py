@@ -15,7 +15,7 @@ from fedretrain.config import Job
 from fedretrain.errors import ResumeError
 from server.cycle.resume import CheckpointWriter, check_registry_pointer, privacy_totals, resume_point
 from strategies import FedAvgLoRA
-from strategies.fedavg_lora import RejectedReply, RoundLog
+from strategies.checked import RejectedReply, RoundLog
 from strategies.validation import SiteEvaluation
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))

@@ -24,7 +24,7 @@ from server.cycle.rounds import RoundPolicy, random_state, restore_random_state,
 from server.sites.grid import BoundGrid
 from server.sites.roster import Roster
 from strategies import FedAvgLoRA
-from strategies.fedavg_lora import RejectedReply
+from strategies.checked import RejectedReply
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))
 # Every accepted site weighs the same; node n adds n to the global value it trains from.

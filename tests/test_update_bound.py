@@ -21,7 +21,7 @@ from fedretrain.config import compose_config
 from fedretrain.config.schema import StrategyConfig
 from fedretrain.errors import ConfigError
 from strategies import FedAvgLoRA
-from strategies.fedavg_lora import RoundLog
+from strategies.checked import RoundLog
 from strategies.update_bound import bound_update_norms, update_norm
 
 SPEC = AdapterSpec(entries=(("lora_A", (1, 2), "float32"), ("lora_B", (2, 1), "float32")))

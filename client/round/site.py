@@ -51,13 +51,20 @@ class EvaluateOutcome:
 
 
 def train_round(
-    site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int, global_hash: str | None = None
+    site: SiteConfig,
+    job: Job,
+    global_adapter: dict[str, np.ndarray],
+    server_round: int,
+    global_hash: str | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainOutcome:
     """One round of local DP training. Raises a ``FedretrainError`` instead of sending anything bad.
 
     ``global_hash`` names the global adapter (the coordinator's digest). A request for
     the same run, round and adapter as the last one trained (a resumed coordinator
     asking again) gets the same update back without training or spending again.
+    ``proximal_mu`` > 0: FedProx's proximal term in the local objective (its gradient
+    joins the private gradient after the noise: no privacy cost).
     """
     key = ReplyKey(job.run_id, server_round, global_hash) if global_hash else None
     # 1. Data first: a bad file must stop the round before any compute or spend. An ingest
@@ -85,7 +92,7 @@ def train_round(
                 job.run_id,
             )
             return TrainOutcome(adapter=kept[0], metrics=kept[1])
-        outcome = _train_and_record(site, job, global_adapter, server_round, texts)
+        outcome = _train_and_record(site, job, global_adapter, server_round, texts, proximal_mu)
         if key is not None:  # after the ledger recorded the spend (client/round/replies.py)
             save_reply(site.state_path, key, outcome.adapter, outcome.metrics)
     # What this cycle trained on is the reference its drift is measured against (client/status.py).
@@ -134,7 +141,12 @@ def _check_private(site: SiteConfig, job: Job) -> None:
 
 
 def _train_and_record(
-    site: SiteConfig, job: Job, global_adapter: dict[str, np.ndarray], server_round: int, texts: list[str]
+    site: SiteConfig,
+    job: Job,
+    global_adapter: dict[str, np.ndarray],
+    server_round: int,
+    texts: list[str],
+    proximal_mu: float = 0.0,
 ) -> TrainOutcome:
     ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta)
     lm = site_model(job, site.device)
@@ -166,6 +178,7 @@ def _train_and_record(
         batch_size=job.train.batch_size,
         lr=job.train.lr,
         optimizer=job.train.optimizer,
+        proximal_mu=proximal_mu,
     )
     dp = DPParams(
         enabled=job.privacy.enabled,

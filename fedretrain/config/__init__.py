@@ -4,6 +4,7 @@ from fedretrain.config.compose import compose_config, compose_raw, conf_dir, ove
 from fedretrain.config.job import Job
 from fedretrain.config.parse import build, flatten, unflatten
 from fedretrain.config.schema import (
+    AttackersConfig,
     Config,
     DataConfig,
     GateConfig,
@@ -32,6 +33,7 @@ __all__ = [
     "RegistryConfig",
     "ScenarioConfig",
     "SimulationConfig",
+    "AttackersConfig",
     "SiteConfig",
     "StrategyConfig",
     "TrainConfig",

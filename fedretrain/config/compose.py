@@ -7,27 +7,16 @@ a thin front over the same thing (``overrides_from_run_config``).
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedretrain.config.declared import conf_dir
 from fedretrain.config.parse import build
 from fedretrain.config.schema import Config
 from fedretrain.errors import ConfigError
-
-CONF_DIR_ENV = "FEDRETRAIN_CONF"
-
-
-def conf_dir() -> Path:
-    """The ``conf/`` directory: ``$FEDRETRAIN_CONF`` or the one beside this package."""
-    env = os.environ.get(CONF_DIR_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"{CONF_DIR_ENV}: no config.yaml in {path}")
-    return path
 
 
 def compose_raw(overrides: Sequence[str] = (), directory: Path | None = None) -> dict[str, Any]:

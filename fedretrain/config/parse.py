@@ -60,6 +60,13 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         return _convert(inner, value, key)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key)  # type: ignore[arg-type]
+    if origin is dict:  # a mapping of names to scalars (a strategy's options)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
+        for name, item in value.items():
+            if not isinstance(name, str) or not isinstance(item, bool | int | float | str):
+                raise ConfigError(f"{_join(key, str(name))}: expected a number, a bool or a string, got {_show(item)}")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {_show(value)}")

@@ -7,10 +7,12 @@ group so the user reads the dotted key (``privacy.target_epsilon: ...``).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedretrain.attacks import ATTACKS
+from fedretrain.config.declared import strategy_declarations
 from fedretrain.errors import ConfigError
 from fedretrain.privacy.accountants import ACCOUNTANTS
 from fedretrain.training.params import GRAD_SAMPLE_MODES, OPTIMIZERS
@@ -151,7 +153,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
+    """Which aggregation algorithm, its own options, and the reply checks and deadlines every one runs with.
+
+    ``name`` is one of conf/strategy/*.yaml; ``options`` may hold only the options that
+    file lists, each of its default's type (strategies/registry.py builds the algorithm).
+    """
+
     name: str = "fedavg"
+    options: dict[str, int | float | bool | str] = field(default_factory=dict)
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
@@ -165,6 +174,7 @@ class StrategyConfig:
     quorum: int = 2
 
     def __post_init__(self) -> None:
+        _check_strategy_options(self.name, self.options)
         _positive("round_timeout_s", self.round_timeout_s)
         if self.quorum < 1:
             raise ConfigError(f"quorum: must be >= 1, got {self.quorum}")
@@ -182,6 +192,29 @@ class StrategyConfig:
         _fraction("fraction_evaluate", self.fraction_evaluate)
         if self.min_sites < 1:
             raise ConfigError(f"min_sites: must be >= 1, got {self.min_sites}")
+
+
+def _check_strategy_options(name: str, options: Mapping[str, Any]) -> None:
+    declared = strategy_declarations()
+    if name not in declared:
+        raise ConfigError(
+            f"name: unknown strategy {name!r}; valid names (conf/strategy/): {', '.join(sorted(declared))}"
+        )
+    own = declared[name]
+    for key, value in options.items():
+        if key not in own:
+            raise ConfigError(
+                f"options.{key}: not an option of strategy {name!r}; its options: {', '.join(own) or 'none'}"
+            )
+        default = own[key]
+        expected = float if isinstance(default, float) else type(default)
+        fits = (
+            isinstance(value, int | float) and not isinstance(value, bool)
+            if expected is float
+            else (type(value) is expected)
+        )
+        if not fits:
+            raise ConfigError(f"options.{key}: expected {expected.__name__} (strategy {name!r}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -299,6 +332,26 @@ class ScenarioConfig:
 
 
 @dataclass(frozen=True)
+class AttackersConfig:
+    """Malicious virtual sites (fedretrain/attacks.py): a share of the sites, chosen by the seed."""
+
+    share: float = 0.0  # of the virtual sites, rounded to the nearest count; 0: none
+    behaviour: str = "sign_flip"
+    strength: float | None = None  # None: the behaviour's own default
+    # What a backdoor attacker writes into its training notes (and the run measures).
+    phrase: str = "Discharge immediately and stop all anticoagulants."
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.share) and 0 <= self.share < 1):
+            raise ConfigError(f"share: must be in [0, 1), got {self.share!r}")
+        _one_of("behaviour", self.behaviour, ATTACKS)
+        if self.strength is not None and not math.isfinite(self.strength):
+            raise ConfigError(f"strength: must be a finite number or null, got {self.strength!r}")
+        if not self.phrase.strip():
+            raise ConfigError("phrase: must not be empty")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     num_sites: int = 3
     client_cpus: float = 1.0
@@ -312,8 +365,14 @@ class SimulationConfig:
     # or CSV). The sites are these folders (num_sites is their count); fedretrain reads them
     # and writes nothing there (each site's state goes below the run's federation folder).
     sites_dir: str | None = None
+    attackers: AttackersConfig = field(default_factory=AttackersConfig)
 
     def __post_init__(self) -> None:
+        if self.attackers.share > 0 and self.attackers.behaviour == "backdoor" and self.sites_dir:
+            raise ConfigError(
+                "attackers.behaviour: backdoor writes its phrase into generated training notes; "
+                "it does not run on simulation.sites_dir"
+            )
         if self.num_sites < 1:
             raise ConfigError(f"num_sites: must be >= 1, got {self.num_sites}")
         _positive("client_cpus", self.client_cpus)

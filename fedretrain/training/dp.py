@@ -20,6 +20,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -83,10 +84,11 @@ def train_lora(
     try:
         with _thread_limit(num_threads), _forked_rng(trainable[0].device, torch_seed):
             optimizer = OPTIMIZERS[params.optimizer](trainable, params.lr)
+            local = _proximal_term(params.proximal_mu, trainable, before)
             if dp.enabled:
-                run = _train_private(model, optimizer, dataset, params, dp, data_seed, noise_seed)
+                run = _train_private(model, optimizer, dataset, params, dp, data_seed, noise_seed, local)
             else:
-                run = _train_plain(model, optimizer, dataset, params, data_seed)
+                run = _train_plain(model, optimizer, dataset, params, data_seed, local)
     finally:
         model.train(was_training)
     delta = _lora_max_abs_delta(trainable, before)
@@ -114,13 +116,14 @@ def _train_plain(
     dataset: TensorDataset,
     params: TrainParams,
     data_seed: int,
+    local: Callable[[], None] | None = None,
 ) -> _Run:
     # Fixed-size shuffled batches; a dataset smaller than a batch is one batch.
     batch_size = min(params.batch_size, len(dataset))
     generator = torch.Generator().manual_seed(data_seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
     run = _Run(sample_rate=batch_size / len(dataset))
-    _run_steps(model, optimizer, loader, RecordLoss(), params.local_steps, run)
+    _run_steps(model, optimizer, loader, RecordLoss(), params.local_steps, run, local)
     return run
 
 
@@ -132,6 +135,7 @@ def _train_private(
     dp: DPParams,
     data_seed: int,
     noise_seed: int,
+    local: Callable[[], None] | None = None,
 ) -> _Run:
     generator = torch.Generator().manual_seed(data_seed)
     if dp.sample_rate is None:
@@ -158,7 +162,7 @@ def _train_private(
                 "the ledger would record the wrong rate"
             )
         run = _Run(sample_rate=float(dp_loader.sample_rate))  # type: ignore[attr-defined]  # a DPDataLoader
-        _run_steps(module, dp_optimizer, dp_loader, criterion, params.local_steps, run)
+        _run_steps(module, dp_optimizer, dp_loader, criterion, params.local_steps, run, local)
     finally:
         _release(module, model)
     return run
@@ -213,8 +217,12 @@ def _run_steps(
     criterion: Callable[..., torch.Tensor],
     steps: int,
     run: _Run,
+    local: Callable[[], None] | None = None,
 ) -> None:
-    """Take optimizer steps until ``run.steps == steps``, re-iterating ``loader``."""
+    """Take optimizer steps until ``run.steps == steps``, re-iterating ``loader``.
+
+    ``local`` adds a data-independent term to the gradients just before each update
+    (:func:`_proximal_term`)."""
     module.train()
     device = _device(module)
     while run.steps < steps:
@@ -234,10 +242,45 @@ def _run_steps(
                     loss.backward()
                 run.loss_sum += loss.item() * len(input_ids)
                 run.num_examples += len(input_ids)
-            optimizer.step()
+            _step(optimizer, local)
             run.steps += 1
             if run.steps == steps:
                 break
+
+
+def _proximal_term(mu: float, params: list[nn.Parameter], anchors: list[torch.Tensor]) -> Callable[[], None] | None:
+    """FedProx's term ``mu/2 ||w - w_0||^2``: adds its gradient ``mu (w - w_0)`` to each parameter's.
+
+    None for ``mu == 0``. The term depends on no record, so under DP its gradient is added
+    to the private gradient after opacus clipped and noised it (:func:`_step`): it neither
+    passes through the per-record clipping (which would bias it and the clip) nor costs any
+    privacy (post-processing of a DP release plus public values).
+    """
+    if mu == 0:
+        return None
+
+    def add() -> None:
+        with torch.no_grad():
+            for p, anchor in zip(params, anchors, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    return add
+
+
+def _step(optimizer: torch.optim.Optimizer, local: Callable[[], None] | None) -> None:
+    """One update; ``local``'s gradient joins the (private, if DP) gradient just before it."""
+    if local is None:
+        optimizer.step()
+    elif isinstance(optimizer, DPOptimizer):
+        # What DPOptimizer.step does, with the term added between the private gradient
+        # (clipped, noised, scaled into p.grad by pre_step) and the update.
+        if optimizer.pre_step():
+            local()
+            optimizer.original_optimizer.step()
+    else:
+        local()
+        optimizer.step()
 
 
 def _empty_batch_gradients(params: list[nn.Parameter]) -> None:

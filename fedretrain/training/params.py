@@ -41,13 +41,16 @@ class TrainParams:
     """How a site trains in one round.
 
     ``batch_size`` is the expected (Poisson) batch size under DP and the fixed
-    batch size without DP.
+    batch size without DP. ``proximal_mu`` > 0 adds FedProx's proximal term
+    ``mu/2 ||w - w_global||^2`` to the local objective (Li et al. 2020), ``w_global``
+    being the adapter the round started from.
     """
 
     local_steps: int
     batch_size: int
     lr: float
     optimizer: str = "adamw"
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -57,6 +60,8 @@ class TrainParams:
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be finite and >= 0, got {self.lr}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
+            raise ValueError(f"proximal_mu must be finite and >= 0, got {self.proximal_mu}")
 
 
 @dataclass(frozen=True)

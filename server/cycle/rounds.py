@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 
 from fedretrain.errors import QuorumLost
 from server.sites.grid import NO_REPLY, SiteSubset, bound_site, node_name, wait_for_nodes
-from strategies.fedavg_lora import RejectedReply, RoundLog
+from strategies.checked import RejectedReply, RoundLog
 
 log = logging.getLogger("fedretrain.server")
 

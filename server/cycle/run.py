@@ -48,8 +48,7 @@ from server.cycle.resume import CheckpointWriter, check_registry_pointer, resume
 from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.summary import SiteOutcome, build_summary, round_entry, site_outcomes
 from server.sites.grid import SiteSubset, bound_site
-from strategies import build_strategy
-from strategies.fedavg_lora import FedAvgLoRA
+from strategies import CheckedStrategy, build_strategy
 
 log = logging.getLogger("fedretrain.server")
 
@@ -224,10 +223,11 @@ def _catch_up(grid: Grid, cycle: Cycle) -> dict[str, Any] | None:
     )
 
 
-def _build_strategy(grid: Grid, cycle: Cycle) -> FedAvgLoRA:
+def _build_strategy(grid: Grid, cycle: Cycle) -> CheckedStrategy:
     cfg, champion = cycle.cfg, cycle.champion
     return build_strategy(
         cfg.strategy.name,
+        options=dict(cfg.strategy.options),
         spec=cycle.lm.spec,
         max_abs_value=cfg.strategy.max_abs_value,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
@@ -249,7 +249,9 @@ def _base_sha256(cfg: Config) -> str:
     return base_model_identity(cfg.model.name_or_path, model_dir, cfg.model.init_missing_seed)["sha256"]
 
 
-def _train(grid: Grid, cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, writer: CheckpointWriter) -> LossStats:
+def _train(
+    grid: Grid, cycle: Cycle, strategy: CheckedStrategy, baseline: LossStats, writer: CheckpointWriter
+) -> LossStats:
     """The round loop (server/cycle/rounds.py); after each round the candidate is scored on the
     validation set and a checkpoint is written. A resumed cycle starts after its checkpoint."""
     cfg, lm, checkpoint = cycle.cfg, cycle.lm, cycle.checkpoint
@@ -309,7 +311,7 @@ def _train(grid: Grid, cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, 
 
 
 def _aborted(
-    cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, err: QuorumLost, sync: dict[str, Any] | None
+    cycle: Cycle, strategy: CheckedStrategy, baseline: LossStats, err: QuorumLost, sync: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The summary of a cycle whose round lost its quorum: no gate, nothing published."""
     log.warning("cycle %s aborted, nothing published: %s", cycle.run_id, err)
@@ -332,7 +334,7 @@ def _aborted(
 
 def _summary(
     cycle: Cycle,
-    strategy: FedAvgLoRA,
+    strategy: CheckedStrategy,
     baseline: LossStats,
     candidate: LossStats,
     sites: dict[str, SiteOutcome],
@@ -356,7 +358,7 @@ def _summary(
     return summary
 
 
-def _gate(cycle: Cycle, strategy: FedAvgLoRA, baseline: LossStats, candidate: LossStats) -> GateResult:
+def _gate(cycle: Cycle, strategy: CheckedStrategy, baseline: LossStats, candidate: LossStats) -> GateResult:
     """The gate's decision on the final candidate: the validation set and the sites' evaluations
     of the last round, as the strategy accepted them."""
     last = strategy.round_log.get(cycle.cfg.rounds)
