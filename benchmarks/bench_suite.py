@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_attacks import row_names
 from suite_rows import DEMO_ROW_NAMES, DEPLOY_ROW_NAMES, finish_rows, machine, placeholder_rows
 
 HERE = Path(__file__).resolve().parent
@@ -55,11 +56,14 @@ SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
     # standing watch): 4 shrunk cycles, the watch's cycle and the demo's cycle, about 13 min
     # on 2 cores (775 s measured); not in quick mode.
     ("bench_deploy.py", ["--pairs", "2"], None),
+    # 32 simulations of a 10-site federation with and without attackers, 6 defences: about
+    # 18 min on 2 cores; not in quick mode (tests/test_attack_e2e.py runs one such cell).
+    ("bench_attacks.py", [], None),
 ]
 
 
 # The rows a section would have written, listed with null figures when it is skipped or fails.
-PLACEHOLDERS = {"bench_demo.py": DEMO_ROW_NAMES, "bench_deploy.py": DEPLOY_ROW_NAMES}
+PLACEHOLDERS = {"bench_demo.py": DEMO_ROW_NAMES, "bench_deploy.py": DEPLOY_ROW_NAMES, "bench_attacks.py": row_names()}
 
 
 def run_section(script: str, args: list[str], scratch: Path) -> list[dict] | None:

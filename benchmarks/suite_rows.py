@@ -66,6 +66,9 @@ ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
     (r"deploy_round_s_secure", ("9 Deployment", "s", None, "lower", "TLS and node authentication vs insecure")),
     (r"deploy_new_data", ("9 Deployment", "s", None, "lower", "new records at the sites -> installed everywhere")),
     (r"deploy_status_poll", ("9 Deployment", "s", None, "lower", "a standing watch's status poll")),
+    (r"attack_backdoor_", ("10 Robustness", "nats", None, "higher", "backdoor phrase loss: candidate vs base model")),
+    (r"attack_worse_", ("10 Robustness", "count", None, "lower", "worse candidates published (must be 0)")),
+    (r"attack_", ("10 Robustness", "nats", None, "higher", "improvement under attack vs the defence's clean one")),
     (
         r"sigma_fit_s_",
         ("8 Privacy accounting", "s", 1.0, "lower", "a round's sigma fit: ours vs the same bisection on opacus"),

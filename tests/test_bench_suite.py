@@ -15,6 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from bench_attacks import row_names as attack_row_names  # noqa: E402
+from bench_attacks import rows_from  # noqa: E402
 from demo_figures import demo_rows, first_beating_round, union_in  # noqa: E402
 from suite_rows import DEMO_ROW_NAMES, DEPLOY_ROW_NAMES, KEYS, finish_rows  # noqa: E402
 
@@ -28,6 +30,7 @@ SECTIONS = {
     "7 Time to value",
     "8 Privacy accounting",
     "9 Deployment",
+    "10 Robustness",
 }
 
 
@@ -55,7 +58,8 @@ def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) ->
         else:
             assert ratio is None, row["name"]
     names = {row["name"] for row in rows}
-    assert set(DEMO_ROW_NAMES) | set(DEPLOY_ROW_NAMES) <= names  # listed, null, though quick mode skips them
+    # Listed, null, though quick mode skips them.
+    assert set(DEMO_ROW_NAMES) | set(DEPLOY_ROW_NAMES) | set(attack_row_names()) <= names
     assert {
         "dp_step_ms_hooks_b16",
         "agg_ours_vs_copy_gbps",
@@ -170,3 +174,42 @@ def test_demo_rows_split_round_time_by_hand() -> None:
         12000,
     )
     assert got["ttv_wall_s_to_published"]["limit_or_peer"] == 25 + 14  # the sites' compute in the rounds
+
+
+def test_attack_rows_compare_each_attacked_cell_with_its_defences_clean_one():
+    # Prepare: fedavg gains 0.5 clean, 0.1 under 30% sign flip (a fifth), and under 30% scaling
+    # gets worse (-0.2) yet is refused; fedmedian gains 0.4 clean and 0.36 attacked (0.9).
+    def cell(defence, behaviour, share, improvement, decision, **extra):
+        return {
+            "defence": defence,
+            "behaviour": behaviour,
+            "share": share,
+            "baseline_loss": 6.0,
+            "candidate_loss": 6.0 - improvement,
+            "improvement": improvement,
+            "decision": decision,
+            **extra,
+        }
+
+    cells = [
+        cell("fedavg", "none", 0.0, 0.5, "publish"),
+        cell("fedavg", "sign_flip", 0.3, 0.1, "publish"),
+        cell("fedavg", "scale", 0.3, -0.2, "refuse"),
+        cell("fedmedian", "none", 0.0, 0.4, "publish"),
+        cell("fedmedian", "sign_flip", 0.3, 0.36, "publish"),
+        cell(
+            "fedmedian", "backdoor", 0.3, 0.3, "publish", attack={"phrase_loss_base": 8.0, "phrase_loss_candidate": 2.0}
+        ),
+    ]
+
+    # Execute
+    rows = {row["name"]: row for row in finish_rows(rows_from(cells))}
+
+    # Assert
+    assert rows["attack_sign_flip_30pct_fedavg"]["ratio"] == pytest.approx(0.2)
+    assert rows["attack_sign_flip_30pct_fedmedian"]["ratio"] == pytest.approx(0.9)
+    assert rows["attack_scale_30pct_fedavg"]["ratio"] == pytest.approx(-0.4)
+    assert "WORSE THAN BASELINE" in rows["attack_scale_30pct_fedavg"]["note"]
+    assert rows["attack_backdoor_phrase_loss_fedmedian"]["ratio"] == pytest.approx(0.25)
+    assert rows["attack_worse_candidates_published"]["value"] == 0.0
+    assert {row["section"] for row in rows.values()} == {"10 Robustness"}

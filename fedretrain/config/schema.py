@@ -151,6 +151,37 @@ class DataConfig:
         _positive("dirichlet_alpha", self.dirichlet_alpha)
 
 
+CENTRAL_CLIPPING = ("off", "fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Client-level DP at the coordinator: Flower's server-side DP wrapper around the strategy.
+
+    Each accepted update is clipped to ``clipping_norm`` around the global adapter (fixed, or
+    adapted towards the ``target_clipped_quantile`` of the updates' norms), and the aggregate
+    gets Gaussian noise of ``noise_multiplier * clipping_norm / quorum``: a site's whole
+    update is what is protected, against whoever sees the published versions.
+    """
+
+    clipping: str = "off"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0  # adaptive: the starting norm
+    target_clipped_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _one_of("clipping", self.clipping, CENTRAL_CLIPPING)
+        _positive("noise_multiplier", self.noise_multiplier)
+        _positive("clipping_norm", self.clipping_norm)
+        _fraction("target_clipped_quantile", self.target_clipped_quantile)
+        _positive("clip_norm_lr", self.clip_norm_lr)
+        _fraction("delta", self.delta, open_low=False)
+        if self.delta == 0:
+            raise ConfigError("delta: must be > 0")
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Which aggregation algorithm, its own options, and the reply checks and deadlines every one runs with.
@@ -172,6 +203,7 @@ class StrategyConfig:
     round_timeout_s: float = 3600.0
     # Accepted train replies a round needs; fewer by the deadline aborts the cycle unpublished.
     quorum: int = 2
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
 
     def __post_init__(self) -> None:
         _check_strategy_options(self.name, self.options)

@@ -107,6 +107,9 @@ class RunFigures:
     rounds: int
     seed: int
     baseline_version: int | None
+    # The coordinator's client-level DP (strategies/central_dp.py): epsilon per cycle, beside
+    # the sites' own epsilon in the manifest's "sites"; None when off.
+    central_dp: dict[str, Any] | None = None
 
 
 def publish_candidate(

@@ -49,6 +49,7 @@ from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.summary import SiteOutcome, build_summary, round_entry, site_outcomes
 from server.sites.grid import SiteSubset, bound_site
 from strategies import CheckedStrategy, build_strategy
+from strategies.central_dp import central_dp_wrapper, central_epsilon
 
 log = logging.getLogger("fedretrain.server")
 
@@ -228,6 +229,8 @@ def _build_strategy(grid: Grid, cycle: Cycle) -> CheckedStrategy:
     return build_strategy(
         cfg.strategy.name,
         options=dict(cfg.strategy.options),
+        # A round aggregates at least a quorum of replies: noise for that many is enough.
+        wrap=central_dp_wrapper(cfg.strategy.central_dp, cfg.strategy.quorum),
         spec=cycle.lm.spec,
         max_abs_value=cfg.strategy.max_abs_value,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
@@ -355,7 +358,25 @@ def _summary(
     )
     summary["baseline_version"] = cycle.champion_version
     summary["sync"] = sync
+    summary["central_dp"] = _central_dp(cycle.cfg)
     return summary
+
+
+def _central_dp(cfg: Config) -> dict[str, Any] | None:
+    """The coordinator's own DP for this cycle (strategies/central_dp.py), None when off."""
+    dp = cfg.strategy.central_dp
+    epsilon = central_epsilon(dp, cfg.rounds)
+    if epsilon is None:
+        return None
+    return {
+        "epsilon": epsilon,
+        "delta": dp.delta,
+        "clipping": dp.clipping,
+        "noise_multiplier": dp.noise_multiplier,
+        "clipping_norm": dp.clipping_norm,
+        "sampled_sites": cfg.strategy.quorum,
+        "rounds": cfg.rounds,
+    }
 
 
 def _gate(cycle: Cycle, strategy: CheckedStrategy, baseline: LossStats, candidate: LossStats) -> GateResult:
@@ -379,6 +400,7 @@ def _publish(
             rounds=cfg.rounds,
             seed=cfg.seed,
             baseline_version=cycle.champion_version,
+            central_dp=_central_dp(cfg),
         )
         version = publish_candidate(cycle.registry, cfg, adapter_dir, result, run, sites, cycle.lm.target_modules)
     registry.record_decision(
