@@ -39,6 +39,9 @@ def central_dp_wrapper(cfg: CentralDPConfig, num_sampled: int) -> Callable[[Stra
         return lambda algorithm: DifferentialPrivacyServerSideFixedClipping(
             algorithm, cfg.noise_multiplier, cfg.clipping_norm, num_sampled
         )
+    count_stddev = cfg.clipped_count_stddev
+    if count_stddev is None:  # Flower's num_sampled / 20 needs hundreds of sites for sigma ~ 1
+        count_stddev = max(num_sampled / 20, cfg.noise_multiplier)
     return lambda algorithm: DifferentialPrivacyServerSideAdaptiveClipping(
         algorithm,
         cfg.noise_multiplier,
@@ -46,6 +49,7 @@ def central_dp_wrapper(cfg: CentralDPConfig, num_sampled: int) -> Callable[[Stra
         initial_clipping_norm=cfg.clipping_norm,
         target_clipped_quantile=cfg.target_clipped_quantile,
         clip_norm_lr=cfg.clip_norm_lr,
+        clipped_count_stddev=count_stddev,
     )
 
 

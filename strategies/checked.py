@@ -298,6 +298,10 @@ class CheckedStrategy(Strategy):
                 )
                 if reply.site_id in entry.accepted:
                     raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
+                if self._is_global(server_round, reply.arrays):
+                    # A free-rider's signature (DP noise makes an honest update differ); it
+                    # would also have no direction to clip (Flower's clipping divides by its norm).
+                    raise ReplyRejected("its adapter is the global adapter unchanged: it trained nothing")
             except ReplyRejected as err:
                 self._reject(server_round, msg, str(err), entry.rejected, "reply")
                 continue
@@ -306,6 +310,12 @@ class CheckedStrategy(Strategy):
         # Replies arrive in network order; a fixed order makes the float sums, and so a
         # resumed run's adapter, identical to an uninterrupted run's.
         return sorted(accepted, key=lambda reply: reply.site_id)
+
+    def _is_global(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> bool:
+        if self._global is None or self._global[0] != server_round:
+            return False
+        centre = self._global[1]
+        return all(np.array_equal(arrays[key], centre[key]) for key in arrays if key in centre)
 
     def aggregate_train(
         self,

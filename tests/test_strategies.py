@@ -15,11 +15,13 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from test_aggregation import SPEC, _instruction, serverapp_identity, train_metrics  # noqa: F401 - a fixture
 
-from fedretrain.arrays import from_array_record, record_digest, to_array_record
+from fedretrain.arrays import AdapterSpec, from_array_record, record_digest, to_array_record
 from fedretrain.config import compose_config, conf_dir
 from fedretrain.config.declared import strategy_declarations
+from fedretrain.config.schema import CentralDPConfig
 from fedretrain.errors import ConfigError, QuorumLost
 from strategies import STRATEGIES, CheckedStrategy, build_strategy, strategy_options
+from strategies.central_dp import central_dp_wrapper, central_epsilon
 
 HONEST = {"site-a": 1.0, "site-b": 2.0, "site-c": 2.5, "site-d": 4.0}
 
@@ -220,3 +222,80 @@ def test_a_resumed_fedadam_keeps_its_moments():
     assert round_of(resumed, 2, first) == second
     fresh = build_strategy("fedadam", spec=SPEC)
     assert round_of(fresh, 2, first) != pytest.approx(second)  # without the moments it would differ
+
+
+# --- client-level DP at the coordinator (strategies/central_dp.py) --------------------
+
+
+def test_fixed_clipping_clips_each_update_to_the_norm_before_the_algorithm():
+    # Global 0; updates of 1 and 2 in four entries have norms 2 and 4; clipped to norm 1 both
+    # become 0.5 everywhere, and their mean is 0.5. The noise (sigma 1e-9) is nothing here.
+    wrap = central_dp_wrapper(CentralDPConfig(clipping="fixed", noise_multiplier=1e-9, clipping_norm=1.0), 2)
+    strategy = build_strategy("fedavg", spec=SPEC, max_update_norm_ratio=None, wrap=wrap)
+    tag = start_round(strategy)
+    arrays, _ = strategy.aggregate_train(1, replies({"site-a": 1.0, "site-b": 2.0}, 1, tag))
+    assert value_of(arrays) == pytest.approx(0.5, abs=1e-6)
+    assert isinstance(strategy.algorithm, STRATEGIES["fedavg"])
+
+
+def test_the_noise_on_the_aggregate_is_sigma_times_the_norm_over_the_quorum(monkeypatch):
+    # sigma 2, norm 1, 4 sampled: std 0.5 on every value of the mean (both updates 1e-4 from the global 0).
+    spec = AdapterSpec(entries=(("lora_A", (1, 20_000), "float32"), ("lora_B", (20_000, 1), "float32")))
+    wrap = central_dp_wrapper(CentralDPConfig(clipping="fixed", noise_multiplier=2.0, clipping_norm=1.0), 4)
+    strategy = build_strategy("fedavg", spec=spec, max_update_norm_ratio=None, wrap=wrap)
+    zeros = {"lora_A": np.zeros((1, 20_000), np.float32), "lora_B": np.zeros((20_000, 1), np.float32)}
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2]
+    global_arrays = to_array_record(zeros)
+    list(strategy.configure_train(1, global_arrays, ConfigRecord(), grid))
+    tag = record_digest(global_arrays)
+    sent = []
+    for node, site in ((1, "site-a"), (2, "site-b")):
+        content = RecordDict(
+            {
+                "arrays": to_array_record({k: v + np.float32(1e-4) for k, v in zeros.items()}),
+                "metrics": MetricRecord(train_metrics()),
+                "site": ConfigRecord({"site-id": site, "server-round": 1, "global-hash": tag}),
+            }
+        )
+        sent.append(Message(content, reply_to=_instruction(node, MessageType.TRAIN)))
+    np.random.seed(0)
+    arrays, _ = strategy.aggregate_train(1, sent)
+    values = np.concatenate([v.ravel() for v in from_array_record(arrays).values()])
+    assert abs(values.std() - 0.5) < 0.01 and abs(values.mean()) < 0.01
+
+
+def test_adaptive_clipping_keeps_its_norm_across_a_resume():
+    wrap = central_dp_wrapper(CentralDPConfig(clipping="adaptive", clipping_norm=0.3), 2)
+    strategy = build_strategy("fedavg", spec=SPEC, wrap=wrap)
+    tag = start_round(strategy)
+    strategy.aggregate_train(1, replies({"site-a": 1.0, "site-b": 2.0}, 1, tag))
+    state, tensors = strategy.state_dict()
+    moved = strategy.strategy.clipping_norm
+    assert moved != 0.3 and state["server"] == {"clipping_norm": moved}
+
+    resumed = build_strategy("fedavg", spec=SPEC, wrap=wrap)
+    resumed.load_state_dict(state, tensors)
+    assert resumed.strategy.clipping_norm == moved
+
+
+def test_the_coordinators_epsilon_is_opacus_rdp_of_one_release_a_round():
+    # sigma 1.1, 3 rounds, no amplification (sample rate 1): opacus' accountant called directly.
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(1.1, 1.0, 3)]
+    cfg = CentralDPConfig(clipping="fixed", noise_multiplier=1.1, delta=1e-5)
+    assert central_epsilon(cfg, 3) == pytest.approx(accountant.get_epsilon(delta=1e-5))
+    assert central_epsilon(CentralDPConfig(), 3) is None
+    assert central_epsilon(cfg, 6) > central_epsilon(cfg, 3)
+
+
+def test_a_reply_that_sends_the_global_adapter_back_is_left_out():
+    # A free-rider returns what it was sent (global 0 here); DP noise makes an honest update differ.
+    strategy = build_strategy("fedavg", spec=SPEC, max_update_norm_ratio=None)
+    tag = start_round(strategy)
+    arrays, metrics = strategy.aggregate_train(1, replies({"site-a": 1.0, "site-b": 2.0, "site-z": 0.0}, 1, tag))
+    assert value_of(arrays) == pytest.approx(1.5) and metrics["rejected-replies"] == 1
+    (rejected,) = strategy.round_log[1].rejected
+    assert rejected.site_id == "site-z" and "the global adapter unchanged" in rejected.reason

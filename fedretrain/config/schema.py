@@ -169,6 +169,10 @@ class CentralDPConfig:
     clipping_norm: float = 1.0  # adaptive: the starting norm
     target_clipped_quantile: float = 0.5
     clip_norm_lr: float = 0.2
+    # Adaptive: the noise on the count of clipped updates; None: the larger of quorum / 20
+    # (Andrew et al.'s choice, for many sites) and noise_multiplier (a few sites: the
+    # update's own noise multiplier then grows by 1.15x, Flower splitting the budget).
+    clipped_count_stddev: float | None = None
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -177,6 +181,11 @@ class CentralDPConfig:
         _positive("clipping_norm", self.clipping_norm)
         _fraction("target_clipped_quantile", self.target_clipped_quantile)
         _positive("clip_norm_lr", self.clip_norm_lr)
+        if self.clipped_count_stddev is not None and not self.clipped_count_stddev > self.noise_multiplier / 2:
+            raise ConfigError(
+                f"clipped_count_stddev: must be more than noise_multiplier / 2 = {self.noise_multiplier / 2:g} "
+                f"(Flower splits the noise between the update and the count), got {self.clipped_count_stddev!r}"
+            )
         _fraction("delta", self.delta, open_low=False)
         if self.delta == 0:
             raise ConfigError("delta: must be > 0")

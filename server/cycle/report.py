@@ -117,6 +117,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         shown = "-" if change is None else f"{change:+.4f} +/- {std:.4f}"
         eps = "off" if s["epsilon"] is None else f"{s['epsilon']:.2f}/{s['epsilon_ceiling']:.2f}"
         lines.append(f"{site_id:12s}{shown:>26s}{eps:>17s}{s['delta']:9.0e}{s['noise_multiplier']:8.3f}")
+    central = summary.get("central_dp")
+    if central:
+        lines.append(
+            f"{'coordinator (central DP)':28s}epsilon {central['epsilon']:.2f} at delta {central['delta']:.0e} "
+            f"({central['clipping']} clipping, sigma {central['noise_multiplier']:g}, {central['rounds']} rounds)"
+        )
     for refusal in summary.get("refusals", []):
         lines.append(f"  round {refusal['round']}: {_who(refusal)} left out: {refusal['reason']}")
     for bounded in summary.get("bounded", []):
