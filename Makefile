@@ -4,7 +4,7 @@
 #             deployment's tests beside the simulations), with the slowest tests printed
 # make lint   ruff (lint and format) on the whole tree, mypy on the core, strategies, server, client
 # make bench  sets up on first use, then runs every benchmark into one table and
-#             benchmarks/results/latest.json (25-40 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
+#             benchmarks/results/latest.json (50-65 min on 2 cores; QUICK=1: ~2 min smoke run, BENCH_OUT=path)
 
 PYTHON ?= python3
 VENV   := .venv

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from bench_attacks import row_names
+from bench_lora_variants import ROW_NAMES as LORA_ROW_NAMES
 from suite_rows import DEMO_ROW_NAMES, DEPLOY_ROW_NAMES, finish_rows, machine, placeholder_rows
 
 HERE = Path(__file__).resolve().parent
@@ -59,11 +60,18 @@ SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
     # 32 simulations of a 10-site federation with and without attackers, 6 defences: about
     # 18 min on 2 cores; not in quick mode (tests/test_attack_e2e.py runs one such cell).
     ("bench_attacks.py", [], None),
+    # FFA-LoRA against LoRA at the same epsilon: two demo cycles a pair, about 4 min; not in quick mode.
+    ("bench_lora_variants.py", ["--pairs", "2"], None),
 ]
 
 
 # The rows a section would have written, listed with null figures when it is skipped or fails.
-PLACEHOLDERS = {"bench_demo.py": DEMO_ROW_NAMES, "bench_deploy.py": DEPLOY_ROW_NAMES, "bench_attacks.py": row_names()}
+PLACEHOLDERS = {
+    "bench_demo.py": DEMO_ROW_NAMES,
+    "bench_deploy.py": DEPLOY_ROW_NAMES,
+    "bench_attacks.py": row_names(),
+    "bench_lora_variants.py": LORA_ROW_NAMES,
+}
 
 
 def run_section(script: str, args: list[str], scratch: Path) -> list[dict] | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -156,6 +156,9 @@ class CheckedStrategy(Strategy):
         The adapter published now. Every evaluate message carries it as
         ``"baseline"`` so each site scores candidate and baseline on the same
         records in one message; None: the baseline is the bare base model.
+    frozen : Collection[str] (default: ())
+        Adapter keys no site trains (FFA-LoRA's lora_A): a reply must send them back
+        exactly as it got them, and the aggregate keeps the global adapter's.
     """
 
     def __init__(  # pylint: disable=too-many-arguments
@@ -167,6 +170,7 @@ class CheckedStrategy(Strategy):
         max_update_norm_ratio: float | None = 3.0,
         site_of: Callable[[int], str | None] | None = None,
         baseline: ArrayRecord | None = None,
+        frozen: Collection[str] = (),
     ) -> None:
         if max_update_norm_ratio is not None and not (
             math.isfinite(max_update_norm_ratio) and max_update_norm_ratio >= 1
@@ -176,8 +180,12 @@ class CheckedStrategy(Strategy):
         for option, value in _FIXED_OPTIONS.items():
             if getattr(algorithm, option, value) != value:
                 raise ValueError(f"{type(algorithm).__name__}: {option} must be {value!r} behind the reply checks")
+        unknown = sorted(set(frozen) - set(spec.keys))
+        if unknown:
+            raise ValueError(f"frozen keys {unknown[:3]} are not in the adapter")
         self.strategy = strategy
         self.spec = spec
+        self.frozen = tuple(frozen)
         self.max_abs_value = max_abs_value
         self.max_update_norm_ratio = max_update_norm_ratio
         self.site_of = site_of
@@ -302,6 +310,7 @@ class CheckedStrategy(Strategy):
                     # A free-rider's signature (DP noise makes an honest update differ); it
                     # would also have no direction to clip (Flower's clipping divides by its norm).
                     raise ReplyRejected("its adapter is the global adapter unchanged: it trained nothing")
+                self._check_frozen(server_round, reply.arrays)
             except ReplyRejected as err:
                 self._reject(server_round, msg, str(err), entry.rejected, "reply")
                 continue
@@ -315,7 +324,18 @@ class CheckedStrategy(Strategy):
         if self._global is None or self._global[0] != server_round:
             return False
         centre = self._global[1]
-        return all(np.array_equal(arrays[key], centre[key]) for key in arrays if key in centre)
+        trained = [key for key in arrays if key in centre and key not in self.frozen]
+        return bool(trained) and all(np.array_equal(arrays[key], centre[key]) for key in trained)
+
+    def _check_frozen(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
+        if not self.frozen or self._global is None or self._global[0] != server_round:
+            return
+        centre = self._global[1]
+        changed = [key for key in self.frozen if not np.array_equal(arrays[key], centre[key])]
+        if changed:
+            raise ReplyRejected(
+                f"{len(changed)} frozen tensor(s) changed (lora.freeze_a: only lora_B trains), e.g. {changed[0]!r}"
+            )
 
     def aggregate_train(
         self,
@@ -365,6 +385,9 @@ class CheckedStrategy(Strategy):
                 for key, value in from_array_record(aggregated).items()
             }
             check_adapter(result, self.spec)
+            if self.frozen and self._global is not None and self._global[0] == server_round:
+                # Identical copies average to themselves up to float rounding; keep them exact.
+                result.update({key: np.array(self._global[1][key]) for key in self.frozen})
         except AdapterMismatchError as err:
             raise AggregationError(f"round {server_round}: {type(self.algorithm).__name__}'s aggregate: {err}") from err
         metrics = MetricRecord(

@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_attacks import row_names as attack_row_names  # noqa: E402
 from bench_attacks import rows_from  # noqa: E402
+from bench_lora_variants import ROW_NAMES as LORA_ROW_NAMES  # noqa: E402
+from bench_lora_variants import rows_from as lora_rows_from  # noqa: E402
 from demo_figures import demo_rows, first_beating_round, union_in  # noqa: E402
 from suite_rows import DEMO_ROW_NAMES, DEPLOY_ROW_NAMES, KEYS, finish_rows  # noqa: E402
 
@@ -31,6 +33,7 @@ SECTIONS = {
     "8 Privacy accounting",
     "9 Deployment",
     "10 Robustness",
+    "11 DP-aware LoRA",
 }
 
 
@@ -59,7 +62,7 @@ def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) ->
             assert ratio is None, row["name"]
     names = {row["name"] for row in rows}
     # Listed, null, though quick mode skips them.
-    assert set(DEMO_ROW_NAMES) | set(DEPLOY_ROW_NAMES) | set(attack_row_names()) <= names
+    assert set(DEMO_ROW_NAMES) | set(DEPLOY_ROW_NAMES) | set(attack_row_names()) | set(LORA_ROW_NAMES) <= names
     assert {
         "dp_step_ms_hooks_b16",
         "agg_ours_vs_copy_gbps",
@@ -213,3 +216,20 @@ def test_attack_rows_compare_each_attacked_cell_with_its_defences_clean_one():
     assert rows["attack_backdoor_phrase_loss_fedmedian"]["ratio"] == pytest.approx(0.25)
     assert rows["attack_worse_candidates_published"]["value"] == 0.0
     assert {row["section"] for row in rows.values()} == {"10 Robustness"}
+
+
+def test_ffa_rows_are_medians_of_the_pairs():
+    # Two pairs from a baseline of 6.8: LoRA reaches 5.4 and 5.6, FFA-LoRA 5.2 and 5.3.
+    runs = [
+        {"variant": "lora", "baseline": 6.8, "candidate": 5.4, "eps": 3.0},
+        {"variant": "ffa", "baseline": 6.8, "candidate": 5.2, "eps": 3.0},
+        {"variant": "ffa", "baseline": 6.8, "candidate": 5.3, "eps": 3.0},
+        {"variant": "lora", "baseline": 6.8, "candidate": 5.6, "eps": 3.0},
+    ]
+    rows = {row["name"]: row for row in finish_rows(lora_rows_from(runs))}
+    assert set(rows) == set(LORA_ROW_NAMES)
+    loss = rows["ffa_lora_candidate_loss_vs_lora"]
+    assert (loss["value"], loss["limit_or_peer"]) == (pytest.approx(5.25), pytest.approx(5.5))
+    assert rows["ffa_lora_improvement_vs_lora"]["ratio"] == pytest.approx(1.55 / 1.3)
+    assert rows["ffa_lora_epsilon_vs_lora"]["ratio"] == 1.0
+    assert {row["section"] for row in rows.values()} == {"11 DP-aware LoRA"}

@@ -358,3 +358,23 @@ class _OracleStub(nn.Module):
 
 def _hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_ffa_lora_trains_lora_b_only_under_dp() -> None:
+    # lora.freeze_a: the embedded model's lora_A stays at its seeded initialisation; lora_B moves.
+    from fedretrain.config import compose_config
+    from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
+
+    cfg = compose_config(["lora.freeze_a=true", "model.max_length=32"])
+    lm = load_lora_model(cfg.model, cfg.lora, seed=0, device="cpu")
+    assert all(not p.requires_grad for n, p in lm.model.named_parameters() if "lora_A" in n)
+    assert any(p.requires_grad for n, p in lm.model.named_parameters() if "lora_B" in n)
+    before = adapter_arrays(lm.model)
+    ids = torch.randint(5, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(ids, torch.ones_like(ids))
+
+    train_lora(lm.model, data, TrainParams(2, 8, 0.05), DPParams(True, 1.0, 1.0), seed=0)
+
+    after = adapter_arrays(lm.model)
+    assert all((after[k] == before[k]).all() for k in before if "lora_A" in k)
+    assert any((after[k] != before[k]).any() for k in before if "lora_B" in k)

@@ -299,3 +299,36 @@ def test_a_reply_that_sends_the_global_adapter_back_is_left_out():
     assert value_of(arrays) == pytest.approx(1.5) and metrics["rejected-replies"] == 1
     (rejected,) = strategy.round_log[1].rejected
     assert rejected.site_id == "site-z" and "the global adapter unchanged" in rejected.reason
+
+
+def test_ffa_lora_replies_must_send_lora_a_back_as_they_got_it():
+    # lora_A frozen (lora.freeze_a): site-c changed it and is left out; the aggregate keeps the
+    # global lora_A exactly and averages lora_B: (1 + 2) / 2.
+    strategy = build_strategy("fedavg", spec=SPEC, max_update_norm_ratio=None, frozen=["lora_A"])
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2, 3]
+    start = {"lora_A": np.full((1, 2), 0.25, np.float32), "lora_B": np.zeros((2, 1), np.float32)}
+    sent_global = to_array_record(start)
+    list(strategy.configure_train(1, sent_global, ConfigRecord(), grid))
+    tag = record_digest(sent_global)
+
+    def ffa_reply(node, site, a, b):
+        content = RecordDict(
+            {
+                "arrays": to_array_record(
+                    {"lora_A": np.full((1, 2), a, np.float32), "lora_B": np.full((2, 1), b, np.float32)}
+                ),
+                "metrics": MetricRecord(train_metrics()),
+                "site": ConfigRecord({"site-id": site, "server-round": 1, "global-hash": tag}),
+            }
+        )
+        return Message(content, reply_to=_instruction(node, MessageType.TRAIN))
+
+    arrays, metrics = strategy.aggregate_train(
+        1, [ffa_reply(1, "site-a", 0.25, 1.0), ffa_reply(2, "site-b", 0.25, 2.0), ffa_reply(3, "site-c", 0.5, 3.0)]
+    )
+    out = from_array_record(arrays)
+    np.testing.assert_array_equal(out["lora_A"], start["lora_A"])
+    np.testing.assert_allclose(out["lora_B"], 1.5)
+    (rejected,) = strategy.round_log[1].rejected
+    assert rejected.site_id == "site-c" and "1 frozen tensor(s) changed" in rejected.reason

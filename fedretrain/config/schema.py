@@ -69,6 +69,10 @@ class LoraSettings:
     # null: chosen from the architecture (peft's defaults for its model_type, else every
     # linear layer of the attention blocks; fedretrain/modeling/targets.py).
     target_modules: tuple[str, ...] | None = None
+    # FFA-LoRA (Sun et al. 2024): lora_A stays at its seeded initialisation at every site and
+    # only lora_B trains, so the average of the sites' products B_k A is the product of their
+    # average, and DP noise goes to half the parameters.
+    freeze_a: bool = False
 
     def __post_init__(self) -> None:
         if self.r < 1:

@@ -65,6 +65,10 @@ def load_lora_model(
     model = attach_lora(
         base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets.modules, seed=seed
     )
+    if lora.freeze_a:  # FFA-LoRA: A keeps the seeded initialisation every site and the coordinator share
+        for param_name, param in model.named_parameters():
+            if "lora_A" in param_name:
+                param.requires_grad_(False)
     spec = AdapterSpec.from_state_dict(adapter_arrays(model))
     return LoraModel(
         tokenizer=tokenizer,

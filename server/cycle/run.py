@@ -231,6 +231,7 @@ def _build_strategy(grid: Grid, cycle: Cycle) -> CheckedStrategy:
         options=dict(cfg.strategy.options),
         # A round aggregates at least a quorum of replies: noise for that many is enough.
         wrap=central_dp_wrapper(cfg.strategy.central_dp, cfg.strategy.quorum),
+        frozen=[key for key in cycle.lm.spec.keys if "lora_A" in key] if cfg.lora.freeze_a else (),
         spec=cycle.lm.spec,
         max_abs_value=cfg.strategy.max_abs_value,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,

@@ -1,0 +1,108 @@
+"""FFA-LoRA against standard LoRA at the same epsilon, on the demo's federation.
+
+Each pair is two ``fedretrain simulate experiment=demo`` runs, one with
+``lora.freeze_a=true`` (FFA-LoRA, Sun et al. 2024: lora_A stays at its seeded
+initialisation, only lora_B trains), taking turns. Both runs target the same epsilon, so
+each site's sigma and spend are the same; the figure is the validation loss the
+candidate reaches (lower is better), FFA-LoRA's against standard LoRA's, and the
+improvement over the base model of each. The sites' DP noise is their own, so a pair is
+one draw: ``--pairs`` repeats it.
+
+Run from the repository root::
+
+    python benchmarks/bench_lora_variants.py [--pairs N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"lora": [], "ffa": ["lora.freeze_a=true"]}
+ROW_NAMES = ("ffa_lora_candidate_loss_vs_lora", "ffa_lora_improvement_vs_lora", "ffa_lora_epsilon_vs_lora")
+
+
+def run(variant: str, out: Path) -> dict:
+    """One demo cycle; its summary."""
+    args = ["experiment=demo", *VARIANTS[variant], f"output_dir={out}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "simulate", *args], cwd=REPO, capture_output=True, text=True, timeout=3600
+    )
+    if proc.returncode not in (0, 4):
+        print((proc.stdout + proc.stderr)[-3000:], file=sys.stderr)
+        raise RuntimeError(f"{variant}: exit status {proc.returncode}")
+    (path,) = out.glob("*/summary.json")
+    summary = json.loads(path.read_text())
+    eps = max(site["epsilon"] for site in summary["sites"].values())
+    print(
+        f"{variant:<5} validation {summary['baseline_loss']:.4f} -> {summary['candidate_loss']:.4f}, "
+        f"max site epsilon {eps:.3f}, gate {summary['gate']['decision']}",
+        flush=True,
+    )
+    return {
+        "variant": variant,
+        "baseline": summary["baseline_loss"],
+        "candidate": summary["candidate_loss"],
+        "eps": eps,
+    }
+
+
+def rows_from(runs: list[dict]) -> list[dict]:
+    """Median candidate loss and improvement of FFA-LoRA against standard LoRA; their epsilons."""
+
+    def median(variant: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs if r["variant"] == variant)
+
+    def gain(variant: str) -> float:
+        return statistics.median(r["baseline"] - r["candidate"] for r in runs if r["variant"] == variant)
+
+    pairs = sum(1 for r in runs if r["variant"] == "ffa")
+    return [
+        {
+            "name": "ffa_lora_candidate_loss_vs_lora",
+            "value": median("ffa", "candidate"),
+            "limit_or_peer": median("lora", "candidate"),
+            "note": f"demo federation, same target epsilon; median of {pairs} pair(s)",
+        },
+        {
+            "name": "ffa_lora_improvement_vs_lora",
+            "value": gain("ffa"),
+            "limit_or_peer": gain("lora"),
+            "note": "validation loss gained over the base model",
+        },
+        {
+            "name": "ffa_lora_epsilon_vs_lora",
+            "value": median("ffa", "eps"),
+            "limit_or_peer": median("lora", "eps"),
+            "note": "largest site epsilon of the cycle: must be the same",
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run the pairs, print, optionally write JSON rows."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="write result rows here")
+    args = parser.parse_args(argv)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+        for pair in range(args.pairs):
+            order = ("lora", "ffa") if pair % 2 == 0 else ("ffa", "lora")
+            for variant in order:
+                runs.append(run(variant, Path(tmp) / f"{pair}-{variant}"))
+    rows = rows_from(runs)
+    for row in rows:
+        print(row)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
