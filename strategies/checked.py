@@ -377,13 +377,12 @@ class CheckedStrategy(Strategy):
                 f"round {server_round}: {type(self.algorithm).__name__} aggregated nothing from "
                 f"{len(accepted)} accepted repl{'y' if len(accepted) == 1 else 'ies'} (too few for its options)"
             )
-        dtypes = {key: dtype for key, _, dtype in self.spec.entries}
+        dtypes = {key: np.dtype(dtype) for key, _, dtype in self.spec.entries}
         try:
+            views = from_array_record(aggregated)  # zero-copy
             # Flower's aggregates may come back in float64; the adapter travels in the spec's dtypes.
-            result = {
-                key: np.asarray(value, dtype=dtypes.get(key, value.dtype))
-                for key, value in from_array_record(aggregated).items()
-            }
+            repack = bool(self.frozen) or any(v.dtype != dtypes.get(k, v.dtype) for k, v in views.items())
+            result = {key: np.asarray(value, dtype=dtypes.get(key, value.dtype)) for key, value in views.items()}
             check_adapter(result, self.spec)
             if self.frozen and self._global is not None and self._global[0] == server_round:
                 # Identical copies average to themselves up to float rounding; keep them exact.
@@ -396,7 +395,7 @@ class CheckedStrategy(Strategy):
                 "rejected-replies": len(entry.rejected),
             }
         )
-        return to_array_record(result), metrics
+        return (to_array_record(result) if repack else aggregated), metrics
 
     def _bounded(self, server_round: int, accepted: list[AcceptedReply]) -> list[Mapping[str, np.ndarray] | None]:
         """Per accepted reply, its update scaled back to the norm bound, or None where it is kept as sent.
