@@ -91,6 +91,7 @@ def test_every_strategy_has_its_config_file_with_its_algorithms_options():
     ("overrides", "message"),
     [
         (["strategy.name=krums"], "strategy.name: unknown strategy 'krums'; valid names (conf/strategy/): bulyan, "),
+        (["strategy=krums"], "strategy: no option 'krums'; choose one of bulyan, fedadagrad, "),
         (["strategy=krum", "+strategy.options.beta=0.1"], "strategy.options.beta: not an option of strategy 'krum'"),
         (
             ["strategy=krum", "strategy.options.num_malicious_nodes=0.5"],

@@ -79,6 +79,12 @@ def _hydra_message(err: Exception) -> str:
     if match:
         first = text.splitlines()[0]
         return f"{match.group(1)}: unknown key or bad override ({first})"
+    choice = re.search(r"Could not find '([\w-]+)/([^']+)'", text)
+    if choice:  # a config group option that does not exist: name the ones that do
+        group, name = choice.groups()
+        folder = conf_dir() / group
+        options = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        return f"{group}: no option {name!r}; choose one of {', '.join(options)} (conf/{group}/)"
     missing = re.search(r"Missing mandatory value: (\S+)", text)
     if missing:
         return f"{missing.group(1)}: missing required value (set it on the command line)"
