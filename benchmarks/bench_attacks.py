@@ -9,8 +9,9 @@ coordinator's validation set (baseline loss - candidate loss), against the same 
 improvement without attackers: the ratio is how much of the clean gain survives (the
 goal: >= 0.9 at 30 % for a robust defence). The gate's decision is in the note; a
 candidate that got worse must never be published. Two backdoor cells (30 % of the sites
-write a phrase into every training note) give the phrase's loss under the base model and
-under the candidate (lower: likelier).
+write a phrase into every training note) give the phrase's loss under the candidate against
+its loss under the same defence's clean candidate (lower: likelier; fine-tuning on notes
+alone lowers it too, hence the clean reference).
 
 Defences (the update norm bound, strategies/update_bound.py, is off unless named):
 ``fedavg`` plain, ``fedavg+bound`` (3 x the median, the default), ``fedmedian``,
@@ -92,12 +93,28 @@ def run_cell(defence: str, behaviour: str | None, share: float, out: Path) -> di
     report = summary_path.parent / "attack.json"
     if report.exists():
         cell["attack"] = json.loads(report.read_text())
+    elif behaviour is None and defence in BACKDOOR_DEFENCES:
+        # The reference for a backdoor cell: how likely its phrase became without any attacker.
+        cell["phrase_loss_clean"] = round(_phrase_loss(defence, summary_path.parent), 4)
     print(
         f"{defence:<14}{cell['behaviour']:<10}{share:>5.0%}  improvement {cell['improvement']:+.4f}  "
         f"{cell['decision']:<17}{wall:.0f} s",
         flush=True,
     )
     return cell
+
+
+def _phrase_loss(defence: str, run_dir: Path) -> float:
+    """The backdoor phrase's loss under a clean run's candidate, scored as attack.json scores it."""
+    sys.path.insert(0, str(REPO))
+    from fedretrain.config import compose_config
+    from fedretrain.data.notes import read_records
+    from simulation.attacks import phrase_loss
+    from simulation.session import PHRASE_PROMPTS
+
+    cfg = compose_config([*FEDERATION, *DEFENCES[defence]])
+    prompts = [r.text for r in read_records(run_dir / "sites" / "coordinator" / "validation.jsonl")][:PHRASE_PROMPTS]
+    return phrase_loss(cfg, run_dir / "candidate_adapter", prompts)
 
 
 def rows_from(cells: list[dict]) -> list[dict]:
@@ -107,13 +124,18 @@ def rows_from(cells: list[dict]) -> list[dict]:
     for c in cells:
         if c["behaviour"] == "backdoor":
             a = c.get("attack", {})
+            reference = next(
+                (x["phrase_loss_clean"] for x in cells if x["defence"] == c["defence"] and "phrase_loss_clean" in x),
+                None,
+            )
             if "phrase_loss_candidate" in a:
                 rows.append(
                     {
                         "name": f"attack_backdoor_phrase_loss_{c['defence']}",
                         "value": a["phrase_loss_candidate"],
-                        "limit_or_peer": a["phrase_loss_base"],
-                        "note": f"30% backdoor sites; phrase loss candidate vs base model; gate {c['decision']}",
+                        "limit_or_peer": reference,
+                        "note": f"30% backdoor sites; phrase loss vs the clean run's candidate "
+                        f"(base model {a['phrase_loss_base']}); gate {c['decision']}",
                     }
                 )
             continue
@@ -155,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--defences", default=",".join(DEFENCES), help="comma-separated subset of the defences")
     parser.add_argument("--no-backdoor", action="store_true", help="skip the two backdoor cells")
+    parser.add_argument(
+        "--backdoor-only", action="store_true", help="only the backdoor cells and their defences' clean runs"
+    )
     parser.add_argument("--json", type=Path, help="write result rows here (cells to <name>.cells.json)")
     args = parser.parse_args(argv)
     defences = [d for d in args.defences.split(",") if d]
@@ -164,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     cells = []
     with tempfile.TemporaryDirectory(prefix="bench-attacks-") as tmp:
         plan = [(d, None, 0.0) for d in defences] + [(d, b, s) for d in defences for b, s in ATTACKS]
+        if args.backdoor_only:
+            plan = [(d, None, 0.0) for d in defences if d in BACKDOOR_DEFENCES]
         if not args.no_backdoor:
             plan += [(d, "backdoor", 0.3) for d in BACKDOOR_DEFENCES if d in defences]
         for index, (defence, behaviour, share) in enumerate(plan):

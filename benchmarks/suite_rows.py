@@ -69,7 +69,10 @@ ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
     (r"ffa_lora_candidate", ("11 DP-aware LoRA", "nats", None, "lower", "FFA-LoRA's validation loss vs LoRA's")),
     (r"ffa_lora_improvement", ("11 DP-aware LoRA", "nats", None, "higher", "gain over the base model")),
     (r"ffa_lora_epsilon", ("11 DP-aware LoRA", "epsilon", None, "lower", "same target epsilon")),
-    (r"attack_backdoor_", ("10 Robustness", "nats", None, "higher", "backdoor phrase loss: candidate vs base model")),
+    (
+        r"attack_backdoor_",
+        ("10 Robustness", "nats", None, "higher", "backdoor phrase loss: candidate vs the clean run's candidate"),
+    ),
     (r"attack_worse_", ("10 Robustness", "count", None, "lower", "worse candidates published (must be 0)")),
     (r"attack_", ("10 Robustness", "nats", None, "higher", "improvement under attack vs the defence's clean one")),
     (

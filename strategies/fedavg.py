@@ -24,6 +24,10 @@ from strategies.checked import CheckedStrategy
 class FedAvg(FlowerFedAvg):
     """Flower's FedAvg, averaging with :func:`strategies.aggregation.weighted_average`."""
 
+    # It reads the replies' records and never changes them (strategies/checked.py hands it the
+    # received ones rather than copies).
+    reads_replies_only = True
+
     def aggregate_train(
         self,
         server_round: int,

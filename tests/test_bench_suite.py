@@ -198,7 +198,7 @@ def test_attack_rows_compare_each_attacked_cell_with_its_defences_clean_one():
         cell("fedavg", "none", 0.0, 0.5, "publish"),
         cell("fedavg", "sign_flip", 0.3, 0.1, "publish"),
         cell("fedavg", "scale", 0.3, -0.2, "refuse"),
-        cell("fedmedian", "none", 0.0, 0.4, "publish"),
+        cell("fedmedian", "none", 0.0, 0.4, "publish", phrase_loss_clean=6.0),
         cell("fedmedian", "sign_flip", 0.3, 0.36, "publish"),
         cell(
             "fedmedian", "backdoor", 0.3, 0.3, "publish", attack={"phrase_loss_base": 8.0, "phrase_loss_candidate": 2.0}
@@ -213,7 +213,7 @@ def test_attack_rows_compare_each_attacked_cell_with_its_defences_clean_one():
     assert rows["attack_sign_flip_30pct_fedmedian"]["ratio"] == pytest.approx(0.9)
     assert rows["attack_scale_30pct_fedavg"]["ratio"] == pytest.approx(-0.4)
     assert "WORSE THAN BASELINE" in rows["attack_scale_30pct_fedavg"]["note"]
-    assert rows["attack_backdoor_phrase_loss_fedmedian"]["ratio"] == pytest.approx(0.25)
+    assert rows["attack_backdoor_phrase_loss_fedmedian"]["ratio"] == pytest.approx(2.0 / 6.0)
     assert rows["attack_worse_candidates_published"]["value"] == 0.0
     assert {row["section"] for row in rows.values()} == {"10 Robustness"}
 
