@@ -11,6 +11,7 @@ run directory's ``attack.json`` says so afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -62,7 +63,10 @@ def attack_mod(attackers: Sequence[str], cfg: AttackersConfig, seed: int) -> Mod
         from fedretrain.arrays import from_array_record, to_array_record
 
         server_round = int(msg.content["config"].get("server-round", 0))
-        rng = np.random.default_rng([seed, server_round, sorted(chosen).index(site)])
+        # The global adapter's digest tells one cycle's round from another's (rounds restart at 1).
+        digest = hashlib.sha256(str(msg.content["config"].get("global-hash", "")).encode()).digest()
+        cycle = int.from_bytes(digest[:8], "big")
+        rng = np.random.default_rng([seed, cycle, server_round, sorted(chosen).index(site)])
         sent = attacked(
             cfg.behaviour,
             from_array_record(msg.content["arrays"]),

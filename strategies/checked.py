@@ -35,7 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvgM, Strategy
 
 from fedretrain.arrays import AdapterSpec, check_adapter, from_array_record, record_digest, to_array_record
 from fedretrain.errors import AdapterMismatchError, QuorumLost, ReplyRejected
@@ -270,6 +270,10 @@ class CheckedStrategy(Strategy):
         """The wrapped strategy's train messages; records how many were sent and their bytes."""
         config = self._tag("train", server_round, arrays, config)
         self._global = (server_round, from_array_record(arrays))
+        if isinstance(self.algorithm, FedAvgM):
+            # FedAvgM keeps its own last output as the next start (it sets it once, then after
+            # each round); the adapter actually sent is the one a resumed cycle starts from too.
+            self.algorithm.current_arrays = arrays
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         entry = self._round(server_round)
         entry.sampled = len(messages)

@@ -80,7 +80,7 @@ def update_norm(update: Mapping[str, np.ndarray], global_arrays: Mapping[str, np
         if update[key].shape != base.shape:
             raise ValueError(f"'{key}': update shape {update[key].shape}, global shape {base.shape}")
         diff = scratch[: base.size].reshape(base.shape)
-        np.subtract(update[key], base, out=diff)
+        np.subtract(update[key], base, out=diff, dtype=np.float64)
         total += float(np.vdot(diff, diff))
     return math.sqrt(total)
 

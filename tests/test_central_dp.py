@@ -33,6 +33,7 @@ def test_a_cycle_with_central_dp_records_the_coordinators_epsilon(tmp_path):
             *SHRINK,
             "strategy.quorum=2",
             "strategy.central_dp.clipping=fixed",
+            "strategy.max_update_norm_ratio=null",
             "strategy.central_dp.noise_multiplier=0.0001",
             "strategy.central_dp.clipping_norm=1",
             "gate.require_federated_confidence=false",
@@ -56,7 +57,7 @@ def test_a_cycle_with_central_dp_records_the_coordinators_epsilon(tmp_path):
     accountant.history = [(0.0001, 1.0, 1)]
     expected = accountant.get_epsilon(delta=1e-5)
     central = summary["central_dp"]
-    assert central["epsilon"] == pytest.approx(expected) and central["sampled_sites"] == 2
+    assert central["epsilon"] == pytest.approx(expected) and central["quorum"] == 2
     assert "coordinator (central DP)" in format_summary(summary)
     assert summary["published_version"] == 1, summary["gate"]
     manifest = json.loads((fed.registry_root / "versions" / "000001" / "manifest.json").read_text())

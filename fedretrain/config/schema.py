@@ -163,9 +163,9 @@ class CentralDPConfig:
     """Client-level DP at the coordinator: Flower's server-side DP wrapper around the strategy.
 
     Each accepted update is clipped to ``clipping_norm`` around the global adapter (fixed, or
-    adapted towards the ``target_clipped_quantile`` of the updates' norms), and the aggregate
-    gets Gaussian noise of ``noise_multiplier * clipping_norm / quorum``: a site's whole
-    update is what is protected, against whoever sees the published versions.
+    adapted towards the ``target_clipped_quantile`` of the updates' norms), and the mean gets
+    Gaussian noise of ``noise_multiplier * clipping_norm / (quorum / 2)`` (strategies/central_dp.py):
+    a site's whole update is what is protected, against whoever sees the published versions.
     """
 
     clipping: str = "off"
@@ -223,6 +223,18 @@ class StrategyConfig:
         _positive("round_timeout_s", self.round_timeout_s)
         if self.quorum < 1:
             raise ConfigError(f"quorum: must be >= 1, got {self.quorum}")
+        _check_strategy_ranges(self.name, {**strategy_declarations()[self.name], **self.options}, self.quorum)
+        if self.central_dp.clipping != "off":
+            if self.name not in CENTRAL_DP_STRATEGIES:
+                raise ConfigError(
+                    f"central_dp.clipping: the coordinator's epsilon holds for a plain mean of clipped updates "
+                    f"({', '.join(CENTRAL_DP_STRATEGIES)}), not for {self.name!r}"
+                )
+            if self.max_update_norm_ratio is not None:
+                raise ConfigError(
+                    "max_update_norm_ratio: must be null with central_dp (the DP clip bounds each update; a bound "
+                    "set by the round's median couples the sites, and one site could move another's clip)"
+                )
         if self.max_abs_value is not None:
             _positive("max_abs_value", self.max_abs_value)
         ratio = self.max_update_norm_ratio
@@ -237,6 +249,30 @@ class StrategyConfig:
         _fraction("fraction_evaluate", self.fraction_evaluate)
         if self.min_sites < 1:
             raise ConfigError(f"min_sites: must be >= 1, got {self.min_sites}")
+
+
+# Central DP's noise and epsilon assume a plain mean of clipped updates (strategies/central_dp.py).
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _check_strategy_ranges(name: str, options: Mapping[str, Any], quorum: int) -> None:
+    """Option values an algorithm cannot run with, refused before any site trains."""
+    f = options.get("num_malicious_nodes", 0)
+    if f < 0:
+        raise ConfigError(f"options.num_malicious_nodes: must be >= 0, got {f}")
+    if name == "bulyan" and quorum < 4 * f + 3:
+        raise ConfigError(
+            f"quorum: bulyan with num_malicious_nodes={f} aggregates only 4f + 3 = {4 * f + 3} replies or more; "
+            f"the quorum is {quorum}"
+        )
+    if name == "multikrum" and options["num_nodes_to_select"] < 1:
+        raise ConfigError(f"options.num_nodes_to_select: must be >= 1, got {options['num_nodes_to_select']}")
+    if name == "fedtrimmedavg" and not 0 <= options["beta"] < 0.5:
+        raise ConfigError(f"options.beta: must be in [0, 0.5), got {options['beta']}")
+    if name == "fedprox" and not 0 <= options["proximal_mu"] <= 1000:
+        raise ConfigError(
+            f"options.proximal_mu: must be in [0, 1000] (what a site accepts), got {options['proximal_mu']}"
+        )
 
 
 def _check_strategy_options(name: str, options: Mapping[str, Any]) -> None:
@@ -390,8 +426,12 @@ class AttackersConfig:
         if not (math.isfinite(self.share) and 0 <= self.share < 1):
             raise ConfigError(f"share: must be in [0, 1), got {self.share!r}")
         _one_of("behaviour", self.behaviour, ATTACKS)
-        if self.strength is not None and not math.isfinite(self.strength):
-            raise ConfigError(f"strength: must be a finite number or null, got {self.strength!r}")
+        if self.strength is not None and not (math.isfinite(self.strength) and self.strength >= 0):
+            raise ConfigError(f"strength: must be a finite number >= 0 or null, got {self.strength!r}")
+        if self.behaviour == "backdoor" and self.strength is not None and self.strength > 1:
+            raise ConfigError(
+                f"strength: a backdoor's is the share of notes it poisons, in [0, 1]; got {self.strength}"
+            )
         if not self.phrase.strip():
             raise ConfigError("phrase: must not be empty")
 

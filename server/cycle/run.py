@@ -49,7 +49,7 @@ from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.summary import SiteOutcome, build_summary, round_entry, site_outcomes
 from server.sites.grid import SiteSubset, bound_site
 from strategies import CheckedStrategy, build_strategy
-from strategies.central_dp import central_dp_wrapper, central_epsilon
+from strategies.central_dp import central_dp_wrapper, central_epsilon, effective_noise_multiplier
 
 log = logging.getLogger("fedretrain.server")
 
@@ -365,17 +365,18 @@ def _summary(
 
 def _central_dp(cfg: Config) -> dict[str, Any] | None:
     """The coordinator's own DP for this cycle (strategies/central_dp.py), None when off."""
-    dp = cfg.strategy.central_dp
-    epsilon = central_epsilon(dp, cfg.rounds)
+    dp, quorum = cfg.strategy.central_dp, cfg.strategy.quorum
+    epsilon = central_epsilon(dp, cfg.rounds, quorum)
     if epsilon is None:
         return None
     return {
-        "epsilon": epsilon,
+        "epsilon": epsilon,  # this cycle's; across cycles the releases compose further
         "delta": dp.delta,
         "clipping": dp.clipping,
         "noise_multiplier": dp.noise_multiplier,
+        "noise_multiplier_effective": effective_noise_multiplier(dp, quorum),
         "clipping_norm": dp.clipping_norm,
-        "sampled_sites": cfg.strategy.quorum,
+        "quorum": quorum,
         "rounds": cfg.rounds,
     }
 
