@@ -22,6 +22,7 @@ from fedretrain import errors
 from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.config import Job, MonitorConfig, SiteConfig, build
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
+from fedretrain.training.params import MAX_PROXIMAL_MU
 
 log = logging.getLogger("fedretrain.client")
 
@@ -48,8 +49,6 @@ _ECHOED = ("server-round", "global-hash")
 # Keys an algorithm adds to the train config for the site's local objective, not part of
 # the job either: Flower's FedProx sends its "proximal-mu" (fedretrain/training/dp.py).
 LOCAL_OBJECTIVE = ("proximal-mu",)
-# A larger mu pins the update to the global adapter anyway; beyond it is a typo.
-MAX_PROXIMAL_MU = 1000.0
 
 
 def answer(site: SiteConfig, message_type: str, content: RecordDict) -> RecordDict:

@@ -15,7 +15,7 @@ from fedretrain.attacks import ATTACKS
 from fedretrain.config.declared import strategy_declarations
 from fedretrain.errors import ConfigError
 from fedretrain.privacy.accountants import ACCOUNTANTS
-from fedretrain.training.params import GRAD_SAMPLE_MODES, OPTIMIZERS
+from fedretrain.training.params import GRAD_SAMPLE_MODES, MAX_PROXIMAL_MU, OPTIMIZERS
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -269,9 +269,10 @@ def _check_strategy_ranges(name: str, options: Mapping[str, Any], quorum: int) -
         raise ConfigError(f"options.num_nodes_to_select: must be >= 1, got {options['num_nodes_to_select']}")
     if name == "fedtrimmedavg" and not 0 <= options["beta"] < 0.5:
         raise ConfigError(f"options.beta: must be in [0, 0.5), got {options['beta']}")
-    if name == "fedprox" and not 0 <= options["proximal_mu"] <= 1000:
+    if name == "fedprox" and not 0 <= options["proximal_mu"] <= MAX_PROXIMAL_MU:
         raise ConfigError(
-            f"options.proximal_mu: must be in [0, 1000] (what a site accepts), got {options['proximal_mu']}"
+            f"options.proximal_mu: must be in [0, {MAX_PROXIMAL_MU:g}] (what a site accepts), "
+            f"got {options['proximal_mu']}"
         )
 
 

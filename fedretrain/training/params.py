@@ -36,6 +36,11 @@ OPTIMIZERS: Mapping[str, Callable[[list[nn.Parameter], float], torch.optim.Optim
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
+# FedProx's mu a site accepts: a larger one pins the update to the global adapter anyway;
+# beyond it is a typo (the config refuses it, and so does a site sent one).
+MAX_PROXIMAL_MU = 1000.0
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """How a site trains in one round.
@@ -60,8 +65,8 @@ class TrainParams:
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be finite and >= 0, got {self.lr}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
-            raise ValueError(f"proximal_mu must be finite and >= 0, got {self.proximal_mu}")
+        if not 0 <= self.proximal_mu <= MAX_PROXIMAL_MU:
+            raise ValueError(f"proximal_mu must be in [0, {MAX_PROXIMAL_MU:g}], got {self.proximal_mu}")
 
 
 @dataclass(frozen=True)
