@@ -1,25 +1,18 @@
 """A cycle with client-level DP at the coordinator: its epsilon in the summary and in the signed manifest.
 
 A real cycle (server/cycle/run.py) of two virtual sites on the embedded model, answered in
-this process by the sites' real ClientApp (tests/test_model_families.py's InlineGrid).
+this process by the sites' real ClientApp (tests/test_ready.py's ``cycle``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 from opacus.accountants import RDPAccountant
-from test_model_families import SHRINK, InlineGrid
+from test_ready import cycle
 
-from client.app import make_client_app
-from fedretrain.config import compose_config, flatten, to_yaml, unflatten
-from server.app import bind_sites
 from server.cycle.report import format_summary
-from server.cycle.run import run_retraining
-from server.sites.roster import Roster
-from simulation.federation import FederationSites, build_federation
 
 
 @pytest.mark.usefixtures("instruction_identity", "keep_global_random_state")
@@ -27,29 +20,16 @@ def test_a_cycle_with_central_dp_records_the_coordinators_epsilon(tmp_path):
     # Prepare: fixed clipping at a norm of 1 with sigma 1e-4 (noise of 5e-5 on the mean: next to
     # nothing), a quorum of 2, one round: the cycle publishes as it would without, and the
     # point is the accounting. The gate rests on the validation set.
-    cfg = compose_config(
-        [
-            f"output_dir={tmp_path}",
-            *SHRINK,
-            "strategy.quorum=2",
+    summary, federation = cycle(
+        tmp_path,
+        lambda root: None,
+        (
             "strategy.central_dp.clipping=fixed",
             "strategy.max_update_norm_ratio=null",
             "strategy.central_dp.noise_multiplier=0.0001",
             "strategy.central_dp.clipping_norm=1",
             "gate.require_federated_confidence=false",
-        ]
-    )
-    fed = build_federation(cfg, tmp_path / "sites")
-    registry = dataclasses.replace(cfg.registry, root=str(fed.registry_root), signing_key=str(fed.signing_key))
-    cfg = dataclasses.replace(cfg, registry=registry)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    app = make_client_app(FederationSites(fed.root, run_dir / "roster"))
-    grid = bind_sites(InlineGrid(app, 2), Roster.from_directory(run_dir / "roster"))
-
-    # Execute
-    summary = run_retraining(
-        grid, cfg, run_dir, config_yaml=to_yaml(unflatten(flatten(cfg))), validation_path=str(fed.validation_path)
+        ),
     )
 
     # Assert: one Gaussian release a round, no amplification: opacus' RDP at delta 1e-5.
@@ -60,6 +40,8 @@ def test_a_cycle_with_central_dp_records_the_coordinators_epsilon(tmp_path):
     assert central["epsilon"] == pytest.approx(expected) and central["quorum"] == 2
     assert "coordinator (central DP)" in format_summary(summary)
     assert summary["published_version"] == 1, summary["gate"]
-    manifest = json.loads((fed.registry_root / "versions" / "000001" / "manifest.json").read_text())
+    manifest = json.loads(
+        (federation / "coordinator" / "registry" / "versions" / "000001" / "manifest.json").read_text()
+    )
     assert manifest["run"]["central_dp"]["epsilon"] == pytest.approx(expected)
     assert all(site["epsilon"] > 0 for site in manifest["sites"].values())  # the sites' own, beside it

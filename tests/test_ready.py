@@ -23,9 +23,10 @@ from server.sites.roster import Roster
 from simulation.federation import FederationSites, build_federation
 
 
-def cycle(root: Path, spoil) -> tuple[dict, Path]:
-    """One cycle of two sites with a quorum of 2, after ``spoil(federation root)``; (summary, federation root)."""
-    cfg = compose_config([f"output_dir={root}", *SHRINK, "strategy.quorum=2"])
+def cycle(root: Path, spoil, overrides: tuple[str, ...] = ()) -> tuple[dict, Path]:
+    """One cycle of two sites with a quorum of 2 (and ``overrides``), after ``spoil(federation root)``;
+    (summary, federation root)."""
+    cfg = compose_config([f"output_dir={root}", *SHRINK, "strategy.quorum=2", *overrides])
     fed = build_federation(cfg, root / "sites")
     spoil(fed.root)
     registry = dataclasses.replace(cfg.registry, root=str(fed.registry_root), signing_key=str(fed.signing_key))
