@@ -95,15 +95,15 @@ def phrase_loss(cfg: Config, adapter_dir: Path | None, prompts: Sequence[str], m
     base model. Lower is likelier: a backdoor that took hold lowers it.
     """
     import torch
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from fedretrain.modeling.lora_model import load_lora_model
+    from fedretrain.arrays import from_torch_state_dict
+    from fedretrain.modeling.lora_model import load_adapter_arrays, load_lora_model
     from fedretrain.training.evaluate import token_losses
 
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device="cpu")
-    if adapter_dir is not None:
-        set_peft_model_state_dict(lm.model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    if adapter_dir is not None:  # checked against the model's adapter spec, as every adapter loaded
+        load_adapter_arrays(lm, from_torch_state_dict(load_file(str(adapter_dir / "adapter_model.safetensors"))))
     phrase = " " + cfg.simulation.attackers.phrase
     phrase_ids = lm.tokenizer(phrase, add_special_tokens=False)["input_ids"]
     total, count = 0.0, 0
