@@ -139,7 +139,7 @@ def _run_cycle(grid: Grid, cycle: Cycle, train_nodes: Collection[int] | None) ->
     summary = _summary(cycle, strategy, baseline, candidate, sites, sync)
     summary["resumed_after_round"] = cycle.checkpoint.server_round if cycle.checkpoint is not None else None
     result = _gate(cycle, strategy, baseline, candidate)
-    summary.update(_publish(grid, cycle, result, adapter_dir, sites))
+    summary.update(_publish(grid, cycle, result, adapter_dir, sites, summary["central_dp"]))
     summary["wall_time_s"] = round(time.perf_counter() - cycle.started, 3)
     cycle.recorder.write_summary(summary)
     cycle.recorder.plot()
@@ -390,9 +390,15 @@ def _gate(cycle: Cycle, strategy: CheckedStrategy, baseline: LossStats, candidat
 
 
 def _publish(
-    grid: Grid, cycle: Cycle, result: GateResult, adapter_dir: Path, sites: dict[str, SiteOutcome]
+    grid: Grid,
+    cycle: Cycle,
+    result: GateResult,
+    adapter_dir: Path,
+    sites: dict[str, SiteOutcome],
+    central_dp: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Record the decision; when it passed, publish the candidate and deliver it to every site."""
+    """Record the decision; when it passed, publish the candidate (with the cycle's ``central_dp``
+    figures, as the summary has them) and deliver it to every site."""
     cfg, registry = cycle.cfg, cycle.registry.registry
     version = None
     if result.passed:
@@ -402,7 +408,7 @@ def _publish(
             rounds=cfg.rounds,
             seed=cfg.seed,
             baseline_version=cycle.champion_version,
-            central_dp=_central_dp(cfg),
+            central_dp=central_dp,
         )
         version = publish_candidate(cycle.registry, cfg, adapter_dir, result, run, sites, cycle.lm.target_modules)
     registry.record_decision(
