@@ -31,11 +31,14 @@ def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
     )
     summary = json.loads((run_dir / "summary.json").read_text())
 
-    # The sites' DP noise is their own (no run is replayable): garbled training may leave the
-    # model about where it was or make it worse, never better by the margin.
-    assert summary["gate"]["decision"] == "refuse" and summary["published_version"] is None
-    assert summary["gate"]["improvement"] < summary["gate"]["margin"]
-    assert not summary["gate"]["checks"]["margin"]
+    # The sites' DP noise is their own (no run is replayable). Garbled training usually makes the
+    # validation loss worse (-0.085 to -0.106 in three runs), but once in CI the noise gave it
+    # +0.012, past the margin: the sites' held-out data still showed it worse, and the gate refused.
+    # So the gate must refuse on a "not better" check, whichever one it is.
+    gate = summary["gate"]
+    assert gate["decision"] == "refuse" and summary["published_version"] is None
+    assert gate["checks"]["coverage"]
+    assert not all(gate["checks"][name] for name in ("margin", "confidence", "federated", "sites"))
     assert not (Path(summary["registry"]) / "versions").exists() or not any(
         (Path(summary["registry"]) / "versions").iterdir()
     )

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.exits import GATE_REFUSED
+
 REPO = Path(__file__).resolve().parents[1]
 FEDRETRAIN = [sys.executable, "-m", "cli.main"]
 # A README simulation, shrunk to seconds. Its gate rests on the validation set: about 26
@@ -143,10 +145,15 @@ def test_readme_simulation_command(command, tmp_path):
     assert command in SIMULATE_COMMANDS
     examples = _digests(REPO / "examples")
     proc = _run(FEDRETRAIN + command.split()[1:] + SHRINK + [f"output_dir={tmp_path}"])
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # One shrunk round on the example sites' ~28 records each: under DP-SGD the candidate's gain
+    # lies about on the gate's margin (0.0078 against 0.0100 in one CI run), so the gate may
+    # refuse it; the run must still end cleanly with its summary. Without DP it must publish.
+    allowed = {0} if "nonprivate" in command else {0, GATE_REFUSED}
+    assert proc.returncode in allowed, (proc.stdout + proc.stderr)[-4000:]
     (summary_path,) = tmp_path.glob("*/summary.json")
     summary = json.loads(summary_path.read_text())
     assert summary["rounds"] == 1 and summary["sites"]
+    assert (summary["published_version"] is not None) == (proc.returncode == 0)
     if "sites_dir=" in command:  # the folders are the sites, and not a byte of them changed
         assert sorted(summary["sites"]) == ["hospital-a", "hospital-b"]
         assert _digests(REPO / "examples") == examples
