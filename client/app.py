@@ -55,9 +55,12 @@ def make_client_app(
     (client/join.py ``mark_clientapp``), so the site's watchdog leaves it alone.
     ``use_worker``: forward each message to the site's worker when one runs. The deployed
     app does both; a simulation's virtual sites do neither. ``mods``: Flower client mods
-    around every message (a simulation's attackers, simulation/attacks.py).
+    around every message (a simulation's attackers, simulation/attacks.py), inside the
+    secure-aggregation mod (client/secagg.py), which masks what they return.
     """
-    app = ClientApp(mods=mods)
+    from client.secagg import secure_aggregation_mod
+
+    app = ClientApp(mods=[secure_aggregation_mod, *(mods or [])])
 
     def handle(msg: Message, context: Context) -> Message:
         return _handle(msg, context, resolve_site, mark_process=mark_process, use_worker=use_worker)

@@ -47,6 +47,7 @@ from strategies.validation import (
     SiteEvaluation,
     site_id_of,
     validate_evaluate_reply,
+    validate_masked_reply,
     validate_train_reply,
 )
 
@@ -83,6 +84,9 @@ class RoundLog:
     bounded : dict[str, dict]
         site-id -> ``node-id``, ``norm`` (its distance from the global adapter),
         ``limit`` and ``factor`` for each update scaled back to the norm bound.
+    secure : dict
+        A secure-aggregation round's figures (server/cycle/secagg.py): seconds and bytes
+        per stage, sites sampled, dropped and summed.
     """
 
     sampled: int = 0
@@ -93,6 +97,7 @@ class RoundLog:
     evaluation: dict[str, SiteEvaluation] = field(default_factory=dict)
     evaluation_rejected: list[RejectedReply] = field(default_factory=list)
     bounded: dict[str, Metrics] = field(default_factory=dict)
+    secure: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy; an evaluation as its reply's metrics plus ``"node-id"``."""
@@ -403,6 +408,69 @@ class CheckedStrategy(Strategy):
             }
         )
         return (to_array_record(result) if repack else aggregated), metrics
+
+    def accept_masked(self, server_round: int, replies: Iterable[Message], *, modulus: int) -> list[AcceptedReply]:
+        """Secure aggregation: validate each masked train reply (``validate_masked_reply``); log and record the rest.
+
+        What a masked reply hides cannot be checked here (finite values, magnitude,
+        distance, a free-rider's unchanged adapter, frozen tensors): the sum is checked
+        instead, by :meth:`aggregate_masked`.
+        """
+        replies = list(replies)
+        entry = self._round(server_round)
+        entry.bytes_up += sum(_array_bytes(msg) for msg in replies)
+        accepted: list[AcceptedReply] = []
+        nodes: set[int] = set()
+        for msg in replies:
+            try:
+                if msg.metadata.src_node_id in nodes:
+                    raise ReplyRejected(f"node {msg.metadata.src_node_id} already replied this round")
+                nodes.add(msg.metadata.src_node_id)
+                reply = validate_masked_reply(
+                    msg, self.spec, modulus=modulus, expected=self._tags.get(("train", server_round))
+                )
+                if reply.site_id in entry.accepted:
+                    raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
+            except ReplyRejected as err:
+                self._reject(server_round, msg, str(err), entry.rejected, "reply")
+                continue
+            accepted.append(reply)
+            entry.accepted[reply.site_id] = {"node-id": reply.node_id, **reply.metrics}
+        return sorted(accepted, key=lambda reply: reply.site_id)
+
+    def aggregate_masked(
+        self, server_round: int, mean_update: Mapping[str, np.ndarray], contributors: Collection[int]
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Secure aggregation: the global adapter plus the unmasked mean update of ``contributors`` (node ids).
+
+        The result is checked like any aggregate (the spec, finite values,
+        ``max_abs_value``); frozen tensors keep the global adapter's values.
+
+        Raises
+        ------
+        AggregationError
+            The sum, once unmasked, is not a valid adapter: one or more sites sent a
+            broken or hostile update that no per-site check could see.
+        """
+        if self._global is None or self._global[0] != server_round:
+            raise AggregationError(f"round {server_round}: secure aggregation needs the global adapter it sent")
+        centre = self._global[1]
+        dtypes = {key: np.dtype(dtype) for key, _, dtype in self.spec.entries}
+        result = {
+            key: (np.asarray(centre[key], dtype=np.float64) + mean_update[key]).astype(dtypes[key])
+            for key in self.spec.keys
+        }
+        result.update({key: np.array(centre[key]) for key in self.frozen})
+        try:
+            check_adapter(result, self.spec, max_abs=self.max_abs_value)
+        except AdapterMismatchError as err:
+            raise AggregationError(
+                f"round {server_round}: the securely aggregated adapter of {len(contributors)} sites: {err} "
+                "(no single site's update can be checked under secure aggregation)"
+            ) from err
+        entry = self._round(server_round)
+        metrics = MetricRecord({"accepted-replies": len(contributors), "rejected-replies": len(entry.rejected)})
+        return to_array_record(result), metrics
 
     def _bounded(self, server_round: int, accepted: list[AcceptedReply]) -> list[Mapping[str, np.ndarray] | None]:
         """Per accepted reply, its update scaled back to the norm bound, or None where it is kept as sent.

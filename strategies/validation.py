@@ -314,3 +314,42 @@ def validate_evaluate_reply(msg: Message, expected: RoundTag | None = None) -> S
         if not metrics[key] > 0:
             raise ReplyRejected(f"{key} must be > 0, got {metrics[key]!r}")
     return SiteEvaluation.from_metrics(site_id, msg.metadata.src_node_id, metrics)
+
+
+def masked_spec(spec: AdapterSpec) -> AdapterSpec:
+    """The shape of a masked update under secure aggregation: the adapter's keys and shapes, in uint32."""
+    return AdapterSpec(entries=tuple((key, shape, "uint32") for key, shape, _ in spec.entries))
+
+
+def validate_masked_reply(
+    msg: Message, spec: AdapterSpec, *, modulus: int, expected: RoundTag | None = None
+) -> AcceptedReply:
+    """Check one train reply of a secure-aggregation round: all of :func:`validate_train_reply` that
+    a masked vector leaves to check.
+
+    The reply carries ``"masked"`` (client/secagg.py) instead of ``"arrays"``: the site's
+    update, quantised and masked, one uint32 tensor per adapter tensor, each value below
+    ``modulus``. Its values say nothing until the masks are removed from the sum, so
+    neither finiteness nor magnitude nor distance can be checked per site; identity,
+    round, metrics, size, keys, shapes and dtype can.
+
+    Raises
+    ------
+    ReplyRejected
+        With the reason.
+    """
+    record = record_of(msg, "masked", ArrayRecord)
+    wire = masked_spec(spec)
+    check_reply_size(record, wire)
+    check_round_tag(msg, expected)
+    metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), TRAIN_METRICS)
+    site_id = _checked_site_id(msg)
+    try:
+        arrays = from_array_record(record)
+        check_adapter(arrays, wire)
+    except AdapterMismatchError as err:
+        raise ReplyRejected(f"masked update: {err}") from err
+    beyond = [key for key, array in arrays.items() if array.size and int(array.max()) >= modulus]
+    if beyond:
+        raise ReplyRejected(f"masked update: tensor '{beyond[0]}' holds values at or above the modulus {modulus}")
+    return AcceptedReply(node_id=msg.metadata.src_node_id, site_id=site_id, arrays=arrays, metrics=metrics, message=msg)

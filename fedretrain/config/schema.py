@@ -196,6 +196,48 @@ class CentralDPConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+ protocol on the Message API (server/cycle/secagg.py): the coordinator sees only the sum.
+
+    Each site masks its update (adapter minus the global adapter), quantised into
+    ``quantization_range`` levels over ``±clipping_range``, with a private mask and one
+    pairwise mask per neighbour; the masks cancel or are removed in the sum. A site's
+    secrets are split into Shamir shares among ``num_shares`` (a share of the sampled
+    sites) neighbours, ``reconstruction_threshold`` (a share of those) of which are needed
+    to remove the masks of a site that dropped out.
+    """
+
+    enabled: bool = False
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.5
+    clipping_range: float = 1.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+
+    def __post_init__(self) -> None:
+        _fraction("num_shares", self.num_shares, open_low=True)
+        _fraction("reconstruction_threshold", self.reconstruction_threshold, open_low=True)
+        _positive("clipping_range", self.clipping_range)
+        modulus, levels = self.modulus_range, self.quantization_range
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise ConfigError(f"quantization_range: an integer >= 2, got {levels!r}")
+        if isinstance(modulus, bool) or not isinstance(modulus, int) or modulus & (modulus - 1) or modulus > 2**32:
+            raise ConfigError(
+                f"modulus_range: a power of two up to 2**32 (masked values travel as uint32), got {modulus!r}"
+            )
+        if modulus <= levels:
+            raise ConfigError(f"modulus_range: must exceed quantization_range ({levels}), got {modulus}")
+
+    def max_sites(self) -> int:
+        """How many sites' quantised values the modulus can sum without wrapping."""
+        return (self.modulus_range - 1) // self.quantization_range
+
+
+# Secure aggregation hides every reply: only a plain mean of them can be computed.
+SECURE_AGGREGATION_STRATEGIES = ("fedavg", "fedprox")
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """Which aggregation algorithm, its own options, and the reply checks and deadlines every one runs with.
 
@@ -217,9 +259,12 @@ class StrategyConfig:
     # Accepted train replies a round needs; fewer by the deadline aborts the cycle unpublished.
     quorum: int = 2
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     def __post_init__(self) -> None:
         _check_strategy_options(self.name, self.options)
+        if self.secure_aggregation.enabled:
+            self._check_secure_aggregation()
         _positive("round_timeout_s", self.round_timeout_s)
         if self.quorum < 1:
             raise ConfigError(f"quorum: must be >= 1, got {self.quorum}")
@@ -249,6 +294,23 @@ class StrategyConfig:
         _fraction("fraction_evaluate", self.fraction_evaluate)
         if self.min_sites < 1:
             raise ConfigError(f"min_sites: must be >= 1, got {self.min_sites}")
+
+    def _check_secure_aggregation(self) -> None:
+        """What cannot run when the coordinator sees only the sum of the updates."""
+        if self.name not in SECURE_AGGREGATION_STRATEGIES:
+            raise ConfigError(
+                f"secure_aggregation.enabled: the coordinator sees only the sum of the updates, so only a plain "
+                f"mean ({', '.join(SECURE_AGGREGATION_STRATEGIES)}) can be computed, not {self.name!r}"
+            )
+        if self.max_update_norm_ratio is not None:
+            raise ConfigError(
+                "max_update_norm_ratio: must be null with secure_aggregation (no single update is visible to bound)"
+            )
+        if self.central_dp.clipping != "off":
+            raise ConfigError(
+                "central_dp.clipping: must be off with secure_aggregation "
+                "(the coordinator cannot clip updates it cannot see)"
+            )
 
 
 # Central DP's noise and epsilon assume a plain mean of clipped updates (strategies/central_dp.py).

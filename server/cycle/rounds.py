@@ -29,6 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedretrain.config.schema import SecureAggregationConfig
 from fedretrain.errors import QuorumLost
 from server.sites.grid import NO_REPLY, SiteSubset, bound_site, node_name, wait_for_nodes
 from strategies.checked import RejectedReply, RoundLog
@@ -77,6 +78,7 @@ def run_rounds(
     on_round_end: RoundEnd,
     ready_config: ConfigRecord | None = None,
     base_sha256: str | None = None,
+    secure: SecureAggregationConfig | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds`` from ``arrays``; return the final global adapter.
 
@@ -85,6 +87,9 @@ def run_rounds(
     it has; only the sites that are ready, with ``base_sha256`` (the coordinator's base
     model identity) as theirs, train, and too few of them abort the cycle before any site
     trains.
+
+    With ``secure``, each train round runs Flower's SecAgg+ protocol (server/cycle/secagg.py):
+    the strategy (a plain mean) gets only the sum of the sites' masked updates.
 
     ``evaluate_fn(0, arrays)`` scores the starting point when ``first_round`` is 1, and
     ``evaluate_fn(r, arrays)`` each round's candidate on the coordinator's own data. The
@@ -109,8 +114,21 @@ def run_rounds(
             )
         # The strategy samples from this round's snapshot, so its sampling never waits.
         round_grid = SiteSubset(grid, nodes)
-        replies = _exchange(grid, strategy.configure_train(server_round, arrays, train_config, round_grid), policy)
-        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+        messages = strategy.configure_train(server_round, arrays, train_config, round_grid)
+        if secure is not None:
+            from server.cycle.secagg import secure_train_round
+
+            new_arrays, metrics = secure_train_round(
+                grid,
+                strategy,
+                server_round,
+                messages,
+                secure,
+                quorum=policy.quorum,
+                exchange=lambda g, m: _exchange(g, m, policy),
+            )
+        else:
+            new_arrays, metrics = strategy.aggregate_train(server_round, _exchange(grid, messages, policy))
         accepted = int(metrics["accepted-replies"]) if metrics is not None else 0
         if new_arrays is None or accepted < policy.quorum:
             raise QuorumLost(

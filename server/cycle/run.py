@@ -310,6 +310,7 @@ def _train(
         on_round_end=writer.write,
         ready_config=flat,  # no site trains unless a quorum can: data, budget and base model checked first
         base_sha256=_base_sha256(cfg),
+        secure=cfg.strategy.secure_aggregation if cfg.strategy.secure_aggregation.enabled else None,
     )
     return final["candidate"]
 

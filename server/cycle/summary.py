@@ -83,6 +83,8 @@ def round_entry(
         bytes_down=int(round_log.bytes_down),
         bytes_up=int(round_log.bytes_up),
     )
+    if round_log.secure:  # a secure-aggregation round: seconds and bytes per stage, dropouts
+        entry["secure_aggregation"] = round_log.secure
     return entry
 
 

@@ -1,0 +1,355 @@
+"""A train round under secure aggregation: Flower's SecAgg+ protocol on the Message API.
+
+Flower 1.41 runs SecAgg+ only as a workflow of its legacy API (``SecAggPlusWorkflow`` needs
+a ``LegacyContext`` and a legacy ``Strategy``; research/reliability.md). This is the same
+protocol, stage for stage and record key for record key, driven through the Grid by the
+round loop (server/cycle/rounds.py) and answered by the sites' client mod
+(client/secagg.py); the cryptography is Flower's (key agreement, Shamir shares, share
+encryption, quantisation) except the mask generator (fedretrain/secagg.py says why).
+
+1. **setup**: each sampled site makes two key pairs and sends their public keys;
+2. **share keys**: each gets its neighbours' public keys and sends Shamir shares of its
+   private mask seed and first private key, each encrypted to one neighbour;
+3. **collect masked vectors**: each gets the shares addressed to it with the real train
+   message, trains, and sends its update (adapter minus global) quantised and masked;
+4. **unmask**: the sites that sent a vector send the shares that remove the masks from the
+   sum: the mask seed of every site that sent one, the private key of every site that
+   dropped out after sharing (to remove the pairwise masks its neighbours added). No site's
+   two secrets are ever asked for together.
+
+A site that does not answer a stage by the deadline, or answers it wrongly, drops out; the
+round goes on while every secret still needed has ``threshold`` shares among the sites left
+and at least ``quorum`` sites' vectors are in the sum, else it raises :class:`QuorumLost`
+and nothing of it is used. Flower's workflow removes, for a site that dropped out, the
+pairwise mask of every neighbour whether or not that neighbour added one; here only the
+masks the remaining sites did add (a site adds one for each neighbour whose shares it got).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+from fedretrain.config.schema import SecureAggregationConfig
+from fedretrain.errors import QuorumLost
+from fedretrain.secagg import RECORD_KEY_CONFIGS, Key, Stage, mask_stream, unmasked_mean
+from server.sites.grid import node_name
+from strategies.checked import CheckedStrategy, RoundLog
+from strategies.validation import error_reason
+
+log = logging.getLogger("fedretrain.server")
+
+Exchange = Callable[[Grid, Iterable[Message]], list[Message]]
+
+
+@dataclass
+class _Protocol:
+    """What the coordinator knows in one round of the protocol."""
+
+    threshold: int
+    neighbours: dict[int, set[int]]
+    active: set[int]
+    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    # destination node -> [(source node, ciphertext)] of the shares addressed to it
+    forwarded: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def secure_train_round(
+    grid: Grid,
+    strategy: CheckedStrategy,
+    server_round: int,
+    messages: Iterable[Message],
+    settings: SecureAggregationConfig,
+    *,
+    quorum: int,
+    exchange: Exchange,
+) -> tuple[Any, Any]:
+    """Run one train round's messages (``strategy.configure_train``'s) under secure aggregation.
+
+    ``exchange(grid, messages)`` sends and returns the replies by the deadline (an error
+    reply for each silent site). Returns ``strategy.aggregate_masked``'s new adapter and
+    metrics; the round's figures go to the strategy's round log (``secure``).
+
+    Raises
+    ------
+    QuorumLost
+        Too few sites left for the threshold or the quorum at some stage.
+    """
+    train = {msg.metadata.dst_node_id: msg for msg in messages}
+    nodes = sorted(train)
+    sampled = len(nodes)
+    if sampled < max(2, quorum):
+        raise QuorumLost(
+            f"round {server_round}: secure aggregation needs at least 2 sites and the quorum {quorum}; "
+            f"{sampled} sampled"
+        )
+    if sampled > settings.max_sites():
+        raise QuorumLost(
+            f"round {server_round}: {sampled} sites would overflow the modulus "
+            f"2**{int(math.log2(settings.modulus_range))} "
+            f"at {settings.quantization_range} quantisation levels (at most {settings.max_sites()})"
+        )
+    shares, threshold = _share_counts(settings, sampled)
+    protocol = _Protocol(threshold=threshold, neighbours=_ring(nodes, shares), active=set(nodes))
+    protocol.figures = {"sampled": sampled, "num-shares": shares, "threshold": threshold, "seconds": {}, "bytes": {}}
+    group = next(iter(train.values())).metadata.group_id
+
+    def stage(name: str, build: Callable[[int], RecordDict]) -> list[Message]:
+        sent = [
+            Message(build(n), dst_node_id=n, message_type=MessageType.TRAIN, group_id=group)
+            for n in sorted(protocol.active)
+        ]
+        started = time.perf_counter()
+        replies = exchange(grid, sent)
+        protocol.figures["seconds"][name] = round(time.perf_counter() - started, 3)
+        protocol.figures["bytes"][name] = {
+            "down": sum(_content_bytes(m) for m in sent),
+            "up": sum(_content_bytes(m) for m in replies if not m.has_error()),
+        }
+        return replies
+
+    def setup(node: int) -> RecordDict:
+        config = {
+            Key.STAGE: Stage.SETUP,
+            Key.SAMPLE_NUMBER: sampled,
+            Key.SHARE_NUMBER: shares,
+            Key.THRESHOLD: threshold,
+            Key.CLIPPING_RANGE: float(settings.clipping_range),
+            Key.TARGET_RANGE: settings.quantization_range,
+            Key.MOD_RANGE: settings.modulus_range,
+            Key.MAX_WEIGHT: 1.0,  # every site weighs the same: no weight travels
+        }
+        return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(config)})
+
+    for reply in _answered(grid, server_round, "setup", stage("setup", setup), protocol):
+        config = reply.content.config_records[RECORD_KEY_CONFIGS]
+        pk1, pk2 = config.get(Key.PUBLIC_KEY_1), config.get(Key.PUBLIC_KEY_2)
+        if not (isinstance(pk1, bytes) and isinstance(pk2, bytes)):
+            _drop(grid, server_round, protocol, reply.metadata.src_node_id, "setup: no public keys in its reply")
+            continue
+        protocol.public_keys[reply.metadata.src_node_id] = (pk1, pk2)
+    _check_left(server_round, "setup", protocol, quorum)
+
+    def share_keys(node: int) -> RecordDict:
+        keys = {str(n): list(protocol.public_keys[n]) for n in sorted(protocol.neighbours[node] & protocol.active)}
+        return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({**keys, Key.STAGE: Stage.SHARE_KEYS})})
+
+    protocol.forwarded = {}
+    shared: set[int] = set()
+    for reply in _answered(grid, server_round, "share keys", stage("share_keys", share_keys), protocol):
+        source = reply.metadata.src_node_id
+        config = reply.content.config_records[RECORD_KEY_CONFIGS]
+        destinations, ciphertexts = config.get(Key.DESTINATION_LIST), config.get(Key.CIPHERTEXT_LIST)
+        expected = (protocol.neighbours[source] & set(protocol.public_keys)) - {source}
+        if (
+            not isinstance(destinations, list)
+            or not isinstance(ciphertexts, list)
+            or set(destinations) != expected
+            or len(destinations) != len(ciphertexts)
+        ):
+            _drop(grid, server_round, protocol, source, "share keys: its shares are not one per neighbour")
+            continue
+        shared.add(source)
+        for destination, ciphertext in zip(destinations, ciphertexts, strict=True):
+            protocol.forwarded.setdefault(int(destination), []).append((source, cast(bytes, ciphertext)))
+    _check_left(server_round, "share keys", protocol, quorum)
+
+    def collect(node: int) -> RecordDict:
+        incoming = [(s, c) for s, c in protocol.forwarded.get(node, []) if s in protocol.active]
+        config = {
+            Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
+            Key.CIPHERTEXT_LIST: [c for _, c in incoming],
+            Key.SOURCE_LIST: [s for s, _ in incoming],
+        }
+        content = RecordDict(dict(train[node].content.items()))
+        content[RECORD_KEY_CONFIGS] = ConfigRecord(config)
+        return content
+
+    # Who holds whose shares: a node stores the shares of each source it is sent here.
+    holders = {
+        node: {s for s, _ in protocol.forwarded.get(node, []) if s in protocol.active} | {node}
+        for node in protocol.active
+    }
+    collected = stage("collect_masked_vectors", collect)
+    accepted = strategy.accept_masked(server_round, collected, modulus=settings.modulus_range)
+    contributors = {reply.node_id for reply in accepted}
+    for node in sorted(protocol.active - contributors):
+        protocol.active.discard(node)  # its reply was an error or was left out (the strategy logged why)
+    _check_left(server_round, "collect masked vectors", protocol, quorum)
+
+    keys = sorted(accepted[0].arrays)
+    shapes = [accepted[0].arrays[k].shape for k in keys]
+    total = [np.zeros(shape, dtype=np.int64) for shape in shapes]
+    for reply in accepted:
+        for acc, key in zip(total, keys, strict=True):
+            acc += reply.arrays[key]
+    dropped = shared - contributors  # shared secrets, then sent no vector: their pairwise masks are in the sum
+
+    def unmask(node: int) -> RecordDict:
+        config = {
+            Key.STAGE: Stage.UNMASK,
+            Key.ACTIVE_NODE_ID_LIST: sorted(contributors & holders[node]),
+            Key.DEAD_NODE_ID_LIST: sorted(dropped & holders[node]),
+        }
+        return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(config)})
+
+    collected_shares: dict[int, list[bytes]] = {node: [] for node in contributors | dropped}
+    for reply in _answered(grid, server_round, "unmask", stage("unmask", unmask), protocol):
+        config = reply.content.config_records[RECORD_KEY_CONFIGS]
+        owners, pieces = config.get(Key.NODE_ID_LIST), config.get(Key.SHARE_LIST)
+        node = reply.metadata.src_node_id
+        asked = (contributors | dropped) & holders.get(node, set())
+        if (
+            not isinstance(owners, list)
+            or not isinstance(pieces, list)
+            or len(owners) != len(pieces)
+            or not set(owners) <= asked
+        ):
+            _drop(grid, server_round, protocol, node, "unmask: its shares are not the ones asked for")
+            continue
+        for owner, piece in zip(owners, pieces, strict=True):
+            collected_shares[int(owner)].append(cast(bytes, piece))
+    short = {n: len(s) for n, s in collected_shares.items() if len(s) < threshold}
+    if short:
+        node, count = next(iter(sorted(short.items())))
+        raise QuorumLost(
+            f"round {server_round}: secure aggregation: {len(short)} site(s)' masks cannot be removed "
+            f"({node_name(grid, node)}: {count} of the {threshold} shares needed); nothing of the round is used"
+        )
+
+    modulus = settings.modulus_range
+    started = time.perf_counter()
+    for node in sorted(contributors):
+        seed = combine_shares(collected_shares[node])
+        for acc, m in zip(total, mask_stream(seed, modulus, shapes), strict=True):
+            acc -= m
+    for node in sorted(dropped):
+        private_key = bytes_to_private_key(combine_shares(collected_shares[node]))
+        for other in sorted(contributors):
+            if node not in holders[other]:
+                continue  # it got no shares from the dropped site, so it added no mask for it
+            key = generate_shared_key(private_key, bytes_to_public_key(protocol.public_keys[other][0]))
+            sign = 1 if other > node else -1  # what ``other`` added (fedretrain/secagg.py ``mask``)
+            for acc, m in zip(total, mask_stream(key, modulus, shapes), strict=True):
+                acc -= sign * m
+    summed = [np.mod(acc, modulus) for acc in total]
+    mean = unmasked_mean(summed, len(contributors), settings.clipping_range, settings.quantization_range)
+    protocol.figures["seconds"]["unmask_compute"] = round(time.perf_counter() - started, 3)
+    clipped = sum(int(reply.metrics.get("secagg-clipped", 0)) for reply in accepted)
+    protocol.figures.update(
+        {
+            "summed": len(contributors),
+            "dropped": sorted(node_name(grid, n) for n in set(nodes) - contributors),
+            "clipped-values": clipped,
+        }
+    )
+    if clipped:
+        log.warning(
+            "round %d: secure aggregation: the sites clipped %d update value(s) to the quantisation range ±%g "
+            "(strategy.secure_aggregation.clipping_range)",
+            server_round,
+            clipped,
+            settings.clipping_range,
+        )
+    entry = strategy.round_log.setdefault(server_round, RoundLog())
+    entry.secure = protocol.figures
+    # Every stage's messages, the protocol's three extra exchanges and records included.
+    entry.bytes_down = sum(b["down"] for b in protocol.figures["bytes"].values())
+    entry.bytes_up = sum(b["up"] for b in protocol.figures["bytes"].values())
+    log.info(
+        "round %d: secure aggregation summed %d of %d sites' masked updates (%s dropped out)",
+        server_round,
+        len(contributors),
+        sampled,
+        len(set(nodes) - contributors),
+    )
+    return strategy.aggregate_masked(server_round, dict(zip(keys, mean, strict=True)), contributors)
+
+
+def _share_counts(settings: SecureAggregationConfig, sampled: int) -> tuple[int, int]:
+    """Flower's rule (``SecAggPlusWorkflow.setup_stage``): shares per secret (odd, or all sites) and the threshold."""
+    shares = round(settings.num_shares * sampled)
+    if shares < sampled and shares % 2 == 0:
+        shares += 1
+    if shares <= 2:
+        shares = sampled
+    threshold = max(round(settings.reconstruction_threshold * shares), 2)
+    return shares, threshold
+
+
+def _ring(nodes: list[int], shares: int) -> dict[int, set[int]]:
+    """Flower's neighbourhoods: the nodes in a random ring, each with ``shares // 2`` on either side and itself."""
+    order = list(nodes)
+    random.SystemRandom().shuffle(order)
+    half = shares // 2
+    if shares >= len(order):
+        return {n: set(order) for n in order}
+    return {n: {order[(i + k) % len(order)] for k in range(-half, half + 1)} for i, n in enumerate(order)}
+
+
+def _answered(grid: Grid, server_round: int, name: str, replies: list[Message], protocol: _Protocol) -> list[Message]:
+    """The replies that answered the stage; every other site drops out."""
+    good = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            _drop(
+                grid,
+                server_round,
+                protocol,
+                node,
+                f"{name}: {error_reason(reply)}",
+            )
+        elif RECORD_KEY_CONFIGS not in reply.content.config_records:
+            _drop(grid, server_round, protocol, node, f"{name}: no protocol record in its reply")
+        else:
+            good.append(reply)
+    return good
+
+
+def _drop(grid: Grid, server_round: int, protocol: _Protocol, node: int, reason: str) -> None:
+    protocol.active.discard(node)
+    log.warning("round %d: secure aggregation: %s drops out at %s", server_round, node_name(grid, node), reason)
+
+
+def _check_left(server_round: int, name: str, protocol: _Protocol, quorum: int) -> None:
+    """QuorumLost when the sites left cannot finish: fewer than the quorum, or a site with too few neighbours left."""
+    if len(protocol.active) < quorum:
+        raise QuorumLost(
+            f"round {server_round}: secure aggregation: {len(protocol.active)} site(s) left after {name}, "
+            f"the quorum is {quorum}; nothing of the round is used"
+        )
+    for node in protocol.active:
+        if len(protocol.neighbours[node] & protocol.active) < protocol.threshold:
+            raise QuorumLost(
+                f"round {server_round}: secure aggregation: after {name} a site has "
+                f"{len(protocol.neighbours[node] & protocol.active)} neighbour(s) left, fewer than the threshold "
+                f"{protocol.threshold} its masks need; nothing of the round is used"
+            )
+
+
+def _content_bytes(msg: Message) -> int:
+    if not msg.has_content():
+        return 0
+    # Flower's ConfigRecord.count_bytes reads v[0] of every list value, and an empty list of
+    # node ids (no site dropped out) raises IndexError: those keys are counted without it.
+    return sum(
+        ConfigRecord({k: v for k, v in record.items() if v != []}).count_bytes()
+        if isinstance(record, ConfigRecord)
+        else record.count_bytes()
+        for record in msg.content.values()
+    )
