@@ -30,6 +30,11 @@ SHRINK = [
     "trigger.min_interval_s=0",
     "gate.require_federated_confidence=false",
     "model.max_length=128",
+    # What is under test is the drift trigger and the recovery. A site's noised record count
+    # (std about 35 on 40 records) weighs its loss gap, so the performance trigger fired by
+    # chance in the quiet step now and then; and a site's 0.02 tolerance sits within its noise.
+    "trigger.performance_margin=null",
+    "gate.site_tolerance=1",
 ]
 
 
