@@ -62,6 +62,8 @@ SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
     ("bench_attacks.py", [], None),
     # FFA-LoRA against LoRA at the same epsilon: two demo cycles a pair, about 4 min; not in quick mode.
     ("bench_lora_variants.py", ["--pairs", "2"], None),
+    # One secure-aggregation round against a plain one, 10 sites of 1M-value updates in one process.
+    ("bench_secagg.py", [], ["--quick"]),
 ]
 
 

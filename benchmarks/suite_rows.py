@@ -66,6 +66,13 @@ ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
     (r"deploy_round_s_secure", ("9 Deployment", "s", None, "lower", "TLS and node authentication vs insecure")),
     (r"deploy_new_data", ("9 Deployment", "s", None, "lower", "new records at the sites -> installed everywhere")),
     (r"deploy_status_poll", ("9 Deployment", "s", None, "lower", "a standing watch's status poll")),
+    (r"secagg_round_s", ("12 Secure aggregation", "s", None, "lower", "a secure round's compute vs a plain one")),
+    (r"secagg_round_bytes", ("12 Secure aggregation", "bytes", None, "lower", "a secure round's bytes vs a plain one")),
+    (
+        r"secagg_mean_error",
+        ("12 Secure aggregation", "abs", 1.0, "lower", "secure mean vs plain mean, within one quantisation step"),
+    ),
+    (r"secagg_mask_s", ("12 Secure aggregation", "s", 1.0, "lower", "ChaCha20 masks vs Flower's generator")),
     (r"ffa_lora_candidate", ("11 DP-aware LoRA", "nats", None, "lower", "FFA-LoRA's validation loss vs LoRA's")),
     (r"ffa_lora_improvement", ("11 DP-aware LoRA", "nats", None, "higher", "gain over the base model")),
     (r"ffa_lora_epsilon", ("11 DP-aware LoRA", "epsilon", None, "lower", "same target epsilon")),

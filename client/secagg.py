@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -93,7 +93,7 @@ def _refuse(msg: Message, reason: str) -> Message:
     return Message(Error(code=ERROR_CODES[ConfigError], reason=reason), reply_to=msg)
 
 
-def _masked_update(state: flower.SecAggPlusState, configs: ConfigRecord, msg: Message, out: RecordDict) -> dict:
+def _masked_update(state: Any, configs: ConfigRecord, msg: Message, out: RecordDict) -> dict:
     """Store the neighbours' shares, then replace the reply's adapter by its masked update.
 
     The update is the reply's adapter minus the global adapter of ``msg``; its quantised

@@ -34,6 +34,7 @@ SECTIONS = {
     "9 Deployment",
     "10 Robustness",
     "11 DP-aware LoRA",
+    "12 Secure aggregation",
 }
 
 
@@ -70,6 +71,8 @@ def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) ->
         "eps_ours_rdp_vs_opacus_rdp",
         "comm_bytes_per_client_round",
         "dp_tokens_per_s_hooks_b16",
+        "secagg_round_s_vs_plain",
+        "secagg_mean_error_vs_quantisation_step",
     } <= names
     by_name = {row["name"]: row for row in rows}
     assert by_name["eps_ours_rdp_vs_opacus_rdp"]["ratio"] == pytest.approx(1.0, abs=1e-9)

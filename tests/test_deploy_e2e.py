@@ -336,14 +336,24 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
 
 
 def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
-    # Prepare: a one-round cycle with a 60 s deadline (a shrunk round takes about 20 s) and a quorum of 2.
-    # site-02's log holds earlier cycles: wait for this one's train message (after its ready check).
+    # Prepare: a one-round cycle with a 60 s deadline (a shrunk round takes about 20 s) and a quorum of 2,
+    # under secure aggregation: a site that dies while it trains drops out of Flower's SecAgg+
+    # protocol after it shared its secrets, so the others' shares must remove its masks.
+    # A round sends each site three train messages before the one it trains on (setup, share
+    # keys, then the masked-vector stage); site-02's log holds earlier cycles.
     trained_before = bench.log("site-02").count("Receiving: train message")
     proc, run_dir = bench.submit(
-        *run_overrides("reg-kill", "rounds=1", "strategy.round_timeout_s=60", "strategy.quorum=2")
+        *run_overrides(
+            "reg-kill",
+            "rounds=1",
+            "strategy.round_timeout_s=60",
+            "strategy.quorum=2",
+            "strategy.secure_aggregation.enabled=true",
+            "strategy.max_update_norm_ratio=null",
+        )
     )
     deadline = time.monotonic() + 300
-    while bench.log("site-02").count("Receiving: train message") == trained_before:
+    while bench.log("site-02").count("Receiving: train message") < trained_before + 3:
         assert time.monotonic() < deadline and proc.poll() is None, bench.log("site-02")[-2000:]
         time.sleep(0.5)
 
@@ -363,6 +373,11 @@ def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_lo
         ("site-02", registered_node(bench, "site-02"))
     ]
     assert [(r["site_id"], r["round"]) for r in summary["refusals"]] == [("site-02", 1)]
+    # The protocol summed the two others' masked updates; the coordinator saw no adapter.
+    secure = round1["secure_aggregation"]
+    assert (secure["sampled"], secure["summed"]) == (3, 2), secure
+    assert secure["dropped"] == [{"node_id": registered_node(bench, "site-02"), "site_id": "site-02"}], secure
+    print(f"secure aggregation: {secure}")
     print(
         f"site-02 reported offline {detected_s:.1f} s after SIGKILL "
         f"(run finished {time.monotonic() - killed_at:.1f} s after it)"

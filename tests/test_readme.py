@@ -106,6 +106,9 @@ SIMULATION_RUN_BY = {
     "fedretrain simulate experiment=smoke simulation.num_sites=4 simulation.attackers.share=0.25 "
     "simulation.attackers.behaviour=scale strategy=fedmedian strategy.max_update_norm_ratio=null": "tests/"
     "test_attack_e2e.py::test_a_scaling_attacker_is_outvoted_by_the_median",
+    "fedretrain simulate experiment=smoke strategy.secure_aggregation.enabled=true "
+    "strategy.max_update_norm_ratio=null": "tests/test_secagg_e2e.py::"
+    "test_sites_masked_updates_are_summed_and_the_mean_is_published",
     "fedretrain simulate experiment=garbled": "tests/test_garbled_e2e.py::"
     "test_the_gate_refuses_a_candidate_trained_on_garbled_notes",
 }

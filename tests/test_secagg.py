@@ -264,7 +264,7 @@ def test_a_site_that_fails_to_train_drops_out_and_its_pairwise_masks_are_removed
     arrays, entry = one_round(sites)
 
     assert_mean_of(arrays, [11, 13, 14])
-    assert entry.secure["summed"] == 3 and len(entry.secure["dropped"]) == 1
+    assert entry.secure["summed"] == 3 and entry.secure["dropped"] == [{"node_id": 12, "site_id": None}]
     assert [r.node_id for r in entry.rejected] == [12]
     # Its private key was asked for, its mask seed never: no site's two secrets are both revealed.
     for active, dead in sites.unmask_requests.values():

@@ -46,7 +46,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from fedretrain.config.schema import SecureAggregationConfig
 from fedretrain.errors import QuorumLost
 from fedretrain.secagg import RECORD_KEY_CONFIGS, Key, Stage, mask_stream, unmasked_mean
-from server.sites.grid import node_name
+from server.sites.grid import bound_site, node_name
 from strategies.checked import CheckedStrategy, RoundLog
 from strategies.validation import error_reason
 
@@ -123,7 +123,7 @@ def secure_train_round(
         return replies
 
     def setup(node: int) -> RecordDict:
-        config = {
+        config: dict[str, Any] = {
             Key.STAGE: Stage.SETUP,
             Key.SAMPLE_NUMBER: sampled,
             Key.SHARE_NUMBER: shares,
@@ -165,12 +165,12 @@ def secure_train_round(
             continue
         shared.add(source)
         for destination, ciphertext in zip(destinations, ciphertexts, strict=True):
-            protocol.forwarded.setdefault(int(destination), []).append((source, cast(bytes, ciphertext)))
+            protocol.forwarded.setdefault(cast(int, destination), []).append((source, cast(bytes, ciphertext)))
     _check_left(server_round, "share keys", protocol, quorum)
 
     def collect(node: int) -> RecordDict:
         incoming = [(s, c) for s, c in protocol.forwarded.get(node, []) if s in protocol.active]
-        config = {
+        config: dict[str, Any] = {
             Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
             Key.CIPHERTEXT_LIST: [c for _, c in incoming],
             Key.SOURCE_LIST: [s for s, _ in incoming],
@@ -194,13 +194,13 @@ def secure_train_round(
     keys = sorted(accepted[0].arrays)
     shapes = [accepted[0].arrays[k].shape for k in keys]
     total = [np.zeros(shape, dtype=np.int64) for shape in shapes]
-    for reply in accepted:
+    for masked in accepted:
         for acc, key in zip(total, keys, strict=True):
-            acc += reply.arrays[key]
+            acc += masked.arrays[key]
     dropped = shared - contributors  # shared secrets, then sent no vector: their pairwise masks are in the sum
 
     def unmask(node: int) -> RecordDict:
-        config = {
+        config: dict[str, Any] = {
             Key.STAGE: Stage.UNMASK,
             Key.ACTIVE_NODE_ID_LIST: sorted(contributors & holders[node]),
             Key.DEAD_NODE_ID_LIST: sorted(dropped & holders[node]),
@@ -222,7 +222,7 @@ def secure_train_round(
             _drop(grid, server_round, protocol, node, "unmask: its shares are not the ones asked for")
             continue
         for owner, piece in zip(owners, pieces, strict=True):
-            collected_shares[int(owner)].append(cast(bytes, piece))
+            collected_shares[cast(int, owner)].append(cast(bytes, piece))
     short = {n: len(s) for n, s in collected_shares.items() if len(s) < threshold}
     if short:
         node, count = next(iter(sorted(short.items())))
@@ -242,18 +242,18 @@ def secure_train_round(
         for other in sorted(contributors):
             if node not in holders[other]:
                 continue  # it got no shares from the dropped site, so it added no mask for it
-            key = generate_shared_key(private_key, bytes_to_public_key(protocol.public_keys[other][0]))
+            pair_key = generate_shared_key(private_key, bytes_to_public_key(protocol.public_keys[other][0]))
             sign = 1 if other > node else -1  # what ``other`` added (fedretrain/secagg.py ``mask``)
-            for acc, m in zip(total, mask_stream(key, modulus, shapes), strict=True):
+            for acc, m in zip(total, mask_stream(pair_key, modulus, shapes), strict=True):
                 acc -= sign * m
     summed = [np.mod(acc, modulus) for acc in total]
     mean = unmasked_mean(summed, len(contributors), settings.clipping_range, settings.quantization_range)
     protocol.figures["seconds"]["unmask_compute"] = round(time.perf_counter() - started, 3)
-    clipped = sum(int(reply.metrics.get("secagg-clipped", 0)) for reply in accepted)
+    clipped = sum(int(masked.metrics.get("secagg-clipped", 0)) for masked in accepted)
     protocol.figures.update(
         {
             "summed": len(contributors),
-            "dropped": sorted(node_name(grid, n) for n in set(nodes) - contributors),
+            "dropped": [{"node_id": n, "site_id": bound_site(grid, n)} for n in sorted(set(nodes) - contributors)],
             "clipped-values": clipped,
         }
     )

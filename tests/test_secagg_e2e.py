@@ -1,0 +1,37 @@
+"""Secure aggregation through Flower's real simulation engine and the real CLI.
+
+The README's command: three smoke sites train with DP as always, then answer the four
+stages of Flower's SecAgg+ protocol (client/secagg.py); the coordinator sums their masked
+updates, removes the masks and publishes the mean like any candidate. Shrunk like the other
+simulations (one round, notes cut to 64 tokens). The dropout paths run in tests/test_secagg.py
+and, on real SuperNodes, in the killed-site test of tests/test_deploy_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+from test_readme import readme_commands
+from test_simulation_e2e import simulate
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+(COMMAND,) = [c for c in readme_commands() if c.startswith("fedretrain simulate") and "secure_aggregation" in c]
+
+
+def test_sites_masked_updates_are_summed_and_the_mean_is_published(tmp_path):
+    run_dir, output = simulate(*shlex.split(COMMAND)[2:], "rounds=1", "model.max_length=64", f"output_dir={tmp_path}")
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (round1,) = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["round"] == 1]
+    secure = round1["secure_aggregation"]
+    assert (secure["sampled"], secure["summed"], secure["dropped"]) == (3, 3, []), secure
+    assert set(secure["seconds"]) >= {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+    assert secure["clipped-values"] == 0  # a round's update stays well inside ±1
+    # Each site's epsilon is still its own and in the summary; the coordinator saw only the sum.
+    assert sorted(round1["sites"]) == ["site-00", "site-01", "site-02"]
+    assert all(site["epsilon"] > 0 for site in round1["sites"].values())
+    assert "secure aggregation summed 3 of 3 sites' masked updates" in output
+    assert summary["gate"]["decision"] == "publish" and summary["candidate_loss"] < summary["baseline_loss"]
