@@ -22,6 +22,7 @@ from fedretrain import errors
 from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.config import Job, MonitorConfig, SiteConfig, build
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
+from fedretrain.secagg import SECURE_STAGE
 from fedretrain.training.params import MAX_PROXIMAL_MU
 
 log = logging.getLogger("fedretrain.client")
@@ -89,6 +90,13 @@ def refusal(message_type: str, err: Exception) -> tuple[int, str]:
 
 
 def _train(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    if site.require_secure_aggregation and SECURE_STAGE not in content.config_records:
+        # The site's own mod marks a train message it answers inside the protocol, and strips
+        # the mark from any other, so a coordinator cannot claim it (client/secagg.py).
+        raise errors.ConfigError(
+            f"site {site.site_id!r} sends its updates only under secure aggregation "
+            "(require-secure-aggregation=true); this train message is outside the protocol"
+        )
     global_hash = content["config"].get("global-hash")
     mu = content["config"].get("proximal-mu", 0.0)
     if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0 <= mu <= MAX_PROXIMAL_MU:

@@ -32,7 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedretrain.arrays import from_array_record, to_array_record
-from fedretrain.secagg import RECORD_KEY_CONFIGS, Key, Stage, mask, quantize_update
+from fedretrain.secagg import RECORD_KEY_CONFIGS, SECURE_STAGE, Key, Stage, mask, quantize_update
 
 log = logging.getLogger("fedretrain.client")
 
@@ -48,6 +48,8 @@ CLIPPED_METRIC = "secagg-clipped"
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Answer a stage of secure aggregation; pass any other message to ``call_next``."""
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        if msg.metadata.message_type == MessageType.TRAIN and SECURE_STAGE in msg.content.config_records:
+            del msg.content[SECURE_STAGE]  # only this mod says a message is inside the protocol
         return call_next(msg, ctxt)
     if RECORD_KEY_STATE not in ctxt.state.config_records:
         ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord({})
@@ -68,6 +70,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
             result = flower._share_keys(state, configs)  # noqa: SLF001 - Flower's stage 1
         elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
             del msg.content[RECORD_KEY_CONFIGS]  # the handler gets the train message as without the protocol
+            msg.content[SECURE_STAGE] = ConfigRecord({"stage": Stage.COLLECT_MASKED_VECTORS})
             reply = call_next(msg, ctxt)
             if reply.has_error():  # the site did not train (its data, its budget): it drops out
                 ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())

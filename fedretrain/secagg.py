@@ -39,8 +39,12 @@ __all__ = [
     "mask",
     "unmasked_mean",
     "MAX_MODULUS",
+    "SECURE_STAGE",
 ]
 
+# The record a site's mod (client/secagg.py) adds to a train message it answers inside the
+# protocol, and strips from any other: what a site requiring secure aggregation checks.
+SECURE_STAGE = "secure-aggregation"
 # Masked vectors travel as uint32.
 MAX_MODULUS = 2**32
 # The ChaCha20 nonce: each key masks one vector once (keys are new every round).

@@ -220,6 +220,40 @@ def test_client_app_refuses_a_job_with_unknown_keys(tmp_path, job, initial_adapt
     assert not site.ledger_path.exists()
 
 
+@pytest.mark.parametrize("forged", [False, True])
+def test_a_site_requiring_secure_aggregation_refuses_a_plain_train_message_before_training(
+    tmp_path, job, initial_adapter, instruction_identity, forged
+):
+    import dataclasses
+
+    from fedretrain.secagg import SECURE_STAGE
+
+    site = dataclasses.replace(make_site(tmp_path), require_secure_aggregation=True)
+    config = ConfigRecord({**job.to_flat(), "server-round": 1})
+    content = RecordDict({"arrays": to_array_record(initial_adapter), "config": config})
+    if forged:  # the coordinator claims the protocol; only the site's own mod may say so
+        content[SECURE_STAGE] = ConfigRecord({"stage": "collect_masked_vectors"})
+    msg = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config=site.to_node_config(), state=RecordDict(), run_config={})
+
+    reply = make_client_app()(msg, context)
+
+    assert reply.has_error() and reply.error.code == ERROR_CODES[ConfigError]
+    assert "only under secure aggregation" in reply.error.reason and "outside the protocol" in reply.error.reason
+    assert not site.ledger_path.exists()  # nothing trained, nothing spent
+
+
+def test_a_site_requiring_secure_aggregation_is_not_ready_for_a_job_without_it(tmp_path, job):
+    import dataclasses
+
+    from client.round.site import check_ready
+
+    site = dataclasses.replace(make_site(tmp_path), require_secure_aggregation=True)
+    with pytest.raises(ConfigError, match="this job does not use it"):
+        check_ready(site, job, 1)
+    assert check_ready(site, dataclasses.replace(job, secure_aggregation=True), 1) == {"ready": 1}
+
+
 # --- a deployed site: the ClientApp forwards to the site's warm worker (client/worker.py) ----
 
 DEPLOYED = make_client_app(use_worker=True)

@@ -399,6 +399,7 @@ def test_prepare_site_writes_a_node_config_that_flower_reads_back(tmp_path, data
         "share-drift-scores": False,
         "fit-sigma-to-ceiling": False,
         "allow-reproducible-noise": False,
+        "require-secure-aggregation": False,
     }
     assert site_config_from_node_config(parsed) == site
 

@@ -22,7 +22,16 @@ from client.secagg import CLIPPED_METRIC, MASKED_RECORD, secure_aggregation_mod
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from fedretrain.config.schema import SecureAggregationConfig
 from fedretrain.errors import ConfigError, QuorumLost
-from fedretrain.secagg import RECORD_KEY_CONFIGS, Key, Stage, mask, mask_stream, quantize_update, unmasked_mean
+from fedretrain.secagg import (
+    RECORD_KEY_CONFIGS,
+    SECURE_STAGE,
+    Key,
+    Stage,
+    mask,
+    mask_stream,
+    quantize_update,
+    unmasked_mean,
+)
 from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.secagg import _share_counts
 from strategies import FedAvgLoRA
@@ -167,6 +176,7 @@ class Sites:
             if node in self.fail_training:
                 return Message(Error(code=4102, reason="PrivacyBudgetExceeded: no budget left"), reply_to=msg)
             assert RECORD_KEY_CONFIGS not in msg.content.config_records  # the handler gets a plain train message
+            assert SECURE_STAGE in msg.content.config_records  # marked by the site's own mod
             config = msg.content["config"]
             arrays = from_array_record(msg.content["arrays"])
             trained = {k: v + np.float32(update_of(node)) for k, v in arrays.items()}

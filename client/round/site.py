@@ -112,6 +112,11 @@ def check_ready(site: SiteConfig, job: Job, server_round: int) -> dict[str, Any]
     read_records(site.train_path)
     optional_texts(site.heldout_path)
     _check_private(site, job)
+    if site.require_secure_aggregation and not job.secure_aggregation:
+        raise ConfigError(
+            f"site {site.site_id!r} sends its updates only under secure aggregation "
+            "(require-secure-aggregation=true); this job does not use it"
+        )
     _training_seed(site, job, server_round)
     if job.privacy.enabled:
         ledger = PrivacyLedger.load(

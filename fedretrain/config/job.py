@@ -24,6 +24,9 @@ class Job:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # Whether the coordinator runs this job's train rounds under secure aggregation (what
+    # it says; a site that requires it checks each train message itself, client/secagg.py).
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -41,6 +44,7 @@ class Job:
             lora=cfg.lora,
             train=cfg.train,
             privacy=cfg.privacy,
+            secure_aggregation=cfg.strategy.secure_aggregation.enabled,
         )
 
     def to_flat(self) -> dict[str, Any]:

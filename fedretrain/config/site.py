@@ -76,6 +76,10 @@ class SiteConfig:
     allow_reproducible_noise: bool = False
     # A directory the site drops new data files into; `fedretrain site ingest --inbox` takes them.
     inbox_dir: str | None = None
+    # Send training updates only masked, under secure aggregation (client/secagg.py): a job
+    # without it is refused at the ready check, a train message outside the protocol before
+    # any training (nothing spent).
+    require_secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ "):
