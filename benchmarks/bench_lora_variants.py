@@ -1,12 +1,13 @@
-"""FFA-LoRA against standard LoRA at the same epsilon, on the demo's federation.
+"""FFA-LoRA and mixed ranks against standard LoRA at the same epsilon, on the demo's federation.
 
-Each pair is two ``fedretrain simulate experiment=demo`` runs, one with
-``lora.freeze_a=true`` (FFA-LoRA, Sun et al. 2024: lora_A stays at its seeded
-initialisation, only lora_B trains), taking turns. Both runs target the same epsilon, so
-each site's sigma and spend are the same; the figure is the validation loss the
-candidate reaches (lower is better), FFA-LoRA's against standard LoRA's, and the
-improvement over the base model of each. The sites' DP noise is their own, so a pair is
-one draw: ``--pairs`` repeats it.
+Each pair is three ``fedretrain simulate experiment=demo`` runs, taking turns: standard
+LoRA (rank 8 at every site); ``lora.freeze_a=true`` (FFA-LoRA, Sun et al. 2024: lora_A
+stays at its seeded initialisation, only lora_B trains); and mixed ranks
+(``simulation.site_lora_ranks=[8,4,2]``: the three sites train ranks 8, 4 and 2 of the
+rank-8 adapter, fedretrain/lora_ranks.py). All target the same epsilon, so each site's
+sigma and spend are the same; the figure is the validation loss the candidate reaches
+(lower is better) against standard LoRA's, and the improvement over the base model of
+each. The sites' DP noise is their own, so a pair is one draw: ``--pairs`` repeats it.
 
 Run from the repository root::
 
@@ -24,8 +25,15 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"lora": [], "ffa": ["lora.freeze_a=true"]}
-ROW_NAMES = ("ffa_lora_candidate_loss_vs_lora", "ffa_lora_improvement_vs_lora", "ffa_lora_epsilon_vs_lora")
+VARIANTS = {"lora": [], "ffa": ["lora.freeze_a=true"], "mixed": ["simulation.site_lora_ranks=[8,4,2]"]}
+ROW_NAMES = (
+    "ffa_lora_candidate_loss_vs_lora",
+    "ffa_lora_improvement_vs_lora",
+    "ffa_lora_epsilon_vs_lora",
+    "mixed_rank_candidate_loss_vs_lora",
+    "mixed_rank_improvement_vs_lora",
+    "mixed_rank_epsilon_vs_lora",
+)
 
 
 def run(variant: str, out: Path) -> dict:
@@ -63,6 +71,30 @@ def rows_from(runs: list[dict]) -> list[dict]:
         return statistics.median(r["baseline"] - r["candidate"] for r in runs if r["variant"] == variant)
 
     pairs = sum(1 for r in runs if r["variant"] == "ffa")
+    mixed = (
+        [
+            {
+                "name": "mixed_rank_candidate_loss_vs_lora",
+                "value": median("mixed", "candidate"),
+                "limit_or_peer": median("lora", "candidate"),
+                "note": f"sites of ranks 8, 4, 2 vs 8 everywhere, same target epsilon; median of {pairs} draw(s)",
+            },
+            {
+                "name": "mixed_rank_improvement_vs_lora",
+                "value": gain("mixed"),
+                "limit_or_peer": gain("lora"),
+                "note": "validation loss gained over the base model",
+            },
+            {
+                "name": "mixed_rank_epsilon_vs_lora",
+                "value": median("mixed", "eps"),
+                "limit_or_peer": median("lora", "eps"),
+                "note": "largest site epsilon of the cycle: must be the same",
+            },
+        ]
+        if any(r["variant"] == "mixed" for r in runs)
+        else []
+    )
     return [
         {
             "name": "ffa_lora_candidate_loss_vs_lora",
@@ -82,6 +114,7 @@ def rows_from(runs: list[dict]) -> list[dict]:
             "limit_or_peer": median("lora", "eps"),
             "note": "largest site epsilon of the cycle: must be the same",
         },
+        *mixed,
     ]
 
 
@@ -93,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+        names = list(VARIANTS)
         for pair in range(args.pairs):
-            order = ("lora", "ffa") if pair % 2 == 0 else ("ffa", "lora")
+            order = names[pair % len(names) :] + names[: pair % len(names)]  # each goes first in turn
             for variant in order:
                 runs.append(run(variant, Path(tmp) / f"{pair}-{variant}"))
     rows = rows_from(runs)

@@ -60,7 +60,7 @@ SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
     # 32 simulations of a 10-site federation with and without attackers, 6 defences: about
     # 18 min on 2 cores; not in quick mode (tests/test_attack_e2e.py runs one such cell).
     ("bench_attacks.py", [], None),
-    # FFA-LoRA against LoRA at the same epsilon: two demo cycles a pair, about 4 min; not in quick mode.
+    # FFA-LoRA and mixed ranks against LoRA at the same epsilon: three demo cycles a pair, ~6 min; not quick.
     ("bench_lora_variants.py", ["--pairs", "2"], None),
     # One secure-aggregation round against a plain one, 10 sites of 1M-value updates in one process.
     ("bench_secagg.py", [], ["--quick"]),

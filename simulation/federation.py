@@ -124,7 +124,7 @@ def _synthetic_sites(
             train = poisoned(train, a.phrase, share, seed=cfg.seed * 1000 + index)
         write_jsonl(site_dir / "train.jsonl", train)
         write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
-        node_config = _node_config(cfg, sid, site_dir, public_key, device)
+        node_config = _node_config(cfg, sid, site_dir, public_key, device, index=index)
         atomic_write_json(site_dir / "site.json", node_config)
         sites.append(site_config_from_node_config(node_config, simulation=True))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}
@@ -149,8 +149,10 @@ def _own_sites(cfg: Config, root: Path, public_key: Path, device: str) -> tuple[
         raise ConfigError("simulation.sites_dir: give validation_path too, the coordinator's validation set")
     validation_path = _checked_file(Path(cfg.validation_path), "validation_path")
     configs = []
-    for folder in folders:
-        node_config = _node_config(cfg, folder.name, folder, public_key, device, state_dir=root / folder.name / "state")
+    for index, folder in enumerate(folders):
+        node_config = _node_config(
+            cfg, folder.name, folder, public_key, device, state_dir=root / folder.name / "state", index=index
+        )
         try:
             site = site_config_from_node_config(node_config, simulation=True)
         except ConfigError as err:
@@ -175,7 +177,14 @@ def _checked_file(path: Path, key: str) -> Path:
 
 
 def _node_config(
-    cfg: Config, sid: str, data_dir: Path, public_key: Path, device: str, state_dir: Path | None = None
+    cfg: Config,
+    sid: str,
+    data_dir: Path,
+    public_key: Path,
+    device: str,
+    state_dir: Path | None = None,
+    *,
+    index: int,
 ) -> dict[str, Any]:
     """A virtual site's own settings (its node_config, written as ``site.json``)."""
     sim = cfg.simulation
@@ -201,6 +210,8 @@ def _node_config(
     }
     if state_dir is not None:  # the site's ledger and model store, away from the data folder
         node_config["state-dir"] = str(state_dir.resolve())
+    if sim.site_lora_ranks:  # mixed ranks: a site with less memory trains fewer LoRA components
+        node_config["lora-rank"] = sim.site_lora_ranks[index % len(sim.site_lora_ranks)]
     return node_config
 
 
@@ -243,6 +254,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
             "sites_dir": str(Path(s.sites_dir).expanduser().resolve()),
             "validation_path": str(Path(cfg.validation_path).expanduser().resolve()) if cfg.validation_path else None,
             "site_smoke_eval": s.site_smoke_eval,
+            **({"site_lora_ranks": list(s.site_lora_ranks)} if s.site_lora_ranks else {}),
         }
     return {
         "seed": cfg.seed,
@@ -253,6 +265,8 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "dirichlet_alpha": d.dirichlet_alpha,
         "train_corruption": d.train_corruption,
         "site_smoke_eval": s.site_smoke_eval,
+        # The sites' own LoRA ranks are in their site.json: a federation made with others is another one.
+        **({"site_lora_ranks": list(s.site_lora_ranks)} if s.site_lora_ranks else {}),
         # Backdoor attackers' notes carry their phrase: a federation made without them is another one.
         **(
             {"backdoor": {"sites": backdoor, "phrase": s.attackers.phrase, "strength": s.attackers.strength}}

@@ -39,8 +39,10 @@ from flwr.serverapp.strategy import FedAvgM, Strategy
 
 from fedretrain.arrays import AdapterSpec, check_adapter, from_array_record, record_digest, to_array_record
 from fedretrain.errors import AdapterMismatchError, QuorumLost, ReplyRejected
+from fedretrain.lora_ranks import adapter_rank, changed_beyond, rescale_components
 from strategies.update_bound import bound_update_norms
 from strategies.validation import (
+    RANK_METRIC,
     AcceptedReply,
     Metrics,
     RoundTag,
@@ -191,6 +193,8 @@ class CheckedStrategy(Strategy):
         self.strategy = strategy
         self.spec = spec
         self.frozen = tuple(frozen)
+        # The adapter's LoRA rank (None: not a plain LoRA adapter): a site may train fewer components.
+        self.rank = adapter_rank({key: shape for key, shape, _ in spec.entries})
         self.max_abs_value = max_abs_value
         self.max_update_norm_ratio = max_update_norm_ratio
         self.site_of = site_of
@@ -320,6 +324,7 @@ class CheckedStrategy(Strategy):
                     # would also have no direction to clip (Flower's clipping divides by its norm).
                     raise ReplyRejected("its adapter is the global adapter unchanged: it trained nothing")
                 self._check_frozen(server_round, reply.arrays)
+                self._check_rank(server_round, reply)
             except ReplyRejected as err:
                 self._reject(server_round, msg, str(err), entry.rejected, "reply")
                 continue
@@ -345,6 +350,45 @@ class CheckedStrategy(Strategy):
             raise ReplyRejected(
                 f"{len(changed)} frozen tensor(s) changed (lora.freeze_a: only lora_B trains), e.g. {changed[0]!r}"
             )
+
+    def rank_of(self, reply: AcceptedReply) -> int:
+        """The LoRA rank a reply says its site trained (the adapter's own if it says none)."""
+        value = reply.metrics.get(RANK_METRIC)
+        if value is None or self.rank is None:
+            return self.rank or 0
+        if value != int(value) or not 1 <= value <= self.rank:
+            raise ReplyRejected(f"{RANK_METRIC} must be a whole number in [1, {self.rank}], got {value!r}")
+        return int(value)
+
+    def _check_rank(self, server_round: int, reply: AcceptedReply) -> None:
+        """A site of a lower rank must send every component beyond it back as it got it."""
+        rank = self.rank_of(reply)
+        if self.rank is None or rank == self.rank:
+            return
+        if type(self.algorithm).__name__ not in PLAIN_MEANS:
+            raise ReplyRejected(
+                f"it trained LoRA rank {rank} of {self.rank}: mixed ranks are averaged component by component, "
+                f"which only a plain mean ({', '.join(PLAIN_MEANS)}) can do, not {type(self.algorithm).__name__}"
+            )
+        if self._global is not None and self._global[0] == server_round:
+            changed = changed_beyond(reply.arrays, self._global[1], rank)
+            if changed:
+                raise ReplyRejected(
+                    f"it trained LoRA rank {rank} of {self.rank} but changed components beyond it in "
+                    f"{len(changed)} tensor(s), e.g. {changed[0]!r}"
+                )
+
+    def _per_component(self, server_round: int, result: dict[str, np.ndarray], ranks: list[int]) -> bool:
+        """Make ``result`` (the plain mean) each component's mean over the sites that trained it; whether it changed."""
+        if self.rank is None or all(rank == self.rank for rank in ranks) or self._global is None:
+            return False
+        if self._global[0] != server_round:
+            raise AggregationError(f"round {server_round}: mixed LoRA ranks need the global adapter this round sent")
+        trained = [key for key in result if key not in self.frozen]
+        rescaled = rescale_components({key: result[key] for key in trained}, self._global[1], ranks)
+        result.update(rescaled)
+        log(INFO, "round %d: mixed LoRA ranks %s averaged component by component", server_round, sorted(ranks))
+        return True
 
     def aggregate_train(
         self,
@@ -396,6 +440,8 @@ class CheckedStrategy(Strategy):
             repack = bool(self.frozen) or any(v.dtype != dtypes.get(k, v.dtype) for k, v in views.items())
             result = {key: np.asarray(value, dtype=dtypes.get(key, value.dtype)) for key, value in views.items()}
             check_adapter(result, self.spec)
+            if self._per_component(server_round, result, [self.rank_of(reply) for reply in accepted]):
+                repack = True
             if self.frozen and self._global is not None and self._global[0] == server_round:
                 # Identical copies average to themselves up to float rounding; keep them exact.
                 result.update({key: np.array(self._global[1][key]) for key in self.frozen})
@@ -431,6 +477,7 @@ class CheckedStrategy(Strategy):
                 )
                 if reply.site_id in entry.accepted:
                     raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
+                self.rank_of(reply)
             except ReplyRejected as err:
                 self._reject(server_round, msg, str(err), entry.rejected, "reply")
                 continue
@@ -439,7 +486,11 @@ class CheckedStrategy(Strategy):
         return sorted(accepted, key=lambda reply: reply.site_id)
 
     def aggregate_masked(
-        self, server_round: int, mean_update: Mapping[str, np.ndarray], contributors: Collection[int]
+        self,
+        server_round: int,
+        mean_update: Mapping[str, np.ndarray],
+        contributors: Collection[int],
+        ranks: list[int] | None = None,
     ) -> tuple[ArrayRecord, MetricRecord]:
         """Secure aggregation: the global adapter plus the unmasked mean update of ``contributors`` (node ids).
 
@@ -460,6 +511,8 @@ class CheckedStrategy(Strategy):
             key: (np.asarray(centre[key], dtype=np.float64) + mean_update[key]).astype(dtypes[key])
             for key in self.spec.keys
         }
+        if ranks:  # each site's rank is in its plain metrics; what it sent beyond it cannot be checked
+            self._per_component(server_round, result, ranks)
         result.update({key: np.array(centre[key]) for key in self.frozen})
         try:
             check_adapter(result, self.spec, max_abs=self.max_abs_value)
@@ -562,6 +615,10 @@ class CheckedStrategy(Strategy):
             }
         )
 
+
+# Algorithms whose aggregate is the plain mean of the replies: mixed LoRA ranks are averaged
+# component by component from it (fedretrain/lora_ranks.py), which no other algorithm allows.
+PLAIN_MEANS = ("FedAvg", "FedProx")
 
 # What the wrapped algorithm must leave as Flower's FedAvg has it: the checks hand it one
 # ArrayRecord under "arrays" and the weight under "num-examples".

@@ -44,6 +44,9 @@ TRAIN_METRICS = (
     "steps",
 )
 
+# Optional: the LoRA rank a site trained (fedretrain/lora_ranks.py); absent, the adapter's own.
+RANK_METRIC = "lora-rank"
+
 # Noised sums of each held-out record's clipped loss change, and each noise's std
 # (client/round/site.py, fedretrain/privacy/release.py).
 EVALUATE_METRICS = (

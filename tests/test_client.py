@@ -65,7 +65,16 @@ def test_a_round_trains_the_adapter_and_records_the_spend(tmp_path, job, initial
     assert outcome.metrics["epsilon"] == pytest.approx(ledger.epsilon())
     assert 0 < outcome.metrics["epsilon"] <= site.epsilon_ceiling
     # Nothing in the reply depends on the records: no count, no training loss.
-    assert set(outcome.metrics) == {"epsilon", "epsilon-ceiling", "delta", "noise-multiplier", "sample-rate", "steps"}
+    assert set(outcome.metrics) == {
+        "epsilon",
+        "epsilon-ceiling",
+        "delta",
+        "noise-multiplier",
+        "sample-rate",
+        "steps",
+        "lora-rank",
+    }
+    assert outcome.metrics["lora-rank"] == job.lora.r
     assert outcome.metrics["sample-rate"] == job.privacy.sample_rate
 
 

@@ -29,6 +29,7 @@ from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
 from fedretrain.data.notes import optional_texts, read_records
 from fedretrain.errors import ConfigError, EvaluationRefused, PrivacyBudgetExceeded
+from fedretrain.lora_ranks import expand, truncate
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.privacy.accounting import HistoryEntry, epsilon_for_history, noise_multiplier_for_target, sigma_to_fit
 from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
@@ -154,8 +155,9 @@ def _train_and_record(
     proximal_mu: float = 0.0,
 ) -> TrainOutcome:
     ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta)
-    lm = site_model(job, site.device)
-    load_adapter_arrays(lm, global_adapter)
+    rank = training_rank(site, job)
+    lm = site_model(job, site.device, rank=rank)
+    load_adapter_arrays(lm, global_adapter if rank == job.lora.r else truncate(global_adapter, rank))
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
     seed = _training_seed(site, job, server_round)  # before any spend: a refused job costs nothing
 
@@ -210,8 +212,18 @@ def _train_and_record(
         "noise-multiplier": float(sigma),
         "sample-rate": float(sample_rate),
         "steps": int(result.steps),
+        # The components this site trained; the coordinator checks the rest came back unchanged.
+        "lora-rank": int(rank),
     }
-    return TrainOutcome(adapter=adapter_arrays(lm.model), metrics=metrics)
+    adapter = adapter_arrays(lm.model)
+    if rank < job.lora.r:  # the untrained components go back as they came
+        adapter = expand(adapter, global_adapter)
+    return TrainOutcome(adapter=adapter, metrics=metrics)
+
+
+def training_rank(site: SiteConfig, job: Job) -> int:
+    """The LoRA rank this site trains: its own ``lora-rank`` if lower than the job's, else the job's."""
+    return job.lora.r if site.lora_rank is None else min(site.lora_rank, job.lora.r)
 
 
 def _training_seed(site: SiteConfig, job: Job, server_round: int) -> int:
@@ -404,13 +416,17 @@ def check_cycle_fits(site: SiteConfig, job: Job, ledger: PrivacyLedger, sigma: f
         )
 
 
-def site_model(job: Job, device: str) -> LoraModel:
-    """The job's base model with LoRA attached, built once per process and reused."""
-    return _cached_model(job.model, job.lora, job.seed, device)
+def site_model(job: Job, device: str, rank: int | None = None) -> LoraModel:
+    """The job's base model with LoRA attached, built once per process and reused.
+
+    ``rank`` below the job's: the site's own lower-rank LoRA (fedretrain/lora_ranks.py)."""
+    return _cached_model(job.model, job.lora, job.seed, device, None if rank == job.lora.r else rank)
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_model(model_cfg, lora, seed: int, device: str) -> LoraModel:
+def _cached_model(model_cfg, lora, seed: int, device: str, rank: int | None) -> LoraModel:
     # One adapted model per process, reused across rounds: every round overwrites all
-    # adapter tensors with the global ones, so nothing of an earlier round leaks in.
-    return load_lora_model(model_cfg, lora, seed=seed, device=device)
+    # adapter tensors with the global ones, so nothing of an earlier round leaks in. A site
+    # of a lower rank builds its own for training and the job's for scoring full candidates
+    # (one base model in memory at a time).
+    return load_lora_model(model_cfg, lora, seed=seed, device=device, rank=rank)

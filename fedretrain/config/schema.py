@@ -514,8 +514,16 @@ class SimulationConfig:
     # and writes nothing there (each site's state goes below the run's federation folder).
     sites_dir: str | None = None
     attackers: AttackersConfig = field(default_factory=AttackersConfig)
+    # Mixed LoRA ranks: site k trains rank site_lora_ranks[k % len] (its lora-rank setting,
+    # fedretrain/lora_ranks.py); null: every site the job's lora.r.
+    site_lora_ranks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.site_lora_ranks is not None and (
+            not self.site_lora_ranks
+            or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.site_lora_ranks)
+        ):
+            raise ConfigError(f"site_lora_ranks: LoRA ranks >= 1, one per site (cycled), got {self.site_lora_ranks!r}")
         if self.attackers.share > 0 and self.attackers.behaviour == "backdoor" and self.sites_dir:
             raise ConfigError(
                 "attackers.behaviour: backdoor writes its phrase into generated training notes; "

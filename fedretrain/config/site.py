@@ -80,6 +80,9 @@ class SiteConfig:
     # without it is refused at the ready check, a train message outside the protocol before
     # any training (nothing spent).
     require_secure_aggregation: bool = False
+    # A site with less memory trains a lower LoRA rank than the job's (fedretrain/lora_ranks.py):
+    # the first lora-rank components of the global adapter; None: the job's rank.
+    lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ "):
@@ -93,6 +96,10 @@ class SiteConfig:
             raise ConfigError(f"heldout-fraction: must be in [0, 1), got {self.heldout_fraction!r}")
         _positive("eval-noise", self.eval_noise)
         _positive("status-noise", self.status_noise)
+        if self.lora_rank is not None and (
+            isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1
+        ):
+            raise ConfigError(f"lora-rank: a LoRA rank >= 1 (or unset: the job's), got {self.lora_rank!r}")
         if not math.isfinite(self.status_interval_s) or self.status_interval_s < 0:
             raise ConfigError(f"status-interval-s: must be a finite number >= 0, got {self.status_interval_s!r}")
         _positive("eval-clip", self.eval_clip)

@@ -237,7 +237,7 @@ def attach_lora(
     model: PreTrainedModel,
     *,
     r: int,
-    alpha: int,
+    alpha: float,
     dropout: float,
     target_modules: Sequence[str],
     seed: int,
@@ -263,7 +263,9 @@ def attach_lora(
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=r,
-        lora_alpha=alpha,
+        # A site's lower rank scales alpha by r_k / r (fedretrain/lora_ranks.py), so it may not be
+        # whole: peft types it int but only divides it by r (scaling = lora_alpha / r).
+        lora_alpha=alpha,  # type: ignore[arg-type]
         lora_dropout=dropout,
         target_modules=list(targets),
         # GPT-2's Conv1D stores its weight transposed; saying so spares peft's warning in every worker.

@@ -47,8 +47,12 @@ def load_lora_model(
     seed: int,
     device: str = "auto",
     cache_dir: Path | None = None,
+    rank: int | None = None,
 ) -> LoraModel:
     """Load the base model on its device, then attach LoRA (in that order: opacus#820).
+
+    ``rank`` below ``lora.r``: a site's lower-rank LoRA (fedretrain/lora_ranks.py), with
+    ``alpha`` scaled by ``rank / lora.r`` so that peft's scale ``alpha / r`` is the job's.
 
     ``lora.target_modules`` None chooses the targets from the architecture
     (``fedretrain.modeling.targets``); the targets used are logged and kept in
@@ -62,8 +66,9 @@ def load_lora_model(
     base_nbytes = model_nbytes(base)
     targets = resolve_target_modules(base, lora.target_modules, where=f"model.name_or_path={name!r}")
     logger.info("LoRA targets of %s: %s (%s)", name, ", ".join(targets.modules), targets.source)
+    r = lora.r if rank is None else min(rank, lora.r)
     model = attach_lora(
-        base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets.modules, seed=seed
+        base, r=r, alpha=lora.alpha * r / lora.r, dropout=lora.dropout, target_modules=targets.modules, seed=seed
     )
     if lora.freeze_a:  # FFA-LoRA: A keeps the seeded initialisation every site and the coordinator share
         for param_name, param in model.named_parameters():

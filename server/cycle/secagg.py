@@ -277,7 +277,8 @@ def secure_train_round(
         sampled,
         len(set(nodes) - contributors),
     )
-    return strategy.aggregate_masked(server_round, dict(zip(keys, mean, strict=True)), contributors)
+    ranks = [strategy.rank_of(masked) for masked in accepted]
+    return strategy.aggregate_masked(server_round, dict(zip(keys, mean, strict=True)), contributors, ranks)
 
 
 def _share_counts(settings: SecureAggregationConfig, sampled: int) -> tuple[int, int]:

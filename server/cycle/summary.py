@@ -52,6 +52,8 @@ def round_entry(
             "noise_multiplier": float(m["noise-multiplier"]),
             "sample_rate": float(m["sample-rate"]),
             "steps": int(m["steps"]),
+            # The LoRA rank the site trained (mixed ranks, fedretrain/lora_ranks.py); None: not reported.
+            "lora_rank": int(m["lora-rank"]) if "lora-rank" in m else None,
         }
         for site, m in round_log.accepted.items()
     }
