@@ -32,7 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedretrain.arrays import from_array_record, to_array_record
-from fedretrain.secagg import RECORD_KEY_CONFIGS, SECURE_STAGE, Key, Stage, mask, quantize_update
+from fedretrain.secagg import MAX_MODULUS, RECORD_KEY_CONFIGS, SECURE_STAGE, Key, Stage, mask, quantize_update
 
 log = logging.getLogger("fedretrain.client")
 
@@ -41,8 +41,6 @@ flower = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_
 
 # The reply's record holding the masked update (uint32, the adapter's keys and shapes).
 MASKED_RECORD = "masked"
-# The reply's metric: how many of the update's values were beyond the quantisation range and clipped.
-CLIPPED_METRIC = "secagg-clipped"
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -64,11 +62,14 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     out = RecordDict()
     try:
         if state.current_stage == Stage.SETUP:
+            _check_setup(configs)
             state.nid = msg.metadata.dst_node_id
             result = flower._setup(state, configs)  # noqa: SLF001 - Flower's stage 0, as its mod runs it
         elif state.current_stage == Stage.SHARE_KEYS:
             result = flower._share_keys(state, configs)  # noqa: SLF001 - Flower's stage 1
         elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
+            # The neighbours' shares are checked before training: a bad one must not cost the budget.
+            neighbours = _store_shares(state, configs)
             del msg.content[RECORD_KEY_CONFIGS]  # the handler gets the train message as without the protocol
             msg.content[SECURE_STAGE] = ConfigRecord({"stage": Stage.COLLECT_MASKED_VECTORS})
             reply = call_next(msg, ctxt)
@@ -76,11 +77,12 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
                 ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
                 return reply
             out = reply.content
-            result = _masked_update(state, configs, msg, out)
+            result = _masked_update(state, neighbours, msg, out)
         else:
+            _check_unmask(state, configs)
             result = flower._unmask(state, configs)  # noqa: SLF001 - Flower's stage 3
-    except (KeyError, ValueError) as err:
-        return _refuse(msg, f"secure aggregation, stage {state.current_stage}: {err}")
+    except Exception as err:  # noqa: BLE001 - any failure of the protocol is this site's refusal, never a crash
+        return _refuse(msg, f"secure aggregation, stage {state.current_stage}: {type(err).__name__}: {err}")
     ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
     out.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(result, False)
     return Message(out, reply_to=msg)
@@ -96,13 +98,40 @@ def _refuse(msg: Message, reason: str) -> Message:
     return Message(Error(code=ERROR_CODES[ConfigError], reason=reason), reply_to=msg)
 
 
-def _masked_update(state: Any, configs: ConfigRecord, msg: Message, out: RecordDict) -> dict:
-    """Store the neighbours' shares, then replace the reply's adapter by its masked update.
+def _check_setup(configs: ConfigRecord) -> None:
+    """Refuse settings under which the coordinator could unmask this site alone.
 
-    The update is the reply's adapter minus the global adapter of ``msg``; its quantised
-    values (Flower's stochastic quantisation into ``[0, target_range]``) plus the private
-    mask and the pairwise masks of every neighbour that sent shares, modulo ``mod_range``.
+    Flower's site checks only their types. A threshold of 1 (one share: the secret itself),
+    or one no larger than half the shares (two disjoint groups of holders could then give the
+    coordinator both of this site's secrets, one each, by telling them different stories of
+    who dropped out) would let a coordinator that breaks the protocol read this site's update.
     """
+    # Flower's check_configs has checked these are ints.
+    shares, threshold = cast(int, configs[Key.SHARE_NUMBER]), cast(int, configs[Key.THRESHOLD])
+    if shares < 2 or not shares // 2 < threshold <= shares:
+        raise ValueError(
+            f"threshold {threshold} of {shares} shares: this site needs at least 2 shares and a threshold "
+            "above half of them, or its secrets could be rebuilt without its neighbours' agreement"
+        )
+    modulus, levels = cast(int, configs[Key.MOD_RANGE]), cast(int, configs[Key.TARGET_RANGE])
+    if modulus > MAX_MODULUS or modulus & (modulus - 1) or modulus <= levels:
+        raise ValueError(f"modulus {modulus}: a power of two up to 2**32 above the {levels} quantisation levels")
+
+
+def _check_unmask(state: Any, configs: ConfigRecord) -> None:
+    """Refuse an unmask request that would reveal this site's own secret, or both secrets of one site."""
+    active = set(cast(list[int], configs[Key.ACTIVE_NODE_ID_LIST]))
+    dead = set(cast(list[int], configs[Key.DEAD_NODE_ID_LIST]))
+    if state.nid in dead:
+        raise ValueError("this site is listed as dropped out, though it is answering: its private key stays here")
+    if active & dead:
+        raise ValueError(f"nodes {sorted(active & dead)[:3]} are listed both as active and dropped out")
+    # A site answers one unmask request a round (Flower's stage order), so with a threshold
+    # above half the shares no two groups of holders can give up both secrets of one site.
+
+
+def _store_shares(state: Any, configs: ConfigRecord) -> list[int]:
+    """Decrypt and check the shares the neighbours sent this site; store them; the neighbours' ids."""
     ciphertexts = cast(list[bytes], configs[Key.CIPHERTEXT_LIST])
     sources = cast(list[int], configs[Key.SOURCE_LIST])
     if len(ciphertexts) + 1 < state.threshold:
@@ -116,7 +145,18 @@ def _masked_update(state: Any, configs: ConfigRecord, msg: Message, out: RecordD
         state.rd_seed_share_dict[source] = seed_share
         state.sk1_share_dict[source] = key_share
         neighbours.append(source)
+    return neighbours
 
+
+def _masked_update(state: Any, neighbours: list[int], msg: Message, out: RecordDict) -> dict:
+    """Replace the reply's adapter by its masked update.
+
+    The update is the reply's adapter minus the global adapter of ``msg``; its quantised
+    values (Flower's stochastic quantisation into ``[0, target_range]``) plus the private
+    mask and the pairwise masks of every neighbour that sent shares, modulo ``mod_range``.
+    A value beyond the quantisation range is clipped to it; the site says so in its own log
+    only (a count sent per site would tell the coordinator something of its update).
+    """
     global_arrays = from_array_record(msg.content.array_records["arrays"])
     adapter = from_array_record(out.array_records["arrays"])
     keys = sorted(global_arrays)  # the order the masks are drawn in, on every side
@@ -135,5 +175,4 @@ def _masked_update(state: Any, configs: ConfigRecord, msg: Message, out: RecordD
     masked = mask(quantized, state.mod_range, state.rd_seed, pairwise, state.nid)
     del out["arrays"]
     out[MASKED_RECORD] = to_array_record(dict(zip(keys, masked, strict=True)))
-    out.metric_records["metrics"][CLIPPED_METRIC] = clipped
     return {}

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.secagg import CLIPPED_METRIC, MASKED_RECORD, secure_aggregation_mod
+from client.secagg import MASKED_RECORD, secure_aggregation_mod
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from fedretrain.config.schema import SecureAggregationConfig
 from fedretrain.errors import ConfigError, QuorumLost
@@ -107,8 +107,8 @@ def test_pairwise_masks_cancel_and_private_masks_come_off_with_their_seeds():
 def test_share_counts_follow_flowers_rule():
     cfg = SecureAggregationConfig(enabled=True)
     assert _share_counts(cfg, 2) == (2, 2)
-    assert _share_counts(cfg, 4) == (4, 2)
-    assert _share_counts(SecureAggregationConfig(num_shares=0.5), 10) == (5, 2)  # 5 shares: odd
+    assert _share_counts(cfg, 4) == (4, 3)  # raised to a majority
+    assert _share_counts(SecureAggregationConfig(num_shares=0.5), 10) == (5, 3)  # 5 shares: odd
     assert _share_counts(SecureAggregationConfig(num_shares=0.4, reconstruction_threshold=0.8), 10) == (5, 4)
 
 
@@ -157,11 +157,12 @@ class Sites:
     ``tamper``: nodes whose masked update is replaced by one of the wrong dtype.
     """
 
-    def __init__(self, nodes, *, drop=None, fail_training=(), tamper=()) -> None:
+    def __init__(self, nodes, *, drop=None, fail_training=(), tamper=(), tamper_unmask=None) -> None:
         self.nodes = list(nodes)
         self.drop = drop or {}
         self.fail_training = set(fail_training)
         self.tamper = set(tamper)
+        self.tamper_unmask = tamper_unmask or {}  # node -> f(owners, shares) -> (owners, shares)
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in self.nodes
         }
@@ -218,6 +219,10 @@ class Sites:
             reply.metadata.__dict__["_src_node_id"] = node
             if reply.has_content() and "arrays" in reply.content.array_records:
                 self.plain_updates_seen += 1
+            if node in self.tamper_unmask and stage == Stage.UNMASK and not reply.has_error():
+                config = reply.content.config_records[RECORD_KEY_CONFIGS]
+                owners, shares = self.tamper_unmask[node](list(config[Key.NODE_ID_LIST]), list(config[Key.SHARE_LIST]))
+                config[Key.NODE_ID_LIST], config[Key.SHARE_LIST] = owners, shares
             if node in self.tamper and reply.has_content() and MASKED_RECORD in reply.content.array_records:
                 masked = from_array_record(reply.content[MASKED_RECORD])
                 reply.content[MASKED_RECORD] = to_array_record({k: v.astype(np.int64) for k, v in masked.items()})
@@ -310,13 +315,14 @@ def test_too_many_dropouts_abort_the_round_before_anything_is_used():
 def test_a_sum_that_is_not_a_valid_adapter_fails_the_round():
     from flwr.serverapp.exception import AggregationError
 
-    # Each site's update is 0.001-0.007 beyond a clipping range of 1e-4: clipped, so
-    # counted and warned about; with max_abs_value the sum is checked like any aggregate.
+    # Each site's update is 0.001-0.007 beyond a clipping range of 1e-4: clipped to it (the
+    # site logs so; it sends no count); with max_abs_value the sum is checked like any aggregate.
     sites = Sites([11, 12])
     arrays, entry = one_round(sites, settings=SecureAggregationConfig(enabled=True, clipping_range=1e-4))
-    assert entry.secure["clipped-values"] == 2 * 12
-    assert entry.accepted["site-11"][CLIPPED_METRIC] == 12
+    assert "secagg-clipped" not in entry.accepted["site-11"]
     np.testing.assert_allclose(arrays["lora_A"], 0.5 + 1e-4, atol=1e-9)
+    # The modulus is the smallest power of two above the largest sum, 2 x 2**22 (each quantised value <= 2**22).
+    assert entry.secure["modulus"] == 2**24
 
     strategy = FedAvgLoRA(spec=SPEC, max_update_norm_ratio=None, max_abs_value=0.1)
     strategy.configure_train(
@@ -324,3 +330,60 @@ def test_a_sum_that_is_not_a_valid_adapter_fails_the_round():
     )
     with pytest.raises(AggregationError, match="securely aggregated adapter of 2 sites"):
         strategy.aggregate_masked(1, {k: np.full(s, 0.2) for k, s, _ in SPEC.entries}, {1, 2})
+
+
+def test_ring_neighbourhoods_with_a_dropout_still_give_the_mean():
+    # 6 sites, each secret shared among 3 (itself and one neighbour on either side), threshold 2.
+    sites = Sites([11, 12, 13, 14, 15, 16], fail_training=[14])
+
+    arrays, entry = one_round(sites, settings=SecureAggregationConfig(enabled=True, num_shares=0.5))
+
+    assert (entry.secure["num-shares"], entry.secure["threshold"]) == (3, 2)
+    assert_mean_of(arrays, [11, 12, 13, 15, 16])
+    # Only 14's two neighbours were asked for its private key; nobody for its mask seed.
+    asked_for_14 = [node for node, (_, dead) in sites.unmask_requests.items() if 14 in dead]
+    assert len(asked_for_14) == 2
+    assert all(14 not in active for active, _ in sites.unmask_requests.values())
+
+
+def test_a_malformed_unmask_reply_drops_its_site_and_the_others_shares_suffice():
+    sites = Sites([11, 12, 13], tamper_unmask={13: lambda owners, shares: (owners + owners[:1], shares + shares[:1])})
+
+    arrays, entry = one_round(sites)
+
+    assert_mean_of(arrays, [11, 12, 13])  # 13's vector is in the sum; its seed rebuilt from 11 and 12
+
+
+def test_a_corrupted_share_ends_the_round_with_a_reason_not_a_crash():
+    garbage = {n: (lambda owners, shares: (owners, [b"\x00" * len(s) for s in shares])) for n in (12, 13)}
+    sites = Sites([11, 12, 13], tamper_unmask=garbage)
+
+    with pytest.raises(QuorumLost, match="do not combine|not the one it announced"):
+        one_round(sites)
+
+
+def test_a_site_refuses_settings_that_would_let_the_coordinator_unmask_it():
+    app = ClientApp(mods=[secure_aggregation_mod])
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:  # never reached: setup is the mod's
+        raise AssertionError("the setup stage reached the train function")
+
+    def setup(shares: int, threshold: int) -> Message:
+        config = {
+            Key.STAGE: Stage.SETUP,
+            Key.SAMPLE_NUMBER: 4,
+            Key.SHARE_NUMBER: shares,
+            Key.THRESHOLD: threshold,
+            Key.CLIPPING_RANGE: 1.0,
+            Key.TARGET_RANGE: 2**22,
+            Key.MOD_RANGE: 2**32,
+            Key.MAX_WEIGHT: 1.0,
+        }
+        return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(config)}), dst_node_id=5, message_type="train")
+
+    for shares, threshold in ((1, 1), (4, 2), (4, 1)):
+        reply = app(setup(shares, threshold), context)
+        assert reply.has_error() and "a threshold above half of them" in reply.error.reason, (shares, threshold)
+    assert not app(setup(4, 3), context).has_error()

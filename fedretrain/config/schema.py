@@ -203,8 +203,8 @@ class SecureAggregationConfig:
     ``quantization_range`` levels over ``±clipping_range``, with a private mask and one
     pairwise mask per neighbour; the masks cancel or are removed in the sum. A site's
     secrets are split into Shamir shares among ``num_shares`` (a share of the sampled
-    sites) neighbours, ``reconstruction_threshold`` (a share of those) of which are needed
-    to remove the masks of a site that dropped out.
+    sites) neighbours, ``reconstruction_threshold`` (a share of those, raised to a majority
+    and at least 2) of which are needed to remove the masks of a site that dropped out.
     """
 
     enabled: bool = False

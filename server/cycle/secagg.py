@@ -104,6 +104,10 @@ def secure_train_round(
             f"at {settings.quantization_range} quantisation levels (at most {settings.max_sites()})"
         )
     shares, threshold = _share_counts(settings, sampled)
+    # The smallest power of two that holds the sum of the sampled sites' quantised values: a
+    # hostile site can add any value below the modulus, so a tight one bounds what it can do
+    # to the mean (a few clipping ranges per value instead of thousands).
+    modulus = min(settings.modulus_range, 1 << (sampled * settings.quantization_range).bit_length())
     protocol = _Protocol(threshold=threshold, neighbours=_ring(nodes, shares), active=set(nodes))
     protocol.figures = {"sampled": sampled, "num-shares": shares, "threshold": threshold, "seconds": {}, "bytes": {}}
     group = next(iter(train.values())).metadata.group_id
@@ -130,7 +134,7 @@ def secure_train_round(
             Key.THRESHOLD: threshold,
             Key.CLIPPING_RANGE: float(settings.clipping_range),
             Key.TARGET_RANGE: settings.quantization_range,
-            Key.MOD_RANGE: settings.modulus_range,
+            Key.MOD_RANGE: modulus,
             Key.MAX_WEIGHT: 1.0,  # every site weighs the same: no weight travels
         }
         return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(config)})
@@ -159,7 +163,9 @@ def secure_train_round(
             not isinstance(destinations, list)
             or not isinstance(ciphertexts, list)
             or set(destinations) != expected
+            or len(destinations) != len(set(destinations))
             or len(destinations) != len(ciphertexts)
+            or not all(isinstance(c, bytes) for c in ciphertexts)
         ):
             _drop(grid, server_round, protocol, source, "share keys: its shares are not one per neighbour")
             continue
@@ -185,7 +191,7 @@ def secure_train_round(
         for node in protocol.active
     }
     collected = stage("collect_masked_vectors", collect)
-    accepted = strategy.accept_masked(server_round, collected, modulus=settings.modulus_range)
+    accepted = strategy.accept_masked(server_round, collected, modulus=modulus)
     contributors = {reply.node_id for reply in accepted}
     for node in sorted(protocol.active - contributors):
         protocol.active.discard(node)  # its reply was an error or was left out (the strategy logged why)
@@ -217,7 +223,9 @@ def secure_train_round(
             not isinstance(owners, list)
             or not isinstance(pieces, list)
             or len(owners) != len(pieces)
+            or len(owners) != len(set(owners))
             or not set(owners) <= asked
+            or not all(isinstance(p, bytes) and p for p in pieces)
         ):
             _drop(grid, server_round, protocol, node, "unmask: its shares are not the ones asked for")
             continue
@@ -231,14 +239,13 @@ def secure_train_round(
             f"({node_name(grid, node)}: {count} of the {threshold} shares needed); nothing of the round is used"
         )
 
-    modulus = settings.modulus_range
     started = time.perf_counter()
     for node in sorted(contributors):
-        seed = combine_shares(collected_shares[node])
+        seed = _rebuilt(grid, server_round, node, collected_shares[node], "mask seed")
         for acc, m in zip(total, mask_stream(seed, modulus, shapes), strict=True):
             acc -= m
     for node in sorted(dropped):
-        private_key = bytes_to_private_key(combine_shares(collected_shares[node]))
+        private_key = _rebuilt_private_key(grid, server_round, node, collected_shares[node], protocol)
         for other in sorted(contributors):
             if node not in holders[other]:
                 continue  # it got no shares from the dropped site, so it added no mask for it
@@ -249,22 +256,13 @@ def secure_train_round(
     summed = [np.mod(acc, modulus) for acc in total]
     mean = unmasked_mean(summed, len(contributors), settings.clipping_range, settings.quantization_range)
     protocol.figures["seconds"]["unmask_compute"] = round(time.perf_counter() - started, 3)
-    clipped = sum(int(masked.metrics.get("secagg-clipped", 0)) for masked in accepted)
     protocol.figures.update(
         {
             "summed": len(contributors),
+            "modulus": modulus,
             "dropped": [{"node_id": n, "site_id": bound_site(grid, n)} for n in sorted(set(nodes) - contributors)],
-            "clipped-values": clipped,
         }
     )
-    if clipped:
-        log.warning(
-            "round %d: secure aggregation: the sites clipped %d update value(s) to the quantisation range ±%g "
-            "(strategy.secure_aggregation.clipping_range)",
-            server_round,
-            clipped,
-            settings.clipping_range,
-        )
     entry = strategy.round_log.setdefault(server_round, RoundLog())
     entry.secure = protocol.figures
     # Every stage's messages, the protocol's three extra exchanges and records included.
@@ -282,14 +280,48 @@ def secure_train_round(
 
 
 def _share_counts(settings: SecureAggregationConfig, sampled: int) -> tuple[int, int]:
-    """Flower's rule (``SecAggPlusWorkflow.setup_stage``): shares per secret (odd, or all sites) and the threshold."""
+    """Shares per secret (Flower's rule: odd, or all sites) and the threshold: at least a majority of them.
+
+    Flower allows any threshold of 2 or more; the sites (client/secagg.py) refuse one not
+    above half the shares, under which a coordinator telling two groups of neighbours
+    different stories of who dropped out could rebuild both of one site's secrets.
+    """
     shares = round(settings.num_shares * sampled)
     if shares < sampled and shares % 2 == 0:
         shares += 1
     if shares <= 2:
         shares = sampled
-    threshold = max(round(settings.reconstruction_threshold * shares), 2)
+    threshold = min(shares, max(round(settings.reconstruction_threshold * shares), shares // 2 + 1, 2))
     return shares, threshold
+
+
+def _rebuilt(grid: Grid, server_round: int, node: int, shares: list[bytes], what: str) -> bytes:
+    """A site's secret from its shares; QuorumLost (not a crash) when they do not combine."""
+    try:
+        return combine_shares(shares)
+    except Exception as err:  # noqa: BLE001 - a holder's bad share ends the round, not the coordinator
+        raise QuorumLost(
+            f"round {server_round}: secure aggregation: the shares of {node_name(grid, node)}'s {what} "
+            f"do not combine ({type(err).__name__}: {err}); nothing of the round is used"
+        ) from None
+
+
+def _rebuilt_private_key(grid: Grid, server_round: int, node: int, shares: list[bytes], protocol: _Protocol) -> Any:
+    """A dropped-out site's first private key from its shares, checked against the public key it sent at setup."""
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    secret = _rebuilt(grid, server_round, node, shares, "private key")
+    try:
+        private_key = bytes_to_private_key(secret)
+        matches = public_key_to_bytes(private_key.public_key()) == protocol.public_keys[node][0]
+    except Exception:  # noqa: BLE001 - garbage instead of a key
+        matches = False
+    if not matches:
+        raise QuorumLost(
+            f"round {server_round}: secure aggregation: the shares of {node_name(grid, node)}'s private key "
+            "rebuild a key that is not the one it announced; nothing of the round is used"
+        )
+    return private_key
 
 
 def _ring(nodes: list[int], shares: int) -> dict[int, set[int]]:
