@@ -25,7 +25,13 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"lora": [], "ffa": ["lora.freeze_a=true"], "mixed": ["simulation.site_lora_ranks=[8,4,2]"]}
+VARIANTS = {
+    "lora": [],
+    "ffa": ["lora.freeze_a=true"],
+    "mixed": ["simulation.site_lora_ranks=[8,4,2]"],
+    # What the sites could do without mixed ranks: all train the smallest site's rank (same scale alpha / r).
+    "rank2": ["lora.r=2", "lora.alpha=4"],
+}
 ROW_NAMES = (
     "ffa_lora_candidate_loss_vs_lora",
     "ffa_lora_improvement_vs_lora",
@@ -33,6 +39,7 @@ ROW_NAMES = (
     "mixed_rank_candidate_loss_vs_lora",
     "mixed_rank_improvement_vs_lora",
     "mixed_rank_epsilon_vs_lora",
+    "mixed_rank_improvement_vs_rank2",
 )
 
 
@@ -62,7 +69,10 @@ def run(variant: str, out: Path) -> dict:
 
 
 def rows_from(runs: list[dict]) -> list[dict]:
-    """Median candidate loss and improvement of FFA-LoRA against standard LoRA; their epsilons."""
+    """Median candidate loss, improvement and epsilon of each variant against standard LoRA's.
+
+    Rows only for the variants that ran (``--variants``)."""
+    ran = {r["variant"] for r in runs}
 
     def median(variant: str, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["variant"] == variant)
@@ -70,63 +80,60 @@ def rows_from(runs: list[dict]) -> list[dict]:
     def gain(variant: str) -> float:
         return statistics.median(r["baseline"] - r["candidate"] for r in runs if r["variant"] == variant)
 
-    pairs = sum(1 for r in runs if r["variant"] == "ffa")
-    mixed = (
-        [
+    def against(prefix: str, variant: str, peer: str, what: str) -> list[dict]:
+        if not {variant, peer} <= ran:
+            return []
+        draws = sum(1 for r in runs if r["variant"] == variant)
+        return [
             {
-                "name": "mixed_rank_candidate_loss_vs_lora",
-                "value": median("mixed", "candidate"),
-                "limit_or_peer": median("lora", "candidate"),
-                "note": f"sites of ranks 8, 4, 2 vs 8 everywhere, same target epsilon; median of {pairs} draw(s)",
+                "name": f"{prefix}_candidate_loss_vs_{peer}",
+                "value": median(variant, "candidate"),
+                "limit_or_peer": median(peer, "candidate"),
+                "note": f"{what}, same target epsilon; median of {draws} draw(s)",
             },
             {
-                "name": "mixed_rank_improvement_vs_lora",
-                "value": gain("mixed"),
-                "limit_or_peer": gain("lora"),
+                "name": f"{prefix}_improvement_vs_{peer}",
+                "value": gain(variant),
+                "limit_or_peer": gain(peer),
                 "note": "validation loss gained over the base model",
             },
             {
-                "name": "mixed_rank_epsilon_vs_lora",
-                "value": median("mixed", "eps"),
-                "limit_or_peer": median("lora", "eps"),
+                "name": f"{prefix}_epsilon_vs_{peer}",
+                "value": median(variant, "eps"),
+                "limit_or_peer": median(peer, "eps"),
                 "note": "largest site epsilon of the cycle: must be the same",
             },
         ]
-        if any(r["variant"] == "mixed" for r in runs)
-        else []
-    )
-    return [
-        {
-            "name": "ffa_lora_candidate_loss_vs_lora",
-            "value": median("ffa", "candidate"),
-            "limit_or_peer": median("lora", "candidate"),
-            "note": f"demo federation, same target epsilon; median of {pairs} pair(s)",
-        },
-        {
-            "name": "ffa_lora_improvement_vs_lora",
-            "value": gain("ffa"),
-            "limit_or_peer": gain("lora"),
-            "note": "validation loss gained over the base model",
-        },
-        {
-            "name": "ffa_lora_epsilon_vs_lora",
-            "value": median("ffa", "eps"),
-            "limit_or_peer": median("lora", "eps"),
-            "note": "largest site epsilon of the cycle: must be the same",
-        },
-        *mixed,
-    ]
+
+    rows = against("ffa_lora", "ffa", "lora", "demo federation, FFA-LoRA vs LoRA")
+    rows += against("mixed_rank", "mixed", "lora", "sites of ranks 8, 4, 2 vs 8 everywhere")
+    if {"mixed", "rank2"} <= ran:
+        rows.append(
+            {
+                "name": "mixed_rank_improvement_vs_rank2",
+                "value": gain("mixed"),
+                "limit_or_peer": gain("rank2"),
+                "note": "gain of ranks 8, 4, 2 vs rank 2 at every site (the smallest site's rank for all)",
+            }
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the pairs, print, optionally write JSON rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+    )
     parser.add_argument("--json", type=Path, help="write result rows here")
     args = parser.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
-        names = list(VARIANTS)
+        names = args.variants.split(",")
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
         for pair in range(args.pairs):
             order = names[pair % len(names) :] + names[: pair % len(names)]  # each goes first in turn
             for variant in order:

@@ -74,6 +74,10 @@ ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
     ),
     (r"secagg_mask_s", ("12 Secure aggregation", "s", 1.0, "lower", "ChaCha20 masks vs Flower's generator")),
     (r"mixed_rank_candidate", ("11 DP-aware LoRA", "nats", None, "lower", "mixed ranks' validation loss vs LoRA's")),
+    (
+        r"mixed_rank_improvement_vs_rank2",
+        ("11 DP-aware LoRA", "nats", None, "higher", "mixed ranks vs rank 2 everywhere"),
+    ),
     (r"mixed_rank_improvement", ("11 DP-aware LoRA", "nats", None, "higher", "gain over the base model")),
     (r"mixed_rank_epsilon", ("11 DP-aware LoRA", "epsilon", None, "lower", "same target epsilon")),
     (r"ffa_lora_candidate", ("11 DP-aware LoRA", "nats", None, "lower", "FFA-LoRA's validation loss vs LoRA's")),

@@ -222,7 +222,7 @@ def test_attack_rows_compare_each_attacked_cell_with_its_defences_clean_one():
 
 
 def test_ffa_and_mixed_rank_rows_are_medians_of_the_pairs():
-    # Two pairs from a baseline of 6.8: LoRA reaches 5.4 and 5.6, FFA-LoRA 5.2 and 5.3, mixed ranks 5.7 and 5.9.
+    # From a baseline of 6.8: LoRA reaches 5.4 and 5.6, FFA-LoRA 5.2 and 5.3, mixed ranks 5.7 and 5.9, rank 2 6.0.
     runs = [
         {"variant": "lora", "baseline": 6.8, "candidate": 5.4, "eps": 3.0},
         {"variant": "ffa", "baseline": 6.8, "candidate": 5.2, "eps": 3.0},
@@ -230,12 +230,17 @@ def test_ffa_and_mixed_rank_rows_are_medians_of_the_pairs():
         {"variant": "ffa", "baseline": 6.8, "candidate": 5.3, "eps": 3.0},
         {"variant": "mixed", "baseline": 6.8, "candidate": 5.9, "eps": 3.0},
         {"variant": "lora", "baseline": 6.8, "candidate": 5.6, "eps": 3.0},
+        {"variant": "rank2", "baseline": 6.8, "candidate": 6.0, "eps": 3.0},
     ]
     rows = {row["name"]: row for row in finish_rows(lora_rows_from(runs))}
     assert set(rows) == set(LORA_ROW_NAMES)
     mixed = rows["mixed_rank_candidate_loss_vs_lora"]
     assert (mixed["value"], mixed["limit_or_peer"]) == (pytest.approx(5.8), pytest.approx(5.5))
     assert rows["mixed_rank_improvement_vs_lora"]["ratio"] == pytest.approx(1.0 / 1.3)
+    assert rows["mixed_rank_improvement_vs_rank2"]["ratio"] == pytest.approx(1.0 / 0.8)
+    # A subset of variants: rows for what ran only.
+    only_ffa = lora_rows_from([r for r in runs if r["variant"] in ("lora", "ffa")])
+    assert {row["name"] for row in only_ffa} == {n for n in LORA_ROW_NAMES if n.startswith("ffa_")}
     loss = rows["ffa_lora_candidate_loss_vs_lora"]
     assert (loss["value"], loss["limit_or_peer"]) == (pytest.approx(5.25), pytest.approx(5.5))
     assert rows["ffa_lora_improvement_vs_lora"]["ratio"] == pytest.approx(1.55 / 1.3)
