@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_privacy_commands(sub)
 
+    from cli.dashboard import add_dashboard_command
+
+    add_dashboard_command(sub)
+
     config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the composed, validated config")
     show.add_argument("overrides", nargs="*")

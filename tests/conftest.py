@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -69,3 +70,14 @@ def instruction_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def cli_logging():
+    """``main`` sets up the "fedretrain" logger for a terminal; put it back as it was."""
+    logger = logging.getLogger("fedretrain")
+    saved = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:] = saved[0]
+    logger.propagate = saved[1]
+    logger.setLevel(saved[2])

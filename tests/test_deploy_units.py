@@ -67,17 +67,6 @@ def no_processes(monkeypatch):
 
 
 @pytest.fixture
-def cli_logging():
-    """``main`` sets up the "fedretrain" logger for a terminal; put it back as it was."""
-    logger = logging.getLogger("fedretrain")
-    saved = list(logger.handlers), logger.propagate, logger.level
-    yield
-    logger.handlers[:] = saved[0]
-    logger.propagate = saved[1]
-    logger.setLevel(saved[2])
-
-
-@pytest.fixture
 def data_dir(tmp_path) -> Path:
     shutil.copytree(EXAMPLE, tmp_path / "data")
     return tmp_path / "data"

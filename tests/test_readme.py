@@ -203,6 +203,21 @@ def test_readme_audit_command():
     assert "canaries" in proc.stdout and "ledger epsilon" in proc.stdout
 
 
+# Servers that run until stopped: each is run as written (on a free port) by
+# tests/test_dashboard.py::test_the_readme_dashboard_commands_serve_the_pages, in a directory
+# holding a simulation's runs/ and a deployment's coordinator folder coord/.
+DASHBOARD_COMMANDS = [c for c in readme_commands() if c.startswith("fedretrain dashboard")]
+
+
+def test_readme_dashboard_commands_parse_as_written():
+    from cli.main import _parser
+
+    assert DASHBOARD_COMMANDS
+    for command in DASHBOARD_COMMANDS:
+        args = _parser().parse_args(shlex.split(command)[1:])
+        assert args.func.__name__ == "_dashboard" and args.host == "127.0.0.1", command
+
+
 # The watch session's cycles, shrunk in time: what it shows is which triggers start a cycle and
 # that the sites pay for it, not how much it learns (notes cut to 64 tokens).
 WATCH_SHRINK = [

@@ -1,0 +1,284 @@
+"""The HTML of each page, rendered from exactly the data its JSON endpoint returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from server.dashboard.charts import budget_bar, line_chart
+from server.dashboard.layout import command, link, num, problems, table, text
+
+
+def federation_body(view: dict[str, Any]) -> str:
+    parts = [_federation(f) for f in view["federations"]] or ['<p class="none">no runs or registries found</p>']
+    coordinator = view.get("coordinator")
+    if coordinator:
+        watch = coordinator.get("watch") or {}
+        parts.append(f"<h2>Coordinator folder {text(coordinator['path'])}</h2>")
+        parts.append(table(["site", "node"], [[text(s), text(n)] for s, n in sorted(coordinator["sites"].items())]))
+        if watch:
+            parts.append(
+                f"<p>standing watch: {'running' if watch.get('running') else 'not running'}, "
+                f"{text(watch.get('phase'))}, {text(watch.get('polls'))} polls, {text(watch.get('cycles'))} cycles</p>"
+            )
+        parts.append(problems(coordinator["problems"]))
+    return "".join(parts)
+
+
+def _federation(fed: dict[str, Any]) -> str:
+    registry = fed["registry"]
+    title = "Runs without a registry yet" if registry is None else f"Federation of {text(registry['path'])}"
+    head = f"<h2>{title}</h2>"
+    if registry is not None:
+        head += f"<p>{link('versions', registry['registry_id'], 'its versions')}</p>"
+    head += "<p>runs, newest first: " + (", ".join(link("cycles", r) for r in fed["runs"][:8]) or "none") + "</p>"
+    rows = []
+    for site in fed["sites"]:
+        run, ledger, status = site.get("run") or {}, site.get("ledger"), site.get("status") or {}
+        rows.append(
+            [
+                text(site["site_id"]),
+                budget_bar(site["epsilon_spent"], site["epsilon_ceiling"]),
+                text(site["spent_source"]),
+                num(run.get("epsilon")),
+                "–" if ledger is None else f"{num(ledger['epsilon'])} ({ledger['releases']} releases)",
+                num(status.get("new_records")),
+                num(status.get("drift_js")),
+                num(status.get("drift_hidden")),
+                num(status.get("loss_new")),
+                num(status.get("loss_reference")),
+            ]
+        )
+    headers = ["site", "ε spent / ceiling", "from", "ε after newest run", "ε by ledger", "new records"]
+    headers += ["drift JS (bits)", "drift hidden", "loss new", "loss reference"]
+    return head + table(headers, rows, numeric=range(3, 10)) + _watch(fed.get("watch")) + problems(fed["problems"])
+
+
+def _watch(watch: dict[str, Any] | None) -> str:
+    if not watch:
+        return ""
+    state, poll = watch.get("state") or {}, watch.get("poll")
+    out = f"<h3>Watch</h3><p>{text(state.get('polls'))} polls, {text(state.get('cycles'))} cycles"
+    if poll:
+        refused = ", ".join(f"{text(r.get('site_id'))}: {text(r.get('reason'))}" for r in poll["refused"])
+        out += f"; last status poll {text(poll['at'])}, refused: {refused or 'none'}, no reply: {len(poll['no_reply'])}"
+    if watch.get("inflight"):
+        out += f"; cycle {text(watch['inflight'].get('cycle'))} under way"
+    cycles = [
+        [
+            text(c.get("cycle")),
+            text(", ".join(c.get("triggers") or [])),
+            text(c.get("decision")),
+            text(c.get("published_version")),
+            text(", ".join(f"{s}: {why}" for s, why in (c.get("excluded") or {}).items()) or None),
+            text(c.get("failure")),
+        ]
+        for c in watch["cycles"]
+    ]
+    alerts = [[text(a.get("trigger")), text(a.get("message")), text(a.get("held") or "")] for a in watch["alerts"]]
+    return (
+        out
+        + "</p><h4>Cycles the watch ran (newest first)</h4>"
+        + table(["cycle", "triggers", "decision", "published", "left out", "failure"], cycles)
+        + "<h4>Alerts (newest first)</h4>"
+        + table(["trigger", "message", "held"], alerts)
+    )
+
+
+def cycles_body(runs: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            link("cycles", r["run_id"]),
+            text(r["name"]),
+            text(r["state"]),
+            f"{text(r['round'])} of {text(r['rounds'])}",
+            text(r["decision"]),
+            text(r["published_version"]),
+            text(r["pending_version"]),
+            text(r["last_written"]),
+        ]
+        for r in runs
+    ]
+    return table(["run", "name", "state", "round", "gate", "published", "awaits approval", "last written"], rows)
+
+
+def cycle_body(view: dict[str, Any]) -> str:
+    rows, summary = view["metrics"], view["summary"]
+    head = (
+        f"<p><strong>round {text(view['round'])} of {text(view['rounds'])}</strong>, {text(view['state'])}; "
+        f"{text(view['name'])} in {text(view['path'])}"
+    )
+    if view["registry_id"]:
+        head += f"; {link('versions', view['registry_id'], 'registry')}"
+    parts = [head + "</p>", _outcome(summary) if summary else "", _charts(rows), _rounds(rows)]
+    parts.append("<h2>Refused replies</h2>")
+    parts.append(
+        table(
+            ["round", "site", "node", "code", "reason"],
+            [
+                [text(r.get("round")), text(r.get("site_id")), text(r.get("node_id")), text(r.get("code"))]
+                + [text(r.get("reason"))]
+                for r in view["refusals"]
+            ],
+        )
+    )
+    parts += [_secure(rows), problems(view["problems"])]
+    return "".join(parts)
+
+
+def _outcome(summary: dict[str, Any]) -> str:
+    gate = summary.get("gate") or {}
+    out = (
+        f"<p>validation loss {num(summary.get('baseline_loss'))} (baseline) → {num(summary.get('candidate_loss'))}"
+        f" (candidate); wall time {num(summary.get('wall_time_s'), 1)} s</p>"
+    )
+    if summary.get("aborted"):
+        return out + f"<p class=problems>aborted, nothing published: {text(summary['aborted'])}</p>"
+    out += (
+        f"<p>gate: <strong>{text(gate.get('decision'))}</strong>, improvement {num(gate.get('improvement'))} "
+        f"(interval [{num(gate.get('ci_low'))}, {num(gate.get('ci_high'))}], margin {num(gate.get('margin'))}); "
+        f"published version {text(summary.get('published_version'))}, "
+        f"awaiting approval {text(summary.get('pending_version'))}</p>"
+    )
+    return out + "<ul>" + "".join(f"<li>{text(r)}</li>" for r in gate.get("reasons") or []) + "</ul>"
+
+
+def _charts(rows: Sequence[dict[str, Any]]) -> str:
+    def per_site(key: str, field: str) -> dict[str, list[tuple[float, float | None]]]:
+        sites = sorted({s for r in rows for s in r.get(key) or {}})
+        return {s: [(r["round"], (r.get(key) or {}).get(s, {}).get(field)) for r in rows] for s in sites}
+
+    trained = [r for r in rows if r["round"] > 0]
+    validation = {
+        "candidate": [(r["round"], (r.get("validation") or {}).get("candidate_loss")) for r in rows],
+        "baseline": [(r["round"], (r.get("validation") or {}).get("baseline_loss")) for r in rows],
+    }
+    traffic = {
+        "bytes down": [(r["round"], r.get("bytes_down")) for r in trained],
+        "bytes up": [(r["round"], r.get("bytes_up")) for r in trained],
+    }
+    return "".join(
+        [
+            "<h2>Per round</h2>",
+            line_chart("Validation loss (coordinator)", validation, dashed=["baseline"]),
+            line_chart("Sites' held-out loss change (noised)", per_site("evaluation", "change")),
+            line_chart("ε per site (lifetime, as reported)", per_site("sites", "epsilon")),
+            line_chart("Bytes per round", traffic),
+            line_chart("Seconds per round", {"round": [(r["round"], r.get("round_s")) for r in rows]}),
+        ]
+    )
+
+
+def _rounds(rows: Sequence[dict[str, Any]]) -> str:
+    body = [
+        [
+            text(r["round"]),
+            f"{text(r.get('sites_accepted'))} of {text(r.get('sites_sampled'))}",
+            num((r.get("validation") or {}).get("candidate_loss")),
+            num((r.get("validation") or {}).get("baseline_loss")),
+            text(", ".join(f"{s}: {num(e.get('epsilon'), 3)}" for s, e in sorted((r.get("sites") or {}).items()))),
+            text(", ".join(f"{s}: {num(e.get('change'))} ± {num(e.get('change_noise_std'))}" for s, e in _ev(r))),
+            num(r.get("bytes_down")),
+            num(r.get("bytes_up")),
+            num(r.get("round_s"), 3),
+            text(len(r.get("rejected") or [])),
+        ]
+        for r in rows
+    ]
+    headers = ["round", "accepted", "validation", "baseline", "ε per site", "held-out change (noised)"]
+    headers += ["bytes down", "bytes up", "seconds", "refused"]
+    return table(headers, body, numeric=(2, 3, 6, 7, 8, 9))
+
+
+def _ev(row: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return sorted((row.get("evaluation") or {}).items())
+
+
+def _secure(rows: Sequence[dict[str, Any]]) -> str:
+    secure = [(r["round"], r["secure_aggregation"]) for r in rows if isinstance(r.get("secure_aggregation"), dict)]
+    if not secure:
+        return ""
+    body = [
+        [
+            text(n),
+            f"{text(s.get('summed'))} of {text(s.get('sampled'))}",
+            text(s.get("threshold")),
+            text(s.get("num-shares")),
+            text(s.get("modulus")),
+            text(", ".join(str(d.get("site_id")) for d in s.get("dropped") or []) or None),
+            text(", ".join(f"{k} {num(v, 3)} s" for k, v in (s.get("seconds") or {}).items())),
+            text(", ".join(f"{k} {b.get('down')}/{b.get('up')} B" for k, b in (s.get("bytes") or {}).items())),
+        ]
+        for n, s in secure
+    ]
+    headers = ["round", "summed", "threshold", "shares", "modulus", "dropped", "seconds", "bytes down/up"]
+    return "<h2>Secure aggregation</h2>" + table(headers, body)
+
+
+def registries_body(registries: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            link("versions", r["registry_id"], r["path"]),
+            text(len(r["versions"])),
+            text(r["champion"]),
+            text(", ".join(map(str, r["pending"])) or None),
+        ]
+        for r in registries
+    ]
+    return table(["registry", "versions", "champion", "awaiting approval"], rows)
+
+
+def versions_body(view: dict[str, Any]) -> str:
+    champion = view["champion"] or {}
+    parts = [
+        f"<p>registry {text(view['path'])}; champion <strong>{text(champion.get('version'))}</strong> "
+        f"since {text(champion.get('set_at'))} ({text(champion.get('reason'))}), as champion.json says. "
+        "Check the signed chain with:</p>",
+        command(view["commands"]["verify"]),
+        "<h2>Awaiting approval</h2>",
+    ]
+    pending = [row for row in view["versions"] if row["status"] == "pending"]
+    parts += [f"<p>version {row['version']}:</p>{command(row['commands']['approve'])}" for row in pending]
+    parts += [] if pending else ['<p class="none">none</p>']
+    parts += ["<h2>Versions</h2>", table(_VERSION_HEADERS, [_version_row(r) for r in view["versions"]])]
+    timeline = [[text(e["at"]), text(e["event"]), text(e["version"]), text(e["detail"])] for e in view["timeline"]]
+    parts += ["<h2>Timeline (newest first)</h2>", table(["at", "event", "version", "detail"], timeline)]
+    decisions = [
+        [
+            link("cycles", d["dashboard_run"], d.get("name")) if d.get("dashboard_run") else text(d.get("run_id")),
+            text(d.get("decision")),
+            text(d.get("version")),
+            text(d.get("baseline_version")),
+            f"{num(d.get('improvement'))} [{num(d.get('ci_low'))}, {num(d.get('ci_high'))}]",
+            text("; ".join(d.get("reasons") or [])),
+        ]
+        for d in view["decisions"]
+    ]
+    headers = ["run", "decision", "version", "baseline", "improvement [interval]", "reasons"]
+    parts += ["<h2>Gate decisions (newest first)</h2>", table(headers, decisions), problems(view["problems"])]
+    return "".join(parts)
+
+
+_VERSION_HEADERS = ["version", "status", "created", "expires", "parent", "run", "gate", "improvement [interval]"]
+_VERSION_HEADERS += ["installed at", "approval", "commands"]
+
+
+def _version_row(row: dict[str, Any]) -> list[str]:
+    manifest = row["manifest"] or {}
+    gate, run, approval = manifest.get("gate") or {}, manifest.get("run") or {}, row["approval"] or {}
+    status = text(row["status"]) + (" (expired)" if row["expired"] else "")
+    if row["status"] in ("pending", "champion"):
+        status = f'<span class="{row["status"]}">{status}</span>'
+    return [
+        text(row["version"]),
+        status,
+        text(manifest.get("created_at")),
+        text(manifest.get("expires_at")),
+        text(manifest.get("parent")),
+        text(run.get("name")),
+        text(gate.get("decision")),
+        f"{num(gate.get('improvement'))} [{num(gate.get('ci_low'))}, {num(gate.get('ci_high'))}]",
+        text(", ".join(sorted(row["installed"])) or None),
+        text(f"{approval.get('approver')} at {approval.get('created_at')}" if approval else None),
+        "".join(command(c) for name, c in row["commands"].items() if name != "show"),
+    ]
