@@ -20,9 +20,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 (COMMAND,) = [c for c in readme_commands() if c.startswith("fedretrain simulate") and "secure_aggregation" in c]
 
+# One round of 4 local steps on notes cut to 64 tokens: what is under test is the protocol,
+# not the gate, whose sites' check at this size sits within their noise (tolerance 1).
+SHRINK = ["rounds=1", "model.max_length=64", "train.local_steps=4", "gate.site_tolerance=1"]
+
 
 def test_sites_masked_updates_are_summed_and_the_mean_is_published(tmp_path):
-    run_dir, output = simulate(*shlex.split(COMMAND)[2:], "rounds=1", "model.max_length=64", f"output_dir={tmp_path}")
+    run_dir, output = simulate(*shlex.split(COMMAND)[2:], *SHRINK, f"output_dir={tmp_path}")
 
     summary = json.loads((run_dir / "summary.json").read_text())
     (round1,) = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["round"] == 1]
