@@ -81,3 +81,9 @@ def cli_logging():
     logger.handlers[:] = saved[0]
     logger.propagate = saved[1]
     logger.setLevel(saved[2])
+
+
+@pytest.fixture
+def propagating_logs(monkeypatch):
+    """Log records reach caplog: `cli.main.main` (run by other test files) turns propagation off on "fedretrain"."""
+    monkeypatch.setattr(logging.getLogger("fedretrain"), "propagate", True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from test_aggregation import _instruction, serverapp_identity  # noqa: F401 - a fixture
+from test_aggregation import _instruction
 
 from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.attacks import ATTACKS, attacked
@@ -18,6 +18,8 @@ from simulation.attacks import attack_mod, attacker_ids, poisoned
 
 G = {"a": np.full((2, 3), 1.0, np.float32)}
 U = {"a": np.full((2, 3), 3.0, np.float32)}
+
+pytestmark = pytest.mark.usefixtures("instruction_identity", "propagating_logs")
 
 
 @pytest.mark.parametrize(

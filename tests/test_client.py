@@ -31,6 +31,7 @@ from fedretrain.config import Job, SiteConfig, compose_config
 from fedretrain.errors import ConfigError, DataValidationError, PrivacyBudgetExceeded
 from fedretrain.modeling.lora_model import adapter_arrays, load_lora_model
 from fedretrain.privacy.ledger import PrivacyLedger
+from strategies.validation import RANK_METRIC, TRAIN_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "site-a"
@@ -65,15 +66,7 @@ def test_a_round_trains_the_adapter_and_records_the_spend(tmp_path, job, initial
     assert outcome.metrics["epsilon"] == pytest.approx(ledger.epsilon())
     assert 0 < outcome.metrics["epsilon"] <= site.epsilon_ceiling
     # Nothing in the reply depends on the records: no count, no training loss.
-    assert set(outcome.metrics) == {
-        "epsilon",
-        "epsilon-ceiling",
-        "delta",
-        "noise-multiplier",
-        "sample-rate",
-        "steps",
-        "lora-rank",
-    }
+    assert set(outcome.metrics) == {*TRAIN_METRICS, RANK_METRIC}
     assert outcome.metrics["lora-rank"] == job.lora.r
     assert outcome.metrics["sample-rate"] == job.privacy.sample_rate
 

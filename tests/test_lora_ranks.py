@@ -6,7 +6,6 @@ training (client/round/site.py) and the coordinator's checks and per-component m
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -15,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.round.site import train_round
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
@@ -33,17 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 A, B = "layer.lora_A.weight", "layer.lora_B.weight"
 SPEC = AdapterSpec(entries=((A, (2, 3), "float32"), (B, (4, 2), "float32")))
 
-
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-@pytest.fixture(autouse=True)
-def propagating_logs(monkeypatch):
-    monkeypatch.setattr(logging.getLogger("fedretrain"), "propagate", True)
+pytestmark = pytest.mark.usefixtures("instruction_identity", "propagating_logs")
 
 
 def adapter(a_rows, b_cols) -> dict[str, np.ndarray]:

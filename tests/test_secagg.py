@@ -9,14 +9,10 @@ protocol with real training in tests/test_secagg_e2e.py.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.secagg import MASKED_RECORD, secure_aggregation_mod
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
@@ -35,30 +31,14 @@ from fedretrain.secagg import (
 from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.secagg import _share_counts
 from strategies import FedAvgLoRA
+from strategies.validation import TRAIN_METRICS
 
 SPEC = AdapterSpec(entries=(("lora_A", (2, 3), "float32"), ("lora_B", (3, 2), "float32")))
-TRAIN_METRICS = {
-    "epsilon": 1.0,
-    "epsilon-ceiling": 8.0,
-    "delta": 1e-5,
-    "noise-multiplier": 1.1,
-    "sample-rate": 0.05,
-    "steps": 5,
-}
+SITE_METRICS = dict(zip(TRAIN_METRICS, (1.0, 8.0, 1e-5, 1.1, 0.05, 5), strict=True))
 # The quantisation step at the defaults: 2 x 1.0 / 2**22.
 STEP = 2.0 / 2**22
 
-
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-@pytest.fixture(autouse=True)
-def propagating_logs(monkeypatch):
-    monkeypatch.setattr(logging.getLogger("fedretrain"), "propagate", True)
+pytestmark = pytest.mark.usefixtures("instruction_identity", "propagating_logs")
 
 
 # ---- the arithmetic, by hand ----
@@ -189,7 +169,7 @@ class Sites:
                 }
             )
             content = RecordDict(
-                {"arrays": to_array_record(trained), "metrics": MetricRecord(dict(TRAIN_METRICS)), "site": site}
+                {"arrays": to_array_record(trained), "metrics": MetricRecord(dict(SITE_METRICS)), "site": site}
             )
             return Message(content, reply_to=msg)
 

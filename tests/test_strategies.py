@@ -13,7 +13,7 @@ import pytest
 import yaml
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from test_aggregation import SPEC, _instruction, serverapp_identity, train_metrics  # noqa: F401 - a fixture
+from test_aggregation import SPEC, _instruction, train_metrics
 
 from fedretrain.arrays import AdapterSpec, from_array_record, record_digest, to_array_record
 from fedretrain.config import compose_config, conf_dir
@@ -24,6 +24,8 @@ from strategies import STRATEGIES, CheckedStrategy, build_strategy, strategy_opt
 from strategies.central_dp import central_dp_wrapper, central_epsilon, effective_noise_multiplier
 
 HONEST = {"site-a": 1.0, "site-b": 2.0, "site-c": 2.5, "site-d": 4.0}
+
+pytestmark = pytest.mark.usefixtures("instruction_identity", "propagating_logs")
 
 
 def filled(v: float) -> dict[str, np.ndarray]:
