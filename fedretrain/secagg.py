@@ -79,8 +79,8 @@ def quantize_update(
     A value beyond ``±clipping_range`` is clipped to it (Flower does so silently); the
     count lets the site say so.
     """
-    clipped = int(sum(np.count_nonzero(np.abs(np.asarray(a, dtype=np.float64)) > clipping_range) for a in update))
     arrays = [np.asarray(a, dtype=np.float64) for a in update]
+    clipped = int(sum(np.count_nonzero(np.abs(a) > clipping_range) for a in arrays))
     return [q.astype(np.int64) for q in quantize(arrays, clipping_range, quantization_range)], clipped
 
 

@@ -126,8 +126,20 @@ class RoundLog:
         )
 
 
-def _content_bytes(msg: Message) -> int:
-    return sum(record.count_bytes() for record in msg.content.values())
+def content_bytes(msg: Message) -> int:
+    """A message's record bytes (0 for an error reply).
+
+    Flower's ConfigRecord.count_bytes reads v[0] of every list value and raises IndexError on
+    an empty one (a secure-aggregation stage's empty list of dropped-out nodes): such values
+    are counted as nothing."""
+    if not msg.has_content():
+        return 0
+    return sum(
+        ConfigRecord({k: v for k, v in record.items() if v != []}).count_bytes()
+        if isinstance(record, ConfigRecord)
+        else record.count_bytes()
+        for record in msg.content.values()
+    )
 
 
 def _array_bytes(msg: Message) -> int:
@@ -286,7 +298,7 @@ class CheckedStrategy(Strategy):
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         entry = self._round(server_round)
         entry.sampled = len(messages)
-        entry.bytes_down = sum(_content_bytes(msg) for msg in messages)
+        entry.bytes_down = sum(content_bytes(msg) for msg in messages)
         return messages
 
     def configure_evaluate(
@@ -301,7 +313,26 @@ class CheckedStrategy(Strategy):
         return messages
 
     def _accept_train(self, server_round: int, replies: list[Message]) -> list[AcceptedReply]:
-        """Validate each reply; log and record the rejected ones."""
+        """Validate each reply (adapter included); log and record the rejected ones."""
+
+        def check(msg: Message) -> AcceptedReply:
+            reply = validate_train_reply(
+                msg, self.spec, max_abs_value=self.max_abs_value, expected=self._tags.get(("train", server_round))
+            )
+            if self._is_global(server_round, reply.arrays):
+                # A free-rider's signature (DP noise makes an honest update differ); it
+                # would also have no direction to clip (Flower's clipping divides by its norm).
+                raise ReplyRejected("its adapter is the global adapter unchanged: it trained nothing")
+            self._check_frozen(server_round, reply.arrays)
+            self._check_rank(server_round, reply)
+            return reply
+
+        return self._accept(server_round, replies, check)
+
+    def _accept(
+        self, server_round: int, replies: Iterable[Message], check: Callable[[Message], AcceptedReply]
+    ) -> list[AcceptedReply]:
+        """Each reply that passes ``check`` and is its node's and its site's only one; log and record the rest."""
         entry = self._round(server_round)
         accepted: list[AcceptedReply] = []
         nodes: set[int] = set()
@@ -311,20 +342,9 @@ class CheckedStrategy(Strategy):
                 if msg.metadata.src_node_id in nodes:
                     raise ReplyRejected(f"node {msg.metadata.src_node_id} already replied this round")
                 nodes.add(msg.metadata.src_node_id)
-                reply = validate_train_reply(
-                    msg,
-                    self.spec,
-                    max_abs_value=self.max_abs_value,
-                    expected=self._tags.get(("train", server_round)),
-                )
+                reply = check(msg)
                 if reply.site_id in entry.accepted:
                     raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
-                if self._is_global(server_round, reply.arrays):
-                    # A free-rider's signature (DP noise makes an honest update differ); it
-                    # would also have no direction to clip (Flower's clipping divides by its norm).
-                    raise ReplyRejected("its adapter is the global adapter unchanged: it trained nothing")
-                self._check_frozen(server_round, reply.arrays)
-                self._check_rank(server_round, reply)
             except ReplyRejected as err:
                 self._reject(server_round, msg, str(err), entry.rejected, "reply")
                 continue
@@ -462,28 +482,16 @@ class CheckedStrategy(Strategy):
         distance, a free-rider's unchanged adapter, frozen tensors): the sum is checked
         instead, by :meth:`aggregate_masked`.
         """
-        replies = list(replies)
-        entry = self._round(server_round)
-        entry.bytes_up += sum(_array_bytes(msg) for msg in replies)
-        accepted: list[AcceptedReply] = []
-        nodes: set[int] = set()
-        for msg in replies:
-            try:
-                if msg.metadata.src_node_id in nodes:
-                    raise ReplyRejected(f"node {msg.metadata.src_node_id} already replied this round")
-                nodes.add(msg.metadata.src_node_id)
-                reply = validate_masked_reply(
-                    msg, self.spec, modulus=modulus, expected=self._tags.get(("train", server_round))
-                )
-                if reply.site_id in entry.accepted:
-                    raise ReplyRejected(f"site-id {reply.site_id!r} already replied this round")
-                self.rank_of(reply)
-            except ReplyRejected as err:
-                self._reject(server_round, msg, str(err), entry.rejected, "reply")
-                continue
-            accepted.append(reply)
-            entry.accepted[reply.site_id] = {"node-id": reply.node_id, **reply.metrics}
-        return sorted(accepted, key=lambda reply: reply.site_id)
+
+        def check(msg: Message) -> AcceptedReply:
+            reply = validate_masked_reply(
+                msg, self.spec, modulus=modulus, expected=self._tags.get(("train", server_round))
+            )
+            self.rank_of(reply)
+            return reply
+
+        # The round's bytes are the protocol's stages' (server/cycle/secagg.py counts them).
+        return self._accept(server_round, replies, check)
 
     def aggregate_masked(
         self,

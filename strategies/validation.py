@@ -221,23 +221,25 @@ def validate_train_reply(
         a missing record, a bad site id, a bad metric, or an adapter that does
         not match ``spec``.
     """
-    record = record_of(msg, "arrays", ArrayRecord)
+    return _checked_reply(msg, "arrays", spec, max_abs_value, expected, "")
+
+
+def _checked_reply(
+    msg: Message, key: str, spec: AdapterSpec, max_abs: float | None, expected: RoundTag | None, what: str
+) -> AcceptedReply:
+    """The checks every train reply gets, cheap ones first: ``msg[key]`` sized, round, metrics,
+    site id, then the arrays against ``spec`` (``what`` prefixes an array's rejection)."""
+    record = record_of(msg, key, ArrayRecord)
     check_reply_size(record, spec)
     check_round_tag(msg, expected)
     metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), TRAIN_METRICS)
     site_id = _checked_site_id(msg)
     try:
         arrays = from_array_record(record)
-        check_adapter(arrays, spec, max_abs=max_abs_value)
+        check_adapter(arrays, spec, max_abs=max_abs)
     except AdapterMismatchError as err:
-        raise ReplyRejected(str(err)) from err
-    return AcceptedReply(
-        node_id=msg.metadata.src_node_id,
-        site_id=site_id,
-        arrays=arrays,
-        metrics=metrics,
-        message=msg,
-    )
+        raise ReplyRejected(f"{what}{err}") from err
+    return AcceptedReply(node_id=msg.metadata.src_node_id, site_id=site_id, arrays=arrays, metrics=metrics, message=msg)
 
 
 @dataclass(frozen=True)
@@ -341,18 +343,8 @@ def validate_masked_reply(
     ReplyRejected
         With the reason.
     """
-    record = record_of(msg, "masked", ArrayRecord)
-    wire = masked_spec(spec)
-    check_reply_size(record, wire)
-    check_round_tag(msg, expected)
-    metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), TRAIN_METRICS)
-    site_id = _checked_site_id(msg)
-    try:
-        arrays = from_array_record(record)
-        check_adapter(arrays, wire)
-    except AdapterMismatchError as err:
-        raise ReplyRejected(f"masked update: {err}") from err
-    beyond = [key for key, array in arrays.items() if array.size and int(array.max()) >= modulus]
+    reply = _checked_reply(msg, "masked", masked_spec(spec), None, expected, "masked update: ")
+    beyond = [key for key, array in reply.arrays.items() if array.size and int(array.max()) >= modulus]
     if beyond:
         raise ReplyRejected(f"masked update: tensor '{beyond[0]}' holds values at or above the modulus {modulus}")
-    return AcceptedReply(node_id=msg.metadata.src_node_id, site_id=site_id, arrays=arrays, metrics=metrics, message=msg)
+    return reply

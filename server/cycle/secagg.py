@@ -47,7 +47,7 @@ from fedretrain.config.schema import SecureAggregationConfig
 from fedretrain.errors import QuorumLost
 from fedretrain.secagg import RECORD_KEY_CONFIGS, Key, Stage, mask_stream, unmasked_mean
 from server.sites.grid import bound_site, node_name
-from strategies.checked import CheckedStrategy, RoundLog
+from strategies.checked import CheckedStrategy, RoundLog, content_bytes
 from strategies.validation import error_reason
 
 log = logging.getLogger("fedretrain.server")
@@ -121,8 +121,8 @@ def secure_train_round(
         replies = exchange(grid, sent)
         protocol.figures["seconds"][name] = round(time.perf_counter() - started, 3)
         protocol.figures["bytes"][name] = {
-            "down": sum(_content_bytes(m) for m in sent),
-            "up": sum(_content_bytes(m) for m in replies if not m.has_error()),
+            "down": sum(content_bytes(m) for m in sent),
+            "up": sum(content_bytes(m) for m in replies if not m.has_error()),
         }
         return replies
 
@@ -373,16 +373,3 @@ def _check_left(server_round: int, name: str, protocol: _Protocol, quorum: int) 
                 f"{len(protocol.neighbours[node] & protocol.active)} neighbour(s) left, fewer than the threshold "
                 f"{protocol.threshold} its masks need; nothing of the round is used"
             )
-
-
-def _content_bytes(msg: Message) -> int:
-    if not msg.has_content():
-        return 0
-    # Flower's ConfigRecord.count_bytes reads v[0] of every list value, and an empty list of
-    # node ids (no site dropped out) raises IndexError: those keys are counted without it.
-    return sum(
-        ConfigRecord({k: v for k, v in record.items() if v != []}).count_bytes()
-        if isinstance(record, ConfigRecord)
-        else record.count_bytes()
-        for record in msg.content.values()
-    )
