@@ -27,19 +27,9 @@ from fedretrain.training.params import MAX_PROXIMAL_MU
 
 log = logging.getLogger("fedretrain.client")
 
-# Error codes in error replies; the coordinator logs code and reason.
-ERROR_CODES: dict[type[Exception], int] = {
-    errors.DataValidationError: 4101,
-    errors.PrivacyBudgetExceeded: 4102,
-    errors.LedgerError: 4103,
-    errors.ModelLoadError: 4104,
-    errors.AdapterMismatchError: 4105,
-    errors.ConfigError: 4106,
-    errors.TrainingError: 4107,
-    errors.VerificationError: 4108,
-    errors.EvaluationRefused: 4109,
-}
-UNEXPECTED_ERROR = 4199
+# Error codes in error replies (fedretrain/errors.py, where the light client mods read them too).
+ERROR_CODES = errors.ERROR_CODES
+UNEXPECTED_ERROR = errors.UNEXPECTED_ERROR
 
 Core = Callable[[SiteConfig, Job, int, RecordDict], RecordDict]
 

@@ -23,7 +23,7 @@ import logging
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
@@ -32,6 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedretrain.arrays import from_array_record, to_array_record
+from fedretrain.errors import ERROR_CODES, ConfigError
 from fedretrain.secagg import MAX_MODULUS, RECORD_KEY_CONFIGS, SECURE_STAGE, Key, Stage, mask, quantize_update
 
 log = logging.getLogger("fedretrain.client")
@@ -89,11 +90,6 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
 
 
 def _refuse(msg: Message, reason: str) -> Message:
-    from flwr.app import Error
-
-    from client.handlers import ERROR_CODES
-    from fedretrain.errors import ConfigError
-
     log.warning("%s", reason)
     return Message(Error(code=ERROR_CODES[ConfigError], reason=reason), reply_to=msg)
 

@@ -104,3 +104,18 @@ class DeployError(FedretrainError, RuntimeError):
 class EvaluationRefused(FedretrainError, RuntimeError):
     """A site will not score this adapter: not the aggregate of a round it trained in, a
     second candidate for one round, or a baseline that is not the version it installed."""
+
+
+# A site's error replies: the code for each failure it means; the coordinator logs code and reason.
+ERROR_CODES: dict[type[Exception], int] = {
+    DataValidationError: 4101,
+    PrivacyBudgetExceeded: 4102,
+    LedgerError: 4103,
+    ModelLoadError: 4104,
+    AdapterMismatchError: 4105,
+    ConfigError: 4106,
+    TrainingError: 4107,
+    VerificationError: 4108,
+    EvaluationRefused: 4109,
+}
+UNEXPECTED_ERROR = 4199
