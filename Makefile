@@ -1,4 +1,6 @@
 # make demo   sets up on first use, then runs the default federated retraining simulation
+# make dashboard  serves the dashboard of runs/ (the demo's runs) on http://127.0.0.1:8765/
+# make browser    installs Debian's chromium and chromium-driver if missing (make test does)
 # make test   sets up on first use, then runs the linters and the whole test suite (slow and e2e
 #             included): the quick tier on every core (pytest-xdist), then the slow tier (the
 #             deployment's tests beside the simulations), with the slowest tests printed
@@ -11,7 +13,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedretrain-installed
 
-.PHONY: setup demo lint test test-fast bench clean
+.PHONY: setup demo dashboard browser lint test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +28,20 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/fedretrain simulate experiment=demo $(ARGS)
+
+dashboard: setup
+	$(BIN)/fedretrain dashboard --runs runs $(ARGS)
+
+# The dashboard's browser test drives Debian's chromium through Debian's chromedriver
+# (tests/browser.py); installed here, from the machine's own package sources, when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then \
+	  echo "make browser: installing Debian's chromium and chromium-driver (apt-get)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver >/dev/null && chromium --version; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .
@@ -51,7 +67,8 @@ BUILD_MODEL := from fedretrain.modeling.embedded import embedded_model_dir; embe
 
 test: setup
 	@FEDRETRAIN_CACHE=$(CURDIR)/.cache/fedretrain $(BIN)/python -c "$(BUILD_MODEL)" & built=$$!; \
-	$(MAKE) --no-print-directory lint; linted=$$?; wait $$built && test $$linted -eq 0
+	$(MAKE) --no-print-directory browser & browsed=$$!; \
+	$(MAKE) --no-print-directory lint; linted=$$?; wait $$built && wait $$browsed && test $$linted -eq 0
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n auto -m "not slow and not e2e" $(PYTEST_ARGS)
 	@log=$$(mktemp); export OMP_NUM_THREADS=1; \
 	$(BIN)/python -m pytest -q -rs -m "slow or e2e" --durations=10 $(PYTEST_ARGS) $(DEPLOY_TESTS) >$$log 2>&1 & deploy=$$!; \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -223,11 +224,16 @@ def _coordinator_retrain(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import json
 
+    from cli.dashboard import DEFAULT_PORT
     from cli.exits import OK, cycle_exit_code
     from simulation.runner import simulate
 
     run_dir = simulate(args.overrides, verbose=args.verbose)
     print(f"fedretrain: run written to {run_dir}")
+    print(
+        f"fedretrain: to see it in a browser, run: fedretrain dashboard --runs {shlex.quote(str(run_dir.parent))}"
+        f" and open http://127.0.0.1:{DEFAULT_PORT}/cycles/{run_dir.name}"
+    )
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     code = cycle_exit_code(summary)

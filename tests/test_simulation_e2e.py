@@ -18,9 +18,11 @@ import json
 import shlex
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+from test_dashboard import first_line
 from test_readme import walkthrough
 
 from cli.exits import GATE_REFUSED, OK
@@ -146,6 +148,30 @@ def test_make_demo_beats_the_baseline_within_every_ceiling(first_run):
     # Only the adapter travels: far fewer bytes than the model.
     assert summary["communication"]["adapter_to_model_ratio"] < 0.05
     assert "round 2/2" in output and "validation perplexity" in output  # progress, then the summary table
+
+
+def test_make_demo_prints_where_to_see_it_in_a_browser(first_run):
+    run_dir, output = first_run
+    (line,) = [x for x in output.splitlines() if "to see it in a browser" in x]
+    command, address = line.split("run: ", 1)[1].split(" and open ")
+    assert address == f"http://127.0.0.1:8765/cycles/{run_dir.name}", line
+    # The printed command serves that page (on a free port: 8765 may be taken where tests run).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *shlex.split(command)[1:], "--port", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        served = first_line(proc, timeout_s=120)
+        assert served.startswith("fedretrain dashboard: http://127.0.0.1:"), served
+        with urllib.request.urlopen(served.split()[2] + address.split("/", 3)[3], timeout=30) as reply:
+            page = reply.read().decode()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    assert run_dir.name in page and '<span id="state">finished</span>' in page
 
 
 def test_run_directory_holds_every_promised_file(first_run):

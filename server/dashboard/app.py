@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from html import escape
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.dashboard import pages
 from server.dashboard.catalogue import REGISTRY_ID, RUN_ID, Catalogue, RegistryDir, RunDir
@@ -38,6 +41,15 @@ def create_app(catalogue: Catalogue, *, poll_s: float = 5.0) -> FastAPI:
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> Response:
+        # The JSON endpoints answer {"detail": ...} as FastAPI does; a page in a browser, a page.
+        if request.url.path.startswith("/api/"):
+            return await http_exception_handler(request, exc)
+        body = f'<p class="problems">{escape(str(exc.detail))}</p><p><a href="/federation">the federation</a></p>'
+        html_page = page(f"{exc.status_code}: not shown", "", body, poll="", poll_s=0)
+        return HTMLResponse(html_page, status_code=exc.status_code, headers=exc.headers)
 
     def html(title: str, active: str, body: str, poll: str) -> HTMLResponse:
         return HTMLResponse(page(title, active, body, poll=poll, poll_s=poll_s))

@@ -33,6 +33,7 @@ figcaption { font-weight: 600; } ul.legend { list-style: none; padding: 0; margi
 
 SCRIPT = """
 (() => {
+  if (!document.body.dataset.poll) return;  // an error page: nothing to follow
   const every = Number(document.body.dataset.every);
   const note = document.getElementById("live-note");
   let last = null;

@@ -105,12 +105,14 @@ def cycles_body(runs: list[dict[str, Any]]) -> str:
 def cycle_body(view: dict[str, Any]) -> str:
     rows, summary = view["metrics"], view["summary"]
     head = (
-        f"<p><strong>round {text(view['round'])} of {text(view['rounds'])}</strong>, {text(view['state'])}; "
+        f'<p><strong>round <span id="round">{text(view["round"])}</span> of <span id="rounds">'
+        f'{text(view["rounds"])}</span></strong>, <span id="state">{text(view["state"])}</span>; '
         f"{text(view['name'])} in {text(view['path'])}"
     )
     if view["registry_id"]:
         head += f"; {link('versions', view['registry_id'], 'registry')}"
     parts = [head + "</p>", _outcome(summary) if summary else "", _charts(rows), _rounds(rows)]
+    parts.append(_sites(summary) if summary else "")
     parts.append("<h2>Refused replies</h2>")
     parts.append(
         table(
@@ -129,18 +131,40 @@ def cycle_body(view: dict[str, Any]) -> str:
 def _outcome(summary: dict[str, Any]) -> str:
     gate = summary.get("gate") or {}
     out = (
-        f"<p>validation loss {num(summary.get('baseline_loss'))} (baseline) → {num(summary.get('candidate_loss'))}"
-        f" (candidate); wall time {num(summary.get('wall_time_s'), 1)} s</p>"
+        f'<p>validation loss <span id="baseline-loss">{num(summary.get("baseline_loss"))}</span> (baseline) → '
+        f'<span id="candidate-loss">{num(summary.get("candidate_loss"))}</span> (candidate); '
+        f"wall time {num(summary.get('wall_time_s'), 1)} s</p>"
     )
     if summary.get("aborted"):
         return out + f"<p class=problems>aborted, nothing published: {text(summary['aborted'])}</p>"
     out += (
-        f"<p>gate: <strong>{text(gate.get('decision'))}</strong>, improvement {num(gate.get('improvement'))} "
-        f"(interval [{num(gate.get('ci_low'))}, {num(gate.get('ci_high'))}], margin {num(gate.get('margin'))}); "
-        f"published version {text(summary.get('published_version'))}, "
-        f"awaiting approval {text(summary.get('pending_version'))}</p>"
+        f'<p>gate: <strong id="gate-decision">{text(gate.get("decision"))}</strong>, improvement '
+        f"{num(gate.get('improvement'))} (interval [{num(gate.get('ci_low'))}, {num(gate.get('ci_high'))}], "
+        f'margin {num(gate.get("margin"))}); published version <span id="published-version">'
+        f'{text(summary.get("published_version"))}</span>, awaiting approval <span id="pending-version">'
+        f"{text(summary.get('pending_version'))}</span></p>"
     )
     return out + "<ul>" + "".join(f"<li>{text(r)}</li>" for r in gate.get("reasons") or []) + "</ul>"
+
+
+def _sites(summary: dict[str, Any]) -> str:
+    sites = summary.get("sites")
+    if not isinstance(sites, dict):
+        return ""
+    rows = [
+        [
+            text(site),
+            f'<span id="epsilon-{text(site)}">{num(s.get("epsilon"))}</span> of {num(s.get("epsilon_ceiling"))}',
+            num(s.get("delta"), 8),
+            num(s.get("noise_multiplier")),
+            text(s.get("rounds_participated")),
+            f"{num(s.get('heldout_change'))} ± {num(s.get('heldout_change_noise_std'))}",
+        ]
+        for site, s in sorted(sites.items())
+        if isinstance(s, dict)
+    ]
+    headers = ["site", "ε spent (lifetime) of ceiling", "δ", "noise multiplier", "rounds", "held-out change (noised)"]
+    return "<h2>Sites after this cycle</h2>" + table(headers, rows, numeric=(2, 3, 4))
 
 
 def _charts(rows: Sequence[dict[str, Any]]) -> str:
@@ -231,7 +255,7 @@ def registries_body(registries: list[dict[str, Any]]) -> str:
 def versions_body(view: dict[str, Any]) -> str:
     champion = view["champion"] or {}
     parts = [
-        f"<p>registry {text(view['path'])}; champion <strong>{text(champion.get('version'))}</strong> "
+        f"<p>registry {text(view['path'])}; champion <strong id=champion>{text(champion.get('version'))}</strong> "
         f"since {text(champion.get('set_at'))} ({text(champion.get('reason'))}), as champion.json says. "
         "Check the signed chain with:</p>",
         command(view["commands"]["verify"]),
