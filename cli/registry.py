@@ -262,13 +262,13 @@ def _approve(args: argparse.Namespace) -> int:
     from fedretrain.registry.signing import load_private_key
     from fedretrain.registry.store import Registry
 
-    approver = args.approver or _login_name()
+    approver = args.approver or login_name()
     Registry(args.root).approve(args.version, signing_key=load_private_key(args.key), approver=approver)
     print(f"version {args.version} approved by {approver}; it is now champion")
     return 0
 
 
-def _login_name() -> str:
+def login_name() -> str:
     try:
         return getpass.getuser()
     except OSError:  # no login name in some containers

@@ -12,14 +12,18 @@ rollback to 2, and version 4 left awaiting approval.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import os
 import select
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -34,13 +38,17 @@ from client.app import make_client_app
 from client.ingest.pipeline import ingest_file
 from fedretrain.atomic import atomic_write_json
 from fedretrain.config import compose_config, flatten, site_config_from_node_config, to_yaml, unflatten
+from fedretrain.deploy.pki import create_ca, issue_superlink_cert
+from fedretrain.errors import ConfigError
 from fedretrain.privacy.ledger import PrivacyLedger
 from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
 from server.app import bind_sites
 from server.cycle.run import run_retraining
+from server.dashboard.access import Access, read_token
 from server.dashboard.app import create_app
 from server.dashboard.catalogue import Catalogue
+from server.dashboard.serve import listen_address
 from server.deploy.coordinator import Coordinator
 from server.sites.roster import Roster
 from server.watch.loop import Watcher
@@ -364,6 +372,144 @@ def test_a_non_loopback_address_is_refused(world, host, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert f"--host {host}" in err.replace("'", "") and "loopback" in err
+
+
+def _form_token(page: str) -> str:
+    return page.split('name="form-token" value="')[1].split('"')[0]
+
+
+def test_an_approval_without_the_signing_key_is_refused(world, client):
+    root = world / "fed" / "coordinator" / "registry"
+    (listed,) = client.get("/api/registries").json()
+    page = client.get(f"/versions/{listed['registry_id']}").text
+    assert 'id="approve-4"' not in page and "fedretrain registry approve 4" in page  # the command, no button
+    reply = client.post(f"/versions/{listed['registry_id']}/approve/4", data={"form-token": "x"})
+    said = html.unescape(reply.text)
+    assert reply.status_code == 403 and "without the coordinator's signing key" in said, said
+    assert "run: fedretrain registry approve 4 --root" in said
+    assert client.post(f"/versions/{listed['registry_id']}/rollback/2").status_code == 403
+    assert Registry(root).status(4) == "pending" and Registry(root).champion() == 2
+
+
+@pytest.fixture
+def signing(world, tmp_path):
+    """A dashboard over a copy of the registry, started with its signing key and a login token."""
+    shutil.copytree(world / "fed" / "coordinator" / "registry", tmp_path / "registry")
+    key = load_private_key(world / "fed" / "coordinator" / "keys" / "coordinator.key")
+    access = Access("t" * 24, key, world / "keys" / "coordinator.key", approver="ops-on-call")
+    app = create_app(Catalogue.open(None, None, [tmp_path / "registry"]), access=access)
+    return TestClient(app, base_url="http://127.0.0.1", follow_redirects=False), tmp_path / "registry"
+
+
+def test_approve_and_roll_back_from_the_page_after_a_login(world, signing):
+    client, root = signing
+    registry_id = Catalogue.open(None, None, [root]).registries()[0].registry_id
+    versions = f"/versions/{registry_id}"
+    # Signed out: pages lead to the login, the API and the actions answer 401.
+    assert client.get(versions).headers["location"] == f"/login?next=/versions/{registry_id}"
+    assert client.get("/api/registries").status_code == 401
+    assert client.post(f"{versions}/approve/4", data={"form-token": "x"}).status_code == 401
+    assert client.post("/login", data={"token": "t" * 23, "next": versions}).status_code == 401
+    signed_in = client.post("/login", data={"token": "t" * 24, "next": versions})
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == versions
+    cookie = signed_in.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie  # no TLS here
+
+    page = client.get(versions).text
+    assert 'id="approve-4"' in page and 'id="rollback-1"' in page and "approves as ops-on-call" in page
+    form = _form_token(page)
+    # Another session's or no form token, or another origin: refused, and nothing signed.
+    assert client.post(f"{versions}/approve/4", data={"form-token": "x" * 43}).status_code == 403
+    elsewhere = {"origin": "http://evil.example"}
+    assert client.post(f"{versions}/approve/4", data={"form-token": form}, headers=elsewhere).status_code == 403
+    assert Registry(root).status(4) == "pending"
+
+    assert client.post(f"{versions}/approve/4", data={"form-token": form}).headers["location"] == versions
+    registry = Registry(root)
+    head = registry.verified_champion(registry.public_key())
+    assert head.version == 4 and json.loads((registry.version_dir(4) / "approval.json").read_text())["approver"] == (
+        "ops-on-call (dashboard)"
+    )
+    again = client.post(f"{versions}/approve/4", data={"form-token": form})
+    assert again.status_code == 409 and "only a pending version can be approved" in again.text
+    back = client.post(f"{versions}/rollback/2", data={"form-token": form, "reason": "bad answers at site-01"})
+    assert back.status_code == 303
+    head = registry.verified_champion(registry.public_key())
+    assert head.version == 2 and registry.latest_rollback().record["reason"] == "bad answers at site-01"
+    assert client.post("/logout", data={}).status_code == 303
+    assert client.post(f"{versions}/rollback/1", data={"form-token": form}).status_code == 401
+
+
+def test_a_login_token_file_must_be_private_and_long(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("s" * 32 + "\n")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        read_token(path)
+    path.chmod(0o600)
+    assert read_token(path) == "s" * 32
+    path.write_text("short\n")
+    with pytest.raises(ConfigError, match="line 1 holds a token of 5 characters"):
+        read_token(path)
+    with pytest.raises(ConfigError, match="no such file|No such file"):
+        read_token(tmp_path / "missing")
+
+
+def test_off_loopback_every_page_needs_a_login(world):
+    assert listen_address("0.0.0.0", tls=True) == ("0.0.0.0", False)
+    access = Access("t" * 24)
+    app = create_app(Catalogue.open(world / "runs", None), access=access, loopback=False)
+    client = TestClient(app, base_url="https://coordinator.hospital.example", follow_redirects=False)
+    assert client.get("/federation").headers["location"] == "/login?next=/federation"
+    assert client.get("/api/cycles").status_code == 401
+    client.post("/login", data={"token": "t" * 24})
+    assert "Federation of" in client.get("/federation").text
+
+
+def test_tls_and_a_login_on_a_real_server(world, tmp_path):
+    # The coordinator's own CA and a certificate for 127.0.0.1 (fedretrain keys ca / keys superlink).
+    ca = create_ca(tmp_path / "ca")
+    cert = issue_superlink_cert(tmp_path / "ca", tmp_path / "tls", ["127.0.0.1"])
+    token = tmp_path / "token"
+    token.write_text("a-token-of-the-operators-own-choosing\n")
+    token.chmod(0o600)
+    command = ["dashboard", "--runs", str(world / "runs"), "--port", "0", "--token-file", str(token)]
+    command += ["--tls-cert", str(cert.cert_path), "--tls-key", str(cert.key_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *command],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = first_line(proc, timeout_s=120)
+        assert line.startswith("fedretrain dashboard: https://127.0.0.1:"), line
+        url = line.split()[2]
+        trusted = ssl.create_default_context(cafile=str(ca.cert_path))
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=trusted), _NoRedirect())
+        with pytest.raises(urllib.error.HTTPError) as redirected:
+            opener.open(url + "federation", timeout=30)
+        assert redirected.value.code == 303 and redirected.value.headers["location"].startswith("/login")
+        body = urllib.parse.urlencode({"token": "a-token-of-the-operators-own-choosing"}).encode()
+        with pytest.raises(urllib.error.HTTPError) as signed_in:
+            opener.open(urllib.request.Request(url + "login", data=body), timeout=30)
+        cookie = signed_in.value.headers["set-cookie"]
+        assert signed_in.value.code == 303 and "Secure" in cookie
+        request = urllib.request.Request(url + "federation", headers={"Cookie": cookie.split(";")[0]})
+        with opener.open(request, timeout=30) as reply:
+            assert "Federation of" in reply.read().decode()
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # no plain HTTP on the TLS port
+            urllib.request.urlopen(url.replace("https", "http") + "federation", timeout=30)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
 
 
 @pytest.mark.parametrize("command", DASHBOARD_COMMANDS)

@@ -19,7 +19,9 @@ STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #111; }
 header { background: #1f2937; color: #fff; padding: 8px 16px; display: flex; gap: 18px; align-items: baseline; }
 header a { color: #cbd5e1; text-decoration: none; } header a.active { color: #fff; font-weight: 600; }
-header .note { margin-left: auto; font-size: 12px; color: #9ca3af; }
+header .note { font-size: 12px; color: #9ca3af; } header #who { margin-left: auto; }
+header form, main form { display: inline; margin: 0; } button { font: inherit; cursor: pointer; }
+form.act { display: block; margin: 4px 0 10px; } form.act input[type=text] { width: 28em; }
 main { padding: 8px 16px 32px; }
 table { border-collapse: collapse; margin: 6px 0 14px; }
 th, td { border-bottom: 1px solid #e5e7eb; padding: 3px 10px 3px 0; text-align: left; vertical-align: top; }
@@ -67,7 +69,7 @@ def _hash(text: str) -> str:
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         f"default-src 'none'; script-src {_hash(SCRIPT)}; style-src {_hash(STYLE)}; connect-src 'self'; "
-        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        "img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -80,8 +82,9 @@ PAGES = (
 )
 
 
-def page(title: str, active: str, body: str, *, poll: str, poll_s: float) -> str:
-    """A whole HTML page whose ``<main>`` is ``body``, refreshed when ``poll`` (a JSON URL) changes."""
+def page(title: str, active: str, body: str, *, poll: str, poll_s: float, who: str = "read-only") -> str:
+    """A whole HTML page whose ``<main>`` is ``body``, refreshed when ``poll`` (a JSON URL) changes;
+    ``who`` (HTML) says in the header what this browser may do."""
     nav = "".join(
         f'<a href="{href}"{" class=active" if name == active else ""}>{label}</a>' for name, href, label in PAGES
     )
@@ -89,7 +92,8 @@ def page(title: str, active: str, body: str, *, poll: str, poll_s: float) -> str
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)} - fedretrain</title>'
         f"<style>{STYLE}</style></head>"
         f'<body data-poll="{escape(poll)}" data-every="{int(poll_s * 1000)}">'
-        f'<header><strong>fedretrain</strong>{nav}<span class="note" id="live-note">read-only</span></header>'
+        f'<header><strong>fedretrain</strong>{nav}<span class="note" id="who">{who}</span>'
+        '<span class="note" id="live-note"></span></header>'
         f'<main id="live"><h1>{escape(title)}</h1>{body}</main><script>{SCRIPT}</script></body></html>'
     )
 
@@ -131,3 +135,15 @@ def problems(lines: Sequence[str]) -> str:
     if not lines:
         return ""
     return '<ul class="problems">' + "".join(f"<li>{escape(p)}</li>" for p in lines) + "</ul>"
+
+
+def form(action: str, form_token: str, label: str, element_id: str, *, reason: str | None = None) -> str:
+    """A POST form to ``action`` carrying the session's form token; with a reason field when ``reason`` is given."""
+    field = ""
+    if reason is not None:
+        field = f' reason <input type="text" name="reason" maxlength="200" value="{escape(reason)}">'
+    return (
+        f'<form class="act" method="post" action="{escape(action)}">'
+        f'<input type="hidden" name="form-token" value="{escape(form_token)}">'
+        f'<button type="submit" id="{escape(element_id)}">{escape(label)}</button>{field}</form>'
+    )

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.dashboard.charts import budget_bar, line_chart
-from server.dashboard.layout import command, link, num, problems, table, text
+from server.dashboard.layout import command, form, link, num, problems, table, text
 
 
 def federation_body(view: dict[str, Any]) -> str:
@@ -252,7 +252,9 @@ def registries_body(registries: list[dict[str, Any]]) -> str:
     return table(["registry", "versions", "champion", "awaiting approval"], rows)
 
 
-def versions_body(view: dict[str, Any]) -> str:
+def versions_body(view: dict[str, Any], form_token: str | None = None) -> str:
+    """The Versions page; with ``form_token`` (a signed-in session of a dashboard holding the signing
+    key) approve and roll back are buttons, otherwise the page gives the commands to run."""
     champion = view["champion"] or {}
     parts = [
         f"<p>registry {text(view['path'])}; champion <strong id=champion>{text(champion.get('version'))}</strong> "
@@ -262,8 +264,22 @@ def versions_body(view: dict[str, Any]) -> str:
         "<h2>Awaiting approval</h2>",
     ]
     pending = [row for row in view["versions"] if row["status"] == "pending"]
-    parts += [f"<p>version {row['version']}:</p>{command(row['commands']['approve'])}" for row in pending]
+    base = f"/versions/{view['registry_id']}"
+    for row in pending:
+        version = row["version"]
+        if form_token is None:
+            parts.append(f"<p>version {version}:</p>{command(row['commands']['approve'])}")
+        else:
+            label = f"approve version {version}"
+            parts.append(form(f"{base}/approve/{version}", form_token, label, f"approve-{version}"))
     parts += [] if pending else ['<p class="none">none</p>']
+    if form_token is not None:
+        backs = [row["version"] for row in view["versions"] if "rollback" in row["commands"]]
+        parts.append("<h2>Roll back</h2>")
+        for v in backs:
+            label, why = f"roll back to version {v}", f"back to version {v}"
+            parts.append(form(f"{base}/rollback/{v}", form_token, label, f"rollback-{v}", reason=why))
+        parts += [] if backs else ['<p class="none">no version to roll back to</p>']
     parts += ["<h2>Versions</h2>", table(_VERSION_HEADERS, [_version_row(r) for r in view["versions"]])]
     timeline = [[text(e["at"]), text(e["event"]), text(e["version"]), text(e["detail"])] for e in view["timeline"]]
     parts += ["<h2>Timeline (newest first)</h2>", table(["at", "event", "version", "detail"], timeline)]
@@ -306,3 +322,16 @@ def _version_row(row: dict[str, Any]) -> list[str]:
         text(f"{approval.get('approver')} at {approval.get('created_at')}" if approval else None),
         "".join(command(c) for name, c in row["commands"].items() if name != "show"),
     ]
+
+
+def login_body(target: str, *, wrong: bool = False) -> str:
+    """The sign-in form: the token the dashboard printed at its start, or the one in its --token-file."""
+    said = '<p class="problems">wrong token</p>' if wrong else ""
+    return (
+        f"{said}<p>This dashboard needs a login: the token it printed when it started, or the one in its "
+        "--token-file.</p>"
+        '<form class="act" method="post" action="/login">'
+        f'<input type="hidden" name="next" value="{text(target)}">'
+        'token <input type="password" name="token" id="token" autocomplete="current-password" autofocus> '
+        '<button type="submit" id="sign-in">sign in</button></form>'
+    )

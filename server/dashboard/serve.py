@@ -1,9 +1,10 @@
-"""Serving the dashboard: on a loopback address only, with uvicorn, on a socket bound here.
+"""Serving the dashboard: with uvicorn, on a socket bound here, over TLS when asked.
 
-It has no login and no TLS yet, and it shows every site's privacy spend, the runs and the
-registry: so it listens on 127.0.0.1, ::1 or localhost, and any other address is refused.
-The socket is bound before uvicorn starts, so the address printed is the one it serves
-(``--port 0``: any free port) and a port in use fails with a sentence, not a traceback.
+On a loopback address (127.0.0.1, ::1, localhost) it may serve plain HTTP. Any other address
+is refused unless it serves TLS (``--tls-cert``, ``--tls-key``); every page then needs a login
+(:mod:`~server.dashboard.access`), since it shows every site's privacy spend, the runs and the
+registry. The socket is bound before uvicorn starts, so the address printed is the one it
+serves (``--port 0``: any free port) and a port in use fails with a sentence, not a traceback.
 """
 
 from __future__ import annotations
@@ -11,28 +12,46 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket
+import ssl
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from fedretrain.errors import ConfigError
 
+SSH_HINT = "or forward its port over SSH: ssh -L 8765:127.0.0.1:8765 <this machine>"
 
-def loopback_address(host: str) -> str:
-    """The address to listen on for ``--host``; ConfigError unless it is a loopback address."""
+
+def listen_address(host: str, *, tls: bool) -> tuple[str, bool]:
+    """(the address to listen on for ``--host``, whether it is loopback); ConfigError for a
+    name that is not an IP address, or for another address without TLS."""
     if host == "localhost":
-        return "127.0.0.1"
+        return "127.0.0.1", True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"--host {host!r}: give a loopback IP address (127.0.0.1 or ::1) or localhost") from None
-    if not address.is_loopback:
         raise ConfigError(
-            f"--host {host}: refused. The dashboard has no login or TLS yet and shows every site's privacy "
-            "spend, the runs and the registry, so it listens on a loopback address only (127.0.0.1, ::1, "
-            "localhost). To see it from another machine, forward its port over SSH: "
-            "ssh -L 8765:127.0.0.1:8765 <this machine>"
+            f"--host {host!r}: give an IP address or localhost (a loopback one, 127.0.0.1 or ::1; any other with TLS)"
+        ) from None
+    if not address.is_loopback and not tls:
+        raise ConfigError(
+            f"--host {host}: refused without TLS. Off a loopback address (127.0.0.1, ::1, localhost) the dashboard "
+            "shows every site's privacy spend, the runs and the registry to the network: give --tls-cert and "
+            f"--tls-key (every page then needs a login), {SSH_HINT}"
         )
-    return str(address)
+    return str(address), address.is_loopback
+
+
+def tls_context(cert: Path, key: Path) -> tuple[str, str]:
+    """``--tls-cert`` and ``--tls-key`` as uvicorn takes them, checked first (ConfigError names the flag)."""
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as err:
+        raise ConfigError(f"--tls-cert {cert} / --tls-key {key}: not a certificate and its key ({err})") from None
+    return str(cert), str(key)
 
 
 def listen(address: str, port: int) -> socket.socket:
@@ -48,17 +67,29 @@ def listen(address: str, port: int) -> socket.socket:
     return sock
 
 
-def url(sock: socket.socket) -> str:
+def url(sock: socket.socket, *, tls: bool = False) -> str:
     """The address ``sock`` serves, as a browser takes it."""
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}/" if ":" in host else f"{scheme}://{host}:{port}/"
 
 
-def serve(app: FastAPI, sock: socket.socket) -> None:
-    """Serve ``app`` on ``sock`` until SIGINT or SIGTERM, then return (the requests in hand answered)."""
+def serve(app: FastAPI, sock: socket.socket, tls: tuple[str, str] | None = None) -> None:
+    """Serve ``app`` on ``sock`` (over TLS with ``tls``: certificate and key files) until SIGINT or
+    SIGTERM, then return (the requests in hand answered)."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)
+    certificate, key = tls or (None, None)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        ssl_certfile=certificate,
+        ssl_keyfile=key,
+        # A browser may hold a connection open for minutes: a stop waits this long for it, no longer.
+        timeout_graceful_shutdown=3,
+    )
     # uvicorn shuts down on the signal, then raises it again for the handler it found: this one,
     # so that a stop is a clean exit (status 0), not a death by signal or a KeyboardInterrupt.
     previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
