@@ -374,6 +374,39 @@ def test_a_non_loopback_address_is_refused(world, host, capsys):
     assert f"--host {host}" in err.replace("'", "") and "loopback" in err
 
 
+def test_the_alerts_page_has_the_watch_and_every_cycles_outcome(world, client):
+    view = client.get("/api/alerts").json()
+    (fed,) = view["federations"]
+    assert "drift" in {a["trigger"] for a in fed["watch"]["alerts"]}
+    assert {c["run_id"] for c in view["cycles"]} == set(_runs(world))
+    page = client.get("/alerts").text
+    assert "Watch of" in page and "drift" in page and "Every cycle" in page
+
+
+def test_resources_show_the_machine_and_flag_what_looks_wrong(tmp_path):
+    # A run whose round 3 took 10x the others, site-01's held-out loss rose beyond its noise,
+    # and site-02 was refused in two rounds; written as metrics.jsonl rows are.
+    run = tmp_path / "runs" / "20261205-010000-odd"
+    run.mkdir(parents=True)
+    rows = []
+    for n, seconds in enumerate([0.0, 2.0, 2.2, 21.0, 1.9]):
+        evaluation = {"site-00": {"change": -0.1, "change_noise_std": 0.05}}
+        evaluation["site-01"] = {"change": 0.3 if n == 4 else -0.1, "change_noise_std": 0.1}
+        rejected = [{"site_id": "site-02", "reason": "update norm 9.1 over the bound 3.0"}] if n in (2, 3) else []
+        rows.append({"round": n, "round_s": seconds, "evaluation": evaluation, "rejected": rejected})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    client = TestClient(create_app(Catalogue.open(tmp_path / "runs", None)), base_url="http://127.0.0.1")
+    view = client.get("/api/resources").json()
+    assert view["machine"]["memory_total_bytes"] > 0 and view["machine"]["cpus"] >= 1
+    assert [d["path"] for d in view["machine"]["disks"]] == [str((tmp_path / "runs").resolve())]
+    found = {(a["kind"], a["round"]): a["detail"] for a in view["anomalies"]}
+    assert set(found) == {("slow round", 3), ("loss diverges", 4), ("repeated refusals", None)}, found
+    assert "10.0x the run's median 2.1 s" in found[("slow round", 3)]
+    assert found[("repeated refusals", None)].startswith("site-02: refused in 2 rounds (update norm 9.1")
+    page = client.get("/resources").text
+    assert "Anomalies" in page and "site-01: held-out loss up 0.3000" in page and 'id="cpu"' in page
+
+
 def _form_token(page: str) -> str:
     return page.split('name="form-token" value="')[1].split('"')[0]
 

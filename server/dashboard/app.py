@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from html import escape
 from urllib.parse import parse_qs, quote, urlsplit
 
+import psutil
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
@@ -30,8 +31,9 @@ from server.dashboard import pages
 from server.dashboard.access import COOKIE, SESSION_S, Access
 from server.dashboard.catalogue import REGISTRY_ID, RUN_ID, Catalogue, RegistryDir, RunDir
 from server.dashboard.cycles import cycle_list, cycle_view
-from server.dashboard.federation import federation_view
+from server.dashboard.federation import alerts_view, federation_view
 from server.dashboard.layout import SECURITY_HEADERS, form, page
+from server.dashboard.resources import resources_view
 from server.dashboard.versions import registry_list, version_detail, versions_view
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -47,6 +49,7 @@ def create_app(
     ``access``: login and signing rights (none: read-only, no login); ``loopback``: it listens on
     a loopback address, so a request must name one as its Host."""
     access = access or Access()
+    psutil.cpu_percent(interval=None)  # primes it: the Resources page shows the use since the last call
     # No /docs or /openapi.json: FastAPI's docs page loads its script from a CDN.
     app = FastAPI(title="fedretrain dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -119,6 +122,25 @@ def create_app(
     def federation_page(request: Request) -> HTMLResponse:
         body = pages.federation_body(federation_view(catalogue))
         return html(request, "Federation", "federation", body, "/api/federation")
+
+    @app.get("/api/alerts")
+    def alerts_data() -> JSONResponse:
+        return JSONResponse(alerts_view(catalogue))
+
+    @app.get("/alerts")
+    def alerts_page(request: Request) -> HTMLResponse:
+        return html(request, "Alerts and cycles", "alerts", pages.alerts_body(alerts_view(catalogue)), "/api/alerts")
+
+    @app.get("/api/resources")
+    def resources_data() -> JSONResponse:
+        return JSONResponse(resources_view(catalogue))
+
+    @app.get("/resources")
+    def resources_page(request: Request) -> HTMLResponse:
+        # Polls the run list, not the machine: CPU figures change every second and would
+        # redraw the page on every poll.
+        body = pages.resources_body(resources_view(catalogue))
+        return html(request, "Resources", "resources", body, "/api/cycles")
 
     @app.get("/api/cycles")
     def cycles_data() -> JSONResponse:

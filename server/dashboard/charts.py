@@ -52,19 +52,26 @@ def line_chart(title: str, series: Series, *, x_label: str = "round", dashed: Se
     return f'<figure class="chart">{caption}{svg}<ul class="legend">{"".join(legend)}</ul></figure>'
 
 
-def budget_bar(spent: float | None, ceiling: float | None, width: int = 220) -> str:
-    """ε spent against the ceiling: green, amber from 75 %, red at or above the ceiling."""
-    used, limit = _value(spent), _value(ceiling)
+def budget_bar(spent: float | None, ceiling: float | None, width: int = 220, projected: float | None = None) -> str:
+    """ε spent against the ceiling: green, amber from 75 %, red at or above the ceiling; with
+    ``projected`` (ε after one more cycle) the next cycle's share as a lighter segment."""
+    used, limit, after = _value(spent), _value(ceiling), _value(projected)
     if used is None or limit is None or limit <= 0:
         return '<span class="none">unknown</span>'
     share = used / limit
     colour = "#2ca02c" if share < 0.75 else "#ff7f0e" if share < 1 else "#d62728"
     filled = width * min(max(share, 0.0), 1.0)
     label = f"{used:.2f} / {limit:.2f} ({share:.0%})"
+    next_cycle = ""
+    if after is not None and after > used:
+        reach = width * min(max(after / limit, 0.0), 1.0)
+        tint = "#f4a6a6" if after > limit else "#b7e4b0"
+        next_cycle = f'<rect x="{filled:.1f}" width="{max(reach - filled, 0):.1f}" height="18" fill="{tint}"/>'
+        label += f", next cycle → {after:.2f}"
     return (
         f'<svg width="{width}" height="18" role="img"><title>{escape(label)}</title>'
         f'<rect width="{width}" height="18" fill="#e5e7eb"/><rect width="{filled:.1f}" height="18" fill="{colour}"/>'
-        f'<text x="6" y="13" font-size="11" fill="#111">{escape(label)}</text></svg>'
+        f'{next_cycle}<text x="6" y="13" font-size="11" fill="#111">{escape(label)}</text></svg>'
     )
 
 

@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from fedretrain.errors import LedgerError
-from server.dashboard.catalogue import Catalogue, RegistryDir, RunDir, inside, read_json, read_jsonl, registry_of
+from server.dashboard.catalogue import (
+    Catalogue,
+    RegistryDir,
+    RunDir,
+    configured,
+    inside,
+    read_json,
+    read_jsonl,
+    registry_of,
+)
 from server.dashboard.cycles import cycle_view
 
 RECENT = 20  # watch alerts and cycles shown, newest first
@@ -45,6 +54,15 @@ def federation_view(catalogue: Catalogue) -> dict[str, Any]:
     return {"federations": federations, "coordinator": _coordinator(catalogue.coordinator)}
 
 
+def alerts_view(catalogue: Catalogue) -> dict[str, Any]:
+    """The Alerts page: each federation's watch (its alerts and the cycles it ran), and every cycle."""
+    from server.dashboard.cycles import cycle_list
+
+    federations = federation_view(catalogue)["federations"]
+    watched = [{"registry": f["registry"], "watch": f["watch"]} for f in federations if f["watch"]]
+    return {"federations": watched, "cycles": cycle_list(catalogue)}
+
+
 def _federation(registry: RegistryDir | None, runs: Sequence[RunDir]) -> dict[str, Any]:
     problems: list[str] = []
     sites: dict[str, dict[str, Any]] = {}
@@ -59,7 +77,19 @@ def _federation(registry: RegistryDir | None, runs: Sequence[RunDir]) -> dict[st
         entry["status"] = status
     for entry in sites.values():
         entry.update(_budget(entry))
+    thresholds = next(
+        (
+            {
+                "drift_js": configured(run, "trigger", "drift_js"),
+                "drift_hidden": configured(run, "trigger", "drift_hidden"),
+            }
+            for run in runs
+            if configured(run, "trigger") is not None
+        ),
+        {"drift_js": None, "drift_hidden": None},
+    )
     return {
+        "thresholds": thresholds,
         "registry": None if registry is None else {"registry_id": registry.registry_id, "path": str(registry.path)},
         "runs": [run.run_id for run in runs],
         "sites": [sites[s] for s in sorted(sites)],

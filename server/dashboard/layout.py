@@ -79,6 +79,8 @@ PAGES = (
     ("federation", "/federation", "Federation"),
     ("cycles", "/cycles", "Cycles"),
     ("versions", "/versions", "Versions"),
+    ("alerts", "/alerts", "Alerts"),
+    ("resources", "/resources", "Resources"),
 )
 
 

@@ -33,25 +33,38 @@ def _federation(fed: dict[str, Any]) -> str:
         head += f"<p>{link('versions', registry['registry_id'], 'its versions')}</p>"
     head += "<p>runs, newest first: " + (", ".join(link("cycles", r) for r in fed["runs"][:8]) or "none") + "</p>"
     rows = []
+    limits = fed.get("thresholds") or {}
     for site in fed["sites"]:
         run, ledger, status = site.get("run") or {}, site.get("ledger"), site.get("status") or {}
         rows.append(
             [
                 text(site["site_id"]),
-                budget_bar(site["epsilon_spent"], site["epsilon_ceiling"]),
+                budget_bar(site["epsilon_spent"], site["epsilon_ceiling"], projected=status.get("epsilon_projected")),
                 text(site["spent_source"]),
                 num(run.get("epsilon")),
                 "–" if ledger is None else f"{num(ledger['epsilon'])} ({ledger['releases']} releases)",
+                text(status.get("model_version")),
+                num(status.get("train_records")),
                 num(status.get("new_records")),
-                num(status.get("drift_js")),
-                num(status.get("drift_hidden")),
+                _against(status.get("drift_js"), limits.get("drift_js")),
+                _against(status.get("drift_hidden"), limits.get("drift_hidden")),
                 num(status.get("loss_new")),
                 num(status.get("loss_reference")),
             ]
         )
-    headers = ["site", "ε spent / ceiling", "from", "ε after newest run", "ε by ledger", "new records"]
-    headers += ["drift JS (bits)", "drift hidden", "loss new", "loss reference"]
-    return head + table(headers, rows, numeric=range(3, 10)) + _watch(fed.get("watch")) + problems(fed["problems"])
+    headers = ["site", "ε spent / ceiling (→ one more cycle)", "from", "ε after newest run", "ε by ledger"]
+    headers += ["installed version", "records held", "new records", "drift JS (bits) / threshold"]
+    headers += ["drift hidden / threshold", "loss new", "loss reference"]
+    return head + table(headers, rows, numeric=range(3, 12)) + _watch(fed.get("watch")) + problems(fed["problems"])
+
+
+def _against(score: Any, threshold: Any) -> str:
+    """A drift score against its threshold, marked when over it."""
+    if score is None:
+        return "–"
+    shown = f"{num(score)} / {num(threshold)}"
+    over = isinstance(threshold, int | float) and isinstance(score, int | float) and score >= threshold
+    return f'<span class="problems">{shown} over</span>' if over else shown
 
 
 def _watch(watch: dict[str, Any] | None) -> str:
@@ -335,3 +348,45 @@ def login_body(target: str, *, wrong: bool = False) -> str:
         'token <input type="password" name="token" id="token" autocomplete="current-password" autofocus> '
         '<button type="submit" id="sign-in">sign in</button></form>'
     )
+
+
+def alerts_body(view: dict[str, Any]) -> str:
+    """The watch's alerts and the cycles it ran, per federation, then every cycle's outcome."""
+    parts = []
+    for fed in view["federations"]:
+        registry = fed["registry"] or {}
+        parts.append(f"<h2>Watch of {text(registry.get('path'))}</h2>{_watch(fed['watch'])}")
+    parts += [] if parts else ['<p class="none">no watch has run on these registries</p>']
+    parts += ["<h2>Every cycle's outcome (newest first)</h2>", cycles_body(view["cycles"])]
+    return "".join(parts)
+
+
+def resources_body(view: dict[str, Any]) -> str:
+    m = view["machine"]
+    gib = 2.0**30
+    disks = ", ".join(
+        f"{text(d['path'])}: {d['free_bytes'] / gib:.1f} of {d['total_bytes'] / gib:.1f} GiB free" for d in m["disks"]
+    )
+    parts = [
+        "<h2>Coordinator machine (now)</h2>",
+        f'<p>CPU <span id="cpu">{num(m["cpu_percent"], 1)}</span> % of {text(m["cpus"])} cores '
+        f"(load {', '.join(f'{x:.2f}' for x in m['load_average'])}); memory "
+        f'<span id="memory">{m["memory_used_bytes"] / gib:.1f}</span> of {m["memory_total_bytes"] / gib:.1f} GiB; '
+        f"this dashboard {m['dashboard_rss_bytes'] / 2**20:.0f} MiB; disk {disks or '–'}</p>",
+        "<h2>Anomalies</h2>",
+        table(
+            ["run", "what", "round", "detail"],
+            [
+                [link("cycles", a["run_id"]), text(a["kind"]), text(a["round"]), text(a["detail"])]
+                for a in view["anomalies"]
+            ],
+        ),
+        "<h2>Rounds</h2>",
+        "<p>Seconds and bytes per round as the coordinator measured them. A site's step time and peak memory "
+        "stay at the site: under DP-SGD they grow with the batch Poisson sampling drew from its records.</p>",
+    ]
+    for run in view["runs"]:
+        series = {"seconds": [(r["round"], r["round_s"]) for r in run["rounds"] if r["round"] > 0]}
+        parts.append(f"<h3>{link('cycles', run['run_id'], run['name'] or run['run_id'])}</h3>")
+        parts.append(line_chart(f"Seconds per round (median {num(run['median_round_s'], 2)} s)", series))
+    return "".join(parts)
