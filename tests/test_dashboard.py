@@ -164,6 +164,9 @@ def world(tmp_path_factory):
     random.setstate(saved[0])
     np.random.set_state(saved[1])
     torch.set_rng_state(saved[2])
+    # Where the README's third dashboard command finds the key (`fedretrain keys coordinator` writes it there).
+    (root / "keys").mkdir()
+    shutil.copy2(fed.signing_key, root / "keys" / "coordinator.key")
     return root
 
 
@@ -560,15 +563,22 @@ def test_the_readme_dashboard_commands_serve_the_pages(world, command):
         line = first_line(proc, timeout_s=120)
         assert line.startswith("fedretrain dashboard: http://127.0.0.1:"), line + proc.stderr.read()
         url = line.split()[2]
-        with urllib.request.urlopen(url + "federation", timeout=30) as reply:
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        if "--signing-key" in command:  # a login first, with the token it printed
+            token = proc.stdout.readline().strip()  # printed with the address (select() misses a buffered line)
+            assert token.startswith("fedretrain dashboard: login token "), token
+            form = urllib.parse.urlencode({"token": token.split()[4]}).encode()
+            browser.open(urllib.request.Request(url + "login", data=form), timeout=30).close()
+        with browser.open(url + "federation", timeout=30) as reply:
             page = reply.read().decode()
-        with urllib.request.urlopen(url + "api/cycles", timeout=30) as reply:
+        with browser.open(url + "api/cycles", timeout=30) as reply:
             runs = {r["run_id"] for r in json.loads(reply.read())}
     finally:
         proc.terminate()
         code = proc.wait(timeout=60)
-    assert "Federation of" in page and "site-00" in page and code == 0
+    assert code == 0 and "site-00" in page, page[:2000]
     assert runs == ({COORD_RUN} if "--dir" in command else set(_runs(world)) - {COORD_RUN})
+    assert ("signed in" in page) == ("--signing-key" in command)  # with the key, signed in first
 
 
 def first_line(proc: subprocess.Popen, timeout_s: float) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedretrain.errors import LedgerError
+from fedretrain.privacy.ledger import PrivacyLedger
 from server.dashboard.catalogue import (
     Catalogue,
     RegistryDir,
@@ -103,8 +104,10 @@ def _run_sites(run: RunDir, problems: list[str]) -> dict[str, dict[str, Any]]:
     problems += [f"{run.run_id}: {p}" for p in view["problems"]]
     at = _iso(run.modified)
     if view["summary"] is not None and isinstance(view["summary"].get("sites"), dict):
+        installed = _installed(view["summary"])
         return {
             site: {**figures, "run_id": run.run_id, "source": "summary.json", "at": at}
+            | {"installed_version": installed.get(site)}
             for site, figures in view["summary"]["sites"].items()
             if isinstance(figures, dict)
         }
@@ -116,6 +119,17 @@ def _run_sites(run: RunDir, problems: list[str]) -> dict[str, dict[str, Any]]:
             if isinstance(figures, dict)
         }
     return {}
+
+
+def _installed(summary: dict[str, Any]) -> dict[str, Any]:
+    """site -> the version it reported installed at the end of the run (its publication, or the sync)."""
+    out: dict[str, Any] = {}
+    for kind in ("sync", "publication"):  # the publication, later, wins
+        delivery = summary.get(kind)
+        for site, reply in ((delivery or {}).get("installed") or {}).items() if isinstance(delivery, dict) else ():
+            if isinstance(reply, dict) and isinstance(reply.get("installed-version"), int):
+                out[site] = reply["installed-version"]
+    return out
 
 
 def _ledgers(runs: Sequence[RunDir], problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -143,8 +157,8 @@ def _ledgers(runs: Sequence[RunDir], problems: list[str]) -> dict[str, dict[str,
 def _ledger(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     # The ledger's own loader checks the file and recomputes ε from its entries (its
     # stored ``epsilon`` is for people and never trusted); cached on the file's time and size.
-    from fedretrain.privacy.ledger import PrivacyLedger
-
+    # Its module is imported with this one, not on the first request: the accountants' imports
+    # take seconds (the first Federation page took 1.5 s in benchmarks/bench_dashboard.py, then 40 ms).
     header = read_json(Path(path))
     ledger = PrivacyLedger.load(path, site_id=header["site_id"], accountant=header["accountant"], delta=header["delta"])
     return {

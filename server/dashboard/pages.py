@@ -43,7 +43,7 @@ def _federation(fed: dict[str, Any]) -> str:
                 text(site["spent_source"]),
                 num(run.get("epsilon")),
                 "–" if ledger is None else f"{num(ledger['epsilon'])} ({ledger['releases']} releases)",
-                text(status.get("model_version")),
+                text(status.get("model_version", run.get("installed_version"))),
                 num(status.get("train_records")),
                 num(status.get("new_records")),
                 _against(status.get("drift_js"), limits.get("drift_js")),
@@ -68,8 +68,8 @@ def _against(score: Any, threshold: Any) -> str:
 
 
 def _watch(watch: dict[str, Any] | None) -> str:
-    if not watch:
-        return ""
+    if not watch or not any(watch.get(key) for key in ("state", "poll", "alerts", "cycles", "inflight")):
+        return ""  # a registry no watch has run on
     state, poll = watch.get("state") or {}, watch.get("poll")
     out = f"<h3>Watch</h3><p>{text(state.get('polls'))} polls, {text(state.get('cycles'))} cycles"
     if poll:
