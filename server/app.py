@@ -22,10 +22,12 @@ from fedretrain.config.parse import build
 from fedretrain.errors import ConfigError, ResumeError
 from server.cycle.rundir import cycle_lock, new_run_dir
 from server.sites.grid import BoundGrid, PromptGrid
+from server.sites.live import LIVE_NAME, LiveFile
 from server.sites.roster import Roster
 from server.watch.poll import poll_status
 
 log = logging.getLogger("fedretrain.server")
+SIMULATION_CHECK_S = 0.1
 
 
 def make_server_app(
@@ -42,6 +44,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        # Flower's simulation grid looks for replies every 0.1 s too; this loop also keeps live.json.
+        grid = PromptGrid(grid, check_s=SIMULATION_CHECK_S, live=LiveFile(run_dir / LIVE_NAME))
         run_retraining(bind_sites(grid, roster), cfg, run_dir, config_yaml=config_yaml, validation_path=validation_path)
 
     return app
@@ -96,6 +100,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(given) if given else new_run_dir(Path(cfg.output_dir), cfg.name)
     with run_log(run_dir), cycle_lock(run_dir):
         log.info("run directory: %s", run_dir)
+        grid.live = LiveFile(run_dir / LIVE_NAME)  # the exchange under way, for the dashboard
         run_retraining(
             bind_sites(grid, roster),
             cfg,

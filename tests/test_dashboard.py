@@ -15,6 +15,7 @@ import dataclasses
 import html
 import json
 import os
+import re
 import select
 import shlex
 import shutil
@@ -50,6 +51,7 @@ from server.dashboard.app import create_app
 from server.dashboard.catalogue import Catalogue
 from server.dashboard.serve import listen_address
 from server.deploy.coordinator import Coordinator
+from server.sites.live import LiveFile
 from server.sites.roster import Roster
 from server.watch.loop import Watcher
 from server.watch.service import DeployedWatcher
@@ -408,6 +410,35 @@ def test_resources_show_the_machine_and_flag_what_looks_wrong(tmp_path):
     assert found[("repeated refusals", None)].startswith("site-02: refused in 2 rounds (update norm 9.1")
     page = client.get("/resources").text
     assert "Anomalies" in page and "site-01: held-out loss up 0.3000" in page and 'id="cpu"' in page
+
+
+def test_a_running_cycle_shows_the_exchange_under_way_and_each_rounds_time_split(tmp_path):
+    # Round 1 is written; round 2's train instructions are out, 1 of 3 replies in (live.json as
+    # PromptGrid writes it, tests/test_identity.py), and a 60 s deadline.
+    run = tmp_path / "runs" / "20261205-020000-live"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: live\nrounds: 3\nstrategy:\n  quorum: 2\n")
+    rows = [{"round": 0, "round_s": 4.0}, {"round": 1, "round_s": 10.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    now = time.time()
+    done = {"exchange": "train", "round": 1, "expected": 3, "replied": 3, "errors": 0, "seconds": 7.5}
+    current = {"exchange": "train", "round": 2, "sent_at": now - 20, "deadline_at": now + 40, "expected": 3}
+    live = LiveFile(run / "live.json")
+    live.history, live.current = [done], {**current, "replied": 1, "errors": 0}
+    live._write()
+    client = TestClient(create_app(Catalogue.open(tmp_path / "runs", None)), base_url="http://127.0.0.1")
+
+    view = client.get("/api/cycles/20261205-020000-live").json()
+    assert view["exchange"]["replied"] == 1 and view["quorum"] == 2
+    assert view["split"] == [{"round": 1, "sites_s": 7.5, "coordinator_s": 2.5}]
+    page = html.unescape(client.get("/cycles/20261205-020000-live").text)
+    said = re.sub(r"<[^>]+>", "", page)
+    assert "now: train round 2: 1 of 3 replies in (0 errors)" in said and "quorum 2" in said
+    left = int(page.split('data-deadline="')[1].split(">")[1].split("<")[0])
+    assert 35 <= left <= 40 and "sites (exchanges)" in page
+    # Once the summary is written, nothing is under way.
+    (run / "summary.json").write_text(json.dumps({"rounds": 3, "gate": {"decision": "refuse"}}))
+    assert client.get("/api/cycles/20261205-020000-live").json()["exchange"] is None
 
 
 def _form_token(page: str) -> str:

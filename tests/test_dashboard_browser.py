@@ -106,9 +106,10 @@ def test_a_running_cycle_updates_live_and_then_shows_its_files(browser, dashboar
         assert _not_reloaded(browser)
         browser.get(url + f"cycles/{run_id}")
         browser.execute_script("window.fedretrainTestMark = true")
-        seen = []
+        seen, exchanges = [], set()
 
         def finished() -> bool:
+            exchanges.add(_text(browser, "exchange"))  # the exchange with the sites under way (live.json)
             shown = _text(browser, "round")
             if shown and shown.isdigit() and (not seen or seen[-1] != int(shown)):
                 seen.append(int(shown))
@@ -122,6 +123,8 @@ def test_a_running_cycle_updates_live_and_then_shows_its_files(browser, dashboar
             simulation.wait()
     assert _not_reloaded(browser), "the page reloaded instead of updating in place"
     assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] == 4, seen
+    # The sites' first answers (the ready check, seconds while Ray starts them) showed as under way.
+    assert any(e and e.startswith("now: ") and " replies in " in e for e in exchanges), exchanges
     assert _text(browser, "rounds") == "4"
     browser.save_screenshot(str(tmp_path / "cycle.png"))
 

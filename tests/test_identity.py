@@ -20,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedretrain.arrays import AdapterSpec, from_array_record, to_array_record
 from fedretrain.errors import DeployError
 from server.sites.grid import CLAIMS_ANOTHER_SITE, UNREGISTERED_NODE, BoundGrid, PromptGrid
+from server.sites.live import LiveFile
 from server.sites.roster import Roster, record_node
 from simulation.federation import FederationSites
 from strategies import FedAvgLoRA
@@ -315,3 +316,29 @@ def test_the_deployed_grid_looks_for_replies_every_check_and_stops_at_the_last_o
     assert sorted(r.metadata.src_node_id for r in replies) == [11, 12]
     assert 0.3 <= took < 1.0 and answering.pulls >= 3
     assert [r.metadata.src_node_id for r in partial] == [11]
+
+
+def test_the_grid_keeps_live_json_as_replies_come_in(tmp_path):
+    # Prepare: round 3's train instructions to two nodes answering after 0.1 and 0.3 s.
+    snapshots = []
+
+    class Recorded(LiveFile):
+        def _write(self) -> None:
+            super()._write()
+            snapshots.append(json.loads(self.path.read_text()))
+
+    messages = instructions(11, 12)
+    for msg in messages:
+        msg.metadata.group_id = "3"  # as Flower's strategies and the round loop set it: the server round
+    grid = PromptGrid(PushPullGrid({11: 0.1, 12: 0.3}), check_s=0.05, live=Recorded(tmp_path / "live.json"))
+
+    # Execute
+    list(grid.send_and_receive(messages, timeout=30))
+
+    # Assert: 0 of 2, then 1, then 2 replies in, with the deadline; then the exchange in the history.
+    currents = [s["current"] for s in snapshots]
+    assert [c["replied"] for c in currents[:-1]] == [0, 1, 2]
+    assert currents[0]["exchange"] == "train" and currents[0]["round"] == 3 and currents[0]["expected"] == 2
+    assert 29 < currents[0]["deadline_at"] - currents[0]["sent_at"] <= 30
+    (done,) = snapshots[-1]["history"]
+    assert snapshots[-1]["current"] is None and done["replied"] == 2 and 0.3 <= done["seconds"] < 1.0

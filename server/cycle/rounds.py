@@ -114,7 +114,7 @@ def run_rounds(
             )
         # The strategy samples from this round's snapshot, so its sampling never waits.
         round_grid = SiteSubset(grid, nodes)
-        messages = strategy.configure_train(server_round, arrays, train_config, round_grid)
+        messages = _in_round(strategy.configure_train(server_round, arrays, train_config, round_grid), server_round)
         if secure is not None:
             from server.cycle.secagg import secure_train_round
 
@@ -139,9 +139,8 @@ def run_rounds(
         if server_round == num_rounds:
             # Sites score only the cycle's final candidate, the one the gate decides on: each
             # evaluation is a noised release charged to their budgets (client/round/site.py).
-            replies = _exchange(
-                grid, strategy.configure_evaluate(server_round, arrays, evaluate_config, round_grid), policy
-            )
+            evaluate = strategy.configure_evaluate(server_round, arrays, evaluate_config, round_grid)
+            replies = _exchange(grid, _in_round(evaluate, server_round), policy)
             strategy.aggregate_evaluate(server_round, replies)
         evaluate_fn(server_round, arrays)
         on_round_end(server_round, arrays)
@@ -205,6 +204,16 @@ def _ready_sites(
             f"the quorum is {policy.quorum}; no site trained"
         )
     return SiteSubset(grid, ready), dataclasses.replace(policy, wait_for=min(policy.wait_for, len(ready)))
+
+
+def _in_round(messages: Iterable[Message], server_round: int) -> list[Message]:
+    """``messages`` grouped under their round (Flower's strategies leave ``group_id`` empty):
+    the run directory's live.json and the SuperLink's records then say which round each is."""
+    out = list(messages)
+    for msg in out:
+        if not msg.metadata.group_id:
+            msg.metadata.group_id = str(server_round)
+    return out
 
 
 def _exchange(grid: Grid, messages: Iterable[Message], policy: RoundPolicy) -> list[Message]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from server.cycle.rundir import LOCK_NAME
 from server.dashboard.catalogue import Catalogue, RunDir, configured, read_jsonl, read_object, registry_of
+from server.sites.live import LIVE_NAME
 
 
 def cycle_view(run: RunDir) -> dict[str, Any]:
@@ -29,6 +30,7 @@ def cycle_view(run: RunDir) -> dict[str, Any]:
     rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("round"), int)]
     summary = _summary(run, problems)
     registry = registry_of(run)
+    live = _live(run, problems)
     return {
         "run_id": run.run_id,
         "path": str(run.path),
@@ -38,6 +40,11 @@ def cycle_view(run: RunDir) -> dict[str, Any]:
         "rounds": planned_rounds(run, summary),
         "registry_id": None if registry is None else registry.registry_id,
         "refusals": _refusals(rows, summary),
+        "quorum": configured(run, "strategy", "quorum"),
+        # The exchange with the sites under way (none once the cycle is written), and each
+        # round's seconds split into the sites' exchanges and the coordinator's own work.
+        "exchange": None if summary is not None or live is None else live.get("current"),
+        "split": _split(rows, (live or {}).get("history") or []),
         "metrics": rows,
         "summary": summary,
         "problems": problems,
@@ -83,6 +90,34 @@ def run_state(run: RunDir, summary: dict[str, Any] | None) -> str:
         return "no summary yet"
     held = _flock_held(lock)
     return "no summary yet" if held is None else "running" if held else "stopped"
+
+
+def _live(run: RunDir, problems: list[str]) -> dict[str, Any] | None:
+    path = run.file(LIVE_NAME)
+    if path is None:
+        return None
+    live = read_object(path, LIVE_NAME, problems)
+    return live if isinstance(live, dict) else None
+
+
+def _split(rows: list[dict[str, Any]], history: list[Any]) -> list[dict[str, Any]]:
+    """Per round: the seconds of its exchanges with the sites (they compute; the coordinator
+    waits) and the rest of the round's seconds (aggregation, scoring, checkpoint)."""
+    exchanges: dict[int, float] = {}
+    for done in history:
+        if (
+            isinstance(done, dict)
+            and isinstance(done.get("round"), int)
+            and isinstance(done.get("seconds"), int | float)
+        ):
+            exchanges[done["round"]] = exchanges.get(done["round"], 0.0) + float(done["seconds"])
+    out = []
+    for row in rows:
+        total = row.get("round_s")
+        if row["round"] in exchanges and isinstance(total, int | float):
+            sites = min(exchanges[row["round"]], float(total))
+            out.append({"round": row["round"], "sites_s": round(sites, 3), "coordinator_s": round(total - sites, 3)})
+    return out
 
 
 def _summary(run: RunDir, problems: list[str]) -> dict[str, Any] | None:

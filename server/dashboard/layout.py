@@ -58,6 +58,11 @@ SCRIPT = """
     setTimeout(tick, every);
   }
   tick();
+  // The exchange's deadline counts down between polls.
+  setInterval(() => {
+    const left = document.getElementById("time-left");
+    if (left) left.textContent = Math.max(0, Math.round(Number(left.dataset.deadline) - Date.now() / 1000));
+  }, 1000);
 })();
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -124,7 +125,8 @@ def cycle_body(view: dict[str, Any]) -> str:
     )
     if view["registry_id"]:
         head += f"; {link('versions', view['registry_id'], 'registry')}"
-    parts = [head + "</p>", _outcome(summary) if summary else "", _charts(rows), _rounds(rows)]
+    parts = [head + "</p>", _exchange(view), _outcome(summary) if summary else "", _charts(rows, view["split"])]
+    parts.append(_rounds(rows))
     parts.append(_sites(summary) if summary else "")
     parts.append("<h2>Refused replies</h2>")
     parts.append(
@@ -180,7 +182,24 @@ def _sites(summary: dict[str, Any]) -> str:
     return "<h2>Sites after this cycle</h2>" + table(headers, rows, numeric=(2, 3, 4))
 
 
-def _charts(rows: Sequence[dict[str, Any]]) -> str:
+def _exchange(view: dict[str, Any]) -> str:
+    """The exchange with the sites under way: replies in of expected, time left to its deadline, quorum."""
+    now = view["exchange"]
+    if not now:
+        return ""
+    deadline = now.get("deadline_at")
+    left = ""
+    if isinstance(deadline, int | float):
+        left = f', <span id="time-left" data-deadline="{deadline}">{max(deadline - time.time(), 0):.0f}</span> s left'
+    what = f"{text(now.get('exchange'))} round {text(now.get('round'))}"
+    return (
+        f'<p class="pending" id="exchange">now: {what}: <span id="replied">{text(now.get("replied"))}</span> of '
+        f'<span id="expected">{text(now.get("expected"))}</span> replies in ({text(now.get("errors"))} errors)'
+        f"{left}; quorum {text(view['quorum'])}</p>"
+    )
+
+
+def _charts(rows: Sequence[dict[str, Any]], split: Sequence[dict[str, Any]] = ()) -> str:
     def per_site(key: str, field: str) -> dict[str, list[tuple[float, float | None]]]:
         sites = sorted({s for r in rows for s in r.get(key) or {}})
         return {s: [(r["round"], (r.get(key) or {}).get(s, {}).get(field)) for r in rows] for s in sites}
@@ -201,9 +220,19 @@ def _charts(rows: Sequence[dict[str, Any]]) -> str:
             line_chart("Sites' held-out loss change (noised)", per_site("evaluation", "change")),
             line_chart("ε per site (lifetime, as reported)", per_site("sites", "epsilon")),
             line_chart("Bytes per round", traffic),
-            line_chart("Seconds per round", {"round": [(r["round"], r.get("round_s")) for r in rows]}),
+            line_chart("Seconds per round", _seconds(rows, split)),
         ]
     )
+
+
+def _seconds(
+    rows: Sequence[dict[str, Any]], split: Sequence[dict[str, Any]]
+) -> dict[str, list[tuple[float, float | None]]]:
+    series = {"round": [(r["round"], r.get("round_s")) for r in rows]}
+    if split:  # the run directory has live.json's history
+        series["sites (exchanges)"] = [(s["round"], s["sites_s"]) for s in split]
+        series["coordinator"] = [(s["round"], s["coordinator_s"]) for s in split]
+    return series
 
 
 def _rounds(rows: Sequence[dict[str, Any]]) -> str:

@@ -18,6 +18,7 @@ from flwr.app import Error, Message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from server.sites.live import LiveFile
 from server.sites.roster import Roster
 
 log = logging.getLogger("fedretrain.server")
@@ -89,13 +90,18 @@ REPLY_CHECK_S = 0.5
 
 class PromptGrid(_GridView):
     """``grid`` whose ``send_and_receive`` is Flower's loop (push, then pull until every
-    message is answered or ``timeout`` has passed), looking every ``check_s`` seconds."""
+    message is answered or ``timeout`` has passed), looking every ``check_s`` seconds;
+    with ``live``, each exchange's progress goes to the run directory's live.json."""
 
-    def __init__(self, grid: Grid, check_s: float = REPLY_CHECK_S) -> None:
+    def __init__(self, grid: Grid, check_s: float = REPLY_CHECK_S, live: LiveFile | None = None) -> None:
         super().__init__(grid)
         self.check_s = check_s
+        self.live = live
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if self.live is not None:
+            self.live.started(messages, timeout)
         waiting = set(self._grid.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
@@ -103,9 +109,13 @@ class PromptGrid(_GridView):
             got = list(self._grid.pull_messages(waiting))
             replies.extend(got)
             waiting.difference_update(reply.metadata.reply_to_message_id for reply in got)
+            if got and self.live is not None:
+                self.live.replied(replies)
             if not waiting:
                 break
             time.sleep(self.check_s)
+        if self.live is not None:
+            self.live.finished(replies)
         return replies
 
 
