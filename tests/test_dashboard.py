@@ -255,6 +255,8 @@ def test_the_versions_page_is_the_registry_with_the_commands_to_run(world, clien
     assert [e["event"] for e in view["timeline"][:2]] == ["created", "champion (rollback)"]
     page = client.get(f"/versions/{listed['registry_id']}").text
     assert f"fedretrain registry approve 4 --root {root}" in page
+    trained = registry.manifest(1)["sites"]  # who trained it: the registry's pseudonyms and their ε
+    assert trained and all(f"{name}: {f['epsilon']:.2f}" in page for name, f in trained.items())
     detail = client.get(f"/api/registries/{listed['registry_id']}/versions/4").json()
     assert detail["status"] == "pending" and detail["manifest"] == registry.manifest(4)
 

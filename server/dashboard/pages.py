@@ -342,7 +342,7 @@ def versions_body(view: dict[str, Any], form_token: str | None = None) -> str:
 
 
 _VERSION_HEADERS = ["version", "status", "created", "expires", "parent", "run", "gate", "improvement [interval]"]
-_VERSION_HEADERS += ["installed at", "approval", "commands"]
+_VERSION_HEADERS += ["trained by (pseudonym: ε)", "installed at", "approval", "commands"]
 
 
 def _version_row(row: dict[str, Any]) -> list[str]:
@@ -360,6 +360,7 @@ def _version_row(row: dict[str, Any]) -> list[str]:
         text(run.get("name")),
         text(gate.get("decision")),
         f"{num(gate.get('improvement'))} [{num(gate.get('ci_low'))}, {num(gate.get('ci_high'))}]",
+        _trained_by(manifest.get("sites")),
         text(", ".join(sorted(row["installed"])) or None),
         text(f"{approval.get('approver')} at {approval.get('created_at')}" if approval else None),
         "".join(command(c) for name, c in row["commands"].items() if name != "show"),
@@ -419,3 +420,12 @@ def resources_body(view: dict[str, Any]) -> str:
         parts.append(f"<h3>{link('cycles', run['run_id'], run['name'] or run['run_id'])}</h3>")
         parts.append(line_chart(f"Seconds per round (median {num(run['median_round_s'], 2)} s)", series))
     return "".join(parts)
+
+
+def _trained_by(sites: Any) -> str:
+    """The manifest's sites: the registry's pseudonyms, each with the lifetime ε it reported."""
+    if not isinstance(sites, dict) or not sites:
+        return "–"
+    return "<br>".join(
+        f"{text(name)}: {num((figures or {}).get('epsilon'), 2)}" for name, figures in sorted(sites.items())
+    )
