@@ -140,6 +140,10 @@ def _coordinator_folder(root: Path, fed) -> None:
     (fed.root / "site-01" / "train.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     yaml = to_yaml(unflatten(flatten(cfg)))
     run_retraining(_grid(fed, run_dir), cfg, run_dir, config_yaml=yaml, validation_path=str(fed.validation_path))
+    # sites.json as `fedretrain coordinator register` leaves it (server/deploy/coordinator.py), for the grid's nodes.
+    keys = fed.root / "coordinator" / "keys"
+    sites = {f"site-0{i}": {"node_id": str(100 + i), "public_key": str(keys / f"site-0{i}.pub")} for i in (0, 1)}
+    atomic_write_json(root / "coord" / "sites.json", sites)
     # The standing watch's own writer of <dir>/watch.json.
     DeployedWatcher(None, cfg, run_dir.parent, "", coord=Coordinator(root / "coord"))._phase("sleeping")
 
@@ -235,6 +239,9 @@ def test_the_federation_shows_each_sites_budget_ledger_and_drift(world, client):
     assert f"{site['status']['drift_js']:.4f}" in page
     # watch.json names this test's process, alive: the dashboard checks the pid as `coordinator status` does.
     assert "standing watch: running, sleeping" in page
+    # The registered sites, each with how it answered the watch's last status poll.
+    assert client.get("/api/federation").json()["coordinator"]["sites"] == {"site-00": "100", "site-01": "101"}
+    assert page.count("online: answered at") == 2
 
 
 def test_the_versions_page_is_the_registry_with_the_commands_to_run(world, client):

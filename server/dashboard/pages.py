@@ -16,7 +16,9 @@ def federation_body(view: dict[str, Any]) -> str:
     if coordinator:
         watch = coordinator.get("watch") or {}
         parts.append(f"<h2>Coordinator folder {text(coordinator['path'])}</h2>")
-        parts.append(table(["site", "node"], [[text(s), text(n)] for s, n in sorted(coordinator["sites"].items())]))
+        seen = _last_seen(view["federations"])
+        rows = [[text(s), text(n), text(seen.get(s) or seen.get(n))] for s, n in sorted(coordinator["sites"].items())]
+        parts.append(table(["site", "node", "last status poll"], rows))
         if watch:
             parts.append(
                 f"<p>standing watch: {'running' if watch.get('running') else 'not running'}, "
@@ -24,6 +26,23 @@ def federation_body(view: dict[str, Any]) -> str:
             )
         parts.append(problems(coordinator["problems"]))
     return "".join(parts)
+
+
+def _last_seen(federations: Sequence[dict[str, Any]]) -> dict[Any, str]:
+    """site id (or node id, for a node that did not reply) -> how it answered the watch's last status poll."""
+    seen: dict[Any, str] = {}
+    for fed in federations:
+        watch = fed.get("watch") or {}
+        poll = watch.get("poll")
+        if not poll:
+            continue
+        for status in watch.get("statuses") or []:
+            seen[status["site_id"]] = f"online: answered at {poll['at']}"
+        for refusal in poll["refused"]:
+            seen[refusal.get("site_id")] = f"refused at {poll['at']}: {refusal.get('reason')}"
+        for node in poll["no_reply"]:
+            seen[node] = f"offline: no reply at {poll['at']}"
+    return seen
 
 
 def _federation(fed: dict[str, Any]) -> str:
