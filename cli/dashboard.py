@@ -59,7 +59,7 @@ def add_dashboard_command(subparsers: Any) -> None:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from server.dashboard.serve import listen, listen_address, serve, tls_context, url
+    from fedretrain.web import listen, listen_address, serve, tls_context, url
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")

@@ -44,12 +44,12 @@ from fedretrain.errors import ConfigError
 from fedretrain.privacy.ledger import PrivacyLedger
 from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
+from fedretrain.web import listen_address
 from server.app import bind_sites
 from server.cycle.run import run_retraining
 from server.dashboard.access import Access, read_token
 from server.dashboard.app import create_app
 from server.dashboard.catalogue import Catalogue
-from server.dashboard.serve import listen_address
 from server.deploy.coordinator import Coordinator
 from server.sites.live import LiveFile
 from server.sites.roster import Roster

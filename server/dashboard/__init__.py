@@ -13,5 +13,5 @@ every request and writes nothing.
 - :mod:`~server.dashboard.layout`     the page shell: style, the polling script, the security headers
 - :mod:`~server.dashboard.pages`      the HTML of each page, from the same data the JSON endpoints return
 - :mod:`~server.dashboard.app`        the FastAPI routes
-- :mod:`~server.dashboard.serve`      loopback only, then uvicorn
+- :mod:`fedretrain.web`               loopback unless TLS, then uvicorn (shared with `fedretrain site serve`)
 """

@@ -1,10 +1,11 @@
-"""Serving the dashboard: with uvicorn, on a socket bound here, over TLS when asked.
+"""Serving a web app on this machine: the dashboard and a site's inference service.
 
-On a loopback address (127.0.0.1, ::1, localhost) it may serve plain HTTP. Any other address
-is refused unless it serves TLS (``--tls-cert``, ``--tls-key``); every page then needs a login
-(:mod:`~server.dashboard.access`), since it shows every site's privacy spend, the runs and the
-registry. The socket is bound before uvicorn starts, so the address printed is the one it
-serves (``--port 0``: any free port) and a port in use fails with a sentence, not a traceback.
+With uvicorn, on a socket bound here, over TLS when asked. On a loopback address (127.0.0.1,
+::1, localhost) it may serve plain HTTP. Any other address is refused unless it serves TLS
+(``--tls-cert``, ``--tls-key``); the app then needs a login, since what it serves (every
+site's privacy spend; a site's model and its users' requests) is not for the network. The
+socket is bound before uvicorn starts, so the address printed is the one it serves
+(``--port 0``: any free port) and a port in use fails with a sentence, not a traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fastapi import FastAPI
 
 from fedretrain.errors import ConfigError
 
-SSH_HINT = "or forward its port over SSH: ssh -L 8765:127.0.0.1:8765 <this machine>"
+SSH_HINT = "or forward its port over SSH: ssh -L PORT:127.0.0.1:PORT <this machine>"
 
 
 def listen_address(host: str, *, tls: bool) -> tuple[str, bool]:
@@ -35,9 +36,9 @@ def listen_address(host: str, *, tls: bool) -> tuple[str, bool]:
         ) from None
     if not address.is_loopback and not tls:
         raise ConfigError(
-            f"--host {host}: refused without TLS. Off a loopback address (127.0.0.1, ::1, localhost) the dashboard "
-            "shows every site's privacy spend, the runs and the registry to the network: give --tls-cert and "
-            f"--tls-key (every page then needs a login), {SSH_HINT}"
+            f"--host {host}: refused without TLS. Off a loopback address (127.0.0.1, ::1, localhost) it would "
+            "serve what is not for the network in the clear: give --tls-cert and --tls-key (every page then "
+            f"needs a login), {SSH_HINT}"
         )
     return str(address), address.is_loopback
 
