@@ -94,9 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_site_generate)
 
+    from cli.serve import add_serve_commands
     from cli.site import add_site_commands
 
     add_site_commands(site)
+    add_serve_commands(site)
 
     from cli.registry import add_keys_commands, add_registry_commands
 
@@ -107,8 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_privacy_commands(sub)
 
     from cli.dashboard import add_dashboard_command
+    from cli.export import add_export_command
 
     add_dashboard_command(sub)
+    add_export_command(sub)
 
     config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the composed, validated config")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -30,19 +31,18 @@ class Generation:
     new_tokens: int
 
 
-def generate(
-    store_dir: Path,
-    prompt: str,
-    *,
-    coordinator_key: Path | None = None,
-    max_new_tokens: int = 40,
-    temperature: float = 0.0,
-    seed: int = 0,
-    device: str = "auto",
-) -> Generation:
-    """Generate a continuation of ``prompt`` with the site's current version.
+@dataclass(frozen=True)
+class InstalledModel:
+    """The base model with the site's current adapter, loaded and verified, ready to generate."""
 
-    ``temperature`` 0 is greedy decoding; above 0, sampling seeded by ``seed``.
+    model: PeftModel
+    tokenizer: Any
+    version: int
+    device: torch.device
+
+
+def load_installed(store_dir: Path, *, coordinator_key: Path | None = None, device: str = "auto") -> InstalledModel:
+    """The site's current version on its base model, verified again first when ``coordinator_key`` is given.
 
     Raises
     ------
@@ -73,10 +73,18 @@ def generate(
     tokenizer = load_tokenizer(name)
     base = load_base_model(name, dev, select_dtype(dev, "auto"), init_missing_seed=init_seed)
     model = PeftModel.from_pretrained(base, str(version_dir), is_trainable=False).eval()
-    inputs = tokenizer(prompt, return_tensors="pt").to(dev)
+    return InstalledModel(model=model, tokenizer=tokenizer, version=version, device=dev)
+
+
+def complete(
+    installed: InstalledModel, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0
+) -> Generation:
+    """``prompt`` continued by ``installed``: greedy at ``temperature`` 0, else sampled, seeded by ``seed``."""
+    tokenizer = installed.tokenizer
+    inputs = tokenizer(prompt, return_tensors="pt").to(installed.device)
     torch.manual_seed(seed)
     with torch.inference_mode():
-        out = model.generate(
+        out = installed.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
@@ -87,4 +95,26 @@ def generate(
         )
     new = out[0, inputs["input_ids"].shape[1] :]
     text = prompt + str(tokenizer.decode(new, skip_special_tokens=True))
-    return Generation(text=text, version=version, new_tokens=int(new.numel()))
+    return Generation(text=text, version=installed.version, new_tokens=int(new.numel()))
+
+
+def generate(
+    store_dir: Path,
+    prompt: str,
+    *,
+    coordinator_key: Path | None = None,
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    seed: int = 0,
+    device: str = "auto",
+) -> Generation:
+    """Generate a continuation of ``prompt`` with the site's current version (:func:`load_installed`,
+    then :func:`complete`).
+
+    Raises
+    ------
+    VerificationError
+        Nothing is installed, or the stored version fails its checks.
+    """
+    installed = load_installed(store_dir, coordinator_key=coordinator_key, device=device)
+    return complete(installed, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)

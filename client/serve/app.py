@@ -1,0 +1,218 @@
+"""``fedretrain site serve``: the site's installed version behind an OpenAI-style completions API.
+
+- ``POST /v1/completions`` ``{"prompt", "max_tokens"?, "temperature"?, "seed"?}``: the answer
+  of the installed version, in OpenAI's ``text_completion`` shape; its ``model`` names the
+  version (``fedretrain-v3``), and its ``id`` is what feedback names.
+- ``GET /v1/models``: the installed version.
+- ``POST /v1/feedback`` ``{"id", "rating": "good"|"bad"}`` or ``{"id", "correction": TEXT}``
+  (client/serve/feedback.py), at most :data:`FEEDBACK_PER_MINUTE` from one client.
+- ``GET /v1/scores``: per version, requests, latency, ratings and corrections (the site's own).
+
+The model is loaded and verified at start (client/install/generate.py) and again when the
+site installs another version (the store's state is looked at on each request), so it
+answers with what the site installed, verified, and says which. Errors are OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, with the field named. One request is
+computed at a time (the model is shared), in a worker thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from client.install.generate import InstalledModel, complete, load_installed
+from client.install.model_store import ModelStore
+from client.serve.feedback import give_feedback
+from client.serve.journal import Journal, UnknownRequest, now_iso
+from fedretrain.config import SiteConfig
+from fedretrain.errors import ConfigError, DataValidationError, VerificationError
+
+MAX_TOKENS = 512
+MAX_PROMPT = 20_000  # characters
+FEEDBACK_PER_MINUTE = 30
+
+
+class ServedModel:
+    """The installed version, loaded once and again whenever the site's store points elsewhere."""
+
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+        self.store = ModelStore(site.model_store_path)
+        self.lock = threading.Lock()
+        self.installed: InstalledModel | None = None
+
+    def current(self) -> InstalledModel:
+        """The model of the store's current version (VerificationError: none, or it fails its checks)."""
+        with self.lock:
+            version = self.store.state().current
+            if self.installed is None or self.installed.version != version:
+                key = Path(self.site.coordinator_key) if self.site.coordinator_key else None
+                self.installed = load_installed(
+                    self.site.model_store_path, coordinator_key=key, device=self.site.device
+                )
+            return self.installed
+
+    def answer(self, prompt: str, max_tokens: int, temperature: float, seed: int) -> dict[str, Any]:
+        """The completion, the version that gave it, its tokens and seconds; one request at a time."""
+        installed = self.current()
+        with self.lock:
+            started = time.perf_counter()
+            out = complete(installed, prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+            seconds = time.perf_counter() - started
+            prompt_tokens = len(installed.tokenizer(prompt)["input_ids"])
+        return {
+            "completion": out.text[len(prompt) :],
+            "version": out.version,
+            "completion_tokens": out.new_tokens,
+            "prompt_tokens": prompt_tokens,
+            "latency_s": round(seconds, 4),
+        }
+
+
+def create_app(site: SiteConfig, journal: Journal, served: ServedModel) -> FastAPI:
+    app = FastAPI(title=f"fedretrain site {site.site_id}", docs_url=None, redoc_url=None, openapi_url=None)
+    recent: dict[str, deque[float]] = defaultdict(deque)  # client host -> times of its feedback
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, exc: ServiceError) -> JSONResponse:
+        body = {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code}}
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        installed = _installed(served)
+        model = {"id": f"fedretrain-v{installed.version}", "object": "model", "owned_by": site.site_id}
+        return {"object": "list", "data": [model]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]  # OpenAI's clients may send a batch of one
+        if not isinstance(prompt, str) or not prompt:
+            raise ServiceError(400, "prompt must be a non-empty string", param="prompt")
+        if len(prompt) > MAX_PROMPT:
+            raise ServiceError(400, f"prompt longer than {MAX_PROMPT} characters", param="prompt")
+        max_tokens = _number(body, "max_tokens", 16, int, 1, MAX_TOKENS)
+        temperature = _number(body, "temperature", 0.0, float, 0.0, 2.0)
+        seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
+        _installed(served)  # a clear error before any work
+        answer = await run_in_threadpool(served.answer, prompt, max_tokens, temperature, seed)
+        request_id = "cmpl-" + secrets.token_hex(12)
+        journal.record_request({"id": request_id, "at": now_iso(), "prompt": prompt, **answer})
+        tokens = answer["completion_tokens"]
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": f"fedretrain-v{answer['version']}",
+            "choices": [
+                {
+                    "text": answer["completion"],
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": "length" if tokens >= max_tokens else "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": answer["prompt_tokens"],
+                "completion_tokens": tokens,
+                "total_tokens": answer["prompt_tokens"] + tokens,
+            },
+        }
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict[str, Any]:
+        client = request.client.host if request.client else "unknown"
+        times, now = recent[client], time.monotonic()
+        while times and now - times[0] > 60:
+            times.popleft()
+        if len(times) >= FEEDBACK_PER_MINUTE:
+            wait = int(60 - (now - times[0])) + 1
+            raise ServiceError(
+                429,
+                f"at most {FEEDBACK_PER_MINUTE} feedback a minute from one client; try again in {wait} s",
+                kind="rate_limit_error",
+                headers={"Retry-After": str(wait)},
+            )
+        body = await _json(request)
+        request_id = body.get("id")
+        if not isinstance(request_id, str) or not request_id:
+            raise ServiceError(400, "id must name an answer (its 'id', cmpl-...)", param="id")
+        rating, correction = body.get("rating"), body.get("correction")
+        for name, value in (("rating", rating), ("correction", correction)):
+            if value is not None and not isinstance(value, str):
+                raise ServiceError(400, f"{name} must be a string", param=name)
+        times.append(now)
+        try:
+            entry = await run_in_threadpool(
+                give_feedback, site, journal, request_id, rating=rating, correction=correction
+            )
+        except UnknownRequest as err:
+            raise ServiceError(404, str(err), param="id") from None
+        except DataValidationError as err:
+            raise ServiceError(400, f"correction refused: {err.reason}", param="correction") from None
+        except ConfigError as err:
+            raise ServiceError(400, str(err), param="rating" if rating is not None else None) from None
+        return {"recorded": {k: v for k, v in entry.items() if k != "correction"}}
+
+    @app.get("/v1/scores")
+    def scores() -> dict[str, Any]:
+        return {"site_id": site.site_id, "versions": journal.scores()}
+
+    return app
+
+
+class ServiceError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
+
+
+def _installed(served: ServedModel) -> InstalledModel:
+    try:
+        return served.current()
+    except VerificationError as err:
+        raise ServiceError(503, f"no verified version to answer with: {err}", kind="server_error") from None
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ServiceError(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ServiceError(400, "the body must be a JSON object")
+    return body
+
+
+def _number(body: dict[str, Any], name: str, default: Any, kind: type, low: float, high: float) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not float(value).is_integer()):
+        raise ServiceError(400, f"{name} must be {'a whole number' if kind is int else 'a number'}", param=name)
+    if not low <= value <= high:
+        raise ServiceError(400, f"{name} must be in [{low}, {high}], got {value}", param=name)
+    return kind(value)
