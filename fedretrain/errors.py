@@ -101,6 +101,12 @@ class DeployError(FedretrainError, RuntimeError):
     """A Flower deployment command (SuperLink, SuperNode, the flwr CLI) failed; the message says how."""
 
 
+class TrackingError(FedretrainError, RuntimeError):
+    """Exporting a run to MLflow or TensorBoard failed: a run file that cannot be read (the
+    message names the file and line), a tracker that refuses or cannot be reached, or its
+    package not installed. An export only reads the run directory and the registry."""
+
+
 class EvaluationRefused(FedretrainError, RuntimeError):
     """A site will not score this adapter: not the aggregate of a round it trained in, a
     second candidate for one round, or a baseline that is not the version it installed."""

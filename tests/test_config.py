@@ -31,6 +31,7 @@ GROUPS = [
     "trigger",
     "scenario",
     "simulation",
+    "tracking",
 ]
 
 
@@ -84,6 +85,9 @@ def test_config_is_frozen():
         ("privacy.tagret_epsilon=3", "privacy.tagret_epsilon"),  # typo: unknown key
         ("+privacy.tagret_epsilon=3", "privacy.tagret_epsilon"),  # forced in, still unknown
         ("model=hf", "model.name_or_path"),  # mandatory value not given
+        ("tracking.mlflow_uri=./mlruns", "tracking.mlflow_uri"),  # MLflow 3's file store: no scheme
+        ("tracking.mlflow_uri=https://ops:secret@mlflow.example", "tracking.mlflow_uri"),  # kept in config.yaml
+        ("tracking.timeout_s=0", "tracking.timeout_s"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, key):
@@ -105,11 +109,12 @@ def test_run_config_is_a_thin_front_over_hydra_overrides():
 
 
 def test_job_round_trips_through_a_flat_record_and_rejects_unknown_keys():
-    cfg = compose_config(["experiment=smoke"])
+    cfg = compose_config(["experiment=smoke", "tracking.mlflow_uri=sqlite:///runs/mlflow.db"])
     job = Job.from_config(cfg, run_id="r1")
     flat = job.to_flat()
     assert Job.from_flat(flat) == job
     assert "simulation.num_sites" not in flat  # site and simulation settings never travel
+    assert not [key for key in flat if key.startswith("tracking")]  # nor where the coordinator exports to
     with pytest.raises(ConfigError, match=r"^job\.privacy\.epsilon_ceiling: unknown key"):
         Job.from_flat({**flat, "privacy.epsilon_ceiling": 100.0})
 

@@ -113,6 +113,11 @@ SIMULATION_RUN_BY = {
     "test_sites_of_three_ranks_train_one_adapter_that_is_published",
     "fedretrain simulate experiment=garbled": "tests/test_garbled_e2e.py::"
     "test_the_gate_refuses_a_candidate_trained_on_garbled_notes",
+    # README "Exporting to MLflow and TensorBoard": the live export, in Flower's simulation engine.
+    "fedretrain simulate experiment=demo tracking.mlflow_uri=sqlite:///runs/mlflow.db "
+    "tracking.tensorboard_dir=runs/tensorboard": "tests/test_lora_ranks_e2e.py::"
+    "test_sites_of_three_ranks_train_one_adapter_that_is_published, and tests/test_tracking.py::"
+    "test_a_real_cycle_with_tracking_set_exports_its_rounds_gate_and_version",
 }
 
 

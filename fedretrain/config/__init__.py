@@ -16,6 +16,7 @@ from fedretrain.config.schema import (
     ScenarioConfig,
     SimulationConfig,
     StrategyConfig,
+    TrackingConfig,
     TrainConfig,
     TriggerConfig,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "AttackersConfig",
     "SiteConfig",
     "StrategyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TriggerConfig",
     "build",

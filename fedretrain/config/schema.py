@@ -7,6 +7,7 @@ group so the user reads the dotted key (``privacy.target_epsilon: ...``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -446,6 +447,68 @@ class TriggerConfig:
             raise ConfigError(f"max_polls: must be >= 1 or null, got {self.max_polls}")
 
 
+# MLflow tracking URIs an export accepts (server/tracking/). MLflow 3 refuses its file: store
+# unless told otherwise; sqlite:///PATH.db is the local store that needs no server.
+MLFLOW_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
+TRACKER_NAME = re.compile(r"[\w.+-]{1,200}")
+
+
+def check_mlflow_uri(key: str, uri: str) -> None:
+    """Refuse a tracking URI MLflow would not take, or one that holds a password.
+
+    ``key`` names the setting in the message (``tracking.mlflow_uri``, ``--mlflow-uri``).
+    A password would be kept in the run's config.yaml and printed in its logs.
+    """
+    if re.match(r"^[^:/]+://[^/@]*:[^/@]*@", uri):
+        raise ConfigError(
+            f"{key}: the URI holds a password, which config.yaml and the logs would keep; give it in "
+            "MLflow's environment (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+            "MLFLOW_TRACKING_TOKEN) or the database's own (PGPASSWORD)"
+        )
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in MLFLOW_SCHEMES:
+        raise ConfigError(
+            f"{key}: {f'unknown MLflow tracking URI scheme {scheme!r}' if scheme else 'no URI scheme'} in {uri!r}; "
+            "use one of "
+            f"{', '.join(MLFLOW_SCHEMES)} (a local store: sqlite:///PATH.db; MLflow 3 keeps its file: store "
+            "in maintenance mode)"
+        )
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise ConfigError(f"{key}: a SQLite store is sqlite:///relative/path.db or sqlite:////absolute/path.db")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Export to MLflow and TensorBoard as the cycle writes its run directory (server/tracking/).
+
+    Written by the coordinator only; the run directory and the registry stay the source of
+    truth, and ``fedretrain export`` redoes an export. null turns a target off.
+    """
+
+    mlflow_uri: str | None = None  # sqlite:///PATH.db, http(s)://HOST:PORT, postgresql://...
+    tensorboard_dir: str | None = None  # one log directory per run below this folder
+    experiment: str = "fedretrain"  # the MLflow experiment that holds the runs
+    model_name: str | None = None  # the MLflow registered model of the registry; null: fedretrain-<key id>
+    timeout_s: float = 30.0  # how long the end of a cycle waits for its export
+
+    def __post_init__(self) -> None:
+        if self.mlflow_uri is not None:
+            check_mlflow_uri("mlflow_uri", self.mlflow_uri)
+        if self.tensorboard_dir is not None and not self.tensorboard_dir.strip():
+            raise ConfigError("tensorboard_dir: must name a folder, or be null")
+        if not self.experiment.strip():
+            raise ConfigError("experiment: must be a non-empty MLflow experiment name")
+        if self.model_name is not None and not TRACKER_NAME.fullmatch(self.model_name):
+            raise ConfigError(
+                f"model_name: letters, digits, '.', '_', '+' and '-' only (up to 200), or null; got {self.model_name!r}"
+            )
+        _positive("timeout_s", self.timeout_s)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow_uri is not None or self.tensorboard_dir is not None
+
+
 SCENARIOS = ("none", "drift")
 
 
@@ -562,6 +625,7 @@ class Config:
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,18 @@ from fedretrain.atomic import atomic_write_bytes, atomic_write_json, atomic_writ
 class RunRecorder:
     """Writes one run's directory as the run goes."""
 
-    def __init__(self, run_dir: Path, config_yaml: str, keep_rounds: int | None = None) -> None:
-        """``keep_rounds``: a resumed run keeps its metrics.jsonl lines up to this round."""
+    def __init__(
+        self,
+        run_dir: Path,
+        config_yaml: str,
+        keep_rounds: int | None = None,
+        on_write: Callable[[], None] | None = None,
+    ) -> None:
+        """``keep_rounds``: a resumed run keeps its metrics.jsonl lines up to this round.
+        ``on_write`` is called after each write of metrics.jsonl and summary.json (the
+        cycle's live export to trackers, server/tracking/live.py)."""
         self.run_dir = Path(run_dir)
+        self.on_write = on_write
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
         metrics = self.run_dir / "metrics.jsonl"
@@ -33,11 +43,17 @@ class RunRecorder:
         self.rounds.append(entry)
         lines = "".join(json.dumps(finite_or_null(r), sort_keys=True, allow_nan=False) + "\n" for r in self.rounds)
         atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        self._written()
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.run_dir / "summary.json"
         atomic_write_json(path, finite_or_null(summary))
+        self._written()
         return path
+
+    def _written(self) -> None:
+        if self.on_write is not None:
+            self.on_write()
 
     def plot(self) -> Path:
         """loss.png: validation loss per round (candidate vs baseline) and each site's held-out loss."""

@@ -48,6 +48,7 @@ from server.cycle.resume import CheckpointWriter, check_registry_pointer, resume
 from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.summary import SiteOutcome, build_summary, round_entry, site_outcomes
 from server.sites.grid import SiteSubset, bound_site
+from server.tracking.live import LiveExport
 from strategies import CheckedStrategy, build_strategy
 from strategies.central_dp import central_dp_wrapper, central_epsilon, effective_noise_multiplier
 
@@ -85,7 +86,14 @@ def run_retraining(
         if not locked:
             raise CycleBusy(f"{registry.registry.root}: another retraining cycle is running on this registry")
         cycle = _start(cfg, Path(run_dir), registry, config_yaml, validation_path, run_id, resume)
-        return _run_cycle(grid, cycle, train_nodes)
+        crashed = True
+        try:
+            summary = _run_cycle(grid, cycle, train_nodes)
+            crashed = False
+            return summary
+        finally:
+            if cycle.export is not None:  # the trackers get the end too; the cycle never waits long for them
+                cycle.export.close(crashed=crashed)
 
 
 def cycle_lock_path(registry_root: Path) -> Path:
@@ -99,6 +107,7 @@ class Cycle:
 
     ``lm`` holds the champion's adapter (or a fresh one) after the start, then each
     round's candidate as it is scored; ``champion`` is None until something is published.
+    ``export`` copies the run directory to MLflow and TensorBoard as it is written (None: off).
     """
 
     cfg: Config
@@ -112,6 +121,7 @@ class Cycle:
     champion: Champion | None
     checkpoint: Checkpoint | None
     started: float
+    export: LiveExport | None = None
 
     @property
     def champion_version(self) -> int | None:
@@ -163,7 +173,9 @@ def _start(
     validation_path = validation_path or cfg.validation_path
     if not validation_path:
         raise ConfigError("validation_path: the coordinator needs a validation set to compare candidate and baseline")
+    # Each write of metrics.jsonl and summary.json is exported (tracking.*) once the cycle is set up.
     recorder = RunRecorder(run_dir, config_yaml, keep_rounds=checkpoint.server_round if checkpoint else None)
+    export = LiveExport.from_config(cfg.tracking, run_dir, registry.signing_key.public_key(), run_id)
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device=cfg.model.device)
     validation = encode_texts(lm.tokenizer, [r.text for r in read_records(validation_path)], cfg.model.max_length)
     # The baseline is the version sites use now; a cycle also starts training from it.
@@ -172,6 +184,8 @@ def _start(
         check_registry_pointer(checkpoint, registry.registry.root, champion.version if champion else None)
     if champion is not None:
         load_adapter_arrays(lm, champion.arrays)
+    if export is not None:
+        recorder.on_write = export.notify
     return Cycle(
         cfg=cfg,
         run_dir=run_dir,
@@ -184,6 +198,7 @@ def _start(
         champion=champion,
         checkpoint=checkpoint,
         started=started,
+        export=export,
     )
 
 
