@@ -26,6 +26,7 @@ from fedretrain.config import Config, SiteConfig, site_config_from_node_config
 from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError
 from fedretrain.registry.signing import generate_keypair
+from server.cycle.robustness import planted_and_unplanted
 from server.sites.roster import record_node
 from simulation.attacks import attacker_ids, poisoned
 from simulation.notes import site_notes, site_style, specialty_mix_for_site, validation_notes
@@ -122,6 +123,7 @@ def _synthetic_sites(
             a = sim.attackers
             share = ATTACKS["backdoor"].default_strength if a.strength is None else a.strength
             train = poisoned(train, a.phrase, share, seed=cfg.seed * 1000 + index)
+        train = train + _canaries(cfg, index)
         write_jsonl(site_dir / "train.jsonl", train)
         write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
         node_config = _node_config(cfg, sid, site_dir, public_key, device, index=index)
@@ -129,6 +131,19 @@ def _synthetic_sites(
         sites.append(site_config_from_node_config(node_config, simulation=True))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}
     return sites, validation_path, mixes
+
+
+def _canaries(cfg: Config, index: int) -> list[dict]:
+    """The canary strings planted at site ``index`` (``simulation.canaries``, dealt out across the
+    sites, each ``simulation.canary_repeats`` times), for the gate's memorisation probe."""
+    sim = cfg.simulation
+    planted, _ = planted_and_unplanted(cfg.seed, sim.canaries)
+    return [
+        {"text": text, "id": f"canary-{k}-{r}"}
+        for k, text in enumerate(planted)
+        if k % sim.num_sites == index
+        for r in range(sim.canary_repeats)
+    ]
 
 
 def _own_sites(cfg: Config, root: Path, public_key: Path, device: str) -> tuple[list[SiteConfig], Path]:

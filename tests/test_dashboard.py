@@ -213,6 +213,10 @@ def test_the_cycle_page_shows_rounds_refusals_and_secure_aggregation(world, clie
     assert f"{row['validation']['candidate_loss']:.4f}" in page and f">{row['bytes_up']}<" in page
     secure = row["secure_aggregation"]
     assert "Secure aggregation" in page and f">{secure['modulus']}<" in page and secure["summed"] == 2
+    # The gate's robustness suite, as summary.json has it.
+    robustness = json.loads((secure_dir / "summary.json").read_text())["gate"]["robustness"]
+    assert f"Robustness ({robustness['records']} records, tolerance 0.1000)" in page
+    assert all(f">{f['change']:.4f}<" in page for f in robustness["perturbations"].values())
     refused = client.get(f"/cycles/{COORD_RUN}").text
     assert "not valid UTF-8" in refused and ">refuse</strong>" in refused
 

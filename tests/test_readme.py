@@ -113,6 +113,8 @@ SIMULATION_RUN_BY = {
     "test_sites_of_three_ranks_train_one_adapter_that_is_published",
     "fedretrain simulate experiment=garbled": "tests/test_garbled_e2e.py::"
     "test_the_gate_refuses_a_candidate_trained_on_garbled_notes",
+    "fedretrain simulate experiment=nonprivate simulation.canaries=6 simulation.canary_repeats=32": "tests/"
+    "test_robustness_e2e.py::test_a_candidate_that_memorised_the_planted_canaries_is_refused",
     # README "Exporting to MLflow and TensorBoard": the live export, in Flower's simulation engine.
     "fedretrain simulate experiment=demo tracking.mlflow_uri=sqlite:///runs/mlflow.db "
     "tracking.tensorboard_dir=runs/tensorboard": "tests/test_lora_ranks_e2e.py::"

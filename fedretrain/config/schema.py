@@ -363,6 +363,21 @@ def _check_strategy_options(name: str, options: Mapping[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class RobustnessConfig:
+    """The gate's robustness suite (server/cycle/robustness.py): perturbed validation records and canaries."""
+
+    enabled: bool = True
+    records: int = 64  # validation records perturbed (evenly spaced through the set)
+    tolerance: float = 0.1  # nats the candidate may be worse than the champion on any perturbation
+
+    def __post_init__(self) -> None:
+        if self.records < 1:
+            raise ConfigError(f"robustness.records: must be >= 1, got {self.records}")
+        if not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise ConfigError(f"robustness.tolerance: must be a finite number >= 0 (nats), got {self.tolerance!r}")
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """When a candidate adapter may be published (server/cycle/gate.py has the policy in full)."""
 
@@ -373,6 +388,7 @@ class GateConfig:
     min_sites: int = 1
     require_federated_confidence: bool = True
     require_approval: bool = False
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.margin) or self.margin < 0:
@@ -580,8 +596,18 @@ class SimulationConfig:
     # Mixed LoRA ranks: site k trains rank site_lora_ranks[k % len] (its lora-rank setting,
     # fedretrain/lora_ranks.py); null: every site the job's lora.r.
     site_lora_ranks: tuple[int, ...] | None = None
+    # The gate's memorisation probe (server/cycle/robustness.py): canary strings planted in the
+    # generated sites' training notes, dealt out across the sites, each canary_repeats times.
+    canaries: int = 0
+    canary_repeats: int = 4
 
     def __post_init__(self) -> None:
+        if self.canaries < 0 or self.canary_repeats < 1:
+            raise ConfigError(
+                f"canaries: must be >= 0 and canary_repeats >= 1, got {self.canaries} and {self.canary_repeats}"
+            )
+        if self.canaries and self.sites_dir:
+            raise ConfigError("canaries: planted in generated notes; they do not run on simulation.sites_dir")
         if self.site_lora_ranks is not None and (
             not self.site_lora_ranks
             or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.site_lora_ranks)

@@ -15,7 +15,10 @@ it states (client/round/site.py); the intervals below widen by that noise. The p
 4. ``sites``: no site's held-out loss rises by more than ``gate.site_tolerance``
    beyond what its noise explains (its change minus ``z`` noise standard deviations,
    ``z`` the normal quantile of ``gate.confidence``);
-5. ``coverage``: at least ``gate.min_sites`` sites returned an evaluation.
+5. ``coverage``: at least ``gate.min_sites`` sites returned an evaluation;
+6. ``robustness`` (``gate.robustness``): on perturbed copies of validation records, and on
+   canaries a simulation planted, the candidate is no worse than the champion beyond
+   ``gate.robustness.tolerance`` (server/cycle/robustness.py).
 
 A candidate that passes becomes ``publish``, or ``pending_approval`` when the policy
 asks for an operator (``fedretrain registry approve VERSION``). Everything here is
@@ -63,12 +66,19 @@ class GateResult:
 
 
 def decide(
-    policy: GateConfig, baseline: LossStats, candidate: LossStats, sites: Sequence[SiteEvaluation], *, seed: int
+    policy: GateConfig,
+    baseline: LossStats,
+    candidate: LossStats,
+    sites: Sequence[SiteEvaluation],
+    *,
+    seed: int,
+    robustness: dict[str, Any] | None = None,
 ) -> GateResult:
     """Apply ``policy`` to the scores of ``baseline`` and ``candidate``.
 
     ``baseline`` and ``candidate`` must be scored on the same validation records in
-    the same order.
+    the same order. ``robustness``: the robustness suite's figures (server/cycle/robustness.py),
+    whose ``failures`` refuse the candidate (6. ``robustness``); None when it did not run.
     """
     if baseline.examples != candidate.examples:
         raise ValueError(f"baseline scored {baseline.examples} records, candidate {candidate.examples}")
@@ -89,6 +99,9 @@ def decide(
         "coverage": len(sites) >= policy.min_sites,
     }
     reasons = _reasons(policy, checks, improvement, (low, high), federated, worse_by, len(sites))
+    if robustness is not None:
+        checks["robustness"] = not robustness["failures"]
+        reasons += robustness["failures"]
     if not all(checks.values()):
         decision = REFUSE
     else:
@@ -119,6 +132,8 @@ def decide(
         "site_tolerance": policy.site_tolerance,
         "checks": checks,
     }
+    if robustness is not None:
+        figures["robustness"] = robustness
     return GateResult(decision=decision, reasons=tuple(reasons), figures=figures)
 
 

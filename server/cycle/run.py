@@ -13,11 +13,12 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
@@ -45,6 +46,8 @@ from server.cycle.publish import (
 )
 from server.cycle.report import RunRecorder, finite_or_null, format_summary
 from server.cycle.resume import CheckpointWriter, check_registry_pointer, resume_point
+from server.cycle.robustness import compare as robustness_compare
+from server.cycle.robustness import planted_and_unplanted
 from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.summary import SiteOutcome, build_summary, round_entry, site_outcomes
 from server.sites.grid import SiteSubset, bound_site
@@ -122,6 +125,7 @@ class Cycle:
     checkpoint: Checkpoint | None
     started: float
     export: LiveExport | None = None
+    validation_texts: tuple[str, ...] = ()  # the validation records' texts (the robustness suite perturbs them)
 
     @property
     def champion_version(self) -> int | None:
@@ -177,7 +181,8 @@ def _start(
     recorder = RunRecorder(run_dir, config_yaml, keep_rounds=checkpoint.server_round if checkpoint else None)
     export = LiveExport.from_config(cfg.tracking, run_dir, registry.signing_key.public_key(), run_id)
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device=cfg.model.device)
-    validation = encode_texts(lm.tokenizer, [r.text for r in read_records(validation_path)], cfg.model.max_length)
+    validation_texts = tuple(r.text for r in read_records(validation_path))
+    validation = encode_texts(lm.tokenizer, list(validation_texts), cfg.model.max_length)
     # The baseline is the version sites use now; a cycle also starts training from it.
     champion = champion_adapter(registry)
     if checkpoint is not None:
@@ -199,6 +204,7 @@ def _start(
         checkpoint=checkpoint,
         started=started,
         export=export,
+        validation_texts=validation_texts,
     )
 
 
@@ -402,7 +408,60 @@ def _gate(cycle: Cycle, strategy: CheckedStrategy, baseline: LossStats, candidat
     of the last round, as the strategy accepted them."""
     last = strategy.round_log.get(cycle.cfg.rounds)
     sites = sorted(last.evaluation.values(), key=lambda e: e.site_id) if last else []
-    return decide(cycle.cfg.gate, baseline, candidate, sites, seed=cycle.cfg.seed)
+    robustness = _robustness(cycle)
+    return decide(cycle.cfg.gate, baseline, candidate, sites, seed=cycle.cfg.seed, robustness=robustness)
+
+
+def _robustness(cycle: Cycle) -> dict[str, Any] | None:
+    """The robustness suite (server/cycle/robustness.py): the champion (the bare base model before
+    any) and the candidate, which ``lm`` holds, on perturbed validation records and the
+    simulation's canaries. ``lm`` holds the candidate again afterwards."""
+    cfg, lm = cycle.cfg, cycle.lm
+    policy = cfg.gate.robustness
+    if not policy.enabled:
+        return None
+    texts = cycle.validation_texts
+    step = max(1, len(texts) // policy.records)
+    records = texts[::step][: policy.records]
+    candidate_arrays = adapter_arrays(lm.model)
+
+    def scorer(arrays: dict[str, np.ndarray] | None) -> Callable[[Sequence[str]], float]:
+        def score(batch: Sequence[str]) -> float:
+            if arrays is not None:
+                load_adapter_arrays(lm, arrays)
+            encoded = encode_texts(lm.tokenizer, list(batch), cfg.model.max_length)
+            return evaluate_loss(
+                lm.model, encoded, batch_size=cfg.train.eval_batch_size, use_adapter=arrays is not None
+            ).loss
+
+        return score
+
+    planted, unplanted = planted_and_unplanted(cfg.seed, cfg.simulation.canaries)
+    started = time.perf_counter()
+    try:
+        figures = robustness_compare(
+            scorer(cycle.champion.arrays if cycle.champion is not None else None),
+            scorer(candidate_arrays),
+            records,
+            seed=cfg.seed,
+            tolerance=policy.tolerance,
+            planted=planted,
+            unplanted=unplanted,
+        )
+    finally:
+        load_adapter_arrays(lm, candidate_arrays)
+    figures["seconds"] = round(time.perf_counter() - started, 3)
+    worst = max(figures["perturbations"].items(), key=lambda kv: kv[1]["change"])
+    log.info(
+        "run %s: robustness on %d records: worst %s %+.4f nats%s (%.1f s)",
+        cycle.run_id,
+        len(records),
+        worst[0],
+        worst[1]["change"],
+        f", canary exposure {figures['memorisation']['change']:+.4f}" if "memorisation" in figures else "",
+        figures["seconds"],
+    )
+    return figures
 
 
 def _publish(

@@ -178,7 +178,31 @@ def _outcome(summary: dict[str, Any]) -> str:
         f'{text(summary.get("published_version"))}</span>, awaiting approval <span id="pending-version">'
         f"{text(summary.get('pending_version'))}</span></p>"
     )
-    return out + "<ul>" + "".join(f"<li>{text(r)}</li>" for r in gate.get("reasons") or []) + "</ul>"
+    out += "<ul>" + "".join(f"<li>{text(r)}</li>" for r in gate.get("reasons") or []) + "</ul>"
+    return out + _robustness(gate.get("robustness"))
+
+
+def _robustness(figures: Any) -> str:
+    """The gate's robustness suite: each perturbation's loss, champion and candidate, and the canaries."""
+    if not isinstance(figures, dict):
+        return ""
+    rows = [
+        [text(kind), num(f.get("champion")), num(f.get("candidate")), num(f.get("change"))]
+        for kind, f in (figures.get("perturbations") or {}).items()
+        if isinstance(f, dict)
+    ]
+    probe = figures.get("memorisation")
+    if isinstance(probe, dict):
+        rows.append(
+            [
+                f"canary exposure ({text(probe.get('canaries'))} planted)",
+                num(probe.get("exposure_champion")),
+                num(probe.get("exposure_candidate")),
+                num(probe.get("change")),
+            ]
+        )
+    head = f"<h2>Robustness ({text(figures.get('records'))} records, tolerance {num(figures.get('tolerance'))})</h2>"
+    return head + table(["perturbation", "champion", "candidate", "change"], rows, numeric=(1, 2, 3))
 
 
 def _sites(summary: dict[str, Any]) -> str:
