@@ -178,3 +178,16 @@ def test_pooled_interval_widens_by_the_sites_noise():
 
     half = 1.959964 * math.sqrt(diffs.var(ddof=1) / 5 + 0.01)
     assert pooled["ci_low"] == pytest.approx(0.2 - half, rel=1e-5)
+
+
+def test_a_robustness_failure_refuses_an_otherwise_clear_candidate_and_is_named():
+    cand = [b - 0.5 for b in BASE]
+    sites = [site("a", 5.0, 4.6), site("b", 5.2, 4.9)]
+    failing = {"failures": ["robustness: on injection the candidate's loss is 7.1 (+0.3 nats, tolerance 0.1)"]}
+    result = decide(POLICY, stats(BASE), stats(cand), sites, seed=0, robustness=failing)
+    assert result.decision == REFUSE and result.figures["checks"]["robustness"] is False
+    assert result.reasons == tuple(failing["failures"]) and result.figures["robustness"] is failing
+    # Passing figures add the check and publish; without the suite there is no check at all.
+    passed = decide(POLICY, stats(BASE), stats(cand), sites, seed=0, robustness={"failures": []})
+    assert passed.decision == PUBLISH and passed.figures["checks"]["robustness"] is True
+    assert "robustness" not in decide(POLICY, stats(BASE), stats(cand), sites, seed=0).figures["checks"]
