@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from browser import chromium  # noqa: E402  (tests/browser.py: Debian's chromium, through selenium)
+from processes import start_cli  # noqa: E402  (tests/processes.py: fedretrain in a process of its own)
 
 PAGES = ("federation", "cycles", "cycle", "versions", "alerts", "resources")
 OBSERVE = """
@@ -45,18 +44,6 @@ new MutationObserver(note).observe(document.body, {childList: true, subtree: tru
 note();
 """
 LOAD_TIME = "const t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd - t.startTime"
-
-
-def fedretrain(args: list[str], log: Path | None = None) -> subprocess.Popen:
-    out = subprocess.PIPE if log is None else log.open("w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def watch_rows(runs: Path, landed: dict[int, float], stop: threading.Event) -> None:
@@ -86,7 +73,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     runs = work / "runs"
     runs.mkdir()
-    dashboard = fedretrain(["dashboard", "--runs", str(runs), "--port", "0", "--poll-seconds", str(args.poll_seconds)])
+    dashboard = start_cli(["dashboard", "--runs", str(runs), "--port", "0", "--poll-seconds", str(args.poll_seconds)])
     line = dashboard.stdout.readline().strip()
     if not line.startswith("fedretrain dashboard: http"):
         raise SystemExit(f"the dashboard did not start: {line}")
@@ -96,8 +83,9 @@ def main() -> int:
     try:
         with chromium() as browser:
             browser.get(url + "cycles")
-            simulation = fedretrain(
-                ["simulate", f"experiment={args.experiment}", f"output_dir={runs}", *args.overrides], work / "sim.log"
+            simulation = start_cli(
+                ["simulate", f"experiment={args.experiment}", f"output_dir={runs}", *args.overrides],
+                log=work / "sim.log",
             )
             watcher = threading.Thread(target=watch_rows, args=(runs, landed, stop), daemon=True)
             watcher.start()

@@ -16,11 +16,9 @@ import html
 import json
 import os
 import re
-import select
 import shlex
 import shutil
 import ssl
-import subprocess
 import sys
 import time
 import urllib.error
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
+from processes import first_line, start_cli
 from starlette.testclient import TestClient
 from test_model_families import SHRINK, InlineGrid
 from test_readme import DASHBOARD_COMMANDS
@@ -555,14 +554,7 @@ def test_tls_and_a_login_on_a_real_server(world, tmp_path):
     token.chmod(0o600)
     command = ["dashboard", "--runs", str(world / "runs"), "--port", "0", "--token-file", str(token)]
     command += ["--tls-cert", str(cert.cert_path), "--tls-key", str(cert.key_path)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *command],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(command)
     try:
         line = first_line(proc, timeout_s=120)
         assert line.startswith("fedretrain dashboard: https://127.0.0.1:"), line
@@ -595,14 +587,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 @pytest.mark.parametrize("command", DASHBOARD_COMMANDS)
 def test_the_readme_dashboard_commands_serve_the_pages(world, command):
     # As written, in a directory holding runs/ and coord/, on a free port; stopped by its process id.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *shlex.split(command)[1:], "--port", "0"],
-        cwd=world,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli([*shlex.split(command)[1:], "--port", "0"], cwd=world)
     try:
         line = first_line(proc, timeout_s=120)
         assert line.startswith("fedretrain dashboard: http://127.0.0.1:"), line + proc.stderr.read()
@@ -623,13 +608,3 @@ def test_the_readme_dashboard_commands_serve_the_pages(world, command):
     assert code == 0 and "site-00" in page, page[:2000]
     assert runs == ({COORD_RUN} if "--dir" in command else set(_runs(world)) - {COORD_RUN})
     assert ("signed in" in page) == ("--signing-key" in command)  # with the key, signed in first
-
-
-def first_line(proc: subprocess.Popen, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            return proc.stdout.readline().strip()
-        if proc.poll() is not None:
-            return f"exited {proc.returncode}: " + proc.stderr.read()
-    return "no address printed in time"

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from browser import MISSING, browser_paths, chromium
-from test_dashboard import first_line
+from processes import first_line, start_cli
 
 from fedretrain.registry.store import Registry
 
@@ -47,7 +46,7 @@ def dashboard(tmp_path) -> Iterator[tuple[str, Path]]:
     runs = tmp_path / "runs"
     runs.mkdir()
     command = ["dashboard", "--runs", str(runs), "--port", "0", "--poll-seconds", str(POLL_S)]
-    proc = _start(command)
+    proc = start_cli(command)
     try:
         line = first_line(proc, timeout_s=120)
         assert line.startswith("fedretrain dashboard: http://127.0.0.1:"), line
@@ -55,19 +54,6 @@ def dashboard(tmp_path) -> Iterator[tuple[str, Path]]:
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
-
-
-def _start(command: list[str], log: Path | None = None) -> subprocess.Popen:
-    """``fedretrain COMMAND``; its output to ``log`` (a long run would fill a pipe nobody reads)."""
-    out = subprocess.PIPE if log is None else log.open("w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *command],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        stdout=out,
-        stderr=subprocess.STDOUT if log is not None else subprocess.PIPE,
-        text=True,
-    )
 
 
 def _wait(what: str, check, timeout_s: float = 240.0, *, proc: subprocess.Popen | None = None):
@@ -98,7 +84,7 @@ def test_a_running_cycle_updates_live_and_then_shows_its_files(browser, dashboar
     assert "none" in browser.find_element("id", "live").text
     browser.execute_script("window.fedretrainTestMark = true")  # gone if the page reloads
     log = tmp_path / "simulation.log"
-    simulation = _start(["simulate", *SIMULATION, f"output_dir={runs}"], log)
+    simulation = start_cli(["simulate", *SIMULATION, f"output_dir={runs}"], log=log)
     try:
         # The run appears in the index without a reload; its link leads to its page.
         script = "return Array.from(document.querySelectorAll('main table a'), a => a.textContent)"

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_dashboard import first_line
+from processes import first_line, start_cli
 from test_readme import walkthrough
 
 from cli.exits import GATE_REFUSED, OK
@@ -156,13 +156,7 @@ def test_make_demo_prints_where_to_see_it_in_a_browser(first_run):
     command, address = line.split("run: ", 1)[1].split(" and open ")
     assert address == f"http://127.0.0.1:8765/cycles/{run_dir.name}", line
     # The printed command serves that page (on a free port: 8765 may be taken where tests run).
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *shlex.split(command)[1:], "--port", "0"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli([*shlex.split(command)[1:], "--port", "0"])
     try:
         served = first_line(proc, timeout_s=120)
         assert served.startswith("fedretrain dashboard: http://127.0.0.1:"), served

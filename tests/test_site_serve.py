@@ -10,16 +10,13 @@ naming the field; nothing half-done is kept.
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from processes import first_line, start_cli
 from starlette.testclient import TestClient
-from test_dashboard import first_line
 from test_install import coordinator, delivered, job, make_site  # noqa: F401  (module fixtures)
 from test_readme import readme_commands
 
@@ -162,14 +159,7 @@ def test_the_cli_serves_and_takes_feedback(site, tmp_path, capsys):
     )
     # The README's command as written, in the directory holding site.json, on a free port.
     (command,) = [c for c in readme_commands() if c.startswith("fedretrain site serve")]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *shlex.split(command)[1:], "--port", "0"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli([*shlex.split(command)[1:], "--port", "0"], cwd=tmp_path)
     try:
         line = first_line(proc, timeout_s=120)
         assert line.startswith("fedretrain site serve: http://127.0.0.1:") and "version 1" in line, (
