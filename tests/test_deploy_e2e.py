@@ -336,7 +336,8 @@ def test_a_site_posing_as_another_gets_no_reply_counted_and_the_honest_sites_pub
 
 
 def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_loss_aborts(bench):
-    # Prepare: a one-round cycle with a 60 s deadline (a shrunk round takes about 20 s) and a quorum of 2,
+    # Prepare: a one-round cycle with a 40 s deadline (a shrunk round takes about 20 s, its
+    # training stage about 10 s; 60 s cost the suite 20 s of waiting) and a quorum of 2,
     # under secure aggregation: a site that dies while it trains drops out of Flower's SecAgg+
     # protocol after it shared its secrets, so the others' shares must remove its masks.
     # A round sends each site three train messages before the one it trains on (setup, share
@@ -346,7 +347,7 @@ def test_a_site_killed_mid_round_the_round_closes_at_its_deadline_then_quorum_lo
         *run_overrides(
             "reg-kill",
             "rounds=1",
-            "strategy.round_timeout_s=60",
+            "strategy.round_timeout_s=40",
             "strategy.quorum=2",
             "strategy.secure_aggregation.enabled=true",
             "strategy.max_update_norm_ratio=null",

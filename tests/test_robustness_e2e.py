@@ -16,10 +16,12 @@ from cli.exits import GATE_REFUSED
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 (COMMAND,) = [c for c in readme_commands() if c.startswith("fedretrain simulate") and "simulation.canaries" in c]
-# The preset's three rounds, of 12 local steps on notes cut to 64 tokens (measured: exposure
-# +0.31 and +0.33 nats against the 0.1 tolerance, 24 s each; with 16 repeats and two rounds
-# it ranged 0.07-0.21).
+# Two sites, two rounds of 12 local steps on notes cut to 64 tokens: each site holds three
+# canaries 32 times (measured: exposure +0.30 and +0.28 nats against the 0.1 tolerance, 20-22 s;
+# the README's three sites and three rounds: +0.31 and +0.33, 24 s).
 SHRINK = [
+    "simulation.num_sites=2",
+    "rounds=2",
     "data.records_per_site=160",
     "data.validation_records=120",
     "model.max_length=64",
@@ -38,11 +40,7 @@ def test_a_candidate_that_memorised_the_planted_canaries_is_refused(tmp_path):
     assert gate["checks"]["margin"] and summary["candidate_loss"] < summary["baseline_loss"]
     assert probe["canaries"] == 6 and probe["change"] > gate["robustness"]["tolerance"]
     assert any(r.startswith("memorisation: planted canaries are") for r in gate["reasons"])
-    # Each site's notes hold its share of the canaries, each 32 times.
+    # Each site's notes hold its half of the canaries, each 32 times.
     sites = run_dir / "sites"
-    assert [(sites / s / "train.jsonl").read_text().count('"canary-') for s in ("site-00", "site-01", "site-02")] == [
-        64,
-        64,
-        64,
-    ]
+    assert [(sites / s / "train.jsonl").read_text().count('"canary-') for s in ("site-00", "site-01")] == [96, 96]
     assert "gate: REFUSE" in output
