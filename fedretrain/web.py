@@ -15,12 +15,24 @@ import signal
 import socket
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
 from fedretrain.errors import ConfigError
 
 SSH_HINT = "or forward its port over SSH: ssh -L PORT:127.0.0.1:PORT <this machine>"
+
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def loopback_host(header: str) -> bool:
+    """Whether a request's ``Host`` header names a loopback address (a malformed one does not)."""
+    try:
+        return urlsplit("//" + header).hostname in LOOPBACK_NAMES
+    except ValueError:  # e.g. "[::1" (an unclosed bracket)
+        return False
 
 
 def listen_address(host: str, *, tls: bool) -> tuple[str, bool]:
@@ -34,6 +46,9 @@ def listen_address(host: str, *, tls: bool) -> tuple[str, bool]:
         raise ConfigError(
             f"--host {host!r}: give an IP address or localhost (a loopback one, 127.0.0.1 or ::1; any other with TLS)"
         ) from None
+    if address.is_loopback and str(address) not in LOOPBACK_NAMES:
+        # Requests must name the address they reach, and only these names are taken.
+        raise ConfigError(f"--host {host}: of the loopback addresses, give 127.0.0.1, ::1 or localhost")
     if not address.is_loopback and not tls:
         raise ConfigError(
             f"--host {host}: refused without TLS. Off a loopback address (127.0.0.1, ::1, localhost) it would "

@@ -497,26 +497,30 @@ def test_approve_and_roll_back_from_the_page_after_a_login(world, signing):
     page = client.get(versions).text
     assert 'id="approve-4"' in page and 'id="rollback-1"' in page and "approves as ops-on-call" in page
     form = _form_token(page)
-    # Another session's or no form token, or another origin: refused, and nothing signed.
-    assert client.post(f"{versions}/approve/4", data={"form-token": "x" * 43}).status_code == 403
+    signed = {"form-token": form, "token": "t" * 24, "champion": "2"}  # the page showed champion 2
+    # Another session's or no form token, another origin, no login token, a stale page: refused, nothing signed.
+    assert client.post(f"{versions}/approve/4", data={**signed, "form-token": "x" * 43}).status_code == 403
     elsewhere = {"origin": "http://evil.example"}
-    assert client.post(f"{versions}/approve/4", data={"form-token": form}, headers=elsewhere).status_code == 403
+    assert client.post(f"{versions}/approve/4", data=signed, headers=elsewhere).status_code == 403
+    assert client.post(f"{versions}/approve/4", data={**signed, "token": ""}).status_code == 403
+    stale = client.post(f"{versions}/approve/4", data={**signed, "champion": "1"})
+    assert stale.status_code == 409 and "not the 1 this page showed" in html.unescape(stale.text)
     assert Registry(root).status(4) == "pending"
 
-    assert client.post(f"{versions}/approve/4", data={"form-token": form}).headers["location"] == versions
+    assert client.post(f"{versions}/approve/4", data=signed).headers["location"] == versions
     registry = Registry(root)
     head = registry.verified_champion(registry.public_key())
     assert head.version == 4 and json.loads((registry.version_dir(4) / "approval.json").read_text())["approver"] == (
         "ops-on-call (dashboard)"
     )
-    again = client.post(f"{versions}/approve/4", data={"form-token": form})
+    again = client.post(f"{versions}/approve/4", data={**signed, "champion": "4"})
     assert again.status_code == 409 and "only a pending version can be approved" in again.text
-    back = client.post(f"{versions}/rollback/2", data={"form-token": form, "reason": "bad answers at site-01"})
+    back = client.post(f"{versions}/rollback/2", data={**signed, "champion": "4", "reason": "bad answers at site-01"})
     assert back.status_code == 303
     head = registry.verified_champion(registry.public_key())
     assert head.version == 2 and registry.latest_rollback().record["reason"] == "bad answers at site-01"
     assert client.post("/logout", data={}).status_code == 303
-    assert client.post(f"{versions}/rollback/1", data={"form-token": form}).status_code == 401
+    assert client.post(f"{versions}/rollback/1", data={**signed, "champion": "2"}).status_code == 401
 
 
 def test_a_login_token_file_must_be_private_and_long(tmp_path):

@@ -25,6 +25,7 @@ from client.install.installer import receive_version
 from client.serve.app import FEEDBACK_PER_MINUTE, ServedModel, create_app
 from client.serve.journal import Journal, wilson
 from fedretrain.data.notes import read_records
+from fedretrain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def site(tmp_path, job, coordinator):  # noqa: F811
 @pytest.fixture
 def service(site):
     journal = Journal.at(site.state_path)
-    return TestClient(create_app(site, journal, ServedModel(site))), journal
+    return TestClient(create_app(site, journal, ServedModel(site)), base_url="http://127.0.0.1"), journal
 
 
 def test_an_answer_names_its_version_and_is_kept_at_the_site(site, service, job, coordinator):  # noqa: F811
@@ -106,6 +107,35 @@ def test_bad_feedback_is_refused_with_the_field_and_nothing_recorded(site, servi
     assert not journal.feedback_path.exists() or journal.feedback_path.read_text() == ""
 
 
+def test_a_second_correction_of_one_answer_is_refused_and_not_recorded(site, service):
+    client, journal = service
+    request_id = client.post("/v1/completions", json={"prompt": "Cough", "max_tokens": 2}).json()["id"]
+    assert client.post("/v1/feedback", json={"id": request_id, "correction": " dry, three days."}).status_code == 200
+    again = client.post("/v1/feedback", json={"id": request_id, "correction": " productive."})
+    assert again.status_code == 409 and again.json()["error"]["param"] == "correction"
+    assert len(journal.feedback_for(request_id)) == 1
+
+
+def test_only_local_json_requests_reach_the_service(site, service):
+    client, journal = service
+    # A page elsewhere: a name of its own rebound to 127.0.0.1, or a "simple" cross-origin POST.
+    rebound = client.post("/v1/completions", json={"prompt": "x"}, headers={"host": "evil.example:8780"})
+    assert rebound.status_code == 400 and "only to 127.0.0.1" in rebound.json()["error"]["message"]
+    assert client.get("/v1/scores", headers={"host": "[::1"}).status_code == 400
+    simple = client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert simple.status_code == 415 and not journal.requests_path.exists()
+    # A prompt longer than the model's context is refused before any work.
+    context = ServedModel(site).current().model.config.max_position_embeddings
+    long = client.post("/v1/completions", json={"prompt": "word " * context, "max_tokens": 4})
+    assert long.status_code == 400 and long.json()["error"]["param"] == "prompt"
+
+
+def test_a_site_without_a_pinned_key_does_not_serve(tmp_path):
+    site = make_site(tmp_path, None)
+    with pytest.raises(ConfigError, match="coordinator-key is not set"):
+        ServedModel(site)
+
+
 def test_a_flood_of_ratings_from_one_client_is_rate_limited(site, service):
     client, journal = service
     request_id = client.post("/v1/completions", json={"prompt": "Fever", "max_tokens": 2}).json()["id"]
@@ -137,7 +167,7 @@ def test_a_malformed_completion_request_names_its_field(service, body, param):
 def test_a_site_with_nothing_installed_says_so(tmp_path, coordinator):  # noqa: F811
     _, _, public = coordinator
     site = make_site(tmp_path, public)
-    client = TestClient(create_app(site, Journal.at(site.state_path), ServedModel(site)))
+    client = TestClient(create_app(site, Journal.at(site.state_path), ServedModel(site)), base_url="http://127.0.0.1")
     reply = client.post("/v1/completions", json={"prompt": "x"})
     assert reply.status_code == 503 and "no version is installed" in reply.json()["error"]["message"]
 
@@ -193,3 +223,14 @@ def test_the_cli_serves_and_takes_feedback(site, tmp_path, capsys):
     }
     assert main(["site", "feedback", "cmpl-nope", "--rating", "bad", "--site-config", str(settings)]) == 2
     assert "no request 'cmpl-nope'" in capsys.readouterr().err
+
+
+def test_a_line_torn_by_a_crash_costs_only_itself(tmp_path):
+    journal = Journal.at(tmp_path)
+    journal.record_request({"id": "cmpl-a", "version": 1, "latency_s": 0.1})
+    with journal.requests_path.open("ab") as f:
+        f.write(b'{"id": "cmpl-torn", "vers')  # the crash: no end to the line
+    journal.record_request({"id": "cmpl-b", "version": 1, "latency_s": 0.2})
+    fresh = Journal.at(tmp_path)  # as another process reads it
+    assert fresh.request("cmpl-a")["latency_s"] == 0.1 and fresh.request("cmpl-b")["latency_s"] == 0.2
+    assert [s["requests"] for s in fresh.scores()] == [2]

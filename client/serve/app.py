@@ -21,53 +21,81 @@ import secrets
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from client.install.generate import InstalledModel, complete, load_installed
 from client.install.model_store import ModelStore
-from client.serve.feedback import give_feedback
+from client.serve.feedback import AlreadyCorrected, give_feedback
 from client.serve.journal import Journal, UnknownRequest, now_iso
 from fedretrain.config import SiteConfig
 from fedretrain.errors import ConfigError, DataValidationError, VerificationError
+from fedretrain.web import loopback_host
 
 MAX_TOKENS = 512
 MAX_PROMPT = 20_000  # characters
 FEEDBACK_PER_MINUTE = 30
+JSON = "application/json"
 
 
 class ServedModel:
     """The installed version, loaded once and again whenever the site's store points elsewhere."""
 
     def __init__(self, site: SiteConfig) -> None:
+        if not site.coordinator_key:
+            raise ConfigError(
+                f"site {site.site_id}: coordinator-key is not set, so no installed version can be verified; "
+                "the service answers only with a verified version"
+            )
         self.site = site
         self.store = ModelStore(site.model_store_path)
-        self.lock = threading.Lock()
+        self.loading = threading.Lock()  # one (re)load at a time
+        self.computing = threading.Lock()  # one generation at a time (the model is shared)
         self.installed: InstalledModel | None = None
+        self.failed: tuple[int | None, str] | None = None  # the version that failed its checks, and why
 
     def current(self) -> InstalledModel:
-        """The model of the store's current version (VerificationError: none, or it fails its checks)."""
-        with self.lock:
+        """The model of the store's current version (VerificationError: none, or it fails its checks).
+        Blocking: call it from a worker thread. A version that failed is not tried again."""
+        with self.loading:
             version = self.store.state().current
-            if self.installed is None or self.installed.version != version:
-                key = Path(self.site.coordinator_key) if self.site.coordinator_key else None
+            if self.installed is not None and self.installed.version == version:
+                return self.installed
+            if self.failed is not None and self.failed[0] == version:
+                raise VerificationError("store", self.failed[1])
+            self.installed = None  # the old model goes before the new one loads
+            try:
                 self.installed = load_installed(
-                    self.site.model_store_path, coordinator_key=key, device=self.site.device
+                    self.site.model_store_path,
+                    coordinator_key=Path(str(self.site.coordinator_key)),
+                    device=self.site.device,
                 )
+            except VerificationError as err:
+                self.failed = (version, str(err))
+                raise
             return self.installed
 
     def answer(self, prompt: str, max_tokens: int, temperature: float, seed: int) -> dict[str, Any]:
         """The completion, the version that gave it, its tokens and seconds; one request at a time."""
         installed = self.current()
-        with self.lock:
+        context = getattr(installed.model.config, "max_position_embeddings", None)
+        prompt_tokens = len(installed.tokenizer(prompt)["input_ids"])
+        if isinstance(context, int) and prompt_tokens + max_tokens > context:
+            raise ServiceError(
+                400,
+                f"prompt ({prompt_tokens} tokens) and max_tokens ({max_tokens}) exceed the model's context of "
+                f"{context} tokens",
+                param="prompt",
+            )
+        with self.computing:
             started = time.perf_counter()
             out = complete(installed, prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
             seconds = time.perf_counter() - started
-            prompt_tokens = len(installed.tokenizer(prompt)["input_ids"])
         return {
             "completion": out.text[len(prompt) :],
             "version": out.version,
@@ -81,10 +109,21 @@ def create_app(site: SiteConfig, journal: Journal, served: ServedModel) -> FastA
     app = FastAPI(title=f"fedretrain site {site.site_id}", docs_url=None, redoc_url=None, openapi_url=None)
     recent: dict[str, deque[float]] = defaultdict(deque)  # client host -> times of its feedback
 
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # A web page the site's operator opens must not reach the service: not by a name of its
+        # own rebound to 127.0.0.1 (the Host is checked), nor by a "simple" cross-origin POST
+        # (only application/json is taken, which a browser sends cross-origin only after a
+        # preflight this service never answers).
+        if not loopback_host(request.headers.get("host", "")):
+            return _error(400, "the service answers only to 127.0.0.1, ::1 or localhost", param=None)
+        if request.method == "POST" and request.headers.get("content-type", "").split(";")[0].strip() != JSON:
+            return _error(415, f"send the body as {JSON}", param=None)
+        return await call_next(request)
+
     @app.exception_handler(ServiceError)
     async def refused(request: Request, exc: ServiceError) -> JSONResponse:
-        body = {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code}}
-        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+        return _error(exc.status, exc.message, param=exc.param, kind=exc.kind, code=exc.code, headers=exc.headers)
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -105,7 +144,7 @@ def create_app(site: SiteConfig, journal: Journal, served: ServedModel) -> FastA
         max_tokens = _number(body, "max_tokens", 16, int, 1, MAX_TOKENS)
         temperature = _number(body, "temperature", 0.0, float, 0.0, 2.0)
         seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
-        _installed(served)  # a clear error before any work
+        await run_in_threadpool(_installed, served)  # a clear error before any work, off the event loop
         answer = await run_in_threadpool(served.answer, prompt, max_tokens, temperature, seed)
         request_id = "cmpl-" + secrets.token_hex(12)
         journal.record_request({"id": request_id, "at": now_iso(), "prompt": prompt, **answer})
@@ -159,6 +198,8 @@ def create_app(site: SiteConfig, journal: Journal, served: ServedModel) -> FastA
             )
         except UnknownRequest as err:
             raise ServiceError(404, str(err), param="id") from None
+        except AlreadyCorrected as err:
+            raise ServiceError(409, str(err), param="correction") from None
         except DataValidationError as err:
             raise ServiceError(400, f"correction refused: {err.reason}", param="correction") from None
         except ConfigError as err:
@@ -195,6 +236,21 @@ def _installed(served: ServedModel) -> InstalledModel:
         return served.current()
     except VerificationError as err:
         raise ServiceError(503, f"no verified version to answer with: {err}", kind="server_error") from None
+    except (OSError, ValueError, RuntimeError) as err:  # a damaged store or model files
+        raise ServiceError(503, f"the installed version cannot be loaded: {err}", kind="server_error") from None
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    param: str | None,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _json(request: Request) -> dict[str, Any]:

@@ -15,6 +15,10 @@ from fedretrain.errors import ConfigError, DataValidationError
 MAX_CORRECTION = 20_000  # characters: a note, not a file
 
 
+class AlreadyCorrected(ConfigError):
+    """A second correction of one answer: the first is already a training record."""
+
+
 def give_feedback(
     site: SiteConfig,
     journal: Journal,
@@ -50,6 +54,8 @@ def give_feedback(
     # What the answer should have been, after the prompt the user gave: one training record.
     record = {"text": answered["prompt"] + correction, "id": f"correction-{request_id}"}
     validate_record(record, "correction", 1)  # before anything is stored: the field and the reason
+    if any("correction" in f for f in journal.feedback_for(request_id)):
+        raise AlreadyCorrected(f"feedback: {request_id} already has a correction; it is in the site's data")
     report = ingest_records(site, [record], source=f"correction of {request_id}")
     ingested = {"to_train": report.to_train, "to_heldout": report.to_heldout, "duplicates": report.duplicates}
     if report.quarantined:

@@ -11,6 +11,7 @@ operator (and, noised, for the staged rollout to come).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -75,6 +76,10 @@ class Journal:
     def record_feedback(self, entry: dict[str, Any]) -> None:
         _append(self.feedback_path, entry)
 
+    def feedback_for(self, request_id: str) -> list[dict[str, Any]]:
+        """The feedback recorded on one answer."""
+        return [f for f in _lines(self.feedback_path) if f.get("id") == request_id]
+
     def scores(self) -> list[dict[str, Any]]:
         """Per installed version: requests, median and 95th-percentile latency, ratings with the
         share rated good and its 95 % Wilson interval, corrections."""
@@ -138,12 +143,18 @@ def wilson(successes: int, trials: int) -> tuple[float, float]:
 
 def _append(path: Path, entry: dict[str, Any]) -> None:
     line = (json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, line)  # one write: with O_APPEND, never interleaved with another writer's line
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the service and `fedretrain site feedback` append in turn
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a line torn by a crash stays alone (skipped when read), not glued to this one
+        written = 0
+        while written < len(line):  # a short write (a nearly full disk) is finished or raises
+            written += os.write(fd, line[written:])
         os.fsync(fd)
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:

@@ -121,7 +121,7 @@ def compare(
         texts = perturb(records, kind, seed)
         before, after = champion(texts), candidate(texts)
         figures["perturbations"][kind] = {"champion": before, "candidate": after, "change": after - before}
-        if after - before > tolerance:
+        if not after - before <= tolerance:  # NaN (no tokens scored) fails too
             failures.append(
                 f"robustness: on {kind} the candidate's loss is {after:.4f} against the champion's {before:.4f} "
                 f"(+{after - before:.4f} nats, tolerance {tolerance})"
@@ -133,7 +133,7 @@ def compare(
         rise = exposure["candidate"] - exposure["champion"]
         figures["memorisation"] = {"canaries": len(planted), **{f"exposure_{k}": v for k, v in exposure.items()}}
         figures["memorisation"]["change"] = rise
-        if rise > tolerance:
+        if not rise <= tolerance:
             failures.append(
                 f"memorisation: planted canaries are {exposure['candidate']:.4f} nats likelier than unplanted ones "
                 f"under the candidate against {exposure['champion']:.4f} under the champion "

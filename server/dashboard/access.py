@@ -58,9 +58,13 @@ class Access:
     def can_sign(self) -> bool:
         return self.signing_key is not None
 
+    def token_matches(self, offered: str) -> bool:
+        """Whether ``offered`` is the login token (compared in constant time)."""
+        return self.token is not None and hmac.compare_digest(offered.encode(), self.token.encode())
+
     def login(self, offered: str) -> str | None:
-        """A new session id if ``offered`` is the token (compared in constant time), else None."""
-        if self.token is None or not hmac.compare_digest(offered.encode(), self.token.encode()):
+        """A new session id if ``offered`` is the token, else None."""
+        if not self.token_matches(offered):
             return None
         now = time.time()
         self.sessions = {s: v for s, v in self.sessions.items() if v[1] > now}

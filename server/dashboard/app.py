@@ -16,7 +16,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from html import escape
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote
 
 import psutil
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedretrain.errors import RegistryError
 from fedretrain.registry.store import Registry
+from fedretrain.web import loopback_host
 from server.dashboard import pages
 from server.dashboard.access import COOKIE, SESSION_S, Access
 from server.dashboard.catalogue import REGISTRY_ID, RUN_ID, Catalogue, RegistryDir, RunDir
@@ -36,7 +37,6 @@ from server.dashboard.layout import SECURITY_HEADERS, form, page
 from server.dashboard.resources import resources_view
 from server.dashboard.versions import registry_list, version_detail, versions_view
 
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 VERSION = re.compile(r"[0-9]{1,9}")
 OPEN_PATHS = frozenset({"/login"})  # what a browser without a session may ask for
 MAX_FORM = 4096  # bytes: a login or an action form is a few fields
@@ -49,13 +49,14 @@ def create_app(
     ``access``: login and signing rights (none: read-only, no login); ``loopback``: it listens on
     a loopback address, so a request must name one as its Host."""
     access = access or Access()
+    failed_logins = asyncio.Lock()
     psutil.cpu_percent(interval=None)  # primes it: the Resources page shows the use since the last call
     # No /docs or /openapi.json: FastAPI's docs page loads its script from a CDN.
     app = FastAPI(title="fedretrain dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if loopback and urlsplit("//" + request.headers.get("host", "")).hostname not in LOOPBACK_NAMES:
+        if loopback and not loopback_host(request.headers.get("host", "")):
             return PlainTextResponse("the dashboard answers only to 127.0.0.1, ::1 or localhost", status_code=400)
         path = request.url.path
         if access.login_required and path not in OPEN_PATHS and _form_token(request, access) is None:
@@ -98,7 +99,8 @@ def create_app(
         target = _next(fields.get("next", "/federation"))
         session = access.login(fields.get("token", ""))
         if session is None:
-            await asyncio.sleep(1.0)  # a guess a second per connection, not thousands
+            async with failed_logins:  # one wrong guess a second for the whole process, however many connections
+                await asyncio.sleep(1.0)
             body = pages.login_body(target, wrong=True)
             return HTMLResponse(page("Sign in", "", body, poll="", poll_s=0, who=""), status_code=401)
         response = RedirectResponse(target, status_code=303)
@@ -206,7 +208,17 @@ def create_app(
         fields = await _form(request)
         if not access.valid_form(request.cookies.get(COOKIE), fields.get("form-token", "")):
             raise HTTPException(403, "the form is stale or not this session's: reload the page and try again")
+        # On loopback a cookie reaches every port of 127.0.0.1 (another local user's server
+        # too): signing with the coordinator's key takes the login token itself.
+        if not access.token_matches(fields.get("token", "")):
+            raise HTTPException(403, f"{action}: the login token is wrong; nothing was signed")
         key, reg = access.signing_key, Registry(registry.path)
+        if fields.get("champion") != str(reg.champion()):
+            raise HTTPException(
+                409,
+                f"the champion is now version {reg.champion()}, not the {fields.get('champion')} this page showed: "
+                "reload the page and decide again",
+            )
         try:
             if action == "approve":
                 await run_in_threadpool(reg.approve, number, signing_key=key, approver=f"{access.approver} (dashboard)")
@@ -247,9 +259,14 @@ async def _form(request: Request) -> dict[str, str]:
     """A urlencoded form's fields (first value each); 400 if it is too long or not such a form."""
     if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
         raise HTTPException(400, "expected a form (application/x-www-form-urlencoded)")
-    body = await request.body()
-    if len(body) > MAX_FORM:
-        raise HTTPException(400, f"form larger than {MAX_FORM} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_FORM:
+        raise HTTPException(413, f"form larger than {MAX_FORM} bytes")
+    body = b""
+    async for chunk in request.stream():  # read no further than the cap, whatever the headers said
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise HTTPException(413, f"form larger than {MAX_FORM} bytes")
     try:
         parsed = parse_qs(body.decode(), max_num_fields=8, strict_parsing=False)
     except (UnicodeDecodeError, ValueError) as err:

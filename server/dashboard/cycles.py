@@ -43,7 +43,7 @@ def cycle_view(run: RunDir) -> dict[str, Any]:
         "quorum": configured(run, "strategy", "quorum"),
         # The exchange with the sites under way (none once the cycle is written), and each
         # round's seconds split into the sites' exchanges and the coordinator's own work.
-        "exchange": None if summary is not None or live is None else live.get("current"),
+        "exchange": _under_way(run, summary, live),
         "split": _split(rows, (live or {}).get("history") or []),
         "metrics": rows,
         "summary": summary,
@@ -98,6 +98,15 @@ def _live(run: RunDir, problems: list[str]) -> dict[str, Any] | None:
         return None
     live = read_object(path, LIVE_NAME, problems)
     return live if isinstance(live, dict) else None
+
+
+def _under_way(run: RunDir, summary: dict[str, Any] | None, live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """live.json's exchange under way, while the cycle can still be running (not once it is
+    written, nor when its ServerApp no longer holds the run)."""
+    current = None if live is None else live.get("current")
+    if summary is not None or not isinstance(current, dict) or run_state(run, summary) == "stopped":
+        return None
+    return current
 
 
 def _split(rows: list[dict[str, Any]], history: list[Any]) -> list[dict[str, Any]]:

@@ -144,13 +144,26 @@ def problems(lines: Sequence[str]) -> str:
     return '<ul class="problems">' + "".join(f"<li>{escape(p)}</li>" for p in lines) + "</ul>"
 
 
-def form(action: str, form_token: str, label: str, element_id: str, *, reason: str | None = None) -> str:
-    """A POST form to ``action`` carrying the session's form token; with a reason field when ``reason`` is given."""
-    field = ""
+def form(
+    action: str,
+    form_token: str,
+    label: str,
+    element_id: str,
+    *,
+    reason: str | None = None,
+    signs: dict[str, str] | None = None,
+) -> str:
+    """A POST form to ``action`` carrying the session's form token; with a reason field when
+    ``reason`` is given; ``signs`` (hidden fields): an action signed with the coordinator's key,
+    which asks for the login token again."""
+    fields = ""
     if reason is not None:
-        field = f' reason <input type="text" name="reason" maxlength="200" value="{escape(reason)}">'
+        fields += f' reason <input type="text" name="reason" maxlength="200" value="{escape(reason)}">'
+    if signs is not None:
+        fields += "".join(f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">' for k, v in signs.items())
+        fields += ' token <input type="password" name="token" autocomplete="current-password" required>'
     return (
         f'<form class="act" method="post" action="{escape(action)}">'
         f'<input type="hidden" name="form-token" value="{escape(form_token)}">'
-        f'<button type="submit" id="{escape(element_id)}">{escape(label)}</button>{field}</form>'
+        f'<button type="submit" id="{escape(element_id)}">{escape(label)}</button>{fields}</form>'
     )

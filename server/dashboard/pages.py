@@ -350,20 +350,22 @@ def versions_body(view: dict[str, Any], form_token: str | None = None) -> str:
     ]
     pending = [row for row in view["versions"] if row["status"] == "pending"]
     base = f"/versions/{view['registry_id']}"
+    # The champion this page showed: an action refuses if it has moved since (a CLI approval meanwhile).
+    shown = {"champion": str(champion.get("version"))}
     for row in pending:
         version = row["version"]
         if form_token is None:
             parts.append(f"<p>version {version}:</p>{command(row['commands']['approve'])}")
         else:
             label = f"approve version {version}"
-            parts.append(form(f"{base}/approve/{version}", form_token, label, f"approve-{version}"))
+            parts.append(form(f"{base}/approve/{version}", form_token, label, f"approve-{version}", signs=shown))
     parts += [] if pending else ['<p class="none">none</p>']
     if form_token is not None:
         backs = [row["version"] for row in view["versions"] if "rollback" in row["commands"]]
         parts.append("<h2>Roll back</h2>")
         for v in backs:
             label, why = f"roll back to version {v}", f"back to version {v}"
-            parts.append(form(f"{base}/rollback/{v}", form_token, label, f"rollback-{v}", reason=why))
+            parts.append(form(f"{base}/rollback/{v}", form_token, label, f"rollback-{v}", reason=why, signs=shown))
         parts += [] if backs else ['<p class="none">no version to roll back to</p>']
     parts += ["<h2>Versions</h2>", table(_VERSION_HEADERS, [_version_row(r) for r in view["versions"]])]
     timeline = [[text(e["at"]), text(e["event"]), text(e["version"]), text(e["detail"])] for e in view["timeline"]]

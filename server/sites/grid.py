@@ -102,20 +102,22 @@ class PromptGrid(_GridView):
         messages = list(messages)
         if self.live is not None:
             self.live.started(messages, timeout)
-        waiting = set(self._grid.push_messages(messages))
-        end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
-        while timeout is None or time.time() < end:
-            got = list(self._grid.pull_messages(waiting))
-            replies.extend(got)
-            waiting.difference_update(reply.metadata.reply_to_message_id for reply in got)
-            if got and self.live is not None:
-                self.live.replied(replies)
-            if not waiting:
-                break
-            time.sleep(self.check_s)
-        if self.live is not None:
-            self.live.finished(replies)
+        try:
+            waiting = set(self._grid.push_messages(messages))
+            end = time.time() + (timeout if timeout is not None else 0.0)
+            while timeout is None or time.time() < end:
+                got = list(self._grid.pull_messages(waiting))
+                replies.extend(got)
+                waiting.difference_update(reply.metadata.reply_to_message_id for reply in got)
+                if got and self.live is not None:
+                    self.live.replied(replies)
+                if not waiting:
+                    break
+                time.sleep(self.check_s)
+        finally:  # a SuperLink gone away ends the exchange in live.json too
+            if self.live is not None:
+                self.live.finished(replies)
         return replies
 
 

@@ -71,8 +71,10 @@ class LiveFile:
         # A full disk or a removed run directory must not stop the cycle: the dashboard then
         # shows the rounds as metrics.jsonl has them, without the exchange under way.
         try:
+            if not self.path.parent.is_dir():
+                raise FileNotFoundError(f"{self.path.parent}: the run directory is gone")
             atomic_write_json(self.path, {"current": self.current, "history": self.history, "written_at": time.time()})
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - nothing here may stop the cycle
             log.warning("could not write %s: %s", self.path, err)
 
 
