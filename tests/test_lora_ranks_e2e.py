@@ -22,7 +22,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # One round of 4 local steps on notes cut to 64 tokens: what is under test is the protocol,
 # not the gate, whose sites' check at this size sits within their noise (tolerance 1).
-SHRINK = ["rounds=1", "model.max_length=64", "train.local_steps=4", "gate.site_tolerance=1"]
+# The sites' pooled interval at this size too (one CI run: [-0.05, 0.49] around a gain of 0.22, so
+# refused), so the gate rests on the validation set and each site's own check.
+SHRINK = [
+    "rounds=1",
+    "model.max_length=64",
+    "train.local_steps=4",
+    "gate.site_tolerance=1",
+    "gate.require_federated_confidence=false",
+]
 
 
 def test_sites_of_three_ranks_train_one_adapter_that_is_published(tmp_path):
