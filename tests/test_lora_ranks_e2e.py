@@ -14,23 +14,15 @@ import shlex
 
 import pytest
 from test_readme import readme_commands
+from test_secagg_e2e import SHRINK  # the same shrunk round: one of 4 steps, 64-token notes
 from test_simulation_e2e import simulate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 (COMMAND,) = [c for c in readme_commands() if c.startswith("fedretrain simulate") and "site_lora_ranks" in c]
 
-# One round of 4 local steps on notes cut to 64 tokens: what is under test is the protocol,
-# not the gate, whose sites' check at this size sits within their noise (tolerance 1).
-# The sites' pooled interval at this size too (one CI run: [-0.05, 0.49] around a gain of 0.22, so
-# refused), so the gate rests on the validation set and each site's own check.
-SHRINK = [
-    "rounds=1",
-    "model.max_length=64",
-    "train.local_steps=4",
-    "gate.site_tolerance=1",
-    "gate.require_federated_confidence=false",
-]
+# SHRINK: one round of 4 local steps on notes cut to 64 tokens: what is under test is the
+# protocol, not the gate, whose sites' checks at this size sit within their noise.
 
 
 def test_sites_of_three_ranks_train_one_adapter_that_is_published(tmp_path):

@@ -10,6 +10,7 @@ once it exists.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,18 @@ def cycle_list(catalogue: Catalogue) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def installs(summary: dict[str, Any]) -> Iterator[tuple[str, str, int, Any]]:
+    """Each site's reply to the run's start-of-cycle sync, then to its publication (summary.json's
+    ``sync`` and ``publication``): (how, site, the version it reported installed, the version sent)."""
+    for how in ("sync", "publication"):
+        delivery = summary.get(how)
+        if not isinstance(delivery, dict):
+            continue
+        for site, reply in (delivery.get("installed") or {}).items():
+            if isinstance(reply, dict) and isinstance(reply.get("installed-version"), int):
+                yield how, site, reply["installed-version"], delivery.get("version")
 
 
 def planned_rounds(run: RunDir, summary: dict[str, Any] | None) -> int | None:

@@ -35,7 +35,7 @@ from server.dashboard.catalogue import (
     read_jsonl,
     registry_of,
 )
-from server.dashboard.cycles import cycle_view
+from server.dashboard.cycles import cycle_view, installs
 
 RECENT = 20  # watch alerts and cycles shown, newest first
 
@@ -104,7 +104,8 @@ def _run_sites(run: RunDir, problems: list[str]) -> dict[str, dict[str, Any]]:
     problems += [f"{run.run_id}: {p}" for p in view["problems"]]
     at = _iso(run.modified)
     if view["summary"] is not None and isinstance(view["summary"].get("sites"), dict):
-        installed = _installed(view["summary"])
+        # The version each site reported installed at the end of the run (the publication, later, wins).
+        installed = {site: version for _, site, version, _ in installs(view["summary"])}
         return {
             site: {**figures, "run_id": run.run_id, "source": "summary.json", "at": at}
             | {"installed_version": installed.get(site)}
@@ -119,17 +120,6 @@ def _run_sites(run: RunDir, problems: list[str]) -> dict[str, dict[str, Any]]:
             if isinstance(figures, dict)
         }
     return {}
-
-
-def _installed(summary: dict[str, Any]) -> dict[str, Any]:
-    """site -> the version it reported installed at the end of the run (its publication, or the sync)."""
-    out: dict[str, Any] = {}
-    for kind in ("sync", "publication"):  # the publication, later, wins
-        delivery = summary.get(kind)
-        for site, reply in ((delivery or {}).get("installed") or {}).items() if isinstance(delivery, dict) else ():
-            if isinstance(reply, dict) and isinstance(reply.get("installed-version"), int):
-                out[site] = reply["installed-version"]
-    return out
 
 
 def _ledgers(runs: Sequence[RunDir], problems: list[str]) -> dict[str, dict[str, Any]]:

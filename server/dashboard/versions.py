@@ -30,7 +30,7 @@ from server.dashboard.catalogue import (
     read_object,
     registry_of,
 )
-from server.dashboard.cycles import cycle_view
+from server.dashboard.cycles import cycle_view, installs
 
 DEFAULT_KEY = Path("keys/coordinator.key")  # README "Publishing": where `fedretrain keys coordinator` writes it
 READ_ERRORS = (RegistryError, OSError, ValueError, KeyError, TypeError)
@@ -157,14 +157,9 @@ def _installations(views: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]
     """version -> site -> the first run whose publication (or start-of-cycle sync) the site installed it in."""
     out: dict[int, dict[str, Any]] = {}
     for view in views[::-1]:  # oldest first: a later sync of a version it already has adds nothing
-        summary = view["summary"] or {}
-        for kind in ("sync", "publication"):
-            delivery = summary.get(kind)
-            if not isinstance(delivery, dict) or not isinstance(delivery.get("version"), int):
-                continue
-            for site, reply in (delivery.get("installed") or {}).items():
-                if isinstance(reply, dict) and reply.get("installed-version") == delivery["version"]:
-                    out.setdefault(delivery["version"], {}).setdefault(site, {"run": view["run_id"], "how": kind})
+        for how, site, version, sent in installs(view["summary"] or {}):
+            if version == sent:
+                out.setdefault(version, {}).setdefault(site, {"run": view["run_id"], "how": how})
     return out
 
 
