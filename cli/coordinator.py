@@ -138,7 +138,12 @@ def _outcome(summary: dict[str, Any]) -> str:
     if summary.get("aborted"):
         return f"aborted, nothing published: {summary['aborted']}"
     published = summary.get("published_version")
-    return f"published version {published}" if published else f"nothing published ({summary['gate']['decision']})"
+    rollout = summary.get("rollout") or {}
+    if published:
+        return f"published version {published}" + (" after its canaries" if rollout else "")
+    if rollout:
+        return f"version {rollout['version']}: {rollout['decision']} at its canaries, nothing published"
+    return f"nothing published ({summary['gate']['decision']})"
 
 
 def _status(args: argparse.Namespace) -> int:

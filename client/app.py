@@ -85,6 +85,19 @@ def make_client_app(
     def ready(msg: Message, context: Context) -> Message:
         return handle(msg, context)
 
+    # The staged rollout (server/cycle/rollout.py): a version on trial, its withdrawal, the report.
+    @app.query("trial")
+    def trial(msg: Message, context: Context) -> Message:
+        return handle(msg, context)
+
+    @app.query("withdraw")
+    def withdraw(msg: Message, context: Context) -> Message:
+        return handle(msg, context)
+
+    @app.query("canary")
+    def canary(msg: Message, context: Context) -> Message:
+        return handle(msg, context)
+
     return app
 
 

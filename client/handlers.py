@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -21,7 +22,7 @@ from client.status import site_status
 from fedretrain import errors
 from fedretrain.arrays import from_array_record, to_array_record
 from fedretrain.config import Job, MonitorConfig, SiteConfig, build
-from fedretrain.registry.bundle import RollbackRecord, VersionBundle
+from fedretrain.registry.bundle import RollbackRecord, VersionBundle, WithdrawalRecord
 from fedretrain.secagg import SECURE_STAGE
 from fedretrain.training.params import MAX_PROXIMAL_MU
 
@@ -121,6 +122,33 @@ def _publish(site: SiteConfig, job: Job, server_round: int, content: RecordDict)
     return _reply(site, None, outcome.metrics)
 
 
+def _trial(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # A pending version for this canary to run beside its installed one (client/install/trial.py).
+    from client.install.trial import receive_trial
+
+    bundle = VersionBundle.from_mapping(dict(content["version"]))
+    metrics: dict[str, Any] = dict(receive_trial(site, job, bundle, dict(content["rollout"])))
+    if site.replay_traffic and not metrics.get("already-on-trial"):  # a simulated canary's users
+        from client.serve.replay import replay
+
+        metrics.update(replay(site, Path(site.replay_traffic)))
+    return _reply(site, None, metrics)
+
+
+def _withdraw(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # The coordinator's signed withdrawal of a version on trial: the rollback at the canaries.
+    from client.install.trial import withdraw_trial
+
+    return _reply(site, None, withdraw_trial(site, WithdrawalRecord.from_mapping(dict(content["withdrawal"]))))
+
+
+def _canary(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # The noised comparison of the version on trial with the installed one (client/serve/canary.py).
+    from client.serve.canary import canary_report
+
+    return _reply(site, None, canary_report(site, job))
+
+
 def _status(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
     # Noised counts (charged to the ledger), privacy totals, and drift scores only where the
     # site opted in: no record, token or identifier of a patient leaves in a status reply.
@@ -143,6 +171,9 @@ CORES: dict[str, Core] = {
     "query.publish": _publish,
     "query.status": _status,
     "query.ready": _ready,
+    "query.trial": _trial,
+    "query.withdraw": _withdraw,
+    "query.canary": _canary,
 }
 
 

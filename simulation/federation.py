@@ -13,6 +13,7 @@ validation set, generated deterministically from the config's seed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import string
@@ -127,10 +128,35 @@ def _synthetic_sites(
         write_jsonl(site_dir / "train.jsonl", train)
         write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
         node_config = _node_config(cfg, sid, site_dir, public_key, device, index=index)
+        if sim.traffic.requests:
+            traffic = site_traffic(index, sim.traffic.requests, mix, cfg.seed, sim.traffic.prompt_share)
+            write_jsonl(site_dir / "traffic.jsonl", traffic)
+            node_config["replay-traffic"] = str((site_dir / "traffic.jsonl").resolve())
         atomic_write_json(site_dir / "site.json", node_config)
         sites.append(site_config_from_node_config(node_config, simulation=True))
         mixes[sid] = {k: round(v, 4) for k, v in mix.items()}
     return sites, validation_path, mixes
+
+
+def site_traffic(index: int, requests: int, mix: dict[str, float], seed: int, prompt_share: float) -> list[dict]:
+    """The site's simulated users: each types the start of a note of the site's own (pre-drift)
+    kind and corrects the answer with the rest of it (another random stream than its data)."""
+    notes = site_notes(index, requests, mix, seed + 7_919, site_style(index, seed))
+    return [_request(note["text"], prompt_share) for note in notes]
+
+
+def general_traffic(index: int, requests: int, seed: int, prompt_share: float) -> list[dict]:
+    """Users who ask general, non-clinical questions (everyday health, travel, science ...): a
+    drift in what users ask. Documents of the general corpus the base model was not built from."""
+    from simulation.general_text import general_corpus
+
+    documents = general_corpus(seed=seed + 104_729 + index)
+    return [_request(text, prompt_share) for text in documents[:requests]]
+
+
+def _request(text: str, prompt_share: float) -> dict:
+    cut = text.rfind(" ", 0, max(1, int(len(text) * prompt_share))) + 1 or len(text) // 2
+    return {"prompt": text[:cut], "correction": text[cut:]}
 
 
 def _canaries(cfg: Config, index: int) -> list[dict]:
@@ -280,6 +306,8 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         "dirichlet_alpha": d.dirichlet_alpha,
         "train_corruption": d.train_corruption,
         "site_smoke_eval": s.site_smoke_eval,
+        # Simulated users' traffic files are part of a site: a federation made without them is another one.
+        **({"traffic": dataclasses.asdict(s.traffic)} if s.traffic.requests else {}),
         # The sites' own LoRA ranks are in their site.json: a federation made with others is another one.
         **({"site_lora_ranks": list(s.site_lora_ranks)} if s.site_lora_ranks else {}),
         # Backdoor attackers' notes carry their phrase: a federation made without them is another one.

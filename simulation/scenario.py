@@ -40,7 +40,7 @@ from server.cycle.publish import RegistryHandle, champion_adapter
 from server.cycle.report import finite_or_null
 from server.watch.loop import Watcher, WatchEvent
 from simulation.drift import ARRIVALS_EPOCH, fresh_probe, step_arrivals
-from simulation.federation import Federation, write_jsonl
+from simulation.federation import Federation, general_traffic, write_jsonl
 
 log = logging.getLogger("fedretrain.simulation")
 
@@ -60,6 +60,8 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
     for step in range(sc.steps + 1):
         step_started = time.perf_counter() - started
         arrived = _arrivals(cfg, fed, step, drifted) if step > 0 else 0
+        if cfg.simulation.traffic.general_from_step == step:
+            _users_ask_general(cfg, fed)
         validation = run_dir / "validation" / f"step-{step:02d}.jsonl"
         _write_fresh(cfg, fed, validation, step, drifted, "validation", cfg.data.validation_records)
         event = watcher.poll_once(step * sc.step_s, validation_path=str(validation))
@@ -164,6 +166,7 @@ def _step_record(
         "cycle_started": event.decision.start,
         "cycle_failure": event.failure,
         "gate": None if cycle is None else cycle["gate"]["decision"],
+        "rollout": None if cycle is None or not cycle.get("rollout") else _rollout_figures(cycle["rollout"]),
         "published_in_step": None if cycle is None else cycle["published_version"],
         "installed_at": None
         if cycle is None or not cycle.get("publication")
@@ -171,6 +174,34 @@ def _step_record(
         "epsilon_after": None if cycle is None else {s: v["epsilon"] for s, v in cycle["sites"].items()},
         "published_version": version,
         "wall_s": round(wall_s, 3),
+    }
+
+
+def _users_ask_general(cfg: Config, fed: Federation) -> None:
+    """From this step the sites' simulated users ask general questions: their replay files change."""
+    traffic = cfg.simulation.traffic
+    for index, site in enumerate(fed.sites):
+        if site.replay_traffic:
+            requests = general_traffic(index, traffic.requests, cfg.seed, traffic.prompt_share)
+            write_jsonl(Path(site.replay_traffic), requests)
+    log.info("the sites' users now ask general, non-clinical questions (%d requests a site)", traffic.requests)
+
+
+def _rollout_figures(rollout: dict[str, Any]) -> dict[str, Any]:
+    """A staged rollout's decision and each canary's verdict and loss change on corrected answers."""
+    return {
+        "version": rollout["version"],
+        "decision": rollout["decision"],
+        "canaries": {
+            site: {
+                "verdict": report["verdict"],
+                **{k: report["corrections"][k] for k in ("examples", "change", "ci_low", "ci_high")},
+            }
+            if "corrections" in report
+            else {"verdict": report["verdict"]}
+            for site, report in rollout["reports"].items()
+        },
+        "withdrawn_at": rollout.get("withdrawn_at"),
     }
 
 
@@ -258,6 +289,20 @@ def format_scenario(result: dict[str, Any]) -> str:
             f"{(s['gate'] or '-'):<8}  {str(s['published_version']):>7}  "
             f"{_num(s['loss_published']):>16}  {_num(s['loss_never_retrained']):>22}"
         )
+    for s in result["timeline"]:
+        rollout = s.get("rollout")
+        if rollout:
+            figures = "; ".join(
+                f"{site} {c['verdict']}"
+                + (
+                    f", change {c['change']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] nats"
+                    if "change" in c
+                    else ""
+                )
+                for site, c in rollout["canaries"].items()
+            )
+            staged = f"version {rollout['version']} staged at canaries: {rollout['decision']}"
+            lines.append(f"  step {s['step']}: {staged} ({figures})")
     after = result["mean_loss_after_recovery"]
     if result["recovered_step"] is None:
         lines.append("  no version was published after the drift")

@@ -42,6 +42,14 @@ def simulate(cfg: Config, *, verbose: bool = False) -> Path:
         raise ConfigError(
             "scenario=drift writes the notes that arrive at its sites; it does not run on simulation.sites_dir"
         )
+    traffic = cfg.simulation.traffic
+    if cfg.publish.staged and not traffic.requests:
+        raise ConfigError(
+            "publish.canary: a simulated canary reports on its users' traffic; set simulation.traffic.requests "
+            f"(at least publish.min_feedback={cfg.publish.min_feedback})"
+        )
+    if traffic.general_from_step is not None and cfg.scenario.name != "drift":
+        raise ConfigError("simulation.traffic.general_from_step: a scenario step; it needs scenario=drift")
     run = _prepare(cfg)
     if run.cfg.scenario.name == "drift":
         from simulation.scenario import run_drift_scenario

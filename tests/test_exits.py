@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cli.exits import ABORTED, BUDGET_CODE, BUDGET_REFUSED, GATE_REFUSED, OK, cycle_exit_code
+from cli.exits import ABORTED, BUDGET_CODE, BUDGET_REFUSED, GATE_REFUSED, OK, ROLLED_BACK, cycle_exit_code
 from client.handlers import ERROR_CODES
 from fedretrain.errors import PrivacyBudgetExceeded
 
@@ -19,6 +19,12 @@ def refusal(site: str, server_round: int, code: int | None) -> dict:
         ({"gate": {"decision": "publish"}, "published_version": 1}, OK),
         ({"gate": {"decision": "pending_approval"}, "pending_version": 2}, OK),
         ({"gate": {"decision": "refuse"}, "published_version": None}, GATE_REFUSED),
+        # A staged rollout: rolled back at the canaries, or held there (pending, like an approval).
+        (
+            {"gate": {"decision": "publish"}, "published_version": None, "rollout": {"decision": "rollback"}},
+            ROLLED_BACK,
+        ),
+        ({"gate": {"decision": "publish"}, "pending_version": 3, "rollout": {"decision": "hold"}}, OK),
         # The round that lost the quorum: every refusal in it was for the budget.
         (
             {"aborted": "the quorum is 2", "refusals": [refusal("a", 1, 4101), refusal("b", 2, 4102)]},

@@ -53,7 +53,9 @@ def coordinator(tmp_path_factory, job):
     return registry, signing_key, keys.public_path
 
 
-def publish(registry: Registry, signing_key, job: Job, directory: Path, scale: float) -> int:
+def publish(
+    registry: Registry, signing_key, job: Job, directory: Path, scale: float, *, require_approval: bool = False
+) -> int:
     lm = site_model(job, "cpu")
     rng = np.random.default_rng(int(scale * 1000))
     load_adapter_arrays(
@@ -70,6 +72,7 @@ def publish(registry: Registry, signing_key, job: Job, directory: Path, scale: f
         sites={},
         gate={"decision": "publish"},
         expiry_days=30,
+        require_approval=require_approval,
     )
 
 

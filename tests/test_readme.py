@@ -96,7 +96,11 @@ def test_quick_readme_command(command, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-SIMULATE_COMMANDS = [c for c in readme_commands() if c.startswith("fedretrain simulate") and c != SCENARIO_COMMAND]
+# The staged rollout's simulated time (tests/test_rollout_e2e.py), like the drift scenario's.
+ROLLOUT_COMMAND = "fedretrain simulate experiment=rollout"
+SIMULATE_COMMANDS = [
+    c for c in readme_commands() if c.startswith("fedretrain simulate") and c not in (SCENARIO_COMMAND, ROLLOUT_COMMAND)
+]
 # Where each README simulation runs for real: here, or by the test that takes its path.
 SIMULATION_RUN_BY = {
     "fedretrain simulate simulation.num_sites=8 privacy.target_epsilon=4": "the demo's path (test_simulation_e2e)",

@@ -17,6 +17,7 @@ import torch
 from peft import PeftModel
 
 from client.install.model_store import ModelStore
+from client.install.trial import Trial, current_trial
 from fedretrain.errors import VerificationError
 from fedretrain.modeling.loading import load_base_model, load_tokenizer, resolve_model_path, select_device, select_dtype
 from fedretrain.registry.base_model import base_model_identity
@@ -33,16 +34,27 @@ class Generation:
 
 @dataclass(frozen=True)
 class InstalledModel:
-    """The base model with the site's current adapter, loaded and verified, ready to generate."""
+    """The base model with the site's current adapter, loaded and verified, ready to generate.
+
+    With ``trial``, the version on trial at this site (client/install/trial.py) is loaded
+    beside it as peft's second adapter, :data:`TRIAL_ADAPTER`, on the same base weights.
+    """
 
     model: PeftModel
     tokenizer: Any
     version: int
     device: torch.device
+    trial: Trial | None = None
 
 
-def load_installed(store_dir: Path, *, coordinator_key: Path | None = None, device: str = "auto") -> InstalledModel:
-    """The site's current version on its base model, verified again first when ``coordinator_key`` is given.
+INSTALLED_ADAPTER, TRIAL_ADAPTER = "default", "trial"
+
+
+def load_installed(
+    store_dir: Path, *, coordinator_key: Path | None = None, device: str = "auto", with_trial: bool = False
+) -> InstalledModel:
+    """The site's current version on its base model, verified again first when ``coordinator_key`` is given;
+    ``with_trial``: and the version on trial, if any, verified the same way.
 
     Raises
     ------
@@ -73,13 +85,38 @@ def load_installed(store_dir: Path, *, coordinator_key: Path | None = None, devi
     tokenizer = load_tokenizer(name)
     base = load_base_model(name, dev, select_dtype(dev, "auto"), init_missing_seed=init_seed)
     model = PeftModel.from_pretrained(base, str(version_dir), is_trainable=False).eval()
-    return InstalledModel(model=model, tokenizer=tokenizer, version=version, device=dev)
+    on_trial = current_trial(store) if with_trial else None
+    if on_trial is not None:
+        trial, trial_dir = on_trial
+        if coordinator_key is not None:
+            verify_bundle(
+                VersionBundle.from_dir(trial_dir),
+                load_public_key(coordinator_key),
+                now=datetime.now(UTC),
+                check_expiry=False,
+                base_model_sha256=base_model_identity(name, model_dir, init_seed)["sha256"],
+            )
+        model.load_adapter(str(trial_dir), adapter_name=TRIAL_ADAPTER, is_trainable=False)
+        model.set_adapter(INSTALLED_ADAPTER)
+        model.eval()
+    trial_info = on_trial[0] if on_trial is not None else None
+    return InstalledModel(model=model, tokenizer=tokenizer, version=version, device=dev, trial=trial_info)
 
 
 def complete(
-    installed: InstalledModel, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0
+    installed: InstalledModel,
+    prompt: str,
+    *,
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    seed: int = 0,
+    trial: bool = False,
 ) -> Generation:
-    """``prompt`` continued by ``installed``: greedy at ``temperature`` 0, else sampled, seeded by ``seed``."""
+    """``prompt`` continued by ``installed``: greedy at ``temperature`` 0, else sampled, seeded by ``seed``;
+    ``trial``: by the version on trial (one caller at a time: the active adapter is switched)."""
+    if trial and installed.trial is None:
+        raise VerificationError("trial", "no version is on trial at this site")
+    installed.model.set_adapter(TRIAL_ADAPTER if trial else INSTALLED_ADAPTER)
     tokenizer = installed.tokenizer
     inputs = tokenizer(prompt, return_tensors="pt").to(installed.device)
     torch.manual_seed(seed)
@@ -95,7 +132,8 @@ def complete(
         )
     new = out[0, inputs["input_ids"].shape[1] :]
     text = prompt + str(tokenizer.decode(new, skip_special_tokens=True))
-    return Generation(text=text, version=installed.version, new_tokens=int(new.numel()))
+    version = installed.trial.version if trial and installed.trial is not None else installed.version
+    return Generation(text=text, version=version, new_tokens=int(new.numel()))
 
 
 def generate(

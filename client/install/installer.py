@@ -123,6 +123,10 @@ def receive_version(
         metrics.update(_smoke_eval(site, job, lm, store, tensors, bundle.version))
     store.install(bundle, via="rollback" if rollback is not None else "publish", rollback_sequence=sequence)
     _remember_pointer(store, pointer)
+    from client.install.trial import end_trial_if  # it imports this module
+
+    if end_trial_if(store, bundle.version):  # the version on trial (or an older one) is installed now
+        metrics["trial-ended"] = 1
     log.info("site %s installed version %d (previous %s)", site.site_id, bundle.version, previous)
     metrics.update({"installed-version": bundle.version, "previous-version": previous or 0, "already-current": 0})
     return InstallOutcome(metrics)

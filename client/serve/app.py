@@ -10,7 +10,14 @@
 
 The model is loaded and verified at start (client/install/generate.py) and again when the
 site installs another version (the store's state is looked at on each request), so it
-answers with what the site installed, verified, and says which. Errors are OpenAI's shape,
+answers with what the site installed, verified, and says which.
+
+While a version is on trial at the site (a canary of a staged rollout, client/install/trial.py)
+both versions are loaded and each request is answered per the trial's mode: ``shadow``, both
+answer and the installed version's answer is served (the other is journalled beside it);
+``ab``, the version on trial answers a share ``ab_share`` of requests, drawn at random. The
+journal records which version served and which was on trial, so feedback scores both
+(client/serve/canary.py). Errors are OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``, with the field named. One request is
 computed at a time (the model is shared), in a worker thread.
 """
@@ -31,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from client.install.generate import InstalledModel, complete, load_installed
 from client.install.model_store import ModelStore
+from client.install.trial import Trial, current_trial
 from client.serve.feedback import AlreadyCorrected, give_feedback
 from client.serve.journal import Journal, UnknownRequest, now_iso
 from fedretrain.config import SiteConfig
@@ -57,16 +65,19 @@ class ServedModel:
         self.loading = threading.Lock()  # one (re)load at a time
         self.computing = threading.Lock()  # one generation at a time (the model is shared)
         self.installed: InstalledModel | None = None
-        self.failed: tuple[int | None, str] | None = None  # the version that failed its checks, and why
+        # The (installed, trial) pair that failed its checks, and why.
+        self.failed: tuple[tuple[int | None, Trial | None], str] | None = None
 
     def current(self) -> InstalledModel:
-        """The model of the store's current version (VerificationError: none, or it fails its checks).
-        Blocking: call it from a worker thread. A version that failed is not tried again."""
+        """The model of the store's current version, with the version on trial if any
+        (VerificationError: none installed, or it fails its checks). Blocking: call it from a
+        worker thread. A version that failed is not tried again."""
         with self.loading:
-            version = self.store.state().current
-            if self.installed is not None and self.installed.version == version:
+            on_trial = current_trial(self.store)
+            wanted = (self.store.state().current, None if on_trial is None else on_trial[0])
+            if self.installed is not None and (self.installed.version, self.installed.trial) == wanted:
                 return self.installed
-            if self.failed is not None and self.failed[0] == version:
+            if self.failed is not None and self.failed[0] == wanted:
                 raise VerificationError("store", self.failed[1])
             self.installed = None  # the old model goes before the new one loads
             try:
@@ -74,9 +85,10 @@ class ServedModel:
                     self.site.model_store_path,
                     coordinator_key=Path(str(self.site.coordinator_key)),
                     device=self.site.device,
+                    with_trial=True,
                 )
             except VerificationError as err:
-                self.failed = (version, str(err))
+                self.failed = (wanted, str(err))
                 raise
             return self.installed
 
@@ -92,17 +104,38 @@ class ServedModel:
                 f"{context} tokens",
                 param="prompt",
             )
+        trial = installed.trial
+        # Which version serves: the installed one, unless an A/B trial draws the other.
+        served_by_trial = trial is not None and trial.mode == "ab" and secrets.randbelow(10**6) < trial.ab_share * 10**6
         with self.computing:
             started = time.perf_counter()
-            out = complete(installed, prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+            out = complete(
+                installed, prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed, trial=served_by_trial
+            )
             seconds = time.perf_counter() - started
-        return {
+            shadow = None
+            if trial is not None and trial.mode == "shadow":
+                started = time.perf_counter()
+                other = complete(
+                    installed, prompt, max_new_tokens=max_tokens, temperature=temperature, seed=seed, trial=True
+                )
+                shadow = {
+                    "version": other.version,
+                    "completion": other.text[len(prompt) :],
+                    "latency_s": round(time.perf_counter() - started, 4),
+                }
+        answer: dict[str, Any] = {
             "completion": out.text[len(prompt) :],
             "version": out.version,
             "completion_tokens": out.new_tokens,
             "prompt_tokens": prompt_tokens,
             "latency_s": round(seconds, 4),
         }
+        if trial is not None:
+            answer["trial"] = {"version": trial.version, "mode": trial.mode, "installed": installed.version}
+            if shadow is not None:
+                answer["shadow"] = shadow
+        return answer
 
 
 def create_app(site: SiteConfig, journal: Journal, served: ServedModel) -> FastAPI:

@@ -76,6 +76,16 @@ class Journal:
     def record_feedback(self, entry: dict[str, Any]) -> None:
         _append(self.feedback_path, entry)
 
+    def answered(self) -> dict[str, dict[str, Any]]:
+        """Every answer recorded so far, by request id."""
+        with self._lock:
+            self._catch_up()
+            return dict(self._requests)
+
+    def all_feedback(self) -> list[dict[str, Any]]:
+        """Every rating and correction recorded so far, oldest first."""
+        return list(_lines(self.feedback_path))
+
     def feedback_for(self, request_id: str) -> list[dict[str, Any]]:
         """The feedback recorded on one answer."""
         return [f for f in _lines(self.feedback_path) if f.get("id") == request_id]

@@ -56,8 +56,17 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(inner[0], value, key)
+        # Several kinds (a list of sites or a share): the first that takes the value.
+        for alternative in inner:
+            try:
+                return _convert(alternative, value, key)
+            except ConfigError:
+                continue
+        kinds = " or ".join("a list" if typing.get_origin(a) is tuple else a.__name__ for a in inner)
+        raise ConfigError(f"{key}: expected {kinds}, got {_show(value)}")
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key)  # type: ignore[arg-type]
     if origin is dict:  # a mapping of names to scalars (a strategy's options)

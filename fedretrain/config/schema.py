@@ -417,6 +417,60 @@ class RegistryConfig:
         _positive("publish_timeout_s", self.publish_timeout_s)
 
 
+ROLLOUT_MODES = ("shadow", "ab")
+ROLLOUT_ACTIONS = ("auto", "hold")
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """The staged rollout of a version that passed the gate (server/cycle/rollout.py).
+
+    Without ``canary`` a passing version goes to every site at once. With it, the version is
+    published pending and goes first to the canary sites, which score it against the champion
+    on their live traffic and report noised figures; then it is promoted to every site, held,
+    or rolled back at the canaries with a signed record.
+    """
+
+    canary: tuple[str, ...] | float | None = None  # site ids, or a share of the sites in (0, 1)
+    mode: str = "shadow"  # shadow: both answer, the champion's answer is served; ab: a split
+    ab_share: float = 0.5  # ab: share of requests the candidate answers
+    min_feedback: int = 32  # corrected or rated answers a canary needs before it reports
+    timeout_s: float = 86400.0  # a canary that has not reported by then: hold
+    check_s: float = 60.0  # how often the coordinator asks the canaries
+    tolerance: float = 0.0  # nats the candidate may be worse on corrected answers (per record)
+    rating_tolerance: float = 0.05  # share of good ratings the candidate may lose (ab)
+    confidence: float = 0.95  # level of each canary's interval
+    action: str = "auto"  # auto: promote, hold or roll back as the figures say; hold: the operator decides
+
+    @property
+    def staged(self) -> bool:
+        return self.canary is not None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.canary, float):
+            if not 0 < self.canary < 1:
+                raise ConfigError(f"canary: a share of the sites must be in (0, 1), got {self.canary!r}")
+        elif self.canary is not None:
+            if not self.canary:
+                raise ConfigError("canary: name at least one site (or null for no staged rollout)")
+            if len(set(self.canary)) != len(self.canary):
+                raise ConfigError(f"canary: a site is named twice in {list(self.canary)}")
+        _one_of("mode", self.mode, ROLLOUT_MODES)
+        _one_of("action", self.action, ROLLOUT_ACTIONS)
+        if not 0 < self.ab_share < 1:
+            raise ConfigError(f"ab_share: must be in (0, 1), got {self.ab_share!r}")
+        if self.min_feedback < 2:
+            raise ConfigError(f"min_feedback: must be >= 2 (an interval needs two), got {self.min_feedback}")
+        _positive("timeout_s", self.timeout_s)
+        _positive("check_s", self.check_s)
+        for name in ("tolerance", "rating_tolerance"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if not (math.isfinite(self.confidence) and 0.5 <= self.confidence < 1):
+            raise ConfigError(f"confidence: must be in [0.5, 1), got {self.confidence!r}")
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     """What each site measures when the coordinator asks for its status (client/status.py)."""
@@ -579,6 +633,26 @@ class AttackersConfig:
 
 
 @dataclass(frozen=True)
+class TrafficConfig:
+    """Simulated users of each site's service (client/serve/replay.py): replayed when a version goes
+    on trial at the site (a canary of a staged rollout, ``publish.canary``)."""
+
+    requests: int = 0  # per site; 0: no simulated users
+    prompt_share: float = 0.3  # of a note's text the user types; the rest is their correction
+    # From this scenario step on the users ask general, non-clinical questions (a drift in what
+    # users ask, simulation/scenario.py); null: they keep asking about notes like the site's own.
+    general_from_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.requests < 0:
+            raise ConfigError(f"traffic.requests: must be >= 0, got {self.requests}")
+        if self.general_from_step is not None and self.general_from_step < 0:
+            raise ConfigError(f"traffic.general_from_step: a scenario step >= 0, got {self.general_from_step}")
+        if not 0 < self.prompt_share < 1:
+            raise ConfigError(f"traffic.prompt_share: must be in (0, 1), got {self.prompt_share!r}")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     num_sites: int = 3
     client_cpus: float = 1.0
@@ -600,6 +674,7 @@ class SimulationConfig:
     # generated sites' training notes, dealt out across the sites, each canary_repeats times.
     canaries: int = 0
     canary_repeats: int = 4
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)
 
     def __post_init__(self) -> None:
         if self.canaries < 0 or self.canary_repeats < 1:
@@ -647,6 +722,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)

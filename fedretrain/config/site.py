@@ -83,6 +83,10 @@ class SiteConfig:
     # A site with less memory trains a lower LoRA rank than the job's (fedretrain/lora_ranks.py):
     # the first lora-rank components of the global adapter; None: the job's rank.
     lora_rank: int | None = None
+    # Simulation only: a JSONL file of users' requests and their feedback ({"prompt", "correction"}
+    # or {"prompt", "rating"}), replayed through the site's service (client/serve/replay.py)
+    # when a version goes on trial here: a simulated canary's live traffic.
+    replay_traffic: str | None = None
 
     def __post_init__(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ "):
@@ -147,14 +151,14 @@ class SiteConfig:
 
 # Keys a site config no longer takes, and what replaced them.
 _REPLACED = {"count-noise": "status-noise (Gaussian noise on every released count, charged to the ledger)"}
-_SIMULATION_ONLY = ("allow-reproducible-noise",)
+_SIMULATION_ONLY = ("allow-reproducible-noise", "replay-traffic")
 
 
 def site_config_from_node_config(node_config: Mapping[str, Any], *, simulation: bool = False) -> SiteConfig:
     """Parse a SuperNode's node_config (kebab-case keys) into a ``SiteConfig``.
 
     ``simulation``: a virtual site of Flower's simulation engine, the only kind that may
-    set ``allow-reproducible-noise``.
+    set ``allow-reproducible-noise`` or ``replay-traffic``.
     """
     values = {k.replace("-", "_"): v for k, v in node_config.items() if k not in _FLOWER_KEYS}
     bad = sorted(k for k in node_config if k not in _FLOWER_KEYS and "_" in k)
@@ -166,10 +170,12 @@ def site_config_from_node_config(node_config: Mapping[str, Any], *, simulation: 
     if not simulation:
         for key in _SIMULATION_ONLY:
             if node_config.get(key):
-                raise ConfigError(
-                    f"{key}: only a simulated site may set it; a deployed site's DP noise "
-                    "comes from its own OS and is never seeded by the coordinator"
-                )
+                why = {
+                    "allow-reproducible-noise": "a deployed site's DP noise comes from its own OS and is never "
+                    "seeded by the coordinator",
+                    "replay-traffic": "a deployed site's live traffic is its users' own (fedretrain site serve)",
+                }[key]
+                raise ConfigError(f"{key}: only a simulated site may set it; {why}")
     try:
         return build(SiteConfig, values, "node_config")
     except ConfigError as err:

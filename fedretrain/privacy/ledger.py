@@ -6,8 +6,8 @@ keeps one entry per private round, for the whole life of the site's data, and
 asks :mod:`fedretrain.privacy.accounting` for the epsilon of all of it.
 
 Every release the site makes goes in, not only training rounds: each entry has a
-``kind``. ``train`` is a DP-SGD round ``(sigma, q, steps)``. ``status`` and
-``evaluate`` are Gaussian releases of scalars (a status poll's noised counts, an
+``kind``. ``train`` is a DP-SGD round ``(sigma, q, steps)``. ``status``, ``evaluate`` and
+``canary`` are Gaussian releases of scalars (a status poll's noised counts, an
 evaluation's noised sums, :mod:`fedretrain.privacy.release`): one release of noise
 multiplier ``z`` is the opacus history entry ``(z, 1.0, 1)``, so one accountant
 composes everything the site ever released.
@@ -37,8 +37,9 @@ from fedretrain.privacy.accounting import HistoryEntry, epsilon_for_history
 SCHEMA_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 
-# What a ledger entry released: a DP-SGD round, a status reply, an evaluation.
-KINDS = ("train", "status", "evaluate")
+# What a ledger entry released: a DP-SGD round, a status reply, an evaluation, a canary's
+# report on a version on trial (client/serve/canary.py).
+KINDS = ("train", "status", "evaluate", "canary")
 
 # Field name -> accepted JSON types, for a ledger file and for one entry.
 _HEADER_FIELDS: dict[str, tuple[type, ...]] = {

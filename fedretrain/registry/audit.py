@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedretrain.errors import FedretrainError, RegistryError, VerificationError
-from fedretrain.registry.bundle import verify_bundle, verify_rollback
+from fedretrain.registry.bundle import WithdrawalRecord, verify_bundle, verify_rollback, verify_withdrawal
 from fedretrain.registry.chain import verified_head
 from fedretrain.registry.manifest import parse_signed_json, parse_time, utc_now
 from fedretrain.registry.signing import key_id, verify_signature
@@ -59,6 +59,7 @@ def inspect_version(registry: Registry, version: int, public_key: Ed25519PublicK
     if parse_time(manifest["expires_at"]) <= utc_now():
         notes.append(f"{where}: expired at {manifest['expires_at']}; sites refuse it")
     problems.extend(_approval_problems(registry.version_dir(version), version, public_key))
+    problems.extend(_withdrawal_problems(registry.version_dir(version), version, public_key))
     return CheckReport(tuple(problems), tuple(notes))
 
 
@@ -114,6 +115,21 @@ def _approval_problems(folder: Path, version: int, public_key: Ed25519PublicKey)
         return [f"version {version}: approval: {err}"]
     if body.get("kind") != "approval" or body.get("version") != version:
         return [f"version {version}: approval.json approves {body.get('kind')} {body.get('version')}"]
+    return []
+
+
+def _withdrawal_problems(folder: Path, version: int, public_key: Ed25519PublicKey) -> list[str]:
+    if not (folder / "withdrawal.json").is_file():
+        return []
+    signature = (folder / "withdrawal.sig").read_bytes() if (folder / "withdrawal.sig").is_file() else b""
+    try:
+        body = verify_withdrawal(WithdrawalRecord((folder / "withdrawal.json").read_bytes(), signature), public_key)
+    except VerificationError as err:
+        return [f"version {version}: withdrawal: {err}"]
+    if body["version"] != version:
+        return [f"version {version}: withdrawal.json withdraws version {body['version']}"]
+    if (folder / "approval.json").is_file():
+        return [f"version {version} is both approved and withdrawn"]
     return []
 
 

@@ -187,6 +187,62 @@ class RollbackRecord:
         )
 
 
+_WITHDRAWAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "kind": (str,),
+    "version": (int,),
+    "created_at": (str,),
+    "reason": (str,),
+    "key_id": (str,),
+}
+
+
+@dataclass(frozen=True)
+class WithdrawalRecord:
+    """A signed order to take a pending version off trial: the staged rollout's rollback at its
+    canaries (server/cycle/rollout.py). It names one version; that version can never become
+    champion afterwards, so replaying the record changes nothing."""
+
+    payload_bytes: bytes
+    signature: bytes
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The parsed record (VerificationError ``withdrawal`` if it is not canonical JSON)."""
+        return parse_signed_json(self.payload_bytes, "withdrawal")
+
+    def to_mapping(self) -> dict[str, bytes]:
+        """Flat ``str -> bytes`` form for a Flower ConfigRecord."""
+        return {"withdrawal": self.payload_bytes, "withdrawal-signature": self.signature}
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> WithdrawalRecord:
+        """Inverse of :meth:`to_mapping` (VerificationError when it carries none)."""
+        return cls(
+            _bytes_value(mapping, "withdrawal", "withdrawal"),
+            _bytes_value(mapping, "withdrawal-signature", "signature"),
+        )
+
+
+def verify_withdrawal(record: WithdrawalRecord, public_key: Ed25519PublicKey) -> dict[str, Any]:
+    """Check a withdrawal record's signature and form; return it.
+
+    Raises
+    ------
+    VerificationError
+        ``signature`` for a bad signature, ``withdrawal`` for anything else.
+    """
+    verify_signature(public_key, record.payload_bytes, record.signature)
+    body = record.record
+    check_fields(body, _WITHDRAWAL_FIELDS, "withdrawal", "withdrawal record")
+    if body["kind"] != "withdrawal":
+        raise VerificationError("withdrawal", f"kind is {body['kind']!r}, expected 'withdrawal'")
+    if body["key_id"] != key_id(public_key):
+        raise VerificationError("withdrawal", f"key_id {body['key_id']} is not the pinned key {key_id(public_key)}")
+    if body["version"] < 1:
+        raise VerificationError("withdrawal", "version must be >= 1")
+    return body
+
+
 def verify_bundle(
     bundle: VersionBundle,
     public_key: Ed25519PublicKey,

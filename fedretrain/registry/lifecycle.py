@@ -3,6 +3,8 @@
 ``champion``     the version ``champion.json`` points at; sites install it.
 ``pending``      newer than the champion, never approved and not withdrawn by a rollback:
                  published with ``require_approval``; ``approve`` makes it champion.
+``withdrawn``    a pending version its staged rollout took back at the canaries (a signed
+                 ``withdrawal.json``, server/cycle/rollout.py): it can never be approved.
 ``rolled-back``  a champion that a rollback withdrew (a record's ``from_version``).
 ``approved``     approved once, since replaced by a newer champion or withdrawn by a rollback.
 ``superseded``   anything else: a former champion replaced by a newer one, a version a rollback
@@ -21,10 +23,17 @@ from collections.abc import Iterable, Sequence
 from fedretrain.errors import VerificationError
 from fedretrain.registry.bundle import RollbackRecord
 
-STATUSES = ("champion", "pending", "rolled-back", "approved", "superseded")
+STATUSES = ("champion", "pending", "withdrawn", "rolled-back", "approved", "superseded")
 
 
-def version_status(version: int, *, champion: int | None, approved: bool, rollbacks: Sequence[tuple[int, int]]) -> str:
+def version_status(
+    version: int,
+    *,
+    champion: int | None,
+    approved: bool,
+    rollbacks: Sequence[tuple[int, int]],
+    withdrawn: bool = False,
+) -> str:
     """Return the status of ``version``.
 
     Parameters
@@ -37,9 +46,13 @@ def version_status(version: int, *, champion: int | None, approved: bool, rollba
         Whether ``version`` carries an approval.
     rollbacks : sequence of (target_version, from_version)
         Every rollback so far.
+    withdrawn : bool
+        Whether ``version`` carries a withdrawal (taken back at its canaries, never approved).
     """
     if version == champion:
         return "champion"
+    if withdrawn and not approved:
+        return "withdrawn"
     if any(source == version for _, source in rollbacks):
         return "rolled-back"
     withdrawn = any(target < version <= source for target, source in rollbacks)

@@ -5,7 +5,8 @@ Layout under the registry root::
     registry.json      {"format": "fedretrain.registry/1", "key_id", "public_key_pem"}: written at the
                        first publish; pins the registry to one signing key
     versions/000001/   adapter_model.safetensors, adapter_config.json, manifest.json, manifest.sig,
-                       [approval.required, approval.required.sig], [approval.json, approval.sig]
+                       [approval.required, approval.required.sig], [approval.json, approval.sig],
+                       [withdrawal.json, withdrawal.sig] (a pending version taken back at its canaries)
     pointers/000001.json + .sig    signed champion pointer records, one per move of the champion,
                        hash-linked (:mod:`fedretrain.registry.pointer`): the champion is what the
                        last record of the verified chain says (:mod:`fedretrain.registry.chain`)
@@ -49,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedretrain.atomic import atomic_write_bytes, atomic_write_json
 from fedretrain.errors import RegistryError
 from fedretrain.registry.audit import CheckReport, check_registry, inspect_version
-from fedretrain.registry.bundle import ADAPTER_FILES, RollbackRecord, VersionBundle, verify_bundle
+from fedretrain.registry.bundle import ADAPTER_FILES, RollbackRecord, VersionBundle, WithdrawalRecord, verify_bundle
 from fedretrain.registry.chain import ChainHead, verified_head
 from fedretrain.registry.lifecycle import rollback_spans, version_status
 from fedretrain.registry.manifest import build_manifest, format_time, parse_time, utc_now
@@ -58,6 +59,7 @@ from fedretrain.registry.sidecar import append_decision, pseudonym, read_decisio
 from fedretrain.registry.signing import canonical_json, key_id, sign, verify_signature
 
 APPROVAL_REQUIRED = "approval.required"
+WITHDRAWAL = "withdrawal"
 _NUMBERED = re.compile(r"[0-9]{6}")
 _MAX_EXPIRY_DAYS = 100 * 365
 
@@ -266,6 +268,44 @@ class Registry:
             atomic_write_bytes(self._dir(version) / "approval.json", payload, mode=0o644)
             self._move_champion(signing_key, head, version, "approve", None, now)
 
+    def withdraw(
+        self, version: int, *, signing_key: Ed25519PrivateKey, reason: str, now: datetime | None = None
+    ) -> WithdrawalRecord:
+        """Sign the withdrawal of a ``pending`` version (its staged rollout's rollback at the canaries).
+
+        The champion does not move (a pending version never was champion); the version can
+        no longer be approved, and the signed record is what tells the canaries to drop it.
+        """
+        now = now or utc_now()
+        with self._lock():
+            self._pin(signing_key.public_key(), create=False)
+            head = self.verified_champion(signing_key.public_key())
+            status = self._status(version, None if head is None else head.version)
+            if status != "pending":
+                raise RegistryError(f"version {version} is {status}; only a pending version can be withdrawn")
+            body = {
+                "kind": "withdrawal",
+                "version": version,
+                "reason": reason,
+                "created_at": format_time(now),
+                "key_id": key_id(signing_key.public_key()),
+            }
+            payload = canonical_json(body)
+            record = WithdrawalRecord(payload, sign(signing_key, payload))
+            # The signature first: withdrawal.json alone is what marks a version withdrawn.
+            atomic_write_bytes(self._dir(version) / f"{WITHDRAWAL}.sig", record.signature, mode=0o644)
+            atomic_write_bytes(self._dir(version) / f"{WITHDRAWAL}.json", payload, mode=0o644)
+        return record
+
+    def withdrawal(self, version: int) -> WithdrawalRecord | None:
+        """The version's withdrawal record as stored (unverified), or None."""
+        folder = self.version_dir(version)
+        if not (folder / f"{WITHDRAWAL}.json").is_file():
+            return None
+        return WithdrawalRecord(
+            (folder / f"{WITHDRAWAL}.json").read_bytes(), _read_or_empty(folder / f"{WITHDRAWAL}.sig")
+        )
+
     def rollback(
         self, version: int, *, signing_key: Ed25519PrivateKey, reason: str, now: datetime | None = None
     ) -> RollbackRecord:
@@ -331,12 +371,13 @@ class Registry:
     # -- internals ---------------------------------------------------------------------------------
 
     def _status(self, version: int, champion: int | None) -> str:
-        approved = (self.version_dir(version) / "approval.json").is_file()
+        folder = self.version_dir(version)
         return version_status(
             version,
             champion=champion,
-            approved=approved,
+            approved=(folder / "approval.json").is_file(),
             rollbacks=rollback_spans(record for _, record in self.rollbacks()),
+            withdrawn=(folder / f"{WITHDRAWAL}.json").is_file(),
         )
 
     def _dir(self, version: int) -> Path:

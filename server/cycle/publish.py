@@ -120,8 +120,11 @@ def publish_candidate(
     run: RunFigures,
     sites: Mapping[str, SiteOutcome],
     target_modules: Sequence[str],
+    *,
+    pending: bool = False,
 ) -> int:
-    """Write the candidate as a new signed version; it becomes champion unless approval is required.
+    """Write the candidate as a new signed version; it becomes champion unless approval is required
+    or ``pending`` (a staged rollout: the canaries' figures decide, server/cycle/rollout.py).
 
     Every site receives the manifest, so it names sites by pseudonym only. ``target_modules``
     are the LoRA targets as resolved for the base model (``LoraModel.target_modules``).
@@ -138,7 +141,7 @@ def publish_candidate(
         sites={registry.pseudonym(s): finite_or_null(v.manifest_figures()) for s, v in sites.items()},
         gate=gate,
         expiry_days=handle.expiry_days,
-        require_approval=result.decision == PENDING,
+        require_approval=pending or result.decision == PENDING,
     )
 
 

@@ -164,7 +164,11 @@ def format_gate(summary: dict[str, Any]) -> list[str]:
     gate = summary["gate"]
     baseline = summary.get("baseline_version")
     against = f"version {baseline}" if baseline else "the base model"
-    if summary.get("published_version"):
+    rollout = summary.get("rollout")
+    if rollout and rollout["decision"] != "promote":
+        verb = {"rollback": "ROLLED BACK at its canaries, nothing published", "hold": "HELD at its canaries, pending"}
+        head = f"gate: PASSED -> version {rollout['version']} {verb[rollout['decision']]} (baseline: {against})"
+    elif summary.get("published_version"):
         head = f"gate: PUBLISH -> version {summary['published_version']} (baseline: {against})"
     elif summary.get("pending_version"):
         head = f"gate: PASSED -> version {summary['pending_version']} awaits approval (baseline: {against})"
@@ -189,6 +193,12 @@ def format_gate(summary: dict[str, Any]) -> list[str]:
         )
     if gate["decision"] == "refuse":
         lines += [f"  refused: {reason}" for reason in gate["reasons"]]
+    if rollout:
+        lines.append(
+            f"  staged rollout ({rollout['mode']}) at {', '.join(rollout['canaries'])}: {rollout['decision']} "
+            f"after {rollout['seconds']:.0f} s"
+        )
+        lines += [f"    {reason}" for reason in rollout["reasons"]]
     for name, delivery in (("sync", summary.get("sync")), ("publication", summary.get("publication"))):
         if delivery:
             sent = len(delivery["installed"]) + len(delivery["refused"]) + len(delivery["no_reply"])

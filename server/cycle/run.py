@@ -48,6 +48,7 @@ from server.cycle.report import RunRecorder, finite_or_null, format_summary
 from server.cycle.resume import CheckpointWriter, check_registry_pointer, resume_point
 from server.cycle.robustness import compare as robustness_compare
 from server.cycle.robustness import planted_and_unplanted
+from server.cycle.rollout import HOLD, PROMOTE, run_rollout
 from server.cycle.rounds import RoundPolicy, run_rounds
 from server.cycle.summary import SiteOutcome, build_summary, round_entry, site_outcomes
 from server.sites.grid import SiteSubset, bound_site
@@ -153,7 +154,7 @@ def _run_cycle(grid: Grid, cycle: Cycle, train_nodes: Collection[int] | None) ->
     summary = _summary(cycle, strategy, baseline, candidate, sites, sync)
     summary["resumed_after_round"] = cycle.checkpoint.server_round if cycle.checkpoint is not None else None
     result = _gate(cycle, strategy, baseline, candidate)
-    summary.update(_publish(grid, cycle, result, adapter_dir, sites, summary["central_dp"]))
+    summary.update(_publish(grid, cycle, result, adapter_dir, sites, summary["central_dp"], _site_nodes(strategy)))
     summary["wall_time_s"] = round(time.perf_counter() - cycle.started, 3)
     cycle.recorder.write_summary(summary)
     cycle.recorder.plot()
@@ -464,6 +465,16 @@ def _robustness(cycle: Cycle) -> dict[str, Any] | None:
     return figures
 
 
+def _site_nodes(strategy: CheckedStrategy) -> dict[str, int]:
+    """Site id -> node of the sites whose replies the last round accepted (the canaries' pool)."""
+    if not strategy.round_log:
+        return {}
+    last = strategy.round_log[max(strategy.round_log)]
+    nodes = {site: int(metrics["node-id"]) for site, metrics in last.accepted.items() if "node-id" in metrics}
+    nodes.update({site: e.node_id for site, e in last.evaluation.items() if e.node_id})
+    return nodes
+
+
 def _publish(
     grid: Grid,
     cycle: Cycle,
@@ -471,10 +482,16 @@ def _publish(
     adapter_dir: Path,
     sites: dict[str, SiteOutcome],
     central_dp: dict[str, Any] | None,
+    site_nodes: dict[str, int],
 ) -> dict[str, Any]:
     """Record the decision; when it passed, publish the candidate (with the cycle's ``central_dp``
-    figures, as the summary has them) and deliver it to every site."""
+    figures, as the summary has them) and deliver it to every site, or with ``publish.canary``
+    first to the canaries (server/cycle/rollout.py), then to every site or back."""
     cfg, registry = cycle.cfg, cycle.registry.registry
+    # Before any version is champion no site serves one: there is no live traffic to stage it on.
+    staged = cfg.publish.staged and result.decision == PUBLISH and cycle.champion is not None
+    if cfg.publish.staged and result.decision == PUBLISH and not staged:
+        log.info("staged rollout: no version is champion yet, so none serves traffic at the canaries; to every site")
     version = None
     if result.passed:
         run = RunFigures(
@@ -485,7 +502,9 @@ def _publish(
             baseline_version=cycle.champion_version,
             central_dp=central_dp,
         )
-        version = publish_candidate(cycle.registry, cfg, adapter_dir, result, run, sites, cycle.lm.target_modules)
+        version = publish_candidate(
+            cycle.registry, cfg, adapter_dir, result, run, sites, cycle.lm.target_modules, pending=staged
+        )
     registry.record_decision(
         finite_or_null(
             {
@@ -499,15 +518,32 @@ def _publish(
     )
     log.info("gate: %s%s. %s", result.decision, f" (version {version})" if version else "", " ".join(result.reasons))
     published = version if result.decision == PUBLISH else None
-    delivery = None
-    if published is not None:
+    delivery, rollout = None, None
+    if published is not None and staged:
+        rollout = run_rollout(
+            grid,
+            cycle.registry,
+            cfg.publish,
+            cycle.job,
+            published,
+            site_nodes,
+            seed=cfg.seed,
+            publish_timeout_s=cfg.registry.publish_timeout_s,
+            approver=f"staged rollout of run {cycle.run_id}",
+        )
+        delivery = rollout.get("publication")
+        if rollout["decision"] != PROMOTE:
+            published = None
+    elif published is not None:
         delivery = deliver(grid, registry.bundle(published), None, cycle.job, cfg.registry.publish_timeout_s)
+    pending = version if result.decision == PENDING or (rollout is not None and rollout["decision"] == HOLD) else None
     return {
         "gate": result.to_dict(),
         "published_version": published,
-        "pending_version": version if result.decision == PENDING else None,
+        "pending_version": pending,
         "registry": str(registry.root),
         "publication": delivery,
+        "rollout": rollout,
     }
 
 

@@ -382,7 +382,11 @@ def versions_body(view: dict[str, Any], form_token: str | None = None) -> str:
         for d in view["decisions"]
     ]
     headers = ["run", "decision", "version", "baseline", "improvement [interval]", "reasons"]
-    parts += ["<h2>Gate decisions (newest first)</h2>", table(headers, decisions), problems(view["problems"])]
+    parts += [
+        "<h2>Gate and rollout decisions (newest first)</h2>",
+        table(headers, decisions),
+        problems(view["problems"]),
+    ]
     return "".join(parts)
 
 

@@ -69,7 +69,11 @@ def read_lineage(root: Path, public_key: Ed25519PublicKey | None) -> Lineage | N
     for number in registry.versions():
         folder = registry.version_dir(number)
         status = version_status(
-            number, champion=champion, approved=(folder / "approval.json").is_file(), rollbacks=rollbacks
+            number,
+            champion=champion,
+            approved=(folder / "approval.json").is_file(),
+            rollbacks=rollbacks,
+            withdrawn=(folder / "withdrawal.json").is_file(),
         )
         manifest_sha256 = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
         versions.append(Version(number, folder, registry.manifest(number), manifest_sha256, status))
