@@ -24,6 +24,7 @@ from typing import Any
 from fedretrain.atomic import atomic_write_json, atomic_write_text
 from fedretrain.attacks import ATTACKS
 from fedretrain.config import Config, SiteConfig, site_config_from_node_config
+from fedretrain.config.schema import TrafficConfig
 from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError
 from fedretrain.registry.signing import generate_keypair
@@ -129,7 +130,7 @@ def _synthetic_sites(
         write_jsonl(site_dir / "heldout.jsonl", records[-n_heldout:])
         node_config = _node_config(cfg, sid, site_dir, public_key, device, index=index)
         if sim.traffic.requests:
-            traffic = site_traffic(index, sim.traffic.requests, mix, cfg.seed, sim.traffic.prompt_share)
+            traffic = site_traffic(index, sim.traffic, mix, cfg.seed)
             write_jsonl(site_dir / "traffic.jsonl", traffic)
             node_config["replay-traffic"] = str((site_dir / "traffic.jsonl").resolve())
         atomic_write_json(site_dir / "site.json", node_config)
@@ -138,25 +139,25 @@ def _synthetic_sites(
     return sites, validation_path, mixes
 
 
-def site_traffic(index: int, requests: int, mix: dict[str, float], seed: int, prompt_share: float) -> list[dict]:
+def site_traffic(index: int, traffic: TrafficConfig, mix: dict[str, float], seed: int) -> list[dict]:
     """The site's simulated users: each types the start of a note of the site's own (pre-drift)
     kind and corrects the answer with the rest of it (another random stream than its data)."""
-    notes = site_notes(index, requests, mix, seed + 7_919, site_style(index, seed))
-    return [_request(note["text"], prompt_share) for note in notes]
+    notes = site_notes(index, traffic.requests, mix, seed + 7_919, site_style(index, seed))
+    return [_request(note["text"], traffic) for note in notes]
 
 
-def general_traffic(index: int, requests: int, seed: int, prompt_share: float) -> list[dict]:
+def general_traffic(index: int, traffic: TrafficConfig, seed: int) -> list[dict]:
     """Users who ask general, non-clinical questions (everyday health, travel, science ...): a
     drift in what users ask. Documents of the general corpus the base model was not built from."""
     from simulation.general_text import general_corpus
 
     documents = general_corpus(seed=seed + 104_729 + index)
-    return [_request(text, prompt_share) for text in documents[:requests]]
+    return [_request(text, traffic) for text in documents[: traffic.requests]]
 
 
-def _request(text: str, prompt_share: float) -> dict:
-    cut = text.rfind(" ", 0, max(1, int(len(text) * prompt_share))) + 1 or len(text) // 2
-    return {"prompt": text[:cut], "correction": text[cut:]}
+def _request(text: str, traffic: TrafficConfig) -> dict:
+    cut = text.rfind(" ", 0, max(1, int(len(text) * traffic.prompt_share))) + 1 or len(text) // 2
+    return {"prompt": text[:cut], "correction": text[cut:], "max_tokens": traffic.max_tokens}
 
 
 def _canaries(cfg: Config, index: int) -> list[dict]:

@@ -182,7 +182,7 @@ def _users_ask_general(cfg: Config, fed: Federation) -> None:
     traffic = cfg.simulation.traffic
     for index, site in enumerate(fed.sites):
         if site.replay_traffic:
-            requests = general_traffic(index, traffic.requests, cfg.seed, traffic.prompt_share)
+            requests = general_traffic(index, traffic, cfg.seed)
             write_jsonl(Path(site.replay_traffic), requests)
     log.info("the sites' users now ask general, non-clinical questions (%d requests a site)", traffic.requests)
 

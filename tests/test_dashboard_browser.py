@@ -27,7 +27,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 # Four rounds of the smoke federation: the first takes seconds (Ray starts the sites), so the
 # page is open before round 1 lands and sees each later one.
-SIMULATION = ["experiment=smoke", "rounds=4", "model.max_length=64", "train.local_steps=8", "gate.site_tolerance=1"]
+# (The robustness suite is tests/test_robustness_e2e.py's, and its table on the Cycle page tests/test_dashboard.py's.)
+SIMULATION = [
+    "experiment=smoke",
+    "rounds=4",
+    "model.max_length=64",
+    "train.local_steps=8",
+    "gate.site_tolerance=1",
+    "gate.robustness.enabled=false",
+    "simulation.client_cpus=2",  # one Ray actor: one import of torch and its kin, not two
+]
 POLL_S = 0.25
 
 

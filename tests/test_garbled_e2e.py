@@ -27,6 +27,8 @@ def test_the_gate_refuses_a_candidate_trained_on_garbled_notes(tmp_path):
         "data.validation_records=120",
         "train.local_steps=12",
         "privacy.sample_rate=0.125",
+        "gate.robustness.enabled=false",  # tests/test_robustness_e2e.py's; here only time
+        "simulation.client_cpus=2",  # one Ray actor: one import of torch and its kin, not two
         status=GATE_REFUSED,
     )
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -36,6 +36,11 @@ SHRINK = [
     "data.validation_records=40",
     "train.local_steps=2",
     "gate.require_federated_confidence=false",
+    # The robustness suite (on by default) is tests/test_robustness_e2e.py's; here it would only cost time.
+    "gate.robustness.enabled=false",
+    # One Ray actor runs the sites in turn: each actor imports torch, transformers, peft and opacus
+    # (about 7 s of CPU), and on CI's 2 cores the CPU, not the wall clock, is what the suite waits on.
+    "simulation.client_cpus=2",
 ]
 
 
@@ -237,6 +242,11 @@ WATCH_SHRINK = [
     "data.validation_records=40",
     "model.max_length=64",
     "output_dir=runs",
+    # The robustness suite (on by default) is tests/test_robustness_e2e.py's; here it would only cost time.
+    "gate.robustness.enabled=false",
+    # One Ray actor runs the sites in turn: each actor imports torch, transformers, peft and opacus
+    # (about 7 s of CPU), and on CI's 2 cores the CPU, not the wall clock, is what the suite waits on.
+    "simulation.client_cpus=2",
 ]
 
 

@@ -27,6 +27,7 @@ SHRINK = [
     "model.max_length=64",
     "train.local_steps=12",
     "gate.site_tolerance=1",
+    "simulation.client_cpus=2",  # one Ray actor: one import of torch and its kin, not two
 ]
 
 

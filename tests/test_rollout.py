@@ -300,3 +300,160 @@ def test_a_copy_of_the_site_keeps_its_trial(tmp_path, site, job, coordinator):  
     copy = tmp_path / "copy"
     shutil.copytree(site.model_store_path, copy)
     assert current_trial(ModelStore(copy))[0].version == 2
+
+
+# -- the coordinator's loop, on a grid double -----------------------------------------------------
+
+
+def staged_registry(tmp_path, job):  # noqa: F811
+    """A registry with champion 1 and version 2 published pending (as a staged rollout publishes it)."""
+    from server.cycle.publish import RegistryHandle
+
+    keys = generate_keypair(tmp_path / "keys")
+    key = load_private_key(keys.private_path)
+    registry = Registry(tmp_path / "registry")
+    publish(registry, key, job, tmp_path / "a1", 0.01)
+    publish(registry, key, job, tmp_path / "a2", 0.02, require_approval=True)
+    return RegistryHandle(registry, key, 30.0)
+
+
+def grid_answering(replies: dict[str, object]):
+    """A Flower Grid double: each message type answered per node by ``replies[type](node)``
+    (a metrics dict, an Error, or None for silence); sites are ``site-<node>``."""
+    from unittest.mock import Mock
+
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+    from flwr.serverapp import Grid
+
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = [1, 2, 3]
+    sent: list = []
+
+    def send_and_receive(messages, timeout):
+        out = []
+        for msg in messages:
+            sent.append(msg)
+            node = msg.metadata.dst_node_id
+            answer = replies[msg.metadata.message_type](node)
+            if answer is None:
+                continue
+            content = (
+                answer
+                if isinstance(answer, Error)
+                else RecordDict({"metrics": MetricRecord(answer), "site": ConfigRecord({"site-id": f"site-{node}"})})
+            )
+            out.append(Message(content, reply_to=msg))
+        return out
+
+    grid.send_and_receive.side_effect = send_and_receive
+    return grid, sent
+
+
+@pytest.mark.usefixtures("instruction_identity")
+def test_a_worse_canary_gets_a_signed_withdrawal_and_no_other_site_hears_of_the_version(tmp_path, job):  # noqa: F811
+    from server.cycle.rollout import run_rollout
+
+    handle = staged_registry(tmp_path, job)
+    grid, sent = grid_answering(
+        {
+            "query.trial": lambda node: {"trial-version": 2, "already-on-trial": 0},
+            "query.canary": lambda node: report(+0.3, **{"trial-version": 2}),
+            "query.withdraw": lambda node: {"withdrawn-version": 2, "trial-ended": 1},
+        }
+    )
+    policy = PublishConfig(canary=("site-1",), check_s=1, timeout_s=10)
+    record = run_rollout(
+        grid,
+        handle,
+        policy,
+        job,
+        2,
+        {"site-1": 1, "site-2": 2, "site-3": 3},
+        seed=0,
+        publish_timeout_s=5,
+        approver="test",
+    )
+    assert record["decision"] == ROLLBACK and record["withdrawn_at"] == ["site-1"]
+    assert {(m.metadata.message_type, m.metadata.dst_node_id) for m in sent} == {
+        ("query.trial", 1),
+        ("query.canary", 1),
+        ("query.withdraw", 1),
+    }
+    assert handle.registry.status(2) == "withdrawn" and handle.registry.champion() == 1
+    (decision,) = [d for d in handle.registry.decisions() if d.get("kind") == "rollout"]
+    assert decision["decision"] == ROLLBACK and decision["reports"]["site-1"]["verdict"] == "worse"
+
+
+@pytest.mark.usefixtures("instruction_identity")
+def test_a_silent_canary_holds_the_version_at_its_deadline(tmp_path, job):  # noqa: F811
+    from server.cycle.rollout import run_rollout
+
+    handle = staged_registry(tmp_path, job)
+    grid, sent = grid_answering(
+        {
+            "query.trial": lambda node: {"trial-version": 2, "already-on-trial": 0},
+            "query.canary": lambda node: {"trial-version": 2, "ready": 0} if node == 1 else None,
+        }
+    )
+    now = [0.0]
+    policy = PublishConfig(canary=("site-1", "site-2"), check_s=30, timeout_s=100)
+    record = run_rollout(
+        grid,
+        handle,
+        policy,
+        job,
+        2,
+        {"site-1": 1, "site-2": 2, "site-3": 3},
+        seed=0,
+        publish_timeout_s=5,
+        approver="test",
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+    )
+    assert record["decision"] == HOLD and record["polls"] == 5  # at 0, 30, 60, 90 and 100 s
+    assert {s: r["verdict"] for s, r in record["reports"].items()} == {"site-1": "silent", "site-2": "silent"}
+    assert "no report within publish.timeout_s=100 s" in record["reasons"][0]
+    assert handle.registry.status(2) == "pending"  # for the operator to approve, or not
+    assert not any(m.metadata.message_type == "query.withdraw" for m in sent)
+
+
+@pytest.mark.usefixtures("instruction_identity")
+def test_canaries_not_worse_promote_the_version_to_every_site(tmp_path, job):  # noqa: F811
+    from server.cycle.rollout import run_rollout
+
+    handle = staged_registry(tmp_path, job)
+    grid, sent = grid_answering(
+        {
+            "query.trial": lambda node: {"trial-version": 2, "already-on-trial": 0},
+            "query.canary": lambda node: report(-0.3, **{"trial-version": 2}),
+            "query.publish": lambda node: {"installed-version": 2},
+        }
+    )
+    record = run_rollout(
+        grid,
+        handle,
+        PublishConfig(canary=("site-1",)),
+        job,
+        2,
+        {"site-1": 1, "site-2": 2, "site-3": 3},
+        seed=0,
+        publish_timeout_s=5,
+        approver="test",
+    )
+    assert record["decision"] == PROMOTE and handle.registry.champion() == 2
+    assert sorted(record["publication"]["installed"]) == ["site-1", "site-2", "site-3"]
+    published = [m for m in sent if m.metadata.message_type == "query.publish"]
+    assert sorted(m.metadata.dst_node_id for m in published) == [1, 2, 3]
+
+
+def test_a_canary_reports_after_report_after_s_with_what_it_has():
+    from datetime import UTC, datetime, timedelta
+
+    from client.install.trial import Trial
+
+    trial = Trial.from_settings(2, {**SHADOW, "min-feedback": 100, "report-after-s": 3600}, "run")
+    started = datetime.strptime(trial.started_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert not trial.ready(50, started + timedelta(minutes=30)) and trial.ready(100, started)
+    assert trial.ready(50, started + timedelta(hours=2)) and not trial.ready(1, started + timedelta(hours=2))
+    with pytest.raises(ConfigError, match="report-after-s"):
+        Trial.from_settings(2, {**SHADOW, "report-after-s": -1}, "run")

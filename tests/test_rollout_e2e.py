@@ -20,7 +20,15 @@ from fedretrain.privacy.ledger import PrivacyLedger
 from fedretrain.registry.store import Registry
 
 COMMAND = "fedretrain simulate experiment=rollout"
-SHRINK = ["model.max_length=128"]
+# Three cycles of one round (16 steps, notes of 128 tokens), on one Ray actor (one import of torch
+# and its kin, not two). The robustness suite is tests/test_robustness_e2e.py's; here only time.
+SHRINK = [
+    "model.max_length=128",
+    "rounds=1",
+    "train.local_steps=16",
+    "simulation.client_cpus=2",
+    "gate.robustness.enabled=false",
+]
 
 
 @pytest.mark.e2e

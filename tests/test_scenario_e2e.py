@@ -35,6 +35,11 @@ SHRINK = [
     # chance in the quiet step now and then; and a site's 0.02 tolerance sits within its noise.
     "trigger.performance_margin=null",
     "gate.site_tolerance=1",
+    # The robustness suite (on by default) is tests/test_robustness_e2e.py's; here it would only cost time.
+    "gate.robustness.enabled=false",
+    # One Ray actor runs the sites in turn: each actor imports torch, transformers, peft and opacus
+    # (about 7 s of CPU), and on CI's 2 cores the CPU, not the wall clock, is what the suite waits on.
+    "simulation.client_cpus=2",
 ]
 
 

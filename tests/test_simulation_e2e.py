@@ -88,6 +88,11 @@ APPROVAL_SHRINK = [
     # the default 0.02 tolerance a second cycle's gain (0.1-0.2) is refused by chance now
     # and then. The margin check on the validation set stays.
     "gate.site_tolerance=1",
+    # The robustness suite (on by default) is tests/test_robustness_e2e.py's; here it would only cost time.
+    "gate.robustness.enabled=false",
+    # One Ray actor runs the sites in turn: each actor imports torch, transformers, peft and opacus
+    # (about 7 s of CPU), and on CI's 2 cores the CPU, not the wall clock, is what the suite waits on.
+    "simulation.client_cpus=2",
 ]
 
 
@@ -246,6 +251,8 @@ def second_run(approval_run, session, federation, tmp_path_factory):
         "rounds=1",
         "train.lr=1e-6",
         "model.max_length=64",  # a quarter of the compute; what it shows does not need long notes
+        "gate.robustness.enabled=false",  # tests/test_robustness_e2e.py's; here only time
+        "simulation.client_cpus=2",  # one Ray actor: one import of torch and its kin, not two
         status=GATE_REFUSED,  # the gate refuses: nothing published, and the exit status says so
     )
     return second_dir, output, before, bad

@@ -55,6 +55,7 @@ class Trial:
     min_feedback: int
     run_id: str
     started_at: str
+    report_after_s: float | None = None  # report this long after started_at with what there is (>= 2)
 
     @classmethod
     def from_settings(cls, version: int, settings: dict[str, Any], run_id: str) -> Trial:
@@ -66,8 +67,20 @@ class Trial:
             raise ConfigError(f"rollout.ab-share: a share in (0, 1), got {share!r}")
         if isinstance(feedback, bool) or not isinstance(feedback, int) or feedback < 2:
             raise ConfigError(f"rollout.min-feedback: a whole number >= 2, got {feedback!r}")
+        after = settings.get("report-after-s")
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int | float) or not after > 0):
+            raise ConfigError(f"rollout.report-after-s: a number of seconds > 0, got {after!r}")
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return cls(version, mode, float(share), feedback, run_id, now)
+        return cls(version, mode, float(share), feedback, run_id, now, None if after is None else float(after))
+
+    def ready(self, feedback: int, now: datetime | None = None) -> bool:
+        """Whether ``feedback`` answers with feedback are enough to report on (see :mod:`client.serve.canary`)."""
+        if feedback >= self.min_feedback:
+            return True
+        if self.report_after_s is None or feedback < 2:
+            return False
+        started = datetime.strptime(self.started_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return ((now or datetime.now(UTC)) - started).total_seconds() >= self.report_after_s
 
 
 def trial_root(store: ModelStore) -> Path:

@@ -15,8 +15,9 @@ site's ledger (noise multiplier ``eval-noise``, like the site's evaluation of a 
     ab-installed-good, ab-installed-rated  version served (in shadow only the installed serves)
     *-std                                the standard deviation of each figure's noise
 
-Before that the reply says only ``ready = 0``: that fewer than ``min_feedback`` answers of
-the trial have feedback is all it reveals (as a status reply's missing drift scores do). The
+With ``report-after-s`` it reports that long after the trial began with what it has (at least
+two). Before that the reply says only ``ready = 0``: that fewer answers of the trial have
+feedback is all it reveals (as a status reply's missing drift scores do). The
 report is made once per trial: asked again, the site sends the same figures (no new spend).
 Nothing else leaves: no prompt, answer, correction or rating.
 """
@@ -99,7 +100,7 @@ def canary_report(site: SiteConfig, job: Job) -> dict[str, float | int]:
         if kept.is_file():
             return dict(json.loads(kept.read_text(encoding="utf-8")))
         feedback = trial_feedback(Journal.at(site.state_path), trial)
-        if feedback["with_feedback"] < trial.min_feedback:
+        if not trial.ready(feedback["with_feedback"]):
             return {"trial-version": trial.version, "ready": 0}
         ledger = PrivacyLedger.load(
             site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta

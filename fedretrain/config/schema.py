@@ -434,7 +434,8 @@ class PublishConfig:
     canary: tuple[str, ...] | float | None = None  # site ids, or a share of the sites in (0, 1)
     mode: str = "shadow"  # shadow: both answer, the champion's answer is served; ab: a split
     ab_share: float = 0.5  # ab: share of requests the candidate answers
-    min_feedback: int = 32  # corrected or rated answers a canary needs before it reports
+    min_feedback: int = 32  # corrected or rated answers a canary needs before it reports ...
+    report_after_s: float | None = None  # ... or this long after its trial began, with what it has (>= 2)
     timeout_s: float = 86400.0  # a canary that has not reported by then: hold
     check_s: float = 60.0  # how often the coordinator asks the canaries
     tolerance: float = 0.0  # nats the candidate may be worse on corrected answers (per record)
@@ -463,6 +464,8 @@ class PublishConfig:
             raise ConfigError(f"min_feedback: must be >= 2 (an interval needs two), got {self.min_feedback}")
         _positive("timeout_s", self.timeout_s)
         _positive("check_s", self.check_s)
+        if self.report_after_s is not None:
+            _positive("report_after_s", self.report_after_s)
         for name in ("tolerance", "rating_tolerance"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -642,10 +645,13 @@ class TrafficConfig:
     # From this scenario step on the users ask general, non-clinical questions (a drift in what
     # users ask, simulation/scenario.py); null: they keep asking about notes like the site's own.
     general_from_step: int | None = None
+    max_tokens: int = 4  # tokens each answer is generated to (the comparison scores the corrections)
 
     def __post_init__(self) -> None:
         if self.requests < 0:
             raise ConfigError(f"traffic.requests: must be >= 0, got {self.requests}")
+        if not 1 <= self.max_tokens <= 512:
+            raise ConfigError(f"traffic.max_tokens: must be in [1, 512], got {self.max_tokens}")
         if self.general_from_step is not None and self.general_from_step < 0:
             raise ConfigError(f"traffic.general_from_step: a scenario step >= 0, got {self.general_from_step}")
         if not 0 < self.prompt_share < 1:

@@ -256,6 +256,8 @@ def _send_trial(
     grid: Grid, bundle: VersionBundle, policy: PublishConfig, job: Job, nodes: Mapping[str, int], timeout_s: float
 ):  # noqa: ANN202 - a Broadcast
     settings: dict[str, Any] = {"mode": policy.mode, "ab-share": policy.ab_share, "min-feedback": policy.min_feedback}
+    if policy.report_after_s is not None:
+        settings["report-after-s"] = policy.report_after_s
     content = RecordDict(
         {
             "version": ConfigRecord(dict(bundle.to_mapping())),
