@@ -46,6 +46,7 @@ from fedretrain.deploy.flower import (
     write_connection,
 )
 from fedretrain.errors import DeployError
+from fedretrain.modeling.embedded import EMBEDDED_NAME, embedded_model_dir
 from server.cycle.rundir import cycle_running, new_run_dir
 
 log = logging.getLogger("fedretrain.server")
@@ -224,11 +225,16 @@ def submit_run(
             )
         values = {"experiment": "", "overrides": "", "run-dir": str(run_dir), "resume": True}
     else:
-        from fedretrain.modeling.loading import resolve_model_path  # torch: only for a run
-
         overrides = absolute_paths(overrides, cwd, default_output=coord.root / "runs")
         cfg = compose_config(overrides)
-        resolve_model_path(cfg.model.name_or_path)  # the embedded model is built once, here, not in every app
+        # The embedded model is built once, here, not in every app. Its directory is found without
+        # importing torch, transformers and peft (about 4 s of CPU for a command that then waits).
+        if cfg.model.name_or_path == EMBEDDED_NAME:
+            embedded_model_dir()
+        else:
+            from fedretrain.modeling.loading import resolve_model_path  # torch: only for a model of one's own
+
+            resolve_model_path(cfg.model.name_or_path)
         run_dir = (Path(run_dir) if run_dir else new_run_dir(Path(cfg.output_dir), cfg.name)).resolve()
         values = {"experiment": "", "overrides": shlex.join(overrides), "run-dir": str(run_dir), "resume": False}
     if train_nodes is not None:
