@@ -14,6 +14,7 @@ import functools
 import logging
 import secrets
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from client.ingest.reference import save_reference
 from client.install.model_store import ModelStore
 from client.round.disclosures import Disclosures, adapter_digest
 from client.round.replies import ReplyKey, load_reply, save_reply
+from client.round.selection import select, selection_key
 from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
@@ -156,6 +158,17 @@ def _train_and_record(
 ) -> TrainOutcome:
     ledger = PrivacyLedger.load(site.ledger_path, site_id=site.site_id, accountant=site.accountant, delta=site.delta)
     rank = training_rank(site, job)
+    if job.train.selection != "all":
+        chosen = select(texts, job, selection_key(site.state_path), lambda t: _installed_losses(site, job, t))
+        log.info(
+            "site %s round %d: train.selection=%s keeps %d of %d records",
+            site.site_id,
+            server_round,
+            job.train.selection,
+            len(chosen),
+            len(texts),
+        )
+        texts = [texts[i] for i in chosen]
     lm = site_model(job, site.device, rank=rank)
     load_adapter_arrays(lm, global_adapter if rank == job.lora.r else truncate(global_adapter, rank))
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
@@ -219,6 +232,19 @@ def _train_and_record(
     if rank < job.lora.r:  # the untrained components go back as they came
         adapter = expand(adapter, global_adapter)
     return TrainOutcome(adapter=adapter, metrics=metrics)
+
+
+def _installed_losses(site: SiteConfig, job: Job, texts: Sequence[str]) -> list[float]:
+    """Each record's loss under the site's installed version (the bare base model before any)."""
+    lm = site_model(job, site.device)
+    dataset = encode_texts(lm.tokenizer, list(texts), job.model.max_length)
+    installed = ModelStore(site.model_store_path).current_adapter()
+    if installed is None:
+        return list(
+            evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False).example_losses
+        )
+    load_adapter_arrays(lm, installed)
+    return list(evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size).example_losses)
 
 
 def training_rank(site: SiteConfig, job: Job) -> int:

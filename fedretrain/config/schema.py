@@ -89,6 +89,9 @@ class LoraSettings:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(target_modules)}
 
 
+SELECTIONS = ("all", "uncertainty", "random", "newest")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = 30
@@ -99,8 +102,23 @@ class TrainConfig:
     # Train on each site's newest `window` training records only (null: all of them). After
     # drift, a cycle then learns today's data instead of averaging it away with years of old notes.
     window: int | None = None
+    # Which of the window's records a site trains on (client/round/selection.py): all | uncertainty
+    # (loss under the installed version >= selection_threshold nats, plus a share of the rest) |
+    # random (a share) | newest (the newest share).
+    selection: str = "all"
+    selection_threshold: float | None = None
+    selection_share: float = 0.1
 
     def __post_init__(self) -> None:
+        _one_of("selection", self.selection, SELECTIONS)
+        if not (math.isfinite(self.selection_share) and 0 <= self.selection_share <= 1):
+            raise ConfigError(f"selection_share: must be in [0, 1], got {self.selection_share!r}")
+        if self.selection == "uncertainty" and (
+            self.selection_threshold is None or not math.isfinite(self.selection_threshold)
+        ):
+            raise ConfigError("selection_threshold: selection=uncertainty needs a loss threshold in nats")
+        if self.selection in ("random", "newest") and self.selection_share == 0:
+            raise ConfigError(f"selection_share: selection={self.selection} with a share of 0 trains on nothing")
         for key in ("local_steps", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")

@@ -1,0 +1,108 @@
+"""Which of its window's records a site trains on in a round (``train.selection``).
+
+``all``          every record of the window (the default)
+``uncertainty``  the records the installed version is least sure of: those whose loss under it
+                 (the bare base model before any version) is at least ``train.selection_threshold``
+                 nats, plus each other record with probability ``train.selection_share``
+``random``       each record with probability ``train.selection_share`` (the baseline at equal size)
+``newest``       the newest ``ceil(selection_share * n)`` records (the baseline of recency)
+
+**Differential privacy.** ``uncertainty`` and ``random`` decide each record by itself: its own
+score under the installed version (a released, already-private model, so scoring is
+post-processing) and its own coin. Adding or removing one record adds or removes at most that
+record from the selection, so neighbouring data sets stay neighbouring and DP-SGD's guarantee,
+with its fixed sample rate, holds unchanged: no extra accounting. ``newest`` ranks the whole
+window by arrival, like ``train.window``: one record added can push another out, so under
+add/remove adjacency a record's change can touch two selected records; it is a baseline for
+the benchmark, said so in the README, and not for a site that wants the per-record guarantee.
+A rank by score over the whole set (top-k) would do the same by content and is not offered.
+
+The coins come from a key drawn once from the site's operating system and kept at the site
+(``selection.key``, 0600): a record's coin is HMAC(key, run id, record text), the same in
+every round of a cycle, different across cycles, and no one else can predict or steer it.
+Nothing about the selection leaves the site, not its size nor which records, except that a
+round with nothing selected is refused (before any spend, naming the setting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fedretrain.config import Job
+from fedretrain.errors import ConfigError
+
+log = logging.getLogger("fedretrain.client")
+
+KEY_FILE = "selection.key"
+
+
+def selection_key(state_dir: Path) -> bytes:
+    """The site's secret for its selection coins, made on first use (32 bytes, mode 0600)."""
+    path = Path(state_dir) / KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: use theirs
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+            f.flush()
+            os.fsync(f.fileno())
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise ConfigError(f"{path}: not a selection key (32 bytes); move it aside to make a new one")
+    return key
+
+
+def coin(key: bytes, run_id: str, text: str) -> float:
+    """A record's coin in [0, 1) for this cycle: HMAC-SHA256 of the run id and its text."""
+    digest = hmac.new(key, f"{run_id}\0{text}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def select(
+    texts: Sequence[str],
+    job: Job,
+    key: bytes,
+    scores: Callable[[Sequence[str]], Sequence[float]],
+) -> list[int]:
+    """Indices of ``texts`` (oldest first) to train on under ``job.train.selection``.
+
+    ``scores(texts)`` gives each record's loss under the installed version; it is only called
+    for ``uncertainty``.
+
+    Raises
+    ------
+    ConfigError
+        Nothing selected: the round is refused before any spend, naming the setting.
+    """
+    train = job.train
+    n = len(texts)
+    if train.selection == "all":
+        chosen = list(range(n))
+    elif train.selection == "newest":
+        chosen = list(range(n - min(n, math.ceil(train.selection_share * n)), n))
+    elif train.selection == "random":
+        chosen = [i for i, t in enumerate(texts) if coin(key, job.run_id, t) < train.selection_share]
+    else:  # uncertainty
+        assert train.selection_threshold is not None  # the config requires it
+        losses = scores(texts)
+        chosen = [
+            i
+            for i, (t, loss) in enumerate(zip(texts, losses, strict=True))
+            if loss >= train.selection_threshold or coin(key, job.run_id, t) < train.selection_share
+        ]
+    if not chosen:
+        raise ConfigError(
+            f"train.selection={train.selection} kept none of this site's {n} records in the window; "
+            "lower train.selection_threshold or raise train.selection_share"
+        )
+    return chosen

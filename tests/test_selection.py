@@ -1,0 +1,99 @@
+"""Which records a site trains on (client/round/selection.py): each rule, the per-record property
+that keeps DP-SGD's guarantee, the site's secret coins, and a round refused before any spend when
+nothing is selected."""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+
+import pytest
+from test_install import job, make_site  # noqa: F401  (module fixtures)
+
+from client.round.selection import select, selection_key
+from client.round.site import site_model, train_round
+from fedretrain.config import TrainConfig, build
+from fedretrain.errors import ConfigError
+from fedretrain.modeling.lora_model import adapter_arrays
+from fedretrain.privacy.ledger import PrivacyLedger
+
+TEXTS = [f"note {i}: " + "word " * (i % 7) for i in range(200)]
+KEY = bytes(range(32))
+
+
+def with_train(job, **train):  # noqa: F811
+    return dataclasses.replace(job, train=dataclasses.replace(job.train, **train))
+
+
+def losses(texts):
+    return [float(len(t)) / 10 for t in texts]  # a stand-in score: longer notes are "harder"
+
+
+def test_each_rule_selects_what_it_says(job):  # noqa: F811
+    assert select(TEXTS, with_train(job, selection="all"), KEY, losses) == list(range(200))
+    assert select(TEXTS, with_train(job, selection="newest", selection_share=0.1), KEY, losses) == list(range(180, 200))
+    random = select(TEXTS, with_train(job, selection="random", selection_share=0.25), KEY, losses)
+    assert 30 <= len(random) <= 70  # binomial(200, 0.25): 50 +- 6
+    assert random == select(TEXTS, with_train(job, selection="random", selection_share=0.25), KEY, losses)
+    other_cycle = dataclasses.replace(with_train(job, selection="random", selection_share=0.25), run_id="next")
+    assert random != select(TEXTS, other_cycle, KEY, losses)  # new coins every cycle
+    sure = with_train(job, selection="uncertainty", selection_threshold=1.2, selection_share=0.0)
+    assert [TEXTS[i] for i in select(TEXTS, sure, KEY, losses)] == [t for t in TEXTS if len(t) / 10 >= 1.2]
+
+
+@pytest.mark.parametrize("rule", ["uncertainty", "random"])
+def test_one_record_more_changes_the_selection_by_that_record_only(job, rule):  # noqa: F811
+    # The per-record property behind "no extra accounting": neighbouring data sets stay neighbouring.
+    settings = with_train(job, selection=rule, selection_threshold=1.2, selection_share=0.3)
+    before = {TEXTS[i] for i in select(TEXTS, settings, KEY, losses)}
+    more = [*TEXTS[:100], "an extra note: " + "word " * 9, *TEXTS[100:]]
+    after = {more[i] for i in select(more, settings, KEY, losses)}
+    assert after - before <= {more[100]} and before <= after
+
+
+def test_nothing_selected_is_a_clear_refusal(job):  # noqa: F811
+    none = with_train(job, selection="uncertainty", selection_threshold=99.0, selection_share=0.0)
+    with pytest.raises(ConfigError, match="kept none of this site's 200 records.*selection_threshold"):
+        select(TEXTS, none, KEY, losses)
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"selection": "hardest"}, "selection"),
+        ({"selection": "uncertainty"}, "selection_threshold"),
+        ({"selection": "random", "selection_share": 0}, "trains on nothing"),
+        ({"selection_share": 1.5}, "selection_share"),
+    ],
+)
+def test_bad_selection_settings_name_the_key(train, message):
+    with pytest.raises(ConfigError, match=f"train.*{message}"):
+        build(TrainConfig, train, "train")
+
+
+def test_the_selection_key_is_the_sites_own_secret(tmp_path):
+    key = selection_key(tmp_path)
+    assert len(key) == 32 and selection_key(tmp_path) == key
+    assert stat.S_IMODE((tmp_path / "selection.key").stat().st_mode) == 0o600
+
+
+def test_a_round_trains_on_the_uncertain_records_and_refuses_before_spending_when_there_are_none(tmp_path, job):  # noqa: F811
+    site = make_site(tmp_path, None)
+    adapter = adapter_arrays(site_model(job, "cpu").model)
+    ledger = site.ledger_path
+
+    def spent() -> int:
+        return (
+            len(PrivacyLedger.load(ledger, site_id=site.site_id, accountant="rdp", delta=site.delta).entries)
+            if ledger.exists()
+            else 0
+        )
+
+    sure = with_train(job, selection="uncertainty", selection_threshold=0.0, local_steps=1)
+    assert train_round(site, sure, adapter, 1).metrics["steps"] == 1 and spent() == 1
+    none = dataclasses.replace(
+        with_train(job, selection="uncertainty", selection_threshold=99.0, selection_share=0.0), run_id="other"
+    )
+    with pytest.raises(ConfigError, match="kept none"):
+        train_round(site, none, adapter, 1)
+    assert spent() == 1
