@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_site_commands(site)
     add_serve_commands(site)
+    from cli.review import add_review_commands
+
+    add_review_commands(site)
 
     from cli.registry import add_keys_commands, add_registry_commands
 

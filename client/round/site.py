@@ -23,6 +23,7 @@ import numpy as np
 from client.ingest.pipeline import recover_store
 from client.ingest.reference import save_reference
 from client.install.model_store import ModelStore
+from client.review import accepted_only
 from client.round.disclosures import Disclosures, adapter_digest
 from client.round.replies import ReplyKey, load_reply, save_reply
 from client.round.selection import select, selection_key
@@ -73,12 +74,21 @@ def train_round(
     # 1. Data first: a bad file must stop the round before any compute or spend. An ingest
     # interrupted by a crash is completed (or undone) before the store is read.
     recover_store(site)
-    texts = [r.text for r in read_records(site.train_path)]
+    records = read_records(site.train_path)
     heldout = len(optional_texts(site.heldout_path))  # counted now: records ingested during training are new
     # The store is append-only, so the newest records are the last ones.
-    start = 0 if job.train.window is None else max(0, len(texts) - job.train.window)
-    window = (start, len(texts))
-    texts = texts[start:]
+    start = 0 if job.train.window is None else max(0, len(records) - job.train.window)
+    window = (start, len(records))
+    records = records[start:]
+    if job.train.require_review:  # only what the site's reviewers accepted (client/review.py)
+        reviewed = accepted_only(site, records)
+        if not reviewed:
+            raise ConfigError(
+                f"train.require_review: none of site {site.site_id}'s {len(records)} training records in the window "
+                "is accepted yet (fedretrain site review list|accept|correct)"
+            )
+        records = reviewed
+    texts = [r.text for r in records]
     _check_private(site, job)
     # One round at a time per site: budget check, training, record and save run under one
     # lock, so two rounds at once (two runs on one site) cannot both pass the check or lose

@@ -108,6 +108,8 @@ class TrainConfig:
     selection: str = "all"
     selection_threshold: float | None = None
     selection_share: float = 0.1
+    # Train only on records a reviewer at the site accepted (client/review.py, `fedretrain site review`).
+    require_review: bool = False
 
     def __post_init__(self) -> None:
         _one_of("selection", self.selection, SELECTIONS)
