@@ -13,6 +13,7 @@ from test_install import job, make_site  # noqa: F401  (module fixtures)
 from client.round.selection import select, selection_key
 from client.round.site import site_model, train_round
 from fedretrain.config import TrainConfig, build
+from fedretrain.data.notes import read_records
 from fedretrain.errors import ConfigError
 from fedretrain.modeling.lora_model import adapter_arrays
 from fedretrain.privacy.ledger import PrivacyLedger
@@ -97,3 +98,37 @@ def test_a_round_trains_on_the_uncertain_records_and_refuses_before_spending_whe
     with pytest.raises(ConfigError, match="kept none"):
         train_round(site, none, adapter, 1)
     assert spent() == 1
+
+
+def test_replay_keeps_the_previous_cycles_window_for_the_whole_cycle(tmp_path, job):  # noqa: F811
+    from client.round.selection import replay_window, replayed
+
+    # Round 1 of cycle B: the reference is cycle A's window; later rounds find it kept.
+    assert replay_window(tmp_path, "B", ("A", 10, 50)) == (10, 50)
+    assert replay_window(tmp_path, "B", ("B", 50, 90)) == (10, 50)
+    assert replay_window(tmp_path, "C", ("C", 0, 5)) is None  # no earlier cycle than this one's own
+    old = [f"old note {i}" for i in range(400)]
+    settings = with_train(job, replay=0.25)
+    mixed = replayed(old, ["old note 3"], settings, KEY)
+    assert "old note 3" not in mixed and 70 <= len(mixed) <= 130  # binomial(399, 0.25): ~100 +- 9
+    assert replayed(old, [], with_train(job, replay=0.0), KEY) == []
+
+
+def test_a_round_with_replay_trains_on_the_previous_window_too(tmp_path, job, monkeypatch):  # noqa: F811
+    import client.round.site as site_module
+
+    site = make_site(tmp_path, None)
+    adapter = adapter_arrays(site_model(job, "cpu").model)
+    first = with_train(job, local_steps=1, window=10)
+    train_round(site, first, adapter, 1)  # cycle A trains the newest 10 records; its window is the reference
+    seen: list[list[str]] = []
+    real = site_module._train_and_record
+    monkeypatch.setattr(
+        site_module,
+        "_train_and_record",
+        lambda s, j, a, r, texts, mu=0.0: (seen.append(texts), real(s, j, a, r, texts, mu))[1],
+    )
+    second = dataclasses.replace(with_train(job, local_steps=1, window=5, replay=1.0), run_id="cycle-b")
+    train_round(site, second, adapter, 1)
+    records = [r.text for r in read_records(site.train_path)]
+    assert seen[0] == records[-5:] + records[-10:-5]  # the window, then the rest of cycle A's window

@@ -20,6 +20,10 @@ A rank by score over the whole set (top-k) would do the same by content and is n
 The coins come from a key drawn once from the site's operating system and kept at the site
 (``selection.key``, 0600): a record's coin is HMAC(key, run id, record text), the same in
 every round of a cycle, different across cycles, and no one else can predict or steer it.
+**Replay** (``train.replay``, a share): each record of the previous cycle's training window joins
+this cycle's records with that probability, by its own coin, against forgetting what the site's
+data held before a drift. A per-record rule too: no extra accounting.
+
 Nothing about the selection leaves the site, not its size nor which records, except that a
 round with nothing selected is refused (before any spend, naming the setting).
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -106,3 +111,36 @@ def select(
             "lower train.selection_threshold or raise train.selection_share"
         )
     return chosen
+
+
+REPLAY_FILE = "replay.json"
+
+
+def replay_window(state_dir: Path, run_id: str, last: tuple[str, int, int] | None) -> tuple[int, int] | None:
+    """The previous cycle's training window, ``[start, end)`` of ``train.jsonl``, kept for the cycle.
+
+    ``last`` is the site's reference (run id, start, end): at a cycle's first round it is the
+    previous cycle's window; later rounds of the cycle find it in ``replay.json``.
+    """
+    from fedretrain.atomic import atomic_write_json
+
+    path = Path(state_dir) / REPLAY_FILE
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+            if kept["run_id"] == run_id:
+                return None if kept["window"] is None else (int(kept["window"][0]), int(kept["window"][1]))
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ConfigError(f"{path}: not a replay record ({err}); move it aside") from None
+    window = None if last is None or last[0] == run_id else (last[1], last[2])
+    atomic_write_json(path, {"run_id": run_id, "window": None if window is None else list(window)})
+    return window
+
+
+def replayed(texts: Sequence[str], current: Sequence[str], job: Job, key: bytes) -> list[str]:
+    """The share ``job.train.replay`` of the previous window's ``texts`` to mix into this cycle, each
+    record by its own coin (so, like ``random``, without extra accounting), none already in ``current``."""
+    if not job.train.replay:
+        return []
+    present = set(current)
+    return [t for t in texts if t not in present and coin(key, f"replay\0{job.run_id}", t) < job.train.replay]

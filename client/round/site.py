@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from client.ingest.pipeline import recover_store
-from client.ingest.reference import save_reference
+from client.ingest.reference import load_reference, save_reference
 from client.install.model_store import ModelStore
 from client.review import accepted_only
 from client.round.disclosures import Disclosures, adapter_digest
 from client.round.replies import ReplyKey, load_reply, save_reply
-from client.round.selection import select, selection_key
+from client.round.selection import replay_window, replayed, select, selection_key
 from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
@@ -89,6 +89,16 @@ def train_round(
             )
         records = reviewed
     texts = [r.text for r in records]
+    if job.train.replay:  # a share of the previous cycle's window, against forgetting
+        last = load_reference(site)
+        previous = replay_window(
+            site.state_path, job.run_id, None if last is None else (last.run_id, last.train_start, last.train_end)
+        )
+        if previous is not None:
+            old = read_records(site.train_path)[previous[0] : previous[1]]
+            if job.train.require_review:
+                old = accepted_only(site, old)
+            texts = texts + replayed([r.text for r in old], texts, job, selection_key(site.state_path))
     _check_private(site, job)
     # One round at a time per site: budget check, training, record and save run under one
     # lock, so two rounds at once (two runs on one site) cannot both pass the check or lose

@@ -110,9 +110,14 @@ class TrainConfig:
     selection_share: float = 0.1
     # Train only on records a reviewer at the site accepted (client/review.py, `fedretrain site review`).
     require_review: bool = False
+    # Against forgetting: each record of the site's previous training window joins a cycle's
+    # records with this probability (client/round/selection.py); 0: none.
+    replay: float = 0.0
 
     def __post_init__(self) -> None:
         _one_of("selection", self.selection, SELECTIONS)
+        if not (math.isfinite(self.replay) and 0 <= self.replay <= 1):
+            raise ConfigError(f"replay: a share in [0, 1], got {self.replay!r}")
         if not (math.isfinite(self.selection_share) and 0 <= self.selection_share <= 1):
             raise ConfigError(f"selection_share: must be in [0, 1], got {self.selection_share!r}")
         if self.selection == "uncertainty" and (
