@@ -132,3 +132,34 @@ def test_a_round_with_replay_trains_on_the_previous_window_too(tmp_path, job, mo
     train_round(site, second, adapter, 1)
     records = [r.text for r in read_records(site.train_path)]
     assert seen[0] == records[-5:] + records[-10:-5]  # the window, then the rest of cycle A's window
+
+
+def test_the_curriculum_pool_grows_from_easy_to_hard_round_by_round(job):  # noqa: F811
+    from client.round.selection import curriculum_threshold, paced
+
+    paced_job = dataclasses.replace(with_train(job, curriculum_start=1.0, curriculum_end=2.0), rounds=3)
+    assert [curriculum_threshold(paced_job, r) for r in (1, 2, 3)] == [1.0, 1.5, 2.0]
+    pools = [paced(TEXTS, paced_job, r, losses) for r in (1, 2, 3)]
+    assert len(pools[0]) < len(pools[1]) < len(pools[2]) and set(pools[0]) <= set(pools[1]) <= set(pools[2])
+    assert all(losses([TEXTS[i]])[0] <= 1.0 for i in pools[0])
+    assert paced(TEXTS, job, 1, losses) == list(range(200))  # no curriculum: everything
+    with pytest.raises(ConfigError, match="round 1's pool"):
+        paced(
+            TEXTS, dataclasses.replace(with_train(job, curriculum_start=0.1, curriculum_end=2.0), rounds=3), 1, losses
+        )
+    with pytest.raises(ConfigError, match="curriculum_end"):
+        build(TrainConfig, {"curriculum_start": 2.0, "curriculum_end": 1.0}, "train")
+    with pytest.raises(ConfigError, match="both"):
+        build(TrainConfig, {"curriculum_start": 2.0}, "train")
+
+
+def test_a_round_under_a_curriculum_trains_and_refuses_an_empty_pool_before_spending(tmp_path, job):  # noqa: F811
+    site = make_site(tmp_path, None)
+    adapter = adapter_arrays(site_model(job, "cpu").model)
+    easy = dataclasses.replace(with_train(job, local_steps=1, curriculum_start=50.0, curriculum_end=60.0), rounds=2)
+    assert train_round(site, easy, adapter, 1).metrics["steps"] == 1
+    hard = dataclasses.replace(with_train(job, local_steps=1, curriculum_start=0.0, curriculum_end=0.1), run_id="x")
+    before = site.ledger_path.read_bytes()
+    with pytest.raises(ConfigError, match="pool"):
+        train_round(site, hard, adapter, 1)
+    assert site.ledger_path.read_bytes() == before

@@ -20,6 +20,11 @@ A rank by score over the whole set (top-k) would do the same by content and is n
 The coins come from a key drawn once from the site's operating system and kept at the site
 (``selection.key``, 0600): a record's coin is HMAC(key, run id, record text), the same in
 every round of a cycle, different across cycles, and no one else can predict or steer it.
+**Curriculum** (``train.curriculum_start``, ``train.curriculum_end``, nats): each round trains on
+the records the bare base model finds easy enough, a loss ceiling rising linearly from the start
+in round 1 to the end in the cycle's last round. A per-record rule too: DP-SGD's Poisson sampling
+at the job's fixed rate runs within the round's pool, and the accountant stays exact.
+
 **Replay** (``train.replay``, a share): each record of the previous cycle's training window joins
 this cycle's records with that probability, by its own coin, against forgetting what the site's
 data held before a drift. A per-record rule too: no extra accounting.
@@ -144,3 +149,39 @@ def replayed(texts: Sequence[str], current: Sequence[str], job: Job, key: bytes)
         return []
     present = set(current)
     return [t for t in texts if t not in present and coin(key, f"replay\0{job.run_id}", t) < job.train.replay]
+
+
+def curriculum_threshold(job: Job, server_round: int) -> float | None:
+    """This round's loss ceiling under ``train.curriculum_start``/``_end`` (None: no curriculum):
+    linear from the start in round 1 to the end in the cycle's last round."""
+    train = job.train
+    if train.curriculum_start is None or train.curriculum_end is None:
+        return None
+    step = (server_round - 1) / max(1, job.rounds - 1)
+    return train.curriculum_start + (train.curriculum_end - train.curriculum_start) * min(max(step, 0.0), 1.0)
+
+
+def paced(
+    texts: Sequence[str], job: Job, server_round: int, base_scores: Callable[[Sequence[str]], Sequence[float]]
+) -> list[int]:
+    """Indices of ``texts`` in this round's curriculum pool: records whose loss under the bare base
+    model is at most the round's threshold (easy first, harder ones joining round by round).
+
+    A per-record rule, like ``uncertainty``: DP-SGD then samples the pool by Poisson sampling at
+    the job's fixed rate, and the accountant stays exact.
+
+    Raises
+    ------
+    ConfigError
+        The pool is empty: the round is refused before any spend.
+    """
+    threshold = curriculum_threshold(job, server_round)
+    if threshold is None:
+        return list(range(len(texts)))
+    pool = [i for i, loss in enumerate(base_scores(texts)) if loss <= threshold]
+    if not pool:
+        raise ConfigError(
+            f"train.curriculum_start: round {server_round}'s pool (base-model loss <= {threshold:.3f} nats) holds none "
+            f"of this site's {len(texts)} records; raise train.curriculum_start"
+        )
+    return pool

@@ -26,7 +26,7 @@ from client.install.model_store import ModelStore
 from client.review import accepted_only
 from client.round.disclosures import Disclosures, adapter_digest
 from client.round.replies import ReplyKey, load_reply, save_reply
-from client.round.selection import replay_window, replayed, select, selection_key
+from client.round.selection import paced, replay_window, replayed, select, selection_key
 from fedretrain.arrays import NOT_PRIVATE_EPSILON
 from fedretrain.config import Job, SiteConfig
 from fedretrain.data.encoding import encode_texts
@@ -189,6 +189,12 @@ def _train_and_record(
             len(texts),
         )
         texts = [texts[i] for i in chosen]
+    if job.train.curriculum_start is not None:
+        pool = paced(texts, job, server_round, lambda t: _base_losses(site, job, t))
+        log.info(
+            "site %s round %d: curriculum pool %d of %d records", site.site_id, server_round, len(pool), len(texts)
+        )
+        texts = [texts[i] for i in pool]
     lm = site_model(job, site.device, rank=rank)
     load_adapter_arrays(lm, global_adapter if rank == job.lora.r else truncate(global_adapter, rank))
     dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
@@ -252,6 +258,15 @@ def _train_and_record(
     if rank < job.lora.r:  # the untrained components go back as they came
         adapter = expand(adapter, global_adapter)
     return TrainOutcome(adapter=adapter, metrics=metrics)
+
+
+def _base_losses(site: SiteConfig, job: Job, texts: Sequence[str]) -> list[float]:
+    """Each record's loss under the bare base model (the curriculum's measure of difficulty)."""
+    lm = site_model(job, site.device)
+    dataset = encode_texts(lm.tokenizer, list(texts), job.model.max_length)
+    return list(
+        evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False).example_losses
+    )
 
 
 def _installed_losses(site: SiteConfig, job: Job, texts: Sequence[str]) -> list[float]:

@@ -113,9 +113,22 @@ class TrainConfig:
     # Against forgetting: each record of the site's previous training window joins a cycle's
     # records with this probability (client/round/selection.py); 0: none.
     replay: float = 0.0
+    # Curriculum: each round trains on records whose base-model loss is at most a ceiling rising
+    # linearly from curriculum_start (round 1) to curriculum_end (the last round), nats; null: off.
+    curriculum_start: float | None = None
+    curriculum_end: float | None = None
 
     def __post_init__(self) -> None:
         _one_of("selection", self.selection, SELECTIONS)
+        if (self.curriculum_start is None) != (self.curriculum_end is None):
+            raise ConfigError("curriculum_start: set both curriculum_start and curriculum_end (nats), or neither")
+        if self.curriculum_start is not None and self.curriculum_end is not None:
+            if not (math.isfinite(self.curriculum_start) and math.isfinite(self.curriculum_end)):
+                raise ConfigError("curriculum_start: curriculum_start and curriculum_end must be finite (nats)")
+            if self.curriculum_end < self.curriculum_start:
+                raise ConfigError(
+                    f"curriculum_end: must be >= curriculum_start ({self.curriculum_start}), got {self.curriculum_end}"
+                )
         if not (math.isfinite(self.replay) and 0 <= self.replay <= 1):
             raise ConfigError(f"replay: a share in [0, 1], got {self.replay!r}")
         if not (math.isfinite(self.selection_share) and 0 <= self.selection_share <= 1):
