@@ -163,3 +163,22 @@ def test_a_round_under_a_curriculum_trains_and_refuses_an_empty_pool_before_spen
     with pytest.raises(ConfigError, match="pool"):
         train_round(site, hard, adapter, 1)
     assert site.ledger_path.read_bytes() == before
+
+
+def test_the_drift_scenario_takes_every_option():
+    from fedretrain.config import compose_config
+
+    cfg = compose_config(
+        [
+            "experiment=drift",
+            "train.selection=uncertainty",
+            "train.selection_threshold=3.5",
+            "train.selection_share=0.2",
+            "train.replay=0.25",
+            "train.curriculum_start=3",
+            "train.curriculum_end=6",
+            "train.require_review=false",
+        ]
+    )
+    assert (cfg.train.selection, cfg.train.replay, cfg.train.curriculum_end) == ("uncertainty", 0.25, 6.0)
+    assert cfg.scenario.name == "drift"
