@@ -75,6 +75,9 @@ DEMO_SHRINK = [
     "data.validation_records=120",
     "train.local_steps=12",
     "privacy.sample_rate=0.125",
+    # One Ray actor runs the sites in turn: each actor imports torch, transformers, peft and opacus
+    # (about 7 s of CPU), and on CI's 2 cores the CPU, not the wall clock, is what the suite waits on.
+    "simulation.client_cpus=2",
 ]
 # The approval cycle shows the registry's workflow (pending, approve, rollback), so its gate
 # rests on the validation set and each site's own check: the sites' pooled interval needs
@@ -90,9 +93,6 @@ APPROVAL_SHRINK = [
     "gate.site_tolerance=1",
     # The robustness suite (on by default) is tests/test_robustness_e2e.py's; here it would only cost time.
     "gate.robustness.enabled=false",
-    # One Ray actor runs the sites in turn: each actor imports torch, transformers, peft and opacus
-    # (about 7 s of CPU), and on CI's 2 cores the CPU, not the wall clock, is what the suite waits on.
-    "simulation.client_cpus=2",
 ]
 
 
@@ -252,7 +252,6 @@ def second_run(approval_run, session, federation, tmp_path_factory):
         "train.lr=1e-6",
         "model.max_length=64",  # a quarter of the compute; what it shows does not need long notes
         "gate.robustness.enabled=false",  # tests/test_robustness_e2e.py's; here only time
-        "simulation.client_cpus=2",  # one Ray actor: one import of torch and its kin, not two
         status=GATE_REFUSED,  # the gate refuses: nothing published, and the exit status says so
     )
     return second_dir, output, before, bad
