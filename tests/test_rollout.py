@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 from test_install import coordinator, delivered, job, make_site, publish, resigned  # noqa: F401  (module fixtures)
+from test_site_serve import site  # noqa: F401  (a site that installed version 1)
 
 from client.handlers import answer
 from client.install.installer import receive_version
@@ -33,14 +34,6 @@ from fedretrain.registry.store import Registry
 from server.cycle.rollout import HOLD, PROMOTE, ROLLBACK, choose_canaries, decide, judge
 
 SHADOW = {"mode": "shadow", "ab-share": 0.5, "min-feedback": 4}
-
-
-@pytest.fixture
-def site(tmp_path, job, coordinator):  # noqa: F811
-    registry, _, public = coordinator
-    site = make_site(tmp_path, public)
-    receive_version(site, job, delivered(registry, 1))
-    return site
 
 
 # -- the registry ---------------------------------------------------------------------------------

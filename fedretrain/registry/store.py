@@ -249,11 +249,7 @@ class Registry:
         """Sign an approval of a ``pending`` version and make it champion."""
         now = now or utc_now()
         with self._lock():
-            self._pin(signing_key.public_key(), create=False)
-            head = self.verified_champion(signing_key.public_key())
-            status = self._status(version, None if head is None else head.version)
-            if status != "pending":
-                raise RegistryError(f"version {version} is {status}; only a pending version can be approved")
+            head = self._pending_head(version, signing_key, "approved")
             self._require_valid(version)
             body = {
                 "kind": "approval",
@@ -278,11 +274,7 @@ class Registry:
         """
         now = now or utc_now()
         with self._lock():
-            self._pin(signing_key.public_key(), create=False)
-            head = self.verified_champion(signing_key.public_key())
-            status = self._status(version, None if head is None else head.version)
-            if status != "pending":
-                raise RegistryError(f"version {version} is {status}; only a pending version can be withdrawn")
+            self._pending_head(version, signing_key, "withdrawn")
             body = {
                 "kind": "withdrawal",
                 "version": version,
@@ -379,6 +371,16 @@ class Registry:
             rollbacks=rollback_spans(record for _, record in self.rollbacks()),
             withdrawn=(folder / f"{WITHDRAWAL}.json").is_file(),
         )
+
+    def _pending_head(self, version: int, signing_key: Ed25519PrivateKey, done: str) -> ChainHead | None:
+        """The verified chain's head, once the pin matches ``signing_key`` and ``version`` is pending
+        (RegistryError otherwise: only a pending version can be ``done``). Call it under the lock."""
+        self._pin(signing_key.public_key(), create=False)
+        head = self.verified_champion(signing_key.public_key())
+        status = self._status(version, None if head is None else head.version)
+        if status != "pending":
+            raise RegistryError(f"version {version} is {status}; only a pending version can be {done}")
+        return head
 
     def _dir(self, version: int) -> Path:
         return self.root / "versions" / f"{version:06d}"
