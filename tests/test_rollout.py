@@ -450,3 +450,32 @@ def test_a_canary_reports_after_report_after_s_with_what_it_has():
     assert trial.ready(50, started + timedelta(hours=2)) and not trial.ready(1, started + timedelta(hours=2))
     with pytest.raises(ConfigError, match="report-after-s"):
         Trial.from_settings(2, {**SHADOW, "report-after-s": -1}, "run")
+
+
+@pytest.mark.usefixtures("instruction_identity")
+def test_a_canary_that_refuses_its_report_holds_the_version_at_once(tmp_path, job):  # noqa: F811
+    from flwr.app import Error
+
+    from server.cycle.rollout import run_rollout
+
+    handle = staged_registry(tmp_path, job)
+    grid, sent = grid_answering(
+        {
+            "query.trial": lambda node: {"trial-version": 2, "already-on-trial": 0},
+            "query.canary": lambda node: Error(code=4102, reason="PrivacyBudgetExceeded: the ceiling"),
+        }
+    )
+    record = run_rollout(
+        grid,
+        handle,
+        PublishConfig(canary=("site-1",), check_s=30, timeout_s=3600),
+        job,
+        2,
+        {"site-1": 1, "site-2": 2},
+        seed=0,
+        publish_timeout_s=5,
+        approver="test",
+        sleep=lambda s: pytest.fail("no second poll: a refusal is final"),
+    )
+    assert record["decision"] == HOLD and record["polls"] == 1
+    assert record["reports"]["site-1"]["verdict"] == "refused" and "PrivacyBudgetExceeded" in record["reasons"][0]
