@@ -206,10 +206,11 @@ def run_rollout(
                 reports[site].figures["epsilon"] = metrics.get("epsilon")
                 del waiting[site]
         for refusal in asked.refused:  # e.g. its budget cannot pay for the report: it never will
-            site = next((s for s, n in waiting.items() if n == refusal["node_id"]), None)
-            if site is not None:
-                reports[site] = CanaryReport(site, REFUSED, {"reason": f"refused its report: {refusal['reason']}"})
-                del waiting[site]
+            refusing = next((s for s, n in waiting.items() if n == refusal["node_id"]), None)
+            if refusing is not None:
+                reason = f"refused its report: {refusal['reason']}"
+                reports[refusing] = CanaryReport(refusing, REFUSED, {"reason": reason})
+                del waiting[refusing]
         remaining = policy.timeout_s - (clock() - started)
         if waiting and remaining <= 0:
             for site in waiting:
