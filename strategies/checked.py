@@ -349,7 +349,9 @@ class CheckedStrategy(Strategy):
                 self._reject(server_round, msg, str(err), entry.rejected, "reply")
                 continue
             accepted.append(reply)
-            entry.accepted[reply.site_id] = {"node-id": reply.node_id, **reply.metrics}
+            # The node the runtime bound the reply to, after the site's metrics: a metric of the
+            # site's own named "node-id" must not stand in for it.
+            entry.accepted[reply.site_id] = {**reply.metrics, "node-id": reply.node_id}
         # Replies arrive in network order; a fixed order makes the float sums, and so a
         # resumed run's adapter, identical to an uninterrupted run's.
         return sorted(accepted, key=lambda reply: reply.site_id)

@@ -7,6 +7,7 @@ The whole rollout through Flower's simulation engine is tests/test_rollout_e2e.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -479,3 +480,53 @@ def test_a_canary_that_refuses_its_report_holds_the_version_at_once(tmp_path, jo
     )
     assert record["decision"] == HOLD and record["polls"] == 1
     assert record["reports"]["site-1"]["verdict"] == "refused" and "PrivacyBudgetExceeded" in record["reasons"][0]
+
+
+@pytest.mark.usefixtures("instruction_identity")
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"ready": 1, "trial-version": 2},  # no sums
+        report(-0.3, **{"trial-version": 3}),  # another version's
+        report(-0.3, noise=0.0, **{"trial-version": 2}),  # no noise
+        report(-0.3, **{"trial-version": 2, "ab-trial-good": 5}),  # A/B counts in part
+    ],
+)
+def test_a_malformed_report_is_a_refusal_not_a_crash(tmp_path, job, bad):  # noqa: F811
+    from server.cycle.rollout import run_rollout
+
+    handle = staged_registry(tmp_path, job)
+    grid, _ = grid_answering({"query.trial": lambda node: {"trial-version": 2}, "query.canary": lambda node: bad})
+    record = run_rollout(
+        grid,
+        handle,
+        PublishConfig(canary=("site-1",)),
+        job,
+        2,
+        {"site-1": 1},
+        seed=0,
+        publish_timeout_s=5,
+        approver="test",
+    )
+    assert record["decision"] == HOLD and record["reports"]["site-1"]["verdict"] == "refused"
+    assert "a malformed report" in record["reasons"][0]
+
+
+def test_an_answer_rated_again_and_again_counts_once_and_shadow_counts_corrections_only(site, job, coordinator):  # noqa: F811
+    from client.install.trial import current_trial
+    from client.serve.canary import trial_feedback
+    from client.serve.feedback import give_feedback
+
+    registry, _, _ = coordinator
+    receive_trial(site, job, registry.bundle(2), {**SHADOW, "mode": "ab"})
+    journal = Journal.at(site.state_path)
+    client = TestClient(create_app(site, journal, ServedModel(site)), base_url="http://127.0.0.1")
+    first = client.post("/v1/completions", json={"prompt": "Cough", "max_tokens": 2}).json()["id"]
+    for rating in ("bad", "bad", "bad", "good"):
+        give_feedback(site, journal, first, rating=rating)
+    trial, _ = current_trial(ModelStore(site.model_store_path))
+    counted = trial_feedback(journal, trial)
+    assert sum(arm[1] for arm in counted["ratings"].values()) == 1 and counted["with_feedback"] == 1
+    assert sum(arm[0] for arm in counted["ratings"].values()) == 1  # the last rating: good
+    shadow = dataclasses.replace(trial, mode="shadow")
+    assert trial_feedback(journal, shadow)["with_feedback"] == 0  # a rating is not scored in shadow

@@ -59,22 +59,25 @@ def trial_feedback(journal: Journal, trial: Trial) -> dict[str, Any]:
         rid: e for rid, e in journal.answered().items() if (e.get("trial") or {}).get("version") == trial.version
     }
     corrected: dict[str, str] = {}
-    ratings = {"trial": [0, 0], "installed": [0, 0]}
-    with_feedback: set[str] = set()
+    rated: dict[str, str] = {}  # answer id -> its last rating: one answer counts once, however often rated
     for entry in journal.all_feedback():
         answer = answered.get(str(entry.get("id")))
         if answer is None:
             continue
-        with_feedback.add(answer["id"])
         if isinstance(entry.get("correction"), str):
             corrected.setdefault(answer["id"], answer["prompt"] + entry["correction"])
         elif entry.get("rating") in ("good", "bad"):
-            arm = ratings["trial" if answer["version"] == trial.version else "installed"]
-            arm[0] += entry["rating"] == "good"
-            arm[1] += 1
+            rated[answer["id"]] = entry["rating"]
+    ratings = {"trial": [0, 0], "installed": [0, 0]}
+    for answer_id, rating in rated.items():
+        arm = ratings["trial" if answered[answer_id]["version"] == trial.version else "installed"]
+        arm[0] += rating == "good"
+        arm[1] += 1
+    # In shadow only the corrections are scored (the installed version served every rated answer).
+    counted = set(corrected) if trial.mode == "shadow" else set(corrected) | set(rated)
     return {
         "answers": len(answered),
-        "with_feedback": len(with_feedback),
+        "with_feedback": len(counted),
         "corrected": [corrected[k] for k in sorted(corrected)],
         "ratings": ratings,
     }

@@ -96,6 +96,26 @@ def judge(site_id: str, metrics: Mapping[str, Any], policy: PublishConfig) -> Ca
     return CanaryReport(site_id, verdict, figures)
 
 
+def checked_report(metrics: Mapping[str, Any], version: int) -> dict[str, float]:
+    """A canary's report as numbers, or ValueError/KeyError/TypeError naming what is wrong: the
+    version it reports on, the sums and their noise (finite, a positive std), A/B counts in full."""
+    if metrics.get("trial-version") != version:
+        raise ValueError(f"it reports on version {metrics.get('trial-version')!r}, not {version}")
+    required = ["num-examples", "diff-sum", "diff-sumsq", "diff-sum-std"]
+    ab = [f"ab-{arm}-{k}" for arm in ("trial", "installed") for k in ("good", "rated")]
+    if any(key in metrics for key in ab):
+        required += ab + [f"{key}-std" for key in ab]
+    out = {}
+    for key in required:
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise TypeError(f"{key} is not a finite number: {value!r}")
+        if key.endswith("-std") and not value > 0:
+            raise ValueError(f"{key} must be > 0, got {value}")
+        out[key] = float(value)
+    return out
+
+
 def _ratings(metrics: Mapping[str, Any], z: float) -> dict[str, Any] | None:
     """The candidate's share of good ratings minus the installed version's, with its interval."""
     keys = ("ab-trial-good", "ab-trial-rated", "ab-installed-good", "ab-installed-rated")
@@ -202,8 +222,12 @@ def run_rollout(
         )
         for site, (node, metrics) in asked.answered.items():
             if site in waiting and waiting[site] == node and metrics.get("ready") == 1:
-                reports[site] = judge(site, metrics, policy)
-                reports[site].figures["epsilon"] = metrics.get("epsilon")
+                try:
+                    reports[site] = judge(site, checked_report(metrics, version), policy)
+                    reports[site].figures["epsilon"] = metrics.get("epsilon")
+                except (KeyError, TypeError, ValueError) as err:
+                    reason = f"a malformed report ({type(err).__name__}: {err})"
+                    reports[site] = CanaryReport(site, REFUSED, {"reason": reason})
                 del waiting[site]
         for refusal in asked.refused:  # e.g. its budget cannot pay for the report: it never will
             refusing = next((s for s, n in waiting.items() if n == refusal["node_id"]), None)
