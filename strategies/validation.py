@@ -314,11 +314,16 @@ def validate_evaluate_reply(msg: Message, expected: RoundTag | None = None) -> S
     """
     metrics = scalar_metrics(record_of(msg, "metrics", MetricRecord), EVALUATE_METRICS)
     check_round_tag(msg, expected)
-    site_id = _checked_site_id(msg)
+    return checked_evaluation(_checked_site_id(msg), msg.metadata.src_node_id, metrics)
+
+
+def checked_evaluation(site_id: str, node_id: int, metrics: Metrics) -> SiteEvaluation:
+    """:class:`SiteEvaluation` from :func:`scalar_metrics`'s output, once every noise std and the
+    clip are > 0 (ReplyRejected otherwise). A canary's report is checked by it too."""
     for key in ("num-examples-std", "diff-sum-std", "diff-sumsq-std", "eval-clip"):
         if not metrics[key] > 0:
             raise ReplyRejected(f"{key} must be > 0, got {metrics[key]!r}")
-    return SiteEvaluation.from_metrics(site_id, msg.metadata.src_node_id, metrics)
+    return SiteEvaluation.from_metrics(site_id, node_id, metrics)
 
 
 def masked_spec(spec: AdapterSpec) -> AdapterSpec:

@@ -245,7 +245,10 @@ def report(change: float, n: float = 200, spread: float = 0.1, noise: float = 1.
         "num-examples": n,
         "diff-sum": change * n,
         "diff-sumsq": n * (change**2 + spread**2),
+        "num-examples-std": noise,
         "diff-sum-std": noise,
+        "diff-sumsq-std": noise,
+        "eval-clip": 1.0,
         "ready": 1,
         **extra,
     }

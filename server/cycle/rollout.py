@@ -41,10 +41,12 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedretrain.config import Job, PublishConfig
+from fedretrain.errors import ReplyRejected
 from fedretrain.registry.bundle import VersionBundle
+from server.cycle.gate import pooled_interval
 from server.cycle.publish import RegistryHandle, deliver
 from server.sites.broadcast import broadcast
-from strategies.validation import SiteEvaluation
+from strategies.validation import EVALUATE_METRICS, SiteEvaluation, checked_evaluation, scalar_metrics
 
 log = logging.getLogger("fedretrain.server")
 
@@ -75,19 +77,21 @@ class CanaryReport:
 
 def judge(site_id: str, metrics: Mapping[str, Any], policy: PublishConfig) -> CanaryReport:
     """What one canary's report says (see the module docstring)."""
-    z = NormalDist().inv_cdf(0.5 + policy.confidence / 2)
     figures: dict[str, Any] = {}
     worse, fine = [], []  # per measure: beyond the tolerance / within it, each with its interval
-    evaluation = SiteEvaluation.from_metrics(site_id, 0, dict(metrics))
-    n = evaluation.examples
-    if n >= 2:
-        mean = evaluation.diff_sum / n
-        var = max(evaluation.diff_sumsq - n * mean * mean, 0.0) / (n - 1)
-        half = z * math.sqrt(var / n + (evaluation.sum_std / n) ** 2)
-        figures["corrections"] = {"examples": n, "change": mean, "ci_low": mean - half, "ci_high": mean + half}
-        worse.append(mean - half > policy.tolerance)
-        fine.append(mean + half <= policy.tolerance)
-    ratings = _ratings(metrics, z)
+    # The gate's interval of the sites' noised sums (records' spread plus the noise), of one site.
+    pooled = pooled_interval([SiteEvaluation.from_metrics(site_id, 0, dict(metrics))], policy.confidence)
+    if pooled is not None:  # improvement = -change
+        low, high = -pooled["ci_high"], -pooled["ci_low"]
+        figures["corrections"] = {
+            "examples": pooled["examples"],
+            "change": -pooled["improvement"],
+            "ci_low": low,
+            "ci_high": high,
+        }
+        worse.append(low > policy.tolerance)
+        fine.append(high <= policy.tolerance)
+    ratings = _ratings(metrics, NormalDist().inv_cdf(0.5 + policy.confidence / 2))
     if ratings is not None:
         figures["ratings"] = ratings
         worse.append(ratings["ci_high"] < -policy.rating_tolerance)
@@ -96,24 +100,27 @@ def judge(site_id: str, metrics: Mapping[str, Any], policy: PublishConfig) -> Ca
     return CanaryReport(site_id, verdict, figures)
 
 
-def checked_report(metrics: Mapping[str, Any], version: int) -> dict[str, float]:
-    """A canary's report as numbers, or ValueError/KeyError/TypeError naming what is wrong: the
-    version it reports on, the sums and their noise (finite, a positive std), A/B counts in full."""
-    if metrics.get("trial-version") != version:
-        raise ValueError(f"it reports on version {metrics.get('trial-version')!r}, not {version}")
-    required = ["num-examples", "diff-sum", "diff-sumsq", "diff-sum-std"]
-    ab = [f"ab-{arm}-{k}" for arm in ("trial", "installed") for k in ("good", "rated")]
-    if any(key in metrics for key in ab):
-        required += ab + [f"{key}-std" for key in ab]
-    out = {}
-    for key in required:
-        value = metrics[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise TypeError(f"{key} is not a finite number: {value!r}")
-        if key.endswith("-std") and not value > 0:
-            raise ValueError(f"{key} must be > 0, got {value}")
-        out[key] = float(value)
-    return out
+AB_COUNTS = tuple(f"ab-{arm}-{k}" for arm in ("trial", "installed") for k in ("good", "rated"))
+
+
+def canary_reply(site_id: str, node_id: int, content: RecordDict, version: int) -> dict[str, Any] | None:
+    """A canary's checked report on ``version``, or None while it is not ready.
+
+    The sums are an evaluation reply's, checked as one (:func:`strategies.validation.checked_evaluation`);
+    A/B counts come whole, each with a noise std > 0. Anything else raises ReplyRejected, a
+    ValueError, which :func:`server.sites.broadcast.broadcast` turns into a refusal."""
+    record = content.metric_records["metrics"]
+    if record.get("trial-version") != version:
+        raise ReplyRejected(f"it reports on version {record.get('trial-version')!r}, not {version}")
+    if record.get("ready") != 1:
+        return None
+    ab = AB_COUNTS + tuple(f"{key}-std" for key in AB_COUNTS) if any(k in record for k in AB_COUNTS) else ()
+    metrics = scalar_metrics(record, EVALUATE_METRICS + ab)
+    checked_evaluation(site_id, node_id, metrics)
+    for key in ab[len(AB_COUNTS) :]:
+        if not metrics[key] > 0:
+            raise ReplyRejected(f"{key} must be > 0, got {metrics[key]!r}")
+    return dict(metrics)
 
 
 def _ratings(metrics: Mapping[str, Any], z: float) -> dict[str, Any] | None:
@@ -216,24 +223,20 @@ def run_rollout(
             RecordDict({"config": ConfigRecord(job.to_flat())}),
             CANARY_MESSAGE,
             min(publish_timeout_s, policy.check_s * 4),
-            lambda _s, _n, reply: dict(reply["metrics"]),
+            lambda site, node, reply: canary_reply(site, node, reply, version),
             what=f"canary reports on version {version}",
             node_ids=waiting.values(),
         )
         for site, (node, metrics) in asked.answered.items():
-            if site in waiting and waiting[site] == node and metrics.get("ready") == 1:
-                try:
-                    reports[site] = judge(site, checked_report(metrics, version), policy)
-                    reports[site].figures["epsilon"] = metrics.get("epsilon")
-                except (KeyError, TypeError, ValueError) as err:
-                    reason = f"a malformed report ({type(err).__name__}: {err})"
-                    reports[site] = CanaryReport(site, REFUSED, {"reason": reason})
+            if metrics is not None and waiting.get(site) == node:
+                reports[site] = judge(site, metrics, policy)
+                reports[site].figures["epsilon"] = metrics.get("epsilon")
                 del waiting[site]
-        for refusal in asked.refused:  # e.g. its budget cannot pay for the report: it never will
+        for refusal in asked.refused:  # an error reply (its budget, say) or a malformed report: final
             refusing = next((s for s, n in waiting.items() if n == refusal["node_id"]), None)
             if refusing is not None:
-                reason = f"refused its report: {refusal['reason']}"
-                reports[refusing] = CanaryReport(refusing, REFUSED, {"reason": reason})
+                what = "refused its report" if refusal.get("code") is not None else "a malformed report"
+                reports[refusing] = CanaryReport(refusing, REFUSED, {"reason": f"{what}: {refusal['reason']}"})
                 del waiting[refusing]
         remaining = policy.timeout_s - (clock() - started)
         if waiting and remaining <= 0:
