@@ -260,26 +260,24 @@ def _train_and_record(
     return TrainOutcome(adapter=adapter, metrics=metrics)
 
 
+def record_losses(job: Job, device: str, texts: Sequence[str], arrays: dict[str, np.ndarray] | None) -> np.ndarray:
+    """Each record's loss under ``arrays`` on the job's base model (None: the bare base model)."""
+    lm = site_model(job, device)
+    dataset = encode_texts(lm.tokenizer, list(texts), job.model.max_length)
+    if arrays is not None:
+        load_adapter_arrays(lm, arrays)
+    scored = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=arrays is not None)
+    return np.asarray(scored.example_losses)
+
+
 def _base_losses(site: SiteConfig, job: Job, texts: Sequence[str]) -> list[float]:
     """Each record's loss under the bare base model (the curriculum's measure of difficulty)."""
-    lm = site_model(job, site.device)
-    dataset = encode_texts(lm.tokenizer, list(texts), job.model.max_length)
-    return list(
-        evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False).example_losses
-    )
+    return list(record_losses(job, site.device, texts, None))
 
 
 def _installed_losses(site: SiteConfig, job: Job, texts: Sequence[str]) -> list[float]:
     """Each record's loss under the site's installed version (the bare base model before any)."""
-    lm = site_model(job, site.device)
-    dataset = encode_texts(lm.tokenizer, list(texts), job.model.max_length)
-    installed = ModelStore(site.model_store_path).current_adapter()
-    if installed is None:
-        return list(
-            evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False).example_losses
-        )
-    load_adapter_arrays(lm, installed)
-    return list(evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size).example_losses)
+    return list(record_losses(job, site.device, texts, ModelStore(site.model_store_path).current_adapter()))
 
 
 def training_rank(site: SiteConfig, job: Job) -> int:
@@ -389,24 +387,37 @@ def _noised_evaluation(
     site: SiteConfig, job: Job, candidate: dict[str, np.ndarray], baseline: dict[str, np.ndarray] | None
 ) -> dict[str, float | int]:
     texts = [r.text for r in read_records(site.heldout_path)]
-    lm = site_model(job, site.device)
-    dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
-    if baseline is None:
-        base = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False)
-    else:
-        load_adapter_arrays(lm, baseline)
-        base = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size)
-    load_adapter_arrays(lm, candidate)
-    cand = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=True)
+    return noised_loss_change(site, job, texts, baseline, candidate)
+
+
+def noised_loss_change(
+    site: SiteConfig,
+    job: Job,
+    texts: Sequence[str],
+    baseline: dict[str, np.ndarray] | None,
+    candidate: dict[str, np.ndarray],
+    counts: dict[str, float] | None = None,
+) -> dict[str, float | int]:
+    """The noised count, sum and sum of squares of each record's loss change (candidate - baseline,
+    clipped to ``eval-clip``), with ``counts`` (each moved by at most 1 by one record) in the same
+    Gaussian release of noise multiplier ``eval-noise``; every figure's std beside it.
+    The caller charges the release to the ledger."""
     # Each record's loss change, clipped: one record moves the count by 1, the sum by at most
     # D and the sum of squares by at most D^2 (the sensitivities of the release).
     clip = site.eval_clip
-    diffs = np.clip(np.asarray(cand.example_losses) - np.asarray(base.example_losses), -clip, clip)
-    release = gaussian_release(
-        {"num-examples": float(len(diffs)), "diff-sum": float(diffs.sum()), "diff-sumsq": float((diffs**2).sum())},
-        {"num-examples": 1.0, "diff-sum": clip, "diff-sumsq": clip * clip},
-        site.eval_noise,
-    )
+    diffs = np.zeros(0)
+    if texts:
+        before = record_losses(job, site.device, texts, baseline)
+        diffs = np.clip(record_losses(job, site.device, texts, candidate) - before, -clip, clip)
+    statistics = {
+        "num-examples": float(len(diffs)),
+        "diff-sum": float(diffs.sum()),
+        "diff-sumsq": float((diffs**2).sum()),
+    }
+    sensitivities = {"num-examples": 1.0, "diff-sum": clip, "diff-sumsq": clip * clip}
+    for key, value in (counts or {}).items():
+        statistics[key], sensitivities[key] = float(value), 1.0
+    release = gaussian_release(statistics, sensitivities, site.eval_noise)
     metrics: dict[str, float | int] = dict(release.values)
     metrics.update({f"{key}-std": std for key, std in release.stds.items()})
     metrics["eval-clip"] = float(clip)

@@ -29,23 +29,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 
 from client.install.model_store import ModelStore
 from client.install.trial import Trial, current_trial, trial_root
-from client.round.site import site_model
+from client.round.site import noised_loss_change
 from client.serve.journal import Journal
 from fedretrain.arrays import from_torch_state_dict
 from fedretrain.atomic import atomic_write_json
 from fedretrain.config import Job, SiteConfig
-from fedretrain.data.encoding import encode_texts
 from fedretrain.errors import ConfigError
-from fedretrain.modeling.lora_model import load_adapter_arrays
 from fedretrain.privacy.ledger import PrivacyLedger, ledger_lock
-from fedretrain.privacy.release import RELEASE_SAMPLE_RATE, RELEASE_STEPS, gaussian_release
+from fedretrain.privacy.release import RELEASE_SAMPLE_RATE, RELEASE_STEPS
 from fedretrain.registry.bundle import VersionBundle
-from fedretrain.training.evaluate import evaluate_loss
 
 log = logging.getLogger("fedretrain.client")
 
@@ -128,37 +124,20 @@ def canary_report(site: SiteConfig, job: Job) -> dict[str, float | int]:
 def _noised_comparison(
     site: SiteConfig, job: Job, store: ModelStore, trial: Trial, trial_dir: Path, feedback: dict[str, Any]
 ) -> dict[str, float | int]:
-    texts = feedback["corrected"]
-    diffs = np.zeros(0)
-    if texts:
-        lm = site_model(job, site.device)
-        dataset = encode_texts(lm.tokenizer, texts, job.model.max_length)
-        installed = store.current_adapter()
-        if installed is None:
-            before = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size, use_adapter=False)
-        else:
-            load_adapter_arrays(lm, installed)
-            before = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size)
-        stored = VersionBundle.from_dir(trial_dir).files["adapter_model.safetensors"]
-        load_adapter_arrays(lm, from_torch_state_dict(safetensors.torch.load(stored)))
-        after = evaluate_loss(lm.model, dataset, batch_size=job.train.eval_batch_size)
-        diffs = np.asarray(after.example_losses) - np.asarray(before.example_losses)
-    # One answer (its request and feedback) moves the count by 1, the sum by at most the clip,
-    # the sum of squares by its square, and one rating count pair by 1 each.
-    clip = site.eval_clip
-    diffs = np.clip(diffs, -clip, clip)
-    statistics = {
-        "num-examples": float(len(diffs)),
-        "diff-sum": float(diffs.sum()),
-        "diff-sumsq": float((diffs**2).sum()),
-    }
-    sensitivities = {"num-examples": 1.0, "diff-sum": clip, "diff-sumsq": clip * clip}
+    # The sums of an evaluation (client/round/site.py), on the corrected texts: the version on
+    # trial against the installed one; in A/B the ratings' counts join the same release.
+    stored = VersionBundle.from_dir(trial_dir).files["adapter_model.safetensors"]
+    counts = {}
     if trial.mode == "ab":
         for arm, (good, rated) in feedback["ratings"].items():
-            statistics[f"ab-{arm}-good"], statistics[f"ab-{arm}-rated"] = float(good), float(rated)
-            sensitivities[f"ab-{arm}-good"] = sensitivities[f"ab-{arm}-rated"] = 1.0
-    release = gaussian_release(statistics, sensitivities, site.eval_noise)
-    metrics: dict[str, float | int] = dict(release.values)
-    metrics.update({f"{key}-std": std for key, std in release.stds.items()})
-    metrics.update({"eval-clip": float(clip), "trial-version": trial.version, "ready": 1})
+            counts[f"ab-{arm}-good"], counts[f"ab-{arm}-rated"] = float(good), float(rated)
+    metrics = noised_loss_change(
+        site,
+        job,
+        feedback["corrected"],
+        store.current_adapter(),
+        from_torch_state_dict(safetensors.torch.load(stored)),
+        counts,
+    )
+    metrics.update({"trial-version": trial.version, "ready": 1})
     return metrics
