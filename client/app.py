@@ -65,38 +65,12 @@ def make_client_app(
     def handle(msg: Message, context: Context) -> Message:
         return _handle(msg, context, resolve_site, mark_process=mark_process, use_worker=use_worker)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return handle(msg, context)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return handle(msg, context)
-
-    @app.query("publish")
-    def publish(msg: Message, context: Context) -> Message:
-        return handle(msg, context)
-
-    @app.query("status")
-    def status(msg: Message, context: Context) -> Message:
-        return handle(msg, context)
-
-    @app.query("ready")
-    def ready(msg: Message, context: Context) -> Message:
-        return handle(msg, context)
-
-    # The staged rollout (server/cycle/rollout.py): a version on trial, its withdrawal, the report.
-    @app.query("trial")
-    def trial(msg: Message, context: Context) -> Message:
-        return handle(msg, context)
-
-    @app.query("withdraw")
-    def withdraw(msg: Message, context: Context) -> Message:
-        return handle(msg, context)
-
-    @app.query("canary")
-    def canary(msg: Message, context: Context) -> Message:
-        return handle(msg, context)
+    app.train()(handle)
+    app.evaluate()(handle)
+    # The queries a site answers: a published version, its status, whether it is ready, and the
+    # staged rollout's trial, withdrawal and report (server/cycle/rollout.py).
+    for action in ("publish", "status", "ready", "trial", "withdraw", "canary"):
+        app.query(action)(handle)
 
     return app
 

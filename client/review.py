@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.serve.journal import _append, _lines
+from client.serve.journal import append_line, read_lines
 from fedretrain.config import SiteConfig
 from fedretrain.data.notes import Record, read_records
 from fedretrain.errors import ConfigError, DataValidationError
@@ -49,7 +49,7 @@ class ReviewQueue:
 
     def decisions(self) -> dict[str, str]:
         """Record id -> its last decision."""
-        return {str(e["id"]): str(e["decision"]) for e in _lines(self.path) if e.get("decision") in DECISIONS}
+        return {str(e["id"]): str(e["decision"]) for e in read_lines(self.path) if e.get("decision") in DECISIONS}
 
     def decide(self, record_id: str, decision: str, *, by: str, note: str | None = None) -> dict[str, Any]:
         if decision not in DECISIONS:
@@ -62,7 +62,7 @@ class ReviewQueue:
         }
         if note:
             entry["note"] = note
-        _append(self.path, entry)
+        append_line(self.path, entry)
         return entry
 
 

@@ -71,32 +71,21 @@ def load_installed(
     # The seed that built the parameters the base checkpoint lacks, when the version was trained so.
     init_seed = bundle.manifest["base_model"].get("init_missing_seed")
     model_dir = Path(resolve_model_path(name))
+    on_trial = current_trial(store) if with_trial else None
     if coordinator_key is not None:
         # Expiry guards installation (a frozen coordinator cannot keep a site on an old
-        # version); a version installed while valid stays usable until the next one.
-        verify_bundle(
-            bundle,
-            load_public_key(coordinator_key),
-            now=datetime.now(UTC),
-            check_expiry=False,
-            base_model_sha256=base_model_identity(name, model_dir, init_seed)["sha256"],
-        )
+        # version); a version installed while valid stays usable until the next one. The base
+        # model's identity (a hash of its files) is computed once for both versions.
+        key, sha256 = load_public_key(coordinator_key), base_model_identity(name, model_dir, init_seed)["sha256"]
+        trial_bundles = [VersionBundle.from_dir(on_trial[1])] if on_trial is not None else []
+        for checked in (bundle, *trial_bundles):
+            verify_bundle(checked, key, now=datetime.now(UTC), check_expiry=False, base_model_sha256=sha256)
     dev = select_device(device)
     tokenizer = load_tokenizer(name)
     base = load_base_model(name, dev, select_dtype(dev, "auto"), init_missing_seed=init_seed)
     model = PeftModel.from_pretrained(base, str(version_dir), is_trainable=False).eval()
-    on_trial = current_trial(store) if with_trial else None
     if on_trial is not None:
-        trial, trial_dir = on_trial
-        if coordinator_key is not None:
-            verify_bundle(
-                VersionBundle.from_dir(trial_dir),
-                load_public_key(coordinator_key),
-                now=datetime.now(UTC),
-                check_expiry=False,
-                base_model_sha256=base_model_identity(name, model_dir, init_seed)["sha256"],
-            )
-        model.load_adapter(str(trial_dir), adapter_name=TRIAL_ADAPTER, is_trainable=False)
+        model.load_adapter(str(on_trial[1]), adapter_name=TRIAL_ADAPTER, is_trainable=False)
         model.set_adapter(INSTALLED_ADAPTER)
         model.eval()
     trial_info = on_trial[0] if on_trial is not None else None

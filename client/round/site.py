@@ -74,12 +74,12 @@ def train_round(
     # 1. Data first: a bad file must stop the round before any compute or spend. An ingest
     # interrupted by a crash is completed (or undone) before the store is read.
     recover_store(site)
-    records = read_records(site.train_path)
+    stored = read_records(site.train_path)
     heldout = len(optional_texts(site.heldout_path))  # counted now: records ingested during training are new
     # The store is append-only, so the newest records are the last ones.
-    start = 0 if job.train.window is None else max(0, len(records) - job.train.window)
-    window = (start, len(records))
-    records = records[start:]
+    start = 0 if job.train.window is None else max(0, len(stored) - job.train.window)
+    window = (start, len(stored))
+    records = stored[start:]
     if job.train.require_review:  # only what the site's reviewers accepted (client/review.py)
         reviewed = accepted_only(site, records)
         if not reviewed:
@@ -95,7 +95,7 @@ def train_round(
             site.state_path, job.run_id, None if last is None else (last.run_id, last.train_start, last.train_end)
         )
         if previous is not None:
-            old = read_records(site.train_path)[previous[0] : previous[1]]
+            old = stored[previous[0] : previous[1]]
             if job.train.require_review:
                 old = accepted_only(site, old)
             texts = texts + replayed([r.text for r in old], texts, job, selection_key(site.state_path))

@@ -61,7 +61,7 @@ class Journal:
 
     def record_request(self, entry: dict[str, Any]) -> None:
         with self._lock:
-            _append(self.requests_path, entry)
+            append_line(self.requests_path, entry)
             self._requests[entry["id"]] = entry
 
     def request(self, request_id: str) -> dict[str, Any]:
@@ -74,7 +74,7 @@ class Journal:
         return found
 
     def record_feedback(self, entry: dict[str, Any]) -> None:
-        _append(self.feedback_path, entry)
+        append_line(self.feedback_path, entry)
 
     def answered(self) -> dict[str, dict[str, Any]]:
         """Every answer recorded so far, by request id."""
@@ -84,11 +84,11 @@ class Journal:
 
     def all_feedback(self) -> list[dict[str, Any]]:
         """Every rating and correction recorded so far, oldest first."""
-        return list(_lines(self.feedback_path))
+        return list(read_lines(self.feedback_path))
 
     def feedback_for(self, request_id: str) -> list[dict[str, Any]]:
         """The feedback recorded on one answer."""
-        return [f for f in _lines(self.feedback_path) if f.get("id") == request_id]
+        return [f for f in read_lines(self.feedback_path) if f.get("id") == request_id]
 
     def scores(self) -> list[dict[str, Any]]:
         """Per installed version: requests, median and 95th-percentile latency, ratings with the
@@ -100,7 +100,7 @@ class Journal:
         for entry in requests.values():
             row = by_version.setdefault(entry["version"], {"latencies": [], "good": 0, "bad": 0, "corrections": 0})
             row["latencies"].append(float(entry["latency_s"]))
-        for feedback in _lines(self.feedback_path):
+        for feedback in read_lines(self.feedback_path):
             answered = requests.get(str(feedback.get("id")))
             if answered is None:
                 continue
@@ -151,7 +151,7 @@ def wilson(successes: int, trials: int) -> tuple[float, float]:
     return max(0.0, centre - spread), min(1.0, centre + spread)
 
 
-def _append(path: Path, entry: dict[str, Any]) -> None:
+def append_line(path: Path, entry: dict[str, Any]) -> None:
     line = (json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -167,7 +167,7 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
         os.close(fd)  # releases the lock
 
 
-def _lines(path: Path) -> Iterator[dict[str, Any]]:
+def read_lines(path: Path) -> Iterator[dict[str, Any]]:
     if path.exists():
         yield from _parse(path.read_bytes(), path)
 
