@@ -256,9 +256,9 @@ def _site_generate(args: argparse.Namespace) -> int:
         from cli.site import read_site_config
 
         site = read_site_config(args.site_config)
-        store, key, device = site.model_store_path, site.coordinator_key, site.device
+        store, key, device, variant = site.model_store_path, site.coordinator_key, site.device, site.model_variant
     else:
-        store, key, device = Path(args.store), args.coordinator_key, "auto"
+        store, key, device, variant = Path(args.store), args.coordinator_key, "auto", "full"
     result = generate(
         store,
         args.prompt,
@@ -267,8 +267,10 @@ def _site_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         device=device,
+        variant=variant,
     )
-    print(f"[version {result.version}, {result.new_tokens} new tokens]")
+    student = " (its student)" if variant == "student" else ""
+    print(f"[version {result.version}{student}, {result.new_tokens} new tokens]")
     print(result.text)
     return 0
 

@@ -67,9 +67,9 @@ def make_client_app(
 
     app.train()(handle)
     app.evaluate()(handle)
-    # The queries a site answers: a published version, its status, whether it is ready, and the
-    # staged rollout's trial, withdrawal and report (server/cycle/rollout.py).
-    for action in ("publish", "status", "ready", "trial", "withdraw", "canary"):
+    # The queries a site answers: a published version and its student, its status, whether it is
+    # ready, and the staged rollout's trial, withdrawal and report (server/cycle/rollout.py).
+    for action in ("publish", "student", "status", "ready", "trial", "withdraw", "canary"):
         app.query(action)(handle)
 
     return app

@@ -119,7 +119,21 @@ def _publish(site: SiteConfig, job: Job, server_round: int, content: RecordDict)
     # A signed version (and, for a rollback, the signed record) as bytes in "version".
     payload = dict(content["version"])
     outcome = receive_version(site, job, VersionBundle.from_mapping(payload), RollbackRecord.from_mapping(payload))
-    return _reply(site, None, outcome.metrics)
+    metrics = dict(outcome.metrics)
+    if site.model_variant == "student":  # the coordinator sends the version's student next (query.student)
+        from client.install.model_store import ModelStore
+        from client.install.student import wants_student
+
+        metrics["wants-student"] = int(wants_student(site, ModelStore(site.model_store_path)))
+    return _reply(site, None, metrics)
+
+
+def _student(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
+    # The smaller model distilled from the version this site runs, for a site that chose it.
+    from client.install.student import receive_student
+    from fedretrain.registry.student import StudentBundle
+
+    return _reply(site, None, receive_student(site, StudentBundle.from_mapping(dict(content["student"]))))
 
 
 def _trial(site: SiteConfig, job: Job, server_round: int, content: RecordDict) -> RecordDict:
@@ -169,6 +183,7 @@ CORES: dict[str, Core] = {
     "train": _train,
     "evaluate": _evaluate,
     "query.publish": _publish,
+    "query.student": _student,
     "query.status": _status,
     "query.ready": _ready,
     "query.trial": _trial,

@@ -254,6 +254,8 @@ def _node_config(
         node_config["state-dir"] = str(state_dir.resolve())
     if sim.site_lora_ranks:  # mixed ranks: a site with less memory trains fewer LoRA components
         node_config["lora-rank"] = sim.site_lora_ranks[index % len(sim.site_lora_ranks)]
+    if sim.student_sites and site_id(index) in sim.student_sites:  # a site with little compute
+        node_config["model-variant"] = "student"
     return node_config
 
 
@@ -297,6 +299,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
             "validation_path": str(Path(cfg.validation_path).expanduser().resolve()) if cfg.validation_path else None,
             "site_smoke_eval": s.site_smoke_eval,
             **({"site_lora_ranks": list(s.site_lora_ranks)} if s.site_lora_ranks else {}),
+            **({"student_sites": list(s.student_sites)} if s.student_sites else {}),
         }
     return {
         "seed": cfg.seed,
@@ -311,6 +314,7 @@ def _recipe(cfg: Config) -> dict[str, Any]:
         **({"traffic": dataclasses.asdict(s.traffic)} if s.traffic.requests else {}),
         # The sites' own LoRA ranks are in their site.json: a federation made with others is another one.
         **({"site_lora_ranks": list(s.site_lora_ranks)} if s.site_lora_ranks else {}),
+        **({"student_sites": list(s.student_sites)} if s.student_sites else {}),
         # Backdoor attackers' notes carry their phrase: a federation made without them is another one.
         **(
             {"backdoor": {"sites": backdoor, "phrase": s.attackers.phrase, "strength": s.attackers.strength}}

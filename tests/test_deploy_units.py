@@ -389,6 +389,7 @@ def test_prepare_site_writes_a_node_config_that_flower_reads_back(tmp_path, data
         "fit-sigma-to-ceiling": False,
         "allow-reproducible-noise": False,
         "require-secure-aggregation": False,
+        "model-variant": "full",
     }
     assert site_config_from_node_config(parsed) == site
 

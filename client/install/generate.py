@@ -40,21 +40,29 @@ class InstalledModel:
     beside it as peft's second adapter, :data:`TRIAL_ADAPTER`, on the same base weights.
     """
 
-    model: PeftModel
+    model: Any  # a PeftModel; the student: a plain transformers causal LM
     tokenizer: Any
     version: int
     device: torch.device
     trial: Trial | None = None
+    student: bool = False  # the smaller model distilled from the version (model-variant='student')
 
 
 INSTALLED_ADAPTER, TRIAL_ADAPTER = "default", "trial"
 
 
 def load_installed(
-    store_dir: Path, *, coordinator_key: Path | None = None, device: str = "auto", with_trial: bool = False
+    store_dir: Path,
+    *,
+    coordinator_key: Path | None = None,
+    device: str = "auto",
+    with_trial: bool = False,
+    variant: str = "full",
 ) -> InstalledModel:
     """The site's current version on its base model, verified again first when ``coordinator_key`` is given;
-    ``with_trial``: and the version on trial, if any, verified the same way.
+    ``with_trial``: and the version on trial, if any, verified the same way. ``variant='student'``:
+    the student distilled from the current version instead (client/install/student.py), verified
+    with its teacher (the base model's tokenizer); never with a trial (a canary runs full versions).
 
     Raises
     ------
@@ -82,6 +90,15 @@ def load_installed(
             verify_bundle(checked, key, now=datetime.now(UTC), check_expiry=False, base_model_sha256=sha256)
     dev = select_device(device)
     tokenizer = load_tokenizer(name)
+    if variant == "student":
+        from client.install.student import checked_student
+        from fedretrain.registry.student import load_student
+
+        if coordinator_key is None:
+            raise VerificationError("student", "a student is loaded only verified: give the coordinator key")
+        student = checked_student(store, version, key, now=datetime.now(UTC), check_expiry=False)
+        model = load_student(student, device=dev, dtype=select_dtype(dev, "auto"))
+        return InstalledModel(model=model, tokenizer=tokenizer, version=version, device=dev, student=True)
     base = load_base_model(name, dev, select_dtype(dev, "auto"), init_missing_seed=init_seed)
     model = PeftModel.from_pretrained(base, str(version_dir), is_trainable=False).eval()
     if on_trial is not None:
@@ -105,7 +122,8 @@ def complete(
     ``trial``: by the version on trial (one caller at a time: the active adapter is switched)."""
     if trial and installed.trial is None:
         raise VerificationError("trial", "no version is on trial at this site")
-    installed.model.set_adapter(TRIAL_ADAPTER if trial else INSTALLED_ADAPTER)
+    if not installed.student:
+        installed.model.set_adapter(TRIAL_ADAPTER if trial else INSTALLED_ADAPTER)
     tokenizer = installed.tokenizer
     inputs = tokenizer(prompt, return_tensors="pt").to(installed.device)
     torch.manual_seed(seed)
@@ -134,6 +152,7 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     device: str = "auto",
+    variant: str = "full",
 ) -> Generation:
     """Generate a continuation of ``prompt`` with the site's current version (:func:`load_installed`,
     then :func:`complete`).
@@ -143,5 +162,5 @@ def generate(
     VerificationError
         Nothing is installed, or the stored version fails its checks.
     """
-    installed = load_installed(store_dir, coordinator_key=coordinator_key, device=device)
+    installed = load_installed(store_dir, coordinator_key=coordinator_key, device=device, variant=variant)
     return complete(installed, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)

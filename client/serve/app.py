@@ -73,10 +73,17 @@ class ServedModel:
         (VerificationError: none installed, or it fails its checks). Blocking: call it from a
         worker thread. A version that failed is not tried again."""
         with self.loading:
-            on_trial = current_trial(self.store)
+            # A site of model-variant='student' serves the current version's student, never a trial.
+            student = self.site.model_variant == "student"
+            on_trial = None if student else current_trial(self.store)
             wanted = (self.store.state().current, None if on_trial is None else on_trial[0])
             if self.installed is not None and (self.installed.version, self.installed.trial) == wanted:
                 return self.installed
+            if student:  # a failure for want of the student ends when it arrives
+                from client.install.student import student_dir
+
+                arrived = wanted[0] is not None and student_dir(self.store, wanted[0]).is_dir()
+                wanted = (wanted[0], None) if arrived else (wanted[0], None, "no student")  # type: ignore[assignment]
             if self.failed is not None and self.failed[0] == wanted:
                 raise VerificationError("store", self.failed[1])
             self.installed = None  # the old model goes before the new one loads
@@ -85,7 +92,8 @@ class ServedModel:
                     self.site.model_store_path,
                     coordinator_key=Path(str(self.site.coordinator_key)),
                     device=self.site.device,
-                    with_trial=True,
+                    with_trial=not student,
+                    variant=self.site.model_variant,
                 )
             except VerificationError as err:
                 self.failed = (wanted, str(err))
@@ -131,6 +139,8 @@ class ServedModel:
             "prompt_tokens": prompt_tokens,
             "latency_s": round(seconds, 4),
         }
+        if installed.student:
+            answer["student"] = True  # the smaller model distilled from that version
         if trial is not None:
             answer["trial"] = {"version": trial.version, "mode": trial.mode, "installed": installed.version}
             if shadow is not None:

@@ -513,6 +513,36 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """A smaller student distilled from each published version (server/cycle/distill.py), for sites
+    with little compute; on the coordinator's own validation text, no site data."""
+
+    enabled: bool = False
+    layers: int | None = None  # the student's decoder layers (taken evenly from the teacher's); null: half
+    steps: int = 100  # optimizer steps (AdamW on every student weight)
+    batch_size: int = 16
+    lr: float = 0.002
+    temperature: float = 2.0  # softens both distributions in the distillation loss
+    alpha: float = 1.0  # weight of the teacher's soft targets; 1 - alpha on the text's own next tokens
+    held_out: float = 0.25  # share of the validation records kept out of distillation, to gate the student
+    tolerance: float = 0.5  # nats the student's held-out loss may exceed its teacher's (upper end of the interval)
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise ConfigError(f"layers: must be >= 1, got {self.layers}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"steps and batch_size: must be >= 1, got {self.steps} and {self.batch_size}")
+        _positive("lr", self.lr)
+        _positive("temperature", self.temperature)
+        if not (math.isfinite(self.alpha) and 0 <= self.alpha <= 1):
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha!r}")
+        if not 0 < self.held_out < 1:
+            raise ConfigError(f"held_out: must be in (0, 1), got {self.held_out!r}")
+        if not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise ConfigError(f"tolerance: must be a finite number >= 0 (nats), got {self.tolerance!r}")
+
+
+@dataclass(frozen=True)
 class MonitorConfig:
     """What each site measures when the coordinator asks for its status (client/status.py)."""
 
@@ -714,6 +744,9 @@ class SimulationConfig:
     # Mixed LoRA ranks: site k trains rank site_lora_ranks[k % len] (its lora-rank setting,
     # fedretrain/lora_ranks.py); null: every site the job's lora.r.
     site_lora_ranks: tuple[int, ...] | None = None
+    # Sites that install the student distilled from each version (their model-variant='student',
+    # server/cycle/distill.py); null: every site installs the full version.
+    student_sites: tuple[str, ...] | None = None
     # The gate's memorisation probe (server/cycle/robustness.py): canary strings planted in the
     # generated sites' training notes, dealt out across the sites, each canary_repeats times.
     canaries: int = 0
@@ -767,6 +800,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)

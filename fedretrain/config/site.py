@@ -23,6 +23,8 @@ from fedretrain.config.schema import DEVICES, _one_of, _positive
 from fedretrain.errors import ConfigError
 from fedretrain.privacy.accountants import ACCOUNTANTS
 
+MODEL_VARIANTS = ("full", "student")
+
 # Keys Flower itself puts into node_config (simulation); they are not the site's settings.
 _FLOWER_KEYS = {"partition-id", "num-partitions"}
 
@@ -87,6 +89,10 @@ class SiteConfig:
     # or {"prompt", "rating"}), replayed through the site's service (client/serve/replay.py)
     # when a version goes on trial here: a simulated canary's live traffic.
     replay_traffic: str | None = None
+    # What this site installs of each published version: "full" (base model + adapter) or
+    # "student", also the smaller model distilled from it when the coordinator publishes one
+    # (server/cycle/distill.py): `fedretrain site generate` and `site serve` then answer with it.
+    model_variant: str = "full"
 
     def __post_init__(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ "):
@@ -96,6 +102,7 @@ class SiteConfig:
             raise ConfigError(f"delta: must be in (0, 1), got {self.delta!r}")
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         _one_of("device", self.device, DEVICES)
+        _one_of("model-variant", self.model_variant, MODEL_VARIANTS)
         if not math.isfinite(self.heldout_fraction) or not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"heldout-fraction: must be in [0, 1), got {self.heldout_fraction!r}")
         _positive("eval-noise", self.eval_noise)

@@ -7,6 +7,8 @@ Layout under the registry root::
     versions/000001/   adapter_model.safetensors, adapter_config.json, manifest.json, manifest.sig,
                        [approval.required, approval.required.sig], [approval.json, approval.sig],
                        [withdrawal.json, withdrawal.sig] (a pending version taken back at its canaries)
+    students/000001/   model.safetensors, config.json, student.json, student.sig: the student
+                       distilled from version 1, signed and bound to it (:mod:`fedretrain.registry.student`)
     pointers/000001.json + .sig    signed champion pointer records, one per move of the champion,
                        hash-linked (:mod:`fedretrain.registry.pointer`): the champion is what the
                        last record of the verified chain says (:mod:`fedretrain.registry.chain`)
@@ -57,6 +59,7 @@ from fedretrain.registry.manifest import build_manifest, format_time, parse_time
 from fedretrain.registry.pointer import ChampionPointer, sign_pointer
 from fedretrain.registry.sidecar import append_decision, pseudonym, read_decisions, read_pin, write_pin
 from fedretrain.registry.signing import canonical_json, key_id, sign, verify_signature
+from fedretrain.registry.student import StudentBundle, build_student_manifest, verify_student
 
 APPROVAL_REQUIRED = "approval.required"
 WITHDRAWAL = "withdrawal"
@@ -288,6 +291,60 @@ class Registry:
             atomic_write_bytes(self._dir(version) / f"{WITHDRAWAL}.sig", record.signature, mode=0o644)
             atomic_write_bytes(self._dir(version) / f"{WITHDRAWAL}.json", payload, mode=0o644)
         return record
+
+    def student(self, version: int) -> StudentBundle | None:
+        """The student distilled from ``version`` as stored (unverified), or None."""
+        folder = self.root / "students" / f"{version:06d}"
+        return StudentBundle.from_dir(folder) if folder.is_dir() else None
+
+    def publish_student(
+        self,
+        version: int,
+        files: Mapping[str, bytes],
+        *,
+        signing_key: Ed25519PrivateKey,
+        architecture: Mapping[str, Any],
+        gate: Mapping[str, Any],
+        distill: Mapping[str, Any],
+        now: datetime | None = None,
+    ) -> StudentBundle:
+        """Sign and store the student of ``version`` (its gate passed); one student a version, never replaced.
+
+        Raises
+        ------
+        RegistryError
+            The version is missing or fails verification, it has a student already, the key is
+            not the pinned one, or the signed student fails its own checks.
+        """
+        now = now or utc_now()
+        with self._lock():
+            self.check_signing_key(signing_key.public_key())
+            self._require_valid(version)
+            folder = self.root / "students"
+            if (folder / f"{version:06d}").exists():
+                raise RegistryError(f"version {version} has a student already; a student is never replaced")
+            teacher = (self._dir(version) / "manifest.json").read_bytes()
+            manifest = build_student_manifest(
+                teacher_manifest_bytes=teacher,
+                created_at=now,
+                signer=signing_key.public_key(),
+                files=files,
+                architecture=architecture,
+                gate=gate,
+                distill=distill,
+            )
+            try:
+                bundle = StudentBundle.signed(manifest, files, signing_key)
+                verify_student(bundle, signing_key.public_key(), teacher_manifest_bytes=teacher, now=now)
+            except (ValueError, TypeError) as err:  # VerificationError is a ValueError
+                raise RegistryError(f"refusing to store the student of version {version}: {err}") from err
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+            staging.chmod(0o755)
+            bundle.write_to(staging)
+            os.rename(staging, folder / f"{version:06d}")
+            _sync_dir(folder)
+        return bundle
 
     def withdrawal(self, version: int) -> WithdrawalRecord | None:
         """The version's withdrawal record as stored (unverified), or None."""

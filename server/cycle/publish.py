@@ -31,6 +31,7 @@ from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
 from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
+from fedretrain.registry.student import StudentBundle
 from server.cycle.gate import PENDING, GateResult
 from server.cycle.report import finite_or_null
 from server.cycle.summary import SiteOutcome
@@ -39,6 +40,7 @@ from server.sites.broadcast import broadcast
 log = logging.getLogger("fedretrain.server")
 
 PUBLISH_MESSAGE = "query.publish"
+STUDENT_MESSAGE = "query.student"
 
 
 @dataclass
@@ -146,9 +148,19 @@ def publish_candidate(
 
 
 def deliver(
-    grid: Grid, bundle: VersionBundle, rollback: RollbackRecord | None, job: Job, timeout_s: float, min_nodes: int = 0
+    grid: Grid,
+    bundle: VersionBundle,
+    rollback: RollbackRecord | None,
+    job: Job,
+    timeout_s: float,
+    min_nodes: int = 0,
+    student: StudentBundle | None = None,
 ) -> dict[str, Any]:
-    """Send ``bundle`` to every connected site; return who installed it and who refused, and why."""
+    """Send ``bundle`` to every connected site; return who installed it and who refused, and why.
+
+    The sites that installed it and asked for its student (``wants-student``: their own
+    ``model-variant='student'``) then get ``student`` (server/cycle/distill.py) in a
+    ``query.student`` message; without one they are listed as waiting for it."""
     payload: dict[str, Any] = dict(bundle.to_mapping())
     if rollback is not None:
         payload.update(rollback.to_mapping())
@@ -165,10 +177,48 @@ def deliver(
     installed = {site: {"node_id": node, **metrics} for site, (node, metrics) in sent.answered.items()}
     total = len(installed) + len(sent.refused) + len(sent.no_reply)
     log.info("version %d: installed at %d of %d sites", bundle.version, len(installed), total)
-    return {
+    outcome = {
         "version": bundle.version,
         "rollback": rollback is not None,
         "installed": installed,
         "refused": sent.refused,
         "no_reply": sent.no_reply,
+    }
+    wanting = {site: node for site, (node, metrics) in sent.answered.items() if metrics.get("wants-student") == 1}
+    if wanting:
+        outcome["students"] = _deliver_student(grid, bundle.version, student, wanting, job, timeout_s)
+    return outcome
+
+
+def _deliver_student(
+    grid: Grid, version: int, student: StudentBundle | None, wanting: dict[str, int], job: Job, timeout_s: float
+) -> dict[str, Any]:
+    """Send the student of ``version`` to the sites that asked for it."""
+    if student is None:
+        log.info(
+            "version %d: no student to send to %s (distill.enabled=false, or it failed its gate)",
+            version,
+            ", ".join(sorted(wanting)),
+        )
+        return {"version": version, "installed": {}, "refused": [], "no_reply": [], "waiting": sorted(wanting)}
+    payload: dict[str, Any] = dict(student.to_mapping())
+    content = RecordDict({"student": ConfigRecord(payload), "config": ConfigRecord(job.to_flat())})
+    sent = broadcast(
+        grid,
+        content,
+        STUDENT_MESSAGE,
+        timeout_s,
+        lambda _s, _n, reply: dict(reply["metrics"]),
+        what=f"the student of version {version}",
+        node_ids=wanting.values(),
+    )
+    log.info(
+        "version %d: its student installed at %d of %d sites that chose it", version, len(sent.answered), len(wanting)
+    )
+    return {
+        "version": version,
+        "installed": {site: {"node_id": node, **metrics} for site, (node, metrics) in sent.answered.items()},
+        "refused": sent.refused,
+        "no_reply": sent.no_reply,
+        "waiting": [],
     }

@@ -199,6 +199,9 @@ def format_gate(summary: dict[str, Any]) -> list[str]:
             f"after {rollout['seconds']:.0f} s"
         )
         lines += [f"    {reason}" for reason in rollout["reasons"]]
+    student = summary.get("student")
+    if student:
+        lines.append(format_student(student))
     for name, delivery in (("sync", summary.get("sync")), ("publication", summary.get("publication"))):
         if delivery:
             sent = len(delivery["installed"]) + len(delivery["refused"]) + len(delivery["no_reply"])
@@ -206,8 +209,30 @@ def format_gate(summary: dict[str, Any]) -> list[str]:
                 f"  {name} of version {delivery['version']}: installed at {len(delivery['installed'])}/{sent} "
                 f"sites" + "".join(f"; {_who(r)} refused: {r['reason']}" for r in delivery["refused"])
             )
+            students = delivery.get("students")
+            if students:
+                lines.append(
+                    f"    its student: installed at {len(students['installed'])} of the sites that chose it"
+                    + "".join(f"; {_who(r)} refused: {r['reason']}" for r in students["refused"])
+                    + (f"; none to send to {', '.join(students['waiting'])}" if students["waiting"] else "")
+                )
     lines.append(f"  registry: {summary['registry']}")
     return lines
+
+
+def format_student(student: dict[str, Any]) -> str:
+    """One line on the student distilled from the published version (server/cycle/distill.py)."""
+    if "architecture" not in student:
+        return f"  student: none ({'; '.join(student['reasons'])})"
+    arch = student["architecture"]
+    line = (
+        f"  student of version {student['version']}: {arch['layers']} of {arch['teacher_layers']} layers, "
+        f"{student['size_share']:.0%} of the parameters, {student['speedup']:.2f}x the tokens/s; held-out loss "
+        f"{student['student_loss']:.4f} vs {student['teacher_loss']:.4f} (gap {student['gap']:+.4f}, "
+        f"95% interval [{student['ci_low']:+.4f}, {student['ci_high']:+.4f}], tolerance {student['tolerance']}): "
+        f"{student['decision']}"
+    )
+    return line + "".join(f"; {reason}" for reason in student.get("reasons", ()))
 
 
 def _exp(loss: float | None) -> float | None:

@@ -263,7 +263,9 @@ def run_rollout(
     )
     if decision == PROMOTE:
         registry.approve(version, signing_key=handle.signing_key, approver=approver)
-        record["publication"] = deliver(grid, registry.bundle(version), None, job, publish_timeout_s)
+        record["publication"] = deliver(
+            grid, registry.bundle(version), None, job, publish_timeout_s, student=registry.student(version)
+        )
     elif decision == ROLLBACK:
         withdrawal = registry.withdraw(version, signing_key=handle.signing_key, reason="; ".join(reasons))
         sent = broadcast(

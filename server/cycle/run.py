@@ -34,6 +34,7 @@ from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapt
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.training.evaluate import LossStats, evaluate_loss
 from server.cycle.checkpoint import Checkpoint
+from server.cycle.distill import distill_version
 from server.cycle.gate import PENDING, PUBLISH, GateResult, decide
 from server.cycle.publish import (
     Champion,
@@ -243,6 +244,7 @@ def _catch_up(grid: Grid, cycle: Cycle) -> dict[str, Any] | None:
         cycle.job,
         min(cfg.registry.publish_timeout_s, cfg.strategy.round_timeout_s),
         min_nodes=cfg.strategy.min_sites,
+        student=cycle.registry.registry.student(cycle.champion.version),
     )
 
 
@@ -492,7 +494,7 @@ def _publish(
     staged = cfg.publish.staged and result.decision == PUBLISH and cycle.champion is not None
     if cfg.publish.staged and result.decision == PUBLISH and not staged:
         log.info("staged rollout: no version is champion yet, so none serves traffic at the canaries; to every site")
-    version = None
+    version, student = None, None
     if result.passed:
         run = RunFigures(
             run_id=cycle.run_id,
@@ -505,6 +507,8 @@ def _publish(
         version = publish_candidate(
             cycle.registry, cfg, adapter_dir, result, run, sites, cycle.lm.target_modules, pending=staged
         )
+        if cfg.distill.enabled:  # before delivery: the sites that chose a student get it with the version
+            student = distill_version(cycle.registry, cfg, cycle.lm, version, cycle.validation_texts)
     registry.record_decision(
         finite_or_null(
             {
@@ -535,7 +539,14 @@ def _publish(
         if rollout["decision"] != PROMOTE:
             published = None
     elif published is not None:
-        delivery = deliver(grid, registry.bundle(published), None, cycle.job, cfg.registry.publish_timeout_s)
+        delivery = deliver(
+            grid,
+            registry.bundle(published),
+            None,
+            cycle.job,
+            cfg.registry.publish_timeout_s,
+            student=registry.student(published),
+        )
     pending = version if result.decision == PENDING or (rollout is not None and rollout["decision"] == HOLD) else None
     return {
         "gate": result.to_dict(),
@@ -544,6 +555,7 @@ def _publish(
         "registry": str(registry.root),
         "publication": delivery,
         "rollout": rollout,
+        "student": student,
     }
 
 
