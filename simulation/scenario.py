@@ -56,6 +56,10 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
         Registry(Path(cfg.registry.root)), load_private_key(Path(cfg.registry.signing_key)), cfg.registry.expiry_days
     )
     never_retrained: dict[str, Any] | None = None  # version 1's adapter: the federation that never retrains
+    # Forgetting: every step's published version is scored on one probe of the pre-drift distribution too.
+    pre_drift = _write_fresh(
+        cfg, fed, run_dir / "probe" / "pre-drift.jsonl", max(sc.drift_step - 1, 0), 0, "pre-drift", sc.probe_records
+    )
     steps: list[dict[str, Any]] = []
     for step in range(sc.steps + 1):
         step_started = time.perf_counter() - started
@@ -84,6 +88,7 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
         record["loss_never_retrained"] = _probe_loss(
             cfg, lm, probe, never_retrained["arrays"] if never_retrained else None
         )
+        record["loss_pre_drift"] = _probe_loss(cfg, lm, pre_drift, champion.arrays if champion else None)
         _log_step(record)
         steps.append(record)
     result = _result(cfg, steps, drifted, time.perf_counter() - started)
@@ -226,6 +231,15 @@ def _result(cfg: Config, steps: list[dict[str, Any]], drifted: int, wall_s: floa
         values = [s[key] for s in after if s[key] is not None]
         return sum(values) / len(values) if values else None
 
+    # Forgetting: the pre-drift probe's loss under the recovering version minus under the version
+    # published before the drift (positive: the retrained version forgot some of what it knew).
+    before = steps[sc.drift_step - 1]["loss_pre_drift"] if 0 < sc.drift_step <= len(steps) else None
+    forgetting = (
+        None
+        if recovered is None or before is None or recovered["loss_pre_drift"] is None
+        else round(recovered["loss_pre_drift"] - before, 6)
+    )
+
     return {
         "scenario": "drift",
         "name": cfg.name,
@@ -247,6 +261,7 @@ def _result(cfg: Config, steps: list[dict[str, Any]], drifted: int, wall_s: floa
             "published": mean("loss_published"),
             "never_retrained": mean("loss_never_retrained"),
         },
+        "forgetting": forgetting,
         "wall_time_s": round(wall_s, 3),
         "timeline": steps,
     }
@@ -316,6 +331,11 @@ def format_scenario(result: dict[str, Any]) -> str:
             f"  fresh-data loss from then on: {_num(after['published'])} with retraining, "
             f"{_num(after['never_retrained'])} without"
         )
+        if result.get("forgetting") is not None:
+            lines.append(
+                f"  forgetting: loss on pre-drift records {result['forgetting']:+.4f} nats after the drift's "
+                "cycle (train.replay mixes the previous window back in)"
+            )
     lines.append("  (* drifted step)")
     return "\n".join(lines)
 
