@@ -46,6 +46,8 @@ from fedretrain.config import Config, compose_config  # noqa: E402
 from fedretrain.data.encoding import encode_texts  # noqa: E402
 from fedretrain.data.notes import read_records  # noqa: E402
 from fedretrain.modeling.lora_model import load_adapter_arrays, load_lora_model  # noqa: E402
+from fedretrain.registry.store import Registry  # noqa: E402
+from fedretrain.registry.student import load_student  # noqa: E402
 from fedretrain.training.evaluate import LossStats, evaluate_loss  # noqa: E402
 from server.cycle.gate import paired_bootstrap  # noqa: E402
 
@@ -60,10 +62,20 @@ VARIANTS: dict[str, list[str]] = {
     "uncertainty": ["train.selection=uncertainty", "train.selection_threshold=6.3", "train.selection_share=0.25"],
     "curriculum": ["train.curriculum_start=6.8", "train.curriculum_end=9.0"],
     "replay": ["train.replay=0.5"],
+    # Every published version distilled into a student of half the layers (server/cycle/distill.py).
+    "distill": ["distill.enabled=true"],
 }
 # variant -> the baseline it is judged against
 BASELINES = {"random": "all", "newest": "all", "uncertainty": "random", "curriculum": "all", "replay": "all"}
 FRESH_STEP, PRE_DRIFT_STEP = 4, 2
+# The suite's rows (benchmarks/bench_suite.py lists them, null, when this section is skipped).
+ROW_NAMES = (
+    "learning_student_parameters_vs_teacher",
+    *(f"learning_{v}_drift_fresh_vs_{p}" for v, p in BASELINES.items()),
+    "learning_replay_forgetting_vs_all",
+    "learning_curriculum_forgetting_vs_all",
+    "learning_student_drift_fresh_vs_teacher",
+)
 
 
 def simulate(variant: str, seed: int, out: Path) -> Path:
@@ -106,6 +118,13 @@ def score(run_dir: Path, cfg: Config) -> dict[str, LossStats | float]:
             scores[f"{label}_{name}"] = evaluate_loss(lm.model, dataset, batch_size=cfg.train.eval_batch_size)
     summary = json.loads((cycles[1] / "summary.json").read_text())
     scores["epsilon"] = max(s["epsilon"] for s in summary["sites"].values() if s.get("epsilon") is not None)
+    student = summary.get("student")
+    if student and student.get("decision") == "passed":
+        # The drift cycle's student against its teacher (that cycle's published version) on fresh data.
+        registry = Registry(run_dir / "sites" / "coordinator" / "registry")
+        model = load_student(registry.student(student["version"]))
+        scores["student_fresh"] = evaluate_loss(model, probes["fresh"], batch_size=cfg.train.eval_batch_size)
+        scores["student"] = student
     return scores
 
 
@@ -176,12 +195,59 @@ def rows_from(runs: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
         rows.append(compare(runs, "replay", "all", "forgetting"))
     if {"curriculum", "all"} <= ran:
         rows.append(compare(runs, "curriculum", "all", "forgetting"))
+    if "distill" in ran:
+        rows.append(student_row(runs))
     return rows
+
+
+def student_row(runs: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
+    """The students of the drift cycles against their teachers on fresh data; size and speed."""
+    seeds = sorted(s for v, s in runs if v == "distill" and "student_fresh" in runs[(v, s)])
+    if not seeds:
+        raise RuntimeError("no drift cycle of the distill variant published a student")
+    ours = _pooled([runs[("distill", s)]["student_fresh"] for s in seeds])
+    theirs = _pooled([runs[("distill", s)]["drift_fresh"] for s in seeds])
+    low, high = paired_bootstrap(theirs, ours, 0.95, 2000, seed=0)
+    figures = [runs[("distill", s)]["student"] for s in seeds]
+    return {
+        "variant": "student",
+        "peer": "teacher",
+        "measure": "drift_fresh",
+        "value": ours.loss,
+        "peer_value": theirs.loss,
+        "gain": theirs.loss - ours.loss,
+        "ci_low": low,
+        "ci_high": high,
+        "per_seed_gain": [
+            round(runs[("distill", s)]["drift_fresh"].loss - runs[("distill", s)]["student_fresh"].loss, 4)
+            for s in seeds
+        ],
+        "records": ours.examples,
+        "epsilon": max(runs[("distill", s)]["epsilon"] for s in seeds),
+        "peer_epsilon": max(runs[("distill", s)]["epsilon"] for s in seeds),
+        "size_share": statistics.median(f["size_share"] for f in figures),
+        "parameters": figures[0]["architecture"]["parameters"],
+        "teacher_parameters": figures[0]["architecture"]["teacher_parameters"],
+        "speedup": statistics.median(f["speedup"] for f in figures),
+        "tokens_per_s": [f["tokens_per_s"] for f in figures],
+        "held_out_gap": [f["gap"] for f in figures],
+        "distill_seconds": [f["seconds"] for f in figures],
+    }
 
 
 def suite_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows in the benchmark suite's form (value vs peer, lower is better)."""
-    return [
+    extra = [
+        {
+            "name": "learning_student_parameters_vs_teacher",
+            "value": r["parameters"],
+            "limit_or_peer": r["teacher_parameters"],
+            "note": f"the student's tokens/s {r['speedup']:.2f}x its teacher's (forward passes, best of 3)",
+        }
+        for r in rows
+        if r["variant"] == "student"
+    ]
+    return extra + [
         {
             "name": f"learning_{r['variant']}_{r['measure']}_vs_{r['peer']}",
             "value": r["value"],

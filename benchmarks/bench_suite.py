@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from bench_attacks import row_names
+from bench_learning import ROW_NAMES as LEARNING_ROW_NAMES
 from bench_lora_variants import ROW_NAMES as LORA_ROW_NAMES
 from suite_rows import DEMO_ROW_NAMES, DEPLOY_ROW_NAMES, finish_rows, machine, placeholder_rows
 
@@ -62,6 +63,9 @@ SECTIONS: list[tuple[str, list[str], list[str] | None]] = [
     ("bench_attacks.py", [], None),
     # FFA-LoRA and mixed ranks against LoRA at the same epsilon: three demo cycles a pair, ~6 min; not quick.
     ("bench_lora_variants.py", ["--pairs", "2"], None),
+    # Selection, curriculum, replay and distillation on the drift scenario: 14 simulations, about
+    # 25 min on 2 cores; not in quick mode (tests/test_scenario_e2e.py runs replay and a student).
+    ("bench_learning.py", ["--seeds", "0,1"], None),
     # One secure-aggregation round against a plain one, 10 sites of 1M-value updates in one process.
     ("bench_secagg.py", [], ["--quick"]),
 ]
@@ -73,6 +77,7 @@ PLACEHOLDERS = {
     "bench_deploy.py": DEPLOY_ROW_NAMES,
     "bench_attacks.py": row_names(),
     "bench_lora_variants.py": LORA_ROW_NAMES,
+    "bench_learning.py": LEARNING_ROW_NAMES,
 }
 
 

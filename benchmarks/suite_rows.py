@@ -80,6 +80,14 @@ ANNOTATIONS: list[tuple[str, tuple[str, str, float | None, str, str]]] = [
     ),
     (r"mixed_rank_improvement", ("11 DP-aware LoRA", "nats", None, "higher", "gain over the base model")),
     (r"mixed_rank_epsilon", ("11 DP-aware LoRA", "epsilon", None, "lower", "same target epsilon")),
+    (
+        r"learning_student_parameters",
+        ("13 Learning more from less", "parameters", None, "lower", "the distilled student's size vs its teacher's"),
+    ),
+    (
+        r"learning_",
+        ("13 Learning more from less", "nats", None, "lower", "drift scenario, equal epsilon and steps: vs baseline"),
+    ),
     (r"ffa_lora_candidate", ("11 DP-aware LoRA", "nats", None, "lower", "FFA-LoRA's validation loss vs LoRA's")),
     (r"ffa_lora_improvement", ("11 DP-aware LoRA", "nats", None, "higher", "gain over the base model")),
     (r"ffa_lora_epsilon", ("11 DP-aware LoRA", "epsilon", None, "lower", "same target epsilon")),

@@ -210,6 +210,11 @@ def _show(args: argparse.Namespace) -> int:
     registry = Registry(args.root)
     print(json.dumps(registry.manifest(args.version), indent=2, sort_keys=True))
     print(f"status: {registry.status(args.version)}")
+    student = registry.student(args.version)
+    if student is not None:  # unverified here, as the manifest above; `registry verify` checks both
+        from fedretrain.registry.student import student_record
+
+        print(f"student (students/{args.version:06d}/): " + json.dumps(student_record(student), sort_keys=True))
     return 0
 
 

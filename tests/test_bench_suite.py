@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_attacks import row_names as attack_row_names  # noqa: E402
 from bench_attacks import rows_from  # noqa: E402
+from bench_learning import ROW_NAMES as LEARNING_ROW_NAMES  # noqa: E402
 from bench_lora_variants import ROW_NAMES as LORA_ROW_NAMES  # noqa: E402
 from bench_lora_variants import rows_from as lora_rows_from  # noqa: E402
 from demo_figures import demo_rows, first_beating_round, union_in  # noqa: E402
@@ -35,6 +36,7 @@ SECTIONS = {
     "10 Robustness",
     "11 DP-aware LoRA",
     "12 Secure aggregation",
+    "13 Learning more from less",
 }
 
 
@@ -63,7 +65,8 @@ def test_quick_run_writes_every_row_with_its_keys(repo: Path, tmp_path: Path) ->
             assert ratio is None, row["name"]
     names = {row["name"] for row in rows}
     # Listed, null, though quick mode skips them.
-    assert set(DEMO_ROW_NAMES) | set(DEPLOY_ROW_NAMES) | set(attack_row_names()) | set(LORA_ROW_NAMES) <= names
+    skipped = set(DEMO_ROW_NAMES) | set(DEPLOY_ROW_NAMES) | set(attack_row_names()) | set(LORA_ROW_NAMES)
+    assert skipped | set(LEARNING_ROW_NAMES) <= names
     assert {
         "dp_step_ms_hooks_b16",
         "agg_ours_vs_copy_gbps",
@@ -246,3 +249,54 @@ def test_ffa_and_mixed_rank_rows_are_medians_of_the_pairs():
     assert rows["ffa_lora_improvement_vs_lora"]["ratio"] == pytest.approx(1.55 / 1.3)
     assert rows["ffa_lora_epsilon_vs_lora"]["ratio"] == 1.0
     assert {row["section"] for row in rows.values()} == {"11 DP-aware LoRA"}
+
+
+def test_learning_rows_compare_each_method_with_its_baseline_record_by_record():
+    from bench_learning import rows_from, suite_rows
+
+    from fedretrain.training.evaluate import LossStats
+
+    def stats(losses):
+        return LossStats(sum(losses) / len(losses), len(losses) * 10, len(losses), tuple(losses), (10,) * len(losses))
+
+    def run(fresh, shift=0.0, student=None):
+        # Fresh-data loss of the drift cycle; the pre-drift probe before (5.0) and after (5.0 + shift).
+        base = [0.01 * k for k in range(20)]
+        out = {
+            "drift_fresh": stats([fresh + b for b in base]),
+            "first_pre_drift": stats([5.0 + b for b in base]),
+            "drift_pre_drift": stats([5.0 + shift + b for b in base]),
+            "first_fresh": stats([7.0] * 20),
+            "epsilon": 3.0,
+        }
+        if student is not None:
+            out["student_fresh"] = stats([student + b for b in base])
+            out["student"] = {
+                "size_share": 0.7,
+                "speedup": 1.5,
+                "architecture": {"parameters": 7, "teacher_parameters": 10},
+                "tokens_per_s": {"teacher": 1.0, "student": 1.5},
+                "gap": 0.01,
+                "seconds": 30.0,
+            }
+        return out
+
+    runs = {
+        ("all", 0): run(6.5, shift=0.2),
+        ("random", 0): run(6.6),
+        ("newest", 0): run(6.4),
+        ("uncertainty", 0): run(6.3),
+        ("curriculum", 0): run(6.5, shift=0.2),
+        ("replay", 0): run(6.5, shift=0.05),
+        ("distill", 0): run(6.5, student=6.52),
+    }
+    rows = {(r["variant"], r["measure"]): r for r in rows_from(runs)}
+    # Uncertainty against random: 0.3 nats lower on every record, so the interval is a point.
+    uncertainty = rows[("uncertainty", "drift_fresh")]
+    assert uncertainty["peer"] == "random" and uncertainty["gain"] == pytest.approx(0.3)
+    assert uncertainty["ci_low"] == pytest.approx(0.3) and uncertainty["ci_high"] == pytest.approx(0.3)
+    # Replay forgets 0.05 where the baseline forgets 0.2: a gain of 0.15.
+    assert rows[("replay", "forgetting")]["gain"] == pytest.approx(0.15)
+    assert rows[("student", "drift_fresh")]["gain"] == pytest.approx(-0.02)
+    names = {r["name"] for r in finish_rows(suite_rows(list(rows.values())))}
+    assert names == set(LEARNING_ROW_NAMES)

@@ -293,3 +293,25 @@ def test_a_student_worse_than_its_tolerance_is_not_stored(tmp_path, caplog):
     assert figures["decision"] == "refused" and figures["gap"] > 0
     assert "above the tolerance 0.0" in figures["reasons"][0]
     assert registry.student(version) is None and "refused" in caplog.text
+
+
+def test_registry_verify_checks_every_student(signed, tmp_path):
+    import shutil
+
+    _, _, registry, key = signed
+    assert registry.check(key.public_key()).ok
+    copy = Registry(tmp_path / "copy")
+    shutil.copytree(registry.root, copy.root)
+    (copy.root / "students" / "000001" / "config.json").write_text("{}")
+    problems = copy.check(key.public_key()).problems
+    assert any(p.startswith("student 000001: hashes:") for p in problems), problems
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_registry_show_lists_the_versions_student(signed, capsys):
+    from cli.main import main
+
+    _, _, registry, _ = signed
+    assert main(["registry", "show", "1", "--root", str(registry.root)]) == 0
+    out = capsys.readouterr().out
+    assert "student (students/000001/):" in out and '"layers": 1' in out

@@ -85,6 +85,7 @@ def check_registry(registry: Registry, public_key: Ed25519PublicKey | None = Non
         notes.extend(report.notes)
     problems.extend(_champion_problems(registry, key, versions))
     problems.extend(_rollback_problems(registry, key, versions))
+    problems.extend(_student_problems(registry, key, versions))
     return CheckReport(tuple(problems), tuple(notes))
 
 
@@ -141,6 +142,28 @@ def _champion_problems(registry: Registry, public_key: Ed25519PublicKey, version
     if head is not None and not registry.was_admitted(head.version):
         return [f"champion {head.version} waits for approval but was never approved"]
     return []
+
+
+def _student_problems(registry: Registry, public_key: Ed25519PublicKey, versions: list[int]) -> list[str]:
+    """Every stored student verifies against its teacher as stored (expiry aside: the teacher's note says it)."""
+    from fedretrain.registry.student import StudentBundle, verify_student
+
+    folder = registry.root / "students"
+    if not folder.is_dir():
+        return []
+    problems = []
+    for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        where = f"student {path.name}"
+        if not path.name.isdigit() or int(path.name) not in versions:
+            problems.append(f"{where}: no version {path.name} to be the student of")
+            continue
+        teacher = (registry.version_dir(int(path.name)) / "manifest.json").read_bytes()
+        try:
+            student = StudentBundle.from_dir(path)
+            verify_student(student, public_key, teacher_manifest_bytes=teacher, now=utc_now(), check_expiry=False)
+        except FedretrainError as err:
+            problems.append(f"{where}: {err}")
+    return problems
 
 
 def _rollback_problems(registry: Registry, public_key: Ed25519PublicKey, versions: list[int]) -> list[str]:
