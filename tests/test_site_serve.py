@@ -234,3 +234,31 @@ def test_a_line_torn_by_a_crash_costs_only_itself(tmp_path):
     fresh = Journal.at(tmp_path)  # as another process reads it
     assert fresh.request("cmpl-a")["latency_s"] == 0.1 and fresh.request("cmpl-b")["latency_s"] == 0.2
     assert [s["requests"] for s in fresh.scores()] == [2]
+
+
+def test_the_review_queue_in_the_sites_service(site, service):
+    client, _ = service
+    page = client.get("/review")
+    assert page.status_code == 200 and "Review queue: site site-a" in page.text
+    queue = client.get("/v1/review", params={"limit": 3}).json()
+    assert queue["version"] == 1 and queue["waiting"] >= 3 and len(queue["records"]) == 3
+    losses = [r["loss"] for r in queue["records"]]
+    assert losses == sorted(losses, reverse=True)  # least sure first
+    first, second = queue["records"][0]["id"], queue["records"][1]["id"]
+
+    def post(body):
+        return client.post("/v1/review", json={"by": "dr. reviewer", **body})
+
+    assert post({"id": first, "decision": "accept"}).json()["recorded"]["decision"] == "accept"
+    corrected = post({"id": second, "decision": "correct", "text": "Chief complaint: chest pain, resolved."})
+    assert corrected.status_code == 200 and corrected.json()["recorded"]["id"] == f"{second}.corrected"
+    after = client.get("/v1/review", params={"limit": 500}).json()
+    assert after["waiting"] == queue["waiting"] - 2  # the correction came in accepted
+    assert {first, second}.isdisjoint(r["id"] for r in after["records"])
+    # Refusals name the field; nothing is recorded for them.
+    assert post({"id": "no-such-record", "decision": "accept"}).status_code == 404
+    assert post({"id": first, "decision": "maybe"}).json()["error"]["param"] == "decision"
+    assert post({"id": first, "decision": "correct"}).json()["error"]["param"] == "text"
+    assert client.post("/v1/review", json={"id": first, "decision": "accept"}).json()["error"]["param"] == "by"
+    assert client.get("/v1/review", params={"limit": 0}).status_code == 400
+    assert client.get("/v1/review").json()["waiting"] == after["waiting"]

@@ -100,6 +100,22 @@ class ServedModel:
                 raise
             return self.installed
 
+    def losses(self, texts: list[str]) -> list[float]:
+        """Each text's mean next-token loss under the version this service answers with (the review
+        queue's order: least sure first); one computation at a time, like an answer."""
+        from client.install.generate import INSTALLED_ADAPTER
+        from fedretrain.data.encoding import encode_texts
+        from fedretrain.training.evaluate import evaluate_loss
+
+        installed = self.current()
+        context = getattr(installed.model.config, "max_position_embeddings", None)
+        length = min(context, 1024) if isinstance(context, int) else 1024
+        with self.computing:
+            if not installed.student:
+                installed.model.set_adapter(INSTALLED_ADAPTER)
+            dataset = encode_texts(installed.tokenizer, texts, length)
+            return list(evaluate_loss(installed.model, dataset, batch_size=16).example_losses)
+
     def answer(self, prompt: str, max_tokens: int, temperature: float, seed: int) -> dict[str, Any]:
         """The completion, the version that gave it, its tokens and seconds; one request at a time."""
         installed = self.current()
@@ -253,6 +269,9 @@ def create_app(site: SiteConfig, journal: Journal, served: ServedModel) -> FastA
     def scores() -> dict[str, Any]:
         return {"site_id": site.site_id, "versions": journal.scores()}
 
+    from client.serve.review import add_review_routes
+
+    add_review_routes(app, site, served, (ServiceError, _json, _installed))
     return app
 
 
