@@ -315,3 +315,32 @@ def test_registry_show_lists_the_versions_student(signed, capsys):
     assert main(["registry", "show", "1", "--root", str(registry.root)]) == 0
     out = capsys.readouterr().out
     assert "student (students/000001/):" in out and '"layers": 1' in out
+
+
+@pytest.mark.usefixtures("keep_global_random_state")
+def test_a_model_without_decoder_layers_to_drop_is_refused_by_name():
+    class Flat(torch.nn.Module):
+        config = transformers.PretrainedConfig(num_hidden_layers=2)
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="expected one ModuleList of 2 decoder layers"):
+        build_student(Flat(), None)
+
+
+@pytest.mark.usefixtures("instruction_identity", "keep_global_random_state")
+def test_a_failed_distillation_leaves_the_version_published_and_delivered(tmp_path, caplog):
+    # A one-layer model has no smaller student.
+    from test_model_families import save_family
+
+    from fedretrain.modeling.loading import load_tokenizer
+
+    model_dir = save_family("llama", tmp_path / "model", load_tokenizer("embedded"))
+    with caplog.at_level(logging.ERROR, logger="fedretrain"):
+        summary = one_round(model_dir, tmp_path, ["distill.enabled=true", "simulation.student_sites=[site-01]"])
+    assert summary["published_version"] == 1 and set(summary["publication"]["installed"]) == {"site-00", "site-01"}
+    assert summary["student"]["decision"] == "refused" and "1 to 0 layers" in summary["student"]["reasons"][0]
+    assert summary["publication"]["students"]["waiting"] == ["site-01"]
+    assert "distillation failed, no student" in caplog.text

@@ -508,7 +508,11 @@ def _publish(
             cycle.registry, cfg, adapter_dir, result, run, sites, cycle.lm.target_modules, pending=staged
         )
         if cfg.distill.enabled:  # before delivery: the sites that chose a student get it with the version
-            student = distill_version(cycle.registry, cfg, cycle.lm, version, cycle.validation_texts)
+            try:
+                student = distill_version(cycle.registry, cfg, cycle.lm, version, cycle.validation_texts)
+            except (ValueError, RuntimeError, OSError) as err:  # the version still goes out, without one
+                log.error("version %d: distillation failed, no student: %s", version, err)
+                student = {"version": version, "decision": "refused", "reasons": [f"distillation failed: {err}"]}
     registry.record_decision(
         finite_or_null(
             {
