@@ -74,6 +74,7 @@ ROW_NAMES = (
     *(f"learning_{v}_drift_fresh_vs_{p}" for v, p in BASELINES.items()),
     "learning_replay_forgetting_vs_all",
     "learning_curriculum_forgetting_vs_all",
+    "learning_uncertainty_drift_fresh_vs_all",
     "learning_student_drift_fresh_vs_teacher",
 )
 
@@ -88,6 +89,7 @@ def simulate(variant: str, seed: int, out: Path) -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "cli.main", "simulate", *args], cwd=REPO, capture_output=True, text=True, timeout=3600
     )
+    (out / "simulate.log").write_text(proc.stdout + proc.stderr)  # the sites' "keeps N of M records" lines
     if proc.returncode not in (0, 4):
         print((proc.stdout + proc.stderr)[-3000:], file=sys.stderr)
         raise RuntimeError(f"{variant} seed {seed}: exit status {proc.returncode}")
@@ -195,6 +197,8 @@ def rows_from(runs: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any
         rows.append(compare(runs, "replay", "all", "forgetting"))
     if {"curriculum", "all"} <= ran:
         rows.append(compare(runs, "curriculum", "all", "forgetting"))
+    if {"uncertainty", "all"} <= ran:  # half the records against all of them
+        rows.append(compare(runs, "uncertainty", "all", "drift_fresh"))
     if "distill" in ran:
         rows.append(student_row(runs))
     return rows

@@ -290,13 +290,14 @@ def test_learning_rows_compare_each_method_with_its_baseline_record_by_record():
         ("replay", 0): run(6.5, shift=0.05),
         ("distill", 0): run(6.5, student=6.52),
     }
-    rows = {(r["variant"], r["measure"]): r for r in rows_from(runs)}
+    rows = {(r["variant"], r["measure"], r["peer"]): r for r in rows_from(runs)}
     # Uncertainty against random: 0.3 nats lower on every record, so the interval is a point.
-    uncertainty = rows[("uncertainty", "drift_fresh")]
+    uncertainty = rows[("uncertainty", "drift_fresh", "random")]
     assert uncertainty["peer"] == "random" and uncertainty["gain"] == pytest.approx(0.3)
     assert uncertainty["ci_low"] == pytest.approx(0.3) and uncertainty["ci_high"] == pytest.approx(0.3)
     # Replay forgets 0.05 where the baseline forgets 0.2: a gain of 0.15.
-    assert rows[("replay", "forgetting")]["gain"] == pytest.approx(0.15)
-    assert rows[("student", "drift_fresh")]["gain"] == pytest.approx(-0.02)
+    assert rows[("replay", "forgetting", "all")]["gain"] == pytest.approx(0.15)
+    assert rows[("uncertainty", "drift_fresh", "all")]["gain"] == pytest.approx(0.2)
+    assert rows[("student", "drift_fresh", "teacher")]["gain"] == pytest.approx(-0.02)
     names = {r["name"] for r in finish_rows(suite_rows(list(rows.values())))}
     assert names == set(LEARNING_ROW_NAMES)

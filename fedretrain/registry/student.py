@@ -259,11 +259,14 @@ def load_student(bundle: StudentBundle, *, device: torch.device | str = "cpu", d
     """
     from transformers import AutoModelForCausalLM
 
+    from fedretrain.modeling.embedded import quiet_progress_bars
+
     with tempfile.TemporaryDirectory(prefix="fedretrain-student-") as tmp:
         for name in STUDENT_FILES:
             Path(tmp, name).write_bytes(bundle.files[name])
         try:
-            loaded: Any = AutoModelForCausalLM.from_pretrained(tmp, output_loading_info=True, torch_dtype=dtype)
+            with quiet_progress_bars():
+                loaded: Any = AutoModelForCausalLM.from_pretrained(tmp, output_loading_info=True, dtype=dtype)
             model, info = loaded
         except (OSError, ValueError, RuntimeError) as err:
             raise VerificationError("shapes", f"the student does not load: {err}") from err
