@@ -9,8 +9,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,26 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def install_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a directory whole: ``write`` fills a staging directory beside ``target``, which is then
+    renamed into place (an existing ``target`` is moved aside first and removed: a directory cannot
+    be renamed over). A crash leaves the old directory or the new one, never a mix; a failed
+    ``write`` leaves no staging directory behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        write(staging)
+        if target.is_dir():
+            retired = Path(tempfile.mkdtemp(prefix=".retired-", dir=target.parent))
+            target.rename(retired / target.name)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # The directory entry must be on disk before anything points at it.
+    fsync_dir(target.parent)

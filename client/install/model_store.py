@@ -12,8 +12,6 @@ previous current version in force. Only ``client.install.installer`` decides wha
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import safetensors.torch
 
 from fedretrain.arrays import from_torch_state_dict
-from fedretrain.atomic import atomic_write_json, fsync_dir
+from fedretrain.atomic import atomic_write_json, install_dir
 from fedretrain.errors import VerificationError
 from fedretrain.registry.bundle import VersionBundle
 
@@ -96,9 +94,9 @@ class ModelStore:
                 )
             if dict(stored.files) != dict(bundle.files) or stored.signature != bundle.signature:
                 # The copy at rest changed since it was installed: replace it with the verified bundle.
-                self._write_version(bundle, target, replace=True)
+                install_dir(target, bundle.write_to)
         else:
-            self._write_version(bundle, target)
+            install_dir(target, bundle.write_to)  # whole, before state.json (fsynced) points at it
         state = self.state()
         previous = state.current
         state.current = bundle.version
@@ -115,21 +113,3 @@ class ModelStore:
         )
         atomic_write_json(self.state_path, asdict(state))
         return state
-
-    def _write_version(self, bundle: VersionBundle, target: Path, *, replace: bool = False) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-        try:
-            bundle.write_to(staging)
-            if replace:  # move the old copy aside first: a directory cannot be renamed over
-                retired = Path(tempfile.mkdtemp(prefix=".retired-", dir=target.parent))
-                target.rename(retired / target.name)
-                staging.rename(target)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        # The directory entry must be on disk before state.json (fsynced) points at it.
-        fsync_dir(target.parent)

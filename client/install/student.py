@@ -19,15 +19,13 @@ staging name and renamed into place), and verified again when it is loaded to an
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from client.install.installer import _pinned_key
 from client.install.model_store import ModelStore
-from fedretrain.atomic import fsync_dir
+from fedretrain.atomic import install_dir
 from fedretrain.config import SiteConfig
 from fedretrain.errors import VerificationError
 from fedretrain.registry.student import StudentBundle, load_student, verify_student
@@ -79,20 +77,6 @@ def receive_student(site: SiteConfig, bundle: StudentBundle, *, now: datetime | 
         return {"student-version": current, "already-installed": 1}
     model = load_student(bundle)
     parameters = sum(p.numel() for p in model.parameters())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        bundle.write_to(staging)
-        if target.is_dir():  # a copy changed at rest: the verified one replaces it
-            retired = Path(tempfile.mkdtemp(prefix=".retired-", dir=target.parent))
-            target.rename(retired / target.name)
-            staging.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_dir(target.parent)
+    install_dir(target, bundle.write_to)  # a copy changed at rest is replaced by the verified one
     log.info("site %s installed the student of version %d (%d parameters)", site.site_id, current, parameters)
     return {"student-version": current, "student-parameters": parameters, "already-installed": 0}

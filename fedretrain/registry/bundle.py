@@ -22,7 +22,6 @@ that failed; nothing is installed unless every check passes.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from fedretrain.registry.manifest import (
     check_fields,
     check_manifest,
     format_time,
+    parse_json_object,
     parse_signed_json,
     parse_time,
     sha256_hex,
@@ -101,13 +101,7 @@ class VersionBundle:
     @property
     def manifest(self) -> dict[str, Any]:
         """The parsed manifest (VerificationError ``manifest`` if it is not a JSON object)."""
-        try:
-            obj = json.loads(self.manifest_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise VerificationError("manifest", f"not valid JSON: {err}") from err
-        if not isinstance(obj, dict):
-            raise VerificationError("manifest", f"expected a JSON object, got {type(obj).__name__}")
-        return obj
+        return parse_json_object(self.manifest_bytes, "manifest")
 
     @property
     def version(self) -> int:

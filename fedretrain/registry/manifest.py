@@ -114,6 +114,17 @@ def build_manifest(
     }
 
 
+def parse_json_object(payload: bytes, check: str) -> dict[str, Any]:
+    """Parse ``payload`` as a JSON object, unverified (VerificationError ``check`` otherwise)."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise VerificationError(check, f"not valid JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise VerificationError(check, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def parse_signed_json(payload: bytes, check: str) -> dict[str, Any]:
     """Parse signed bytes that must be a JSON object in canonical form.
 

@@ -45,7 +45,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedretrain.atomic import atomic_write_bytes
 from fedretrain.errors import VerificationError
-from fedretrain.registry.manifest import check_fields, format_time, parse_signed_json, parse_time, sha256_hex
+from fedretrain.registry.manifest import (
+    check_fields,
+    format_time,
+    parse_json_object,
+    parse_signed_json,
+    parse_time,
+    sha256_hex,
+)
 from fedretrain.registry.signing import canonical_json, key_id, sign, verify_signature
 
 STUDENT_FORMAT = "fedretrain.student/1"
@@ -95,13 +102,7 @@ class StudentBundle:
     @property
     def manifest(self) -> dict[str, Any]:
         """The parsed manifest, unverified (VerificationError ``student`` if it is not a JSON object)."""
-        try:
-            obj = json.loads(self.manifest_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise VerificationError("student", f"manifest is not valid JSON: {err}") from err
-        if not isinstance(obj, dict):
-            raise VerificationError("student", "the manifest is not a JSON object")
-        return obj
+        return parse_json_object(self.manifest_bytes, "student")
 
     @property
     def teacher_version(self) -> int:
