@@ -344,3 +344,15 @@ def test_a_failed_distillation_leaves_the_version_published_and_delivered(tmp_pa
     assert summary["student"]["decision"] == "refused" and "1 to 0 layers" in summary["student"]["reasons"][0]
     assert summary["publication"]["students"]["waiting"] == ["site-01"]
     assert "distillation failed, no student" in caplog.text
+
+
+def test_the_dashboards_version_shows_its_student(signed):
+    from server.dashboard.catalogue import RegistryDir
+    from server.dashboard.pages import _student_cell
+    from server.dashboard.versions import version_detail
+
+    _, _, registry, _ = signed
+    detail = version_detail(RegistryDir("r", registry.root), 1)
+    assert detail is not None and not detail["problems"]
+    assert detail["student"]["architecture"]["layers"] == 1
+    assert _student_cell(detail["student"]).startswith("1 of 2 layers, ")

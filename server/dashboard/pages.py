@@ -391,7 +391,7 @@ def versions_body(view: dict[str, Any], form_token: str | None = None) -> str:
 
 
 _VERSION_HEADERS = ["version", "status", "created", "expires", "parent", "run", "gate", "improvement [interval]"]
-_VERSION_HEADERS += ["trained by (pseudonym: ε)", "installed at", "approval", "commands"]
+_VERSION_HEADERS += ["trained by (pseudonym: ε)", "installed at", "approval", "student", "commands"]
 
 
 def _version_row(row: dict[str, Any]) -> list[str]:
@@ -412,8 +412,22 @@ def _version_row(row: dict[str, Any]) -> list[str]:
         _trained_by(manifest.get("sites")),
         text(", ".join(sorted(row["installed"])) or None),
         text(f"{approval.get('approver')} at {approval.get('created_at')}" if approval else None),
+        _student_cell(row.get("student")),
         "".join(command(c) for name, c in row["commands"].items() if name != "show"),
     ]
+
+
+def _student_cell(student: dict[str, Any] | None) -> str:
+    """A version's distilled student: its layers, size and held-out loss against its teacher."""
+    if not student:
+        return text(None)
+    arch, gate = student.get("architecture") or {}, student.get("gate") or {}
+    share = arch.get("parameters", 0) / arch["teacher_parameters"] if arch.get("teacher_parameters") else None
+    return text(
+        f"{arch.get('layers')} of {arch.get('teacher_layers')} layers, "
+        + (f"{share:.0%} of the parameters, " if share is not None else "")
+        + f"held-out loss {num(gate.get('gap'))} nats from its teacher's"
+    )
 
 
 def login_body(target: str, *, wrong: bool = False) -> str:

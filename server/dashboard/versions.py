@@ -21,6 +21,7 @@ from typing import Any
 from fedretrain.errors import RegistryError
 from fedretrain.registry.manifest import parse_time, utc_now
 from fedretrain.registry.store import Registry
+from fedretrain.registry.student import student_record
 from server.dashboard.catalogue import (
     Catalogue,
     RegistryDir,
@@ -144,7 +145,18 @@ def _version(reg: Registry, version: int, installed: dict[str, Any], problems: l
         "manifest": manifest,
         "approval": _approval(reg, version, problems),
         "installed": installed,
+        "student": _student(reg, version, problems),
     }
+
+
+def _student(reg: Registry, version: int, problems: list[str]) -> dict[str, Any] | None:
+    """The version's distilled student as stored (unverified, like the manifest; `registry verify` checks it)."""
+    try:
+        student = reg.student(version)
+        return None if student is None else student_record(student)
+    except READ_ERRORS as err:
+        problems.append(f"student of version {version}: {err}")
+        return None
 
 
 def _approval(reg: Registry, version: int, problems: list[str]) -> dict[str, Any] | None:
