@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,16 @@ COMMON = ["experiment=drift", "scenario.steps=4", "gate.robustness.enabled=false
 # The selections keep about half of a window: random and newest by their share; uncertainty
 # the records at or above 6.3 nats under the installed version (about the drifted ones) plus a
 # quarter of the rest.
+UNCERTAINTY_THRESHOLD, UNCERTAINTY_SHARE = 6.3, 0.25
 VARIANTS: dict[str, list[str]] = {
     "all": [],
     "random": ["train.selection=random", "train.selection_share=0.5"],
     "newest": ["train.selection=newest", "train.selection_share=0.5"],
-    "uncertainty": ["train.selection=uncertainty", "train.selection_threshold=6.3", "train.selection_share=0.25"],
+    "uncertainty": [
+        "train.selection=uncertainty",
+        f"train.selection_threshold={UNCERTAINTY_THRESHOLD}",
+        f"train.selection_share={UNCERTAINTY_SHARE}",
+    ],
     "curriculum": ["train.curriculum_start=6.8", "train.curriculum_end=9.0"],
     "replay": ["train.replay=0.5"],
     # Every published version distilled into a student of half the layers (server/cycle/distill.py).
@@ -128,6 +134,33 @@ def score(run_dir: Path, cfg: Config) -> dict[str, LossStats | float]:
         scores["student_fresh"] = evaluate_loss(model, probes["fresh"], batch_size=cfg.train.eval_batch_size)
         scores["student"] = student
     return scores
+
+
+def uncertainty_pool(run_dir: Path, cfg: Config, threshold: float, share: float) -> dict[str, float]:
+    """Each site's expected share of its drift-cycle window that ``selection=uncertainty`` keeps.
+
+    The selection never leaves a site, so it is recomputed here from what the simulation left:
+    the window (the newest ``train.window`` records before step 4's arrivals), scored by version 1
+    (installed then); kept: every record at or above ``threshold``, and each other one with
+    probability ``share``."""
+    import numpy as np
+
+    from simulation.drift import ARRIVALS_EPOCH
+
+    lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device="cpu")
+    registry = run_dir / "sites" / "coordinator" / "registry" / "versions" / "000001"
+    load_adapter_arrays(lm, from_torch_state_dict(_load((registry / "adapter_model.safetensors").read_bytes())))
+    # Timestamps are ISO 8601 UTC ("...Z"), so they order as text.
+    cutoff = (ARRIVALS_EPOCH + timedelta(seconds=FRESH_STEP * cfg.scenario.step_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    shares = {}
+    for site in sorted(p.name for p in (run_dir / "sites").glob("site-*")):
+        records = sorted(read_records(run_dir / "sites" / site / "train.jsonl"), key=lambda r: r.timestamp or "")
+        window = [r for r in records if (r.timestamp or "") < cutoff][-(cfg.train.window or len(records)) :]
+        dataset = encode_texts(lm.tokenizer, [r.text for r in window], cfg.model.max_length)
+        losses = np.asarray(evaluate_loss(lm.model, dataset, batch_size=cfg.train.eval_batch_size).example_losses)
+        above = int((losses >= threshold).sum())
+        shares[site] = round((above + share * (len(window) - above)) / len(window), 3)
+    return shares
 
 
 def _load(data: bytes) -> dict[str, torch.Tensor]:
@@ -293,6 +326,15 @@ def main(argv: list[str] | None = None) -> None:
             for variant in names[seed % len(names) :] + names[: seed % len(names)]:  # each goes first in turn
                 run_dir = simulate(variant, seed, root / f"{seed}-{variant}")
                 runs[(variant, seed)] = score(run_dir, cfg)
+                first = runs[(variant, seed)]
+                print(
+                    f"{variant} seed {seed}: version 1's loss on the pre-drift probe "
+                    f"{first['first_pre_drift'].loss:.3f}, on the fresh drifted one {first['first_fresh'].loss:.3f}",
+                    flush=True,
+                )
+                if variant == "uncertainty":
+                    pool = uncertainty_pool(run_dir, cfg, UNCERTAINTY_THRESHOLD, UNCERTAINTY_SHARE)
+                    print(f"uncertainty seed {seed}: expected share of each site's window kept: {pool}", flush=True)
     rows = rows_from(runs)
     print_table(rows)
     eps = {f"{v}/{s}": round(r["epsilon"], 4) for (v, s), r in runs.items()}

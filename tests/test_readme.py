@@ -66,6 +66,11 @@ DEPLOY_WALKTHROUGH = "fedretrain data synthesize"
 DEPLOY_WATCH = "fedretrain site ingest examples/new-notes.jsonl --site-config data/"
 # Run by tests/test_scenario_e2e.py, shrunk in time.
 SCENARIO_COMMAND = "fedretrain simulate experiment=drift"
+# README "Continuous retraining": the scenario with issue 19's options, run by the same test.
+LEARNING_COMMAND = (
+    "fedretrain simulate experiment=drift train.selection=uncertainty train.selection_threshold=6.3 "
+    "train.selection_share=0.25 train.replay=0.5 distill.enabled=true 'simulation.student_sites=[\"site-00\"]'"
+)
 
 
 def readme_commands() -> list[str]:
@@ -124,6 +129,8 @@ SIMULATION_RUN_BY = {
     "test_the_gate_refuses_a_candidate_trained_on_garbled_notes",
     "fedretrain simulate experiment=nonprivate simulation.canaries=6 simulation.canary_repeats=32": "tests/"
     "test_robustness_e2e.py::test_a_candidate_that_memorised_the_planted_canaries_is_refused",
+    LEARNING_COMMAND: "tests/test_scenario_e2e.py::test_drift_is_detected_retrained_published_and_recovers "
+    "(with distill.steps=5 and distill.tolerance=100, shrunk)",
     # README "Exporting to MLflow and TensorBoard": the live export, in Flower's simulation engine.
     "fedretrain simulate experiment=demo tracking.mlflow_uri=sqlite:///runs/mlflow.db "
     "tracking.tensorboard_dir=runs/tensorboard": "tests/test_lora_ranks_e2e.py::"
