@@ -102,8 +102,9 @@ def fsync_dir(directory: Path) -> None:
 def install_dir(target: Path, write: Callable[[Path], None]) -> None:
     """Write a directory whole: ``write`` fills a staging directory beside ``target``, which is then
     renamed into place (an existing ``target`` is moved aside first and removed: a directory cannot
-    be renamed over). A crash leaves the old directory or the new one, never a mix; a failed
-    ``write`` leaves no staging directory behind."""
+    be renamed over; if the second rename fails, it is moved back). An error leaves the old
+    directory or the new one, never a mix, and no staging directory; a crash between the two
+    renames leaves the old one in a ``.retired-*`` directory beside it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
@@ -111,7 +112,11 @@ def install_dir(target: Path, write: Callable[[Path], None]) -> None:
         if target.is_dir():
             retired = Path(tempfile.mkdtemp(prefix=".retired-", dir=target.parent))
             target.rename(retired / target.name)
-            staging.rename(target)
+            try:
+                staging.rename(target)
+            except BaseException:
+                (retired / target.name).rename(target)  # the old copy back where it was
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(target)

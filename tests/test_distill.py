@@ -39,7 +39,9 @@ def tiny_llama(layers: int) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize(("teacher", "asked", "kept"), [(4, None, (0, 2)), (4, 3, (0, 1, 2)), (2, None, (0,))])
+@pytest.mark.parametrize(
+    ("teacher", "asked", "kept"), [(4, None, (0, 3)), (4, 3, (0, 2, 3)), (6, None, (0, 2, 5)), (2, None, (0,))]
+)
 def test_a_student_keeps_evenly_spaced_layers_of_its_teacher(teacher, asked, kept):
     assert student_layers(teacher, asked) == kept
 
@@ -57,10 +59,10 @@ def test_the_student_starts_from_the_teachers_weights_and_learns_towards_it():
     # Execute
     student, kept = build_student(teacher, None)
 
-    # Assert: layers 0 and 2 of the teacher, renumbered 0 and 1; embeddings and norm copied
-    assert kept == (0, 2) and student.config.num_hidden_layers == 2
+    # Assert: the teacher's first and last layers, renumbered 0 and 1; embeddings and norm copied
+    assert kept == (0, 3) and student.config.num_hidden_layers == 2
     t, s = teacher.state_dict(), student.state_dict()
-    assert torch.equal(s["model.layers.1.self_attn.q_proj.weight"], t["model.layers.2.self_attn.q_proj.weight"])
+    assert torch.equal(s["model.layers.1.self_attn.q_proj.weight"], t["model.layers.3.self_attn.q_proj.weight"])
     assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
     assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
 
@@ -356,3 +358,49 @@ def test_the_dashboards_version_shows_its_student(signed):
     assert detail is not None and not detail["problems"]
     assert detail["student"]["architecture"]["layers"] == 1
     assert _student_cell(detail["student"]).startswith("1 of 2 layers, ")
+
+
+def test_a_student_damaged_at_rest_is_not_sent_and_the_coordinator_goes_on(signed, tmp_path, caplog):
+    import shutil
+
+    from server.cycle.publish import RegistryHandle, student_for
+
+    _, _, registry, key = signed
+    copy = Registry(tmp_path / "copy")
+    shutil.copytree(registry.root, copy.root)
+    assert student_for(RegistryHandle(copy, key, 30), 1) is not None
+    (copy.root / "students" / "000001" / "student.sig").unlink()
+    with caplog.at_level(logging.ERROR, logger="fedretrain"):
+        assert student_for(RegistryHandle(copy, key, 30), 1) is None
+    assert "its stored student does not verify" in caplog.text
+
+
+@pytest.mark.usefixtures("keep_global_random_state")
+def test_a_student_site_repairs_a_damaged_student_and_answers_with_the_full_version_without_one(
+    federation, signed, tmp_path
+):
+    import shutil
+
+    from client.install.generate import load_installed
+    from client.install.student import wants_student
+
+    root, _ = federation
+    bundle = signed[0]
+    site = sites_config(FederationSites(root / "sites"), 1)
+    # A copy of the student site's state, to damage.
+    state = tmp_path / "state"
+    shutil.copytree(site.state_path, state)
+    site = dataclasses.replace(site, state_dir=str(state))
+    store = model_store(site)
+    assert not wants_student(site, store)
+    folder = student_dir(store, 1)
+    (folder / "config.json").write_text("{}")
+    assert wants_student(site, store)  # damaged at rest: asked for again ...
+    assert receive_student(site, bundle)["already-installed"] == 0  # ... and replaced by the verified one
+    assert not wants_student(site, store)
+    # A version that came without a student: the full version answers, and says so.
+    shutil.rmtree(folder)
+    installed = load_installed(
+        Path(site.model_store_path), coordinator_key=Path(str(site.coordinator_key)), variant="student"
+    )
+    assert not installed.student and "no student of version 1" in str(installed.fallback)

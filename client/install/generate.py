@@ -8,6 +8,7 @@ hashes, the base model's hash): files at rest can change too.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,9 +47,11 @@ class InstalledModel:
     device: torch.device
     trial: Trial | None = None
     student: bool = False  # the smaller model distilled from the version (model-variant='student')
+    fallback: str | None = None  # why a site of model-variant='student' answers with the full version
 
 
 INSTALLED_ADAPTER, TRIAL_ADAPTER = "default", "trial"
+log = logging.getLogger("fedretrain.client")
 
 
 def load_installed(
@@ -90,15 +93,21 @@ def load_installed(
             verify_bundle(checked, key, now=datetime.now(UTC), check_expiry=False, base_model_sha256=sha256)
     dev = select_device(device)
     tokenizer = load_tokenizer(name)
+    fallback = None
     if variant == "student":
-        from client.install.student import checked_student
+        from client.install.student import checked_student, student_dir
         from fedretrain.registry.student import load_student
 
         if coordinator_key is None:
             raise VerificationError("student", "a student is loaded only verified: give the coordinator key")
-        student = checked_student(store, version, key, now=datetime.now(UTC), check_expiry=False)
-        model = load_student(student, device=dev, dtype=select_dtype(dev, "auto"))
-        return InstalledModel(model=model, tokenizer=tokenizer, version=version, device=dev, student=True)
+        if student_dir(store, version).is_dir():  # a student that fails its checks is a failure, never skipped
+            student = checked_student(store, version, key, now=datetime.now(UTC), check_expiry=False)
+            model = load_student(student, device=dev, dtype=select_dtype(dev, "auto"))
+            return InstalledModel(model=model, tokenizer=tokenizer, version=version, device=dev, student=True)
+        # None came with this version (its gate refused it, or the coordinator does not distil): the
+        # site answers with the full version rather than not at all, and says so.
+        fallback = f"no student of version {version} is installed here; the full version answers"
+        log.warning("%s: %s", store_dir, fallback)
     base = load_base_model(name, dev, select_dtype(dev, "auto"), init_missing_seed=init_seed)
     model = PeftModel.from_pretrained(base, str(version_dir), is_trainable=False).eval()
     if on_trial is not None:
@@ -106,7 +115,9 @@ def load_installed(
         model.set_adapter(INSTALLED_ADAPTER)
         model.eval()
     trial_info = on_trial[0] if on_trial is not None else None
-    return InstalledModel(model=model, tokenizer=tokenizer, version=version, device=dev, trial=trial_info)
+    return InstalledModel(
+        model=model, tokenizer=tokenizer, version=version, device=dev, trial=trial_info, fallback=fallback
+    )
 
 
 def complete(

@@ -38,9 +38,18 @@ def student_dir(store: ModelStore, version: int) -> Path:
 
 
 def wants_student(site: SiteConfig, store: ModelStore) -> bool:
-    """Whether this site chose the student and lacks the one of the version it runs."""
+    """Whether this site chose the student and lacks a verified one of the version it runs (a copy
+    damaged at rest is asked for again)."""
     current = store.state().current
-    return site.model_variant == "student" and current is not None and not student_dir(store, current).is_dir()
+    if site.model_variant != "student" or current is None:
+        return False
+    try:
+        checked_student(store, current, _pinned_key(site), now=datetime.now(UTC), check_expiry=False)
+    except (VerificationError, OSError) as err:
+        if student_dir(store, current).is_dir():
+            log.warning("site %s: the stored student of version %d fails its checks: %s", site.site_id, current, err)
+        return True
+    return False
 
 
 def checked_student(store: ModelStore, version: int, key: Any, *, now: datetime, check_expiry: bool = True):  # noqa: ANN201
@@ -58,6 +67,13 @@ def checked_student(store: ModelStore, version: int, key: Any, *, now: datetime,
     return bundle
 
 
+def _stored(target: Path) -> StudentBundle | None:
+    try:
+        return StudentBundle.from_dir(target)
+    except (VerificationError, OSError):  # damaged at rest: the verified one replaces it
+        return None
+
+
 def receive_student(site: SiteConfig, bundle: StudentBundle, *, now: datetime | None = None) -> dict[str, Any]:
     """Verify ``bundle`` (module docstring) and install it; raise ``VerificationError`` to refuse."""
     now = now or datetime.now(UTC)
@@ -73,7 +89,7 @@ def receive_student(site: SiteConfig, bundle: StudentBundle, *, now: datetime | 
     teacher = (store.version_dir(current) / "manifest.json").read_bytes()
     verify_student(bundle, key, teacher_manifest_bytes=teacher, now=now)
     target = student_dir(store, current)
-    if target.is_dir() and StudentBundle.from_dir(target) == bundle:
+    if target.is_dir() and _stored(target) == bundle:
         return {"student-version": current, "already-installed": 1}
     model = load_student(bundle)
     parameters = sum(p.numel() for p in model.parameters())

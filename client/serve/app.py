@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from client.install.generate import InstalledModel, complete, load_installed
 from client.install.model_store import ModelStore
-from client.install.trial import Trial, current_trial
+from client.install.trial import current_trial
 from client.serve.feedback import AlreadyCorrected, give_feedback
 from client.serve.journal import Journal, UnknownRequest, now_iso
 from fedretrain.config import SiteConfig
@@ -65,8 +65,10 @@ class ServedModel:
         self.loading = threading.Lock()  # one (re)load at a time
         self.computing = threading.Lock()  # one generation at a time (the model is shared)
         self.installed: InstalledModel | None = None
-        # The (installed, trial) pair that failed its checks, and why.
-        self.failed: tuple[tuple[int | None, Trial | None], str] | None = None
+        self.loaded: tuple[Any, ...] | None = None  # what ``installed`` was loaded for
+        self.scored: tuple[tuple[Any, ...] | None, dict[str, float]] = (None, {})  # the review queue's losses
+        # What failed its checks (installed version, trial, the student's manifest), and why.
+        self.failed: tuple[tuple[Any, ...], str] | None = None
 
     def current(self) -> InstalledModel:
         """The model of the store's current version, with the version on trial if any
@@ -76,14 +78,11 @@ class ServedModel:
             # A site of model-variant='student' serves the current version's student, never a trial.
             student = self.site.model_variant == "student"
             on_trial = None if student else current_trial(self.store)
-            wanted = (self.store.state().current, None if on_trial is None else on_trial[0])
-            if self.installed is not None and (self.installed.version, self.installed.trial) == wanted:
+            version = self.store.state().current
+            # A student that arrives, or replaces a damaged copy, is loaded: its manifest is part of the key.
+            wanted = (version, None if on_trial is None else on_trial[0], _student_mark(self.store, version, student))
+            if self.installed is not None and self.loaded == wanted:
                 return self.installed
-            if student:  # a failure for want of the student ends when it arrives
-                from client.install.student import student_dir
-
-                arrived = wanted[0] is not None and student_dir(self.store, wanted[0]).is_dir()
-                wanted = (wanted[0], None) if arrived else (wanted[0], None, "no student")  # type: ignore[assignment]
             if self.failed is not None and self.failed[0] == wanted:
                 raise VerificationError("store", self.failed[1])
             self.installed = None  # the old model goes before the new one loads
@@ -98,6 +97,7 @@ class ServedModel:
             except VerificationError as err:
                 self.failed = (wanted, str(err))
                 raise
+            self.loaded = wanted
             return self.installed
 
     def losses(self, texts: list[str]) -> list[float]:
@@ -111,10 +111,19 @@ class ServedModel:
         context = getattr(installed.model.config, "max_position_embeddings", None)
         length = min(context, 1024) if isinstance(context, int) else 1024
         with self.computing:
-            if not installed.student:
-                installed.model.set_adapter(INSTALLED_ADAPTER)
-            dataset = encode_texts(installed.tokenizer, texts, length)
-            return list(evaluate_loss(installed.model, dataset, batch_size=16).example_losses)
+            # Each text is scored once per loaded model: a reviewer's every click reloads the queue.
+            if self.scored[0] != self.loaded:
+                self.scored = (self.loaded, {})
+            known = self.scored[1]
+            new = sorted({t for t in texts if t not in known})
+            if new:
+                if not installed.student:
+                    installed.model.set_adapter(INSTALLED_ADAPTER)
+                dataset = encode_texts(installed.tokenizer, new, length)
+                known.update(
+                    zip(new, evaluate_loss(installed.model, dataset, batch_size=16).example_losses, strict=True)
+                )
+            return [known[t] for t in texts]
 
     def answer(self, prompt: str, max_tokens: int, temperature: float, seed: int) -> dict[str, Any]:
         """The completion, the version that gave it, its tokens and seconds; one request at a time."""
@@ -157,6 +166,9 @@ class ServedModel:
         }
         if installed.student:
             answer["student"] = True  # the smaller model distilled from that version
+        elif installed.fallback:
+            answer["student"] = False
+            answer["note"] = installed.fallback
         if trial is not None:
             answer["trial"] = {"version": trial.version, "mode": trial.mode, "installed": installed.version}
             if shadow is not None:
@@ -291,6 +303,19 @@ class ServiceError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
         self.headers = headers
+
+
+def _student_mark(store: ModelStore, version: int | None, student: bool) -> bytes | None:
+    """The stored student's manifest bytes for a student site (None: none, or a full site)."""
+    if not student or version is None:
+        return None
+    from client.install.student import student_dir
+
+    path = student_dir(store, version) / "student.json"
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _installed(served: ServedModel) -> InstalledModel:

@@ -157,11 +157,11 @@ def _student_problems(registry: Registry, public_key: Ed25519PublicKey, versions
         if not path.name.isdigit() or int(path.name) not in versions:
             problems.append(f"{where}: no version {path.name} to be the student of")
             continue
-        teacher = (registry.version_dir(int(path.name)) / "manifest.json").read_bytes()
         try:
+            teacher = (registry.version_dir(int(path.name)) / "manifest.json").read_bytes()
             student = StudentBundle.from_dir(path)
             verify_student(student, public_key, teacher_manifest_bytes=teacher, now=utc_now(), check_expiry=False)
-        except FedretrainError as err:
+        except (FedretrainError, OSError) as err:
             problems.append(f"{where}: {err}")
     return problems
 

@@ -56,11 +56,14 @@ def decoder_layers(model: nn.Module) -> str:
 
 
 def student_layers(teacher_layers: int, layers: int | None) -> tuple[int, ...]:
-    """Which teacher layers the student keeps: ``layers`` of them (default half), evenly spaced."""
+    """Which teacher layers the student keeps: ``layers`` of them (default half), evenly spaced from
+    the first to the last (the one that feeds the final norm and head); one layer: the first."""
     keep = max(1, teacher_layers // 2) if layers is None else layers
     if not 1 <= keep < teacher_layers:
         raise ValueError(f"distill.layers: a student needs 1 to {teacher_layers - 1} layers, got {keep}")
-    return tuple(int(i * teacher_layers / keep) for i in range(keep))
+    if keep == 1:
+        return (0,)
+    return tuple(round(i * (teacher_layers - 1) / (keep - 1)) for i in range(keep))
 
 
 def build_student(teacher: nn.Module, layers: int | None) -> tuple[nn.Module, tuple[int, ...]]:

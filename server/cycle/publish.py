@@ -25,13 +25,14 @@ from flwr.serverapp import Grid
 
 from fedretrain.arrays import from_torch_state_dict
 from fedretrain.config import Config, Job
-from fedretrain.errors import ConfigError, RegistryError
+from fedretrain.errors import ConfigError, FedretrainError, RegistryError
 from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.registry.base_model import base_model_identity
 from fedretrain.registry.bundle import RollbackRecord, VersionBundle
+from fedretrain.registry.manifest import utc_now
 from fedretrain.registry.signing import load_private_key
 from fedretrain.registry.store import Registry
-from fedretrain.registry.student import StudentBundle
+from fedretrain.registry.student import StudentBundle, verify_student
 from server.cycle.gate import PENDING, GateResult
 from server.cycle.report import finite_or_null
 from server.cycle.summary import SiteOutcome
@@ -186,14 +187,34 @@ def deliver(
     }
     wanting = {site: node for site, (node, metrics) in sent.answered.items() if metrics.get("wants-student") == 1}
     if wanting:
-        outcome["students"] = _deliver_student(grid, bundle.version, student, wanting, job, timeout_s)
+        outcome["students"] = send_student(grid, bundle.version, student, wanting, job, timeout_s)
     return outcome
 
 
-def _deliver_student(
+def student_for(handle: RegistryHandle, version: int) -> StudentBundle | None:
+    """The stored student of ``version`` when it verifies against its teacher; None (logged) otherwise.
+
+    A damaged student at rest must not stop a publication, or every later cycle's catch-up:
+    the version goes out, and the sites that chose a student wait for one that verifies."""
+    registry = handle.registry
+    try:
+        student = registry.student(version)
+        if student is None:
+            return None
+        teacher = (registry.version_dir(version) / "manifest.json").read_bytes()
+        verify_student(
+            student, handle.signing_key.public_key(), teacher_manifest_bytes=teacher, now=utc_now(), check_expiry=False
+        )
+    except (FedretrainError, OSError) as err:
+        log.error("version %d: its stored student does not verify, none is sent: %s", version, err)
+        return None
+    return student
+
+
+def send_student(
     grid: Grid, version: int, student: StudentBundle | None, wanting: dict[str, int], job: Job, timeout_s: float
 ) -> dict[str, Any]:
-    """Send the student of ``version`` to the sites that asked for it."""
+    """Send the student of ``version`` to the sites that asked for it (site id -> node id)."""
     if student is None:
         log.info(
             "version %d: no student to send to %s (distill.enabled=false, or it failed its gate)",

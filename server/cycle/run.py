@@ -44,6 +44,8 @@ from server.cycle.publish import (
     deliver,
     open_registry,
     publish_candidate,
+    send_student,
+    student_for,
 )
 from server.cycle.report import RunRecorder, finite_or_null, format_summary
 from server.cycle.resume import CheckpointWriter, check_registry_pointer, resume_point
@@ -244,7 +246,7 @@ def _catch_up(grid: Grid, cycle: Cycle) -> dict[str, Any] | None:
         cycle.job,
         min(cfg.registry.publish_timeout_s, cfg.strategy.round_timeout_s),
         min_nodes=cfg.strategy.min_sites,
-        student=cycle.registry.registry.student(cycle.champion.version),
+        student=student_for(cycle.registry, cycle.champion.version),
     )
 
 
@@ -507,12 +509,6 @@ def _publish(
         version = publish_candidate(
             cycle.registry, cfg, adapter_dir, result, run, sites, cycle.lm.target_modules, pending=staged
         )
-        if cfg.distill.enabled:  # before delivery: the sites that chose a student get it with the version
-            try:
-                student = distill_version(cycle.registry, cfg, cycle.lm, version, cycle.validation_texts)
-            except (ValueError, RuntimeError, OSError) as err:  # the version still goes out, without one
-                log.error("version %d: distillation failed, no student: %s", version, err)
-                student = {"version": version, "decision": "refused", "reasons": [f"distillation failed: {err}"]}
     registry.record_decision(
         finite_or_null(
             {
@@ -549,8 +545,20 @@ def _publish(
             None,
             cycle.job,
             cfg.registry.publish_timeout_s,
-            student=registry.student(published),
+            student=student_for(cycle.registry, published),
         )
+    if version is not None and cfg.distill.enabled:
+        # After the version is recorded and delivered: distillation never holds up or breaks a publication.
+        student = _distil(cycle, version)
+        if delivery and delivery.get("students", {}).get("waiting") and student.get("decision") == "passed":
+            delivery["students"] = send_student(
+                grid,
+                version,
+                student_for(cycle.registry, version),
+                {site: int(delivery["installed"][site]["node_id"]) for site in delivery["students"]["waiting"]},
+                cycle.job,
+                cfg.registry.publish_timeout_s,
+            )
     pending = version if result.decision == PENDING or (rollout is not None and rollout["decision"] == HOLD) else None
     return {
         "gate": result.to_dict(),
@@ -561,6 +569,16 @@ def _publish(
         "rollout": rollout,
         "student": student,
     }
+
+
+def _distil(cycle: Cycle, version: int) -> dict[str, Any]:
+    """The student of ``version`` (server/cycle/distill.py), or why there is none."""
+    try:
+        return distill_version(cycle.registry, cycle.cfg, cycle.lm, version, cycle.validation_texts)
+    except Exception as err:  # noqa: BLE001 - the version is out already; whatever failed, say so and go on
+        log.error("version %d: distillation failed, no student: %s: %s", version, type(err).__name__, err)
+        reason = f"distillation failed: {type(err).__name__}: {err}"
+        return {"version": version, "decision": "refused", "reasons": [reason]}
 
 
 def _log_progress(entry: dict[str, Any], rounds: int) -> None:
