@@ -107,8 +107,12 @@ def simulate(variant: str, seed: int, out: Path) -> Path:
 def score(run_dir: Path, cfg: Config) -> dict[str, LossStats | float]:
     """The first and the drift cycle's candidates on the fresh and the pre-drift probes."""
     cycles = sorted((run_dir / "cycles").iterdir())
-    if len(cycles) < 2:
-        raise RuntimeError(f"{run_dir}: expected a first and a drift cycle, found {len(cycles)} cycle(s)")
+    # The first cycle and the one the drift started (not another that a trigger started in between).
+    scenario = json.loads((run_dir / "scenario.json").read_text())
+    started = [s["step"] for s in scenario["timeline"] if s["cycle_started"]]
+    if scenario["drift_cycle_step"] not in started or len(cycles) != len(started):
+        raise RuntimeError(f"{run_dir}: no drift cycle to score (cycles at steps {started})")
+    cycles = [cycles[0], cycles[started.index(scenario["drift_cycle_step"])]]
     lm = load_lora_model(cfg.model, cfg.lora, seed=cfg.seed, device="cpu")
     probes = {
         name: encode_texts(
