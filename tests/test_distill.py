@@ -289,12 +289,12 @@ def test_a_student_worse_than_its_tolerance_is_not_stored(tmp_path, caplog):
 
     # Execute
     with caplog.at_level(logging.INFO, logger="fedretrain"):
-        figures = distill_version(RegistryHandle(registry, key, 30), cfg, lm, version, texts)
+        figures, stored = distill_version(RegistryHandle(registry, key, 30), cfg, lm, version, texts)
 
     # Assert: refused with its figures and the reason; nothing stored
     assert figures["decision"] == "refused" and figures["gap"] > 0
     assert "above the tolerance 0.0" in figures["reasons"][0]
-    assert registry.student(version) is None and "refused" in caplog.text
+    assert registry.student(version) is None and stored is None and "refused" in caplog.text
 
 
 def test_registry_verify_checks_every_student(signed, tmp_path):

@@ -30,7 +30,7 @@ from fedretrain.errors import RegistryError
 from fedretrain.modeling.lora_model import LoraModel, load_adapter_arrays
 from fedretrain.registry.bundle import verify_bundle
 from fedretrain.registry.manifest import utc_now
-from fedretrain.registry.student import PASSED, STUDENT_FILES
+from fedretrain.registry.student import PASSED, STUDENT_FILES, StudentBundle
 from fedretrain.training.distill import (
     build_student,
     distill,
@@ -50,12 +50,12 @@ REFUSED = "refused"
 
 def distill_version(
     handle: RegistryHandle, cfg: Config, lm: LoraModel, version: int, texts: Sequence[str]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], StudentBundle | None]:
     """Distil ``version`` into a student, gate it against its teacher, store it if it passed.
 
     ``lm`` is the cycle's model (its adapter is set to the version's); ``texts`` the cycle's
     validation texts. Returns the figures the cycle's summary records (``decision`` passed or
-    refused, with ``reasons``).
+    refused, with ``reasons``) and the student as stored (None when refused).
     """
     policy = cfg.distill
     started = time.perf_counter()
@@ -72,7 +72,7 @@ def distill_version(
             f"to gate with (distill.held_out={policy.held_out}); a student needs at least 1 and 2"
         )
         log.warning("version %d: no student: %s", version, reason)
-        return {"version": version, "decision": REFUSED, "reasons": [reason]}
+        return {"version": version, "decision": REFUSED, "reasons": [reason]}, None
     train = encode_texts(lm.tokenizer, train_texts, cfg.model.max_length)
     gate_set = encode_texts(lm.tokenizer, gate_texts, cfg.model.max_length)
     teacher = merged_teacher(lm.model)
@@ -137,6 +137,7 @@ def distill_version(
         "speedup": round(speed["student"] / speed["teacher"], 3),
         "distill": settings,
     }
+    stored = None
     if passed:
         with tempfile.TemporaryDirectory(prefix="fedretrain-student-") as tmp:
             cast(Any, student).save_pretrained(tmp, safe_serialization=True)
@@ -174,4 +175,4 @@ def distill_version(
         figures["speedup"],
         figures["seconds"],
     )
-    return figures
+    return figures, stored

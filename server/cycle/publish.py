@@ -36,7 +36,7 @@ from fedretrain.registry.student import StudentBundle, verify_student
 from server.cycle.gate import PENDING, GateResult
 from server.cycle.report import finite_or_null
 from server.cycle.summary import SiteOutcome
-from server.sites.broadcast import broadcast
+from server.sites.broadcast import Broadcast, broadcast
 
 log = logging.getLogger("fedretrain.server")
 
@@ -175,16 +175,9 @@ def deliver(
         what=f"version {bundle.version}",
         min_nodes=min_nodes,
     )
-    installed = {site: {"node_id": node, **metrics} for site, (node, metrics) in sent.answered.items()}
-    total = len(installed) + len(sent.refused) + len(sent.no_reply)
-    log.info("version %d: installed at %d of %d sites", bundle.version, len(installed), total)
-    outcome = {
-        "version": bundle.version,
-        "rollback": rollback is not None,
-        "installed": installed,
-        "refused": sent.refused,
-        "no_reply": sent.no_reply,
-    }
+    outcome = {"version": bundle.version, "rollback": rollback is not None, **_replies(sent)}
+    total = len(sent.answered) + len(sent.refused) + len(sent.no_reply)
+    log.info("version %d: installed at %d of %d sites", bundle.version, len(sent.answered), total)
     wanting = {site: node for site, (node, metrics) in sent.answered.items() if metrics.get("wants-student") == 1}
     if wanting:
         outcome["students"] = send_student(grid, bundle.version, student, wanting, job, timeout_s)
@@ -236,10 +229,13 @@ def send_student(
     log.info(
         "version %d: its student installed at %d of %d sites that chose it", version, len(sent.answered), len(wanting)
     )
+    return {"version": version, **_replies(sent), "waiting": []}
+
+
+def _replies(sent: Broadcast[dict[str, Any]]) -> dict[str, Any]:
+    """Who installed what was sent (with the site's figures and node), who refused and why, who was silent."""
     return {
-        "version": version,
         "installed": {site: {"node_id": node, **metrics} for site, (node, metrics) in sent.answered.items()},
         "refused": sent.refused,
         "no_reply": sent.no_reply,
-        "waiting": [],
     }

@@ -44,7 +44,7 @@ from fedretrain.config import Job, PublishConfig
 from fedretrain.errors import ReplyRejected
 from fedretrain.registry.bundle import VersionBundle
 from server.cycle.gate import pooled_interval
-from server.cycle.publish import RegistryHandle, deliver, student_for
+from server.cycle.publish import RegistryHandle, deliver
 from server.sites.broadcast import broadcast
 from strategies.validation import EVALUATE_METRICS, SiteEvaluation, checked_evaluation, scalar_metrics
 
@@ -263,9 +263,8 @@ def run_rollout(
     )
     if decision == PROMOTE:
         registry.approve(version, signing_key=handle.signing_key, approver=approver)
-        record["publication"] = deliver(
-            grid, registry.bundle(version), None, job, publish_timeout_s, student=student_for(handle, version)
-        )
+        # No student yet: the cycle distils it once the version is out (server/cycle/run.py).
+        record["publication"] = deliver(grid, registry.bundle(version), None, job, publish_timeout_s)
     elif decision == ROLLBACK:
         withdrawal = registry.withdraw(version, signing_key=handle.signing_key, reason="; ".join(reasons))
         sent = broadcast(

@@ -32,6 +32,7 @@ from fedretrain.errors import ConfigError, CycleBusy, QuorumLost
 from fedretrain.modeling.loading import resolve_model_path
 from fedretrain.modeling.lora_model import LoraModel, adapter_arrays, load_adapter_arrays, load_lora_model
 from fedretrain.registry.base_model import base_model_identity
+from fedretrain.registry.student import StudentBundle
 from fedretrain.training.evaluate import LossStats, evaluate_loss
 from server.cycle.checkpoint import Checkpoint
 from server.cycle.distill import distill_version
@@ -539,22 +540,16 @@ def _publish(
         if rollout["decision"] != PROMOTE:
             published = None
     elif published is not None:
-        delivery = deliver(
-            grid,
-            registry.bundle(published),
-            None,
-            cycle.job,
-            cfg.registry.publish_timeout_s,
-            student=student_for(cycle.registry, published),
-        )
+        # No student yet: it is distilled below, once the version is out.
+        delivery = deliver(grid, registry.bundle(published), None, cycle.job, cfg.registry.publish_timeout_s)
     if version is not None and cfg.distill.enabled:
         # After the version is recorded and delivered: distillation never holds up or breaks a publication.
-        student = _distil(cycle, version)
-        if delivery and delivery.get("students", {}).get("waiting") and student.get("decision") == "passed":
+        student, stored = _distil(cycle, version)
+        if delivery and delivery.get("students", {}).get("waiting") and stored is not None:
             delivery["students"] = send_student(
                 grid,
                 version,
-                student_for(cycle.registry, version),
+                stored,
                 {site: int(delivery["installed"][site]["node_id"]) for site in delivery["students"]["waiting"]},
                 cycle.job,
                 cfg.registry.publish_timeout_s,
@@ -571,14 +566,15 @@ def _publish(
     }
 
 
-def _distil(cycle: Cycle, version: int) -> dict[str, Any]:
-    """The student of ``version`` (server/cycle/distill.py), or why there is none."""
+def _distil(cycle: Cycle, version: int) -> tuple[dict[str, Any], StudentBundle | None]:
+    """The figures of ``version``'s student (server/cycle/distill.py) and the student as stored, or
+    why there is none."""
     try:
         return distill_version(cycle.registry, cycle.cfg, cycle.lm, version, cycle.validation_texts)
     except Exception as err:  # noqa: BLE001 - the version is out already; whatever failed, say so and go on
         log.error("version %d: distillation failed, no student: %s: %s", version, type(err).__name__, err)
         reason = f"distillation failed: {type(err).__name__}: {err}"
-        return {"version": version, "decision": "refused", "reasons": [reason]}
+        return {"version": version, "decision": "refused", "reasons": [reason]}, None
 
 
 def _log_progress(entry: dict[str, Any], rounds: int) -> None:
