@@ -173,25 +173,21 @@ def _load(data: bytes) -> dict[str, torch.Tensor]:
     return safetensors.torch.load(data)
 
 
-def _pooled(stats: list[LossStats]) -> LossStats:
-    losses = [x for s in stats for x in s.example_losses]
-    tokens = [t for s in stats for t in s.example_tokens]
+def _stats(losses: tuple[float, ...], tokens: tuple[int, ...]) -> LossStats:
+    """Per-record losses and token counts as LossStats, with their token-weighted mean."""
     total = sum(tokens)
-    return LossStats(
-        sum(x * t for x, t in zip(losses, tokens, strict=True)) / total,
-        total,
-        len(losses),
-        tuple(losses),
-        tuple(tokens),
-    )
+    mean = sum(x * t for x, t in zip(losses, tokens, strict=True)) / total
+    return LossStats(mean, total, len(losses), losses, tokens)
+
+
+def _pooled(stats: list[LossStats]) -> LossStats:
+    return _stats(tuple(x for s in stats for x in s.example_losses), tuple(t for s in stats for t in s.example_tokens))
 
 
 def _forgetting(first: LossStats, drift: LossStats) -> LossStats:
     """Per record: loss under the drift cycle's candidate minus under the first's (pre-drift probe)."""
     diffs = tuple(d - f for d, f in zip(drift.example_losses, first.example_losses, strict=True))
-    tokens = first.example_tokens
-    total = sum(tokens)
-    return LossStats(sum(x * t for x, t in zip(diffs, tokens, strict=True)) / total, total, len(diffs), diffs, tokens)
+    return _stats(diffs, first.example_tokens)
 
 
 def compare(runs: dict[tuple[str, int], dict[str, Any]], variant: str, peer: str, key: str) -> dict[str, Any]:

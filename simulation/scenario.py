@@ -60,6 +60,7 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
     pre_drift = _write_fresh(
         cfg, fed, run_dir / "probe" / "pre-drift.jsonl", max(sc.drift_step - 1, 0), 0, "pre-drift", sc.probe_records
     )
+    pre_drift_losses: dict[int, float | None] = {}
     steps: list[dict[str, Any]] = []
     for step in range(sc.steps + 1):
         step_started = time.perf_counter() - started
@@ -88,7 +89,9 @@ def run_drift_scenario(grid: Grid, cfg: Config, run_dir: Path, config_yaml: str,
         record["loss_never_retrained"] = _probe_loss(
             cfg, lm, probe, never_retrained["arrays"] if never_retrained else None
         )
-        record["loss_pre_drift"] = _probe_loss(cfg, lm, pre_drift, champion.arrays if champion else None)
+        if champion is not None and champion.version not in pre_drift_losses:  # once a version
+            pre_drift_losses[champion.version] = _probe_loss(cfg, lm, pre_drift, champion.arrays)
+        record["loss_pre_drift"] = pre_drift_losses.get(champion.version) if champion else None
         _log_step(record)
         steps.append(record)
     result = _result(cfg, steps, drifted, time.perf_counter() - started)

@@ -281,9 +281,9 @@ def create_app(site: SiteConfig, journal: Journal, served: ServedModel) -> FastA
     def scores() -> dict[str, Any]:
         return {"site_id": site.site_id, "versions": journal.scores()}
 
-    from client.serve.review import add_review_routes
+    from client.serve.review import add_review_routes  # it imports this module
 
-    add_review_routes(app, site, served, (ServiceError, _json, _installed))
+    add_review_routes(app, site, served)
     return app
 
 

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from client.review import UnknownRecord, as_rows, correct, decide, pending
+from client.serve.app import ServedModel, ServiceError, _installed, _json
 from fedretrain.config import SiteConfig
 from fedretrain.errors import ConfigError, DataValidationError
 
@@ -32,19 +33,15 @@ MAX_LIMIT = 500
 MAX_NAME = 100
 
 
-def add_review_routes(app: FastAPI, site: SiteConfig, served: Any, errors: Any) -> None:
-    """Add the page and the endpoints to the site's service ``app``.
-
-    ``served`` is its ServedModel (the scores come from the version it answers with);
-    ``errors`` its ``(ServiceError, _json, _installed)``.
-    """
-    service_error, read_json, installed_of = errors
+def add_review_routes(app: FastAPI, site: SiteConfig, served: ServedModel) -> None:
+    """Add the page and the endpoints to the site's service ``app``; ``served`` is its model (the
+    scores come from the version it answers with)."""
 
     @app.get("/v1/review")
     async def queue(limit: int = 50) -> dict[str, Any]:
         if not 1 <= limit <= MAX_LIMIT:
-            raise service_error(400, f"limit must be in [1, {MAX_LIMIT}], got {limit}", param="limit")
-        installed = await run_in_threadpool(installed_of, served)
+            raise ServiceError(400, f"limit must be in [1, {MAX_LIMIT}], got {limit}", param="limit")
+        installed = await run_in_threadpool(_installed, served)
         records = await run_in_threadpool(pending, site)
         losses = await run_in_threadpool(served.losses, [r.text for r in records]) if records else []
         rows = as_rows(records, losses)[:limit]
@@ -52,27 +49,27 @@ def add_review_routes(app: FastAPI, site: SiteConfig, served: Any, errors: Any) 
 
     @app.post("/v1/review")
     async def review(request: Request) -> dict[str, Any]:
-        body = await read_json(request)
+        body = await _json(request)
         record_id, decision, by, text = (body.get(k) for k in ("id", "decision", "by", "text"))
         if not isinstance(record_id, str) or not record_id:
-            raise service_error(400, "id must name a training record", param="id")
+            raise ServiceError(400, "id must name a training record", param="id")
         if decision not in ("accept", "reject", "correct"):
-            raise service_error(400, "decision must be accept, reject or correct", param="decision")
+            raise ServiceError(400, "decision must be accept, reject or correct", param="decision")
         if not isinstance(by, str) or not by.strip() or len(by) > MAX_NAME:
-            raise service_error(400, f"by must name the reviewer (at most {MAX_NAME} characters)", param="by")
+            raise ServiceError(400, f"by must name the reviewer (at most {MAX_NAME} characters)", param="by")
         if decision == "correct" and (not isinstance(text, str) or not text.strip()):
-            raise service_error(400, "a correction needs the corrected text", param="text")
+            raise ServiceError(400, "a correction needs the corrected text", param="text")
         try:
             if decision == "correct":
                 entry = await run_in_threadpool(correct, site, record_id, str(text), by=by.strip())
             else:
                 (entry,) = await run_in_threadpool(decide, site, [record_id], decision, by=by.strip())
         except UnknownRecord as err:
-            raise service_error(404, str(err), param="id") from None
+            raise ServiceError(404, str(err), param="id") from None
         except DataValidationError as err:
-            raise service_error(400, f"correction refused: {err.reason}", param="text") from None
+            raise ServiceError(400, f"correction refused: {err.reason}", param="text") from None
         except ConfigError as err:
-            raise service_error(400, str(err), param=None) from None
+            raise ServiceError(400, str(err), param=None) from None
         return {"recorded": entry}
 
     @app.get("/review", response_class=HTMLResponse)

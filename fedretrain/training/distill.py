@@ -16,6 +16,7 @@ and one ``ModuleList`` of that many decoder layers works (Llama, Mistral, Qwen, 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -196,6 +197,4 @@ def parameter_count(model: nn.Module) -> int:
 
 def pick_held_out(texts: Sequence[str], share: float) -> list[bool]:
     """Which records are held out (True): by a hash of the text, so the split never depends on order."""
-    import hashlib
-
     return [int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2**64 < share for t in texts]
